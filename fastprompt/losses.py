@@ -1,0 +1,26 @@
+"""Losses of every method, on either backend.
+
+All classification-like terms are cosine-logit cross-entropies `CE(scale · x̂ ŵᵀ, target)`:
+`backend="fast"` calls the fused kernel (`fastprompt.kernels.cosine_cross_entropy`, Triton on
+CUDA), `backend="reference"` its eager reference. Targets are class indices or
+probability rows (mixup, eq. 10).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastprompt.kernels import cosine_cross_entropy, cosine_cross_entropy_reference
+
+
+def cosine_ce(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, scale, backend: str) -> torch.Tensor:
+    """Mean cross-entropy of `scale · normalize(x) @ normalize(w).T` [B, C] against target."""
+    if backend == "fast":
+        return cosine_cross_entropy(x, w, target, scale)
+    return cosine_cross_entropy_reference(x, w, target, scale)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, scale, backend: str) -> torch.Tensor:
+    """InfoNCE over a batch: row i of `a` [B, e] must pick row i of `b` [B, e] among all rows."""
+    target = torch.arange(a.shape[0], device=a.device)  # (B,)
+    return cosine_ce(a, b, target, scale, backend)

@@ -1,0 +1,153 @@
+"""`PromptModel`: the frozen CLIP plus the prompt parts a method composes.
+
+A method is a subclass whose constructor picks parts:
+- `self.text`: None (cached hand-crafted features) or a `CoopContext` (learnable context);
+- `self.visual`: None (frozen image tower), shallow or deep `VisualPrompts`;
+and, where the method needs more, overrides `extra_prompts` / `forward` / `loss`.
+Logits are always `τ · cos(x, w)` with CLIP's own frozen τ.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastprompt.errors import FastpromptError
+from fastprompt.losses import cosine_ce
+from fastprompt.models import vision
+from fastprompt.models.clip import ClipBundle
+from fastprompt.prompts.coop import CoopContext
+from fastprompt.prompts.handcrafted import template_features
+from fastprompt.prompts.visual import VisualPrompts
+
+log = logging.getLogger(__name__)
+
+
+class PromptModel(nn.Module):
+    """Base of every method: `model(images) -> logits [B, K]`, `model.loss(images, labels)`."""
+
+    method: str = ""
+
+    def __init__(self, bundle: ClipBundle, classnames: Sequence[str], templates: Sequence[str], backend: str, config):
+        super().__init__()
+        self.clip = bundle.model  # frozen; its parameters never require grad
+        self.bundle = bundle
+        self.classnames = tuple(classnames)
+        self.templates = tuple(templates)
+        self.backend = backend
+        self.config = config
+        self.text: Optional[CoopContext] = None
+        self.visual: Optional[VisualPrompts] = None
+        self.visual_mode: Optional[str] = None  # None | "shallow" | "deep"
+        self.register_buffer("template_features", template_features(bundle, self.classnames, self.templates),
+                             persistent=False)  # (K, D), normalised
+        self._eval_text: Optional[torch.Tensor] = None
+
+    # ----------------------------------------------------------------- parts
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def logit_scale(self) -> torch.Tensor:
+        """CLIP's τ = exp(logit_scale), frozen (0-d)."""
+        return self.clip.logit_scale.exp()
+
+    def text_features(self) -> torch.Tensor:
+        """Class features [K, D], normalised. Learnable context runs through the text tower once
+        per call (once per training step); in eval mode under no_grad it runs once and is kept
+        until the model trains again or loads new prompts."""
+        if self.text is None:
+            return self.template_features
+        if self.training or torch.is_grad_enabled():
+            return F.normalize(self.text(self.clip, self.backend), dim=-1)
+        if self._eval_text is None:
+            self._eval_text = F.normalize(self.text(self.clip, self.backend), dim=-1)  # (K, D)
+        return self._eval_text
+
+    def extra_prompts(self, images: torch.Tensor, context: dict) -> Optional[vision.ExtraPrompts]:
+        """Per-sample prompt callback for the image tower (CAVPT overrides it)."""
+        return None
+
+    def image_features(self, images: torch.Tensor, context: Optional[dict] = None) -> torch.Tensor:
+        """Image features [B, D], normalised, through the (prompted) image tower."""
+        context = {} if context is None else context
+        if self.visual is None:
+            with torch.no_grad():
+                feats = self.clip.visual(images) if self.backend == "reference" else vision.encode(
+                    self.clip.visual, images, backend=self.backend)  # (B, D)
+        elif self.visual_mode == "shallow":
+            feats = vision.encode(self.clip.visual, images, shallow=self.visual.prompts[0], backend=self.backend)
+        else:
+            feats = vision.encode(self.clip.visual, images, deep=self.visual.prompts,
+                                  extra=self.extra_prompts(images, context), backend=self.backend)
+        return F.normalize(feats, dim=-1)  # (B, D)
+
+    # ----------------------------------------------------------------- API
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K] = τ · cos(image, class)."""
+        x = self.image_features(images)  # (B, D)
+        w = self.text_features()  # (K, D)
+        return self.logit_scale() * x @ w.t()  # (B, K)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The method's full training objective (here: cross-entropy of the cosine logits)."""
+        self._check_labels(labels, images)
+        x = self.image_features(images)  # (B, D)
+        w = self.text_features()  # (K, D)
+        return cosine_ce(x, w, labels, self.logit_scale(), self.backend)
+
+    def _check_labels(self, labels: torch.Tensor, images: torch.Tensor) -> None:
+        if labels.dtype != torch.long or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            raise FastpromptError(
+                f"labels must be int64 of shape [{images.shape[0]}] (one class index per image); got {labels.dtype} {tuple(labels.shape)}"
+            )
+
+    # ----------------------------------------------------------------- state
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen CLIP never switches to train mode (no dropout / patch dropout)
+        self._eval_text = None
+        return self
+
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trainable tensors, detached, by their public names (`text.context`, ...)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_prompt_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load trainable tensors; names and shapes must match this model exactly."""
+        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise FastpromptError(
+                f"prompt state does not fit this {self.method} model (missing: {missing or 'none'}; unexpected: {unexpected or 'none'}); "
+                "load prompts saved from the same method and options"
+            )
+        for name, p in own.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise FastpromptError(
+                    f"prompt tensor {name} has shape {tuple(state[name].shape)}, this model needs {tuple(p.shape)}; "
+                    "use the same classes and options as the saved run"
+                )
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(state[name].to(p.device, p.dtype))
+        self._eval_text = None
+
+
+def add_coop(model: PromptModel, options) -> None:
+    """Give `model` CoOp's learnable text context."""
+    model.text = CoopContext(model.bundle, model.classnames, n_ctx=options.n_ctx, csc=options.csc,
+                             ctx_init=options.ctx_init)
+
+
+def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int) -> None:
+    """Give `model` shallow (one layer, carried) or deep (every layer) visual prompts."""
+    layers = 1 if mode == "shallow" else model.bundle.vision_layers
+    device = model.clip.visual.class_embedding.device
+    model.visual = VisualPrompts(layers, n_prompts, model.bundle.vision_width, device=device)
+    model.visual_mode = mode

@@ -1,0 +1,116 @@
+"""E2MIM: MI-based ensemble and exploration (Zhang, "Generalizable Prompt Tuning for VLMs").
+
+Only the abstract and figure 1 are public; this is SPEC.md's reading of them:
+- two textual views of every class: soft features W_s (CoOp context through the text
+  tower) and hand-crafted features W_h (cached template features, frozen);
+- class-wise visual mixup: each image is paired with one of another class (a permutation
+  whose labels differ), `x_mix = λ x_a + (1-λ) x_b` on the normalised image features,
+  λ ~ Beta(α, α) per pair, soft target λ y_a + (1-λ) y_b;
+- a learnable MI critic: heads h_s, h_h (2-layer MLPs) map each view's logit vector [K] to
+  a shared space; InfoNCE over the batch (positive: the same sample's two views) with a
+  learnable temperature; I_NCE = log M - L_NCE is the lower bound being maximised;
+- loss: CE(τ cos(x, W_s), y) over original and mixed samples + mi_weight · L_NCE;
+- inference: `soft` (W_s only) or `ensemble` (mean of both views' probabilities, returned
+  as log-probabilities so that argmax and softmax behave as for logits).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastprompt.losses import cosine_ce, info_nce
+from fastprompt.methods.base import PromptModel, add_coop
+from fastprompt.methods.options import CoopOptions, E2mimOptions
+
+
+@dataclass
+class E2mimConfig(E2mimOptions, CoopOptions):
+    pass
+
+
+def _mlp(inp: int, out: int, device=None) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, out), nn.ReLU(), nn.Linear(out, out)).to(device)
+
+
+class MutualInformationCritic(nn.Module):
+    """h_s, h_h and the InfoNCE temperature (`e2mim.*` in the prompt state)."""
+
+    def __init__(self, num_classes: int, dim: int, device=None):
+        super().__init__()
+        self.soft_head = _mlp(num_classes, dim, device)
+        self.hand_head = _mlp(num_classes, dim, device)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
+
+    def nce(self, soft_logits: torch.Tensor, hand_logits: torch.Tensor, backend: str) -> torch.Tensor:
+        """L_NCE over the M rows of the two views' logits [M, K]."""
+        zs = self.soft_head(soft_logits)  # (M, e)
+        zh = self.hand_head(hand_logits)  # (M, e)
+        return info_nce(zs, zh, self.logit_scale.exp(), backend)
+
+
+def classwise_pairs(labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (a, b) of batch indices whose labels differ.
+
+    Samples are grouped by label in random order and paired with the sample `m` places
+    further (m = size of the largest class), which always lands in another class when
+    m <= B/2: then every sample is an `a` once and a `b` once. A batch dominated by one
+    class (m > B/2) keeps only the pairs that differ; a one-class batch gives none.
+    """
+    batch = labels.shape[0]
+    perm = torch.randperm(batch, generator=generator, device="cpu").to(labels.device)  # (B,)
+    order = perm[torch.argsort(labels[perm], stable=True)]  # (B,): grouped by label
+    largest = int(torch.bincount(labels).max())  # CPU-GPU sync
+    partner = order.roll(-largest)  # (B,)
+    keep = labels[order] != labels[partner]  # (B,)
+    return order[keep], partner[keep]
+
+
+class E2mim(PromptModel):
+    method = "e2mim"
+
+    def __init__(self, bundle, classnames, templates, backend, config: E2mimConfig):
+        super().__init__(bundle, classnames, templates, backend, config)
+        add_coop(self, config)
+        self.e2mim = MutualInformationCritic(self.num_classes, config.mi_dim,
+                                             device=self.clip.visual.class_embedding.device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.image_features(images)  # (B, D)
+        soft = self.logit_scale() * x @ self.text_features().t()  # (B, K)
+        if self.config.infer == "soft":
+            return soft
+        hand = self.logit_scale() * x @ self.template_features.t()  # (B, K)
+        probs = 0.5 * (soft.softmax(-1) + hand.softmax(-1))  # (B, K)
+        return probs.log()  # (B, K): log of the ensemble's probabilities
+
+    def mix(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Original + class-wise mixed features [M, D] and their targets [M, K] (rows sum to 1)."""
+        onehot = F.one_hot(labels, self.num_classes).float()  # (B, K)
+        if not self.config.mixup:
+            return x, onehot
+        a, b = classwise_pairs(labels)
+        beta = torch.distributions.Beta(float(self.config.mixup_alpha), float(self.config.mixup_alpha))
+        lam = beta.sample((a.shape[0], 1)).to(x.device)  # (Bm, 1)
+        x_mix = lam * x[a] + (1 - lam) * x[b]  # (Bm, D)
+        t_mix = lam * onehot[a] + (1 - lam) * onehot[b]  # (Bm, K)
+        return torch.cat([x, x_mix]), torch.cat([onehot, t_mix])  # (M, D), (M, K)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._check_labels(labels, images)
+        x = self.image_features(images)  # (B, D), frozen tower
+        feats, targets = self.mix(x, labels)  # (M, D), (M, K)
+        soft_w = self.text_features()  # (K, D)
+        tau = self.logit_scale()
+        loss = cosine_ce(feats, soft_w, targets, tau, self.backend)
+        if self.config.mi_weight > 0:
+            xn = F.normalize(feats, dim=-1)  # (M, D)
+            soft = tau * xn @ soft_w.t()  # (M, K)
+            hand = tau * xn @ self.template_features.t()  # (M, K)
+            loss = loss + self.config.mi_weight * self.e2mim.nce(soft, hand, self.backend)
+        return loss

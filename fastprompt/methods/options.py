@@ -1,0 +1,107 @@
+"""Typed method options: every SPEC option is a keyword of `create_model`.
+
+Each group validates itself in `__post_init__` with a message that names the field; a
+method's config is the union of the groups it uses (dataclass multiple inheritance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from fastprompt.errors import FastpromptError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise FastpromptError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class Options:
+    """Base: runs every group's `_validate_*` method after construction."""
+
+    def __post_init__(self) -> None:
+        for cls in type(self).__mro__:
+            check = cls.__dict__.get("_validate")
+            if check is not None:
+                check(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CoopOptions(Options):
+    n_ctx: Optional[int] = None  # context vectors M: 16, or the length of ctx_init
+    csc: bool = False  # class-specific context ([K, M, width]) instead of one shared context
+    ctx_init: Optional[str] = None  # init phrase such as "a photo of a" instead of N(0, 0.02)
+
+    def _validate(self) -> None:
+        _require(self.n_ctx is None or (_is_int(self.n_ctx) and 1 <= self.n_ctx <= 60),
+                 f"n_ctx={self.n_ctx!r} must be an integer in 1..60 (the text tower holds 77 tokens)")
+        _require(isinstance(self.csc, bool), f"csc={self.csc!r} must be True or False")
+        _require(self.ctx_init is None or (isinstance(self.ctx_init, str) and self.ctx_init.strip() != ""),
+                 f"ctx_init={self.ctx_init!r} must be a non-empty phrase such as 'a photo of a', or None")
+
+
+@dataclass
+class VisualOptions(Options):
+    n_prompts: int = 10  # visual prompts P per layer
+
+    def _validate(self) -> None:
+        _require(_is_int(self.n_prompts) and self.n_prompts >= 1,
+                 f"n_prompts={self.n_prompts!r} must be a positive integer (the paper uses 10)")
+
+
+AUX_TARGETS = ("eq10", "gt-only")
+TOPK_SOURCES = ("cached", "online")
+
+
+@dataclass
+class CavptOptions(Options):
+    topk: int = 5  # K_N classes per image from zero-shot inference (capped at the class count)
+    layers: int = 1  # class-aware prompts in the last `layers` layers
+    alpha: float = 1.0  # weight of the auxiliary loss (eq. 12)
+    aux_target: str = "eq10"  # "eq10": one-hot for the ground-truth output, uniform 1/K for the others; "gt-only"
+    topk_source: str = "cached"  # "cached": the trainer supplies per-image top-K; "online": recomputed per view
+    text_prompt: bool = False  # learn CoOp context too (the paper's VLP-CLIP-CAVPT)
+
+    def _validate(self) -> None:
+        _require(_is_int(self.topk) and self.topk >= 1, f"topk={self.topk!r} must be a positive integer (the paper uses 5)")
+        _require(_is_int(self.layers) and self.layers >= 1, f"layers={self.layers!r} must be a positive integer (default 1: the last layer)")
+        _require(isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha >= 0,
+                 f"alpha={self.alpha!r} must be a number >= 0")
+        _require(self.aux_target in AUX_TARGETS, f"aux_target={self.aux_target!r} must be one of {', '.join(AUX_TARGETS)}")
+        _require(self.topk_source in TOPK_SOURCES, f"topk_source={self.topk_source!r} must be one of {', '.join(TOPK_SOURCES)}")
+        _require(isinstance(self.text_prompt, bool), f"text_prompt={self.text_prompt!r} must be True or False")
+
+
+INFER_MODES = ("ensemble", "soft")
+
+
+@dataclass
+class E2mimOptions(Options):
+    mixup: bool = True  # class-wise visual mixup (False: the --e2mim.no-mixup ablation)
+    mixup_alpha: float = 1.0  # λ ~ Beta(mixup_alpha, mixup_alpha)
+    mi_weight: float = 1.0  # λ_mi, weight of the InfoNCE term (0 switches it off)
+    infer: str = "ensemble"  # "ensemble": mean of both views' probabilities; "soft": soft view only
+    mi_dim: int = 128  # width of the critic heads' shared space
+
+    def _validate(self) -> None:
+        _require(isinstance(self.mixup, bool), f"mixup={self.mixup!r} must be True or False")
+        _require(isinstance(self.mixup_alpha, (int, float)) and not isinstance(self.mixup_alpha, bool) and self.mixup_alpha > 0,
+                 f"mixup_alpha={self.mixup_alpha!r} must be a number > 0")
+        _require(isinstance(self.mi_weight, (int, float)) and not isinstance(self.mi_weight, bool) and self.mi_weight >= 0,
+                 f"mi_weight={self.mi_weight!r} must be a number >= 0")
+        _require(self.infer in INFER_MODES, f"infer={self.infer!r} must be one of {', '.join(INFER_MODES)}")
+        _require(_is_int(self.mi_dim) and self.mi_dim >= 1, f"mi_dim={self.mi_dim!r} must be a positive integer")

@@ -1,0 +1,22 @@
+"""VLP: CoOp text context and VPT-deep visual prompts learned together (seed paper's VLP-CLIP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastprompt.methods.base import PromptModel, add_coop, add_visual_prompts
+from fastprompt.methods.options import CoopOptions, VisualOptions
+
+
+@dataclass
+class VlpConfig(VisualOptions, CoopOptions):
+    pass
+
+
+class Vlp(PromptModel):
+    method = "vlp"
+
+    def __init__(self, bundle, classnames, templates, backend, config: VlpConfig):
+        super().__init__(bundle, classnames, templates, backend, config)
+        add_coop(self, config)
+        add_visual_prompts(self, "deep", config.n_prompts)

@@ -1,0 +1,33 @@
+"""VPT on CLIP's image tower with cached hand-crafted text features (seed paper eqs. 4-6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastprompt.methods.base import PromptModel, add_visual_prompts
+from fastprompt.methods.options import VisualOptions
+
+
+@dataclass
+class VptConfig(VisualOptions):
+    pass
+
+
+class VptShallow(PromptModel):
+    """P prompts inserted after the embedding and carried through every layer."""
+
+    method = "vpt-shallow"
+
+    def __init__(self, bundle, classnames, templates, backend, config: VptConfig):
+        super().__init__(bundle, classnames, templates, backend, config)
+        add_visual_prompts(self, "shallow", config.n_prompts)
+
+
+class VptDeep(PromptModel):
+    """P learnable prompts per layer, replaced at every layer (eq. 6)."""
+
+    method = "vpt-deep"
+
+    def __init__(self, bundle, classnames, templates, backend, config: VptConfig):
+        super().__init__(bundle, classnames, templates, backend, config)
+        add_visual_prompts(self, "deep", config.n_prompts)

@@ -1,0 +1,217 @@
+"""Loading a frozen open_clip CLIP: a model name with a pretrained tag, a local checkpoint
+file, random weights, or a CLIP instance the caller built.
+
+Only the architecture every method here is written for is accepted: an `open_clip.CLIP`
+whose image tower is a plain `VisionTransformer` (class-token pooling, no attentional
+pooler) and whose text tower pools at the EOT token (`argmax`, OpenAI's BPE tokenizer).
+Anything else is rejected with a message instead of being run wrongly.
+
+`fastprompt-tiny` is a small config shipped with the package (64 px input, 3 vision and 2
+text layers of width 64) for tests and the demo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Optional, Union
+
+import open_clip
+import torch
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+from fastprompt.errors import FastpromptError
+
+log = logging.getLogger(__name__)
+
+TINY = "fastprompt-tiny"
+_CONFIG_DIR = Path(__file__).parent / "configs"
+_registered = False
+
+# Suffixes that make a `pretrained` string a file path rather than an open_clip tag.
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _register_configs() -> None:
+    """Add fastprompt's shipped model configs (fastprompt-tiny) to open_clip's registry once."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass
+class ClipBundle:
+    """A frozen CLIP model plus what the methods need to know about it."""
+
+    model: open_clip.CLIP
+    name: str  # open_clip model name, or "custom" for a caller-built instance
+    weights_id: str  # identifies the weights for caches: "tag:openai", "file:<sha>", "params:<sha>"
+    tokenizer: open_clip.tokenizer.SimpleTokenizer
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.model.visual.class_embedding.shape[-1])
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.token_embedding.weight.shape[-1])
+
+    @property
+    def vision_layers(self) -> int:
+        return len(self.model.visual.transformer.resblocks)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """CLIP's own temperature τ = exp(logit_scale) as a 0-d tensor (frozen)."""
+        return self.model.logit_scale.exp()
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES) or os.path.exists(pretrained)
+
+
+def _file_fingerprint(path: str) -> str:
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _params_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the text-tower weights (all that hand-crafted features depend on) plus the model shape."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for name in sorted(sd):
+        if name.startswith("visual."):
+            h.update(f"{name}{tuple(sd[name].shape)}".encode())
+            continue
+        t = sd[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Reject CLIP variants the prompt methods are not written for, naming what differs."""
+    if not isinstance(model, open_clip.CLIP):
+        raise FastpromptError(
+            f"clip instance is a {type(model).__name__}; fastprompt needs an open_clip.CLIP "
+            "(ViT image tower, OpenAI-style text tower), e.g. open_clip.create_model('ViT-B-32')"
+        )
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer):
+        raise FastpromptError(
+            f"the image tower is a {type(visual).__name__}; visual prompts need a ViT: pick a ViT model such as ViT-B-32 or ViT-B-16"
+        )
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise FastpromptError(
+            "the ViT pools its output with something other than the class token; pick a plain CLIP ViT such as ViT-B-32 or ViT-B-16"
+        )
+    if model.text_pool_type != "argmax":
+        raise FastpromptError(
+            f"the text tower pools with '{model.text_pool_type}', not at the EOT token; pick an OpenAI-style CLIP such as ViT-B-32"
+        )
+    for block in list(visual.transformer.resblocks) + list(model.transformer.resblocks):
+        if type(block) is not ResidualAttentionBlock:
+            raise FastpromptError(
+                f"transformer block type {type(block).__name__} is not supported; pick a plain CLIP ViT such as ViT-B-32"
+            )
+
+
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns on the root logger when a model is built without weights; when the
+    caller asked for random weights that is no news, so that one message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _create_random(clip: str, device) -> torch.nn.Module:
+    quiet = _QuietRandomInit()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model(clip, pretrained=None, device=device)
+    finally:
+        root.removeFilter(quiet)
+
+
+def _freeze(model: torch.nn.Module) -> None:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def load_clip(
+    clip: Union[str, torch.nn.Module] = "ViT-B-32",
+    pretrained: Optional[str] = "openai",
+    device: Union[str, torch.device] = "cpu",
+) -> ClipBundle:
+    """Build a frozen CLIP.
+
+    `clip` is an open_clip model name (`open_clip.list_models()` plus `fastprompt-tiny`)
+    or a CLIP instance. `pretrained` is an open_clip tag (e.g. "openai", downloaded by
+    open_clip into its cache), a local checkpoint file, or None / "none" for random init.
+    """
+    _register_configs()
+    tokenizer_cls = open_clip.tokenizer.SimpleTokenizer
+    if isinstance(clip, torch.nn.Module):
+        check_supported(clip)
+        _freeze(clip)
+        clip = clip.to(device)
+        tokenizer = tokenizer_cls(context_length=clip.context_length)
+        return ClipBundle(clip, "custom", f"params:{_params_fingerprint(clip)}", tokenizer)
+
+    if not isinstance(clip, str) or not clip:
+        raise FastpromptError(f"clip={clip!r} must be an open_clip model name or an open_clip.CLIP instance")
+    known = open_clip.list_models()
+    if clip not in known:
+        close = get_close_matches(clip, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise FastpromptError(
+            f"unknown CLIP model '{clip}'{hint}; use a name from open_clip.list_models(), e.g. ViT-B-32, ViT-B-16 or {TINY}"
+        )
+
+    if pretrained is None or (isinstance(pretrained, str) and pretrained.lower() == "none"):
+        model = _create_random(clip, device)
+        check_supported(model)
+        _freeze(model)
+        weights_id = f"params:{_params_fingerprint(model)}"
+    elif _looks_like_path(pretrained):
+        if not os.path.isfile(pretrained):
+            raise FastpromptError(
+                f"checkpoint file not found: {pretrained}; pass an existing checkpoint file, an open_clip tag such as 'openai', or None for random weights"
+            )
+        try:
+            model = open_clip.create_model(clip, pretrained=pretrained, device=device)
+        except (RuntimeError, KeyError, ValueError, AssertionError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FastpromptError(
+                f"checkpoint {pretrained} does not fit model {clip} ({first}); pass a checkpoint saved from {clip}"
+            ) from err
+        weights_id = f"file:{_file_fingerprint(pretrained)}"
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(clip)
+        if pretrained not in tags:
+            raise FastpromptError(
+                f"unknown pretrained tag '{pretrained}' for {clip}; valid tags: {', '.join(tags) or 'none (use a local checkpoint file or None)'}"
+            )
+        model = open_clip.create_model(clip, pretrained=pretrained, device=device)
+        weights_id = f"tag:{pretrained}"
+
+    check_supported(model)
+    _freeze(model)
+    return ClipBundle(model, clip, weights_id, tokenizer_cls(context_length=model.context_length))

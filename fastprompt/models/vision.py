@@ -1,0 +1,134 @@
+"""The frozen CLIP ViT with visual prompts: VPT-shallow, VPT-deep and per-sample prompts.
+
+Token order inside every layer is `[cls, prompt slots, patches]` (seed paper eqs. 4-6).
+Prompts enter *after* the patch embedding, positional embedding and `ln_pre`: they are
+tokens of the residual stream, not of the input image.
+
+- shallow: P prompts are inserted before layer 1 and carried through every layer as
+  ordinary tokens (eqs. 4-5).
+- deep: before layer l the prompt slots are overwritten with the learnable P_l; what a
+  layer writes into the slots is discarded (eq. 6).
+- per-sample prompts (CAVPT's class-aware prompts): a callback returns extra slots for a
+  layer from that layer's input tokens (cls + patches); they sit after the deep prompts
+  and are discarded after the layer like them.
+
+Two backends compute the same function:
+- `reference`: concatenates the slots into the sequence (`torch.cat`) and calls CLIP's own
+  `ResidualAttentionBlock` (nn.MultiheadAttention): the plain oracle.
+- `fast`: for deep prompts, the slots never join the sequence. Their LayerNorm and K/V
+  projection run once per step on P rows (shared by the batch); the image tokens attend
+  to them through `prefix_attention`; the slots get no query rows, no output projection
+  and no MLP, since their outputs are discarded. Shallow prompts are real tokens and run
+  the ordinary block.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+from fastprompt.kernels import prefix_attention
+
+# layer index, layer input tokens (B, N, d) -> per-sample prompts (B, Kn, d) or None
+ExtraPrompts = Callable[[int, torch.Tensor], Optional[torch.Tensor]]
+
+
+def embed(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Patch + class embedding, positional embedding and ln_pre: tokens [B, 1 + Np, d]."""
+    x = visual.conv1(images)  # (B, d, g, g)
+    x = x.flatten(2).transpose(1, 2)  # (B, Np, d)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, d)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, N, d)
+    return visual.ln_pre(x)  # (B, N, d)
+
+
+def head(visual: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Image feature `ln_post(s_L) @ proj` from the last layer's tokens [B, *, d]."""
+    pooled = visual.ln_post(x[:, 0])  # (B, d)
+    return pooled @ visual.proj if visual.proj is not None else pooled  # (B, D)
+
+
+def encode(
+    visual: VisionTransformer,
+    images: torch.Tensor,
+    *,
+    shallow: Optional[torch.Tensor] = None,
+    deep: Optional[torch.Tensor] = None,
+    extra: Optional[ExtraPrompts] = None,
+    backend: str = "fast",
+) -> torch.Tensor:
+    """Image features [B, D] (not normalised) of `images` [B, 3, H, W] with visual prompts.
+
+    shallow: [P, d] carried prompts; deep: [L, P, d] per-layer prompts; extra: callback for
+    per-sample prompts (needs `deep`). With none of them this equals `visual(images)`.
+    """
+    if shallow is not None and (deep is not None or extra is not None):
+        raise ValueError("shallow prompts cannot be combined with deep or per-sample prompts")
+    if extra is not None and deep is None:
+        raise ValueError("per-sample prompts need deep prompts (their slots are replaced every layer)")
+    blocks = visual.transformer.resblocks
+    if deep is not None and deep.shape[0] != len(blocks):
+        raise ValueError(f"deep prompts have {deep.shape[0]} layers, the tower has {len(blocks)}")
+
+    x = embed(visual, images)  # (B, N, d)
+    if deep is not None and backend == "fast":
+        for layer, block in enumerate(blocks):
+            tokens_extra = extra(layer, x) if extra is not None else None  # (B, Kn, d) or None
+            x = prefix_block(block, x, deep[layer], tokens_extra)  # (B, N, d)
+        return head(visual, x)
+
+    batch = x.shape[0]
+    n_slots = 0
+    if shallow is not None:
+        x = torch.cat([x[:, :1], shallow.to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
+    for layer, block in enumerate(blocks):
+        if deep is not None:
+            cls, patches = x[:, :1], x[:, 1 + n_slots :]  # (B, 1, d), (B, Np, d)
+            slots = [deep[layer].to(x.dtype).expand(batch, -1, -1)]  # [(B, P, d)]
+            if extra is not None:
+                tokens_extra = extra(layer, torch.cat([cls, patches], dim=1))
+                if tokens_extra is not None:
+                    slots.append(tokens_extra)  # (B, Kn, d)
+            x = torch.cat([cls, *slots, patches], dim=1)  # (B, 1+P+Kn+Np, d)
+            n_slots = x.shape[1] - cls.shape[1] - patches.shape[1]
+        x = block(x)
+    return head(visual, x)
+
+
+def prefix_block(
+    block: ResidualAttentionBlock,
+    x: torch.Tensor,
+    shared: torch.Tensor,
+    per_sample: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One CLIP block for the kept tokens x [B, N, d] with discarded prompt slots as a K/V prefix.
+
+    shared: [P, d] prompts of every image; per_sample: [B, Kn, d] or None. Equals running
+    the block on `cat([x[:, :1], shared, per_sample, x[:, 1:]])` and dropping the slot
+    outputs (self-attention is permutation-equivariant; the slots' rows are never used).
+    """
+    attn = block.attn
+    batch, n, width = x.shape
+    heads = attn.num_heads
+    hd = width // heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias  # (3d, d), (3d,)
+
+    qkv = F.linear(block.ln_1(x), w, b)  # (B, N, 3d)
+    q, k, v = qkv.view(batch, n, 3, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+
+    kv_w, kv_b = w[width:], (b[width:] if b is not None else None)  # (2d, d), (2d,)
+    prefix = F.linear(block.ln_1(shared.to(x.dtype)), kv_w, kv_b)  # (P, 2d): once per step, not per image
+    pk, pv = prefix.view(1, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)  # each (1, H, P, hd)
+    if per_sample is not None:
+        extra = F.linear(block.ln_1(per_sample), kv_w, kv_b)  # (B, Kn, 2d)
+        ek, ev = extra.view(batch, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, H, Kn, hd)
+        pk = torch.cat([pk.expand(batch, -1, -1, -1), ek], dim=2)  # (B, H, P+Kn, hd): P+Kn rows only
+        pv = torch.cat([pv.expand(batch, -1, -1, -1), ev], dim=2)  # (B, H, P+Kn, hd)
+
+    o = prefix_attention(q, k, v, pk, pv)  # (B, H, N, hd)
+    o = o.transpose(1, 2).reshape(batch, n, width)  # (B, N, d)
+    x = x + block.ls_1(attn.out_proj(o))  # (B, N, d)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))  # (B, N, d)

@@ -1,0 +1,1 @@
+"""Prompt learners and hand-crafted prompts: the parts methods compose."""

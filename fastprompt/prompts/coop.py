@@ -1,0 +1,73 @@
+"""CoOp's learnable text context (Zhou et al., "Learning to Prompt for Vision-Language Models").
+
+The prompt of class k is `[SOS, u_1..u_M, CLASS tokens, ".", EOS]`: M learnable context
+vectors shared by all classes (or one set per class with `csc=True`) followed by the
+embedding of the class name. Initialisation: N(0, 0.02), or the token embeddings of an
+init phrase such as "a photo of a" (then M is the phrase's token count).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from fastprompt.errors import FastpromptError
+from fastprompt.models.clip import ClipBundle
+from fastprompt.models.text import encode_embeddings, eot_positions, tokenize
+
+DEFAULT_N_CTX = 16
+
+
+class CoopContext(nn.Module):
+    """Learnable context `context` [M, width] (or [K, M, width] class-specific) and the
+    frozen SOS / class-name / EOS embeddings around it."""
+
+    def __init__(
+        self,
+        bundle: ClipBundle,
+        classnames: Sequence[str],
+        n_ctx: Optional[int] = None,
+        csc: bool = False,
+        ctx_init: Optional[str] = None,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        clip, tokenizer = bundle.model, bundle.tokenizer
+        n_cls, width = len(classnames), bundle.text_width
+        with torch.no_grad():
+            if ctx_init:
+                phrase = tokenize(clip, tokenizer, [ctx_init])  # (1, 77)
+                n_phrase = int(eot_positions(phrase)[0]) - 1  # tokens between SOS and EOT
+                if n_ctx is not None and n_ctx != n_phrase:
+                    raise FastpromptError(
+                        f"n_ctx={n_ctx} disagrees with ctx_init={ctx_init!r}, which is {n_phrase} tokens; drop n_ctx or change the phrase"
+                    )
+                n_ctx = n_phrase
+                init = clip.token_embedding(phrase)[0, 1 : 1 + n_ctx].float()  # (M, width)
+                context = init.expand(n_cls, -1, -1).clone() if csc else init.clone()
+            else:
+                n_ctx = DEFAULT_N_CTX if n_ctx is None else n_ctx
+                shape = (n_cls, n_ctx, width) if csc else (n_ctx, width)
+                context = torch.empty(shape, device=clip.token_embedding.weight.device).normal_(0.0, init_std)
+            placeholder = " ".join(["X"] * n_ctx)
+            tokens = tokenize(clip, tokenizer, [f"{placeholder} {name}." for name in classnames])  # (K, 77)
+            embedding = clip.token_embedding(tokens)  # (K, 77, width)
+
+        self.n_ctx = n_ctx
+        self.context = nn.Parameter(context)  # (M, width) or (K, M, width)
+        self.register_buffer("tokens", tokens, persistent=False)  # (K, 77)
+        self.register_buffer("eot", eot_positions(tokens), persistent=False)  # (K,)
+        self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # (K, 1, width): SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # (K, 77-1-M, width)
+
+    def embeddings(self) -> torch.Tensor:
+        """Prompt embeddings [K, 77, width] of every class."""
+        n_cls = self.token_prefix.shape[0]
+        ctx = self.context if self.context.dim() == 3 else self.context.expand(n_cls, -1, -1)  # (K, M, width)
+        return torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)  # (K, 77, width)
+
+    def forward(self, clip, backend: str = "fast") -> torch.Tensor:
+        """Text features [K, D] (not normalised) of the learnable prompts."""
+        return encode_embeddings(clip, self.embeddings(), self.eot, backend)

@@ -1,0 +1,88 @@
+"""Hand-crafted text features: templates filled with class names, through the frozen text tower.
+
+Computed once per (model, weights, class names, templates) and cached in memory and on
+disk (`$FASTPROMPT_CACHE`, default `~/.cache/fastprompt`), as safetensors files written
+atomically. Features are normalised per template, averaged over templates and normalised
+again (CLIP's prompt ensembling); a single template reduces to its normalised features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastprompt.models.clip import ClipBundle
+from fastprompt.models.text import encode_tokens, normalize, tokenize
+
+log = logging.getLogger(__name__)
+
+_FORMAT = 1  # bump when the way features are computed changes
+_memory: dict[str, torch.Tensor] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTPROMPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastprompt"
+    )
+    return Path(root)
+
+
+def cache_key(bundle: ClipBundle, classnames: Sequence[str], templates: Sequence[str]) -> str:
+    payload = json.dumps(
+        {"format": _FORMAT, "model": bundle.name, "weights": bundle.weights_id,
+         "classnames": list(classnames), "templates": list(templates)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_features(bundle: ClipBundle, classnames: Sequence[str], templates: Sequence[str], batch: int = 256) -> torch.Tensor:
+    """Normalised ensemble features [K, D] (fp32) on the model's device, without any cache."""
+    model = bundle.model
+    mean = None
+    for template in templates:
+        texts = [template.format(c) for c in classnames]
+        feats = []
+        for start in range(0, len(texts), batch):
+            tokens = tokenize(model, bundle.tokenizer, texts[start : start + batch])  # (k, 77)
+            feats.append(normalize(encode_tokens(model, tokens).float()))  # (k, D)
+        f = torch.cat(feats)  # (K, D)
+        mean = f if mean is None else mean + f
+    return normalize(mean / len(templates))  # (K, D)
+
+
+def template_features(bundle: ClipBundle, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """Cached `compute_features`: memory first, then disk, else compute and store both."""
+    key = cache_key(bundle, classnames, templates)
+    device = bundle.model.token_embedding.weight.device
+    if key in _memory:
+        return _memory[key].to(device)
+    path = cache_dir() / f"text-{key}.safetensors"
+    if path.is_file():
+        try:
+            feats = load_file(str(path))["features"]
+            _memory[key] = feats
+            log.debug("hand-crafted features from %s", path)
+            return feats.to(device)
+        except Exception as err:  # a damaged cache file is recomputed, and said so
+            log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, err)
+    feats = compute_features(bundle, classnames, templates).cpu()  # (K, D)
+    _memory[key] = feats
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        save_file({"features": feats.contiguous()}, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not write feature cache %s (%s); features stay in memory only", path, err)
+    return feats.to(device)

@@ -1,0 +1,118 @@
+"""Every method: shapes, a finite loss, gradients only where they belong, state round-trip,
+and the reference and fast backends computing the same function."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastprompt
+
+from _util import CLASSNAMES, relative_error
+
+METHODS = fastprompt.list_methods()
+
+
+def test_list_methods():
+    assert METHODS == ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "vlp", "cavpt", "e2mim"]
+
+
+def _build(method, clip, backend="fast", seed=0, **opts):
+    torch.manual_seed(seed)
+    return fastprompt.create_model(method, classnames=CLASSNAMES, clip=clip, pretrained=None, backend=backend, **opts)
+
+
+EXPECTED_NAMES = {
+    "zeroshot": set(),
+    "coop": {"text.context"},
+    "vpt-shallow": {"visual.prompts"},
+    "vpt-deep": {"visual.prompts"},
+    "vlp": {"text.context", "visual.prompts"},
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shapes_loss_gradients_and_state(method, tiny_clip, images, labels, tmp_path):
+    model = _build(method, tiny_clip)
+    logits = model(images)
+    assert logits.shape == (4, len(CLASSNAMES)) and torch.isfinite(logits).all()
+    loss = model.loss(images, labels)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+    state = model.prompt_state_dict()
+    names = set(state)
+    if method in EXPECTED_NAMES:
+        assert names == EXPECTED_NAMES[method]
+    elif method == "cavpt":
+        assert "visual.prompts" in names and all(n == "visual.prompts" or n.startswith("cavpt.") for n in names)
+    elif method == "e2mim":
+        assert "text.context" in names and all(n == "text.context" or n.startswith("e2mim.") for n in names)
+
+    if names:
+        loss.backward()
+        params = dict(model.named_parameters())
+        for name in names:
+            assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+        for name, p in model.clip.named_parameters():
+            assert p.grad is None and not p.requires_grad, name
+
+    # round trip through safetensors into a freshly initialised model
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "prompts.safetensors"))
+    other = _build(method, tiny_clip, seed=1)
+    other.load_prompt_state_dict(load_file(str(tmp_path / "prompts.safetensors")))
+    model.eval(), other.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other(images), model(images))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_equals_reference(method, tiny_clip, images, labels):
+    """Same prompt state -> same logits, loss and gradients (fp32, 1e-4 relative)."""
+    results = {}
+    for backend in ("reference", "fast"):
+        model = _build(method, tiny_clip, backend=backend)
+        torch.manual_seed(7)  # the same mixup draws for e2mim
+        loss = model.loss(images, labels)
+        grads = {}
+        if model.prompt_state_dict():
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            results[backend] = (model(images), loss.detach(), grads)
+    (lr, sr, gr), (lf, sf, gf) = results["reference"], results["fast"]
+    assert relative_error(lf, lr) < 1e-4
+    assert relative_error(sf, sr) < 1e-4
+    assert gf.keys() == gr.keys()
+    for name in gr:
+        assert relative_error(gf[name], gr[name]) < 1e-4, name
+
+
+def test_load_prompt_state_dict_rejects_mismatches(tiny_clip):
+    model = _build("vpt-deep", tiny_clip)
+    with pytest.raises(fastprompt.FastpromptError, match="missing: \\['visual.prompts'\\]"):
+        model.load_prompt_state_dict({"text.context": torch.zeros(16, 64)})
+    with pytest.raises(fastprompt.FastpromptError, match="has shape \\(3, 5, 64\\), this model needs \\(3, 10, 64\\)"):
+        model.load_prompt_state_dict({"visual.prompts": torch.zeros(3, 5, 64)})
+
+
+@pytest.fixture(scope="module")
+def vit_b32():
+    torch.manual_seed(0)
+    return fastprompt.models.load_clip("ViT-B-32", None).model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vit_b32_random_init_runs_every_method(method, vit_b32):
+    """The contract's `clip="ViT-B-32", pretrained=None` on CPU: a small batch, every method."""
+    model = fastprompt.create_model(method, classnames=CLASSNAMES[:3], clip=vit_b32, n_ctx=4) if method in (
+        "coop", "vlp", "e2mim") else fastprompt.create_model(method, classnames=CLASSNAMES[:3], clip=vit_b32)
+    images = torch.randn(2, 3, 224, 224)
+    loss = model.loss(images, torch.tensor([0, 2]))
+    assert model(images).shape == (2, 3) and torch.isfinite(loss)
+    if model.prompt_state_dict():
+        loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_vit_b32_by_name():
+    model = fastprompt.create_model("zeroshot", classnames=["forest", "river"], clip="ViT-B-32", pretrained=None)
+    assert model.bundle.name == "ViT-B-32" and model(torch.randn(1, 3, 224, 224)).shape == (1, 2)

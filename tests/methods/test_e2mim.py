@@ -1,0 +1,71 @@
+"""E2MIM: class-wise mixup pairs and targets, the MI term, inference modes."""
+
+import math
+
+import torch
+
+import fastprompt
+from fastprompt.methods.e2mim import classwise_pairs
+
+from _util import CLASSNAMES
+
+
+def test_pairs_carry_different_labels():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        labels = torch.randint(0, 5, (16,), generator=g)
+        a, b = classwise_pairs(labels, generator=g)
+        assert (labels[a] != labels[b]).all()
+        if int(torch.bincount(labels).max()) <= 8:  # no class holds more than half: everyone pairs
+            assert sorted(a.tolist()) == list(range(16)) and sorted(b.tolist()) == list(range(16))
+
+
+def test_one_class_batch_has_no_pairs_and_dominated_batch_keeps_only_valid():
+    a, b = classwise_pairs(torch.zeros(6, dtype=torch.long))
+    assert a.numel() == 0
+    labels = torch.tensor([0, 0, 0, 0, 0, 1])
+    a, b = classwise_pairs(labels)
+    assert a.numel() >= 1 and (labels[a] != labels[b]).all()
+
+
+def test_mixed_targets_sum_to_one_and_mix_the_pair(tiny_clip):
+    model = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    x = torch.randn(6, 64)
+    torch.manual_seed(0)
+    feats, targets = model.mix(x, labels)
+    assert feats.shape == (12, 64) and targets.shape == (12, 5)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(12))
+    mixed = targets[6:]
+    assert ((mixed > 0).sum(-1) == 2).all()  # two different classes in every mixed target
+    no_mix = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, mixup=False)
+    assert no_mix.mix(x, labels)[0].shape == (6, 64)
+
+
+def test_mi_term_and_its_switch(tiny_clip, images, labels):
+    torch.manual_seed(0)
+    model = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, mixup=False)
+    model.loss(images, labels).backward()
+    assert model.e2mim.soft_head[0].weight.grad is not None
+    assert model.e2mim.hand_head[0].weight.grad is not None and model.e2mim.logit_scale.grad is not None
+    off = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, mixup=False, mi_weight=0)
+    off.load_prompt_state_dict(model.prompt_state_dict())
+    coop = fastprompt.create_model("coop", classnames=CLASSNAMES, clip=tiny_clip)
+    coop.load_prompt_state_dict({"text.context": model.text.context.detach()})
+    torch.testing.assert_close(off.loss(images, labels), coop.loss(images, labels))
+    # InfoNCE of uninformative heads sits near log M
+    with torch.no_grad():
+        x = model.image_features(images)
+        logits = model.logit_scale() * x @ model.text_features().t()
+        nce = model.e2mim.nce(logits, torch.zeros_like(logits), "reference")
+    assert abs(float(nce) - math.log(4)) < 1e-4
+
+
+def test_inference_modes(tiny_clip, images):
+    soft = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, infer="soft")
+    ens = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, infer="ensemble")
+    ens.load_prompt_state_dict(soft.prompt_state_dict())
+    zs = fastprompt.create_model("zeroshot", classnames=CLASSNAMES, clip=tiny_clip)
+    with torch.no_grad():
+        p = 0.5 * (soft(images).softmax(-1) + zs(images).softmax(-1))
+        torch.testing.assert_close(ens(images).exp(), p)
