@@ -93,12 +93,20 @@ class PromptModel(nn.Module):
         w = self.text_features()  # (K, D)
         return self.logit_scale() * x @ w.t()  # (B, K)
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The method's full training objective (here: cross-entropy of the cosine logits)."""
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, **extra) -> torch.Tensor:
+        """The method's full training objective (aux / MI terms included)."""
+        return self.loss_and_logits(images, labels, **extra)[0]
+
+    def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training objective, detached logits [B, K] of the same forward, for accuracy)."""
         self._check_labels(labels, images)
         x = self.image_features(images)  # (B, D)
         w = self.text_features()  # (K, D)
-        return cosine_ce(x, w, labels, self.logit_scale(), self.backend)
+        return cosine_ce(x, w, labels, self.logit_scale(), self.backend), self._detached_logits(x, w)
+
+    def _detached_logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.logit_scale() * F.normalize(x, dim=-1) @ w.t()  # (B, K)
 
     def _check_labels(self, labels: torch.Tensor, images: torch.Tensor) -> None:
         if labels.dtype != torch.long or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
@@ -117,9 +125,28 @@ class PromptModel(nn.Module):
         """Only the trainable tensors, detached, by their public names (`text.context`, ...)."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
-    def load_prompt_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load trainable tensors; names and shapes must match this model exactly."""
+    def training_only_names(self) -> set[str]:
+        """Trainable tensors sized by the class list that only the training loss uses (CAVPT's
+        auxiliary classifier, E2MIM's critic); evaluation on other classes leaves them out."""
+        return set()
+
+    def load_prompt_state_dict(self, state: dict[str, torch.Tensor], other_classes: bool = False) -> None:
+        """Load trainable tensors; names and shapes must match this model exactly.
+
+        other_classes=True loads prompts learned on another class list (base-to-new,
+        cross-dataset): the training-only tensors are skipped; class-specific context
+        cannot move to other classes and is an error.
+        """
         own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        if other_classes:
+            skip = self.training_only_names()
+            own = {n: p for n, p in own.items() if n not in skip}
+            state = {n: t for n, t in state.items() if n not in skip}
+            if "text.context" in state and state["text.context"].dim() == 3:
+                raise FastpromptError(
+                    "class-specific context (csc) belongs to the training classes and cannot be evaluated on other classes; "
+                    "train with shared context to evaluate on new classes or another dataset"
+                )
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:

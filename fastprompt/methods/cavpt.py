@@ -99,6 +99,9 @@ class Cavpt(PromptModel):
             for _ in range(config.layers)
         )
 
+    def training_only_names(self) -> set[str]:
+        return {f"cavpt.{i}.classifier" for i in range(len(self.cavpt))}
+
     @torch.no_grad()
     def zero_shot_topk(self, images: torch.Tensor) -> torch.Tensor:
         """Top-K_N class indices [B, K_N] of zero-shot CLIP (frozen, unprompted image tower)."""
@@ -134,15 +137,18 @@ class Cavpt(PromptModel):
         x = self.image_features(images, {"topk": topk})  # (B, D)
         return self.logit_scale() * x @ self.text_features().t()  # (B, K)
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, topk: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Eq. 12: CE of the prompted logits + alpha · auxiliary CE (eq. 10)."""
+    def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor,
+                        topk: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 12: CE of the prompted logits + alpha · auxiliary CE (eq. 10); `topk` [B, K_N]
+        is the trainer's cached zero-shot top-K (None: recomputed online)."""
         self._check_labels(labels, images)
         context = {"topk": topk}
         x = self.image_features(images, context)  # (B, D)
-        ce = cosine_ce(x, self.text_features(), labels, self.logit_scale(), self.backend)
+        w = self.text_features()  # (K, D)
+        ce = cosine_ce(x, w, labels, self.logit_scale(), self.backend)
         aux = torch.stack([self.aux_loss(layer, h, context["topk"], labels)
                            for layer, h in zip(self.cavpt, context["normed"])]).mean()
-        return ce + self.config.alpha * aux
+        return ce + self.config.alpha * aux, self._detached_logits(x, w)
 
     def aux_loss(self, layer: ClassAwarePromptLayer, normed: torch.Tensor, topk: torch.Tensor,
                  labels: torch.Tensor) -> torch.Tensor:

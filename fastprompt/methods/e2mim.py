@@ -80,6 +80,9 @@ class E2mim(PromptModel):
         self.e2mim = MutualInformationCritic(self.num_classes, config.mi_dim,
                                              device=self.clip.visual.class_embedding.device)
 
+    def training_only_names(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.startswith("e2mim.")}
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.image_features(images)  # (B, D)
         soft = self.logit_scale() * x @ self.text_features().t()  # (B, K)
@@ -101,7 +104,8 @@ class E2mim(PromptModel):
         t_mix = lam * onehot[a] + (1 - lam) * onehot[b]  # (Bm, K)
         return torch.cat([x, x_mix]), torch.cat([onehot, t_mix])  # (M, D), (M, K)
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE over original + mixed samples + mi_weight · L_NCE; logits of the soft view."""
         self._check_labels(labels, images)
         x = self.image_features(images)  # (B, D), frozen tower
         feats, targets = self.mix(x, labels)  # (M, D), (M, K)
@@ -113,4 +117,4 @@ class E2mim(PromptModel):
             soft = tau * xn @ soft_w.t()  # (M, K)
             hand = tau * xn @ self.template_features.t()  # (M, K)
             loss = loss + self.config.mi_weight * self.e2mim.nce(soft, hand, self.backend)
-        return loss
+        return loss, self._detached_logits(x, soft_w)

@@ -116,3 +116,23 @@ def test_vit_b32_random_init_runs_every_method(method, vit_b32):
 def test_vit_b32_by_name():
     model = fastprompt.create_model("zeroshot", classnames=["forest", "river"], clip="ViT-B-32", pretrained=None)
     assert model.bundle.name == "ViT-B-32" and model(torch.randn(1, 3, 224, 224)).shape == (1, 2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prompts_transfer_to_other_classes(method, tiny_clip, images, labels):
+    """Base-to-new and cross-dataset: prompts learned on some classes evaluate on others."""
+    model = _build(method, tiny_clip)
+    model.loss(images, labels)
+    other = fastprompt.create_model(method, classnames=["forest", "river"], clip=tiny_clip)
+    other.load_prompt_state_dict(model.prompt_state_dict(), other_classes=True)
+    shared = set(other.prompt_state_dict()) - other.training_only_names()
+    for name in shared:
+        assert torch.equal(other.prompt_state_dict()[name], model.prompt_state_dict()[name])
+    assert other(images).shape == (4, 2)
+
+
+def test_class_specific_context_does_not_transfer(tiny_clip):
+    model = _build("coop", tiny_clip, csc=True, n_ctx=2)
+    other = fastprompt.create_model("coop", classnames=["forest", "river"], clip=tiny_clip, csc=True, n_ctx=2)
+    with pytest.raises(fastprompt.FastpromptError, match="class-specific context"):
+        other.load_prompt_state_dict(model.prompt_state_dict(), other_classes=True)
