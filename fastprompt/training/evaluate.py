@@ -1,0 +1,124 @@
+"""Evaluation: accuracy on a split, prompts moved to other classes, saved runs, zero-shot CLIP."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from fastprompt.data import open_dataset
+from fastprompt.errors import FastpromptError
+from fastprompt.methods import create_model
+from fastprompt.methods.base import PromptModel
+
+log = logging.getLogger(__name__)
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+@torch.no_grad()
+def evaluate(model: PromptModel, data, split: str, classes: str, *, device, batch_size: int = 128,
+             num_workers: Optional[int] = None, autocast=nullcontext) -> float:
+    """Top-1 accuracy (%) of `model` on `split` of `data` restricted to `classes` (centre crop).
+
+    The model's text features are computed once for the whole evaluation (eval mode, no grad).
+    Under torch.distributed each rank scores its shard and the counts are summed.
+    """
+    model.eval()
+    loader = data.loader(split, classes=classes, train=False, image_size=model.bundle.image_size,
+                         batch_size=batch_size, device=device, num_workers=num_workers, drop_last=False)
+    correct = torch.zeros((), dtype=torch.float64)
+    seen = torch.zeros((), dtype=torch.float64)
+    with autocast():
+        for images, labels in loader:
+            logits = model(images)  # (B, K)
+            correct += float((logits.argmax(-1) == labels).sum())  # CPU-GPU sync per batch
+            seen += labels.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        stats = torch.stack([correct, seen])
+        dist.all_reduce(stats)
+        correct, seen = stats[0], stats[1]
+    return 100.0 * float(correct) / max(float(seen), 1.0)
+
+
+def model_for_classes(model: PromptModel, classnames: list[str], template=None) -> PromptModel:
+    """The same method, CLIP and prompts, on another class list (base-to-new, cross-dataset)."""
+    other = create_model(model.method, classnames, clip=model.clip, template=template or list(model.templates),
+                         backend=model.backend, device=model.clip.logit_scale.device, **model.config.to_dict())
+    other.load_prompt_state_dict(model.prompt_state_dict(), other_classes=True)
+    return other
+
+
+def _load_run(run_dir: Path) -> tuple[dict, dict]:
+    config_path, prompts_path = run_dir / "config.json", run_dir / "prompts.safetensors"
+    if not config_path.is_file() or not prompts_path.is_file():
+        raise FastpromptError(
+            f"{run_dir} is not a finished run (needs config.json and prompts.safetensors); pass the --out of a completed `fastprompt train`"
+        )
+    try:
+        saved = json.loads(config_path.read_text())
+        prompts = load_file(str(prompts_path))
+    except Exception as err:
+        raise FastpromptError(f"{run_dir} holds an unreadable run ({type(err).__name__}: {err}); train it again") from None
+    return saved, prompts
+
+
+def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 128, num_workers: Optional[int] = None, template: Optional[str] = None) -> dict:
+    """Evaluate a finished run's prompts on the test split of `data` (any dataset, any classes)."""
+    from fastprompt.training.trainer import _seed_everything, autocast_for, resolve_device
+
+    run = Path(run_dir)
+    saved, prompts = _load_run(run)
+    ds = open_dataset(data)
+    classnames = ds.classnames_for(classes)
+    dev = resolve_device(device)
+    template = template or (saved["template"] if saved.get("template") and saved["classnames"] == classnames
+                            else ds.template)
+    _seed_everything(int(saved["seed"]))  # the same random CLIP weights as the run when --pretrained none
+    model = create_model(saved["method"], classnames, clip=saved["clip"], pretrained=saved["pretrained"],
+                         template=template, backend=saved.get("backend", "fast"), device=dev, **saved["options"])
+    if model.bundle.weights_id != saved["weights_id"]:
+        raise FastpromptError(
+            f"the CLIP weights ({model.bundle.weights_id}) differ from those the run trained with ({saved['weights_id']}); "
+            "use the same --clip/--pretrained files as the run"
+        )
+    other = classnames != saved["classnames"]
+    model.load_prompt_state_dict({k: v.to(dev) for k, v in prompts.items()}, other_classes=other)
+    acc = evaluate(model, ds, "test", classes, device=dev, batch_size=batch_size, num_workers=num_workers,
+                   autocast=autocast_for(precision, dev))
+    result = {"run": str(run), "method": saved["method"], "dataset": ds.name, "data": str(ds.path),
+              "classes": classes, "test_accuracy": acc}
+    out = run / f"eval-{ds.name}-{classes}.json"
+    from fastprompt.training.trainer import write_json
+
+    write_json(out, result)
+    return result
+
+
+def zeroshot_eval(data: str, *, clip: str = "ViT-B-32", pretrained: Optional[str] = "openai", template: Optional[str] = None,
+                  classes: str = "all", device: str = "auto", precision: str = "auto", batch_size: int = 128,
+                  num_workers: Optional[int] = None, seed: int = 1) -> dict:
+    """Zero-shot CLIP accuracy on the test split of `data`."""
+    from fastprompt.training.trainer import _seed_everything, autocast_for, resolve_device
+
+    ds = open_dataset(data)
+    classnames = ds.classnames_for(classes)
+    dev = resolve_device(device)
+    if isinstance(pretrained, str) and pretrained.lower() == "none":
+        pretrained = None
+    _seed_everything(seed)
+    model = create_model("zeroshot", classnames, clip=clip, pretrained=pretrained, template=template or ds.template,
+                         device=dev)
+    acc = evaluate(model, ds, "test", classes, device=dev, batch_size=batch_size, num_workers=num_workers,
+                   autocast=autocast_for(precision, dev))
+    return {"method": "zeroshot", "dataset": ds.name, "classes": classes, "clip": clip,
+            "pretrained": pretrained, "test_accuracy": acc}

@@ -1,0 +1,384 @@
+"""The `Trainer`: few-shot prompt tuning with exact resume and DistributedDataParallel.
+
+One run = one `--out` directory:
+- `config.json`: the resolved `TrainConfig` (plus model facts), written at the start;
+- `metrics.jsonl`: one JSON line per epoch (loss, accuracy, lr, images/s);
+- `checkpoint.pt`: prompts, optimiser, RNG states, epoch and metrics, written atomically
+  every `checkpoint_every` epochs; a run started again with the same `--out` resumes from it;
+- `prompts.safetensors`: the trainable tensors only, at the end;
+- `results.json`: test accuracies at the end (base, new and harmonic mean for base-to-new).
+
+Exact resume: epoch e's data order and augmentation are functions of (seed, e) (see
+`fastprompt.data.loaders`), the learning rate is a function of e, and the RNG states are
+saved at the epoch boundary; so a killed run resumed from its last checkpoint ends with
+the prompts and metrics of a run that never stopped.
+
+Under `torchrun --nproc-per-node N` every rank reads its shard of each global batch
+(`batch_size / N` images), gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and
+only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+
+from fastprompt.data import open_dataset
+from fastprompt.errors import FastpromptError
+from fastprompt.methods import create_model
+from fastprompt.methods.base import PromptModel
+from fastprompt.training.config import TrainConfig
+from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FastpromptError("device=cuda but no CUDA device is visible here; use --device cpu or auto")
+    if device == "cuda" and dist.is_available() and dist.is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(device)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast on CUDA by default (auto), or where asked; fp32 runs without autocast."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: never half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+class _Step(nn.Module):
+    """The training objective as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: PromptModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, labels, topk=None):
+        extra = {"topk": topk} if topk is not None else {}
+        return self.model.loss_and_logits(images, labels, **extra)
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the model, data, optimiser and run directory of one `fastprompt train`."""
+
+    def __init__(self, config: TrainConfig, console=None):
+        self.config = config
+        self.console = console
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if config.device != "cpu" and torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if config.batch_size % self.world:
+            raise FastpromptError(
+                f"batch_size={config.batch_size} does not split over {self.world} processes; pick a multiple of {self.world}"
+            )
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.autocast = autocast_for(config.precision, self.device)
+        self.out = Path(config.out)
+
+        # everything that can fail on bad input happens before anything is written
+        self.data = open_dataset(config.data)
+        self.classnames = self.data.classnames_for(config.classes)
+        self.template = config.template or self.data.template
+        _seed_everything(config.seed)  # random CLIP weights (--pretrained none) and prompt init follow the seed
+        self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=config.pretrained,
+                                  template=self.template, backend=config.backend, device=self.device,
+                                  **config.options)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
+                                             weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        n_train = len(self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes))
+        if n_train < config.batch_size:
+            raise FastpromptError(
+                f"batch_size={config.batch_size} exceeds the {n_train} training images of this run; lower --batch-size"
+            )
+        self.cached_topk = config.method == "cavpt" and config.options.get("topk_source", "cached") == "cached"
+        self.loader = self.data.loader(
+            "train", shots=config.shots, seed=config.seed, classes=config.classes, train=True,
+            image_size=self.model.bundle.image_size, batch_size=config.batch_size // self.world,
+            device=self.device, num_workers=config.num_workers, order_seed=config.seed,
+            return_indices=self.cached_topk,
+        )
+        self.step_module: nn.Module = _Step(self.model)
+        if self.distributed:
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,  # e.g. E2MIM's critic when mi_weight=0
+            )
+        self.epoch = 0  # epochs completed
+        self.metrics: list[dict] = []
+        self._topk_table: Optional[torch.Tensor] = None
+        self._prepare_out()
+
+    # --------------------------------------------------------------- run dir
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _run_facts(self) -> dict:
+        return {"classnames": self.classnames, "template": self.template, "dataset": self.data.name,
+                "weights_id": self.model.bundle.weights_id, "image_size": self.model.bundle.image_size,
+                "world_size": self.world}
+
+    def _prepare_out(self) -> None:
+        ckpt = self.out / "checkpoint.pt"
+        if ckpt.is_file():
+            self._resume(ckpt)
+            return
+        if self.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                probe = self.out / ".write-probe"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as err:
+                raise FastpromptError(f"cannot write to --out {self.out} ({err.strerror}); pick a writable directory") from None
+            write_json(self.out / "config.json", {**self.config.to_dict(), **self._run_facts()})
+            (self.out / "metrics.jsonl").write_text("")
+
+    def _resume(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise FastpromptError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it or use another --out") from None
+        saved = state.get("config", {})
+        for key in ("method", "classes", "shots", "seed", "clip", "epochs", "batch_size", "optimizer"):
+            if saved.get(key) != getattr(self.config, key):
+                raise FastpromptError(
+                    f"--out {self.out} holds a run with {key}={saved.get(key)!r}, this command has {getattr(self.config, key)!r}; "
+                    "use another --out or repeat the original command to resume it"
+                )
+        if state.get("classnames") != self.classnames:
+            raise FastpromptError(
+                f"--out {self.out} holds a run on other classes than {self.config.data} ({self.config.classes}); use another --out"
+            )
+        if state.get("options") != self.config.options:
+            raise FastpromptError(
+                f"--out {self.out} holds a run with method options {state.get('options')}, this command has {self.config.options}; "
+                "use another --out or the same options"
+            )
+        self.model.load_prompt_state_dict(state["prompts"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.metrics = list(state["metrics"])
+        _set_rng_state(state["rng"])
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "w") as f:  # drop lines of epochs after the checkpoint
+                for line in self.metrics:
+                    f.write(json.dumps(line) + "\n")
+        self._say(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
+
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "options": self.config.options,
+            "classnames": self.classnames,
+            "epoch": self.epoch,
+            "prompts": {k: v.cpu() for k, v in self.model.prompt_state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": _rng_state(),
+            "metrics": self.metrics,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            atomic_write(self.out / "checkpoint.pt", lambda tmp: torch.save(self.state_dict(), tmp))
+
+    def _say(self, text: str) -> None:
+        if self.is_main and self.console is not None:
+            self.console.print(text)
+
+    # --------------------------------------------------------------- training
+    def _build_topk_table(self) -> None:
+        """CAVPT `topk_source="cached"`: zero-shot top-K of every training image at centre crop,
+        computed once per run (one frozen forward per image) instead of once per step."""
+        cfg = self.config
+        loader = self.data.loader("train", shots=cfg.shots, seed=cfg.seed, classes=cfg.classes, train=False,
+                                  image_size=self.model.bundle.image_size, batch_size=cfg.eval_batch_size,
+                                  device=self.device, num_workers=cfg.num_workers, return_indices=True,
+                                  drop_last=False)
+        table = torch.full((self.data.num_samples, self.model.k_n), -1, dtype=torch.long)  # (N, K_N)
+        self.model.eval()
+        with self.autocast():
+            for images, _, idx in loader:
+                table[idx] = self.model.zero_shot_topk(images).cpu()
+        if self.distributed:  # each rank scored its shard; every entry is >= 0 on exactly the ranks that scored it
+            dist.all_reduce(table, op=dist.ReduceOp.MAX)
+        self._topk_table = table
+
+    def _topk_for(self, indices: torch.Tensor) -> torch.Tensor:
+        """The cached top-K [B, K_N] of a batch's training images (by .beton index)."""
+        return self._topk_table[indices].to(self.device, non_blocking=True)  # (B, K_N)
+
+    def train_epoch(self, progress=None, task=None) -> dict:
+        cfg = self.config
+        lr = cfg.lr_at(self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.loader.set_epoch(self.epoch)
+        total_loss = torch.zeros((), dtype=torch.float64)
+        correct = seen = 0
+        start = time.perf_counter()
+        for step, batch in enumerate(self.loader):
+            images, labels = batch[0], batch[1]  # (b, 3, S, S), (b,)
+            topk = self._topk_for(batch[2]) if self.cached_topk else None
+            with self.autocast():
+                loss, logits = self.step_module(images, labels, topk)
+            loss_value = float(loss.detach())  # CPU-GPU sync: the non-finite check decides whether to step
+            if not math.isfinite(loss_value):
+                raise FastpromptError(
+                    f"loss became {loss_value} at epoch {self.epoch + 1} step {step + 1}; the last good checkpoint "
+                    f"(after epoch {self.epoch}) is kept in {self.out}; lower --lr or use --precision fp32"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total_loss += loss_value * labels.shape[0]
+            correct += int((logits.argmax(-1) == labels).sum())
+            seen += labels.shape[0]
+            if progress is not None:
+                progress.update(task, advance=1, loss=loss_value)
+        stats = torch.tensor([float(total_loss), correct, seen], dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(stats)
+        seconds = time.perf_counter() - start
+        total_loss, correct, seen = float(stats[0]), float(stats[1]), float(stats[2])
+        return {"epoch": self.epoch + 1, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
+                "lr": lr, "images": int(seen), "seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 1)}
+
+    def train(self) -> dict:
+        """Train the remaining epochs, then evaluate on the test split; returns results.json's content."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        cfg = self.config
+        self._say(f"[bold]fastprompt train[/bold] {json.dumps(self.config.to_dict())}")
+        columns = [TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
+                   TimeElapsedColumn()]
+        progress = Progress(*columns, console=self.console, disable=not self.is_main or self.console is None,
+                            transient=False)
+        if self.cached_topk and self.epoch < cfg.epochs:
+            self._build_topk_table()
+        with progress:
+            task = progress.add_task("train", total=len(self.loader) * (cfg.epochs - self.epoch), epoch=self.epoch,
+                                     epochs=cfg.epochs, loss=float("nan"), acc=0.0, ips=0.0)
+            while self.epoch < cfg.epochs:
+                line = self.train_epoch(progress, task)
+                self.epoch += 1
+                self.metrics.append(line)
+                progress.update(task, epoch=self.epoch, acc=line["train_accuracy"], ips=line["images_per_s"])
+                if self.is_main:
+                    with open(self.out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(line) + "\n")
+                if (cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0) or self.epoch == cfg.epochs:
+                    self.save_checkpoint()
+        results = self.final_evaluation()
+        if self.is_main:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.prompt_state_dict().items()}
+            atomic_write(self.out / "prompts.safetensors", lambda tmp: save_file(state, tmp))
+            write_json(self.out / "results.json", results)
+        return results
+
+    def final_evaluation(self) -> dict:
+        cfg = self.config
+        evaluate_on = lambda model, classes: evaluate(model, self.data, "test", classes, device=self.device,
+                                                     batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
+                                                     autocast=self.autocast)
+        results = {"method": cfg.method, "dataset": self.data.name, "shots": cfg.shots, "seed": cfg.seed,
+                   "epochs": cfg.epochs, "classes": cfg.classes}
+        if cfg.classes == "base":
+            base = evaluate_on(self.model, "base")
+            new_model = model_for_classes(self.model, self.data.classnames_for("new"))
+            new = evaluate_on(new_model, "new")
+            results.update(base_accuracy=base, new_accuracy=new, harmonic_mean=harmonic_mean(base, new))
+            self._say(f"base {base:.2f}%  new {new:.2f}%  harmonic mean {results['harmonic_mean']:.2f}%")
+        else:
+            results["test_accuracy"] = evaluate_on(self.model, "all")
+            self._say(f"test accuracy {results['test_accuracy']:.2f}%")
+        return results
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(config: TrainConfig, console=None) -> dict:
+    trainer = Trainer(config, console=console)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -1,0 +1,129 @@
+"""`fastprompt train / eval / zeroshot` end to end on the demo set with the tiny config."""
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import fastprompt
+from fastprompt.cli import app
+
+runner = CliRunner()
+TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--workers", "1"]
+
+
+def train_args(data, out, method, *extra):
+    return ["train", "--method", method, "--data", str(data), "--out", str(out), *TINY,
+            "--epochs", "2", "--batch-size", "32", "--lr", "0.05", *extra]
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("method", [m for m in fastprompt.list_methods() if m != "zeroshot"])
+def test_train_then_eval_every_method(method, demo_beton, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, train_args(demo_beton, out, method))
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "metrics.jsonl", "prompts.safetensors", "results.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    metrics = _lines(out / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(m["images"] == 160 for m in metrics)
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["test_accuracy"] <= 100.0 and results["method"] == method
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method and len(config["classnames"]) == 10
+    prompts = load_file(str(out / "prompts.safetensors"))
+    model = fastprompt.create_model(method, config["classnames"], clip="fastprompt-tiny", pretrained=None)
+    assert set(prompts) == set(model.prompt_state_dict())
+
+    # the same run evaluated again gives the same accuracy; base classes only is another number
+    result = runner.invoke(app, ["eval", str(out), "--data", str(demo_beton), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["test_accuracy"] == pytest.approx(results["test_accuracy"])
+
+
+def test_base_to_new_reports_harmonic_mean(demo_beton, tmp_path):
+    out = tmp_path / "b2n"
+    result = runner.invoke(app, train_args(demo_beton, out, "coop", "--classes", "base", "--coop.n-ctx", "4"))
+    assert result.exit_code == 0, result.output
+    r = json.loads((out / "results.json").read_text())
+    b, n = r["base_accuracy"], r["new_accuracy"]
+    assert r["harmonic_mean"] == pytest.approx(0 if b + n == 0 else 2 * b * n / (b + n))
+    assert len(json.loads((out / "config.json").read_text())["classnames"]) == 5
+    result = runner.invoke(app, ["eval", str(out), "--data", str(demo_beton), "--classes", "new", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["test_accuracy"] == pytest.approx(n)
+
+
+def test_zeroshot_command(demo_beton):
+    result = runner.invoke(app, ["zeroshot", "--data", str(demo_beton), *TINY])
+    assert result.exit_code == 0, result.output
+    acc = json.loads(result.stdout.strip().splitlines()[-1])["test_accuracy"]
+    assert 0.0 <= acc <= 100.0
+
+
+# ---------------------------------------------------------------------- bad input
+def _fails(args, match):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert match in result.output, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_bad_method_and_option(demo_beton, tmp_path):
+    out = tmp_path / "bad"
+    _fails(train_args(demo_beton, out, "cop"), "unknown method 'cop'; choose one of: zeroshot, coop")
+    _fails(train_args(demo_beton, out, "coop", "--cavpt.topk", "3"), "unknown option topk for method 'coop'")
+    _fails(train_args(demo_beton, out, "cavpt", "--cavpt.aux-target", "x"), "aux_target='x' must be one of")
+    result = runner.invoke(app, train_args(demo_beton, out, "coop", "--no-such-flag"))
+    assert result.exit_code == 2 and "No such option" in result.output
+    assert not out.exists()
+
+
+def test_missing_and_corrupt_data(tmp_path):
+    _fails(train_args(tmp_path / "nope.beton", tmp_path / "o", "coop"), "does not exist")
+    bad = tmp_path / "bad.beton"
+    bad.write_bytes(b"not a beton")
+    _fails(train_args(bad, tmp_path / "o", "coop"), "bad.beton")
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_of_another_method_or_classes(demo_beton, tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, train_args(demo_beton, out, "coop", "--coop.n-ctx", "2")).exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    _fails(train_args(demo_beton, out, "vpt-deep"), "holds a run with method='coop'")
+    _fails(train_args(demo_beton, out, "coop", "--coop.n-ctx", "2", "--classes", "base"), "holds a run with classes='all'")
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
+def test_unwritable_out_as_user(demo_beton, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    _fails(train_args(demo_beton, locked / "run", "coop"), "cannot write to --out")
+
+
+def test_out_that_is_a_file(demo_beton, tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    _fails(train_args(demo_beton, afile / "run", "coop"), "cannot write to --out")
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(demo_beton, tmp_path):
+    out = tmp_path / "nan"
+    args = train_args(demo_beton, out, "vpt-deep") + ["--warmup-epochs", "1", "--warmup-lr", "0.01", "--lr", "1e38",
+                                                      "--epochs", "3", "--vpt.n-prompts", "2"]
+    result = _fails(args, "loss became")
+    assert "epoch 2 step" in result.output and "after epoch 1" in result.output
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["prompts"].values())
+    assert not (out / "results.json").exists()
