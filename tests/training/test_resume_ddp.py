@@ -1,0 +1,98 @@
+"""Exact resume after a killed process, and DDP over 2 gloo processes against one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FASTPROMPT = str(Path(sys.executable).parent / "fastprompt")
+DETERMINISTIC = ("epoch", "loss", "train_accuracy", "lr", "images")
+
+
+def _args(data, out, method, epochs, *extra):
+    return ["train", "--method", method, "--data", str(data), "--out", str(out), "--clip", "fastprompt-tiny",
+            "--pretrained", "none", "--epochs", str(epochs), "--batch-size", "32", "--lr", "0.05", "--workers", "1",
+            *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # the same float reductions in every process
+    return env
+
+
+def _metrics(out):
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [{k: line[k] for k in DETERMINISTIC} for line in lines]
+
+
+def _checkpoint_epoch(path):
+    try:
+        return torch.load(path, weights_only=False)["epoch"]
+    except Exception:  # not there yet
+        return -1
+
+
+def test_killed_run_resumes_exactly(demo_beton, tmp_path):
+    args = lambda out: [FASTPROMPT, *_args(demo_beton, out, "e2mim", 8, "--coop.n-ctx", "4")]
+    full, part = tmp_path / "full", tmp_path / "part"
+    subprocess.run(args(full), check=True, env=_env(), capture_output=True)
+
+    proc = subprocess.Popen(args(part), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while _checkpoint_epoch(part / "checkpoint.pt") < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    assert not (part / "results.json").exists()
+    killed_at = _checkpoint_epoch(part / "checkpoint.pt")
+    assert 2 <= killed_at < 8
+
+    resumed = subprocess.run(args(part), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    said = " ".join(resumed.stderr.split())  # the console wraps long lines
+    assert f"after epoch {killed_at}/8" in said and "resuming" in said
+    a, b = load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert _metrics(full) == _metrics(part)
+    assert json.loads((full / "results.json").read_text()) == json.loads((part / "results.json").read_text())
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one(demo_beton, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--epochs", "3")
+    single = subprocess.run([FASTPROMPT, *_args(demo_beton, one, "vlp", 3, "--coop.n-ctx", "4", "--device", "cpu")],
+                            env=_env(), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), FASTPROMPT,
+         *_args(demo_beton, two, "vlp", 3, "--coop.n-ctx", "4", "--device", "cpu")],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    a, b = load_file(str(one / "prompts.safetensors")), load_file(str(two / "prompts.safetensors"))
+    for name in a:
+        err = float((a[name] - b[name]).abs().max() / a[name].abs().max())
+        assert err < 1e-4, (name, err)
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [m["images"] for m in m1] == [m["images"] for m in m2]
+    for x, y in zip(m1, m2):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
