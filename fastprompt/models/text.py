@@ -5,6 +5,12 @@ longest EOT of a batch never influence any feature. `backend="fast"` runs the to
 sequences cut to `max_eot + 1` positions instead of the full 77; `backend="reference"`
 runs the full context length with CLIP's own mask, exactly as `encode_text` does. Both give
 the same features (tested).
+
+`encode_shared_prefix` is the fast path of CoOp's generic context: every class prompt
+starts with the same `[SOS, u_1..u_M]`, and causality means those positions' hidden states
+are the same for every class. They run once (one sequence of 1 + M positions); each class
+suffix (name, ".", EOT) attends to their keys and values through
+`prefix_attention(..., causal=True)`. Exact: equal to running every full prompt.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from open_clip import CLIP
+
+from fastprompt.kernels import prefix_attention
 
 BACKENDS = ("fast", "reference")
 
@@ -41,9 +49,42 @@ def encode_embeddings(clip: CLIP, x: torch.Tensor, eot: torch.Tensor, backend: s
     x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])  # (K, L, width)
     x = clip.ln_final(x)  # (K, L, width)
     x = x[torch.arange(x.shape[0], device=x.device), eot]  # (K, width)
+    return _project(clip, x)  # (K, D)
+
+
+def _project(clip: CLIP, x: torch.Tensor) -> torch.Tensor:
     if isinstance(clip.text_projection, torch.nn.Linear):
         return clip.text_projection(x)  # (K, D)
     return x @ clip.text_projection  # (K, D)
+
+
+def encode_shared_prefix(clip: CLIP, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """Text features [K, D] of prompts `cat([prefix, suffix_k])` with one shared prefix.
+
+    prefix: [P, width] (SOS + context) shared by all K prompts; suffix: [K, L - P, width]
+    (class tokens, ".", EOT, padding); eot: [K] EOT positions in the full prompt (>= P).
+    """
+    n_prefix = prefix.shape[0]
+    length = int(eot.max()) + 1  # CPU-GPU sync: one scalar per text encode
+    pos = clip.positional_embedding.to(prefix.dtype)  # (77, width)
+    xp = (prefix + pos[:n_prefix]).unsqueeze(0)  # (1, P, width)
+    xs = suffix[:, : length - n_prefix] + pos[n_prefix:length]  # (K, T, width)
+    n_cls, t_len, width = xs.shape
+    for block in clip.transformer.resblocks:
+        attn = block.attn
+        heads = attn.num_heads
+        hd = width // heads
+        w, b = attn.in_proj_weight, attn.in_proj_bias  # (3w, w), (3w,)
+        qp, kp, vp = F.linear(block.ln_1(xp), w, b).view(1, n_prefix, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (1, H, P, hd) each
+        qs, ks, vs = F.linear(block.ln_1(xs), w, b).view(n_cls, t_len, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (K, H, T, hd) each
+        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (1, H, P, hd): the prefix, once
+        os_ = prefix_attention(qs, ks, vs, kp, vp, causal=True)  # (K, H, T, hd): every suffix over the shared prefix
+        xp = xp + block.ls_1(attn.out_proj(op.transpose(1, 2).reshape(1, n_prefix, width)))  # (1, P, width)
+        xs = xs + block.ls_1(attn.out_proj(os_.transpose(1, 2).reshape(n_cls, t_len, width)))  # (K, T, width)
+        xp = xp + block.ls_2(block.mlp(block.ln_2(xp)))
+        xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
+    pooled = xs[torch.arange(n_cls, device=xs.device), eot - n_prefix]  # (K, width): EOT lies in the suffix
+    return _project(clip, clip.ln_final(pooled))  # (K, D)
 
 
 def encode_tokens(clip: CLIP, tokens: torch.Tensor, backend: str = "fast") -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from fastprompt.errors import FastpromptError
 from fastprompt.models.clip import ClipBundle
-from fastprompt.models.text import encode_embeddings, eot_positions, tokenize
+from fastprompt.models.text import encode_embeddings, encode_shared_prefix, eot_positions, tokenize
 
 DEFAULT_N_CTX = 16
 
@@ -69,5 +69,12 @@ class CoopContext(nn.Module):
         return torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)  # (K, 77, width)
 
     def forward(self, clip, backend: str = "fast") -> torch.Tensor:
-        """Text features [K, D] (not normalised) of the learnable prompts."""
+        """Text features [K, D] (not normalised) of the learnable prompts.
+
+        Fast path with shared context: SOS + context run once for all classes (exact, see
+        `encode_shared_prefix`); class-specific context only gets the EOS truncation."""
+        if backend == "fast" and self.context.dim() == 2:
+            sos = self.token_prefix[0]  # (1, width)
+            prefix = torch.cat([sos, self.context.to(sos.dtype)], dim=0)  # (1+M, width)
+            return encode_shared_prefix(clip, prefix, self.token_suffix, self.eot)
         return encode_embeddings(clip, self.embeddings(), self.eot, backend)
