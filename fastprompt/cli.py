@@ -159,6 +159,7 @@ def train_cmd(
     backend: Annotated[str, typer.Option("--backend", help="fast | reference (the eager oracle).")] = "fast",
     workers: Workers = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints (0: only at the end).")] = 1,
+    feature_cache: Annotated[int, typer.Option("--feature-cache", help="coop/e2mim: cache V augmented views of the frozen image features (0: off).")] = 0,
     coop_n_ctx: Annotated[Optional[int], typer.Option("--coop.n-ctx", help="CoOp context vectors M (default 16).")] = None,
     coop_csc: Annotated[Optional[bool], typer.Option("--coop.csc/--coop.shared", help="Class-specific context.")] = None,
     coop_ctx_init: Annotated[Optional[str], typer.Option("--coop.ctx-init", help="Init phrase, e.g. 'a photo of a'.")] = None,
@@ -191,7 +192,7 @@ def train_cmd(
         shots=shots or None, seed=seed, classes=classes, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, momentum=momentum, weight_decay=weight_decay,
         device=device, precision=precision, backend=backend, num_workers=workers,
-        checkpoint_every=checkpoint_every, options=options,
+        checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options,
     )
     results = train(config, console=_console())
     typer.echo(json.dumps(results))

@@ -72,9 +72,19 @@ class PromptModel(nn.Module):
         """Per-sample prompt callback for the image tower (CAVPT overrides it)."""
         return None
 
-    def image_features(self, images: torch.Tensor, context: Optional[dict] = None) -> torch.Tensor:
-        """Image features [B, D], normalised, through the (prompted) image tower."""
+    @property
+    def frozen_image_tower(self) -> bool:
+        """True when images pass an unprompted, frozen tower: their features can be cached."""
+        return self.visual is None
+
+    def image_features(self, images: Optional[torch.Tensor], context: Optional[dict] = None) -> torch.Tensor:
+        """Image features [B, D], normalised, through the (prompted) image tower; for a frozen
+        tower `context["features"]` may hold precomputed features [B, D] instead of images."""
         context = {} if context is None else context
+        if context.get("features") is not None:
+            if not self.frozen_image_tower:
+                raise FastpromptError(f"{self.method} prompts its image tower; it needs images, not cached features")
+            return F.normalize(context["features"], dim=-1)  # (B, D)
         if self.visual is None:
             with torch.no_grad():
                 feats = self.clip.visual(images) if self.backend == "reference" else vision.encode(
@@ -97,10 +107,12 @@ class PromptModel(nn.Module):
         """The method's full training objective (aux / MI terms included)."""
         return self.loss_and_logits(images, labels, **extra)[0]
 
-    def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training objective, detached logits [B, K] of the same forward, for accuracy)."""
-        self._check_labels(labels, images)
-        x = self.image_features(images)  # (B, D)
+    def loss_and_logits(self, images: Optional[torch.Tensor], labels: torch.Tensor,
+                        features: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training objective, detached logits [B, K] of the same forward, for accuracy).
+        `features` [B, D]: cached frozen-tower features in place of `images`."""
+        self._check_labels(labels, images if features is None else features)
+        x = self.image_features(images, {"features": features})  # (B, D)
         w = self.text_features()  # (K, D)
         return cosine_ce(x, w, labels, self.logit_scale(), self.backend), self._detached_logits(x, w)
 

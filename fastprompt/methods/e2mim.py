@@ -104,10 +104,12 @@ class E2mim(PromptModel):
         t_mix = lam * onehot[a] + (1 - lam) * onehot[b]  # (Bm, K)
         return torch.cat([x, x_mix]), torch.cat([onehot, t_mix])  # (M, D), (M, K)
 
-    def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CE over original + mixed samples + mi_weight · L_NCE; logits of the soft view."""
-        self._check_labels(labels, images)
-        x = self.image_features(images)  # (B, D), frozen tower
+    def loss_and_logits(self, images: Optional[torch.Tensor], labels: torch.Tensor,
+                        features: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE over original + mixed samples + mi_weight · L_NCE; logits of the soft view.
+        `features` [B, D]: cached frozen-tower features in place of `images`."""
+        self._check_labels(labels, images if features is None else features)
+        x = self.image_features(images, {"features": features})  # (B, D), frozen tower
         feats, targets = self.mix(x, labels)  # (M, D), (M, K)
         soft_w = self.text_features()  # (K, D)
         tau = self.logit_scale()

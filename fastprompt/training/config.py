@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 CLASS_CHOICES = ("all", "base", "new")
 OPTIMIZERS = ("sgd", "adamw")
 VISUAL_METHODS = ("vpt-shallow", "vpt-deep", "vlp", "cavpt")
+FROZEN_TOWER_METHODS = ("coop", "e2mim")
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
@@ -60,6 +61,7 @@ class TrainConfig:
     num_workers: Optional[int] = None  # loader threads; None: the available cores
     checkpoint_every: int = 1  # epochs between checkpoints (0: only at the end)
     eval_batch_size: int = 128
+    feature_cache: int = 0  # coop / e2mim: cache V augmented views of the frozen image features (0: off)
     options: dict = field(default_factory=dict)  # method options, e.g. {"topk": 5, "n_prompts": 10}
 
     def __post_init__(self) -> None:
@@ -88,6 +90,11 @@ class TrainConfig:
         _number("weight_decay", self.weight_decay)
         _positive_int("checkpoint_every", self.checkpoint_every, minimum=0)
         _positive_int("num_workers", self.num_workers, allow_none=True)
+        _positive_int("feature_cache", self.feature_cache, minimum=0)
+        if self.feature_cache and self.method not in FROZEN_TOWER_METHODS:
+            raise FastpromptError(
+                f"feature_cache needs a frozen image tower ({', '.join(FROZEN_TOWER_METHODS)}); {self.method} prompts it, drop --feature-cache"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise FastpromptError(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
         if self.device not in DEVICES:

@@ -43,6 +43,7 @@ from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
+from fastprompt.training.feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,10 @@ class _Step(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, labels, topk=None):
+    def forward(self, images, labels, topk=None, features=None):
         extra = {"topk": topk} if topk is not None else {}
+        if features is not None:
+            extra["features"] = features
         return self.model.loss_and_logits(images, labels, **extra)
 
 
@@ -180,6 +183,8 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.metrics: list[dict] = []
         self._topk_table: Optional[torch.Tensor] = None
+        self.feature_cache: Optional[FeatureCache] = None
+        self.train_subset = self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes)
         self._prepare_out()
 
     # --------------------------------------------------------------- run dir
@@ -214,7 +219,7 @@ class Trainer:
         except Exception as err:
             raise FastpromptError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it or use another --out") from None
         saved = state.get("config", {})
-        for key in ("method", "classes", "shots", "seed", "clip", "epochs", "batch_size", "optimizer"):
+        for key in ("method", "classes", "shots", "seed", "clip", "epochs", "batch_size", "optimizer", "feature_cache"):
             if saved.get(key) != getattr(self.config, key):
                 raise FastpromptError(
                     f"--out {self.out} holds a run with {key}={saved.get(key)!r}, this command has {getattr(self.config, key)!r}; "
@@ -283,6 +288,14 @@ class Trainer:
         """The cached top-K [B, K_N] of a batch's training images (by .beton index)."""
         return self._topk_table[indices].to(self.device, non_blocking=True)  # (B, K_N)
 
+    def _batches(self):
+        """This epoch's batches: the FFCV loader, or the feature cache's view of the epoch."""
+        if self.feature_cache is None:
+            return self.loader
+        cfg = self.config
+        return self.feature_cache.batches(self.data, self.train_subset, cfg.classes, seed=cfg.seed, epoch=self.epoch,
+                                          batch_size=cfg.batch_size, rank=self.rank, world=self.world)
+
     def train_epoch(self, progress=None, task=None) -> dict:
         cfg = self.config
         lr = cfg.lr_at(self.epoch)
@@ -293,11 +306,14 @@ class Trainer:
         total_loss = torch.zeros((), dtype=torch.float64)
         correct = seen = 0
         start = time.perf_counter()
-        for step, batch in enumerate(self.loader):
-            images, labels = batch[0], batch[1]  # (b, 3, S, S), (b,)
+        for step, batch in enumerate(self._batches()):
+            images, labels = batch[0], batch[1]  # (b, 3, S, S) or cached features (b, D), (b,)
             topk = self._topk_for(batch[2]) if self.cached_topk else None
             with self.autocast():
-                loss, logits = self.step_module(images, labels, topk)
+                if self.feature_cache is not None:
+                    loss, logits = self.step_module(None, labels, features=images)
+                else:
+                    loss, logits = self.step_module(images, labels, topk)
             loss_value = float(loss.detach())  # CPU-GPU sync: the non-finite check decides whether to step
             if not math.isfinite(loss_value):
                 raise FastpromptError(
@@ -333,6 +349,13 @@ class Trainer:
                             transient=False)
         if self.cached_topk and self.epoch < cfg.epochs:
             self._build_topk_table()
+        if cfg.feature_cache and self.epoch < cfg.epochs:
+            self.feature_cache = FeatureCache.build(self.model, self.data, views=cfg.feature_cache, aug_seed=0,
+                                                    device=self.device, batch_size=cfg.eval_batch_size,
+                                                    num_workers=cfg.num_workers, autocast=self.autocast)
+            if cfg.feature_cache < cfg.epochs:
+                self._say(f"feature cache: {cfg.feature_cache} augmented views for {cfg.epochs} epochs; epoch e reuses "
+                          f"view e mod {cfg.feature_cache} (a deliberate approximation of fresh augmentation)")
         with progress:
             task = progress.add_task("train", total=len(self.loader) * (cfg.epochs - self.epoch), epoch=self.epoch,
                                      epochs=cfg.epochs, loss=float("nan"), acc=0.0, ips=0.0)
