@@ -14,7 +14,11 @@ from fastprompt.kernels import cosine_cross_entropy, cosine_cross_entropy_refere
 
 
 def cosine_ce(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, scale, backend: str) -> torch.Tensor:
-    """Mean cross-entropy of `scale · normalize(x) @ normalize(w).T` [B, C] against target."""
+    """Mean cross-entropy of `scale · normalize(x) @ normalize(w).T` [B, C] against target.
+
+    Computed in fp32: under bf16 autocast image features arrive in bf16 while cached text
+    features are fp32, and the loss of a few-shot batch is too small to be worth less precision."""
+    x, w = x.float(), w.float()  # (B, D), (C, D)
     if backend == "fast":
         return cosine_cross_entropy(x, w, target, scale)
     return cosine_cross_entropy_reference(x, w, target, scale)

@@ -1,0 +1,127 @@
+"""Microbenchmark: prefix attention (Triton) against SDPA on the concatenated sequence.
+
+Run: `pytest benchmarks/bench_prefix_attention.py --benchmark-only` (select with -k, e.g.
+`-k "vit-b32 and fwd_bwd"`). The baseline is what the fast path replaces: `torch.cat` of the
+(expanded) prefix and the tokens, then `scaled_dot_product_attention`, once per SDPA backend
+that accepts the case (flash refuses the boolean causal mask and fp32, for example; such
+cases are skipped). Modes: `fwd` (forward with inputs that require grad, as in training),
+`bwd` (backward only; the forward runs in the untimed setup), `fwd_bwd`.
+
+Each timed call ends with torch.cuda.synchronize(). extra_info carries the median time and
+the TFLOP/s it implies under the flash-attention convention: forward 4 * B * H * N * keys * d
+(keys = P + N, or P + (N + 1) / 2 when causal), backward 2.5x the forward.
+
+Without CUDA it runs small shapes through Triton's interpreter, which only shows that the
+suite works; the numbers mean nothing there.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before fastprompt defines its @triton.jit kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from fastprompt.kernels import prefix_attention, prefix_attention_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+ROUNDS, WARMUP = (30, 5) if CUDA else (2, 1)
+
+# name: (B, H, N, P, d, Bp, causal)
+SHAPES = {
+    "vit-b32": (256, 12, 50, 10, 64, 1, False),  # VPT-deep, shared prompts
+    "vit-b16": (256, 12, 197, 10, 64, 1, False),
+    "vit-b32-cavpt": (256, 12, 50, 15, 64, 256, False),  # + 5 class-aware prompts per image
+    "text": (256, 8, 24, 17, 64, 1, True),  # CoOp: SOS + 16 context shared, causal suffix
+}
+if not CUDA:
+    SHAPES = {
+        "vit-b32": (2, 2, 50, 10, 64, 1, False),
+        "text": (2, 2, 24, 17, 64, 1, True),
+    }
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32} if CUDA else {"fp32": torch.float32}
+BACKENDS = {
+    "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa-math": SDPBackend.MATH,
+}
+IMPLS = ["triton", *BACKENDS]
+
+
+def attention_flops(B, H, N, P, d, causal, mode):
+    keys = P + ((N + 1) / 2 if causal else N)
+    fwd = 4 * B * H * N * keys * d
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode]
+
+
+def make_inputs(B, H, N, P, d, Bp, dtype):
+    q, k, v = (torch.randn(B, H, N, d, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    pk, pv = (torch.randn(Bp, H, P, d, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    dout = torch.randn(B, H, N, d, device=DEVICE, dtype=dtype)  # (B, H, N, d)
+    return (q, k, v, pk, pv), dout
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_prefix_attention(benchmark, shape, dtype_name, mode, impl):
+    B, H, N, P, d, Bp, causal = SHAPES[shape]
+    inputs, dout = make_inputs(B, H, N, P, d, Bp, DTYPES[dtype_name])
+
+    if impl == "triton":
+        def forward():
+            return prefix_attention(*inputs, causal=causal, impl="triton")
+    else:
+        if not CUDA and impl != "sdpa-math":
+            pytest.skip("only the math SDPA backend runs on CPU")
+
+        def forward():
+            with sdpa_kernel(BACKENDS[impl]):
+                return prefix_attention_reference(*inputs, causal=causal)
+
+        try:  # does this backend accept the case (dtype, mask, head dim)?
+            torch.autograd.grad(forward(), inputs, dout)
+        except RuntimeError as err:
+            pytest.skip(f"{impl} does not run this case: {str(err).splitlines()[0]}")
+
+    def fwd():
+        forward()
+        sync()
+
+    def fwd_bwd():
+        torch.autograd.grad(forward(), inputs, dout)  # no .grad accumulation in the timing
+        sync()
+
+    def bwd_setup():
+        out = forward()
+        sync()
+        return (out,), {}
+
+    def bwd(out):
+        torch.autograd.grad(out, inputs, dout)
+        sync()
+
+    if mode == "bwd":
+        benchmark.pedantic(bwd, setup=bwd_setup, rounds=ROUNDS, warmup_rounds=WARMUP)
+    else:
+        benchmark.pedantic(fwd if mode == "fwd" else fwd_bwd, rounds=ROUNDS, warmup_rounds=WARMUP)
+
+    benchmark.extra_info.update(
+        shape=SHAPES[shape], dtype=dtype_name, mode=mode, impl=impl,
+        device=torch.cuda.get_device_name() if CUDA else "cpu (triton interpreter)",
+    )
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["median_ms"] = median * 1e3
+        benchmark.extra_info["tflops"] = attention_flops(B, H, N, P, d, causal, mode) / median / 1e12
