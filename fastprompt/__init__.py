@@ -4,6 +4,9 @@
     fastprompt.list_methods()
     model = fastprompt.create_model("vpt-deep", classnames=[...], clip="ViT-B-32", pretrained="openai")
     logits = model(images); loss = model.loss(images, labels)
+
+The heavy imports (torch, open_clip, triton) happen on first use of `create_model` /
+`list_methods`, so `fastprompt --version` and `--help` answer at once.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -14,6 +17,17 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+source"
 
 from fastprompt.errors import FastpromptError  # noqa: E402
-from fastprompt.methods import create_model, list_methods  # noqa: E402
 
 __all__ = ["FastpromptError", "create_model", "list_methods", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("create_model", "list_methods", "methods", "models"):
+        import importlib
+
+        if name in ("methods", "models"):
+            return importlib.import_module(f"fastprompt.{name}")
+        from fastprompt import methods
+
+        return getattr(methods, name)
+    raise AttributeError(f"module 'fastprompt' has no attribute {name!r}")
