@@ -1,0 +1,35 @@
+"""fastprompt's data layer: FFCV `.beton` datasets, CoOp protocols, the demo set.
+
+    from fastprompt.data import open_dataset, write_demo, write_imagefolder
+    write_demo("demo.beton")                        # built-in coloured-shapes set
+    write_imagefolder("EuroSAT/2750", "eurosat.beton", split_json="split_zhou_EuroSAT.json")
+    ds = open_dataset("eurosat.beton")              # finds and checks eurosat.json
+    ds.classnames, ds.template, ds.split_sizes
+    idx = ds.indices("train", shots=16, seed=1, classes="base")
+    for images, labels in ds.loader("train", shots=16, seed=1, classes="base", image_size=224):
+        ...                                         # float32 (B, 3, 224, 224) normalised, int64 (B,)
+
+Modules: `beton` (file + sidecar, writing and opening), `splits` (CoOp split files,
+stratified splits, few-shot, base/new), `imagefolder` (folders -> .beton), `demo` (the
+procedural set), `datasets` (known CoOp datasets' templates and class names), `loaders`
+(FFCV pipelines; imported on first use, it pulls in FFCV, numba and torch).
+"""
+
+from fastprompt.data.beton import BetonDataset, WriteOptions, WriteSummary, open_dataset, sidecar_path
+from fastprompt.data.demo import DEMO_CLASSNAMES, DemoConfig, write_demo
+from fastprompt.data.imagefolder import write_imagefolder
+from fastprompt.data.splits import CLASS_SUBSETS, SPLITS
+
+__all__ = [
+    "BetonDataset",
+    "CLASS_SUBSETS",
+    "DEMO_CLASSNAMES",
+    "DemoConfig",
+    "SPLITS",
+    "WriteOptions",
+    "WriteSummary",
+    "open_dataset",
+    "sidecar_path",
+    "write_demo",
+    "write_imagefolder",
+]
