@@ -10,7 +10,8 @@ method on the same data and model.
 
 A deliberate approximation when V < epochs: epoch e sees the augmentation of epoch e mod V,
 not a fresh one (the trainer says so). The batch order is the loader's: a permutation of
-the run's training subset drawn from `np.random.default_rng(seed + epoch)`.
+the run's training subset drawn by `fastprompt.data.loaders.EpochOrder` from (seed, epoch),
+dealt out to ranks as the loader does.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from fastprompt.data.loaders import EpochOrder
 from fastprompt.data.splits import relabel_table
 from fastprompt.methods.base import PromptModel
 from fastprompt.prompts.handcrafted import cache_dir
@@ -97,14 +99,14 @@ class FeatureCache:
 
     def batches(self, data, subset: np.ndarray, classes: str, *, seed: int, epoch: int, batch_size: int,
                 rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(features [b, D], labels [b]) of epoch `epoch`: global batches of `batch_size` from the
-        loader's order, this rank's slice of each (b = batch_size / world), last partial batch dropped."""
+        """(features [b, D], labels [b]) of epoch `epoch` on this rank: the training loader's
+        batches (b = batch_size / world, same order, last partial batch dropped)."""
         relabel = relabel_table(data.num_classes, data.class_subset(classes))  # (K_all,)
-        order = np.random.default_rng(seed + epoch).permutation(subset)  # (n,)
+        order = EpochOrder(subset, seed, True, rank, world).sample_order(epoch)  # (n / W,): the loader's, this rank
         view = self.features[epoch % self.views]  # (N_train, D)
         local = batch_size // world
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start + rank * local : start + (rank + 1) * local]  # (b,)
+        for start in range(0, len(order) - local + 1, local):
+            idx = order[start : start + local]  # (b,)
             rows = torch.from_numpy(self.row_of[idx]).to(view.device)
             labels = torch.from_numpy(relabel[data.labels[idx]]).to(view.device)
             yield view[rows], labels  # (b, D), (b,)
