@@ -15,6 +15,8 @@ suffix (name, ".", EOT) attends to their keys and values through
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from open_clip import CLIP
@@ -35,13 +37,15 @@ def eot_positions(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.argmax(dim=-1)  # (K,)
 
 
-def encode_embeddings(clip: CLIP, x: torch.Tensor, eot: torch.Tensor, backend: str = "fast") -> torch.Tensor:
+def encode_embeddings(clip: CLIP, x: torch.Tensor, eot: torch.Tensor, backend: str = "fast",
+                      length: Optional[int] = None) -> torch.Tensor:
     """Text features [K, D] (not normalised) of prompt embeddings x [K, L, width] pooled at `eot` [K].
 
     `x` holds token embeddings *without* positional embeddings; L is CLIP's context length.
+    `length` = max(eot) + 1 when the caller knows it (no tensor read inside a compiled step).
     """
     if backend == "fast":
-        length = int(eot.max()) + 1  # CPU-GPU sync: one scalar per text encode
+        length = int(eot.max()) + 1 if length is None else length  # CPU-GPU sync when not given
         x = x[:, :length]  # (K, length, width)
     else:
         length = x.shape[1]
@@ -58,14 +62,16 @@ def _project(clip: CLIP, x: torch.Tensor) -> torch.Tensor:
     return x @ clip.text_projection  # (K, D)
 
 
-def encode_shared_prefix(clip: CLIP, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+def encode_shared_prefix(clip: CLIP, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor,
+                         length: Optional[int] = None) -> torch.Tensor:
     """Text features [K, D] of prompts `cat([prefix, suffix_k])` with one shared prefix.
 
     prefix: [P, width] (SOS + context) shared by all K prompts; suffix: [K, L - P, width]
-    (class tokens, ".", EOT, padding); eot: [K] EOT positions in the full prompt (>= P).
+    (class tokens, ".", EOT, padding); eot: [K] EOT positions in the full prompt (>= P);
+    length: max(eot) + 1 when the caller knows it.
     """
     n_prefix = prefix.shape[0]
-    length = int(eot.max()) + 1  # CPU-GPU sync: one scalar per text encode
+    length = int(eot.max()) + 1 if length is None else length  # CPU-GPU sync when not given
     pos = clip.positional_embedding.to(prefix.dtype)  # (77, width)
     xp = (prefix + pos[:n_prefix]).unsqueeze(0)  # (1, P, width)
     xs = suffix[:, : length - n_prefix] + pos[n_prefix:length]  # (K, T, width)

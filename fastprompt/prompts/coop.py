@@ -56,6 +56,7 @@ class CoopContext(nn.Module):
             embedding = clip.token_embedding(tokens)  # (K, 77, width)
 
         self.n_ctx = n_ctx
+        self.length = int(eot_positions(tokens).max()) + 1  # positions the fast path keeps (a Python int)
         self.context = nn.Parameter(context)  # (M, width) or (K, M, width)
         self.register_buffer("tokens", tokens, persistent=False)  # (K, 77)
         self.register_buffer("eot", eot_positions(tokens), persistent=False)  # (K,)
@@ -76,5 +77,5 @@ class CoopContext(nn.Module):
         if backend == "fast" and self.context.dim() == 2:
             sos = self.token_prefix[0]  # (1, width)
             prefix = torch.cat([sos, self.context.to(sos.dtype)], dim=0)  # (1+M, width)
-            return encode_shared_prefix(clip, prefix, self.token_suffix, self.eot)
-        return encode_embeddings(clip, self.embeddings(), self.eot, backend)
+            return encode_shared_prefix(clip, prefix, self.token_suffix, self.eot, self.length)
+        return encode_embeddings(clip, self.embeddings(), self.eot, backend, self.length)

@@ -1,0 +1,126 @@
+"""The compiled training step (`fastprompt.training.compiled`) against the eager step.
+
+On CPU the equality tests compile with `backend="aot_eager"`: dynamo captures the step and
+AOTAutograd traces and partitions forward and backward exactly as for inductor; only the
+code generation is skipped. A cold CPU inductor compile of even the tiny config costs one
+to two minutes of C++ compilation (measured 100-150 s on the shared 2-core machine), so the
+real inductor test is `slow` and runs where CUDA is present or FASTPROMPT_SLOW_TESTS=1.
+"""
+
+import os
+
+import pytest
+import torch
+from _util import CLASSNAMES, relative_error
+
+import fastprompt
+from fastprompt.errors import FastpromptError
+from fastprompt.training import compiled as compiled_mod
+from fastprompt.training.compiled import compile_step, configure_compile_cache, graph_breaks
+
+TOPK = torch.tensor([[0, 1, 2], [1, 2, 3], [2, 3, 4], [0, 4, 1]])  # (B, K_N): CAVPT's cached top-K
+
+
+def build(method, clip, **options):
+    torch.manual_seed(0)
+    model = fastprompt.create_model(method, CLASSNAMES, clip=clip, pretrained=None, **options)
+    return model.train()
+
+
+def loss_logits_grads(step, model, images, labels, **extra):
+    model.zero_grad(set_to_none=True)
+    loss, logits = step(images, labels, **extra)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), logits.detach(), grads
+
+
+def assert_same_step(model, step, images, labels, **extra):
+    loss, logits, grads = loss_logits_grads(step, model, images, labels, **extra)
+    want_loss, want_logits, want_grads = loss_logits_grads(model.loss_and_logits, model, images, labels, **extra)
+    assert relative_error(loss, want_loss) <= 1e-4
+    assert relative_error(logits, want_logits) <= 1e-4
+    assert grads.keys() == want_grads.keys() and grads
+    for name in want_grads:
+        assert relative_error(grads[name], want_grads[name]) <= 1e-4, name
+
+
+# method -> does dynamo capture loss_and_logits as one graph today? (False: see graph_breaks)
+ONE_GRAPH = {"vpt-deep": True, "coop": False}
+
+
+@pytest.mark.parametrize("method", ["vpt-deep", "coop"])
+def test_compiled_step_equals_eager(method, tiny_clip, images, labels):
+    torch._dynamo.reset()
+    model = build(method, tiny_clip)
+    step = compile_step(model, "default", backend="aot_eager", fullgraph=ONE_GRAPH[method])
+    assert_same_step(model, step, images, labels)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method, options, extra", [
+    ("vpt-deep", {}, {}),
+    ("cavpt", {"topk": 3}, {"topk": TOPK}),
+    ("coop", {}, {}),
+])
+def test_no_graph_breaks(method, options, extra, tiny_clip, images, labels):
+    model = build(method, tiny_clip, **options)
+    assert graph_breaks(model, images, labels, **extra) == []
+
+
+class DataDependent(torch.nn.Module):
+    """A step that reads a tensor value into Python, as E2MIM's class-wise pairing does."""
+
+    def loss_and_logits(self, images, labels):
+        n = int(labels.max()) + 1  # Tensor.item(): dynamo must break the graph here
+        logits = images.flatten(1)[:, :n]  # (B, n)
+        return logits.logsumexp(-1).mean(), logits
+
+
+def test_graph_breaks_are_reported_with_their_place(images, labels):
+    breaks = graph_breaks(DataDependent(), images, labels)
+    assert len(breaks) == 1 and "test_compiled.py:" in breaks[0] and "item()" in breaks[0], breaks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("FASTPROMPT_SLOW_TESTS") == "1"),
+                    reason="a cold CPU inductor compile takes 1-2 minutes; set FASTPROMPT_SLOW_TESTS=1 to run it")
+def test_inductor_step_equals_eager(tiny_clip, images, labels):
+    torch._dynamo.reset()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build("vpt-deep", tiny_clip).to(device)
+    step = compile_step(model, "default", fullgraph=True)
+    assert_same_step(model, step, images.to(device), labels.to(device))
+    torch._dynamo.reset()
+
+
+def test_compile_off_and_bad_modes(tiny_clip):
+    model = build("coop", tiny_clip)
+    eager = compile_step(model, None)
+    assert eager.__name__ == "step" and not hasattr(eager, "_torchdynamo_orig_callable")
+    with pytest.raises(FastpromptError, match="compile mode 'fastest'"):
+        compile_step(model, "fastest")
+    with pytest.raises(FastpromptError, match="inductor setting"):
+        compile_step(model, "max-autotune", backend="aot_eager")
+    with pytest.raises(FastpromptError, match="backend 'nope'"):
+        compile_step(model, "default", backend="nope")
+
+
+def test_compile_cache_location(monkeypatch, tmp_path):
+    # unset, or inductor's own default (which importing open_clip writes into the environment)
+    monkeypatch.setenv("FASTPROMPT_CACHE", str(tmp_path / "fp"))
+    for inherited in (None, compiled_mod._inductor_default_dir()):
+        if inherited is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inherited)
+        assert configure_compile_cache() == tmp_path / "fp" / "inductor"
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "fp" / "inductor")
+    import torch._inductor.config as inductor_config
+
+    assert inductor_config.fx_graph_cache is True
+    # a folder the user chose is kept
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert configure_compile_cache() == tmp_path / "mine"
+    assert (tmp_path / "mine").is_dir()
