@@ -239,6 +239,50 @@ def zeroshot_cmd(
     typer.echo(json.dumps(result))
 
 
+# ----------------------------------------------------------------------------------------
+# bench: training-step throughput and peak memory per method and variant (fastprompt/bench.py)
+# ----------------------------------------------------------------------------------------
+
+
+def _comma_list(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    clip: Annotated[str, typer.Option("--clip", help="open_clip model name, or fastprompt-tiny.")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip tag, a checkpoint file, or none (random weights; speed does not depend on them).")] = "none",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 16,
+    classes: Annotated[int, typer.Option("--classes", help="Number of classes to simulate ('class 0' .. 'class N-1').")] = 100,
+    device: Device = "auto",
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated methods (default: all, plus coop-text, the CoOp text step alone).")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated: reference, fast, fast+compile, anchor (default: all).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps per variant (the median is reported).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before them (compilation gets its own).")] = 1,
+    compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode of fast+compile: default | reduce-overhead | max-autotune.")] = "default",
+    seed: Annotated[int, typer.Option("--seed", help="Random weights, prompts, images and labels.")] = 0,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the records (a JSON list) to this file.")] = None,
+) -> None:
+    """Training-step images/s and peak memory: reference vs fast vs fast+compile vs an anchor-style baseline."""
+    from rich.console import Console
+
+    from fastprompt.bench import BenchConfig, records_table, run_bench, write_json
+
+    options = {"methods": _comma_list(methods), "variants": _comma_list(variants)}
+    config = BenchConfig(clip=clip, pretrained=pretrained, batch_size=batch_size, classes=classes, device=device,
+                         steps=steps, warmup=warmup, compile_mode=compile_mode, seed=seed,
+                         **{k: v for k, v in options.items() if v is not None})
+    with _console().status("bench") as status:
+        records = run_bench(config, progress=lambda what: status.update(f"bench: {what}"))
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 132)  # piped or redirected: do not cut the numbers
+    console.print(records_table(records))
+    if json_out:
+        write_json(records, json_out)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,246 @@
+"""Anchor-style baselines: every method computed the way CoOp / MaPLe / DPT research code does.
+
+`fastprompt bench` times these beside our reference and fast backends. They compute the same
+function as `backend="reference"` (tested: `tests/test_anchor.py`), but the way the public
+codebases are written, which is what users of those codebases pay today:
+
+- visual prompts: per layer, `torch.cat` of `[cls, prompts, patches]` into the sequence and
+  CLIP's own `ResidualAttentionBlock` (`nn.MultiheadAttention` + MLP over the *whole*
+  sequence, prompt rows included, although their outputs are thrown away), as VPT's
+  `forward_deep_prompt` and DPT/MaPLe's prompted CLIP transformers do;
+- learnable text (CoOp context): CoOp's `PromptLearner` + `TextEncoder`: the full 77-token
+  prompts `cat([SOS, ctx, class tokens + EOS + padding])` through the text transformer for
+  every class, every batch, pooled at the argmax token;
+- hand-crafted text features: computed once when the anchor is built, with
+  `clip.encode_text` on the 77-token templates (normalised, averaged over templates),
+  like CoOp's `ZeroshotCLIP.__init__` and the VPT/CAVPT code's frozen text side. They are
+  never recomputed per batch here (what those codebases do for a frozen text side);
+- losses: `F.cross_entropy` on materialised logits `τ · x̂ ŵᵀ` (soft targets for mixup and
+  CAVPT's eq. 10), L2 normalisation as `x / x.norm()`, as CLIP/CoOp write it;
+- precision: on GPU the bench runs an fp16 copy of the whole model (`model.half()`, CoOp's
+  `prec="fp16"`: CLIP, prompts and optimiser state all fp16).
+
+The anchor reuses the `PromptModel`'s frozen CLIP and its prompt tensors (CoOp context and its
+SOS/suffix token embeddings, visual prompts, CAVPT and E2MIM heads), so a gradient step on
+the anchor moves the same parameters, but it never calls fastprompt's reference or fast
+forward code. The one shared helper is E2MIM's `classwise_pairs` (which images are mixed),
+a sampling rule rather than computation, reused so that both paths draw the same pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastprompt.methods.base import PromptModel
+from fastprompt.methods.e2mim import classwise_pairs
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """CLIP / CoOp's `x / x.norm(dim=-1, keepdim=True)`."""
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------
+# text side (CoOp's PromptLearner + TextEncoder; ZeroshotCLIP's cached features)
+# ----------------------------------------------------------------------------------------
+
+
+def text_encoder(clip: nn.Module, prompts: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
+    """CoOp's `TextEncoder.forward`: prompt embeddings [K, 77, w] -> features [K, D] (not normalised)."""
+    x = prompts + clip.positional_embedding.to(prompts.dtype)  # (K, 77, w)
+    x = clip.transformer(x, attn_mask=clip.attn_mask)  # (K, 77, w): all 77 positions, every class
+    x = clip.ln_final(x)  # (K, 77, w)
+    x = x[torch.arange(x.shape[0], device=x.device), tokenized.argmax(dim=-1)]  # (K, w): EOT
+    if isinstance(clip.text_projection, nn.Linear):
+        return clip.text_projection(x)  # (K, D)
+    return x @ clip.text_projection  # (K, D)
+
+
+def coop_prompts(model: PromptModel) -> torch.Tensor:
+    """CoOp's `PromptLearner.forward` (class token at the end): [K, 77, w] = cat(SOS, ctx, suffix)."""
+    learner = model.text
+    prefix, suffix, ctx = learner.token_prefix, learner.token_suffix, learner.context  # (K, 1, w), (K, 77-1-M, w)
+    if ctx.dim() == 2:  # generic context, shared by every class
+        ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)  # (K, M, w)
+    return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=1)  # (K, 77, w)
+
+
+@torch.no_grad()
+def handcrafted_features(model: PromptModel) -> torch.Tensor:
+    """Template features [K, D], normalised: `clip.encode_text` per template, averaged (at init)."""
+    clip = model.clip
+    device = clip.token_embedding.weight.device
+    mean = None
+    for template in model.templates:
+        tokens = model.bundle.tokenizer([template.format(c) for c in model.classnames]).to(device)  # (K, 77)
+        feats = l2norm(clip.encode_text(tokens))  # (K, D)
+        mean = feats if mean is None else mean + feats
+    return l2norm(mean / len(model.templates))  # (K, D)
+
+
+# ----------------------------------------------------------------------------------------
+# image side (VPT / DPT / MaPLe style prompted ViT)
+# ----------------------------------------------------------------------------------------
+
+
+def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """open_clip's patch/class/positional embedding and ln_pre: [B, 1 + Np, d]."""
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, d, g, g)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, Np, d)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, d)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, N, d)
+    return visual.ln_pre(x)  # (B, N, d)
+
+
+def pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`ln_post(x[:, 0]) @ proj`: image features [B, D] (not normalised)."""
+    pooled = visual.ln_post(x[:, 0])  # (B, d)
+    return pooled @ visual.proj if visual.proj is not None else pooled  # (B, D)
+
+
+def class_aware_prompts(layer: nn.Module, tokens: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAVPT's class-aware prompts of one layer, written out with materialised attention.
+
+    tokens [B, N, d] (cls + patches of the layer input), text [B, K_N, D] -> (prompts
+    [B, K_N, d], LayerNorm outputs [B, K_N, d] for the auxiliary classifier)."""
+    q = layer.query(text.to(tokens.dtype))  # (B, K_N, d)
+    k, v = layer.key(tokens), layer.value(tokens)  # (B, N, d)
+    scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5  # (B, K_N, N)
+    attended = scores.softmax(dim=-1) @ v  # (B, K_N, d)
+    normed = layer.norm(attended + tokens[:, :1])  # (B, K_N, d): + K_N copies of the class token
+    return layer.proj(normed), normed
+
+
+def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torch.Tensor] = None,
+                   text: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Prompted image features [B, D] (not normalised) and CAVPT's LayerNorm outputs per layer.
+
+    Every layer of the deep methods rebuilds the full sequence `[cls, prompts, patches]` with
+    `torch.cat` and runs CLIP's block on all of it; what the block writes into the prompt
+    slots is dropped before the next layer (VPT-deep, eq. 6)."""
+    visual = model.clip.visual
+    if model.visual is None:  # zeroshot, coop, e2mim: the frozen tower, as CoOp's image_encoder
+        return visual(images.to(visual.conv1.weight.dtype)), []
+    prompts = model.visual.prompts  # (L, P, d)
+    x = embed(visual, images)  # (B, N, d)
+    batch = x.shape[0]
+    blocks = visual.transformer.resblocks
+    if model.visual_mode == "shallow":
+        x = torch.cat([x[:, :1], prompts[0].to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
+        for block in blocks:
+            x = block(x)  # (B, 1+P+Np, d)
+        return pool(visual, x), []
+
+    first_cavpt = len(blocks) - len(model.cavpt) if getattr(model, "cavpt", None) is not None else len(blocks)
+    normed = []
+    n_slots = 0
+    for layer, block in enumerate(blocks):
+        cls, patches = x[:, :1], x[:, 1 + n_slots:]  # (B, 1, d), (B, Np, d)
+        slots = [prompts[layer].to(x.dtype).expand(batch, -1, -1)]  # [(B, P, d)]
+        if layer >= first_cavpt:
+            extra, h = class_aware_prompts(model.cavpt[layer - first_cavpt], torch.cat([cls, patches], dim=1), text)
+            slots.append(extra)  # (B, K_N, d)
+            normed.append(h)
+        x = torch.cat([cls, *slots, patches], dim=1)  # (B, 1+P(+K_N)+Np, d)
+        n_slots = x.shape[1] - 1 - patches.shape[1]
+        x = block(x)  # (B, 1+P(+K_N)+Np, d): prompt rows through attention *and* MLP
+    return pool(visual, x), normed
+
+
+# ----------------------------------------------------------------------------------------
+# the anchor of a PromptModel
+# ----------------------------------------------------------------------------------------
+
+
+class Anchor:
+    """The anchor-style computation of `model`'s method on `model`'s CLIP and prompt tensors.
+
+    Built once, like a research codebase's `CustomCLIP.__init__`: the hand-crafted features
+    are computed here; the learnable text runs through the 77-token encoder in every call."""
+
+    def __init__(self, model: PromptModel):
+        self.model = model
+        self.method = model.method
+        self.handcrafted = handcrafted_features(model)  # (K, D), normalised, fixed
+
+    def text_features(self) -> torch.Tensor:
+        """Class features [K, D], normalised: CoOp's text encoder every call, or the cached templates."""
+        model = self.model
+        if model.text is None:
+            return self.handcrafted
+        return l2norm(text_encoder(model.clip, coop_prompts(model), model.text.tokens))  # (K, D)
+
+    def zero_shot_topk(self, images: torch.Tensor) -> torch.Tensor:
+        """CAVPT's online top-K (the released code's extra frozen forward per step) [B, K_N]."""
+        with torch.no_grad():
+            x = l2norm(self.model.clip.encode_image(images.to(self.model.clip.visual.conv1.weight.dtype)))  # (B, D)
+            return (x @ self.handcrafted.t()).topk(self.model.k_n, dim=-1).indices  # (B, K_N)
+
+    def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor,
+                        topk: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training objective, detached logits [B, K]) of the method, as the research code writes it."""
+        model = self.model
+        tau = model.clip.logit_scale.exp()  # ()
+        if self.method == "cavpt":
+            topk = self.zero_shot_topk(images) if topk is None else topk  # (B, K_N)
+            x, normed = image_features(model, images, topk, self.handcrafted[topk])  # (B, D)
+        else:
+            x, normed = image_features(model, images)  # (B, D)
+        w = self.text_features()  # (K, D)
+        xn = l2norm(x)  # (B, D)
+        logits = tau * xn @ w.t()  # (B, K): materialised
+        if self.method == "e2mim":
+            loss = self._e2mim_loss(xn, w, labels, tau)
+        else:
+            loss = F.cross_entropy(logits, labels)
+        if self.method == "cavpt":
+            aux = torch.stack([self._cavpt_aux(layer, h, topk, labels, tau)
+                               for layer, h in zip(model.cavpt, normed)]).mean()
+            loss = loss + model.config.alpha * aux
+        return loss, logits.detach()
+
+    def _cavpt_aux(self, layer: nn.Module, normed: torch.Tensor, topk: torch.Tensor, labels: torch.Tensor,
+                   tau: torch.Tensor) -> torch.Tensor:
+        """Eq. 10: K-way cosine classifier on the LayerNorm outputs [B, K_N, d]."""
+        k = self.model.num_classes
+        logits = tau * l2norm(normed) @ l2norm(layer.classifier).t()  # (B, K_N, K)
+        is_gt = topk == labels[:, None]  # (B, K_N)
+        if self.model.config.aux_target == "gt-only":
+            if not bool(is_gt.any()):
+                return normed.sum() * 0.0
+            return F.cross_entropy(logits[is_gt], labels[:, None].expand_as(topk)[is_gt])
+        onehot = F.one_hot(labels, k).to(logits.dtype)  # (B, K)
+        targets = torch.where(is_gt[..., None], onehot[:, None, :], torch.full_like(logits, 1.0 / k))  # (B, K_N, K)
+        return F.cross_entropy(logits.reshape(-1, k), targets.reshape(-1, k))
+
+    def _e2mim_loss(self, xn: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """CE over original + class-wise mixed features (soft targets) + mi_weight · InfoNCE."""
+        model, cfg = self.model, self.model.config
+        onehot = F.one_hot(labels, model.num_classes).to(xn.dtype)  # (B, K)
+        feats, targets = xn, onehot
+        if cfg.mixup:
+            a, b = classwise_pairs(labels)
+            lam = torch.distributions.Beta(float(cfg.mixup_alpha), float(cfg.mixup_alpha)).sample((a.shape[0], 1))
+            lam = lam.to(xn.device, xn.dtype)  # (Bm, 1)
+            feats = torch.cat([xn, lam * xn[a] + (1 - lam) * xn[b]])  # (M, D)
+            targets = torch.cat([onehot, lam * onehot[a] + (1 - lam) * onehot[b]])  # (M, K)
+        fn = l2norm(feats)  # (M, D)
+        soft = tau * fn @ w.t()  # (M, K)
+        loss = F.cross_entropy(soft, targets)
+        if cfg.mi_weight > 0:
+            hand = tau * fn @ self.handcrafted.t()  # (M, K)
+            critic = model.e2mim
+            zs, zh = l2norm(critic.soft_head(soft)), l2norm(critic.hand_head(hand))  # (M, e) each
+            nce_logits = critic.logit_scale.exp() * zs @ zh.t()  # (M, M)
+            loss = loss + cfg.mi_weight * F.cross_entropy(nce_logits, torch.arange(zs.shape[0], device=zs.device))
+        return loss
+
+
+def anchor_loss_and_logits(model: PromptModel, images: torch.Tensor, labels: torch.Tensor,
+                           topk: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-off convenience: build the anchor of `model` and run it once."""
+    return Anchor(model).loss_and_logits(images, labels, topk)

@@ -1,0 +1,55 @@
+"""`fastprompt bench` on the tiny config: records, their keys and numbers; bad input exits 2."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastprompt.cli import app
+
+runner = CliRunner()
+KEYS = {"method", "variant", "images_per_s", "peak_memory_bytes", "device", "clip", "batch_size"}
+TINY = ["bench", "--clip", "fastprompt-tiny", "--device", "cpu", "--batch-size", "4", "--classes", "5",
+        "--steps", "1", "--warmup", "0"]
+
+
+def test_bench_writes_records(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, [*TINY, "--methods", "vpt-deep,coop-text", "--variants", "reference,fast,anchor",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    records = json.loads(out.read_text())
+    assert [(r["method"], r["variant"]) for r in records] == [
+        (m, v) for m in ("vpt-deep", "coop-text") for v in ("reference", "fast", "anchor")]
+    for r in records:
+        assert KEYS <= r.keys(), r
+        assert r["device"] == "cpu" and r["clip"] == "fastprompt-tiny" and r["batch_size"] == 4 and r["classes"] == 5
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0
+        assert isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] >= r["state_bytes"] > 0
+        assert r["peak_memory_bytes"] == r["state_bytes"] + r["step_memory_bytes"]
+        assert r["step"] == "forward+backward+sgd"
+        assert r["images_per_s"] == pytest.approx(4 / (r["step_ms"] / 1e3))
+        ref = next(x for x in records if x["method"] == r["method"] and x["variant"] == "reference")
+        assert r["speedup_vs_reference"] == pytest.approx(r["images_per_s"] / ref["images_per_s"])
+    assert "vpt-deep" in result.output and "anchor" in result.output  # the table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "vpt-deep,coop-txt"], "unknown method 'coop-txt'"),
+    (["--variants", "fast,slow"], "unknown variant 'slow'"),
+    (["--classes", "0"], "classes=0 must be an integer >= 1"),
+    (["--device", "tpu"], "device 'tpu' is not known"),
+    (["--clip", "ViT-Q-99"], "unknown CLIP model 'ViT-Q-99'"),
+])
+def test_bad_input_exits_2(args, message):
+    result = runner.invoke(app, [*TINY, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu_exits_2():
+    result = runner.invoke(app, [*TINY, "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.output
