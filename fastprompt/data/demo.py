@@ -38,6 +38,9 @@ DEMO_CLASSES: tuple[tuple[str, tuple[int, int, int], str], ...] = (
     ("black crescent", (15, 15, 15), "crescent"),
 )
 DEMO_CLASSNAMES = tuple(name for name, _, _ in DEMO_CLASSES)
+# The demo's vocabulary: each class pairs one of these colours with one of these shapes.
+DEMO_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = tuple((name.split()[0], rgb) for name, rgb, _ in DEMO_CLASSES)
+DEMO_SHAPES: tuple[str, ...] = tuple(shape for _, _, shape in DEMO_CLASSES)
 _SUPERSAMPLE = 3  # shapes are drawn at 3x and downsampled: smooth edges
 
 
@@ -99,6 +102,49 @@ def _shape_outline(shape: str, r: float, angle: float) -> list[list[tuple[float,
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def draw_shape(rng: np.random.Generator, colour: tuple[int, int, int], shape: str, size: int) -> np.ndarray:
+    """One (size, size, 3) uint8 image: `shape` in `colour` (jittered) at a random place, size and
+    rotation on a random muted background; every random choice is drawn from `rng`."""
+    from PIL import Image, ImageDraw
+
+    big = size * _SUPERSAMPLE
+
+    # Background: muted base colour, a linear gradient in a random direction, pixel noise.
+    base = rng.uniform(70, 170, size=3)  # (3,)
+    base = base.mean() + 0.45 * (base - base.mean())  # desaturate
+    theta = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)  # (S, S) each
+    ramp = (math.cos(theta) * (xx - 0.5) + math.sin(theta) * (yy - 0.5))[..., None]  # (S, S, 1)
+    background = base + rng.uniform(30, 70) * ramp + rng.normal(0, 8, size=(size, size, 3))  # (S, S, 3)
+    background = np.clip(background, 0, 255).astype(np.uint8)
+
+    # Shape: random radius, centre (kept mostly inside), rotation, colour jitter.
+    r = rng.uniform(0.2, 0.38) * big
+    cx = rng.uniform(r * 0.8, big - r * 0.8)
+    cy = rng.uniform(r * 0.8, big - r * 0.8)
+    angle = rng.uniform(0, 2 * math.pi)
+    fill = tuple(int(np.clip(v + rng.integers(-20, 21), 0, 255)) for v in colour)
+
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        ri = 0.6 * r
+        draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=0)
+    elif shape == "crescent":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        ox, oy = 0.45 * r * math.cos(angle), 0.45 * r * math.sin(angle)
+        draw.ellipse((cx + ox - 0.85 * r, cy + oy - 0.85 * r, cx + ox + 0.85 * r, cy + oy + 0.85 * r), fill=0)
+    else:
+        for poly in _shape_outline(shape, r, angle):
+            draw.polygon([(cx + x, cy + y) for x, y in poly], fill=255)
+    alpha = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255.0  # (S, S, 1)
+    image = background * (1.0 - alpha) + np.asarray(fill, dtype=np.float32) * alpha  # (S, S, 3)
+    return np.ascontiguousarray(np.round(image).astype(np.uint8))
+
+
 @dataclass(frozen=True)
 class DemoImages:
     """The demo images as an indexable source: sample i is image i % n of class i // n."""
@@ -113,48 +159,10 @@ class DemoImages:
         return f"demo:{DEMO_CLASSNAMES[label]}/{k}"
 
     def load(self, i: int) -> np.ndarray:
-        from PIL import Image, ImageDraw
-
         label, k = divmod(i, self.config.images_per_class)
         _, colour, shape = DEMO_CLASSES[label]
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.config.seed, label, k])))
-        size = self.config.image_size
-        big = size * _SUPERSAMPLE
-
-        # Background: muted base colour, a linear gradient in a random direction, pixel noise.
-        base = rng.uniform(70, 170, size=3)  # (3,)
-        base = base.mean() + 0.45 * (base - base.mean())  # desaturate
-        theta = rng.uniform(0, 2 * math.pi)
-        yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)  # (S, S) each
-        ramp = (math.cos(theta) * (xx - 0.5) + math.sin(theta) * (yy - 0.5))[..., None]  # (S, S, 1)
-        background = base + rng.uniform(30, 70) * ramp + rng.normal(0, 8, size=(size, size, 3))  # (S, S, 3)
-        background = np.clip(background, 0, 255).astype(np.uint8)
-
-        # Shape: random radius, centre (kept mostly inside), rotation, colour jitter.
-        r = rng.uniform(0.2, 0.38) * big
-        cx = rng.uniform(r * 0.8, big - r * 0.8)
-        cy = rng.uniform(r * 0.8, big - r * 0.8)
-        angle = rng.uniform(0, 2 * math.pi)
-        fill = tuple(int(np.clip(v + rng.integers(-20, 21), 0, 255)) for v in colour)
-
-        mask = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(mask)
-        if shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-        elif shape == "ring":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-            ri = 0.6 * r
-            draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=0)
-        elif shape == "crescent":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-            ox, oy = 0.45 * r * math.cos(angle), 0.45 * r * math.sin(angle)
-            draw.ellipse((cx + ox - 0.85 * r, cy + oy - 0.85 * r, cx + ox + 0.85 * r, cy + oy + 0.85 * r), fill=0)
-        else:
-            for poly in _shape_outline(shape, r, angle):
-                draw.polygon([(cx + x, cy + y) for x, y in poly], fill=255)
-        alpha = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255.0  # (S, S, 1)
-        image = background * (1.0 - alpha) + np.asarray(fill, dtype=np.float32) * alpha  # (S, S, 3)
-        return np.ascontiguousarray(np.round(image).astype(np.uint8))
+        return draw_shape(rng, colour, shape, self.config.image_size)
 
 
 def write_demo(
@@ -187,3 +195,55 @@ def write_demo(
         paths=paths,
         options=options,
     )
+
+
+# Caption templates of the image-caption pairs (`CaptionedShapes`).
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a drawing of a {}.",
+    "a photo of the {}.",
+)
+
+
+@dataclass(frozen=True)
+class CaptionedShapes:
+    """Image-caption pairs for pretraining a small CLIP (`fastprompt prepare demo-clip`).
+
+    The concepts are every colour x shape pair of the demo's vocabulary *except the demo's
+    ten classes* (90 pairs): a CLIP pretrained on them knows the words "red" and "circle" but
+    has never seen a red circle, so the demo remains a few-shot task for it rather than a
+    memorised one. Image k of concept j is drawn from its own seed stream, (seed, 1, j, k),
+    disjoint from the demo's (seed, class, k).
+    """
+
+    images_per_concept: int = 32
+    image_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not is_int(self.images_per_concept) or self.images_per_concept < 1:
+            raise FastpromptError(f"images_per_concept={self.images_per_concept!r} must be a positive integer")
+        if not is_int(self.image_size) or not 16 <= self.image_size <= 1024:
+            raise FastpromptError(f"image_size={self.image_size!r} must be an integer in 16..1024 (pixels)")
+        if not is_int(self.seed) or self.seed < 0:
+            raise FastpromptError(f"seed={self.seed!r} must be a non-negative integer")
+
+    @property
+    def concepts(self) -> tuple[tuple[str, tuple[int, int, int], str], ...]:
+        """(name, RGB, shape) of every pretraining concept, in a fixed order."""
+        held_out = set(DEMO_CLASSNAMES)
+        return tuple(
+            (f"{colour} {shape}", rgb, shape)
+            for colour, rgb in DEMO_COLOURS
+            for shape in DEMO_SHAPES
+            if f"{colour} {shape}" not in held_out
+        )
+
+    def image(self, concept: int, k: int) -> np.ndarray:
+        """Image k of concept `concept`: (image_size, image_size, 3) uint8."""
+        _, rgb, shape = self.concepts[concept]
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 1, concept, k])))
+        return draw_shape(rng, rgb, shape, self.image_size)

@@ -106,7 +106,7 @@ def _check_compiler(device: torch.device) -> None:
     if shutil.which(cxx) is None and shutil.which("c++") is None:
         raise FastpromptError(
             f"torch.compile on CPU needs a C++ compiler and none was found ({cxx}); install g++ "
-            "(e.g. apt-get install g++) or switch compilation off (mode=None / --no-compile)"
+            "(e.g. apt-get install g++) or switch compilation off (--compile off; mode=None in Python)"
         )
 
 

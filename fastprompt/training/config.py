@@ -19,6 +19,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 CLASS_CHOICES = ("all", "base", "new")
 OPTIMIZERS = ("sgd", "adamw")
+COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # the last three: inductor modes
+COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo + AOTAutograd without code generation (tests, debugging)
 VISUAL_METHODS = ("vpt-shallow", "vpt-deep", "vlp", "cavpt")
 FROZEN_TOWER_METHODS = ("coop", "e2mim")
 
@@ -62,6 +64,8 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (0: only at the end)
     eval_batch_size: int = 128
     feature_cache: int = 0  # coop / e2mim: cache V augmented views of the frozen image features (0: off)
+    compile: str = "auto"  # torch.compile of the training step: auto (default mode on cuda, off on cpu), off, or a mode
+    compile_backend: str = "inductor"  # dynamo backend; aot_eager skips code generation (tests)
     options: dict = field(default_factory=dict)  # method options, e.g. {"topk": 5, "n_prompts": 10}
 
     def __post_init__(self) -> None:
@@ -95,6 +99,12 @@ class TrainConfig:
             raise FastpromptError(
                 f"feature_cache needs a frozen image tower ({', '.join(FROZEN_TOWER_METHODS)}); {self.method} prompts it, drop --feature-cache"
             )
+        if self.compile not in COMPILE_CHOICES:
+            raise FastpromptError(f"compile={self.compile!r} must be one of {', '.join(COMPILE_CHOICES)}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise FastpromptError(f"compile_backend={self.compile_backend!r} must be one of {', '.join(COMPILE_BACKENDS)}")
+        if self.compile_backend != "inductor" and self.compile not in ("default", "off", "auto"):
+            raise FastpromptError(f"compile={self.compile!r} is an inductor mode; compile_backend={self.compile_backend!r} takes 'default'")
         if self.optimizer not in OPTIMIZERS:
             raise FastpromptError(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
         if self.device not in DEVICES:
@@ -112,6 +122,15 @@ class TrainConfig:
             raise FastpromptError(
                 f"warmup_epochs={self.warmup_epochs} leaves no epoch of the {self.epochs} for the cosine schedule; lower it"
             )
+
+    def compile_mode(self, device_type: str) -> Optional[str]:
+        """The torch.compile mode of the training step on this device, or None for eager.
+
+        auto compiles on CUDA only: on CPU a cold inductor compile costs a minute or two of
+        C++ compilation (measured), longer than a whole few-shot run of the tiny config."""
+        if self.compile == "off" or (self.compile == "auto" and device_type != "cuda"):
+            return None
+        return "default" if self.compile == "auto" else self.compile
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of epoch `epoch` (0-based): constant warm-up, then cosine to 0."""

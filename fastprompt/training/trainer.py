@@ -41,6 +41,7 @@ from fastprompt.data import open_dataset
 from fastprompt.errors import FastpromptError
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
+from fastprompt.training.compiled import compile_fn
 from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
 from fastprompt.training.feature_cache import FeatureCache
@@ -180,6 +181,11 @@ class Trainer:
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,  # e.g. E2MIM's critic when mi_weight=0
             )
+        # the (optionally compiled) training step: forward and, through AOTAutograd, backward;
+        # static shapes, since the loader drops the ragged last batch
+        self.compile_mode = config.compile_mode(self.device.type)
+        self.step_fn = compile_fn(self.step_module, self.compile_mode, device=self.device,
+                                  backend=config.compile_backend)
         self.epoch = 0  # epochs completed
         self.metrics: list[dict] = []
         self._topk_table: Optional[torch.Tensor] = None
@@ -311,9 +317,9 @@ class Trainer:
             topk = self._topk_for(batch[2]) if self.cached_topk else None
             with self.autocast():
                 if self.feature_cache is not None:
-                    loss, logits = self.step_module(None, labels, features=images)
+                    loss, logits = self.step_fn(None, labels, features=images)
                 else:
-                    loss, logits = self.step_module(images, labels, topk)
+                    loss, logits = self.step_fn(images, labels, topk)
             loss_value = float(loss.detach())  # CPU-GPU sync: the non-finite check decides whether to step
             if not math.isfinite(loss_value):
                 raise FastpromptError(

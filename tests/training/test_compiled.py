@@ -8,6 +8,7 @@ machine; 6 s with a warm cache), so the real inductor test is `slow` and runs wh
 present or FASTPROMPT_SLOW_TESTS=1.
 """
 
+import json
 import os
 
 import pytest
@@ -122,3 +123,47 @@ def test_compile_cache_location(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert configure_compile_cache() == tmp_path / "mine"
     assert (tmp_path / "mine").is_dir()
+
+
+def test_training_run_compiled_equals_eager(demo_beton, tmp_path):
+    """`fastprompt train --compile default` (here through aot_eager) trains to the same metrics and
+    prompts as `--compile off`: the trainer's compiled step is the eager step."""
+    from safetensors.torch import load_file
+
+    from fastprompt.training import TrainConfig, Trainer
+
+    runs = {}
+    for compile_mode in ("off", "default"):
+        torch._dynamo.reset()
+        out = tmp_path / compile_mode
+        trainer = Trainer(TrainConfig(method="vpt-deep", data=str(demo_beton), out=str(out), clip="fastprompt-tiny",
+                                      pretrained=None, epochs=2, warmup_epochs=0, lr=0.05, num_workers=1, device="cpu",
+                                      compile=compile_mode, compile_backend="aot_eager"))
+        assert isinstance(trainer.step_fn, torch._dynamo.eval_frame.OptimizedModule) == (compile_mode != "off")
+        trainer.train()
+        trainer.close()
+        runs[compile_mode] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+                              load_file(str(out / "prompts.safetensors")))
+    torch._dynamo.reset()
+    (eager_metrics, eager_prompts), (compiled_metrics, compiled_prompts) = runs["off"], runs["default"]
+    for got, want in zip(compiled_metrics, eager_metrics):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    assert compiled_prompts.keys() == eager_prompts.keys()
+    for name in eager_prompts:
+        assert relative_error(compiled_prompts[name], eager_prompts[name]) <= 1e-4, name
+
+
+def test_compile_choice_is_validated(demo_beton, tmp_path):
+    from typer.testing import CliRunner
+
+    from fastprompt.cli import app
+    from fastprompt.training import TrainConfig
+
+    with pytest.raises(FastpromptError, match="compile='fast'"):
+        TrainConfig(method="coop", data=str(demo_beton), out=str(tmp_path / "r"), compile="fast")
+    config = TrainConfig(method="coop", data=str(demo_beton), out=str(tmp_path / "r"))
+    assert config.compile_mode("cpu") is None and config.compile_mode("cuda") == "default"
+    result = CliRunner().invoke(app, ["train", "--method", "coop", "--data", str(demo_beton), "--out", str(tmp_path / "r"),
+                                      "--compile", "fastest"])
+    assert result.exit_code == 2 and "compile='fastest'" in result.output
+    assert not (tmp_path / "r").exists()
