@@ -25,14 +25,14 @@ VISUAL_METHODS = ("vpt-shallow", "vpt-deep", "vlp", "cavpt")
 FROZEN_TOWER_METHODS = ("coop", "e2mim")
 
 
-def _positive_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+def check_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise FastpromptError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
-def _number(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> None:
+def check_number(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < minimum or (strict and value == minimum):
         raise FastpromptError(f"{name}={value!r} must be a number {'>' if strict else '>='} {minimum}")
@@ -78,23 +78,23 @@ class TrainConfig:
         from fastprompt.methods import method_config
 
         method_config(self.method, **self.options)  # unknown or bad method options fail here, before any file is written
-        _positive_int("shots", self.shots, allow_none=True)
-        _positive_int("seed", self.seed, minimum=0)
+        check_int("shots", self.shots, allow_none=True)
+        check_int("seed", self.seed, minimum=0)
         if self.classes not in ("all", "base"):
             raise FastpromptError(
                 f"classes={self.classes!r}: training takes 'all' or 'base' (base-to-new); evaluate on 'new' with `fastprompt eval`"
             )
-        _positive_int("epochs", self.epochs, allow_none=True)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("eval_batch_size", self.eval_batch_size)
-        _number("lr", self.lr, strict=True)
-        _positive_int("warmup_epochs", self.warmup_epochs, allow_none=True, minimum=0)
-        _number("warmup_lr", self.warmup_lr)
-        _number("momentum", self.momentum)
-        _number("weight_decay", self.weight_decay)
-        _positive_int("checkpoint_every", self.checkpoint_every, minimum=0)
-        _positive_int("num_workers", self.num_workers, allow_none=True)
-        _positive_int("feature_cache", self.feature_cache, minimum=0)
+        check_int("epochs", self.epochs, allow_none=True)
+        check_int("batch_size", self.batch_size)
+        check_int("eval_batch_size", self.eval_batch_size)
+        check_number("lr", self.lr, strict=True)
+        check_int("warmup_epochs", self.warmup_epochs, allow_none=True, minimum=0)
+        check_number("warmup_lr", self.warmup_lr)
+        check_number("momentum", self.momentum)
+        check_number("weight_decay", self.weight_decay)
+        check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        check_int("num_workers", self.num_workers, allow_none=True)
+        check_int("feature_cache", self.feature_cache, minimum=0)
         if self.feature_cache and self.method not in FROZEN_TOWER_METHODS:
             raise FastpromptError(
                 f"feature_cache needs a frozen image tower ({', '.join(FROZEN_TOWER_METHODS)}); {self.method} prompts it, drop --feature-cache"

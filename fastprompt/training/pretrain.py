@@ -5,7 +5,7 @@ weights there is nothing to adapt; measured on the demo set with `fastprompt-tin
 stays at chance (10 %) even when asked to memorise 20 images, because prompts shared by
 all images cannot map a random image tower onto random class-name features. Real CLIP
 weights cannot be downloaded on every machine (tests, CI, air-gapped users), so this module
-makes a small CLIP that *knows something* in about a minute on two CPU cores.
+makes a small CLIP that *knows something* in under two minutes on two CPU cores (600 steps: 106 s wall measured).
 
 What it learns: `CaptionedShapes` pairs (colour x shape images, captions such as "a photo
 of a red square.") for every colour-shape pair of the demo's vocabulary *except the ten
@@ -42,6 +42,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.losses import info_nce
 from fastprompt.models.clip import TINY, load_clip
 from fastprompt.models.text import encode_tokens, eot_positions
+from fastprompt.training.config import check_number, check_int
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 
@@ -62,17 +63,13 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "images_per_concept"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FastpromptError(f"{name}={value!r} must be a positive integer")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.steps:
-            raise FastpromptError(f"warmup_steps={self.warmup_steps!r} must be an integer in [0, steps={self.steps})")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise FastpromptError(f"seed={self.seed!r} must be a non-negative integer")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise FastpromptError(f"lr={self.lr!r} must be a number > 0")
-        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise FastpromptError(f"weight_decay={self.weight_decay!r} must be a number >= 0")
+            check_int(name, getattr(self, name))
+        check_int("seed", self.seed, minimum=0)
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+        if self.warmup_steps >= self.steps:
+            raise FastpromptError(f"warmup_steps={self.warmup_steps} leaves none of the {self.steps} steps for the cosine decay; lower it")
+        check_number("lr", self.lr, strict=True)
+        check_number("weight_decay", self.weight_decay)
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise FastpromptError(f"crop_scale={self.crop_scale!r} must satisfy 0 < low <= high <= 1")
