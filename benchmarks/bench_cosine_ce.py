@@ -7,8 +7,8 @@ rounds). Modes: `fwd` (with inputs that require grad), `bwd` (backward only; for
 untimed setup), `fwd_bwd`. `wgrad` says whether w needs a gradient (CoOp: the text features
 come from the learnable context) or not (cached class features: only x and the scale train).
 
-Each timed call ends with torch.cuda.synchronize(). extra_info carries the median time and the
-TFLOP/s of the matmul work: forward 2 * B * C * D, backward 2 * B * C * D per gradient (x, and w
+Timing is `_timing.time_mode` (each call synchronised; extra_info has the median time and the
+TFLOP/s). FLOPs count the matmul work: forward 2 * B * C * D, backward 2 * B * C * D per gradient (x, and w
 when wgrad), not counting the logit recomputation of the fused backward.
 
 Without CUDA it runs a small shape through Triton's interpreter, which only shows that the
@@ -16,20 +16,12 @@ suite works; the numbers mean nothing there (the compiled baseline then compiles
 inductor, which takes a while on a small CPU).
 """
 
-import os
+from _timing import CUDA, DEVICE, MODES, time_mode  # first: sets TRITON_INTERPRET without CUDA
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # before fastprompt defines its @triton.jit kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from fastprompt.kernels import cosine_cross_entropy, cosine_cross_entropy_reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-ROUNDS, WARMUP = (30, 5) if CUDA else (2, 1)
+from fastprompt.kernels import cosine_cross_entropy, cosine_cross_entropy_reference
 
 # name: (B, C, D)
 SHAPES = {
@@ -58,13 +50,8 @@ def loss_flops(B, C, D, wgrad, mode):
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
 
 
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("wgrad", [False, True], ids=["w-frozen", "wgrad"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -77,37 +64,5 @@ def test_cosine_ce(benchmark, shape, dtype_name, wgrad, mode, impl):
     target = torch.randint(0, C, (B,), device=DEVICE)  # (B,)
     leaves = [x, w, scale] if wgrad else [x, scale]
     loss_fn = IMPLS[impl]
-
-    def forward():
-        return loss_fn(x, w, target, scale)
-
-    def fwd():
-        forward()
-        sync()
-
-    def fwd_bwd():
-        torch.autograd.grad(forward(), leaves)  # no .grad accumulation in the timing
-        sync()
-
-    def bwd_setup():
-        loss = forward()
-        sync()
-        return (loss,), {}
-
-    def bwd(loss):
-        torch.autograd.grad(loss, leaves)
-        sync()
-
-    if mode == "bwd":
-        benchmark.pedantic(bwd, setup=bwd_setup, rounds=ROUNDS, warmup_rounds=WARMUP)
-    else:
-        benchmark.pedantic(fwd if mode == "fwd" else fwd_bwd, rounds=ROUNDS, warmup_rounds=WARMUP)
-
-    benchmark.extra_info.update(
-        shape=SHAPES[shape], dtype=dtype_name, wgrad=wgrad, mode=mode, impl=impl,
-        device=torch.cuda.get_device_name() if CUDA else "cpu (triton interpreter)",
-    )
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        median = benchmark.stats.stats.median
-        benchmark.extra_info["median_ms"] = median * 1e3
-        benchmark.extra_info["tflops"] = loss_flops(B, C, D, wgrad, mode) / median / 1e12
+    time_mode(benchmark, lambda: loss_fn(x, w, target, scale), leaves, mode, loss_flops(B, C, D, wgrad, mode),
+              shape=SHAPES[shape], dtype=dtype_name, wgrad=wgrad, impl=impl)

@@ -7,29 +7,21 @@ that accepts the case (flash refuses the boolean causal mask and fp32, for examp
 cases are skipped). Modes: `fwd` (forward with inputs that require grad, as in training),
 `bwd` (backward only; the forward runs in the untimed setup), `fwd_bwd`.
 
-Each timed call ends with torch.cuda.synchronize(). extra_info carries the median time and
-the TFLOP/s it implies under the flash-attention convention: forward 4 * B * H * N * keys * d
+Timing is `_timing.time_mode` (each call synchronised; extra_info has the median time and the
+TFLOP/s). FLOPs follow the flash-attention convention: forward 4 * B * H * N * keys * d
 (keys = P + N, or P + (N + 1) / 2 when causal), backward 2.5x the forward.
 
 Without CUDA it runs small shapes through Triton's interpreter, which only shows that the
 suite works; the numbers mean nothing there.
 """
 
-import os
+from _timing import CUDA, DEVICE, MODES, time_mode  # first: sets TRITON_INTERPRET without CUDA
 
+import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-if not torch.cuda.is_available():  # before fastprompt defines its @triton.jit kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
-from fastprompt.kernels import prefix_attention, prefix_attention_reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-ROUNDS, WARMUP = (30, 5) if CUDA else (2, 1)
+from fastprompt.kernels import prefix_attention, prefix_attention_reference
 
 # name: (B, H, N, P, d, Bp, causal)
 SHAPES = {
@@ -66,13 +58,8 @@ def make_inputs(B, H, N, P, d, Bp, dtype):
     return (q, k, v, pk, pv), dout
 
 
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_prefix_attention(benchmark, shape, dtype_name, mode, impl):
@@ -95,33 +82,5 @@ def test_prefix_attention(benchmark, shape, dtype_name, mode, impl):
         except RuntimeError as err:
             pytest.skip(f"{impl} does not run this case: {str(err).splitlines()[0]}")
 
-    def fwd():
-        forward()
-        sync()
-
-    def fwd_bwd():
-        torch.autograd.grad(forward(), inputs, dout)  # no .grad accumulation in the timing
-        sync()
-
-    def bwd_setup():
-        out = forward()
-        sync()
-        return (out,), {}
-
-    def bwd(out):
-        torch.autograd.grad(out, inputs, dout)
-        sync()
-
-    if mode == "bwd":
-        benchmark.pedantic(bwd, setup=bwd_setup, rounds=ROUNDS, warmup_rounds=WARMUP)
-    else:
-        benchmark.pedantic(fwd if mode == "fwd" else fwd_bwd, rounds=ROUNDS, warmup_rounds=WARMUP)
-
-    benchmark.extra_info.update(
-        shape=SHAPES[shape], dtype=dtype_name, mode=mode, impl=impl,
-        device=torch.cuda.get_device_name() if CUDA else "cpu (triton interpreter)",
-    )
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        median = benchmark.stats.stats.median
-        benchmark.extra_info["median_ms"] = median * 1e3
-        benchmark.extra_info["tflops"] = attention_flops(B, H, N, P, d, causal, mode) / median / 1e12
+    time_mode(benchmark, forward, inputs, mode, attention_flops(B, H, N, P, d, causal, mode), grad_output=dout,
+              shape=SHAPES[shape], dtype=dtype_name, impl=impl)
