@@ -11,14 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastprompt.files import atomic_write, cache_dir
 from fastprompt.models.clip import ClipBundle
 from fastprompt.models.text import encode_tokens, normalize, tokenize
 
@@ -26,13 +24,6 @@ log = logging.getLogger(__name__)
 
 _FORMAT = 1  # bump when the way features are computed changes
 _memory: dict[str, torch.Tensor] = {}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FASTPROMPT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastprompt"
-    )
-    return Path(root)
 
 
 def cache_key(bundle: ClipBundle, classnames: Sequence[str], templates: Sequence[str]) -> str:
@@ -79,10 +70,7 @@ def template_features(bundle: ClipBundle, classnames: Sequence[str], templates: 
     _memory[key] = feats
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        save_file({"features": feats.contiguous()}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file({"features": feats.contiguous()}, tmp))
     except OSError as err:
         log.warning("could not write feature cache %s (%s); features stay in memory only", path, err)
     return feats.to(device)

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from fastprompt.errors import FastpromptError
+from fastprompt.files import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,7 @@ def user_cache_dir() -> Optional[str]:
 
 def default_cache_dir() -> Path:
     """`$FASTPROMPT_CACHE/inductor`, else `$XDG_CACHE_HOME/fastprompt/inductor` or `~/.cache/fastprompt/inductor`."""
-    root = os.environ.get("FASTPROMPT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastprompt"
-    )
-    return Path(root) / "inductor"
+    return cache_dir() / "inductor"
 
 
 def configure_compile_cache(cache_dir: Optional[str] = None) -> Path:

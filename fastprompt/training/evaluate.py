@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from fastprompt.data import open_dataset
 from fastprompt.errors import FastpromptError
+from fastprompt.files import write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 
@@ -98,8 +99,6 @@ def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str =
     result = {"run": str(run), "method": saved["method"], "dataset": ds.name, "data": str(ds.path),
               "classes": classes, "test_accuracy": acc}
     out = run / f"eval-{ds.name}-{classes}.json"
-    from fastprompt.training.trainer import write_json
-
     write_json(out, result)
     return result
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -30,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from fastprompt.data.loaders import EpochOrder
 from fastprompt.data.splits import relabel_table
+from fastprompt.files import atomic_write, cache_dir
 from fastprompt.methods.base import PromptModel
-from fastprompt.prompts.handcrafted import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,6 @@ class FeatureCache:
             dist.all_reduce(counts)
         feats = feats / counts.clamp_min(1)  # (V, N, D)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            from fastprompt.training.trainer import atomic_write
-
             path.parent.mkdir(parents=True, exist_ok=True)
             payload = {"features": feats.cpu().contiguous(), "indices": torch.from_numpy(indices)}
             atomic_write(path, lambda tmp: save_file(payload, tmp))

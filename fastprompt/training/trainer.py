@@ -25,11 +25,10 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 
 from fastprompt.data import open_dataset
 from fastprompt.errors import FastpromptError
+from fastprompt.files import atomic_write, write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.training.compiled import compile_fn
@@ -66,28 +66,6 @@ def autocast_for(precision: str, device: torch.device):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
 
 
 class _Step(nn.Module):
@@ -183,8 +161,7 @@ class Trainer:
             )
         # the (optionally compiled) training step: forward and, through AOTAutograd, backward;
         # static shapes, since the loader drops the ragged last batch
-        self.compile_mode = config.compile_mode(self.device.type)
-        self.step_fn = compile_fn(self.step_module, self.compile_mode, device=self.device,
+        self.step_fn = compile_fn(self.step_module, config.compile_mode(self.device.type), device=self.device,
                                   backend=config.compile_backend)
         self.epoch = 0  # epochs completed
         self.metrics: list[dict] = []
