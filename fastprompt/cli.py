@@ -123,7 +123,7 @@ def prepare_demo_clip_cmd(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    config = PretrainConfig(steps=steps, seed=seed, warmup_steps=min(50, steps // 10))
+    config = PretrainConfig(steps=steps, seed=seed)
     columns = (TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
                TimeElapsedColumn())
     with Progress(*columns, console=_console()) as progress:

@@ -197,7 +197,16 @@ def write_demo(
     )
 
 
-# Caption templates of the image-caption pairs (`CaptionedShapes`).
+# The concepts of the image-caption pairs (`CaptionedShapes`): (name, RGB, shape) of every
+# colour x shape pair of the demo's vocabulary except the demo's ten classes, in a fixed order.
+PRETRAIN_CONCEPTS: tuple[tuple[str, tuple[int, int, int], str], ...] = tuple(
+    (f"{colour} {shape}", rgb, shape)
+    for colour, rgb in DEMO_COLOURS
+    for shape in DEMO_SHAPES
+    if f"{colour} {shape}" not in DEMO_CLASSNAMES
+)
+
+# Caption templates of the image-caption pairs.
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
     "a {}.",
@@ -233,14 +242,8 @@ class CaptionedShapes:
 
     @property
     def concepts(self) -> tuple[tuple[str, tuple[int, int, int], str], ...]:
-        """(name, RGB, shape) of every pretraining concept, in a fixed order."""
-        held_out = set(DEMO_CLASSNAMES)
-        return tuple(
-            (f"{colour} {shape}", rgb, shape)
-            for colour, rgb in DEMO_COLOURS
-            for shape in DEMO_SHAPES
-            if f"{colour} {shape}" not in held_out
-        )
+        """(name, RGB, shape) of every pretraining concept: `PRETRAIN_CONCEPTS`."""
+        return PRETRAIN_CONCEPTS
 
     def image(self, concept: int, k: int) -> np.ndarray:
         """Image k of concept `concept`: (image_size, image_size, 3) uint8."""

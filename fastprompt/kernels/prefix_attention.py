@@ -329,6 +329,7 @@ _INTERPRETED = is_interpreted(_prefix_attn_fwd_kernel)
 _INTERPRETER_BLOCK = 16  # tl.dot needs every block dim >= 16; no autotuning in numpy
 
 if HAS_TRITON and not _INTERPRETED:
+    _TUNE_KEY = ["N", "P", "HEAD_DIM", "CAUSAL", "PRECISION"]  # each layer shape of a run is tuned once
     # Short lists drawn from the search space of the Triton fused-attention tutorial, not yet
     # timed on our shapes; the key is (N, P, d, causal, precision), so each layer shape of a
     # run is tuned once. Rejected: 128 x 128 tiles: compiled for sm_90, the fp32 forward at
@@ -339,7 +340,7 @@ if HAS_TRITON and not _INTERPRETED:
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
         ],
-        key=["N", "P", "HEAD_DIM", "CAUSAL", "PRECISION"],
+        key=_TUNE_KEY,
     )(_prefix_attn_fwd_kernel)
     # dk/dv: narrow query blocks stream past a wide key block (tutorial: BLOCK_M1 < BLOCK_N1).
     _dkdv_tuned = triton.autotune(
@@ -348,7 +349,7 @@ if HAS_TRITON and not _INTERPRETED:
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
         ],
-        key=["N", "P", "HEAD_DIM", "CAUSAL", "PRECISION"],
+        key=_TUNE_KEY,
     )(_prefix_attn_bwd_dkdv_kernel)
     # dq: the mirror image (tutorial: BLOCK_M2 > BLOCK_N2).
     _dq_tuned = triton.autotune(
@@ -357,7 +358,7 @@ if HAS_TRITON and not _INTERPRETED:
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
         ],
-        key=["N", "P", "HEAD_DIM", "CAUSAL", "PRECISION"],
+        key=_TUNE_KEY,
     )(_prefix_attn_bwd_dq_kernel)
 else:
     _fwd_tuned = _dkdv_tuned = _dq_tuned = None

@@ -26,7 +26,6 @@ Training is deterministic for a given seed on one machine (CPU, one thread count
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastprompt.data.demo import CAPTION_TEMPLATES, CaptionedShapes
+from fastprompt.data.demo import CAPTION_TEMPLATES, PRETRAIN_CONCEPTS, CaptionedShapes
 from fastprompt.data.loaders import CLIP_MEAN, CLIP_STD
 from fastprompt.errors import FastpromptError
+from fastprompt.files import atomic_write
 from fastprompt.losses import info_nce
 from fastprompt.models.clip import TINY, load_clip
 from fastprompt.models.text import encode_tokens, eot_positions
@@ -56,7 +56,7 @@ class PretrainConfig:
     batch_size: int = 64  # distinct concepts per step (at most the 90 concepts)
     images_per_concept: int = 32  # images drawn per concept (the step samples among them)
     lr: float = 2e-3  # peak AdamW learning rate
-    warmup_steps: int = 50  # linear warm-up from 0
+    warmup_steps: Optional[int] = None  # linear warm-up from 0; None: min(50, steps // 10)
     weight_decay: float = 0.05
     crop_scale: tuple[float, float] = (0.35, 1.0)  # random resized crop: area fraction range
     seed: int = 0  # weights, images and sampling are functions of the seed
@@ -65,6 +65,8 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "images_per_concept"):
             check_int(name, getattr(self, name))
         check_int("seed", self.seed, minimum=0)
+        if self.warmup_steps is None:
+            object.__setattr__(self, "warmup_steps", min(50, self.steps // 10))  # frozen dataclass
         check_int("warmup_steps", self.warmup_steps, minimum=0)
         if self.warmup_steps >= self.steps:
             raise FastpromptError(f"warmup_steps={self.warmup_steps} leaves none of the {self.steps} steps for the cosine decay; lower it")
@@ -73,7 +75,7 @@ class PretrainConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise FastpromptError(f"crop_scale={self.crop_scale!r} must satisfy 0 < low <= high <= 1")
-        concepts = len(CaptionedShapes().concepts)
+        concepts = len(PRETRAIN_CONCEPTS)
         if self.batch_size > concepts:
             raise FastpromptError(f"batch_size={self.batch_size} exceeds the {concepts} concepts (a batch holds distinct ones); lower it")
 
@@ -201,14 +203,7 @@ def pretrain_clip(out: str, config: PretrainConfig = PretrainConfig(),
     seconds = time.perf_counter() - start
 
     model.eval()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
     tail = slice(-min(20, len(losses)), None)
     return PretrainSummary(out=str(path), steps=config.steps, seconds=round(seconds, 1),
                            final_loss=float(np.mean(losses[tail])), retrieval_accuracy=100.0 * float(np.mean(hits[tail])))

@@ -19,5 +19,5 @@ def demo_clip(tmp_path_factory):
     from fastprompt.training.pretrain import PretrainConfig, pretrain_clip
 
     path = tmp_path_factory.mktemp("demo-clip") / "demo-clip.pt"
-    pretrain_clip(str(path), PretrainConfig(steps=300, warmup_steps=30))
+    pretrain_clip(str(path), PretrainConfig(steps=300))  # warm-up: 30 steps
     return path

@@ -76,7 +76,6 @@ def _free_port():
 
 def test_ddp_two_processes_match_one(demo_beton, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--epochs", "3")
     single = subprocess.run([FASTPROMPT, *_args(demo_beton, one, "vlp", 3, "--coop.n-ctx", "4", "--device", "cpu")],
                             env=_env(), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
