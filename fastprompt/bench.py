@@ -63,6 +63,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.losses import cosine_ce
 from fastprompt.methods import create_model, list_methods
 from fastprompt.models.clip import load_clip
+from fastprompt.runtime import resolve_device
 from fastprompt.training.compiled import COMPILE_MODES, compile_fn, compile_step
 
 log = logging.getLogger(__name__)
@@ -120,21 +121,6 @@ class BenchConfig:
         if isinstance(self.pretrained, str) and self.pretrained.lower() == "none":
             self.pretrained = None
         resolve_device(self.device)
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto | cpu | cuda | cuda:N -> a device that exists here (FastpromptError otherwise)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
-        raise FastpromptError(f"device {device!r} is not known; use auto, cpu, cuda or cuda:N")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FastpromptError(f"device {device!r} asked for but no CUDA device is visible here; use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise FastpromptError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 # ----------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 import numpy as np
 
 from fastprompt.errors import FastpromptError
+from fastprompt.runtime import resolve_workers
+from fastprompt.validation import is_int
 from fastprompt.data.splits import (
     SPLIT_CODE,
     SPLITS,
@@ -47,31 +49,6 @@ FORMAT = "fastprompt-beton"
 FORMAT_VERSION = 1
 FIELD_NAMES = ("image", "label", "split")
 PathLike = Union[str, os.PathLike]
-
-
-def is_int(value: Any) -> bool:
-    """An int and not a bool (`isinstance(True, int)` holds)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def resolve_workers(workers: Optional[int], what: str = "workers") -> int:
-    """`workers` clamped to the available cores; None means all of them."""
-    cores = available_cores()
-    if workers is None:
-        return cores
-    if not is_int(workers) or workers < 1:
-        raise FastpromptError(f"{what}={workers!r} must be a positive integer (or left out to use all {cores} cores)")
-    if workers > cores:
-        logger.info("%s=%d clamped to the %d available cores", what, workers, cores)
-    return min(workers, cores)
 
 
 @dataclass(frozen=True)

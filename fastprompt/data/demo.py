@@ -20,7 +20,8 @@ from typing import Optional
 import numpy as np
 
 from fastprompt.errors import FastpromptError
-from fastprompt.data.beton import PathLike, WriteOptions, WriteSummary, is_int, write_beton
+from fastprompt.data.beton import PathLike, WriteOptions, WriteSummary, write_beton
+from fastprompt.validation import is_int
 from fastprompt.data.datasets import DEFAULT_TEMPLATE
 from fastprompt.data.splits import stratified_split
 

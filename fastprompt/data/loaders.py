@@ -67,7 +67,8 @@ from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor
 
 from fastprompt.errors import FastpromptError
-from fastprompt.data.beton import available_cores, is_int, resolve_workers
+from fastprompt.runtime import available_cores, resolve_device, resolve_workers
+from fastprompt.validation import is_int
 from fastprompt.data.splits import relabel_table
 
 if TYPE_CHECKING:
@@ -502,18 +503,6 @@ class LoaderConfig:
             raise FastpromptError(f"center_crop_ratio={self.center_crop_ratio!r} must be in (0, 1]")
 
 
-def _resolve_device(device: Union[str, torch.device]) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise FastpromptError(f"device={device!r} is not a torch device ({err}); use 'cpu' or 'cuda'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FastpromptError(f"device={device!r} but CUDA is not available here; use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise FastpromptError(f"device={device!r} is not supported by the FFCV loader; use 'cpu' or 'cuda'")
-    return dev
-
-
 def _next_batch(epoch_iter, poll_s: float = 1.0):
     """FFCV's `EpochIterator.__next__`, but failing instead of hanging when its thread dies.
 
@@ -595,7 +584,7 @@ class BetonLoader:
         self.dataset, self.split, self.classes, self.config = dataset, split, classes, config
         self.train, self.shuffle, self.drop_last = train, shuffle, drop_last
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.num_workers = resolve_workers(config.num_workers, "num_workers")
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank, self.world_size = (

@@ -10,16 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from fastprompt.errors import FastpromptError
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise FastpromptError(message)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+from fastprompt.validation import is_int as _is_int
+from fastprompt.validation import require as _require
 
 
 @dataclass

@@ -14,28 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fastprompt.errors import FastpromptError
+from fastprompt.runtime import DEVICES, PRECISIONS
+from fastprompt.validation import check_int, check_number
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
 CLASS_CHOICES = ("all", "base", "new")
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # the last three: inductor modes
 COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo + AOTAutograd without code generation (tests, debugging)
 VISUAL_METHODS = ("vpt-shallow", "vpt-deep", "vlp", "cavpt")
 FROZEN_TOWER_METHODS = ("coop", "e2mim")
-
-
-def check_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise FastpromptError(f"{name}={value!r} must be an integer >= {minimum}")
-
-
-def check_number(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        raise FastpromptError(f"{name}={value!r} must be a number {'>' if strict else '>='} {minimum}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.files import write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
+from fastprompt.runtime import autocast_for, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,6 @@ def _load_run(run_dir: Path) -> tuple[dict, dict]:
 def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str = "auto", precision: str = "auto",
                  batch_size: int = 128, num_workers: Optional[int] = None, template: Optional[str] = None) -> dict:
     """Evaluate a finished run's prompts on the test split of `data` (any dataset, any classes)."""
-    from fastprompt.training.trainer import _seed_everything, autocast_for, resolve_device
 
     run = Path(run_dir)
     saved, prompts = _load_run(run)
@@ -84,7 +84,7 @@ def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str =
     dev = resolve_device(device)
     template = template or (saved["template"] if saved.get("template") and saved["classnames"] == classnames
                             else ds.template)
-    _seed_everything(int(saved["seed"]))  # the same random CLIP weights as the run when --pretrained none
+    seed_everything(int(saved["seed"]))  # the same random CLIP weights as the run when --pretrained none
     model = create_model(saved["method"], classnames, clip=saved["clip"], pretrained=saved["pretrained"],
                          template=template, backend=saved.get("backend", "fast"), device=dev, **saved["options"])
     if model.bundle.weights_id != saved["weights_id"]:
@@ -107,14 +107,13 @@ def zeroshot_eval(data: str, *, clip: str = "ViT-B-32", pretrained: Optional[str
                   classes: str = "all", device: str = "auto", precision: str = "auto", batch_size: int = 128,
                   num_workers: Optional[int] = None, seed: int = 1) -> dict:
     """Zero-shot CLIP accuracy on the test split of `data`."""
-    from fastprompt.training.trainer import _seed_everything, autocast_for, resolve_device
 
     ds = open_dataset(data)
     classnames = ds.classnames_for(classes)
     dev = resolve_device(device)
     if isinstance(pretrained, str) and pretrained.lower() == "none":
         pretrained = None
-    _seed_everything(seed)
+    seed_everything(seed)
     model = create_model("zeroshot", classnames, clip=clip, pretrained=pretrained, template=template or ds.template,
                          device=dev)
     acc = evaluate(model, ds, "test", classes, device=dev, batch_size=batch_size, num_workers=num_workers,

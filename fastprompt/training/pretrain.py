@@ -42,7 +42,7 @@ from fastprompt.files import atomic_write
 from fastprompt.losses import info_nce
 from fastprompt.models.clip import TINY, load_clip
 from fastprompt.models.text import encode_tokens, eot_positions
-from fastprompt.training.config import check_number, check_int
+from fastprompt.validation import check_int, check_number
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 

@@ -24,13 +24,10 @@ import json
 import logging
 import math
 import os
-import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
@@ -41,6 +38,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write, write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
+from fastprompt.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
 from fastprompt.training.compiled import compile_fn
 from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
@@ -49,23 +47,6 @@ from fastprompt.training.feature_cache import FeatureCache
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FastpromptError("device=cuda but no CUDA device is visible here; use --device cpu or auto")
-    if device == "cuda" and dist.is_available() and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(device)
-
-
-def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast on CUDA by default (auto), or where asked; fp32 runs without autocast."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext
 
 
 class _Step(nn.Module):
@@ -80,29 +61,6 @@ class _Step(nn.Module):
         if features is not None:
             extra["features"] = features
         return self.model.loss_and_logits(images, labels, **extra)
-
-
-def _rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -131,7 +89,7 @@ class Trainer:
         self.data = open_dataset(config.data)
         self.classnames = self.data.classnames_for(config.classes)
         self.template = config.template or self.data.template
-        _seed_everything(config.seed)  # random CLIP weights (--pretrained none) and prompt init follow the seed
+        seed_everything(config.seed)  # random CLIP weights (--pretrained none) and prompt init follow the seed
         self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=config.pretrained,
                                   template=self.template, backend=config.backend, device=self.device,
                                   **config.options)
@@ -221,7 +179,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.metrics = list(state["metrics"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if self.is_main:
             with open(self.out / "metrics.jsonl", "w") as f:  # drop lines of epochs after the checkpoint
                 for line in self.metrics:
@@ -237,7 +195,7 @@ class Trainer:
             "epoch": self.epoch,
             "prompts": {k: v.cpu() for k, v in self.model.prompt_state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "metrics": self.metrics,
         }
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastprompt.data.beton import available_cores
+from fastprompt.runtime import available_cores
 from fastprompt.data.loaders import CLIP_MEAN, CLIP_STD, EpochOrder, augment_key
 from fastprompt.errors import FastpromptError
 
@@ -104,7 +104,7 @@ def test_small_subsets_and_bad_arguments(demo):
     with pytest.raises(FastpromptError, match="image_size=0 must be a positive integer"):
         demo.loader("test", image_size=0)
     if not torch.cuda.is_available():
-        with pytest.raises(FastpromptError, match="CUDA is not available"):
+        with pytest.raises(FastpromptError, match="no CUDA device is visible"):
             demo.loader("test", device="cuda")
 
 

@@ -1,0 +1,103 @@
+"""Where and how a run executes: device resolution, autocast, seeding, RNG state and worker
+counts. One copy of each, used by the trainer, evaluation, bench and the data loaders."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from contextlib import nullcontext
+from typing import Callable, Optional, Union
+
+import logging
+
+import numpy as np
+import torch
+
+from fastprompt.errors import FastpromptError
+from fastprompt.validation import is_int
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")  # plus cuda:N
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a device that exists here (FastpromptError otherwise).
+
+    Under torchrun, plain `cuda` is this process's GPU (LOCAL_RANK)."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise FastpromptError(f"device={device!r} is not known; use auto, cpu, cuda or cuda:N")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FastpromptError(f"device={device!r} but no CUDA device is visible here; use --device cpu or auto")
+        if dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FastpromptError(f"device={device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise FastpromptError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable:
+    """A context-manager factory: bf16 autocast on CUDA by default (auto) or where asked;
+    fp32 runs without autocast."""
+    check_precision(precision)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, numpy and torch (Dassl's `set_random_seed`)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG a run draws from, for an exact resume."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: Optional[int], what: str = "workers") -> int:
+    """`workers` clamped to the available cores; None means all of them."""
+    cores = available_cores()
+    if workers is None:
+        return cores
+    if not is_int(workers) or workers < 1:
+        raise FastpromptError(f"{what}={workers!r} must be a positive integer (or left out to use all {cores} cores)")
+    if workers > cores:
+        log.info("%s=%d clamped to the %d available cores", what, workers, cores)
+    return min(int(workers), cores)
