@@ -4,6 +4,7 @@
     fastprompt.list_methods()
     model = fastprompt.create_model("vpt-deep", classnames=[...], clip="ViT-B-32", pretrained="openai")
     logits = model(images); loss = model.loss(images, labels)
+    model = fastprompt.load_run("runs/my-run")   # a trained run, rebuilt from its directory alone
 
 The heavy imports (torch, open_clip, triton) happen on first use of `create_model` /
 `list_methods`, so `fastprompt --version` and `--help` answer at once.
@@ -18,7 +19,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from fastprompt.errors import FastpromptError  # noqa: E402
 
-__all__ = ["FastpromptError", "create_model", "list_methods", "__version__"]
+__all__ = ["FastpromptError", "create_model", "list_methods", "load_run", "__version__"]
 
 
 def __getattr__(name):
@@ -30,4 +31,8 @@ def __getattr__(name):
         from fastprompt import methods
 
         return getattr(methods, name)
+    if name == "load_run":
+        from fastprompt.training.evaluate import load_run
+
+        return load_run
     raise AttributeError(f"module 'fastprompt' has no attribute {name!r}")

@@ -297,7 +297,8 @@ def _build(method: str, variant: str, master, cfg: BenchConfig, device: torch.de
     size = model.bundle.image_size
     images = torch.randn(cfg.batch_size, 3, size, size, generator=gen).to(device, dtype)  # (B, 3, H, W)
     inputs: tuple = (images, labels)
-    if method == "cavpt":
+    wants_topk = model.wants_topk_table()
+    if wants_topk:
         with torch.no_grad(), autocast():
             topk = model.zero_shot_topk(images)  # (B, K_N): what topk_source="cached" supplies
         inputs = (images, labels, topk)
@@ -306,7 +307,7 @@ def _build(method: str, variant: str, master, cfg: BenchConfig, device: torch.de
         step = runner.loss_and_logits
     elif variant == "fast+compile":
         compiled = compile_step(model, cfg.compile_mode)
-        step = (lambda x, y, k: compiled(x, y, topk=k)) if method == "cavpt" else compiled
+        step = (lambda x, y, k: compiled(x, y, topk=k)) if wants_topk else compiled
     else:
         step = model.loss_and_logits
     return _Workload(step, inputs, params, autocast, precision, model)

@@ -1,16 +1,22 @@
 """The `fastprompt` command line: parses arguments and delegates to library functions.
 
 Every command turns `FastpromptError` into a one-line message and exit code 2; nothing
-else is caught here.
+else is caught here. Every command takes `-v/--verbose` (INFO logs on stderr through rich;
+warnings always show). `train`'s method-option flags (`--coop.n-ctx`, ...) and per-group
+recipe flags (`--lr.visual`, `--warmup-epochs.text`, ...) are generated from the method
+registry when the command parses its arguments (`TrainCommand`), not listed here.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
-from typing import Annotated, Optional
+import logging
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 import fastprompt
 from fastprompt.errors import FastpromptError
@@ -38,6 +44,67 @@ def user_errors(fn):
     return wrapper
 
 
+def _setup_logging(verbose: bool) -> None:
+    """fastprompt's log records on stderr through rich: INFO and up with --verbose, else
+    warnings and errors only. Replaces the handler a previous command in this process set."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("fastprompt")
+    for handler in [h for h in logger.handlers if getattr(h, "_fastprompt", False)]:
+        logger.removeHandler(handler)
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
+    handler._fastprompt = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+def _click_params(parameters: list[inspect.Parameter]) -> list:
+    """Click parameters for `parameters` (each `Annotated[type, typer.Option(...)]`), built by
+    Typer itself from a function with that signature."""
+
+    def flags(**kwargs: Any) -> None: ...
+
+    flags.__signature__ = inspect.Signature(parameters)
+    holder = typer.Typer(add_completion=False)
+    holder.command()(flags)
+    return list(typer.main.get_command(holder).params)
+
+
+def _flag(name: str, annotation, *decls: str, help: str, panel: Optional[str] = None, default=None) -> inspect.Parameter:
+    option = typer.Option(*decls, help=help, rich_help_panel=panel, show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option])
+
+
+class Command(TyperCommand):
+    """A fastprompt command: its own parameters plus `extra_flags()`, which are built when the
+    command parses arguments or prints help (so `fastprompt --version` imports nothing), and
+    handed to the callback as `ctx.meta["flags"]` instead of as keyword arguments."""
+
+    def extra_flags(self) -> list[inspect.Parameter]:
+        return [_flag("verbose", bool, "--verbose", "-v", default=False,
+                      help="Show INFO log messages (fallbacks, caps, resolved settings) on stderr; warnings always show.")]
+
+    def get_params(self, ctx):
+        if getattr(self, "_extra", None) is None:
+            self._extra = _click_params(self.extra_flags())
+        params = super().get_params(ctx)
+        own = [p for p in params if p.name != "help"]
+        return [*own, *self._extra, *[p for p in params if p.name == "help"]]
+
+    def invoke(self, ctx):
+        extra = {p.name: ctx.params.pop(p.name) for p in self._extra if p.name in ctx.params}
+        _setup_logging(bool(extra.pop("verbose", False)))
+        ctx.meta["flags"] = extra
+        return super().invoke(ctx)
+
+
+def command(typer_app: typer.Typer, name: str):
+    """Register a command with -v/--verbose (`Command`)."""
+    return typer_app.command(name, cls=Command)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"fastprompt {fastprompt.__version__}")
@@ -54,7 +121,7 @@ def _root(
     """Fast, exact prompt tuning for CLIP-like vision-language models."""
 
 
-@app.command("methods")
+@command(app, "methods")
 def methods_cmd() -> None:
     """List the prompt-tuning methods this engine implements."""
     for name in fastprompt.list_methods():
@@ -72,7 +139,7 @@ prepare_app = typer.Typer(
 app.add_typer(prepare_app, name="prepare")
 
 
-@prepare_app.command("imagefolder")
+@command(prepare_app, "imagefolder")
 @user_errors
 def prepare_imagefolder_cmd(
     root: Annotated[str, typer.Argument(help="Folder of class folders (or train/ val/ test/ of class folders); the split file's paths are relative to it.")],
@@ -95,7 +162,7 @@ def prepare_imagefolder_cmd(
     typer.echo(summary.line())
 
 
-@prepare_app.command("demo")
+@command(prepare_app, "demo")
 @user_errors
 def prepare_demo_cmd(
     out: Annotated[str, typer.Option("--out", help="Output NAME.beton; the sidecar NAME.json goes beside it.")] = "demo.beton",
@@ -111,7 +178,7 @@ def prepare_demo_cmd(
     typer.echo(summary.line())
 
 
-@prepare_app.command("demo-clip")
+@command(prepare_app, "demo-clip")
 @user_errors
 def prepare_demo_clip_cmd(
     out: Annotated[str, typer.Option("--out", help="Output checkpoint NAME.pt; use it as --clip fastprompt-tiny --pretrained NAME.pt.")] = "demo-clip.pt",
@@ -142,23 +209,42 @@ def _console():
     return Console(stderr=True)
 
 
-# CLI flag -> create_model keyword, for the method options (only the flags given are passed)
-METHOD_FLAGS = {
-    "coop_n_ctx": "n_ctx", "coop_csc": "csc", "coop_ctx_init": "ctx_init", "vpt_n_prompts": "n_prompts",
-    "cavpt_topk": "topk", "cavpt_layers": "layers", "cavpt_alpha": "alpha", "cavpt_aux_target": "aux_target",
-    "cavpt_topk_source": "topk_source", "cavpt_text_prompt": "text_prompt", "e2mim_mixup_alpha": "mixup_alpha",
-    "e2mim_mi_weight": "mi_weight", "e2mim_infer": "infer", "e2mim_mi_dim": "mi_dim",
-}
-
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (auto: cuda when available).")]
 Precision = Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 (auto: bf16 autocast on cuda, fp32 on cpu).")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Loader threads (default: the available cores).")]
 
 
-@app.command("train")
+class TrainCommand(Command):
+    """`fastprompt train`: also one flag per method option (`--{prefix}.{option}`, from the
+    options dataclasses of the registered methods) and per parameter group (`--lr.{group}`,
+    `--warmup-epochs.{group}`); only the flags given reach the config."""
+
+    def extra_flags(self) -> list[inspect.Parameter]:
+        from fastprompt.methods import METHODS
+        from fastprompt.methods.registry import group_names, option_flags
+
+        flags = super().extra_flags()
+        for fl in option_flags():
+            shown = "" if fl.default is None else f" (default: {'on' if fl.default is True else 'off' if fl.default is False else fl.default})"
+            text = (fl.help[:1].upper() if fl.help[:1].isascii() else fl.help[:1]) + fl.help[1:] + shown + "."
+            decls = (f"{fl.flag}/{fl.off_flag}",) if fl.type is bool else (fl.flag,)
+            flags.append(_flag(f"option__{fl.field}", Optional[fl.type], *decls, help=text, panel="Method options"))
+        groups = {g.name: g for cls in reversed(list(METHODS.values())) for g in cls.groups}
+        for name in group_names():
+            g = groups[name]
+            imagenet = f", {g.imagenet_warmup_epochs} on ImageNet" if g.imagenet_warmup_epochs is not None else ""
+            flags.append(_flag(f"lr__{name}", Optional[float], f"--lr.{name}", panel="Parameter groups",
+                               help=f"Peak learning rate of the {name} group (default {g.lr}); overrides --lr."))
+            flags.append(_flag(f"warmup__{name}", Optional[int], f"--warmup-epochs.{name}", panel="Parameter groups",
+                               help=f"Warm-up epochs of the {name} group (default {g.warmup_epochs}{imagenet}); overrides --warmup-epochs."))
+        return flags
+
+
+@app.command("train", cls=TrainCommand)
 @user_errors
 def train_cmd(
-    method: Annotated[str, typer.Option("--method", help="zeroshot is evaluated with `fastprompt zeroshot`; train: coop, vpt-shallow, vpt-deep, vlp, cavpt, e2mim.")],
+    ctx: typer.Context,
+    method: Annotated[str, typer.Option("--method", help="A method from `fastprompt methods` that trains something (zeroshot is `fastprompt zeroshot`).")],
     data: Annotated[str, typer.Option("--data", help="A .beton from `fastprompt prepare` (its .json sidecar beside it).")],
     out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/METHOD-DATA-Sshot-seedN). The same --out resumes.")] = None,
     clip: Annotated[str, typer.Option("--clip", help="open_clip model name, or fastprompt-tiny.")] = "ViT-B-32",
@@ -167,52 +253,38 @@ def train_cmd(
     shots: Annotated[int, typer.Option("--shots", help="Training images per class (0: all).")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Few-shot sample, init, order and augmentation.")] = 1,
     classes: Annotated[str, typer.Option("--classes", help="all | base (base-to-new: also evaluates new classes).")] = "all",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Default: 200 for 16 shots, 100 for 4-8, 50 for 1-2.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Default (CoOp): 50 for 1 shot, 100 for 2-4, 200 for 8-16; 50 on ImageNet.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 32,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (the papers') | adamw.")] = "sgd",
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine decay after warm-up).")] = 0.002,
-    warmup_epochs: Annotated[Optional[int], typer.Option("--warmup-epochs", help="Constant-lr warm-up epochs (default 10 visual / 1 text, at most epochs/10).")] = None,
-    warmup_lr: Annotated[float, typer.Option("--warmup-lr")] = 1e-5,
-    momentum: Annotated[float, typer.Option("--momentum")] = 0.9,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of every parameter group (default: each group's, see --lr.GROUP); Dassl's cosine after warm-up.")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option("--warmup-epochs", help="Constant-lr warm-up epochs of every group (default: each group's, see --warmup-epochs.GROUP).")] = None,
+    warmup_lr: Annotated[float, typer.Option("--warmup-lr", help="Learning rate during warm-up.")] = 1e-5,
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum, every group.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay, every group.")] = 5e-4,
     device: Device = "auto",
     precision: Precision = "auto",
     backend: Annotated[str, typer.Option("--backend", help="fast | reference (the eager oracle).")] = "fast",
     compile: Annotated[str, typer.Option("--compile", help="torch.compile the training step: auto (on cuda only) | off | default | reduce-overhead | max-autotune.")] = "auto",
     workers: Workers = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints (0: only at the end).")] = 1,
-    feature_cache: Annotated[int, typer.Option("--feature-cache", help="coop/e2mim: cache V augmented views of the frozen image features (0: off).")] = 0,
-    coop_n_ctx: Annotated[Optional[int], typer.Option("--coop.n-ctx", help="CoOp context vectors M (default 16).")] = None,
-    coop_csc: Annotated[Optional[bool], typer.Option("--coop.csc/--coop.shared", help="Class-specific context.")] = None,
-    coop_ctx_init: Annotated[Optional[str], typer.Option("--coop.ctx-init", help="Init phrase, e.g. 'a photo of a'.")] = None,
-    vpt_n_prompts: Annotated[Optional[int], typer.Option("--vpt.n-prompts", help="Visual prompts per layer (default 10).")] = None,
-    cavpt_topk: Annotated[Optional[int], typer.Option("--cavpt.topk", help="K_N classes per image (default 5).")] = None,
-    cavpt_layers: Annotated[Optional[int], typer.Option("--cavpt.layers", help="Last layers with class-aware prompts (default 1).")] = None,
-    cavpt_alpha: Annotated[Optional[float], typer.Option("--cavpt.alpha", help="Auxiliary loss weight (default 1.0).")] = None,
-    cavpt_aux_target: Annotated[Optional[str], typer.Option("--cavpt.aux-target", help="eq10 | gt-only.")] = None,
-    cavpt_topk_source: Annotated[Optional[str], typer.Option("--cavpt.topk-source", help="cached | online.")] = None,
-    cavpt_text_prompt: Annotated[Optional[bool], typer.Option("--cavpt.text-prompt", help="Also learn CoOp context (VLP-CLIP-CAVPT).")] = None,
-    e2mim_no_mixup: Annotated[bool, typer.Option("--e2mim.no-mixup", help="Switch class-wise mixup off.")] = False,
-    e2mim_mixup_alpha: Annotated[Optional[float], typer.Option("--e2mim.mixup-alpha", help="Beta(a, a) of the mixup weight (default 1.0).")] = None,
-    e2mim_mi_weight: Annotated[Optional[float], typer.Option("--e2mim.mi-weight", help="InfoNCE weight (default 1.0; 0 = off).")] = None,
-    e2mim_infer: Annotated[Optional[str], typer.Option("--e2mim.infer", help="ensemble | soft.")] = None,
-    e2mim_mi_dim: Annotated[Optional[int], typer.Option("--e2mim.mi-dim", help="Critic head width (default 128).")] = None,
+    feature_cache: Annotated[int, typer.Option("--feature-cache", help="Methods with a frozen image tower (coop, e2mim): cache V augmented views of the image features (0: off).")] = 0,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
     from pathlib import Path
 
     from fastprompt.training import TrainConfig, train
 
-    given = locals()
-    options = {key: given[flag] for flag, key in METHOD_FLAGS.items() if given[flag] is not None}
-    if e2mim_no_mixup:
-        options["mixup"] = False
+    flags = {name: value for name, value in ctx.meta["flags"].items() if value is not None}
+    options = {name.removeprefix("option__"): v for name, v in flags.items() if name.startswith("option__")}
+    group_lr = {name.removeprefix("lr__"): v for name, v in flags.items() if name.startswith("lr__")}
+    group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
     if out is None:
         out = str(Path("runs") / f"{method}-{Path(data).stem}-{shots}shot-seed{seed}")
     config = TrainConfig(
         method=method, data=data, out=out, clip=clip, pretrained=pretrained, template=template,
         shots=shots or None, seed=seed, classes=classes, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-        warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, momentum=momentum, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, group_lr=group_lr, group_warmup_epochs=group_warmup, warmup_lr=warmup_lr,
+        momentum=momentum, weight_decay=weight_decay,
         device=device, precision=precision, backend=backend, compile=compile, num_workers=workers,
         checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options,
     )
@@ -220,7 +292,7 @@ def train_cmd(
     typer.echo(json.dumps(results))
 
 
-@app.command("eval")
+@command(app, "eval")
 @user_errors
 def eval_cmd(
     run: Annotated[str, typer.Argument(help="The --out directory of a finished `fastprompt train`.")],
@@ -239,7 +311,7 @@ def eval_cmd(
     typer.echo(json.dumps(result))
 
 
-@app.command("zeroshot")
+@command(app, "zeroshot")
 @user_errors
 def zeroshot_cmd(
     data: Annotated[str, typer.Option("--data", help="A .beton from `fastprompt prepare`.")],
@@ -270,7 +342,7 @@ def _comma_list(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-@app.command("bench")
+@command(app, "bench")
 @user_errors
 def bench_cmd(
     clip: Annotated[str, typer.Option("--clip", help="open_clip model name, or fastprompt-tiny.")] = "ViT-B-32",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional, Sequence, Union
 
@@ -9,28 +10,18 @@ import torch
 
 from fastprompt.errors import FastpromptError
 from fastprompt.methods.base import PromptModel
-from fastprompt.methods.cavpt import Cavpt, CavptConfig
-from fastprompt.methods.coop import Coop, CoopConfig
-from fastprompt.methods.e2mim import E2mim, E2mimConfig
-from fastprompt.methods.vlp import Vlp, VlpConfig
-from fastprompt.methods.vpt import VptConfig, VptDeep, VptShallow
-from fastprompt.methods.zeroshot import ZeroShot, ZeroShotConfig
+from fastprompt.methods.registry import METHODS, ParamGroup, method_class, register_method, unregister_method
 from fastprompt.models.clip import load_clip
 from fastprompt.models.text import BACKENDS
 from fastprompt.prompts.templates import resolve_templates, validate_classnames
 
+# The built-in methods register themselves on import; this order is list_methods()'s.
+from fastprompt.methods import zeroshot, coop, vpt, vlp, cavpt, e2mim  # noqa: E402,F401  isort: skip
+
 log = logging.getLogger(__name__)
 
-# name -> (model class, options dataclass); the order is the order of list_methods()
-METHODS = {
-    "zeroshot": (ZeroShot, ZeroShotConfig),
-    "coop": (Coop, CoopConfig),
-    "vpt-shallow": (VptShallow, VptConfig),
-    "vpt-deep": (VptDeep, VptConfig),
-    "vlp": (Vlp, VlpConfig),
-    "cavpt": (Cavpt, CavptConfig),
-    "e2mim": (E2mim, E2mimConfig),
-}
+__all__ = ["METHODS", "ParamGroup", "PromptModel", "create_model", "list_methods", "method_class", "method_config",
+           "register_method", "unregister_method"]
 
 
 def list_methods() -> list[str]:
@@ -39,10 +30,8 @@ def list_methods() -> list[str]:
 
 def method_config(method: str, **options):
     """The validated options dataclass of `method` (unknown names are errors)."""
-    if method not in METHODS:
-        raise FastpromptError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
-    config_cls = METHODS[method][1]
-    valid = config_cls.field_names()
+    config_cls = method_class(method).options
+    valid = [f.name for f in dataclasses.fields(config_cls)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise FastpromptError(
@@ -76,5 +65,4 @@ def create_model(
     if backend not in BACKENDS:
         raise FastpromptError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
     bundle = load_clip(clip, pretrained, device=device)
-    model_cls = METHODS[method][0]
-    return model_cls(bundle, names, templates, backend, config)
+    return method_class(method)(bundle, names, templates, backend, config)

@@ -1,6 +1,15 @@
 """`PromptModel`: the frozen CLIP plus the prompt parts a method composes.
 
-A method is a subclass whose constructor picks parts:
+A method is a subclass, registered with `@register_method(name)`, that declares its facts
+(read by the trainer, bench and CLI; nobody keeps a list of method names):
+- `options`: its options dataclass (the keywords of `create_model`, the `--prefix.option` flags);
+- `groups`: the `ParamGroup`s it may train (`text`, `visual`, ...), each with its default lr
+  and warm-up; a trainable tensor `NAME.rest` belongs to group `NAME`;
+- `frozen_image_tower`: images pass an unprompted frozen tower, so their features can be cached;
+- `wants_topk_table()`: the trainer should supply per-image zero-shot top-K (CAVPT, cached);
+- what it saves: `prompt_state_dict()` (its trainable tensors) of which `training_only_names()`
+  stay with the training classes.
+Its constructor picks parts:
 - `self.text`: None (cached hand-crafted features) or a `CoopContext` (learnable context);
 - `self.visual`: None (frozen image tower), shallow or deep `VisualPrompts`;
 and, where the method needs more, overrides `extra_prompts` / `forward` / `loss`.
@@ -10,7 +19,7 @@ Logits are always `τ · cos(x, w)` with CLIP's own frozen τ.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +27,7 @@ from torch import nn
 
 from fastprompt.errors import FastpromptError
 from fastprompt.losses import cosine_ce
+from fastprompt.methods.registry import ParamGroup
 from fastprompt.models import vision
 from fastprompt.models.clip import ClipBundle
 from fastprompt.prompts.coop import CoopContext
@@ -26,11 +36,22 @@ from fastprompt.prompts.visual import VisualPrompts
 
 log = logging.getLogger(__name__)
 
+# CoOp's recipe for the learnable text context (CoOp configs/trainers/CoOp/*.yaml).
+TEXT_GROUP = ParamGroup("text", lr=0.002, warmup_epochs=1,
+                        source="CoOp configs/trainers/CoOp/rn50.yaml: OPTIM.LR 0.002, WARMUP_EPOCH 1, WARMUP_CONS_LR 1e-5")
+# The CAVPT authors' recipe for VPT prompts (fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml),
+# with 1 warm-up epoch on ImageNet as in their ImageNet runs.
+VISUAL_GROUP = ParamGroup("visual", lr=0.01, warmup_epochs=10, imagenet_warmup_epochs=1,
+                          source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
+
 
 class PromptModel(nn.Module):
     """Base of every method: `model(images) -> logits [B, K]`, `model.loss(images, labels)`."""
 
-    method: str = ""
+    method: ClassVar[str] = ""  # set by @register_method
+    options: ClassVar[Optional[type]] = None  # the options dataclass
+    groups: ClassVar[Optional[tuple[ParamGroup, ...]]] = None  # the parameter groups it may train
+    frozen_image_tower: ClassVar[Optional[bool]] = None  # True: features of the unprompted tower can be cached
 
     def __init__(self, bundle: ClipBundle, classnames: Sequence[str], templates: Sequence[str], backend: str, config):
         super().__init__()
@@ -72,10 +93,33 @@ class PromptModel(nn.Module):
         """Per-sample prompt callback for the image tower (CAVPT overrides it)."""
         return None
 
-    @property
-    def frozen_image_tower(self) -> bool:
-        """True when images pass an unprompted, frozen tower: their features can be cached."""
-        return self.visual is None
+    def wants_topk_table(self) -> bool:
+        """True when training wants the per-image zero-shot top-K table from the trainer
+        (then the model has `k_n` and `zero_shot_topk(images)`, and its loss takes `topk`)."""
+        return False
+
+    def param_groups(self) -> list[tuple[ParamGroup, list[tuple[str, nn.Parameter]]]]:
+        """The declared groups that hold trainable tensors here, with their (name, tensor) pairs;
+        a group the options leave empty (CAVPT's `text` without text_prompt) is left out."""
+        declared = {g.name: g for g in self.groups}
+        members: dict[str, list] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            group = name.split(".", 1)[0]
+            if group not in declared:
+                raise TypeError(f"{type(self).__qualname__} trains {name}, which belongs to no declared group "
+                                f"({', '.join(declared) or 'none'}); add ParamGroup({group!r}, ...) to its `groups`")
+            members.setdefault(group, []).append((name, p))
+        return [(g, members[g.name]) for g in self.groups if g.name in members]
+
+    def resolved_options(self) -> dict:
+        """Every option as this model was built, defaults and derived values filled in
+        (CoOp's `n_ctx` from `ctx_init`): what rebuilds this exact model."""
+        options = self.config.to_dict()
+        if self.text is not None and "n_ctx" in options:
+            options["n_ctx"] = self.text.n_ctx
+        return options
 
     def image_features(self, images: Optional[torch.Tensor], context: Optional[dict] = None) -> torch.Tensor:
         """Image features [B, D], normalised, through the (prompted) image tower; for a frozen

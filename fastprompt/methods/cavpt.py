@@ -29,8 +29,9 @@ from torch import nn
 
 from fastprompt.errors import FastpromptError
 from fastprompt.losses import cosine_ce
-from fastprompt.methods.base import PromptModel, add_coop, add_visual_prompts
+from fastprompt.methods.base import TEXT_GROUP, VISUAL_GROUP, PromptModel, add_coop, add_visual_prompts
 from fastprompt.methods.options import CavptOptions, CoopOptions, VisualOptions
+from fastprompt.methods.registry import ParamGroup, register_method
 from fastprompt.models import vision
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,20 @@ def aux_targets(topk: torch.Tensor, labels: torch.Tensor, num_classes: int) -> t
     return torch.where(is_gt, onehot[:, None, :], uniform[:, None, :])  # (B, K_N, K)
 
 
+# The class-aware module and its auxiliary classifier: the VPT prompts' recipe in the authors'
+# code (one optimiser over the whole prompt learner; fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml).
+CAVPT_GROUP = ParamGroup("cavpt", lr=0.01, warmup_epochs=10, imagenet_warmup_epochs=1,
+                         source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
+
+
+@register_method("cavpt")
 class Cavpt(PromptModel):
-    method = "cavpt"
+    options = CavptConfig
+    groups = (TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP)  # text: only with text_prompt=True
+    frozen_image_tower = False
+
+    def wants_topk_table(self) -> bool:
+        return self.config.topk_source == "cached"
 
     def __init__(self, bundle, classnames, templates, backend, config: CavptConfig):
         super().__init__(bundle, classnames, templates, backend, config)

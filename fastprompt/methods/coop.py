@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastprompt.methods.base import PromptModel, add_coop
+from fastprompt.methods.base import TEXT_GROUP, PromptModel, add_coop
 from fastprompt.methods.options import CoopOptions
+from fastprompt.methods.registry import register_method
 
 
 @dataclass
@@ -13,8 +14,11 @@ class CoopConfig(CoopOptions):
     pass
 
 
+@register_method("coop")
 class Coop(PromptModel):
-    method = "coop"
+    options = CoopConfig
+    groups = (TEXT_GROUP,)
+    frozen_image_tower = True
 
     def __init__(self, bundle, classnames, templates, backend, config: CoopConfig):
         super().__init__(bundle, classnames, templates, backend, config)

@@ -2,13 +2,16 @@
 
 Each group validates itself in `__post_init__` with a message that names the field; a
 method's config is the union of the groups it uses (dataclass multiple inheritance).
+Each group's `flag_prefix` names its CLI flags (`--coop.n-ctx`); the flags, their types,
+defaults and help (the comment after each field) are generated from these classes
+(`fastprompt.methods.registry.option_flags`), so a new field is a new flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 from fastprompt.validation import is_int as _is_int
 from fastprompt.validation import require as _require
@@ -16,7 +19,9 @@ from fastprompt.validation import require as _require
 
 @dataclass
 class Options:
-    """Base: runs every group's `_validate_*` method after construction."""
+    """Base: runs every group's `_validate` method after construction."""
+
+    flag_prefix: ClassVar[str] = ""  # CLI flags of the fields a class defines: --{flag_prefix}.{field}
 
     def __post_init__(self) -> None:
         for cls in type(self).__mro__:
@@ -34,8 +39,10 @@ class Options:
 
 @dataclass
 class CoopOptions(Options):
+    flag_prefix: ClassVar[str] = "coop"
+
     n_ctx: Optional[int] = None  # context vectors M: 16, or the length of ctx_init
-    csc: bool = False  # class-specific context ([K, M, width]) instead of one shared context
+    csc: bool = field(default=False, metadata={"off": "shared"})  # class-specific context ([K, M, width]) instead of one shared context
     ctx_init: Optional[str] = None  # init phrase such as "a photo of a" instead of N(0, 0.02)
 
     def _validate(self) -> None:
@@ -48,6 +55,8 @@ class CoopOptions(Options):
 
 @dataclass
 class VisualOptions(Options):
+    flag_prefix: ClassVar[str] = "vpt"
+
     n_prompts: int = 10  # visual prompts P per layer
 
     def _validate(self) -> None:
@@ -61,6 +70,8 @@ TOPK_SOURCES = ("cached", "online")
 
 @dataclass
 class CavptOptions(Options):
+    flag_prefix: ClassVar[str] = "cavpt"
+
     topk: int = 5  # K_N classes per image from zero-shot inference (capped at the class count)
     layers: int = 1  # class-aware prompts in the last `layers` layers
     alpha: float = 1.0  # weight of the auxiliary loss (eq. 12)
@@ -83,6 +94,8 @@ INFER_MODES = ("ensemble", "soft")
 
 @dataclass
 class E2mimOptions(Options):
+    flag_prefix: ClassVar[str] = "e2mim"
+
     mixup: bool = True  # class-wise visual mixup (False: the --e2mim.no-mixup ablation)
     mixup_alpha: float = 1.0  # λ ~ Beta(mixup_alpha, mixup_alpha)
     mi_weight: float = 1.0  # λ_mi, weight of the InfoNCE term (0 switches it off)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastprompt.methods.base import PromptModel, add_coop, add_visual_prompts
+from fastprompt.methods.base import TEXT_GROUP, VISUAL_GROUP, PromptModel, add_coop, add_visual_prompts
 from fastprompt.methods.options import CoopOptions, VisualOptions
+from fastprompt.methods.registry import register_method
 
 
 @dataclass
@@ -13,8 +14,11 @@ class VlpConfig(VisualOptions, CoopOptions):
     pass
 
 
+@register_method("vlp")
 class Vlp(PromptModel):
-    method = "vlp"
+    options = VlpConfig
+    groups = (TEXT_GROUP, VISUAL_GROUP)
+    frozen_image_tower = False
 
     def __init__(self, bundle, classnames, templates, backend, config: VlpConfig):
         super().__init__(bundle, classnames, templates, backend, config)

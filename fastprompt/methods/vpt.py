@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastprompt.methods.base import PromptModel, add_visual_prompts
+from fastprompt.methods.base import VISUAL_GROUP, PromptModel, add_visual_prompts
 from fastprompt.methods.options import VisualOptions
+from fastprompt.methods.registry import register_method
 
 
 @dataclass
@@ -13,20 +14,26 @@ class VptConfig(VisualOptions):
     pass
 
 
+@register_method("vpt-shallow")
 class VptShallow(PromptModel):
     """P prompts inserted after the embedding and carried through every layer."""
 
-    method = "vpt-shallow"
+    options = VptConfig
+    groups = (VISUAL_GROUP,)
+    frozen_image_tower = False
 
     def __init__(self, bundle, classnames, templates, backend, config: VptConfig):
         super().__init__(bundle, classnames, templates, backend, config)
         add_visual_prompts(self, "shallow", config.n_prompts)
 
 
+@register_method("vpt-deep")
 class VptDeep(PromptModel):
     """P learnable prompts per layer, replaced at every layer (eq. 6)."""
 
-    method = "vpt-deep"
+    options = VptConfig
+    groups = (VISUAL_GROUP,)
+    frozen_image_tower = False
 
     def __init__(self, bundle, classnames, templates, backend, config: VptConfig):
         super().__init__(bundle, classnames, templates, backend, config)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fastprompt.methods.base import PromptModel
 from fastprompt.methods.options import Options
+from fastprompt.methods.registry import register_method
 
 
 @dataclass
@@ -13,5 +14,8 @@ class ZeroShotConfig(Options):
     """Zero-shot CLIP has no options."""
 
 
+@register_method("zeroshot")
 class ZeroShot(PromptModel):
-    method = "zeroshot"
+    options = ZeroShotConfig
+    groups = ()  # trains nothing
+    frozen_image_tower = True

@@ -1,9 +1,14 @@
 """The typed run configuration of `fastprompt train`, validated field by field.
 
-Defaults follow SPEC.md: SGD with momentum, cosine decay, a constant warm-up at 1e-5
-(10 epochs for visual-prompt methods, as the CAVPT paper; 1 for text-only methods, as
-CoOp), CoOp's learning rate 0.002 and batch 32, and CoOp's epochs by shots (200 for 16
-shots, 100 for 4-8, 50 for 1-2).
+Defaults follow the papers' code: SGD (momentum 0.9, weight decay 5e-4) with one param
+group per trainable part, each with its own peak lr and warm-up (the method's `ParamGroup`
+defaults: text 0.002 / 1 epoch as CoOp; visual prompts and the CAVPT module 0.01 / 10
+epochs, 1 on ImageNet, as the CAVPT authors), Dassl's schedule (`dassl_lr`), batch 32, and
+CoOp's epochs by shots (`default_epochs`).
+
+A `TrainConfig` holds what the user asked for; `resolve()` fills in what depends on the
+dataset and the model (epochs, every group's lr and warm-up, every method option) and is
+what a run directory's config.json holds.
 """
 
 from __future__ import annotations
@@ -11,18 +16,43 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from fastprompt.errors import FastpromptError
+from fastprompt.methods.registry import METHODS, ParamGroup
 from fastprompt.runtime import DEVICES, PRECISIONS
-from fastprompt.validation import check_int, check_number
+from fastprompt.validation import check_int, check_number, require
 
 CLASS_CHOICES = ("all", "base", "new")
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # the last three: inductor modes
 COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo + AOTAutograd without code generation (tests, debugging)
-VISUAL_METHODS = ("vpt-shallow", "vpt-deep", "vlp", "cavpt")
-FROZEN_TOWER_METHODS = ("coop", "e2mim")
+
+
+def default_epochs(shots: Optional[int], dataset: str) -> int:
+    """CoOp's epochs by shots (its README and configs rn50_ep50 / rn50_ep100 / rn50): 1 shot 50,
+    2 and 4 shots 100, 8 and 16 shots 200, ImageNet 50 at every shot count. Counts CoOp never
+    ran: 3 takes 100, 5-7 and more than 16 (or every image, shots=None) take 200."""
+    if dataset == "imagenet":
+        return 50
+    shots = 16 if shots is None else shots
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
+def dassl_lr(epoch: int, *, lr: float, warmup_epochs: int, epochs: int, warmup_lr: float) -> float:
+    """The learning rate of 0-based `epoch` under Dassl's schedule:
+
+        lr(e) = warmup_lr                              for e < W
+        lr(e) = ½ · lr · (1 + cos(π · (e − W) / E))    for e ≥ W,   E = epochs
+
+    Source: Dassl.pytorch dassl/optim/lr_scheduler.py, `ConstantWarmupScheduler(successor=
+    CosineAnnealingLR(optimizer, T_max=MAX_EPOCH), warmup_epoch=W, cons_lr=WARMUP_CONS_LR)`
+    with WARMUP_RECOUNT=True (the default), stepped once at the end of every epoch: epochs
+    0..W-1 train at cons_lr; the cosine starts at its epoch 0 (the full lr) in epoch W and
+    its T_max is the total epoch count, so it never reaches zero within the run."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
 @dataclass
@@ -36,14 +66,16 @@ class TrainConfig:
     shots: Optional[int] = 16  # training images per class; None: every training image
     seed: int = 1  # few-shot sample, prompt init, data order and augmentation
     classes: str = "all"  # "all", or "base" (train on base, evaluate base and new: base-to-new)
-    epochs: Optional[int] = None  # None: CoOp's schedule by shots (200 / 100 / 50)
+    epochs: Optional[int] = None  # None: CoOp's by shots (1: 50, 2-4: 100, 8-16: 200; ImageNet 50)
     batch_size: int = 32  # global batch (split over ranks under torchrun)
     optimizer: str = "sgd"  # "sgd" (the papers', with momentum) or "adamw"
-    lr: float = 0.002  # peak learning rate (CoOp)
-    warmup_epochs: Optional[int] = None  # None: 10 (visual prompts) or 1 (text only), at most epochs // 10
-    warmup_lr: float = 1e-5  # constant learning rate during warm-up
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: Optional[float] = None  # peak lr of every group; None: each group's default (text 0.002, visual 0.01, ...)
+    warmup_epochs: Optional[int] = None  # warm-up epochs of every group; None: each group's default
+    group_lr: dict = field(default_factory=dict)  # one group's peak lr, e.g. {"visual": 0.01}; resolved: every group
+    group_warmup_epochs: dict = field(default_factory=dict)  # one group's warm-up, e.g. {"visual": 10}; resolved: every group
+    warmup_lr: float = 1e-5  # constant learning rate during warm-up (Dassl's WARMUP_CONS_LR)
+    momentum: float = 0.9  # SGD momentum, every group
+    weight_decay: float = 5e-4  # every group
     device: str = "auto"  # auto: cuda when available
     precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     backend: str = "fast"  # "fast" or "reference" (the eager oracle)
@@ -56,14 +88,11 @@ class TrainConfig:
     options: dict = field(default_factory=dict)  # method options, e.g. {"topk": 5, "n_prompts": 10}
 
     def __post_init__(self) -> None:
-        from fastprompt.methods import list_methods
+        from fastprompt.methods import method_class, method_config
 
-        if self.method not in list_methods():
-            raise FastpromptError(f"unknown method '{self.method}'; choose one of: {', '.join(list_methods())}")
-        if self.method == "zeroshot":
-            raise FastpromptError("zeroshot has nothing to train; evaluate it with `fastprompt zeroshot --data ...`")
-        from fastprompt.methods import method_config
-
+        method_cls = method_class(self.method)
+        if not method_cls.groups:
+            raise FastpromptError(f"{self.method} has nothing to train; evaluate it with `fastprompt zeroshot --data ...`")
         method_config(self.method, **self.options)  # unknown or bad method options fail here, before any file is written
         check_int("shots", self.shots, allow_none=True)
         check_int("seed", self.seed, minimum=0)
@@ -74,17 +103,28 @@ class TrainConfig:
         check_int("epochs", self.epochs, allow_none=True)
         check_int("batch_size", self.batch_size)
         check_int("eval_batch_size", self.eval_batch_size)
-        check_number("lr", self.lr, strict=True)
+        check_number("lr", self.lr, strict=True, allow_none=True)
         check_int("warmup_epochs", self.warmup_epochs, allow_none=True, minimum=0)
+        known = {g.name for g in method_cls.groups}
+        for what, values in (("lr", self.group_lr), ("warmup_epochs", self.group_warmup_epochs)):
+            require(isinstance(values, dict), f"group_{what}={values!r} must be a dict of group name -> value")
+            for name, value in values.items():
+                require(name in known, f"{what}.{name}: {self.method} trains no '{name}' group (its groups: "
+                                       f"{', '.join(sorted(known))}); drop --{what.replace('_', '-')}.{name}")
+                if what == "lr":
+                    check_number(f"lr.{name}", value, strict=True)
+                else:
+                    check_int(f"warmup_epochs.{name}", value, minimum=0)
         check_number("warmup_lr", self.warmup_lr)
         check_number("momentum", self.momentum)
         check_number("weight_decay", self.weight_decay)
         check_int("checkpoint_every", self.checkpoint_every, minimum=0)
         check_int("num_workers", self.num_workers, allow_none=True)
         check_int("feature_cache", self.feature_cache, minimum=0)
-        if self.feature_cache and self.method not in FROZEN_TOWER_METHODS:
+        if self.feature_cache and not method_cls.frozen_image_tower:
+            frozen = [name for name, cls in METHODS.items() if cls.frozen_image_tower and cls.groups]
             raise FastpromptError(
-                f"feature_cache needs a frozen image tower ({', '.join(FROZEN_TOWER_METHODS)}); {self.method} prompts it, drop --feature-cache"
+                f"feature_cache needs a frozen image tower ({', '.join(frozen)}); {self.method} prompts it, drop --feature-cache"
             )
         if self.compile not in COMPILE_CHOICES:
             raise FastpromptError(f"compile={self.compile!r} must be one of {', '.join(COMPILE_CHOICES)}")
@@ -100,15 +140,35 @@ class TrainConfig:
             raise FastpromptError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if isinstance(self.pretrained, str) and self.pretrained.lower() == "none":
             self.pretrained = None
-        if self.epochs is None:
-            shots = self.shots or 16
-            self.epochs = 50 if shots <= 2 else 100 if shots <= 8 else 200
-        if self.warmup_epochs is None:
-            self.warmup_epochs = min(10 if self.method in VISUAL_METHODS else 1, self.epochs // 10)
-        if self.warmup_epochs >= self.epochs:
-            raise FastpromptError(
-                f"warmup_epochs={self.warmup_epochs} leaves no epoch of the {self.epochs} for the cosine schedule; lower it"
-            )
+
+    def resolve(self, dataset: str, groups: Sequence[ParamGroup], options: dict) -> "TrainConfig":
+        """This config with every default filled in: `epochs` by shots and dataset, every trained
+        group's lr and warm-up (flag for the group > flag for all groups > the group's default),
+        and the method's full `options`. Idempotent: a resolved config resolves to itself.
+
+        A warm-up of E or more epochs is an error: under Dassl's schedule the whole run would
+        train at warmup_lr and the cosine would never start (Dassl runs it; we refuse it)."""
+        epochs = self.epochs if self.epochs is not None else default_epochs(self.shots, dataset)
+        trained = {g.name for g in groups}
+        for what, values in (("lr", self.group_lr), ("warmup-epochs", self.group_warmup_epochs)):
+            for name in values:
+                require(name in trained, f"{what}.{name}: this {self.method} run trains no '{name}' group with these "
+                                         f"options (it trains: {', '.join(sorted(trained))}); drop --{what}.{name}")
+        group_lr, group_warmup = {}, {}
+        for g in groups:
+            group_lr[g.name] = float(self.group_lr.get(g.name, self.lr if self.lr is not None else g.lr))
+            warmup = self.group_warmup_epochs.get(g.name, self.warmup_epochs)
+            source = (f"--warmup-epochs.{g.name}" if g.name in self.group_warmup_epochs else
+                      "--warmup-epochs" if self.warmup_epochs is not None else f"the {g.name} group's default")
+            warmup = g.default_warmup(dataset) if warmup is None else int(warmup)
+            if warmup >= epochs:
+                raise FastpromptError(
+                    f"group {g.name}: warm-up of {warmup} epochs ({source}) leaves none of the {epochs} epochs for the cosine "
+                    f"schedule; pass --warmup-epochs.{g.name} (or --warmup-epochs) below {epochs}, or more --epochs"
+                )
+            group_warmup[g.name] = warmup
+        return dataclasses.replace(self, epochs=epochs, group_lr=group_lr, group_warmup_epochs=group_warmup,
+                                   options=dict(options))
 
     def compile_mode(self, device_type: str) -> Optional[str]:
         """The torch.compile mode of the training step on this device, or None for eager.
@@ -119,12 +179,10 @@ class TrainConfig:
             return None
         return "default" if self.compile == "auto" else self.compile
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of epoch `epoch` (0-based): constant warm-up, then cosine to 0."""
-        if epoch < self.warmup_epochs:
-            return self.warmup_lr
-        span = self.epochs - self.warmup_epochs
-        return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
+    def lr_at(self, group: str, epoch: int) -> float:
+        """Learning rate of `group` in 0-based `epoch` (a resolved config): Dassl's schedule."""
+        return dassl_lr(epoch, lr=self.group_lr[group], warmup_epochs=self.group_warmup_epochs[group],
+                        epochs=self.epochs, warmup_lr=self.warmup_lr)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

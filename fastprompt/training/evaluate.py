@@ -59,7 +59,7 @@ def model_for_classes(model: PromptModel, classnames: list[str], template=None) 
     return other
 
 
-def _load_run(run_dir: Path) -> tuple[dict, dict]:
+def _read_run(run_dir: Path) -> tuple[dict, dict]:
     config_path, prompts_path = run_dir / "config.json", run_dir / "prompts.safetensors"
     if not config_path.is_file() or not prompts_path.is_file():
         raise FastpromptError(
@@ -73,27 +73,41 @@ def _load_run(run_dir: Path) -> tuple[dict, dict]:
     return saved, prompts
 
 
-def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 128, num_workers: Optional[int] = None, template: Optional[str] = None) -> dict:
-    """Evaluate a finished run's prompts on the test split of `data` (any dataset, any classes)."""
-
-    run = Path(run_dir)
-    saved, prompts = _load_run(run)
-    ds = open_dataset(data)
-    classnames = ds.classnames_for(classes)
-    dev = resolve_device(device)
-    template = template or (saved["template"] if saved.get("template") and saved["classnames"] == classnames
-                            else ds.template)
+def _run_model(saved: dict, prompts: dict, classnames: list[str], template, device: torch.device) -> PromptModel:
+    """The run's method, CLIP and options (all from config.json) on `classnames`, its prompts loaded
+    (training-only tensors left out when the classes are not the run's)."""
     seed_everything(int(saved["seed"]))  # the same random CLIP weights as the run when --pretrained none
     model = create_model(saved["method"], classnames, clip=saved["clip"], pretrained=saved["pretrained"],
-                         template=template, backend=saved.get("backend", "fast"), device=dev, **saved["options"])
+                         template=template, backend=saved.get("backend", "fast"), device=device, **saved["options"])
     if model.bundle.weights_id != saved["weights_id"]:
         raise FastpromptError(
             f"the CLIP weights ({model.bundle.weights_id}) differ from those the run trained with ({saved['weights_id']}); "
             "use the same --clip/--pretrained files as the run"
         )
-    other = classnames != saved["classnames"]
-    model.load_prompt_state_dict({k: v.to(dev) for k, v in prompts.items()}, other_classes=other)
+    other = list(classnames) != list(saved["classnames"])
+    model.load_prompt_state_dict({k: v.to(device) for k, v in prompts.items()}, other_classes=other)
+    return model.eval()
+
+
+def load_run(run_dir: str, device: str = "cpu") -> PromptModel:
+    """The trained model of a finished `fastprompt train` run, rebuilt from its directory alone:
+    config.json (method, CLIP, every option, classes, template) and prompts.safetensors."""
+    saved, prompts = _read_run(Path(run_dir))
+    return _run_model(saved, prompts, saved["classnames"], saved["template"], resolve_device(device))
+
+
+def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 128, num_workers: Optional[int] = None, template: Optional[str] = None) -> dict:
+    """Evaluate a finished run's prompts on the test split of `data` (any dataset, any classes)."""
+
+    run = Path(run_dir)
+    saved, prompts = _read_run(run)
+    ds = open_dataset(data)
+    classnames = ds.classnames_for(classes)
+    dev = resolve_device(device)
+    template = template or (saved["template"] if saved.get("template") and saved["classnames"] == classnames
+                            else ds.template)
+    model = _run_model(saved, prompts, classnames, template, dev)
     acc = evaluate(model, ds, "test", classes, device=dev, batch_size=batch_size, num_workers=num_workers,
                    autocast=autocast_for(precision, dev))
     result = {"run": str(run), "method": saved["method"], "dataset": ds.name, "data": str(ds.path),

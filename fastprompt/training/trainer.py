@@ -1,15 +1,22 @@
 """The `Trainer`: few-shot prompt tuning with exact resume and DistributedDataParallel.
 
 One run = one `--out` directory:
-- `config.json`: the resolved `TrainConfig` (plus model facts), written at the start;
-- `metrics.jsonl`: one JSON line per epoch (loss, accuracy, lr, images/s);
-- `checkpoint.pt`: prompts, optimiser, RNG states, epoch and metrics, written atomically
-  every `checkpoint_every` epochs; a run started again with the same `--out` resumes from it;
+- `config.json`: the resolved `TrainConfig` (every group's lr and warm-up, every method
+  option, epochs) plus run facts (class names, template, dataset, weights), written at the
+  start: `load_run` / `fastprompt eval` rebuild the model from it alone;
+- `metrics.jsonl`: one JSON line per epoch (loss, accuracy, every group's lr, images/s);
+- `checkpoint.json` + `checkpoint-*.safetensors` (`fastprompt.training.checkpoint`): prompts,
+  optimiser, RNG states, epoch and metrics, committed atomically every `checkpoint_every`
+  epochs; a run started again with the same `--out` resumes from it;
 - `prompts.safetensors`: the trainable tensors only, at the end;
 - `results.json`: test accuracies at the end (base, new and harmonic mean for base-to-new).
 
+Optimisation: one optimiser with a param group per trained `ParamGroup` of the method
+(`text`, `visual`, `cavpt`, `e2mim`), each on Dassl's schedule with its own peak lr and
+warm-up (`fastprompt.training.config.dassl_lr`), set at the start of every epoch.
+
 Exact resume: epoch e's data order and augmentation are functions of (seed, e) (see
-`fastprompt.data.loaders`), the learning rate is a function of e, and the RNG states are
+`fastprompt.data.loaders`), the learning rates are functions of e, and the RNG states are
 saved at the epoch boundary; so a killed run resumed from its last checkpoint ends with
 the prompts and metrics of a run that never stopped.
 
@@ -33,12 +40,15 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from fastprompt.training import checkpoint
+
 from fastprompt.data import open_dataset
 from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write, write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
+from fastprompt.training.checkpoint import to_json_value
 from fastprompt.training.compiled import compile_fn
 from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
@@ -46,7 +56,9 @@ from fastprompt.training.feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+# what must match for a run directory's checkpoint to be resumed by this command
+RESUME_KEYS = ("method", "classes", "shots", "seed", "clip", "epochs", "batch_size", "optimizer", "feature_cache",
+               "group_lr", "group_warmup_epochs", "warmup_lr", "momentum", "weight_decay", "options")
 
 
 class _Step(nn.Module):
@@ -93,18 +105,24 @@ class Trainer:
         self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=config.pretrained,
                                   template=self.template, backend=config.backend, device=self.device,
                                   **config.options)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = self.model.param_groups()
+        self.config = config = config.resolve(self.data.name, [g for g, _ in groups], self.model.resolved_options())
+        log.info("parameter groups: %s; %d epochs", ", ".join(
+            f"{g.name} ({sum(p.numel() for _, p in members)} values) lr {config.group_lr[g.name]} warm-up "
+            f"{config.group_warmup_epochs[g.name]}" for g, members in groups), config.epochs)
+        param_groups = [{"params": [p for _, p in members], "name": g.name, "lr": config.lr_at(g.name, 0)}
+                        for g, members in groups]
         if config.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
+            self.optimizer = torch.optim.SGD(param_groups, lr=config.warmup_lr, momentum=config.momentum,
                                              weight_decay=config.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+            self.optimizer = torch.optim.AdamW(param_groups, lr=config.warmup_lr, weight_decay=config.weight_decay)
         n_train = len(self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes))
         if n_train < config.batch_size:
             raise FastpromptError(
                 f"batch_size={config.batch_size} exceeds the {n_train} training images of this run; lower --batch-size"
             )
-        self.cached_topk = config.method == "cavpt" and config.options.get("topk_source", "cached") == "cached"
+        self.cached_topk = self.model.wants_topk_table()
         self.loader = self.data.loader(
             "train", shots=config.shots, seed=config.seed, classes=config.classes, train=True,
             image_size=self.model.bundle.image_size, batch_size=config.batch_size // self.world,
@@ -139,9 +157,9 @@ class Trainer:
                 "world_size": self.world}
 
     def _prepare_out(self) -> None:
-        ckpt = self.out / "checkpoint.pt"
-        if ckpt.is_file():
-            self._resume(ckpt)
+        saved = checkpoint.load(self.out) if self.out.is_dir() else None
+        if saved is not None:
+            self._resume(*saved)
             return
         if self.is_main:
             try:
@@ -154,54 +172,46 @@ class Trainer:
             write_json(self.out / "config.json", {**self.config.to_dict(), **self._run_facts()})
             (self.out / "metrics.jsonl").write_text("")
 
-    def _resume(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise FastpromptError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it or use another --out") from None
-        saved = state.get("config", {})
-        for key in ("method", "classes", "shots", "seed", "clip", "epochs", "batch_size", "optimizer", "feature_cache"):
-            if saved.get(key) != getattr(self.config, key):
+    def _resume(self, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+        saved, ours = record.get("config", {}), to_json_value(self.config.to_dict())
+        for key in RESUME_KEYS:
+            if saved.get(key) != ours[key]:
                 raise FastpromptError(
-                    f"--out {self.out} holds a run with {key}={saved.get(key)!r}, this command has {getattr(self.config, key)!r}; "
+                    f"--out {self.out} holds a run with {key}={saved.get(key)!r}, this command has {ours[key]!r}; "
                     "use another --out or repeat the original command to resume it"
                 )
-        if state.get("classnames") != self.classnames:
+        if record.get("classnames") != list(self.classnames):
             raise FastpromptError(
                 f"--out {self.out} holds a run on other classes than {self.config.data} ({self.config.classes}); use another --out"
             )
-        if state.get("options") != self.config.options:
-            raise FastpromptError(
-                f"--out {self.out} holds a run with method options {state.get('options')}, this command has {self.config.options}; "
-                "use another --out or the same options"
-            )
-        self.model.load_prompt_state_dict(state["prompts"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch = int(state["epoch"])
-        self.metrics = list(state["metrics"])
-        set_rng_state(state["rng"])
+        prompts = {k.removeprefix("prompts."): v for k, v in tensors.items() if k.startswith("prompts.")}
+        self.model.load_prompt_state_dict(prompts)
+        self.optimizer.load_state_dict(checkpoint.optimizer_from_parts(record["optimizer"], tensors))
+        self.epoch = int(record["epoch"])
+        self.metrics = list(record["metrics"])
+        set_rng_state(checkpoint.rng_from_json(record["rng"]))
         if self.is_main:
             with open(self.out / "metrics.jsonl", "w") as f:  # drop lines of epochs after the checkpoint
                 for line in self.metrics:
                     f.write(json.dumps(line) + "\n")
         self._say(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
 
-    def state_dict(self) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON record, tensors) of everything an exact resume needs."""
+        tensors = {f"prompts.{k}": v for k, v in self.model.prompt_state_dict().items()}
+        record = {
             "config": self.config.to_dict(),
-            "options": self.config.options,
-            "classnames": self.classnames,
+            "classnames": list(self.classnames),
             "epoch": self.epoch,
-            "prompts": {k: v.cpu() for k, v in self.model.prompt_state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "rng": rng_state(),
+            "optimizer": checkpoint.optimizer_to_parts(self.optimizer.state_dict(), tensors),
+            "rng": checkpoint.rng_to_json(rng_state()),
             "metrics": self.metrics,
         }
+        return record, tensors
 
     def save_checkpoint(self) -> None:
         if self.is_main:
-            atomic_write(self.out / "checkpoint.pt", lambda tmp: torch.save(self.state_dict(), tmp))
+            checkpoint.save(self.out, *self.state_dict())
 
     def _say(self, text: str) -> None:
         if self.is_main and self.console is not None:
@@ -239,9 +249,9 @@ class Trainer:
 
     def train_epoch(self, progress=None, task=None) -> dict:
         cfg = self.config
-        lr = cfg.lr_at(self.epoch)
+        lr = {}
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr[group["name"]] = cfg.lr_at(group["name"], self.epoch)
         self.model.train()
         self.loader.set_epoch(self.epoch)
         total_loss = torch.zeros((), dtype=torch.float64)

@@ -1,0 +1,162 @@
+"""The method registry (timm style): a method is one module whose class registers itself.
+
+    @register_method("coop")
+    class Coop(PromptModel):
+        options = CoopConfig        # its options dataclass (keywords of create_model)
+        groups = (TEXT_GROUP,)      # the parameter groups it trains, with their default recipe
+        frozen_image_tower = True   # images pass an unprompted tower: features can be cached
+
+The trainer, bench and CLI ask the class for these facts; no list of method names exists
+outside the method's own module. The CLI's `--<prefix>.<option>` flags are generated from
+the options dataclasses by `option_flags()` (name, type, default, and help from the field's
+comment), and its `--lr.<group>` / `--warmup-epochs.<group>` flags from `group_names()`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import textwrap
+import tokenize
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Optional
+
+from fastprompt.errors import FastpromptError
+
+METHODS: dict[str, type] = {}  # name -> PromptModel subclass, in registration order (list_methods' order)
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """A named group of trainable tensors with its own default recipe (one optimiser param group).
+
+    A model's trainable tensor `NAME.rest` belongs to group `NAME` (`text.context` to `text`,
+    `cavpt.0.key.weight` to `cavpt`); `--lr.NAME` and `--warmup-epochs.NAME` override it."""
+
+    name: str  # the prompt-state prefix and the flag suffix
+    lr: float  # default peak learning rate
+    warmup_epochs: int  # default constant-lr warm-up epochs (Dassl's WARMUP_EPOCH)
+    imagenet_warmup_epochs: Optional[int] = None  # on ImageNet, where the recipe's source differs (None: the same)
+    source: str = ""  # where the defaults come from
+
+    def default_warmup(self, dataset: str) -> int:
+        if dataset == "imagenet" and self.imagenet_warmup_epochs is not None:
+            return self.imagenet_warmup_epochs
+        return self.warmup_epochs
+
+
+def register_method(name: str):
+    """Class decorator: register a `PromptModel` subclass under `name` (its `--method` name)."""
+
+    def add(cls):
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {METHODS[name].__qualname__}")
+        for attr in ("options", "groups", "frozen_image_tower"):
+            if getattr(cls, attr, None) is None:  # PromptModel leaves them None
+                raise TypeError(f"method {name!r} ({cls.__qualname__}) must declare `{attr}` (see fastprompt.methods.registry)")
+        if not dataclasses.is_dataclass(cls.options):
+            raise TypeError(f"method {name!r}: `options` must be a dataclass, got {cls.options!r}")
+        cls.method = name
+        METHODS[name] = cls
+        option_flags.cache_clear()
+        return cls
+
+    return add
+
+
+def unregister_method(name: str) -> None:
+    """Remove a registered method (tests that register a toy method clean up with this)."""
+    METHODS.pop(name, None)
+    option_flags.cache_clear()
+
+
+def method_class(name: str):
+    if name not in METHODS:
+        raise FastpromptError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def group_names() -> list[str]:
+    """Every parameter-group name any registered method trains, in first-seen order."""
+    names: dict[str, None] = {}
+    for cls in METHODS.values():
+        for group in cls.groups:
+            names.setdefault(group.name)
+    return list(names)
+
+
+# ------------------------------------------------------------------ CLI flags of the options
+@dataclass(frozen=True)
+class OptionFlag:
+    """One method option as a command-line flag: `--{prefix}.{name with dashes}`."""
+
+    prefix: str  # the options group's flag prefix (`flag_prefix` of the class defining the field)
+    field: str  # the keyword of create_model
+    type: type  # int, float, str or bool
+    default: Any  # the dataclass default (shown in --help; the flag itself defaults to "not given")
+    help: str  # metadata["help"], else the comment after the field
+    off: Optional[str] = None  # bool fields: the off switch's name (metadata["off"]), default "no-<name>"
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.prefix}.{self.field.replace('_', '-')}"
+
+    @property
+    def off_flag(self) -> str:
+        return f"--{self.prefix}.{self.off or 'no-' + self.field.replace('_', '-')}"
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """`{field: comment}` for the fields `cls` itself defines, from the `# comment` on the
+    line where each annotated assignment ends (read with ast and tokenize from the source)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # defined where no source is kept (e.g. an interactive session)
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    body = ast.parse(source).body[0]
+    return {node.target.id: comments[node.end_lineno] for node in getattr(body, "body", [])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.end_lineno in comments}
+
+
+def _flag_type(cls: type, name: str, hint: Any) -> type:
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else hint
+    if hint not in (int, float, str, bool):
+        raise TypeError(f"{cls.__qualname__}.{name}: a method option flag needs int, float, str or bool (or Optional of one), got {hint!r}")
+    return hint
+
+
+@lru_cache(maxsize=None)
+def option_flags() -> tuple[OptionFlag, ...]:
+    """The flags of every registered method's options, one per (prefix, field); a field shared
+    by several methods (CoOp's `n_ctx` in coop, vlp, cavpt, e2mim) is one flag."""
+    flags: dict[str, OptionFlag] = {}
+    for method_cls in METHODS.values():
+        options = method_cls.options
+        hints = typing.get_type_hints(options)
+        for f in dataclasses.fields(options):
+            if f.name in flags:
+                continue
+            owner = next(c for c in reversed(options.__mro__) if f.name in vars(c).get("__annotations__", {}))
+            prefix = vars(owner).get("flag_prefix")
+            if not prefix:
+                raise TypeError(f"{owner.__qualname__} defines option {f.name!r} but no `flag_prefix` (its CLI flags' prefix)")
+            flags[f.name] = OptionFlag(
+                prefix=prefix, field=f.name, type=_flag_type(owner, f.name, hints[f.name]),
+                default=f.default if f.default is not dataclasses.MISSING else None,
+                help=f.metadata.get("help") or field_comments(owner).get(f.name, ""), off=f.metadata.get("off"),
+            )
+    seen: dict[str, str] = {}
+    for fl in flags.values():
+        for flag in (fl.flag, fl.off_flag) if fl.type is bool else (fl.flag,):
+            if flag in seen:
+                raise TypeError(f"flag {flag} is generated for both {seen[flag]} and {fl.field}; rename one option")
+            seen[flag] = fl.field
+    return tuple(flags.values())
