@@ -57,7 +57,6 @@ def _setup_logging(verbose: bool) -> None:
     handler._fastprompt = True
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    logger.propagate = False
 
 
 def _click_params(parameters: list[inspect.Parameter]) -> list:

@@ -59,7 +59,7 @@ def dassl_lr(epoch: int, *, lr: float, warmup_epochs: int, epochs: int, warmup_l
 class TrainConfig:
     method: str  # a name from fastprompt.list_methods()
     data: str  # path of a .beton (its sidecar .json beside it)
-    out: str  # run directory: config.json, metrics.jsonl, checkpoint.pt, prompts.safetensors, results.json
+    out: str  # run directory: config.json, metrics.jsonl, checkpoint.json (+ tensors), prompts.safetensors, results.json
     clip: str = "ViT-B-32"  # open_clip model name, or fastprompt-tiny
     pretrained: Optional[str] = "openai"  # open_clip tag, checkpoint file, or None / "none" (random weights)
     template: Optional[str] = None  # hand-crafted template; None: the dataset's; "ensemble": CLIP's 7 templates
