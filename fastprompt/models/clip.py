@@ -1,10 +1,13 @@
 """Loading a frozen open_clip CLIP: a model name with a pretrained tag, a local checkpoint
 file, random weights, or a CLIP instance the caller built.
 
-Only the architecture every method here is written for is accepted: an `open_clip.CLIP`
-whose image tower is a plain `VisionTransformer` (class-token pooling, no attentional
-pooler) and whose text tower pools at the EOT token (`argmax`, OpenAI's BPE tokenizer).
-Anything else is rejected with a message instead of being run wrongly.
+Accepted: an `open_clip.CLIP` whose text tower pools at the EOT token (`argmax`, OpenAI's
+BPE tokenizer) and whose image tower is either a plain `VisionTransformer` (class-token
+pooling, no attentional pooler) or any other open_clip image tower (the ResNet CLIPs RN50,
+RN101, RN50x4, ... that CoOp's headline numbers use). Methods that leave the image tower
+alone (zeroshot, coop, e2mim) run on every accepted tower; methods that prompt it need the
+ViT and say so (`require_vit`). Anything else is rejected with a message instead of being
+run wrongly.
 
 `fastprompt-tiny` is a small config shipped with the package (64 px input, 3 vision and 2
 text layers of width 64) for tests and the demo.
@@ -59,6 +62,15 @@ class ClipBundle:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @property
+    def is_vit(self) -> bool:
+        """True for a ViT image tower (visual prompts apply); False for a ResNet CLIP."""
+        return isinstance(self.model.visual, VisionTransformer)
+
+    @property
     def embed_dim(self) -> int:
         return int(self.model.visual.output_dim)
 
@@ -109,26 +121,34 @@ def check_supported(model: torch.nn.Module) -> None:
     if not isinstance(model, open_clip.CLIP):
         raise FastpromptError(
             f"clip instance is a {type(model).__name__}; fastprompt needs an open_clip.CLIP "
-            "(ViT image tower, OpenAI-style text tower), e.g. open_clip.create_model('ViT-B-32')"
+            "(OpenAI-style text tower), e.g. open_clip.create_model('ViT-B-32')"
         )
     visual = model.visual
-    if not isinstance(visual, VisionTransformer):
-        raise FastpromptError(
-            f"the image tower is a {type(visual).__name__}; visual prompts need a ViT: pick a ViT model such as ViT-B-32 or ViT-B-16"
-        )
-    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-        raise FastpromptError(
-            "the ViT pools its output with something other than the class token; pick a plain CLIP ViT such as ViT-B-32 or ViT-B-16"
-        )
+    blocks = list(model.transformer.resblocks)
+    if isinstance(visual, VisionTransformer):
+        if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+            raise FastpromptError(
+                "the ViT pools its output with something other than the class token; pick a plain CLIP ViT such as ViT-B-32 or ViT-B-16"
+            )
+        blocks += list(visual.transformer.resblocks)
     if model.text_pool_type != "argmax":
         raise FastpromptError(
             f"the text tower pools with '{model.text_pool_type}', not at the EOT token; pick an OpenAI-style CLIP such as ViT-B-32"
         )
-    for block in list(visual.transformer.resblocks) + list(model.transformer.resblocks):
+    for block in blocks:
         if type(block) is not ResidualAttentionBlock:
             raise FastpromptError(
                 f"transformer block type {type(block).__name__} is not supported; pick a plain CLIP ViT such as ViT-B-32"
             )
+
+
+def require_vit(bundle: "ClipBundle", method: str) -> None:
+    """Methods that prompt the image tower need a ViT (its token sequence holds the prompts)."""
+    if not bundle.is_vit:
+        raise FastpromptError(
+            f"{method} prompts the image tower and the image tower of {bundle.name} is a {type(bundle.model.visual).__name__}; "
+            "visual prompts need a ViT: pick a ViT model such as ViT-B-32 or ViT-B-16 (zeroshot, coop and e2mim run on any tower)"
+        )
 
 
 class _QuietRandomInit(logging.Filter):
