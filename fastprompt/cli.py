@@ -262,7 +262,7 @@ def zeroshot_cmd(
 
 
 # ----------------------------------------------------------------------------------------
-# bench: training-step throughput and peak memory per method and variant (fastprompt/bench.py)
+# bench: training-step throughput and peak memory per method and variant (fastprompt/bench/)
 # ----------------------------------------------------------------------------------------
 
 
@@ -289,7 +289,7 @@ def bench_cmd(
     """Training-step images/s and peak memory: reference vs fast vs fast+compile vs an anchor-style baseline."""
     from rich.console import Console
 
-    from fastprompt.bench import BenchConfig, records_table, run_bench, write_json
+    from fastprompt.bench import BenchConfig, records_table, run_bench, write_records
 
     options = {"methods": _comma_list(methods), "variants": _comma_list(variants)}
     config = BenchConfig(clip=clip, pretrained=pretrained, batch_size=batch_size, classes=classes, device=device,
@@ -302,7 +302,7 @@ def bench_cmd(
         console.width = max(console.width, 132)  # piped or redirected: do not cut the numbers
     console.print(records_table(records))
     if json_out:
-        write_json(records, json_out)
+        write_records(records, json_out)
 
 
 def main() -> None:

@@ -11,8 +11,10 @@
 
 Modules: `beton` (file + sidecar, writing and opening), `splits` (CoOp split files,
 stratified splits, few-shot, base/new), `imagefolder` (folders -> .beton), `demo` (the
-procedural set), `datasets` (known CoOp datasets' templates and class names), `loaders`
-(FFCV pipelines; imported on first use, it pulls in FFCV, numba and torch).
+procedural set), `datasets` (known CoOp datasets' templates and class names), `order` (the epoch order),
+`pipelines` (`LoaderConfig`, the FFCV pipelines), `decoders` (numba decode kernels behind
+FFCV's decoder API), `loaders` (the loader factory; imported on first use, it pulls in
+FFCV, numba and torch), `ffcv_compat` (FFCV workarounds, applied when a loader is built).
 """
 
 from fastprompt.data.beton import BetonDataset, WriteOptions, WriteSummary, open_dataset, sidecar_path

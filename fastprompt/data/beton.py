@@ -31,7 +31,7 @@ import numpy as np
 
 from fastprompt.errors import FastpromptError
 from fastprompt.runtime import resolve_workers
-from fastprompt.validation import is_int
+from fastprompt.validation import check_int
 from fastprompt.data.splits import (
     SPLIT_CODE,
     SPLITS,
@@ -60,10 +60,8 @@ class WriteOptions:
     workers: Optional[int] = None  # writer processes; None = all available cores (clamped to them)
 
     def __post_init__(self) -> None:
-        if not is_int(self.max_resolution) or not 16 <= self.max_resolution <= 8192:
-            raise FastpromptError(f"max_resolution={self.max_resolution!r} must be an integer in 16..8192 (pixels)")
-        if not is_int(self.jpeg_quality) or not 1 <= self.jpeg_quality <= 100:
-            raise FastpromptError(f"jpeg_quality={self.jpeg_quality!r} must be an integer in 1..100")
+        check_int("max_resolution", self.max_resolution, minimum=16, maximum=8192)  # pixels
+        check_int("jpeg_quality", self.jpeg_quality, minimum=1, maximum=100)
         resolve_workers(self.workers)
 
 
@@ -426,12 +424,13 @@ class BetonDataset:
         return few_shot_indices(self.labels, self.splits, self.classnames, split, shots, seed, self.class_subset(classes))
 
     def loader(self, split: str, **kwargs: Any) -> "BetonLoader":
-        """An FFCV loader of (images, labels) batches; see `fastprompt.data.loaders.LoaderConfig`.
+        """An FFCV loader of (images, labels) batches; see `fastprompt.data.pipelines.LoaderConfig`.
 
         Keyword arguments: shots, seed, classes, train, image_size, batch_size, device,
         num_workers, drop_last, order_seed, mean, std, and the rest of LoaderConfig.
         """
-        from fastprompt.data.loaders import LoaderConfig, make_loader
+        from fastprompt.data.loaders import make_loader  # FFCV and numba, imported on first use
+        from fastprompt.data.pipelines import LoaderConfig
 
         shots = kwargs.pop("shots", None)
         seed = kwargs.pop("seed", 1)

@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-logger = logging.getLogger(__name__)
+from fastprompt.prompts.templates import DEFAULT_TEMPLATE
 
-DEFAULT_TEMPLATE = "a photo of a {}."
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ method on the same data and model.
 
 A deliberate approximation when V < epochs: epoch e sees the augmentation of epoch e mod V,
 not a fresh one (the trainer says so). The batch order is the loader's: a permutation of
-the run's training subset drawn by `fastprompt.data.loaders.EpochOrder` from (seed, epoch),
+the run's training subset drawn by `fastprompt.data.order.EpochOrder` from (seed, epoch),
 dealt out to ranks as the loader does.
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from fastprompt.data.loaders import EpochOrder
+from fastprompt.data.order import EpochOrder
 from fastprompt.data.splits import relabel_table
 from fastprompt.files import atomic_write, cache_dir
 from fastprompt.methods.base import PromptModel

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from fastprompt.runtime import available_cores
-from fastprompt.data.loaders import CLIP_MEAN, CLIP_STD, EpochOrder, augment_key
+from fastprompt.data.decoders import augment_key
+from fastprompt.data.order import EpochOrder
+from fastprompt.data.pipelines import CLIP_MEAN, CLIP_STD
 from fastprompt.errors import FastpromptError
 
 
@@ -101,7 +103,7 @@ def test_small_subsets_and_bad_arguments(demo):
         demo.indices("training")
     with pytest.raises(FastpromptError, match="unknown class subset"):
         demo.loader("test", classes="old")
-    with pytest.raises(FastpromptError, match="image_size=0 must be a positive integer"):
+    with pytest.raises(FastpromptError, match="image_size=0 must be an integer >= 1"):
         demo.loader("test", image_size=0)
     if not torch.cuda.is_available():
         with pytest.raises(FastpromptError, match="no CUDA device is visible"):
