@@ -6,6 +6,7 @@
     ds = open_dataset("eurosat.beton")              # finds and checks eurosat.json
     ds.classnames, ds.template, ds.split_sizes
     idx = ds.indices("train", shots=16, seed=1, classes="base")
+    ds.files("train", shots=16, seed=1)             # the split file's paths of Dassl's draw (the papers' files)
     for images, labels in ds.loader("train", shots=16, seed=1, classes="base", image_size=224):
         ...                                         # float32 (B, 3, 224, 224) normalised, int64 (B,)
 
