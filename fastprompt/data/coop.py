@@ -58,12 +58,8 @@ class CoopFolder:
     samples: list[Sample]  # each split in CoOp's order
     raw_names: list[str]  # class names by label as CoOp reads them (before fastprompt's cleanup)
     split_source: str  # the files the split came from, for the summary line
-    extra: dict[str, Any] = field(default_factory=dict)  # more provenance (ImageNet-A/R's ImageNet labels)
-
-    @property
-    def classnames(self) -> list[str]:
-        """The names the classes are prompted with (CoOp replaces underscores with spaces)."""
-        return [clean_classname(c, self.spec.name) for c in self.raw_names]
+    classnames: list[str]  # the names the classes are prompted with (see `prompt_names`)
+    extra: dict[str, Any] = field(default_factory=dict)  # more provenance (wnids, ImageNet labels, renamed classes)
 
 
 def coop_datasets() -> list[KnownDataset]:
@@ -186,19 +182,20 @@ def _read_imagenet(spec: KnownDataset, folder: Path) -> tuple[list[Sample], list
         for label, wnid in enumerate(wnids):
             samples += [Sample(p, label, split) for p in _class_images(images / sub / wnid, f"{sub}/{wnid}")]
     raw_names = [_name_of(names, w, names_path) for w in wnids]
-    return samples, raw_names, "images/train/ and images/val/ folders (CoOp: val is the test set)", {}
+    return samples, raw_names, "images/train/ and images/val/ folders (CoOp: val is the test set)", {"wnids": wnids}
 
 
 def _read_imagenetv2(spec: KnownDataset, folder: Path) -> tuple[list[Sample], list[str], str, dict]:
     """datasets/imagenetv2.py: folder <label>/ for each label, names in classnames.txt line order."""
-    names = list(read_classnames_file(folder / "classnames.txt").values())
+    by_wnid = read_classnames_file(folder / "classnames.txt")
+    names = list(by_wnid.values())
     image_root = folder / spec.layout.image_dir
     samples: list[Sample] = []
     for label in range(len(names)):
         if not (image_root / str(label)).is_dir():
             raise FastpromptError(f"{image_root / str(label)} is missing; ImageNet-V2 has folders 0 ... 999 (re-extract it)")
         samples += [Sample(p, label, "test") for p in _class_images(image_root / str(label), str(label))]
-    return samples, names, f"{spec.layout.image_dir}/<label>/ folders (test only)", {}
+    return samples, names, f"{spec.layout.image_dir}/<label>/ folders (test only)", {"wnids": list(by_wnid)}
 
 
 def _read_imagenet_folders(spec: KnownDataset, folder: Path) -> tuple[list[Sample], list[str], str, dict]:
@@ -234,6 +231,30 @@ def check_class_count(spec: KnownDataset, found: int, folder: Path) -> None:
         )
 
 
+def prompt_names(spec: KnownDataset, raw_names: list[str], ids: list[str]) -> tuple[list[str], dict[int, str]]:
+    """The names classes are prompted with: CoOp's (underscores become spaces), made distinct.
+
+    CLIP's ImageNet names, which CoOp's classnames.txt copies, call two pairs of classes
+    the same ("missile": n03773504 and n04008634; "sunglasses": n04355933 and n04356056).
+    CoOp prompts both with the same text; fastprompt needs distinct names (a model's
+    classes and a sidecar's class names are checked for repeats), so every repeat after the
+    first gets its id appended ("missile (n04008634)"), logged and recorded in the sidecar
+    (`source.renamed_classes`). Those two classes' prompts differ from CoOp's.
+    """
+    names = [clean_classname(c, spec.name) for c in raw_names]
+    seen: set[str] = set()
+    renamed: dict[int, str] = {}
+    for label, name in enumerate(names):
+        if name in seen:
+            renamed[label] = names[label] = f"{name} ({ids[label]})"
+        seen.add(name)
+    if renamed:
+        listed = ", ".join(repr(n) for n in list(renamed.values())[:4])
+        logger.warning("%s: %d class name(s) repeat an earlier class's; prompted as %s (CoOp prompts them alike)",
+                       spec.coop_name, len(renamed), listed)
+    return names, renamed
+
+
 def read_coop_folder(name: str, root: PathLike) -> CoopFolder:
     """Find and read dataset `name` under ROOT as CoOp does; FastpromptError naming any missing file."""
     spec = find_coop_dataset(name)
@@ -241,7 +262,10 @@ def read_coop_folder(name: str, root: PathLike) -> CoopFolder:
     _check_files(spec, folder)
     samples, raw_names, split_source, extra = _READERS[spec.layout.reader](spec, folder)
     check_class_count(spec, len(raw_names), folder)
-    return CoopFolder(spec, folder, folder / spec.layout.image_dir, samples, raw_names, split_source, extra)
+    classnames, renamed = prompt_names(spec, raw_names, extra.get("wnids", [str(c) for c in range(len(raw_names))]))
+    if renamed:
+        extra["renamed_classes"] = {str(label): n for label, n in renamed.items()}
+    return CoopFolder(spec, folder, folder / spec.layout.image_dir, samples, raw_names, split_source, classnames, extra)
 
 
 def write_coop(

@@ -159,6 +159,10 @@ def build_fgvc_aircraft(data: Path, write: Writer) -> dict:
 
 WNIDS = [f"n{1440764 + 37 * i:08d}" for i in range(1000)]
 IMAGENET_NAMES = ["tench", "goldfish", "great white shark"] + [f"class {i}" for i in range(3, 1000)]
+# CLIP's names, which CoOp's classnames.txt copies, repeat two (open_clip's IMAGENET_CLASSNAMES has the same)
+IMAGENET_NAMES[657] = IMAGENET_NAMES[744] = "missile"
+IMAGENET_NAMES[836] = IMAGENET_NAMES[837] = "sunglasses"
+RENAMED = {"744": f"missile ({WNIDS[744]})", "837": f"sunglasses ({WNIDS[837]})"}
 
 
 def _classnames_txt(path: Path) -> None:
@@ -176,7 +180,7 @@ def build_imagenet(data: Path, write: Writer) -> dict:
         split["test"].append([f"val/{wnid}/ILSVRC2012_val_{label + 1:08d}.JPEG", label, IMAGENET_NAMES[label]])
     for entry in split["train"] + split["test"]:
         write(folder / "images" / entry[0])
-    return {"split": split, "names": IMAGENET_NAMES[:3]}
+    return {"split": split, "names": IMAGENET_NAMES[:3], "renamed": RENAMED}
 
 
 def build_imagenetv2(data: Path, write: Writer) -> dict:
@@ -187,7 +191,7 @@ def build_imagenetv2(data: Path, write: Writer) -> dict:
         path = f"{label}/{label * 7919 % 100003:x}.jpeg"
         write(folder / "imagenetv2-matched-frequency-format-val" / path)
         split["test"].append([path, label, IMAGENET_NAMES[label]])
-    return {"split": split, "names": IMAGENET_NAMES[:3]}
+    return {"split": split, "names": IMAGENET_NAMES[:3], "renamed": RENAMED}
 
 
 def build_imagenet_sketch(data: Path, write: Writer) -> dict:
@@ -197,7 +201,7 @@ def build_imagenet_sketch(data: Path, write: Writer) -> dict:
     for label, wnid in enumerate(WNIDS):
         split["test"].append([f"{wnid}/sketch_{label}.JPEG", label, IMAGENET_NAMES[label]])
         write(folder / "images" / split["test"][-1][0])
-    return {"split": split, "names": IMAGENET_NAMES[:3]}
+    return {"split": split, "names": IMAGENET_NAMES[:3], "renamed": RENAMED}
 
 
 def _imagenet_200(data: Path, folder_name: str, image_dir: str, write: Writer, stem: str) -> dict:
@@ -251,6 +255,10 @@ def test_layout_reads_as_coop(data_root, name):
         assert all((folder.image_root / p).is_file() for p, _ in got)
     if "imagenet_labels" in expected:
         assert folder.extra["imagenet_labels"] == expected["imagenet_labels"]
+    assert folder.extra.get("renamed_classes") == expected.get("renamed")  # repeated names made distinct
+    assert len(set(folder.classnames)) == len(folder.classnames)
+    for label, renamed in expected.get("renamed", {}).items():
+        assert folder.classnames[int(label)] == renamed and folder.raw_names[int(label)] == renamed.split(" (")[0]
     # the dataset's own folder as ROOT reads the same
     again = read_coop_folder(name, folder.folder)
     assert again.samples == folder.samples and again.raw_names == folder.raw_names

@@ -66,3 +66,19 @@ def test_a_dataset_without_paths_cannot_list_files(interleaved, tmp_path):
     copy.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(FastpromptError, match="records no source paths; re-create it"):
         open_dataset(copy).files("train", shots=1)
+
+
+def test_a_dataset_without_val_draws_train_only(interleaved, tmp_path):
+    """ImageNet in CoOp: no val split; the draw is train only (datasets/imagenet.py), val stays empty."""
+    _, split = interleaved
+    no_val = {"train": split["train"], "val": [], "test": split["test"]}
+    for k, entry in enumerate(no_val["train"] + no_val["test"]):
+        (tmp_path / "images" / entry[0]).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (k % 256, 40, 90)).save(tmp_path / "images" / entry[0])
+    (tmp_path / "split_zhou_NoVal.json").write_text(json.dumps(no_val))
+    write_imagefolder(tmp_path / "images", tmp_path / "noval.beton", split_json=tmp_path / "split_zhou_NoVal.json", workers=1)
+    ds = open_dataset(tmp_path / "noval.beton")
+    assert ds.split_sizes["val"] == 0
+    record = ds.fewshot_record(4, 2, "all")
+    assert record["train"] == dassl_reference(no_val, 4, 2)["train"] and record["val"] == []
+    assert len(ds.indices("val", shots=4, seed=2)) == 0
