@@ -21,6 +21,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 
 from fastprompt.errors import FastpromptError
+from fastprompt.validation import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,9 @@ class FewShotDraw:
 
 
 def _check_shots_seed(shots: object, seed: object) -> None:
-    if isinstance(shots, (bool, np.bool_)) or not isinstance(shots, (int, np.integer)) or shots < 1:
+    if not is_int(shots) or shots < 1:
         raise FastpromptError(f"shots={shots!r} must be a positive integer (or None for the whole split)")
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise FastpromptError(f"seed={seed!r} must be a non-negative integer (CoOp uses seeds 1, 2, 3)")
 
 
@@ -165,9 +166,10 @@ def few_shot_order(
 ) -> np.ndarray:
     """Indices of `split` restricted to classes `kept`, in Dassl's order (see `FewShotDraw`).
 
-    `shots=None` or the test split: the whole split in split-file order. Otherwise `draw` (made over all
-    classes, before the class half is taken: CoCoOp's `subsample_classes` runs after the
-    draw) restricted to `kept`. A kept class without images in a drawn split is an error.
+    `shots=None` or the test split: the whole split in split-file order. Otherwise `draw`
+    (made over all classes, before the class half is taken: CoCoOp's `subsample_classes`
+    runs after the draw) restricted to `kept`. A kept class without images in a drawn split
+    is an error.
     """
     validate_split(split)
     in_split = np.flatnonzero(splits == SPLIT_CODE[split])
@@ -178,6 +180,11 @@ def few_shot_order(
         raise ValueError(f"few_shot_order: {split} with shots={shots} needs that draw")
     if split == "val" and len(in_split) == 0:
         return np.zeros(0, dtype=np.int64)  # no val split (ImageNet): nothing drawn
+    if len(in_split) == 0:
+        raise FastpromptError(
+            "this dataset has no train images (a test set only, like ImageNet-A); train on another dataset "
+            "and evaluate on this one with `fastprompt eval RUN --data ...`"
+        )
     present = np.bincount(labels[in_split], minlength=len(classnames))
     empty = [c for c in kept if present[c] == 0]
     if empty:

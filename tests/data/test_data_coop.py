@@ -351,3 +351,5 @@ def test_prepare_imagenet_a_end_to_end(tmp_path):
     assert ds.split_sizes == {"train": 0, "val": 0, "test": 200} and ds.num_classes == 200
     assert ds.classnames[:3] == built["names"] and ds.meta["source"]["imagenet_labels"] == built["imagenet_labels"]
     assert ds.files("test") == [e[0] for e in built["split"]["test"]]
+    with pytest.raises(FastpromptError, match=r"no train images \(a test set only, like ImageNet-A\); train on another"):
+        ds.files("train", shots=16, seed=1)
