@@ -112,7 +112,7 @@ def bench_torchvision(root: Path, args) -> dict:
     import torch
     from torchvision import datasets, transforms
 
-    from fastprompt.data.loaders import CLIP_MEAN, CLIP_STD
+    from fastprompt.data.pipelines import CLIP_MEAN, CLIP_STD
 
     tfm = transforms.Compose([
         transforms.RandomResizedCrop(args.image_size),

@@ -1,4 +1,4 @@
-"""The anchor-style baseline (`benchmarks/anchor.py`) computes the method our reference does.
+"""The anchor-style baseline (`fastprompt.bench.anchor`) computes the method our reference does.
 
 Same prompt tensors, same frozen CLIP: loss, logits and every prompt gradient of the anchor
 within 1e-4 (relative, fp32) of `backend="reference"`, for every method.
@@ -9,7 +9,7 @@ import torch
 from _util import CLASSNAMES, relative_error
 
 import fastprompt
-from fastprompt.bench import load_anchor
+from fastprompt.bench.anchor import Anchor
 
 TOPK = torch.tensor([[0, 1, 2], [1, 2, 3], [4, 3, 2], [0, 4, 1]])  # (B, K_N)
 
@@ -38,7 +38,7 @@ def test_anchor_equals_reference(method, options, tiny_clip, images, labels):
                                     **options).train()
     extra = {"topk": TOPK} if method == "cavpt" else {}
     want = run(model.loss_and_logits, model, images, labels, extra)
-    got = run(load_anchor().Anchor(model).loss_and_logits, model, images, labels, extra)
+    got = run(Anchor(model).loss_and_logits, model, images, labels, extra)
     assert relative_error(got[0], want[0]) <= 1e-4
     assert relative_error(got[1], want[1]) <= 1e-4
     assert got[2].keys() == want[2].keys() and (got[2] or method == "zeroshot")

@@ -39,7 +39,7 @@ def test_bench_writes_records(tmp_path):
     (["--methods", "vpt-deep,coop-txt"], "unknown method 'coop-txt'"),
     (["--variants", "fast,slow"], "unknown variant 'slow'"),
     (["--classes", "0"], "classes=0 must be an integer >= 1"),
-    (["--device", "tpu"], "device 'tpu' is not known"),
+    (["--device", "tpu"], "device='tpu' is not known"),
     (["--clip", "ViT-Q-99"], "unknown CLIP model 'ViT-Q-99'"),
 ])
 def test_bad_input_exits_2(args, message):

@@ -19,10 +19,9 @@ from typing import Optional
 
 import numpy as np
 
-from fastprompt.errors import FastpromptError
 from fastprompt.data.beton import PathLike, WriteOptions, WriteSummary, write_beton
-from fastprompt.validation import is_int
-from fastprompt.data.datasets import DEFAULT_TEMPLATE
+from fastprompt.validation import check_int
+from fastprompt.prompts.templates import DEFAULT_TEMPLATE
 from fastprompt.data.splits import stratified_split
 
 # (class name, RGB colour, shape). Colours are saturated; backgrounds are muted mid-tones.
@@ -54,12 +53,9 @@ class DemoConfig:
     seed: int = 0  # image k of class c is a function of (seed, c, k)
 
     def __post_init__(self) -> None:
-        if not is_int(self.images_per_class) or not 3 <= self.images_per_class <= 100_000:
-            raise FastpromptError(f"images_per_class={self.images_per_class!r} must be an integer in 3..100000 (a split needs 3)")
-        if not is_int(self.image_size) or not 16 <= self.image_size <= 1024:
-            raise FastpromptError(f"image_size={self.image_size!r} must be an integer in 16..1024 (pixels)")
-        if not is_int(self.seed) or self.seed < 0:
-            raise FastpromptError(f"seed={self.seed!r} must be a non-negative integer")
+        check_int("images_per_class", self.images_per_class, minimum=3, maximum=100_000)  # a split needs 3
+        check_int("image_size", self.image_size, minimum=16, maximum=1024)  # pixels
+        check_int("seed", self.seed, minimum=0)
 
 
 def _regular_polygon(n: int, radius: float, angle: float, inner: Optional[float] = None) -> list[tuple[float, float]]:
@@ -234,12 +230,9 @@ class CaptionedShapes:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not is_int(self.images_per_concept) or self.images_per_concept < 1:
-            raise FastpromptError(f"images_per_concept={self.images_per_concept!r} must be a positive integer")
-        if not is_int(self.image_size) or not 16 <= self.image_size <= 1024:
-            raise FastpromptError(f"image_size={self.image_size!r} must be an integer in 16..1024 (pixels)")
-        if not is_int(self.seed) or self.seed < 0:
-            raise FastpromptError(f"seed={self.seed!r} must be a non-negative integer")
+        check_int("images_per_concept", self.images_per_concept)
+        check_int("image_size", self.image_size, minimum=16, maximum=1024)  # pixels
+        check_int("seed", self.seed, minimum=0)
 
     @property
     def concepts(self) -> tuple[tuple[str, tuple[int, int, int], str], ...]:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastprompt.data.demo import CAPTION_TEMPLATES, PRETRAIN_CONCEPTS, CaptionedShapes
-from fastprompt.data.loaders import CLIP_MEAN, CLIP_STD
+from fastprompt.data.pipelines import CLIP_MEAN, CLIP_STD
 from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write
 from fastprompt.losses import info_nce

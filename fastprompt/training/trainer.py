@@ -53,6 +53,7 @@ from fastprompt.training.compiled import compile_fn
 from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
 from fastprompt.training.feature_cache import FeatureCache
+from fastprompt.training.hooks import exit_after_step
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +118,16 @@ class Trainer:
                                              weight_decay=config.weight_decay)
         else:
             self.optimizer = torch.optim.AdamW(param_groups, lr=config.warmup_lr, weight_decay=config.weight_decay)
-        n_train = len(self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes))
-        if n_train < config.batch_size:
-            raise FastpromptError(
-                f"batch_size={config.batch_size} exceeds the {n_train} training images of this run; lower --batch-size"
-            )
+        # fewshot.json: the files this run trains and validates on (Dassl's draw); a class without images fails here
+        self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
+        n_train = len(self.fewshot["train"])
         self.cached_topk = self.model.wants_topk_table()
         self.loader = self.data.loader(
             "train", shots=config.shots, seed=config.seed, classes=config.classes, train=True,
             image_size=self.model.bundle.image_size, batch_size=config.batch_size // self.world,
             device=self.device, num_workers=config.num_workers, order_seed=config.seed,
             return_indices=self.cached_topk,
+            drop_last=n_train >= config.batch_size,  # Dassl's rule on the global batch; else one smaller batch
         )
         self.step_module: nn.Module = _Step(self.model)
         if self.distributed:
@@ -136,7 +136,7 @@ class Trainer:
                 find_unused_parameters=True,  # e.g. E2MIM's critic when mi_weight=0
             )
         # the (optionally compiled) training step: forward and, through AOTAutograd, backward;
-        # static shapes, since the loader drops the ragged last batch
+        # static shapes: the loader drops the ragged last batch (or has one batch when the subset is smaller)
         self.step_fn = compile_fn(self.step_module, config.compile_mode(self.device.type), device=self.device,
                                   backend=config.compile_backend)
         self.epoch = 0  # epochs completed
@@ -170,6 +170,7 @@ class Trainer:
             except OSError as err:
                 raise FastpromptError(f"cannot write to --out {self.out} ({err.strerror}); pick a writable directory") from None
             write_json(self.out / "config.json", {**self.config.to_dict(), **self._run_facts()})
+            write_json(self.out / "fewshot.json", self.fewshot)
             (self.out / "metrics.jsonl").write_text("")
 
     def _resume(self, record: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -274,6 +275,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            exit_after_step(self.epoch * len(self.loader) + step + 1)  # test hook: see training/hooks.py
             total_loss += loss_value * labels.shape[0]
             correct += int((logits.argmax(-1) == labels).sum())
             seen += labels.shape[0]

@@ -11,7 +11,7 @@ import pytest
 
 from fastprompt.data import DEMO_CLASSNAMES, open_dataset, write_demo, write_imagefolder
 from fastprompt.data.demo import DemoConfig, DemoImages
-from fastprompt.data.loaders import CLIP_MEAN, CLIP_STD
+from fastprompt.data.pipelines import CLIP_MEAN, CLIP_STD
 from fastprompt.data.splits import SPLIT_CODE, stratified_split
 from fastprompt.errors import FastpromptError
 

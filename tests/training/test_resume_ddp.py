@@ -1,16 +1,20 @@
-"""Exact resume after a killed process, and DDP over 2 gloo processes against one process."""
+"""Exact resume after a killed process, and DDP over 2 gloo processes against one process.
+
+The kill is deterministic: the trainer's test hook (`fastprompt/training/hooks.py`) ends the
+process with `os._exit` right after a chosen optimiser step."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from fastprompt.training.hooks import EXIT_AFTER_STEP, EXIT_CODE
 
 FASTPROMPT = str(Path(sys.executable).parent / "fastprompt")
 DETERMINISTIC = ("epoch", "loss", "train_accuracy", "lr", "images")
@@ -34,32 +38,28 @@ def _metrics(out):
 
 
 def _checkpoint_epoch(out):
-    try:
-        return json.loads((out / "checkpoint.json").read_text())["epoch"]
-    except Exception:  # not there yet
-        return -1
+    return json.loads((out / "checkpoint.json").read_text())["epoch"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(demo_beton, tmp_path):
     args = lambda out: [FASTPROMPT, *_args(demo_beton, out, "e2mim", 8, "--coop.n-ctx", "4")]
     full, part = tmp_path / "full", tmp_path / "part"
     subprocess.run(args(full), check=True, env=_env(), capture_output=True)
+    steps_per_epoch = _metrics(full)[0]["images"] // 32
 
-    proc = subprocess.Popen(args(part), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while _checkpoint_epoch(part) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    assert proc.returncode != 0, "the run finished before it could be killed"
-    assert not (part / "results.json").exists()
-    killed_at = _checkpoint_epoch(part)
-    assert 2 <= killed_at < 8
+    # killed (os._exit, no cleanup) one step into epoch 3: the checkpoint after epoch 2 is the last
+    kill_env = {**_env(), EXIT_AFTER_STEP: str(2 * steps_per_epoch + 1)}
+    killed = subprocess.run(args(part), env=kill_env, capture_output=True, text=True)
+    assert killed.returncode == EXIT_CODE, killed.stderr[-3000:]
+    assert not (part / "results.json").exists() and not (part / "prompts.safetensors").exists()
+    assert _checkpoint_epoch(part) == 2
+    assert _metrics(part) == _metrics(full)[:2]
 
     resumed = subprocess.run(args(part), env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     said = " ".join(resumed.stderr.split())  # the console wraps long lines
-    assert f"after epoch {killed_at}/8" in said and "resuming" in said
+    assert "after epoch 2/8" in said and "resuming" in said
     a, b = load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
@@ -74,6 +74,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(demo_beton, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # no warm-up: the visual group's default of 10 epochs does not fit in 3

@@ -1,8 +1,8 @@
 """Anchor-style baselines: every method computed the way CoOp / MaPLe / DPT research code does.
 
-`fastprompt bench` times these beside our reference and fast backends. They compute the same
-function as `backend="reference"` (tested: `tests/test_anchor.py`), but the way the public
-codebases are written, which is what users of those codebases pay today:
+`fastprompt bench` times these (its `anchor` variant) beside our reference and fast backends.
+They compute the same function as `backend="reference"` (tested: `tests/test_anchor.py`), but
+the way the public codebases are written, which is what users of those codebases pay today:
 
 - visual prompts: per layer, `torch.cat` of `[cls, prompts, patches]` into the sequence and
   CLIP's own `ResidualAttentionBlock` (`nn.MultiheadAttention` + MLP over the *whole*

@@ -1,0 +1,227 @@
+"""Timing and peak memory of bench steps, and `run_bench`, which measures a whole `BenchConfig`.
+
+Measurements: all variants of a method are built, compiled (the compiled variant's first
+call, reported as `compile_s`) and warmed up (`warmup` untimed steps); then `steps` timed
+rounds run one step of every variant in turn, so that load from other processes lands on
+all variants alike. `step_ms` is the median of a variant's steps (`step_ms_min` the
+fastest), `images_per_s = batch_size / median`; `step_cpu_ms` is the median process CPU time
+of a step (all threads), the steadier figure on a shared CPU. Memory, per variant:
+- `step_memory_bytes`: the most a step allocates above what was allocated just before it.
+  CUDA: `torch.cuda.max_memory_allocated` (peak stats reset before the step) minus
+  `memory_allocated`. CPU: the resident-set high-water mark (VmHWM, reset through
+  /proc/self/clear_refs before the step) minus the RSS before it; glibc is told to hand
+  large frees back to the system (`mallopt(M_MMAP_THRESHOLD)`, `malloc_trim`) so that
+  memory freed earlier does not hide a step's growth. Without /proc the process-lifetime
+  `ru_maxrss` stands in (an upper bound) and `memory_measure` says so.
+- `state_bytes`: what the variant keeps between steps: its model's parameters and buffers
+  (the frozen CLIP; fp16 for the GPU anchor), optimiser state and batch;
+- `peak_memory_bytes = state_bytes + step_memory_bytes`: what a run of this variant alone
+  would peak at (on CUDA, what `max_memory_allocated` would report for it alone).
+On CUDA each record also has the step's useful FLOPs (`fastprompt.bench.flops`, counted on
+one step of every variant but the compiled one; the fast variant's count is the useful work
+of the method), the achieved rate and its fraction of the GPU's dense bf16 peak
+(`fastprompt.bench.report.add_ratios`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import re
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+
+from fastprompt.bench.config import BenchConfig
+from fastprompt.bench.flops import count_flops
+from fastprompt.bench.report import add_ratios
+from fastprompt.bench.workloads import Workload, build, state_bytes, train_step
+from fastprompt.errors import FastpromptError
+from fastprompt.models.clip import load_clip
+from fastprompt.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class CpuPeak:
+    """Peak resident memory of a stretch of this process, above its level at the start."""
+
+    def __init__(self):
+        self._libc = None
+        try:
+            self._libc = ctypes.CDLL("libc.so.6")
+            self._libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so large frees go back to the OS
+        except (OSError, AttributeError):  # not glibc: RSS still works, a little less sharply
+            self._libc = None
+        self.exact = self._reset_hwm()
+        self.measure = "rss_hwm_delta" if self.exact else "ru_maxrss_delta (process lifetime; upper bound)"
+        self.baseline = 0
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+        if self.exact:
+            self._reset_hwm()
+            self.baseline = self._status("VmRSS")
+        else:
+            self.baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak(self) -> int:
+        if self.exact:
+            return max(0, self._status("VmHWM") - self.baseline)
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline)
+
+
+class CudaPeak:
+    """Peak CUDA memory a step allocates above what was allocated before it."""
+
+    measure = "cuda.max_memory_allocated"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = 0
+
+    def start(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.baseline = torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return max(0, torch.cuda.max_memory_allocated(self.device) - self.baseline)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CPU-GPU sync: timing boundary
+
+
+@dataclass
+class _Run:
+    """One variant of one method while it is being measured."""
+
+    variant: str
+    work: Workload
+    optimizer: Optional[torch.optim.Optimizer]
+    record: dict
+    times: list = field(default_factory=list)
+    cpu_times: list = field(default_factory=list)  # process CPU time per step (all threads)
+    step_peak: int = 0
+
+
+def _error_record(method: str, variant: str, cfg: BenchConfig, device: torch.device, err: Exception) -> dict:
+    log.error("bench %s / %s failed: %s: %s", method, variant, type(err).__name__, err)
+    return {"method": method, "variant": variant, "device": str(device), "clip": cfg.clip,
+            "batch_size": cfg.batch_size, "classes": cfg.classes, "images_per_s": None,
+            "peak_memory_bytes": None, "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+
+
+def _prepare(method: str, variant: str, master, cfg: BenchConfig, device: torch.device) -> _Run:
+    """Build one variant, compile it (fast+compile) and run its warm-up steps."""
+    work = build(method, variant, master, cfg, device)
+    optimizer = torch.optim.SGD(work.params, lr=1e-3, momentum=0.9) if work.params else None
+    record = {"method": method, "variant": variant, "device": str(device), "clip": cfg.clip,
+              "batch_size": cfg.batch_size, "classes": cfg.classes, "precision": work.precision,
+              "step": "forward+backward+sgd" if optimizer else "forward (nothing to train)",
+              "steps": cfg.steps, "warmup": cfg.warmup}
+    if variant == "fast+compile":
+        _sync(device)
+        start = time.perf_counter()
+        train_step(work, optimizer)  # the compile (and a first step)
+        _sync(device)
+        record["compile_s"] = time.perf_counter() - start
+    for _ in range(cfg.warmup):
+        train_step(work, optimizer)
+    _sync(device)
+    return _Run(variant, work, optimizer, record)
+
+
+def measure_method(method: str, master, cfg: BenchConfig, device: torch.device, memory: Union[CpuPeak, CudaPeak],
+                   progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """Records of every variant of `method`.
+
+    The timed steps are interleaved (round r runs step r of every variant in turn), so that
+    load from other processes, which comes and goes over minutes on a shared machine, lands
+    on all variants alike instead of on whichever happened to run at the time."""
+    runs: list = []
+    for variant in cfg.variants:
+        if progress is not None:
+            progress(f"{method} / {variant}: build and warm up")
+        try:
+            runs.append(_prepare(method, variant, master, cfg, device))
+        except FastpromptError:
+            raise
+        except Exception as err:  # one broken variant (say, a compiler failure) must not void an hour of runs
+            runs.append(_error_record(method, variant, cfg, device, err))
+            torch._dynamo.reset()
+    live = [r for r in runs if isinstance(r, _Run)]
+    for round_ in range(cfg.steps):
+        if progress is not None:
+            progress(f"{method}: timed round {round_ + 1}/{cfg.steps}")
+        for run in live:
+            memory.start()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            train_step(run.work, run.optimizer)
+            _sync(device)
+            run.times.append(time.perf_counter() - start)
+            run.cpu_times.append(time.process_time() - cpu_start)
+            run.step_peak = max(run.step_peak, memory.peak())
+
+    records = []
+    for run in runs:
+        if not isinstance(run, _Run):
+            records.append(run)
+            continue
+        median = statistics.median(run.times)
+        state = state_bytes(run.work, run.optimizer)
+        run.record.update({
+            "images_per_s": cfg.batch_size / median,
+            "step_ms": 1e3 * median,
+            "step_ms_min": 1e3 * min(run.times),
+            "step_ms_all": [round(1e3 * t, 3) for t in run.times],
+            "step_cpu_ms": 1e3 * statistics.median(run.cpu_times),  # process CPU time, all threads
+            "peak_memory_bytes": state + run.step_peak,
+            "step_memory_bytes": run.step_peak,
+            "state_bytes": state,
+            "memory_measure": memory.measure,
+        })
+        if device.type == "cuda" and run.variant != "fast+compile":
+            run.record["counted_flops_per_step"] = count_flops(lambda: train_step(run.work, run.optimizer))
+        records.append(run.record)
+        log.info("%s %s: %.2f images/s, step %.1f ms", method, run.variant, run.record["images_per_s"], run.record["step_ms"])
+    del runs, live
+    torch._dynamo.reset()  # drop compiled graphs before the next method
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return records
+
+
+def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """Measure every (method, variant) of `cfg`; returns the records (see the module docstrings)."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    master = load_clip(cfg.clip, cfg.pretrained, device="cpu").model  # frozen CLIP shared by all variants
+    memory = CudaPeak(device) if device.type == "cuda" else CpuPeak()
+    records = []
+    for method in cfg.methods:
+        records += measure_method(method, master, cfg, device, memory, progress)
+    add_ratios(records, device)
+    return records

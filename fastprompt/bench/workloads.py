@@ -1,0 +1,114 @@
+"""The workload of one (method, variant): its model on the shared frozen CLIP, its inputs
+(random images or cached text-side features, random labels, CAVPT's top-K) and the step
+function that computes (loss, logits); `train_step` runs forward, backward and SGD."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastprompt.bench.anchor import Anchor
+from fastprompt.bench.config import TEXT_STEP, BenchConfig
+from fastprompt.losses import cosine_ce
+from fastprompt.methods import create_model
+from fastprompt.training.compiled import compile_fn, compile_step
+
+
+@dataclass
+class Workload:
+    step: Callable  # (*inputs) -> (loss, logits)
+    inputs: tuple
+    params: list  # trainable tensors the optimiser steps
+    autocast: Callable  # () -> context manager
+    precision: str
+    model: torch.nn.Module
+
+
+def build(method: str, variant: str, master, cfg: BenchConfig, device: torch.device) -> Workload:
+    """Model, inputs and step function of one (method, variant), on `device`."""
+    cuda = device.type == "cuda"
+    anchor = variant == "anchor"
+    half = anchor and cuda  # CoOp's prec="fp16": the whole model in fp16
+    clip = copy.deepcopy(master).to(device) if cuda else master  # CPU: one shared copy (memory is a delta)
+    if half:
+        clip = clip.half()
+    classnames = [f"class {i}" for i in range(cfg.classes)]
+    torch.manual_seed(cfg.seed)  # the same prompt initialisation in every variant
+    model_method = "coop" if method == TEXT_STEP else method
+    backend = "reference" if variant in ("reference", "anchor") else "fast"
+    model = create_model(model_method, classnames, clip=clip, pretrained=None, backend=backend, device=device)
+    model.train()
+    if half:
+        model.half()
+    dtype = torch.float16 if half else torch.float32
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not anchor else nullcontext
+    precision = "fp16 (model.half)" if half else ("bf16 autocast" if cuda else "fp32")
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    labels = torch.randint(0, cfg.classes, (cfg.batch_size,), generator=gen).to(device)  # (B,)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    if method == TEXT_STEP:
+        feats = F.normalize(torch.randn(cfg.batch_size, model.bundle.embed_dim, generator=gen), dim=-1)  # (B, D)
+        feats = feats.to(device, dtype)
+        if anchor:
+            runner = Anchor(model)
+
+            def step(x, y):
+                w = runner.text_features()  # (K, D): 77 tokens, every class
+                logits = model.clip.logit_scale.exp() * x @ w.t()  # (B, K)
+                return F.cross_entropy(logits, y), logits.detach()
+        else:
+            def step(x, y):
+                w = model.text_features()  # (K, D)
+                return cosine_ce(x, w, y, model.logit_scale(), model.backend), w.detach()
+
+            if variant == "fast+compile":
+                step = compile_fn(step, cfg.compile_mode, device=device)
+        return Workload(step, (feats, labels), params, autocast, precision, model)
+
+    size = model.bundle.image_size
+    images = torch.randn(cfg.batch_size, 3, size, size, generator=gen).to(device, dtype)  # (B, 3, H, W)
+    inputs: tuple = (images, labels)
+    wants_topk = model.wants_topk_table()
+    if wants_topk:
+        with torch.no_grad(), autocast():
+            topk = model.zero_shot_topk(images)  # (B, K_N): what topk_source="cached" supplies
+        inputs = (images, labels, topk)
+    if anchor:
+        step = Anchor(model).loss_and_logits
+    elif variant == "fast+compile":
+        compiled = compile_step(model, cfg.compile_mode)
+        step = (lambda x, y, k: compiled(x, y, topk=k)) if wants_topk else compiled
+    else:
+        step = model.loss_and_logits
+    return Workload(step, inputs, params, autocast, precision, model)
+
+
+def train_step(work: Workload, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """One training step of `work`: forward, and with an optimiser backward and its step."""
+    with work.autocast():
+        loss, _logits = work.step(*work.inputs)
+    if optimizer is not None:
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def state_bytes(work: Workload, optimizer) -> int:
+    """Bytes of what a variant keeps resident between steps: its model's parameters and
+    buffers (frozen CLIP included), the optimiser state and the batch."""
+    seen, total = set(), 0
+    tensors = [*work.model.parameters(), *work.model.buffers(), *[t for t in work.inputs if torch.is_tensor(t)]]
+    if optimizer is not None:
+        tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
