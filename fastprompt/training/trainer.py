@@ -40,14 +40,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from fastprompt.training import checkpoint
-
 from fastprompt.data import open_dataset
 from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write, write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
+from fastprompt.training import checkpoint
 from fastprompt.training.checkpoint import to_json_value
 from fastprompt.training.compiled import compile_fn
 from fastprompt.training.config import TrainConfig
