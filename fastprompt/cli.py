@@ -95,6 +95,31 @@ def prepare_imagefolder_cmd(
     typer.echo(summary.line())
 
 
+@prepare_app.command("coop")
+@user_errors
+def prepare_coop_cmd(
+    name: Annotated[Optional[str], typer.Argument(help="One of CoOp's datasets (see --list), e.g. eurosat or EuroSAT.")] = None,
+    root: Annotated[Optional[str], typer.Argument(help="$DATA (the folder holding CoOp's dataset folders) or the dataset's own folder.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output NAME.beton (default: ./<name>.beton); the sidecar NAME.json goes beside it.")] = None,
+    list_datasets: Annotated[bool, typer.Option("--list", help="Print the datasets: names, class counts and the layout expected under ROOT.")] = False,
+    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest image side stored, px.")] = 256,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored images (1-100).")] = 90,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out (and report how many) instead of failing.")] = False,
+) -> None:
+    """Write one of CoOp's datasets (11 + 4 ImageNet variants), laid out as CoOp's DATASETS.md says, as a .beton."""
+    from fastprompt.data.coop import coop_table_lines, write_coop
+
+    if list_datasets:
+        typer.echo("\n".join(coop_table_lines()))
+        return
+    if name is None or root is None:
+        raise FastpromptError("give NAME and ROOT, e.g. `fastprompt prepare coop eurosat $DATA`; --list prints the names")
+    summary = write_coop(name, root, out, max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers,
+                         skip_bad=skip_bad)
+    typer.echo(summary.line())
+
+
 @prepare_app.command("demo")
 @user_errors
 def prepare_demo_cmd(

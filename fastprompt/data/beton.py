@@ -35,8 +35,10 @@ from fastprompt.validation import check_int
 from fastprompt.data.splits import (
     SPLIT_CODE,
     SPLITS,
+    FewShotDraw,
     class_subset,
-    few_shot_indices,
+    dassl_few_shot,
+    few_shot_order,
     validate_split,
 )
 
@@ -396,6 +398,7 @@ class BetonDataset:
     labels: np.ndarray  # (N,) int64, label of every sample
     splits: np.ndarray  # (N,) int64, split code of every sample (0 train, 1 val, 2 test)
     meta: dict[str, Any] = field(repr=False)  # the whole sidecar
+    _draws: dict[tuple[int, int], FewShotDraw] = field(default_factory=dict, init=False, repr=False)  # (shots, seed) -> draw
 
     @property
     def num_classes(self) -> int:
@@ -413,15 +416,62 @@ class BetonDataset:
         """Class names in the order of the relabelled labels 0..K'-1 of `classes`."""
         return [self.classnames[c] for c in self.class_subset(classes)]
 
+    def draw(self, shots: int, seed: int) -> FewShotDraw:
+        """Dassl's few-shot draw of `shots` per class with `seed` (see `splits.dassl_few_shot`).
+
+        Made once per (shots, seed) and kept; the first time, one log line names the classes
+        that had fewer images than asked and took all of them (Dassl's rule).
+        """
+        key = (shots, seed)
+        if key not in self._draws:
+            draw = dassl_few_shot(self.labels, self.splits, shots, seed)
+            if draw.short:
+                listed = ", ".join(f"{self.classnames[c]!r} ({split}: {n})" for split, c, n in draw.short[:5])
+                more = f" and {len(draw.short) - 5} more" if len(draw.short) > 5 else ""
+                logger.warning(
+                    "%s: %d class(es) have fewer images than the %d-shot draw asks and take all they have "
+                    "(Dassl's rule): %s%s", self.name, len(draw.short), shots, listed, more,
+                )
+            self._draws[key] = draw
+        return self._draws[key]
+
+    def _order(self, split: str, shots: Optional[int], seed: int, classes: str) -> np.ndarray:
+        validate_split(split)
+        draw = None if shots is None or split == "test" else self.draw(shots, seed)
+        return few_shot_order(self.labels, self.splits, self.classnames, split, shots, draw, self.class_subset(classes))
+
     def indices(self, split: str, shots: Optional[int] = None, seed: int = 1, classes: str = "all") -> np.ndarray:
         """Sorted `.beton` indices of `split` for `classes`; `shots` per class if given.
 
-        Few-shot per SPEC: train takes `shots` per class, val min(shots, 4), test is never
-        subsampled. Deterministic per seed and identical across machines (see `splits`).
-        Raises FastpromptError when a class has fewer images than asked, naming it.
+        Few-shot is Dassl's draw (`draw`): train takes `shots` per class, val min(shots, 4),
+        a class with fewer takes all it has; test is never subsampled. The class half of
+        base-to-new is taken after the draw (CoCoOp), so base's subset is part of all's.
         """
-        validate_split(split)
-        return few_shot_indices(self.labels, self.splits, self.classnames, split, shots, seed, self.class_subset(classes))
+        return np.sort(self._order(split, shots, seed, classes))
+
+    def files(self, split: str, shots: Optional[int] = None, seed: int = 1, classes: str = "all") -> list[str]:
+        """The image paths (as written in the split file, relative to the image folder) of
+        `split` that a run with `--shots shots --seed seed` uses, in Dassl's order (the order
+        CoOp's split_fewshot/shot_K-seed_S.pkl holds); "test" (or shots=None) is the whole split."""
+        paths = self.meta.get("paths")
+        if paths is None:
+            raise FastpromptError(
+                f"{self.path} records no source paths; re-create it with `fastprompt prepare` to list its files"
+            )
+        return [str(paths[i]) for i in self._order(split, shots, seed, classes)]
+
+    def fewshot_record(self, shots: Optional[int], seed: int, classes: str = "all") -> dict[str, Any]:
+        """What a run trains and validates on, for its `fewshot.json`: per split the
+        `[path, label, classname]` entries (a split file's format; original labels) in
+        Dassl's order, so two runs, or a run and CoOp's pickle, compare by file list."""
+        paths = self.meta.get("paths")
+        record: dict[str, Any] = {"sampler": "dassl", "dataset": self.name, "beton": str(self.path), "shots": shots,
+                                  "seed": seed, "classes": classes}
+        for split in ("train", "val"):
+            order = self._order(split, shots, seed, classes)
+            record[split] = [[None if paths is None else str(paths[i]), int(self.labels[i]),
+                              self.classnames[int(self.labels[i])]] for i in order]
+        return record
 
     def loader(self, split: str, **kwargs: Any) -> "BetonLoader":
         """An FFCV loader of (images, labels) batches; see `fastprompt.data.pipelines.LoaderConfig`.

@@ -105,7 +105,7 @@ def _scan_classes(folder: Path, root: Path, classes: Optional[list[str]], datase
     return found
 
 
-def _read_classnames_file(path: Path) -> dict[str, str]:
+def read_classnames_file(path: Path) -> dict[str, str]:
     """`folder name<space>class name` per line (CoOp's ImageNet classnames.txt)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -192,14 +192,12 @@ def write_imagefolder(
     samples, raw_names, given_name, split_source = collect_imagefolder(root, split_json, name)
     dataset = canonical_name(given_name)
     if classnames_file is not None:
-        mapping = _read_classnames_file(Path(classnames_file))
+        mapping = read_classnames_file(Path(classnames_file))
         unnamed = [c for c in raw_names if c not in mapping]
         if unnamed:
             raise FastpromptError(f"class-name file {classnames_file} has no entry for {unnamed[0]!r}; add a line for it")
         raw_names = [mapping[c] for c in raw_names]
-    classnames = [clean_classname(c, given_name) for c in raw_names]
     root = Path(root)
-    source = ImageFiles(str(root), tuple(s.path for s in samples), options.max_resolution)
     provenance = {
         "kind": "imagefolder",
         "root": str(root.resolve()),
@@ -207,14 +205,37 @@ def write_imagefolder(
         "classnames_file": str(Path(classnames_file).resolve()) if classnames_file is not None else None,
         "raw_classnames": raw_names,  # folder or split-file names before cleanup
     }
+    classnames = [clean_classname(c, given_name) for c in raw_names]
+    return write_samples(out, root, samples, classnames, name=dataset, template=default_template(given_name),
+                         split_source=split_source, provenance=provenance, options=options, skip_bad=skip_bad)
+
+
+def write_samples(
+    out: PathLike,
+    root: Path,
+    samples: list[Sample],
+    classnames: list[str],
+    *,
+    name: str,
+    template: str,
+    split_source: str,
+    provenance: dict,
+    options: WriteOptions,
+    skip_bad: bool,
+) -> WriteSummary:
+    """Write image files (`samples`, paths relative to `root`) to `out`: what every
+    `prepare` of image files (imagefolder, coop) shares. Paths are kept in the sidecar as
+    given (a split file's), and each split's samples in their given order (Dassl's draw
+    depends on it)."""
+    source = ImageFiles(str(root), tuple(s.path for s in samples), options.max_resolution)
     return write_beton(
         out,
         source,
         [s.label for s in samples],
         [s.split for s in samples],
         classnames,
-        name=dataset,
-        template=default_template(given_name),
+        name=name,
+        template=template,
         split_source=split_source,
         provenance=provenance,
         paths=[s.path for s in samples],

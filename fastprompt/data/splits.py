@@ -1,9 +1,10 @@
 """Splits and subsets of the CoOp protocol: split files, stratified splits, few-shot, base/new.
 
-Every random choice here is a pure function of integers (the user's seed, the split,
-the class label) through numpy's `SeedSequence` and `PCG64`, whose streams numpy
-guarantees across platforms and versions; candidates are sorted before sampling. So a
-seed names the same few-shot subset on every machine.
+Few-shot subsets are Dassl's draw (`dassl_few_shot`): Python's `random` seeded with the
+run seed, `random.sample` per label in the split file's order, so a seed picks the same
+files as CoOp, CoCoOp, MaPLe and the CAVPT authors' code. The splits fastprompt makes
+itself for datasets that ship none (stratified, validation hold-out) are pure functions of
+the file names through numpy's `SeedSequence` and `PCG64`, stable across platforms.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -19,6 +21,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 
 from fastprompt.errors import FastpromptError
+from fastprompt.validation import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +38,9 @@ VAL_FROM_TRAIN_FRACTION = 0.2
 SPLIT_SEED = 0
 # Validation few-shot cap: validation uses min(shots, 4) per class (CoOp).
 VAL_SHOTS_CAP = 4
-# Stream tags, so that the split streams and the few-shot streams never coincide.
+# Stream tags, so that the two split streams never coincide.
 _STREAM_STRATIFIED = 1
 _STREAM_VAL_FROM_TRAIN = 2
-_STREAM_FEW_SHOT = 3
 
 
 @dataclass(frozen=True)
@@ -82,48 +84,117 @@ def relabel_table(num_classes: int, kept: Sequence[int]) -> np.ndarray:
     return table
 
 
-def few_shot_indices(
+@dataclass(frozen=True)
+class FewShotDraw:
+    """One seed's few-shot subsets of train and val, as Dassl draws them.
+
+    `train` and `val` are `.beton` indices in Dassl's output order (the order CoOp's
+    `split_fewshot/shot_K-seed_S.pkl` stores): labels in order of first appearance in the
+    split, the `random.sample` order within a label. `short` names the (split, label,
+    available) of every label that had fewer images than asked and took them all.
+    """
+
+    shots: int
+    seed: int
+    train: np.ndarray  # (n_train,) int64
+    val: np.ndarray  # (n_val,) int64
+    short: tuple[tuple[str, int, int], ...]
+
+
+def _check_shots_seed(shots: object, seed: object) -> None:
+    if not is_int(shots) or shots < 1:
+        raise FastpromptError(f"shots={shots!r} must be a positive integer (or None for the whole split)")
+    if not is_int(seed) or seed < 0:
+        raise FastpromptError(f"seed={seed!r} must be a non-negative integer (CoOp uses seeds 1, 2, 3)")
+
+
+def _dassl_sample(order: np.ndarray, labels: np.ndarray, shots: int, rng: random.Random) -> tuple[list[int], list[tuple[int, int]]]:
+    """Dassl's `generate_fewshot_dataset` on one split (`order`: its indices in split-file order).
+
+    dassl/data/datasets/base_dataset.py: `split_dataset_by_label` groups the items by label
+    in order of first appearance (a defaultdict), file order within a label; then per label
+    `random.sample(items, num_shots)`, or all items when fewer (repeat=False). Returns the
+    chosen indices in that order and the (label, available) of the short labels.
+    """
+    tracker: dict[int, list[int]] = {}
+    for i in order.tolist():
+        tracker.setdefault(int(labels[i]), []).append(i)
+    chosen: list[int] = []
+    short: list[tuple[int, int]] = []
+    for label, items in tracker.items():
+        if len(items) >= shots:
+            chosen.extend(rng.sample(items, shots))
+        else:
+            chosen.extend(items)
+            short.append((label, len(items)))
+    return chosen, short
+
+
+def dassl_few_shot(labels: np.ndarray, splits: np.ndarray, shots: int, seed: int) -> FewShotDraw:
+    """The K-shot train and min(K, 4)-shot val subsets a CoOp-family run with seed `seed` uses.
+
+    Exactly what CoOp's datasets (e.g. datasets/oxford_pets.py) do after Dassl's
+    `set_random_seed(seed)` (dassl/utils/tools.py: `random.seed(seed)`, numpy, torch) in
+    train.py: nothing consumes Python's `random` before the dataset is built (the trainer
+    builds its data loader before its model), then `generate_fewshot_dataset(train, K)`
+    and `generate_fewshot_dataset(val, min(K, 4))` draw from the same stream. A private
+    `random.Random(seed)` gives that stream without touching the global one. A dataset
+    without val images (ImageNet, whose val set is its test set in CoOp) draws train only,
+    as CoOp's datasets/imagenet.py does. Samples of a split are in split-file order in the
+    `.beton` (the writer keeps it), so `labels`/`splits` in `.beton` order suffice.
+    """
+    _check_shots_seed(shots, seed)
+    rng = random.Random(int(seed))
+    train, short_train = _dassl_sample(np.flatnonzero(splits == SPLIT_CODE["train"]), labels, int(shots), rng)
+    val_order = np.flatnonzero(splits == SPLIT_CODE["val"])
+    val: list[int] = []
+    short_val: list[tuple[int, int]] = []
+    if len(val_order):
+        val, short_val = _dassl_sample(val_order, labels, min(int(shots), VAL_SHOTS_CAP), rng)
+    short = tuple(("train", c, n) for c, n in short_train) + tuple(("val", c, n) for c, n in short_val)
+    return FewShotDraw(int(shots), int(seed), np.asarray(train, dtype=np.int64), np.asarray(val, dtype=np.int64), short)
+
+
+def few_shot_order(
     labels: np.ndarray,
     splits: np.ndarray,
     classnames: Sequence[str],
     split: str,
     shots: Optional[int],
-    seed: int,
+    draw: Optional[FewShotDraw],
     kept: Sequence[int],
 ) -> np.ndarray:
-    """Sorted sample indices of `split` restricted to classes `kept`; `shots` per class if given.
+    """Indices of `split` restricted to classes `kept`, in Dassl's order (see `FewShotDraw`).
 
-    Validation takes min(shots, 4) per class (CoOp). Class c's draw uses its own stream
-    (seed, split, c): a class's subset does not depend on which other classes are kept,
-    so base/new subsets agree with the "all" subset of the same seed, as in CoOp (which
-    samples few-shot first and subsamples classes after). A class with fewer images than
-    asked is an error, never a silent smaller subset.
+    `shots=None` or the test split: the whole split in split-file order. Otherwise `draw`
+    (made over all classes, before the class half is taken: CoCoOp's `subsample_classes`
+    runs after the draw) restricted to `kept`. A kept class without images in a drawn split
+    is an error.
     """
     validate_split(split)
-    code = SPLIT_CODE[split]
-    in_split = np.flatnonzero(splits == code)
-    if shots is None:
-        mask = np.isin(labels[in_split], np.asarray(kept, dtype=labels.dtype))
-        return in_split[mask].astype(np.int64)
-    if isinstance(shots, (bool, np.bool_)) or not isinstance(shots, (int, np.integer)) or shots < 1:
-        raise FastpromptError(f"shots={shots!r} must be a positive integer (or None for the whole split)")
-    if split == "test":
-        raise FastpromptError("the test split is never subsampled; pass shots=None for split='test'")
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise FastpromptError(f"seed={seed!r} must be a non-negative integer (CoOp uses seeds 1, 2, 3)")
-    per_class = min(int(shots), VAL_SHOTS_CAP) if split == "val" else int(shots)
-    chosen = []
-    split_labels = labels[in_split]
-    for c in kept:
-        candidates = np.sort(in_split[split_labels == c])  # sorted: the draw depends only on the set
-        if len(candidates) < per_class:
-            raise FastpromptError(
-                f"class {classnames[c]!r} has {len(candidates)} {split} images but {per_class} shots were asked; "
-                f"use shots <= {len(candidates)}" + (" (validation uses min(shots, 4))" if split == "val" else "")
-            )
-        rng = _rng(int(seed), code, _STREAM_FEW_SHOT, int(c))
-        chosen.append(rng.choice(candidates, size=per_class, replace=False))
-    return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
+    in_split = np.flatnonzero(splits == SPLIT_CODE[split])
+    kept_arr = np.asarray(kept, dtype=labels.dtype)
+    if shots is None or split == "test":  # the test split is never subsampled
+        return in_split[np.isin(labels[in_split], kept_arr)].astype(np.int64)
+    if draw is None or draw.shots != shots:
+        raise ValueError(f"few_shot_order: {split} with shots={shots} needs that draw")
+    if split == "val" and len(in_split) == 0:
+        return np.zeros(0, dtype=np.int64)  # no val split (ImageNet): nothing drawn
+    if len(in_split) == 0:
+        raise FastpromptError(
+            "this dataset has no train images (a test set only, like ImageNet-A); train on another dataset "
+            "and evaluate on this one with `fastprompt eval RUN --data ...`"
+        )
+    present = np.bincount(labels[in_split], minlength=len(classnames))
+    empty = [c for c in kept if present[c] == 0]
+    if empty:
+        raise FastpromptError(
+            f"class {classnames[empty[0]]!r} has no {split} images"
+            + (f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else "")
+            + "; every class needs at least one - fix the split or re-prepare the dataset"
+        )
+    chosen = draw.train if split == "train" else draw.val
+    return chosen[np.isin(labels[chosen], kept_arr)]
 
 
 def _stratified_counts(n: int, classname: str) -> tuple[int, int, int]:

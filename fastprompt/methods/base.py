@@ -19,7 +19,7 @@ from torch import nn
 from fastprompt.errors import FastpromptError
 from fastprompt.losses import cosine_ce
 from fastprompt.models import vision
-from fastprompt.models.clip import ClipBundle
+from fastprompt.models.clip import ClipBundle, require_vit
 from fastprompt.prompts.coop import CoopContext
 from fastprompt.prompts.handcrafted import template_features
 from fastprompt.prompts.visual import VisualPrompts
@@ -186,7 +186,7 @@ def add_coop(model: PromptModel, options) -> None:
 
 def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int) -> None:
     """Give `model` shallow (one layer, carried) or deep (every layer) visual prompts."""
+    require_vit(model.bundle, model.method)
     layers = 1 if mode == "shallow" else model.bundle.vision_layers
-    device = model.clip.visual.class_embedding.device
-    model.visual = VisualPrompts(layers, n_prompts, model.bundle.vision_width, device=device)
+    model.visual = VisualPrompts(layers, n_prompts, model.bundle.vision_width, device=model.bundle.device)
     model.visual_mode = mode

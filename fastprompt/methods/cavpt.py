@@ -93,7 +93,7 @@ class Cavpt(PromptModel):
         self.k_n = min(config.topk, self.num_classes)
         if self.k_n < config.topk:
             log.info("topk=%d capped at the %d classes of this task", config.topk, self.num_classes)
-        device = self.clip.visual.class_embedding.device
+        device = bundle.device
         self.cavpt = nn.ModuleList(
             ClassAwarePromptLayer(bundle.embed_dim, bundle.vision_width, self.num_classes, device=device)
             for _ in range(config.layers)

@@ -78,7 +78,7 @@ class E2mim(PromptModel):
         super().__init__(bundle, classnames, templates, backend, config)
         add_coop(self, config)
         self.e2mim = MutualInformationCritic(self.num_classes, config.mi_dim,
-                                             device=self.clip.visual.class_embedding.device)
+                                             device=self.bundle.device)
 
     def training_only_names(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.startswith("e2mim.")}

@@ -1,10 +1,13 @@
 """Loading a frozen open_clip CLIP: a model name with a pretrained tag, a local checkpoint
 file, random weights, or a CLIP instance the caller built.
 
-Only the architecture every method here is written for is accepted: an `open_clip.CLIP`
-whose image tower is a plain `VisionTransformer` (class-token pooling, no attentional
-pooler) and whose text tower pools at the EOT token (`argmax`, OpenAI's BPE tokenizer).
-Anything else is rejected with a message instead of being run wrongly.
+Accepted: an `open_clip.CLIP` whose text tower pools at the EOT token (`argmax`, OpenAI's
+BPE tokenizer) and whose image tower is either a plain `VisionTransformer` (class-token
+pooling, no attentional pooler) or any other open_clip image tower (the ResNet CLIPs RN50,
+RN101, RN50x4, ... that CoOp's headline numbers use). Methods that leave the image tower
+alone (zeroshot, coop, e2mim) run on every accepted tower; methods that prompt it need the
+ViT and say so (`require_vit`). Anything else is rejected with a message instead of being
+run wrongly.
 
 `fastprompt-tiny` is a small config shipped with the package (64 px input, 3 vision and 2
 text layers of width 64) for tests and the demo.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -57,6 +61,15 @@ class ClipBundle:
     def image_size(self) -> int:
         size = self.model.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @property
+    def is_vit(self) -> bool:
+        """True for a ViT image tower (visual prompts apply); False for a ResNet CLIP."""
+        return isinstance(self.model.visual, VisionTransformer)
 
     @property
     def embed_dim(self) -> int:
@@ -109,26 +122,34 @@ def check_supported(model: torch.nn.Module) -> None:
     if not isinstance(model, open_clip.CLIP):
         raise FastpromptError(
             f"clip instance is a {type(model).__name__}; fastprompt needs an open_clip.CLIP "
-            "(ViT image tower, OpenAI-style text tower), e.g. open_clip.create_model('ViT-B-32')"
+            "(OpenAI-style text tower), e.g. open_clip.create_model('ViT-B-32')"
         )
     visual = model.visual
-    if not isinstance(visual, VisionTransformer):
-        raise FastpromptError(
-            f"the image tower is a {type(visual).__name__}; visual prompts need a ViT: pick a ViT model such as ViT-B-32 or ViT-B-16"
-        )
-    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-        raise FastpromptError(
-            "the ViT pools its output with something other than the class token; pick a plain CLIP ViT such as ViT-B-32 or ViT-B-16"
-        )
+    blocks = list(model.transformer.resblocks)
+    if isinstance(visual, VisionTransformer):
+        if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+            raise FastpromptError(
+                "the ViT pools its output with something other than the class token; pick a plain CLIP ViT such as ViT-B-32 or ViT-B-16"
+            )
+        blocks += list(visual.transformer.resblocks)
     if model.text_pool_type != "argmax":
         raise FastpromptError(
             f"the text tower pools with '{model.text_pool_type}', not at the EOT token; pick an OpenAI-style CLIP such as ViT-B-32"
         )
-    for block in list(visual.transformer.resblocks) + list(model.transformer.resblocks):
+    for block in blocks:
         if type(block) is not ResidualAttentionBlock:
             raise FastpromptError(
                 f"transformer block type {type(block).__name__} is not supported; pick a plain CLIP ViT such as ViT-B-32"
             )
+
+
+def require_vit(bundle: "ClipBundle", method: str) -> None:
+    """Methods that prompt the image tower need a ViT (its token sequence holds the prompts)."""
+    if not bundle.is_vit:
+        raise FastpromptError(
+            f"{method} prompts the image tower and the image tower of {bundle.name} is a {type(bundle.model.visual).__name__}; "
+            "visual prompts need a ViT: pick a ViT model such as ViT-B-32 or ViT-B-16 (zeroshot, coop and e2mim run on any tower)"
+        )
 
 
 class _QuietRandomInit(logging.Filter):
@@ -155,16 +176,82 @@ def _freeze(model: torch.nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _checkpoint_kind(path: str) -> Optional[str]:
+    """'safetensors', 'torch' (a torch.save zip or legacy pickle) or None, from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 31):
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # zip (torch.save since 1.6) or pickle protocol 2+
+        return "torch"
+    return None
+
+
+def _create_from_file(clip: str, path: str, device, trust_pickle: bool) -> torch.nn.Module:
+    """open_clip's loader on a local checkpoint, never unpickling arbitrary objects unless the
+    caller trusts the file: torch.load(weights_only=True) reads tensors and plain containers
+    only, so a checkpoint whose pickle would run code is refused before anything runs."""
+    if not os.path.isfile(path):
+        raise FastpromptError(
+            f"checkpoint file not found: {path}; pass an existing checkpoint file, an open_clip tag such as 'openai', or None for random weights"
+        )
+    if _checkpoint_kind(path) is None:
+        raise FastpromptError(
+            f"{path} is not a checkpoint (neither safetensors nor a torch.save file); pass a checkpoint saved from {clip}, "
+            "an open_clip tag such as 'openai', or none for random weights"
+        )
+    try:
+        return open_clip.create_model(clip, pretrained=path, device=device, weights_only=not trust_pickle)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise FastpromptError(
+                f"checkpoint {path} stores Python objects besides tensors, and unpickling them can run code; "
+                "convert it to safetensors, or pass --trust-pickle if you trust where it came from"
+            ) from None
+        raise FastpromptError(f"checkpoint {path} is unreadable ({_first_line(err)}); pass a checkpoint saved from {clip}") from None
+    except (RuntimeError, KeyError, ValueError, AssertionError, EOFError, OSError, AttributeError, TypeError) as err:
+        raise FastpromptError(
+            f"checkpoint {path} does not fit model {clip} ({_first_line(err)}); pass a checkpoint saved from {clip}"
+        ) from None
+
+
+def _create_from_tag(clip: str, tag: str, device) -> torch.nn.Module:
+    """open_clip's download (or its local cache) of a pretrained tag; a failed download is one
+    line that says what to do offline."""
+    quiet = [logging.getLogger(), logging.getLogger("huggingface_hub"), logging.getLogger("urllib3")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # open_clip logs the failure at ERROR before raising it; we say it once
+        logger.setLevel(logging.CRITICAL)
+    try:
+        return open_clip.create_model(clip, pretrained=tag, device=device)
+    except (RuntimeError, OSError) as err:
+        raise FastpromptError(
+            f"could not load pretrained weights '{tag}' for {clip} ({_first_line(err)[:160]}); on a machine without internet "
+            "pass a local checkpoint file (--pretrained PATH) or set HF_HUB_OFFLINE=1 to use only open_clip's local cache"
+        ) from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
 def load_clip(
     clip: Union[str, torch.nn.Module] = "ViT-B-32",
     pretrained: Optional[str] = "openai",
     device: Union[str, torch.device] = "cpu",
+    trust_pickle: bool = False,
 ) -> ClipBundle:
     """Build a frozen CLIP.
 
     `clip` is an open_clip model name (`open_clip.list_models()` plus `fastprompt-tiny`)
     or a CLIP instance. `pretrained` is an open_clip tag (e.g. "openai", downloaded by
     open_clip into its cache), a local checkpoint file, or None / "none" for random init.
+    A checkpoint file is read without unpickling arbitrary objects (safetensors, or
+    torch.load with weights_only=True); `trust_pickle=True` allows a full unpickle.
     """
     _register_configs()
     tokenizer_cls = open_clip.tokenizer.SimpleTokenizer
@@ -191,17 +278,7 @@ def load_clip(
         _freeze(model)
         weights_id = f"params:{_params_fingerprint(model)}"
     elif _looks_like_path(pretrained):
-        if not os.path.isfile(pretrained):
-            raise FastpromptError(
-                f"checkpoint file not found: {pretrained}; pass an existing checkpoint file, an open_clip tag such as 'openai', or None for random weights"
-            )
-        try:
-            model = open_clip.create_model(clip, pretrained=pretrained, device=device)
-        except (RuntimeError, KeyError, ValueError, AssertionError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise FastpromptError(
-                f"checkpoint {pretrained} does not fit model {clip} ({first}); pass a checkpoint saved from {clip}"
-            ) from err
+        model = _create_from_file(clip, pretrained, device, trust_pickle)
         weights_id = f"file:{_file_fingerprint(pretrained)}"
     else:
         tags = open_clip.list_pretrained_tags_by_model(clip)
@@ -209,7 +286,7 @@ def load_clip(
             raise FastpromptError(
                 f"unknown pretrained tag '{pretrained}' for {clip}; valid tags: {', '.join(tags) or 'none (use a local checkpoint file or None)'}"
             )
-        model = open_clip.create_model(clip, pretrained=pretrained, device=device)
+        model = _create_from_tag(clip, pretrained, device)
         weights_id = f"tag:{pretrained}"
 
     check_supported(model)

@@ -63,8 +63,13 @@ def encode(
     """Image features [B, D] (not normalised) of `images` [B, 3, H, W] with visual prompts.
 
     shallow: [P, d] carried prompts; deep: [L, P, d] per-layer prompts; extra: callback for
-    per-sample prompts (needs `deep`). With none of them this equals `visual(images)`.
+    per-sample prompts (needs `deep`). With none of them this equals `visual(images)`; a
+    non-ViT tower (ResNet CLIP) takes no prompts and runs as `visual(images)`.
     """
+    if not isinstance(visual, VisionTransformer):  # a ResNet CLIP: no prompts, no fast path of its own
+        if shallow is not None or deep is not None or extra is not None:
+            raise ValueError(f"visual prompts need a ViT image tower, not a {type(visual).__name__}")
+        return visual(images)  # (B, D)
     if shallow is not None and (deep is not None or extra is not None):
         raise ValueError("shallow prompts cannot be combined with deep or per-sample prompts")
     if extra is not None and deep is None:

@@ -97,11 +97,12 @@ class FeatureCache:
     def batches(self, data, subset: np.ndarray, classes: str, *, seed: int, epoch: int, batch_size: int,
                 rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(features [b, D], labels [b]) of epoch `epoch` on this rank: the training loader's
-        batches (b = batch_size / world, same order, last partial batch dropped)."""
+        batches (b = batch_size / world, same order, last partial batch dropped unless the subset is smaller than
+        one batch, which is then one batch)."""
         relabel = relabel_table(data.num_classes, data.class_subset(classes))  # (K_all,)
         order = EpochOrder(subset, seed, True, rank, world).sample_order(epoch)  # (n / W,): the loader's, this rank
         view = self.features[epoch % self.views]  # (N_train, D)
-        local = batch_size // world
+        local = batch_size // world if len(subset) >= batch_size else len(order)  # Dassl: one smaller batch
         for start in range(0, len(order) - local + 1, local):
             idx = order[start : start + local]  # (b,)
             rows = torch.from_numpy(self.row_of[idx]).to(view.device)

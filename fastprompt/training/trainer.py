@@ -100,17 +100,16 @@ class Trainer:
                                              weight_decay=config.weight_decay)
         else:
             self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        n_train = len(self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes))
-        if n_train < config.batch_size:
-            raise FastpromptError(
-                f"batch_size={config.batch_size} exceeds the {n_train} training images of this run; lower --batch-size"
-            )
+        # fewshot.json: the files this run trains and validates on (Dassl's draw); a class without images fails here
+        self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
+        n_train = len(self.fewshot["train"])
         self.cached_topk = config.method == "cavpt" and config.options.get("topk_source", "cached") == "cached"
         self.loader = self.data.loader(
             "train", shots=config.shots, seed=config.seed, classes=config.classes, train=True,
             image_size=self.model.bundle.image_size, batch_size=config.batch_size // self.world,
             device=self.device, num_workers=config.num_workers, order_seed=config.seed,
             return_indices=self.cached_topk,
+            drop_last=n_train >= config.batch_size,  # Dassl's rule on the global batch; else one smaller batch
         )
         self.step_module: nn.Module = _Step(self.model)
         if self.distributed:
@@ -119,7 +118,7 @@ class Trainer:
                 find_unused_parameters=True,  # e.g. E2MIM's critic when mi_weight=0
             )
         # the (optionally compiled) training step: forward and, through AOTAutograd, backward;
-        # static shapes, since the loader drops the ragged last batch
+        # static shapes: the loader drops the ragged last batch (or has one batch when the subset is smaller)
         self.step_fn = compile_fn(self.step_module, config.compile_mode(self.device.type), device=self.device,
                                   backend=config.compile_backend)
         self.epoch = 0  # epochs completed
@@ -153,6 +152,7 @@ class Trainer:
             except OSError as err:
                 raise FastpromptError(f"cannot write to --out {self.out} ({err.strerror}); pick a writable directory") from None
             write_json(self.out / "config.json", {**self.config.to_dict(), **self._run_facts()})
+            write_json(self.out / "fewshot.json", self.fewshot)
             (self.out / "metrics.jsonl").write_text("")
 
     def _resume(self, path: Path) -> None:

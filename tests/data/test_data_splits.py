@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import random
+from collections import defaultdict
 
 import numpy as np
 import pytest
+
+from _dassl import as_arrays, dassl_reference, interleaved_split
 
 from fastprompt.data.datasets import canonical_name, clean_classname, dataset_name_from_split_file, default_template
 from fastprompt.data.splits import (
     SPLIT_CODE,
     class_subset,
-    few_shot_indices,
+    dassl_few_shot,
+    few_shot_order,
     read_coop_split,
     relabel_table,
     stratified_split,
@@ -69,54 +74,64 @@ def test_stratified_split_counts_and_determinism():
         stratified_split([["x1", "x2", "x3"], ["y1", "y2"]], ["a", "b"])
 
 
-def _toy_labels():
-    # 4 classes; train: 6/5/8/7 images, val: 4/4/3/5, test: 2 each; interleaved on purpose.
-    labels, splits = [], []
-    for split, counts in (("train", [6, 5, 8, 7]), ("val", [4, 4, 3, 5]), ("test", [2, 2, 2, 2])):
-        for c, n in enumerate(counts):
-            labels += [c] * n
-            splits += [SPLIT_CODE[split]] * n
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(len(labels))
-    return np.asarray(labels)[perm], np.asarray(splits)[perm]
+@pytest.mark.parametrize("seed", [1, 2, 3, 7])
+@pytest.mark.parametrize("shots", [1, 2, 4, 8, 16])
+def test_draw_is_dassls(shots, seed):
+    split = interleaved_split()
+    assert split["train"][0][1] == 3 and split["val"][0][1] == 3  # first appearance is not label order
+    entries, labels, splits = as_arrays(split)
+    draw = dassl_few_shot(labels, splits, shots, seed)
+    expected = dassl_reference(split, shots, seed)
+    assert [entries[i] for i in draw.train] == expected["train"]  # same files, same order
+    assert [entries[i] for i in draw.val] == expected["val"]
+    counts = np.bincount(labels[draw.train], minlength=5).tolist()
+    assert counts == [min(shots, n) for n in [20, 3, 17, 9, 1]]  # short classes take all they have
+    short_train = {(c, n) for s, c, n in draw.short if s == "train"}
+    assert short_train == {(c, n) for c, n in enumerate([20, 3, 17, 9, 1]) if n < shots}
+    short_val = {(c, n) for s, c, n in draw.short if s == "val"}
+    assert short_val == {(c, n) for c, n in enumerate([6, 2, 5, 4, 1]) if n < min(shots, 4)}
 
 
-def test_few_shot_determinism_and_counts():
-    labels, splits = _toy_labels()
-    names = ["w", "x", "y", "z"]
-    a = few_shot_indices(labels, splits, names, "train", 3, seed=1, kept=[0, 1, 2, 3])
-    assert np.array_equal(a, few_shot_indices(labels, splits, names, "train", 3, seed=1, kept=[0, 1, 2, 3]))
-    b = few_shot_indices(labels, splits, names, "train", 3, seed=2, kept=[0, 1, 2, 3])
-    assert not np.array_equal(a, b)
-    for idx in (a, b):
-        assert np.all(splits[idx] == SPLIT_CODE["train"]) and np.all(np.diff(idx) > 0)
-        assert np.bincount(labels[idx], minlength=4).tolist() == [3, 3, 3, 3]
-    # validation takes min(shots, 4) per class; class y has only 3 validation images
-    v = few_shot_indices(labels, splits, names, "val", 3, seed=1, kept=[0, 1, 2, 3])
-    assert np.bincount(labels[v]).tolist() == [3, 3, 3, 3] and np.all(splits[v] == SPLIT_CODE["val"])
-    with pytest.raises(FastpromptError, match=r"class 'y' has 3 val images but 4 shots"):
-        few_shot_indices(labels, splits, names, "val", 16, seed=1, kept=[0, 1, 2, 3])
-    with pytest.raises(FastpromptError, match=r"class 'x' has 5 train images but 6 shots.*shots <= 5"):
-        few_shot_indices(labels, splits, names, "train", 6, seed=1, kept=[0, 1, 2, 3])
-    # a class's draw does not depend on which other classes are kept (base/new agree with all)
-    base = few_shot_indices(labels, splits, names, "train", 3, seed=1, kept=[0, 1])
-    assert np.array_equal(base, a[labels[a] < 2])
-    # shots=None: the whole split of the kept classes
-    full = few_shot_indices(labels, splits, names, "test", None, seed=1, kept=[2, 3])
-    assert np.array_equal(full, np.flatnonzero((splits == SPLIT_CODE["test"]) & (labels >= 2)))
-    with pytest.raises(FastpromptError, match="test split is never subsampled"):
-        few_shot_indices(labels, splits, names, "test", 2, seed=1, kept=[0])
+def test_draw_continues_the_stream_into_val_and_skips_a_missing_val():
+    split = interleaved_split()
+    entries, labels, splits = as_arrays(split)
+    draw = dassl_few_shot(labels, splits, 4, 1)
+    rng = random.Random(1)  # val drawn from a fresh stream would differ: it continues after train
+    fresh = [e for label, items in _by_label(split["val"]).items() for e in (rng.sample(items, 4) if len(items) >= 4 else items)]
+    assert [entries[i] for i in draw.val] != fresh
+    no_val = {"train": split["train"], "val": [], "test": split["test"]}  # ImageNet: CoOp draws train only
+    entries, labels, splits = as_arrays(no_val)
+    draw = dassl_few_shot(labels, splits, 4, 2)
+    assert [entries[i] for i in draw.train] == dassl_reference(no_val, 4, 2)["train"] and len(draw.val) == 0
+    with pytest.raises(FastpromptError, match=r"shots=0 must be a positive integer"):
+        dassl_few_shot(labels, splits, 0, 1)
+    with pytest.raises(FastpromptError, match=r"seed=-1 must be a non-negative integer"):
+        dassl_few_shot(labels, splits, 1, -1)
 
 
-def test_few_shot_is_the_same_on_every_machine():
-    """Golden values: numpy's SeedSequence + PCG64 streams are platform- and version-stable."""
-    labels = np.repeat(np.arange(3), 20)
-    splits = np.zeros(60, dtype=np.int64)
-    got = few_shot_indices(labels, splits, ["a", "b", "c"], "train", 2, seed=1, kept=[0, 1, 2])
-    assert got.tolist() == GOLDEN_SEED1
+def _by_label(items):
+    out = defaultdict(list)
+    for e in items:
+        out[e[1]].append(e)
+    return out
 
 
-GOLDEN_SEED1 = [6, 18, 29, 32, 46, 51]  # recorded with numpy 2.4 on x86-64; must never change
+def test_order_restricts_the_draw_to_a_class_half_and_checks_empty_classes():
+    split = interleaved_split()
+    entries, labels, splits = as_arrays(split)
+    names = ["w", "x", "y", "z", "v"]
+    draw = dassl_few_shot(labels, splits, 8, 1)
+    base = few_shot_order(labels, splits, names, "train", 8, draw, class_subset(5, "base"))
+    assert base.tolist() == [i for i in draw.train if labels[i] < 3]  # CoCoOp: classes halved after the draw
+    full_test = few_shot_order(labels, splits, names, "test", None, None, [0, 1, 2, 3, 4])
+    assert full_test.tolist() == np.flatnonzero(splits == SPLIT_CODE["test"]).tolist()  # split-file order
+    assert few_shot_order(labels, splits, names, "test", 8, draw, [0, 1, 2, 3, 4]).tolist() == full_test.tolist()
+    empty = dict(split, train=[e for e in split["train"] if e[1] != 4])  # class 'v' left without train images
+    entries, labels, splits = as_arrays(empty)
+    draw = dassl_few_shot(labels, splits, 2, 1)
+    with pytest.raises(FastpromptError, match=r"class 'v' has no train images"):
+        few_shot_order(labels, splits, names, "train", 2, draw, [0, 1, 2, 3, 4])
+    assert len(few_shot_order(labels, splits, names, "train", 2, draw, [0, 1])) == 4  # 'v' not kept: fine
 
 
 def test_class_subsets_and_relabelling():
