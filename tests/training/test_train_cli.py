@@ -33,7 +33,9 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("method", [m for m in fastprompt.list_methods() if m != "zeroshot"])
+# coop and cavpt (the demo's method) stay in the quick loop (-m "not slow"); the rest are slow
+@pytest.mark.parametrize("method", [m if m in ("coop", "cavpt") else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in fastprompt.list_methods() if m != "zeroshot"])
 def test_train_then_eval_every_method(method, demo_beton, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, train_args(demo_beton, out, method))
