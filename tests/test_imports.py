@@ -16,8 +16,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "fastprompt"
 
 
@@ -87,7 +85,7 @@ def import_graph(package_dir: Path) -> dict[str, dict[str, int]]:
 
 
 def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
-    """One shortest cycle per strongly connected component, as [a, b, ..., a]."""
+    """One cycle per strongly connected component (a shortest one through its first module), as [a, ..., a]."""
     index, low, stack, on_stack, components = {}, {}, [], set(), []
 
     def connect(v):  # Tarjan; the graph has ~60 nodes, recursion is fine
@@ -114,25 +112,24 @@ def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             connect(v)
-    cycles = []
-    for component in components:
-        start = min(component)
-        paths, frontier = {start: [start]}, [start]  # breadth-first back to start, inside the component
-        while frontier:
-            nxt = []
-            for v in frontier:
-                for w in sorted(graph[v]):
-                    if w == start:
-                        cycles.append(paths[v] + [start])
-                        nxt = frontier = []
-                        break
-                    if w in component and w not in paths:
-                        paths[w] = paths[v] + [w]
-                        nxt.append(w)
-                if not frontier:
-                    break
-            frontier = nxt
-    return cycles
+    return [_shortest_cycle(graph, component) for component in components]
+
+
+def _shortest_cycle(graph: dict[str, dict[str, int]], component: set[str]) -> list[str]:
+    """Breadth-first from the component's first module back to itself, inside the component."""
+    start = min(component)
+    paths, frontier = {start: [start]}, [start]
+    while frontier:
+        following = []
+        for v in frontier:
+            for w in sorted(graph[v]):
+                if w == start:
+                    return paths[v] + [start]
+                if w in component and w not in paths:
+                    paths[w] = paths[v] + [w]
+                    following.append(w)
+        frontier = following
+    raise AssertionError(f"{sorted(component)} is not a cycle")  # a strongly connected component always is
 
 
 def describe(cycle: list[str], graph: dict[str, dict[str, int]]) -> str:

@@ -50,7 +50,8 @@ def _build_wheel(tmp: Path) -> Path:
 def test_installed_wheel_runs_bench_with_default_variants(tmp_path):
     wheel = _build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "fastprompt/models/configs/fastprompt-tiny.json" in names  # package data ships
+    configs = {f"fastprompt/models/configs/{p.name}" for p in (ROOT / "fastprompt/models/configs").glob("*.json")}
+    assert "fastprompt/models/configs/fastprompt-tiny.json" in configs and configs <= names  # package data ships
     assert "fastprompt/bench/anchor.py" in names
     assert not any(n.startswith(("benchmarks/", "tests/")) for n in names)
 

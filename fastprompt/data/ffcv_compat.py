@@ -23,6 +23,9 @@ Two more FFCV workarounds are functions the loader calls per use (no global stat
    raises (the exception is only printed); this one fails instead.
 5. `keep_torch_threads`: FFCV's `Loader` (and each epoch's iterator) set torch's intra-op
    thread count to the loader's worker count; the caller's count is restored.
+Writing needs none of these; its one FFCV workaround lives with the writer: an exception in
+an FFCV writer process hangs the writer, so `fastprompt.data.beton._WriterInput` records a
+failed image instead of raising.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def test_gt_only_and_layers(tiny_clip, images, labels):
         assert len(model.cavpt) == 2 and model.first_layer == 1
         loss = model.loss(images, labels)
         loss.backward()
-        assert model.cavpt[0].classifier.grad is not None
+        assert torch.count_nonzero(model.cavpt[0].classifier.grad) > 0  # the auxiliary term trains it
     with pytest.raises(fastprompt.FastpromptError, match="layers=4 exceeds the image tower's 3 layers"):
         _model(tiny_clip, layers=4)
 

@@ -46,8 +46,8 @@ def test_mi_term_and_its_switch(tiny_clip, images, labels):
     torch.manual_seed(0)
     model = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, mixup=False)
     model.loss(images, labels).backward()
-    assert model.e2mim.soft_head[0].weight.grad is not None
-    assert model.e2mim.hand_head[0].weight.grad is not None and model.e2mim.logit_scale.grad is not None
+    for p in (model.e2mim.soft_head[0].weight, model.e2mim.hand_head[0].weight, model.e2mim.logit_scale):
+        assert torch.count_nonzero(p.grad) > 0  # the InfoNCE critic trains
     off = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, mixup=False, mi_weight=0)
     off.load_prompt_state_dict(model.prompt_state_dict())
     coop = fastprompt.create_model("coop", classnames=CLASSNAMES, clip=tiny_clip)

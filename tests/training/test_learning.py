@@ -25,6 +25,7 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # the demo CLIP fixture pretrains for ~30 s, then a 5-epoch run per method
 @pytest.mark.parametrize("method", [m for m in fastprompt.list_methods() if m != "zeroshot"])
 def test_every_method_learns_on_the_demo(method, demo_beton, demo_clip, tmp_path):
     out = tmp_path / "run"
