@@ -173,6 +173,7 @@ METHOD_FLAGS = {
     "cavpt_topk": "topk", "cavpt_layers": "layers", "cavpt_alpha": "alpha", "cavpt_aux_target": "aux_target",
     "cavpt_topk_source": "topk_source", "cavpt_text_prompt": "text_prompt", "e2mim_mixup_alpha": "mixup_alpha",
     "e2mim_mi_weight": "mi_weight", "e2mim_infer": "infer", "e2mim_mi_dim": "mi_dim",
+    "cavpt_variant": "variant", "cavpt_guidance_epochs": "guidance_epochs", "e2mim_mi_input": "mi_input",
 }
 
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (auto: cuda when available).")]
@@ -211,17 +212,20 @@ def train_cmd(
     coop_csc: Annotated[Optional[bool], typer.Option("--coop.csc/--coop.shared", help="Class-specific context.")] = None,
     coop_ctx_init: Annotated[Optional[str], typer.Option("--coop.ctx-init", help="Init phrase, e.g. 'a photo of a'.")] = None,
     vpt_n_prompts: Annotated[Optional[int], typer.Option("--vpt.n-prompts", help="Visual prompts per layer (default 10).")] = None,
+    cavpt_variant: Annotated[Optional[str], typer.Option("--cavpt.variant", help="paper (eqs. 9-12 as printed; default) | released (the authors' code, fanrena/DPT).")] = None,
     cavpt_topk: Annotated[Optional[int], typer.Option("--cavpt.topk", help="K_N classes per image (default 5).")] = None,
     cavpt_layers: Annotated[Optional[int], typer.Option("--cavpt.layers", help="Last layers with class-aware prompts (default 1).")] = None,
     cavpt_alpha: Annotated[Optional[float], typer.Option("--cavpt.alpha", help="Auxiliary loss weight (default 1.0).")] = None,
-    cavpt_aux_target: Annotated[Optional[str], typer.Option("--cavpt.aux-target", help="eq10 | gt-only.")] = None,
-    cavpt_topk_source: Annotated[Optional[str], typer.Option("--cavpt.topk-source", help="cached | online.")] = None,
+    cavpt_aux_target: Annotated[Optional[str], typer.Option("--cavpt.aux-target", help="eq10 | gt-only (default: eq10 for paper, gt-only for released).")] = None,
+    cavpt_topk_source: Annotated[Optional[str], typer.Option("--cavpt.topk-source", help="cached | online (default: cached for paper, online for released).")] = None,
     cavpt_text_prompt: Annotated[Optional[bool], typer.Option("--cavpt.text-prompt", help="Also learn CoOp context (VLP-CLIP-CAVPT).")] = None,
+    cavpt_guidance_epochs: Annotated[Optional[int], typer.Option("--cavpt.guidance-epochs", help="released + text prompt: general knowledge guidance for the first C epochs (default 0: off).")] = None,
     e2mim_no_mixup: Annotated[bool, typer.Option("--e2mim.no-mixup", help="Switch class-wise mixup off.")] = False,
     e2mim_mixup_alpha: Annotated[Optional[float], typer.Option("--e2mim.mixup-alpha", help="Beta(a, a) of the mixup weight (default 1.0).")] = None,
     e2mim_mi_weight: Annotated[Optional[float], typer.Option("--e2mim.mi-weight", help="InfoNCE weight (default 1.0; 0 = off).")] = None,
     e2mim_infer: Annotated[Optional[str], typer.Option("--e2mim.infer", help="ensemble | soft.")] = None,
     e2mim_mi_dim: Annotated[Optional[int], typer.Option("--e2mim.mi-dim", help="Critic head width (default 128).")] = None,
+    e2mim_mi_input: Annotated[Optional[str], typer.Option("--e2mim.mi-input", help="probs (default; the paper's figure 1) | logits: what the MI critic reads.")] = None,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
     from pathlib import Path

@@ -103,7 +103,7 @@ class Trainer:
         # fewshot.json: the files this run trains and validates on (Dassl's draw); a class without images fails here
         self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
         n_train = len(self.fewshot["train"])
-        self.cached_topk = config.method == "cavpt" and config.options.get("topk_source", "cached") == "cached"
+        self.cached_topk = getattr(self.model.config, "topk_source", None) == "cached"  # CAVPT's resolved option
         self.loader = self.data.loader(
             "train", shots=config.shots, seed=config.seed, classes=config.classes, train=True,
             image_size=self.model.bundle.image_size, batch_size=config.batch_size // self.world,
@@ -244,6 +244,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        self.model.set_epoch(self.epoch)
         self.loader.set_epoch(self.epoch)
         total_loss = torch.zeros((), dtype=torch.float64)
         correct = seen = 0
