@@ -49,10 +49,12 @@ unprompted image tower, normalised, against the normalised hand-crafted template
 
 Options (default; source):
 - `variant` ("paper"; SPEC.md "This is --cavpt.variant paper").
-- `topk` K_N (5; paper §"Analysis on the length of input text class tokens": best on half the
-  datasets). The paper's best K_N per dataset (EuroSAT 5, Caltech101 50, Flowers102 5, Food101
-  5, FGVCAircraft 20, DTD 5, OxfordPets 37, StanfordCars 100; the authors' script uses CPN 10)
-  is a protocol setting, not a model default: the named-protocol layer sets it per dataset.
+- `topk` K_N (5; paper §"Analysis on the length of input text class tokens": K_N = 5 is best
+  on half the datasets). The best K_N per dataset of that analysis (EuroSAT 5, Caltech101 50,
+  Flowers102 5, Food101 5, FGVCAircraft 20, DTD 5, OxfordPets 37 = all, StanfordCars 100, others
+  5; the authors' `train_single.sh` uses CPN 10) is a setting of a published recipe, not of the
+  module: it belongs to the named protocol (`--protocol cavpt`), which does not exist yet; until
+  then `--cavpt.topk` sets it.
 - `layers` (1: the last layer; paper and the authors' script BOTTOMLIMIT 12 on ViT-B/32).
 - `alpha` α (1.0; paper eq. 12; the authors' script uses 0.3).
 - `aux_target` ("eq10" for paper, "gt-only" for released: `DPT.forward_backward`).
