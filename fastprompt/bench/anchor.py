@@ -115,9 +115,24 @@ def class_aware_prompts(layer: nn.Module, tokens: torch.Tensor, text: torch.Tens
     return layer.proj(normed), normed
 
 
+def released_class_aware_prompts(layer: nn.Module, tokens: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAVPT `variant="released"` as fanrena/DPT trainers/DPT.py `CAVPT.forward` + `Attention.forward`
+    write it (batch-first here): -> (prompts [B, K_N, d], auxiliary logits [B, K_N, K])."""
+    class_token = tokens.detach()  # (B, N, d)
+    class_prompt = layer.query(text.to(tokens.dtype))  # (B, K_N, d): meta_nets[i]
+    ctx = layer.extra_tokens.unsqueeze(0).expand(class_token.shape[0], -1, -1)  # (B, 10, d)
+    kv = torch.cat([class_token, ctx.to(class_token.dtype)], dim=1)  # (B, N+10, d)
+    q, k = layer.q_proj(class_prompt), layer.k_proj(kv)  # (B, K_N, 32), (B, N+10, 32)
+    u = torch.bmm(q, k.transpose(1, 2)) / q.shape[-1] ** 0.5  # (B, K_N, N+10)
+    output = layer.out_proj(torch.bmm(F.softmax(u, dim=-1), kv))  # (B, K_N, d): vmlp after attention
+    logits = layer.classifier(layer.aux_norm(output))  # (B, K_N, K): lns[i], classfiers[i]
+    return layer.norm(output + class_prompt), logits  # lns2[i]
+
+
 def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torch.Tensor] = None,
                    text: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Prompted image features [B, D] (not normalised) and CAVPT's LayerNorm outputs per layer.
+    """Prompted image features [B, D] (not normalised) and CAVPT's LayerNorm outputs per layer
+    (`variant="released"`: its auxiliary logits per layer; its deep prompts stop below the CAVPT layers).
 
     Every layer of the deep methods rebuilds the full sequence `[cls, prompts, patches]` with
     `torch.cat` and runs CLIP's block on all of it; what the block writes into the prompt
@@ -136,13 +151,14 @@ def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torc
         return pool(visual, x), []
 
     first_cavpt = len(blocks) - len(model.cavpt) if getattr(model, "cavpt", None) is not None else len(blocks)
+    class_aware = released_class_aware_prompts if getattr(model, "released", False) else class_aware_prompts
     normed = []
     n_slots = 0
     for layer, block in enumerate(blocks):
         cls, patches = x[:, :1], x[:, 1 + n_slots:]  # (B, 1, d), (B, Np, d)
-        slots = [prompts[layer].to(x.dtype).expand(batch, -1, -1)]  # [(B, P, d)]
+        slots = [prompts[layer].to(x.dtype).expand(batch, -1, -1)] if layer < prompts.shape[0] else []  # [(B, P, d)]
         if layer >= first_cavpt:
-            extra, h = class_aware_prompts(model.cavpt[layer - first_cavpt], torch.cat([cls, patches], dim=1), text)
+            extra, h = class_aware(model.cavpt[layer - first_cavpt], torch.cat([cls, patches], dim=1), text)
             slots.append(extra)  # (B, K_N, d)
             normed.append(h)
         x = torch.cat([cls, *slots, patches], dim=1)  # (B, 1+P(+K_N)+Np, d)
@@ -174,17 +190,22 @@ class Anchor:
             return self.handcrafted
         return l2norm(text_encoder(model.clip, coop_prompts(model), model.text.tokens))  # (K, D)
 
+    def zero_shot_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Zero-shot CLIP's image features [B, D], normalised (the released code's extra frozen forward)."""
+        with torch.no_grad():
+            return l2norm(self.model.clip.encode_image(images.to(self.model.clip.visual.conv1.weight.dtype)))  # (B, D)
+
     def zero_shot_topk(self, images: torch.Tensor) -> torch.Tensor:
         """CAVPT's online top-K (the released code's extra frozen forward per step) [B, K_N]."""
-        with torch.no_grad():
-            x = l2norm(self.model.clip.encode_image(images.to(self.model.clip.visual.conv1.weight.dtype)))  # (B, D)
-            return (x @ self.handcrafted.t()).topk(self.model.k_n, dim=-1).indices  # (B, K_N)
+        return (self.zero_shot_features(images) @ self.handcrafted.t()).topk(self.model.k_n, dim=-1).indices  # (B, K_N)
 
     def loss_and_logits(self, images: torch.Tensor, labels: torch.Tensor,
                         topk: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(training objective, detached logits [B, K]) of the method, as the research code writes it."""
         model = self.model
         tau = model.clip.logit_scale.exp()  # ()
+        if getattr(model, "released", False):
+            return self._released_cavpt(images, labels, topk, tau)
         if self.method == "cavpt":
             topk = self.zero_shot_topk(images) if topk is None else topk  # (B, K_N)
             x, normed = image_features(model, images, topk, self.handcrafted[topk])  # (B, D)
@@ -202,6 +223,35 @@ class Anchor:
                                for layer, h in zip(model.cavpt, normed)]).mean()
             loss = loss + model.config.alpha * aux
         return loss, logits.detach()
+
+    def _released_cavpt(self, images: torch.Tensor, labels: torch.Tensor, topk: Optional[torch.Tensor],
+                        tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CAVPT `variant="released"` as fanrena/DPT trainers/DPT.py `CustomCLIP_Selected_CoVPTDeep.forward`
+        and `DPT.forward_backward` write it."""
+        model = self.model
+        zero_shot = self.zero_shot_features(images)  # (B, D)
+        if topk is None:
+            topk = (zero_shot @ self.handcrafted.t()).topk(model.k_n, dim=-1).indices  # (B, K_N)
+        if model.text is None:
+            text_features = self.handcrafted  # (K, D)
+        else:
+            text_features = text_encoder(model.clip, coop_prompts(model), model.text.tokens)  # (K, D), unnormalised
+        x, layer_logits = image_features(model, images, topk, text_features[topk])  # (B, D), [(B, K_N, K)]
+        text_norm = l2norm(text_features)  # (K, D)
+        output = tau * l2norm(x) @ text_norm.t()  # (B, K)
+        if model.guiding:
+            output1 = tau * zero_shot @ text_norm.t()  # (B, K): zero-shot image, learned text
+            output2 = tau * l2norm(x) @ self.handcrafted.t()  # (B, K): prompted image, hand-crafted text
+            loss = F.cross_entropy(output1, labels) + F.cross_entropy(output2, labels) + 0.1 * F.cross_entropy(output, labels)
+        else:
+            loss = F.cross_entropy(output, labels)
+        k = model.num_classes
+        logits = torch.stack(layer_logits, dim=1).reshape(-1, k)  # (B·layers·K_N, K)
+        tmp = (topk == labels[:, None])[:, None, :].expand(-1, len(layer_logits), -1).reshape(-1)  # (B·layers·K_N,)
+        if bool(tmp.any()):  # DPT: `layer_logits.shape != torch.Size([0])`
+            one_hot = F.one_hot(labels[:, None, None].expand(-1, len(layer_logits), topk.shape[1]).reshape(-1), k)
+            loss = loss + model.config.alpha * F.cross_entropy(logits[tmp], one_hot[tmp].to(logits.dtype))
+        return loss, output.detach()
 
     def _cavpt_aux(self, layer: nn.Module, normed: torch.Tensor, topk: torch.Tensor, labels: torch.Tensor,
                    tau: torch.Tensor) -> torch.Tensor:
@@ -234,6 +284,8 @@ class Anchor:
         if cfg.mi_weight > 0:
             hand = tau * fn @ self.handcrafted.t()  # (M, K)
             critic = model.e2mim
+            if cfg.mi_input == "probs":  # the views' prediction probabilities
+                soft, hand = F.softmax(soft, dim=-1), F.softmax(hand, dim=-1)  # (M, K) each
             zs, zh = l2norm(critic.soft_head(soft)), l2norm(critic.hand_head(hand))  # (M, e) each
             nce_logits = critic.logit_scale.exp() * zs @ zh.t()  # (M, M)
             loss = loss + cfg.mi_weight * F.cross_entropy(nce_logits, torch.arange(zs.shape[0], device=zs.device))

@@ -89,6 +89,10 @@ class PromptModel(nn.Module):
             self._eval_text = F.normalize(self.text(self.clip, self.backend), dim=-1)  # (K, D)
         return self._eval_text
 
+    def set_epoch(self, epoch: int) -> None:
+        """The trainer calls this before each epoch (0-based); methods whose objective changes
+        with the epoch (CAVPT's released guidance) override it."""
+
     def extra_prompts(self, images: torch.Tensor, context: dict) -> Optional[vision.ExtraPrompts]:
         """Per-sample prompt callback for the image tower (CAVPT overrides it)."""
         return None
@@ -228,9 +232,10 @@ def add_coop(model: PromptModel, options) -> None:
                              ctx_init=options.ctx_init)
 
 
-def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int) -> None:
-    """Give `model` shallow (one layer, carried) or deep (every layer) visual prompts."""
+def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int, layers: Optional[int] = None) -> None:
+    """Give `model` shallow (one layer, carried) or deep (every layer, or the first `layers`) visual prompts."""
     require_vit(model.bundle, model.method)
-    layers = 1 if mode == "shallow" else model.bundle.vision_layers
+    if layers is None:
+        layers = 1 if mode == "shallow" else model.bundle.vision_layers
     model.visual = VisualPrompts(layers, n_prompts, model.bundle.vision_width, device=model.bundle.device)
     model.visual_mode = mode

@@ -6,12 +6,21 @@ Only the abstract and figure 1 are public; this is SPEC.md's reading of them:
 - class-wise visual mixup: each image is paired with one of another class (a permutation
   whose labels differ), `x_mix = λ x_a + (1-λ) x_b` on the normalised image features,
   λ ~ Beta(α, α) per pair, soft target λ y_a + (1-λ) y_b;
-- a learnable MI critic: heads h_s, h_h (2-layer MLPs) map each view's logit vector [K] to
-  a shared space; InfoNCE over the batch (positive: the same sample's two views) with a
-  learnable temperature; I_NCE = log M - L_NCE is the lower bound being maximised;
+- a learnable MI critic: heads h_s, h_h (2-layer MLPs: Linear K→e, ReLU, Linear e→e, e =
+  `mi_dim`) map each view's prediction [K] to a shared space; InfoNCE over the M rows (positive:
+  the same sample's two views; negatives: the other rows) with a learnable temperature (init
+  1/0.07); I_NCE = log M - L_NCE is the lower bound being maximised. The prediction a head
+  reads is `mi_input`: "probs" (default) softmax(τ cos(x, W)), the views' prediction
+  probabilities, which is what the paper's figure 1 draws ("augmented dual views of the
+  prediction probability"; SPEC.md: a default follows the paper where it speaks); "logits"
+  the logits τ cos(x, W) themselves (SPEC.md's earlier reading, kept as the option);
 - loss: CE(τ cos(x, W_s), y) over original and mixed samples + mi_weight · L_NCE;
 - inference: `soft` (W_s only) or `ensemble` (mean of both views' probabilities, returned
   as log-probabilities so that argmax and softmax behave as for logits).
+
+Options (default; source): `mixup` (True), `mixup_alpha` α (1.0), `mi_weight` λ_mi (1.0),
+`infer` ("ensemble"), `mi_dim` e (128), `mi_input` ("probs": figure 1); all SPEC.md's
+reading, the paper's code being unpublished; CoOp's `n_ctx` / `csc` / `ctx_init` for W_s.
 """
 
 from __future__ import annotations
@@ -48,10 +57,10 @@ class MutualInformationCritic(nn.Module):
         self.hand_head = _mlp(num_classes, dim, device)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
 
-    def nce(self, soft_logits: torch.Tensor, hand_logits: torch.Tensor, backend: str) -> torch.Tensor:
-        """L_NCE over the M rows of the two views' logits [M, K]."""
-        zs = self.soft_head(soft_logits)  # (M, e)
-        zh = self.hand_head(hand_logits)  # (M, e)
+    def nce(self, soft: torch.Tensor, hand: torch.Tensor, backend: str) -> torch.Tensor:
+        """L_NCE over the M rows of the two views' predictions [M, K] (logits or probabilities)."""
+        zs = self.soft_head(soft)  # (M, e)
+        zh = self.hand_head(hand)  # (M, e)
         return info_nce(zs, zh, self.logit_scale.exp(), backend)
 
 
@@ -129,5 +138,7 @@ class E2mim(PromptModel):
             xn = F.normalize(feats, dim=-1)  # (M, D)
             soft = tau * xn @ soft_w.t()  # (M, K)
             hand = tau * xn @ self.template_features.t()  # (M, K)
+            if self.config.mi_input == "probs":
+                soft, hand = soft.softmax(dim=-1), hand.softmax(dim=-1)  # (M, K) each
             loss = loss + self.config.mi_weight * self.e2mim.nce(soft, hand, self.backend)
         return loss, self._detached_logits(x, soft_w)

@@ -66,30 +66,57 @@ class VisualOptions(Options):
 
 AUX_TARGETS = ("eq10", "gt-only")
 TOPK_SOURCES = ("cached", "online")
+CAVPT_VARIANTS = ("paper", "released")
 
 
 @dataclass
 class CavptOptions(Options):
     flag_prefix: ClassVar[str] = "cavpt"
 
+    variant: str = "paper"  # "paper": eqs. 9-12 as printed; "released": the authors' code (fanrena/DPT trainers/DPT.py)
     topk: int = 5  # K_N classes per image from zero-shot inference (capped at the class count)
     layers: int = 1  # class-aware prompts in the last `layers` layers
     alpha: float = 1.0  # weight of the auxiliary loss (eq. 12)
-    aux_target: str = "eq10"  # "eq10": one-hot for the ground-truth output, uniform 1/K for the others; "gt-only"
-    topk_source: str = "cached"  # "cached": the trainer supplies per-image top-K; "online": recomputed per view
+    aux_target: Optional[str] = None  # "eq10" (paper default): one-hot for the ground-truth output, uniform 1/K for the others; "gt-only" (released: the only choice)
+    topk_source: Optional[str] = None  # "cached" (paper default): the trainer supplies per-image top-K; "online" (released: the only choice): recomputed per view
     text_prompt: bool = False  # learn CoOp context too (the paper's VLP-CLIP-CAVPT)
+    guidance_epochs: int = 0  # released: "general knowledge guidance" loss for the first C epochs (0: off; the authors' script uses 30)
 
     def _validate(self) -> None:
+        _require(self.variant in CAVPT_VARIANTS, f"variant={self.variant!r} must be one of {', '.join(CAVPT_VARIANTS)}")
         _require(_is_int(self.topk) and self.topk >= 1, f"topk={self.topk!r} must be a positive integer (the paper uses 5)")
         _require(_is_int(self.layers) and self.layers >= 1, f"layers={self.layers!r} must be a positive integer (default 1: the last layer)")
         _require(isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha >= 0,
                  f"alpha={self.alpha!r} must be a number >= 0")
+        _require(isinstance(self.text_prompt, bool), f"text_prompt={self.text_prompt!r} must be True or False")
+        _require(_is_int(self.guidance_epochs) and self.guidance_epochs >= 0,
+                 f"guidance_epochs={self.guidance_epochs!r} must be an integer >= 0 (0: no guidance)")
+        released = self.variant == "released"
+        # the variant decides the defaults it has no choice about (resolved here, so a saved config holds them)
+        if self.aux_target is None:
+            self.aux_target = "gt-only" if released else "eq10"
+        if self.topk_source is None:
+            self.topk_source = "online" if released else "cached"
         _require(self.aux_target in AUX_TARGETS, f"aux_target={self.aux_target!r} must be one of {', '.join(AUX_TARGETS)}")
         _require(self.topk_source in TOPK_SOURCES, f"topk_source={self.topk_source!r} must be one of {', '.join(TOPK_SOURCES)}")
-        _require(isinstance(self.text_prompt, bool), f"text_prompt={self.text_prompt!r} must be True or False")
+        if released:
+            _require(self.aux_target == "gt-only",
+                     "aux_target='eq10' belongs to variant='paper'; the released code trains its auxiliary classifier on the "
+                     "ground-truth rows only: drop aux_target or use variant='paper'")
+            _require(self.topk_source == "online",
+                     "topk_source='cached' belongs to variant='paper'; the released code recomputes the top-K for every "
+                     "augmented view: drop topk_source or use variant='paper'")
+            _require(self.guidance_epochs == 0 or self.text_prompt,
+                     f"guidance_epochs={self.guidance_epochs} needs text_prompt=True (the guidance pulls the learned text "
+                     "toward the zero-shot image features); set text_prompt=True or guidance_epochs=0")
+        else:
+            _require(self.guidance_epochs == 0,
+                     f"guidance_epochs={self.guidance_epochs} is part of variant='released' (the paper does not describe it); "
+                     "use variant='released' or guidance_epochs=0")
 
 
 INFER_MODES = ("ensemble", "soft")
+MI_INPUTS = ("probs", "logits")
 
 
 @dataclass
@@ -101,6 +128,7 @@ class E2mimOptions(Options):
     mi_weight: float = 1.0  # λ_mi, weight of the InfoNCE term (0 switches it off)
     infer: str = "ensemble"  # "ensemble": mean of both views' probabilities; "soft": soft view only
     mi_dim: int = 128  # width of the critic heads' shared space
+    mi_input: str = "probs"  # what the critic heads read of each view: "probs" (softmax; the paper's figure 1) or "logits"
 
     def _validate(self) -> None:
         _require(isinstance(self.mixup, bool), f"mixup={self.mixup!r} must be True or False")
@@ -110,3 +138,4 @@ class E2mimOptions(Options):
                  f"mi_weight={self.mi_weight!r} must be a number >= 0")
         _require(self.infer in INFER_MODES, f"infer={self.infer!r} must be one of {', '.join(INFER_MODES)}")
         _require(_is_int(self.mi_dim) and self.mi_dim >= 1, f"mi_dim={self.mi_dim!r} must be a positive integer")
+        _require(self.mi_input in MI_INPUTS, f"mi_input={self.mi_input!r} must be one of {', '.join(MI_INPUTS)}")

@@ -11,6 +11,9 @@ tokens of the residual stream, not of the input image.
 - per-sample prompts (CAVPT's class-aware prompts): a callback returns extra slots for a
   layer from that layer's input tokens (cls + patches); they sit after the deep prompts
   and are discarded after the layer like them.
+- deep prompts may cover only the first L_d <= L layers: the layers after them carry only
+  the per-sample prompts the callback returns (CAVPT `released`: VPT-deep prompts in
+  layers 1..L-1, the class-aware prompts alone in the last), or none at all.
 
 Two backends compute the same function:
 - `reference`: concatenates the slots into the sequence (`torch.cat`) and calls CLIP's own
@@ -18,8 +21,9 @@ Two backends compute the same function:
 - `fast`: for deep prompts, the slots never join the sequence. Their LayerNorm and K/V
   projection run once per step on P rows (shared by the batch); the image tokens attend
   to them through `prefix_attention`; the slots get no query rows, no output projection
-  and no MLP, since their outputs are discarded. Shallow prompts are real tokens and run
-  the ordinary block.
+  and no MLP, since their outputs are discarded. A layer with per-sample prompts only
+  attends to that (B, Kn) prefix alone, through the same kernel; a layer with no slots
+  runs the ordinary block. Shallow prompts are real tokens and run the ordinary block.
 """
 
 from __future__ import annotations
@@ -62,9 +66,10 @@ def encode(
 ) -> torch.Tensor:
     """Image features [B, D] (not normalised) of `images` [B, 3, H, W] with visual prompts.
 
-    shallow: [P, d] carried prompts; deep: [L, P, d] per-layer prompts; extra: callback for
-    per-sample prompts (needs `deep`). With none of them this equals `visual(images)`; a
-    non-ViT tower (ResNet CLIP) takes no prompts and runs as `visual(images)`.
+    shallow: [P, d] carried prompts; deep: [L_d, P, d] prompts of the first L_d <= L layers
+    (L_d = L: every layer); extra: callback for per-sample prompts (needs `deep`). With none
+    of them this equals `visual(images)`; a non-ViT tower (ResNet CLIP) takes no prompts and
+    runs as `visual(images)`.
     """
     if not isinstance(visual, VisionTransformer):  # a ResNet CLIP: no prompts, no fast path of its own
         if shallow is not None or deep is not None or extra is not None:
@@ -75,14 +80,19 @@ def encode(
     if extra is not None and deep is None:
         raise ValueError("per-sample prompts need deep prompts (their slots are replaced every layer)")
     blocks = visual.transformer.resblocks
-    if deep is not None and deep.shape[0] != len(blocks):
+    if deep is not None and deep.shape[0] > len(blocks):
         raise ValueError(f"deep prompts have {deep.shape[0]} layers, the tower has {len(blocks)}")
+    n_deep = deep.shape[0] if deep is not None else 0  # layers with deep prompts: the first n_deep
 
     x = embed(visual, images)  # (B, N, d)
     if deep is not None and backend == "fast":
         for layer, block in enumerate(blocks):
             tokens_extra = extra(layer, x) if extra is not None else None  # (B, Kn, d) or None
-            x = prefix_block(block, x, deep[layer], tokens_extra)  # (B, N, d)
+            shared = deep[layer] if layer < n_deep else None  # (P, d) or None
+            if shared is None and tokens_extra is None:
+                x = block(x)  # (B, N, d): a layer without prompt slots
+            else:
+                x = prefix_block(block, x, shared, tokens_extra)  # (B, N, d)
         return head(visual, x)
 
     batch = x.shape[0]
@@ -92,7 +102,7 @@ def encode(
     for layer, block in enumerate(blocks):
         if deep is not None:
             cls, patches = x[:, :1], x[:, 1 + n_slots :]  # (B, 1, d), (B, Np, d)
-            slots = [deep[layer].to(x.dtype).expand(batch, -1, -1)]  # [(B, P, d)]
+            slots = [deep[layer].to(x.dtype).expand(batch, -1, -1)] if layer < n_deep else []  # [(B, P, d)]
             if extra is not None:
                 tokens_extra = extra(layer, torch.cat([cls, patches], dim=1))
                 if tokens_extra is not None:
@@ -106,15 +116,18 @@ def encode(
 def prefix_block(
     block: ResidualAttentionBlock,
     x: torch.Tensor,
-    shared: torch.Tensor,
+    shared: Optional[torch.Tensor],
     per_sample: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One CLIP block for the kept tokens x [B, N, d] with discarded prompt slots as a K/V prefix.
 
-    shared: [P, d] prompts of every image; per_sample: [B, Kn, d] or None. Equals running
-    the block on `cat([x[:, :1], shared, per_sample, x[:, 1:]])` and dropping the slot
-    outputs (self-attention is permutation-equivariant; the slots' rows are never used).
+    shared: [P, d] prompts of every image or None; per_sample: [B, Kn, d] or None (not both
+    None). Equals running the block on `cat([x[:, :1], shared, per_sample, x[:, 1:]])` and
+    dropping the slot outputs (self-attention is permutation-equivariant; the slots' rows
+    are never used).
     """
+    if shared is None and per_sample is None:
+        raise ValueError("prefix_block needs shared or per-sample prompts; run the block itself without them")
     attn = block.attn
     batch, n, width = x.shape
     heads = attn.num_heads
@@ -125,13 +138,18 @@ def prefix_block(
     q, k, v = qkv.view(batch, n, 3, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, H, N, hd)
 
     kv_w, kv_b = w[width:], (b[width:] if b is not None else None)  # (2d, d), (2d,)
-    prefix = F.linear(block.ln_1(shared.to(x.dtype)), kv_w, kv_b)  # (P, 2d): once per step, not per image
-    pk, pv = prefix.view(1, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)  # each (1, H, P, hd)
+    pk = pv = None
+    if shared is not None:
+        prefix = F.linear(block.ln_1(shared.to(x.dtype)), kv_w, kv_b)  # (P, 2d): once per step, not per image
+        pk, pv = prefix.view(1, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)  # each (1, H, P, hd)
     if per_sample is not None:
         extra = F.linear(block.ln_1(per_sample), kv_w, kv_b)  # (B, Kn, 2d)
         ek, ev = extra.view(batch, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, H, Kn, hd)
-        pk = torch.cat([pk.expand(batch, -1, -1, -1), ek], dim=2)  # (B, H, P+Kn, hd): P+Kn rows only
-        pv = torch.cat([pv.expand(batch, -1, -1, -1), ev], dim=2)  # (B, H, P+Kn, hd)
+        if pk is None:  # per-sample prompts alone (CAVPT released, its last layers)
+            pk, pv = ek, ev  # (B, H, Kn, hd)
+        else:
+            pk = torch.cat([pk.expand(batch, -1, -1, -1), ek], dim=2)  # (B, H, P+Kn, hd): P+Kn rows only
+            pv = torch.cat([pv.expand(batch, -1, -1, -1), ev], dim=2)  # (B, H, P+Kn, hd)
 
     o = prefix_attention(q, k, v, pk, pv)  # (B, H, N, hd)
     o = o.transpose(1, 2).reshape(batch, n, width)  # (B, N, d)

@@ -253,6 +253,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr[group["name"]] = cfg.lr_at(group["name"], self.epoch)
         self.model.train()
+        self.model.set_epoch(self.epoch)
         self.loader.set_epoch(self.epoch)
         total_loss = torch.zeros((), dtype=torch.float64)
         correct = seen = 0

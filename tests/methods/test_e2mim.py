@@ -2,12 +2,13 @@
 
 import math
 
+import pytest
 import torch
 
 import fastprompt
 from fastprompt.methods.e2mim import classwise_pairs
 
-from _util import CLASSNAMES
+from _util import CLASSNAMES, module_relative_errors, relative_error
 
 
 def test_pairs_carry_different_labels():
@@ -69,3 +70,44 @@ def test_inference_modes(tiny_clip, images):
     with torch.no_grad():
         p = 0.5 * (soft(images).softmax(-1) + zs(images).softmax(-1))
         torch.testing.assert_close(ens(images).exp(), p)
+
+
+def test_mi_input_is_each_views_probabilities_or_logits(tiny_clip, images, labels):
+    """mi_input="probs" (default, the paper's figure 1): the critic reads softmax(τ cos(x, W)) of
+    each view; "logits": τ cos(x, W) itself."""
+    torch.manual_seed(0)
+    model = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, mixup=False, backend="reference")
+    assert model.config.mi_input == "probs"
+    as_logits = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, mixup=False,
+                                        backend="reference", mi_input="logits")
+    as_logits.load_prompt_state_dict(model.prompt_state_dict())
+    with torch.no_grad():
+        x = torch.nn.functional.normalize(model.clip.visual(images), dim=-1)
+        w = model.text_features()
+        soft, hand = model.logit_scale() * x @ w.T, model.logit_scale() * x @ model.template_features.T
+        ce = torch.nn.functional.cross_entropy(soft, labels)
+        want_probs = ce + model.e2mim.nce(soft.softmax(-1), hand.softmax(-1), "reference")
+        want_logits = ce + model.e2mim.nce(soft, hand, "reference")
+        torch.testing.assert_close(model.loss(images, labels), want_probs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(as_logits.loss(images, labels), want_logits, rtol=1e-5, atol=1e-5)
+    assert abs(float(want_probs - want_logits)) > 1e-4
+    with pytest.raises(fastprompt.FastpromptError, match="mi_input='prob' must be one of probs, logits"):
+        fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, mi_input="prob")
+
+
+@pytest.mark.parametrize("mi_input", ["probs", "logits"])
+def test_fast_equals_reference_for_each_mi_input(mi_input, tiny_clip, images, labels):
+    results = {}
+    for backend in ("reference", "fast"):
+        torch.manual_seed(0)
+        model = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, backend=backend,
+                                        mi_input=mi_input)
+        torch.manual_seed(7)  # the same mixup draws
+        loss = model.loss(images, labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[backend] = (loss.detach(), grads)
+    (sr, gr), (sf, gf) = results["reference"], results["fast"]
+    assert relative_error(sf, sr) < 1e-4 and gf.keys() == gr.keys()
+    for module, error in module_relative_errors(gf, gr).items():
+        assert error < 1e-4, module

@@ -61,6 +61,7 @@ def test_compiled_step_equals_eager(method, tiny_clip, images, labels):
 @pytest.mark.parametrize("method, options, extra", [
     ("vpt-deep", {}, {}),
     ("cavpt", {"topk": 3}, {"topk": TOPK}),
+    ("cavpt", {"topk": 3, "variant": "released", "text_prompt": True, "n_ctx": 4, "guidance_epochs": 1}, {}),
     ("coop", {}, {}),
 ])
 def test_no_graph_breaks(method, options, extra, tiny_clip, images, labels):
