@@ -1,0 +1,48 @@
+"""Which settings of a run identify its result: the one rule, used wherever two runs (or a
+planned run and a finished one) are compared.
+
+A run's identity is its resolved config (`config.json`: every `TrainConfig` field plus the
+run facts the trainer adds, such as class names and the CLIP weights id) minus the fields
+that choose *how* it executes and not *what* it computes: the output folder, the device,
+loader workers, checkpoint frequency, compilation, the eval batch size, the fast/reference
+backend (the same function by contract, SPEC.md) and the process count (DDP gives the
+result of one process). `fastprompt sweep` uses it to decide whether a cell's folder holds
+this cell; `fastprompt report` to refuse averaging runs that differ in more than the seed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+# Fields that change how a run executes, not its result.
+EXECUTION_FIELDS = frozenset({
+    "out", "device", "num_workers", "checkpoint_every", "compile", "compile_backend", "eval_batch_size",
+    "backend", "world_size",
+})
+
+
+def identity(resolved: dict) -> dict:
+    """The result-identifying part of a resolved config dict (a copy)."""
+    return {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS}
+
+
+def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), both: bool = False
+                     ) -> Optional[tuple[str, Any, Any]]:
+    """The first identity field (in `expected`'s order) whose value differs between a planned
+    config and a saved one, as (field, expected value, saved value); None when they agree.
+
+    Only `expected`'s identity fields are compared: a saved config also holds run facts that
+    the trainer derives from them (class names from data and classes, the weights id from clip
+    and pretrained), which a planned config cannot know yet. A field the saved config lacks
+    is a difference (its saved value reads as `<missing>`). With `both`, the fields of both
+    configs are compared (two saved runs). Values compare as JSON (a tuple equals a list)."""
+    mine, theirs = (json.loads(json.dumps(identity(d))) for d in (expected, saved))
+    keys = list(mine) + ([k for k in theirs if k not in mine] if both else [])
+    for key in keys:
+        if key in ignore:
+            continue
+        value, other = mine.get(key, "<missing>"), theirs.get(key, "<missing>")
+        if other != value:
+            return key, value, other
+    return None
