@@ -262,3 +262,16 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def plan_table(planned: list[PlannedCell]):
+    """`--dry-run`: every cell with what would happen to it, and the counts."""
+    from rich.table import Table
+
+    counts = {a: sum(p.action == a for p in planned) for a in ("skip", "evaluate", "resume", "start")}
+    table = Table(title=f"{len(planned)} cells: " + ", ".join(f"{n} {a}" for a, n in counts.items()), title_justify="left")
+    for column in ("cell", "action", "folder holds"):
+        table.add_column(column)
+    for p in planned:
+        table.add_row(p.cell.name, p.action, p.why)
+    return table

@@ -13,16 +13,20 @@ SKIP = ("epoch",)  # the step, not a scalar
 
 
 class TensorBoardLogger:
-    """Writes event files under `log_dir` (open it with `tensorboard --logdir RUN_OR_SWEEP_DIR`)."""
+    """Writes event files under `log_dir` (open it with `tensorboard --logdir RUN_OR_SWEEP_DIR`).
+    The folder is created at the first epoch, so a run that fails its checks leaves nothing."""
 
     def __init__(self, log_dir: Union[str, Path]):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise FastpromptError("--tensorboard needs the tensorboard package; pip install tensorboard") from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self._make = lambda: SummaryWriter(log_dir=str(log_dir))
+        self.writer = None
 
     def __call__(self, line: dict) -> None:
+        if self.writer is None:
+            self.writer = self._make()
         step = int(line["epoch"])
         for key, value in _scalars(line):
             if key not in SKIP:
@@ -30,7 +34,8 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _scalars(line: dict, prefix: str = ""):
