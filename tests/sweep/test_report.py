@@ -12,24 +12,8 @@ from fastprompt.sweep.report import build_tables, report
 runner = CliRunner()
 
 
-def make_run(root, dataset, method, seed, acc=None, shots=16, classes="all", base=None, new=None, evals=None, **config):
-    run = root / dataset / method / f"shots{shots}" / f"seed{seed}"
-    run.mkdir(parents=True)
-    cfg = {"method": method, "data": f"/data/{dataset}.beton", "out": str(run), "shots": shots, "seed": seed,
-           "classes": classes, "lr": 0.002, "pretrained": None, "weights_id": f"params:{seed}", "device": "cpu",
-           "num_workers": seed, **config}
-    (run / "config.json").write_text(json.dumps(cfg))
-    results = {"method": method, "dataset": dataset, "shots": shots, "seed": seed, "classes": classes}
-    results.update({"test_accuracy": acc} if classes == "all" else
-                   {"base_accuracy": base, "new_accuracy": new, "harmonic_mean": 0.0})
-    (run / "results.json").write_text(json.dumps(results))
-    for target, value in (evals or {}).items():
-        (run / f"eval-{target}-all.json").write_text(json.dumps({"dataset": target, "classes": "all", "test_accuracy": value}))
-    return run
-
-
 @pytest.fixture
-def table1(tmp_path):
+def table1(tmp_path, make_run):
     """coop / cavpt x eurosat / dtd x seeds 1-3; coop on dtd lacks seed 3."""
     root = tmp_path / "table1"
     for seed, acc in zip((1, 2, 3), (70, 72, 74)):
@@ -117,7 +101,7 @@ def test_rows_and_cols_swap(table1):
     assert "| eurosat | 72.00 ± 1.63 (n=3) | 81.00 ± 1.41 (n=3) | 76.50 |" in text
 
 
-def test_base_to_new_prints_base_new_and_harmonic_mean(tmp_path):
+def test_base_to_new_prints_base_new_and_harmonic_mean(tmp_path, make_run):
     root = tmp_path / "b2n"
     make_run(root, "eurosat", "coop", 1, classes="base", base=90.0, new=60.0)
     make_run(root, "eurosat", "coop", 2, classes="base", base=92.0, new=64.0)
@@ -131,7 +115,7 @@ def test_base_to_new_prints_base_new_and_harmonic_mean(tmp_path):
 """
 
 
-def test_cross_dataset_prints_source_then_targets(tmp_path):
+def test_cross_dataset_prints_source_then_targets(tmp_path, make_run):
     root = tmp_path / "xd"
     make_run(root, "imagenet", "coop", 1, 70.0, evals={"eurosat": 30.0, "dtd": 40.0})
     make_run(root, "imagenet", "coop", 2, 72.0, evals={"eurosat": 34.0, "dtd": 42.0})
@@ -144,7 +128,7 @@ def test_cross_dataset_prints_source_then_targets(tmp_path):
 """
 
 
-def test_refuses_runs_that_differ_in_more_than_the_seed(tmp_path):
+def test_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, make_run):
     root = tmp_path / "mixed"
     make_run(root, "eurosat", "coop", 1, 70.0)
     make_run(root, "eurosat", "coop", 2, 72.0, lr=0.01)
@@ -154,7 +138,7 @@ def test_refuses_runs_that_differ_in_more_than_the_seed(tmp_path):
     assert result.exit_code == 2 and "differ in lr" in result.output and "Traceback" not in result.output
 
 
-def test_weights_drawn_from_the_seed_are_not_a_difference_but_pretrained_ones_are(tmp_path):
+def test_weights_drawn_from_the_seed_are_not_a_difference_but_pretrained_ones_are(tmp_path, make_run):
     root = tmp_path / "weights"
     make_run(root, "eurosat", "coop", 1, 70.0)  # pretrained None: weights_id follows the seed
     make_run(root, "eurosat", "coop", 2, 72.0)
@@ -166,14 +150,14 @@ def test_weights_drawn_from_the_seed_are_not_a_difference_but_pretrained_ones_ar
         report(root)
 
 
-def test_execution_settings_do_not_split_seeds(tmp_path):
+def test_execution_settings_do_not_split_seeds(tmp_path, make_run):
     root = tmp_path / "exec"
     make_run(root, "eurosat", "coop", 1, 70.0, device="cuda", compile="default")
     make_run(root, "eurosat", "coop", 2, 72.0, device="cpu", compile="off")
     assert "71.00 ± 1.00 (n=2)" in report(root)
 
 
-def test_compare_with_a_typed_csv_and_with_another_folder(table1, tmp_path):
+def test_compare_with_a_typed_csv_and_with_another_folder(table1, tmp_path, make_run):
     ref = tmp_path / "paper.csv"
     ref.write_text("method,eurosat,dtd,Average\ncoop,70.5,50,60.25\n")
     text = report(table1, "md", compare=str(ref))
