@@ -138,3 +138,20 @@ def test_shots_figure(tmp_path, make_run):
     assert shots_curves(root) == {"eurosat": {"coop": [(1, 42.0, 2.0, 2), (4, 61.0, 1.0, 2)]}}
     (path,) = plot_shots(root)
     assert path == root / "figures" / "shots-eurosat.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_cell_another_process_is_running_is_not_run_again(demo_beton, tmp_path):
+    import fcntl
+
+    from fastprompt.sweep import expand
+    from fastprompt.sweep.worker import LOCK_FILE, run_cell
+
+    config = SweepConfig(methods=["coop"], data=[str(demo_beton)], seeds=[1], shots=[2], out=str(tmp_path / "s"),
+                         train=TRAIN, options={"n_ctx": 4})
+    (cell,) = expand(config)
+    cell.dir.mkdir(parents=True)
+    with open(cell.dir / LOCK_FILE, "a") as held:  # as a worker of another sweep on the same folder holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        record = run_cell(cell.payload())
+    assert record["status"] == "failed" and "another process is running this cell" in record["error"]
+    assert sorted(p.name for p in cell.dir.iterdir()) == [LOCK_FILE]  # nothing trained, nothing written
