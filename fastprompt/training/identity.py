@@ -46,3 +46,14 @@ def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), 
         if other != value:
             return key, value, other
     return None
+
+
+def without_seed(resolved: dict) -> dict:
+    """The identity of a run with the seed and what follows from it removed: the seed, and the
+    CLIP weights id when the weights are random (`pretrained` None: drawn from the seed). Runs
+    that differ in nothing else are seeds of one experiment and may be averaged."""
+    ident = identity(resolved)
+    ident.pop("seed", None)
+    if ident.get("pretrained") is None:
+        ident.pop("weights_id", None)
+    return ident
