@@ -114,10 +114,10 @@ class LocalLauncher:
             self.pools[slot] = None
             return {"cell": name, "status": "failed", "error": f"worker process died: {type(err).__name__}: {err}"}
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         for pool in self.pools:
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown(wait=wait, cancel_futures=True)
 
 
 class SubmititLauncher:
@@ -151,8 +151,8 @@ class SubmititLauncher:
         except Exception as err:  # the job failed outside run_cell (cancelled, node failure, time limit without requeue)
             return {"cell": name, "status": "failed", "error": f"job {handle.job_id}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"}
 
-    def close(self) -> None:
-        pass
+    def close(self, wait: bool = True) -> None:
+        pass  # submitted jobs belong to the cluster; a later sweep finds their results
 
 
 # ------------------------------------------------------------------------------ live view
@@ -223,6 +223,7 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
     view = _View(len(planned), len(outcome.skipped), jobs)
     running: dict = {}  # handle -> (slot, planned cell, start)
     free = list(range(jobs))
+    interrupted = True
     try:
         with Live(view, console=console, refresh_per_second=2, transient=False,
                   redirect_stdout=False, redirect_stderr=False) if console is not None else _nothing():
@@ -249,8 +250,9 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
                         outcome.failed[p.cell.name] = result.get("error", "unknown error")
                         view.failed += 1
                         log(cell=p.cell.name, event="failed", seconds=seconds, error=outcome.failed[p.cell.name])
+        interrupted = False
     finally:
-        launcher.close()
+        launcher.close(wait=not interrupted)  # Ctrl-C: do not wait for running cells (their watchdog ends them)
     record["outcome"] = {"done": outcome.done, "skipped": outcome.skipped, "failed": outcome.failed}
     write_json(out / SWEEP_FILE, record)
     return outcome

@@ -138,6 +138,12 @@ def test_shots_figure(tmp_path, make_run):
     assert shots_curves(root) == {"eurosat": {"coop": [(1, 42.0, 2.0, 2), (4, 61.0, 1.0, 2)]}}
     (path,) = plot_shots(root)
     assert path == root / "figures" / "shots-eurosat.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = CliRunner().invoke(app, ["plot", "shots", str(root), "--out", str(tmp_path / "figs")])
+    assert result.exit_code == 0 and result.output.strip() == str(tmp_path / "figs" / "shots-eurosat.png")
+    empty = tmp_path / "b2n"
+    make_run(empty, "eurosat", "coop", 1, classes="base", base=1.0, new=2.0)
+    result = CliRunner().invoke(app, ["plot", "shots", str(empty)])
+    assert result.exit_code == 2 and "no few-shot accuracy" in result.output
 
 
 def test_a_cell_another_process_is_running_is_not_run_again(demo_beton, tmp_path):
@@ -155,3 +161,22 @@ def test_a_cell_another_process_is_running_is_not_run_again(demo_beton, tmp_path
         record = run_cell(cell.payload())
     assert record["status"] == "failed" and "another process is running this cell" in record["error"]
     assert sorted(p.name for p in cell.dir.iterdir()) == [LOCK_FILE]  # nothing trained, nothing written
+
+
+@pytest.mark.slow
+def test_train_tensorboard_flag(demo_beton, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train", "--method", "coop", "--data", str(demo_beton), "--clip", "fastprompt-tiny", "--pretrained", "none",
+            "--epochs", "1", "--batch-size", "8", "--shots", "2", "--coop.n-ctx", "4", "--workers", "1", "--tensorboard"]
+    bad = tmp_path / "bad"
+    result = CliRunner().invoke(app, [*args, "--out", str(bad), "--batch-size", "64"])
+    assert result.exit_code == 2 and not bad.exists()  # refused before anything is written, event folder included
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (event,) = acc.Scalars("train/loss")
+    assert event.step == 1 and event.value == pytest.approx(line["loss"], rel=1e-6)
