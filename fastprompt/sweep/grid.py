@@ -145,7 +145,7 @@ def expand(config: SweepConfig) -> list[Cell]:
                 for seed in config.seeds:
                     cname = cell_name(name, method, shots, seed)
                     # the dataset's template written out: config.json records the resolved one
-                    settings = {"template": template, **{k: v for k, v in shared.items() if not (k == "template" and v is None)}}
+                    settings = {**shared, "template": shared.get("template") or template}
                     cfg = TrainConfig(method=method, data=path, out=str(out / cname), shots=shots, seed=seed,
                                       options=_options_for(method, config.options), **settings)
                     cells.append(Cell(cname, cfg, tuple(t for t in targets if t[0] != name)))

@@ -175,18 +175,16 @@ class _View:
         return work / max(1, min(self.slots, self.left + len(self.running)))
 
     def __rich__(self):
-        from rich.table import Table
+        from rich.console import Group
+        from rich.text import Text
 
         eta = self.eta()
-        eta_text = "after the first cell" if eta is None else _duration(eta)
-        table = Table.grid(padding=(0, 2))
-        table.add_row(f"[bold]sweep[/bold] {self.done + self.skipped}/{self.total} done "
-                      f"({self.skipped} skipped)", f"running {len(self.running)}", f"[red]failed {self.failed}[/red]",
-                      f"left {self.left}", f"ETA {eta_text}")
+        summary = Text.from_markup(
+            f"[bold]sweep[/bold] done {self.done + self.skipped}/{self.total} ({self.skipped} skipped)  "
+            f"running {len(self.running)}  [red]failed {self.failed}[/red]  left {self.left}  "
+            f"ETA {'after the first cell' if eta is None else _duration(eta)}")
         now = time.monotonic()
-        for name, start in self.running.items():
-            table.add_row(f"  {name}", _duration(now - start), "", "", "")
-        return table
+        return Group(summary, *(Text(f"  {name}  {_duration(now - start)}") for name, start in self.running.items()))
 
 
 def _duration(seconds: float) -> str:

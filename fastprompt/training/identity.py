@@ -23,8 +23,20 @@ EXECUTION_FIELDS = frozenset({
 
 
 def identity(resolved: dict) -> dict:
-    """The result-identifying part of a resolved config dict (a copy)."""
-    return {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS}
+    """The result-identifying part of a resolved config dict (a copy). Method options count
+    as resolved values: an option left at its default equals the default written out."""
+    ident = {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS}
+    if isinstance(ident.get("options"), dict):
+        ident["options"] = _resolved_options(ident.get("method"), ident["options"])
+    return ident
+
+
+def _resolved_options(method, options: dict) -> dict:
+    from fastprompt.methods import METHODS, method_config
+
+    if method not in METHODS:
+        return dict(options)  # not a method of this version: compared as written
+    return method_config(method, **options).to_dict()
 
 
 def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), both: bool = False
@@ -44,6 +56,9 @@ def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), 
             continue
         value, other = mine.get(key, "<missing>"), theirs.get(key, "<missing>")
         if other != value:
+            if isinstance(value, dict) and isinstance(other, dict):  # name the option: options.n_ctx
+                inner = first_difference(value, other, both=True)
+                return f"{key}.{inner[0]}", inner[1], inner[2]
             return key, value, other
     return None
 

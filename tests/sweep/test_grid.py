@@ -90,6 +90,11 @@ def test_identity_leaves_out_execution_settings():
     assert first_difference(a, {**b, "lr": 0.01}) == ("lr", 0.002, 0.01)
     assert first_difference({"options": (1, 2)}, {"options": [1, 2]}) is None  # compared as JSON
     assert first_difference({"lr": 1}, {}) == ("lr", 1, "<missing>")
+    # method options compare resolved: a default left out equals the default written out
+    assert first_difference({"method": "coop", "options": {"n_ctx": 4}},
+                            {"method": "coop", "options": {"n_ctx": 4, "csc": False, "ctx_init": None}}) is None
+    assert first_difference({"method": "coop", "options": {"n_ctx": 4}}, {"method": "coop", "options": {}}) == \
+        ("options.n_ctx", 4, None)
     assert first_difference({}, {"extra": 1}) is None and first_difference({}, {"extra": 1}, both=True) == ("extra", "<missing>", 1)
 
 

@@ -180,3 +180,18 @@ def test_train_tensorboard_flag(demo_beton, tmp_path):
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     (event,) = acc.Scalars("train/loss")
     assert event.step == 1 and event.value == pytest.approx(line["loss"], rel=1e-6)
+
+
+def test_live_view_eta_from_measured_cell_times():
+    from rich.console import Console
+
+    from fastprompt.sweep.runner import _View
+
+    view = _View(total=6, skipped=2, slots=2)
+    assert view.eta() is None  # nothing measured yet
+    view.done, view.left, view.seconds = 1, 2, [8.0, 12.0]  # mean 10 s
+    view.running = {"demo/coop/shots2/seed1": time.monotonic() - 4.0}
+    assert view.eta() == pytest.approx((2 * 10 + 6) / 2, abs=0.1)  # left cells + the running cell's rest, over 2 slots
+    console = Console(width=120, record=True)
+    console.print(view)
+    assert "done 3/6 (2 skipped)  running 1  failed 0  left 2  ETA 0m13s" in console.export_text()
