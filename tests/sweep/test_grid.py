@@ -1,6 +1,7 @@
 """The sweep's grid and plan: cell names, shared settings, method options, and what each cell's
 folder asks for (skip / evaluate / resume / start, or a conflict that stops the sweep)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -69,6 +70,12 @@ def test_plan_reads_each_cells_folder(demo_beton, tmp_path):
     actions = [(p.action, p.why) for p in plan(cells)]
     assert actions[:4] == [("skip", "finished"), ("resume", "has a checkpoint"),
                            ("start", "stopped before its first checkpoint"), ("start", "new")]
+
+    # a finished cell that lacks an evaluation asked for later is only evaluated
+    later = dataclasses.replace(cells[0], eval_on=(("other", "/data/other.beton"),))
+    assert [(p.action, p.why) for p in plan([later])] == [("evaluate", "finished; to evaluate on other")]
+    (later.dir / "eval-other-all.json").write_text("{}")
+    assert plan([later])[0].action == "skip"
 
     config = sweep(demo_beton, tmp_path / "s", eval_on=[str(demo_beton)])
     cells = expand(config)
