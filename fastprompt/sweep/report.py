@@ -116,8 +116,9 @@ def load_runs(root: Path) -> tuple[list[Measurement], dict]:
             ev = _read_json(eval_path)
             if ev.get("dataset") == results["dataset"]:
                 continue  # the source's own test split: already results.json
+            # a target is scored on all its classes, whatever the source trained on (base-to-new too)
             measurements.append(Measurement(dataset=ev["dataset"], metrics={"acc": ev["test_accuracy"]},
-                                            **common))
+                                            **{**common, "classes": "all"}))
     if not measurements:
         raise FastpromptError(f"no results.json under {root}; run `fastprompt sweep --out {root}` (or train) first")
     return measurements, configs

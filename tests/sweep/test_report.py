@@ -128,6 +128,14 @@ def test_cross_dataset_prints_source_then_targets(tmp_path, make_run):
 """
 
 
+def test_base_to_new_source_with_cross_dataset_targets(tmp_path, make_run):
+    root = tmp_path / "b2n-xd"
+    make_run(root, "imagenet", "coop", 1, classes="base", base=80.0, new=70.0, evals={"dtd": 40.0})
+    text = report(root, "md")
+    assert "**shots=16, classes=base, source=imagenet**" in text and "| coop | 80.00 ± 0.00 (n=1) | 70.00 ± 0.00 (n=1) |" in text
+    assert "**shots=16, classes=all, source=imagenet**" in text and "| coop | 40.00 ± 0.00 (n=1) | 40.00 |" in text
+
+
 def test_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, make_run):
     root = tmp_path / "mixed"
     make_run(root, "eurosat", "coop", 1, 70.0)
