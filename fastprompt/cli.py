@@ -346,7 +346,7 @@ def sweep_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and what would be skipped, resumed and started.")] = False,
     eval_on: Annotated[Optional[str], typer.Option("--eval-on", help="Comma-separated .beton files every cell is also evaluated on (cross-dataset).")] = None,
     launcher: Annotated[str, typer.Option("--launcher", help="local | slurm | submitit-local (submitit's local executor).")] = "local",
-    slurm_partition: Annotated[Optional[str], typer.Option("--slurm-partition", help="As in `fastprompt train`; shared by every cell.")] = None,
+    slurm_partition: Annotated[Optional[str], typer.Option("--slurm-partition", help="Slurm partition of the jobs (default: the cluster's).")] = None,
     slurm_gpus: Annotated[int, typer.Option("--slurm-gpus", help="GPUs per cell.")] = 1,
     slurm_time: Annotated[int, typer.Option("--slurm-time", help="Minutes per cell; a cell that runs out is requeued and resumes.")] = 240,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Per-epoch scalars of every cell in CELL/tensorboard.")] = False,
