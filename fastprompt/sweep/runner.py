@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from fastprompt.errors import FastpromptError
 from fastprompt.files import write_json
 from fastprompt.sweep.grid import PlannedCell, SweepConfig, expand, plan, sweep_record
 from fastprompt.sweep.worker import CellJob, init_worker, run_cell
@@ -124,8 +125,15 @@ class SubmititLauncher:
     """Each cell a submitit job (slurm, or the local executor for tests)."""
 
     def __init__(self, config: SweepConfig):
-        import submitit
+        import shutil
 
+        try:
+            import submitit
+        except ImportError:
+            raise FastpromptError(f"--launcher {config.launcher} needs submitit; pip install submitit") from None
+        if config.launcher == "slurm" and shutil.which("srun") is None:
+            raise FastpromptError("--launcher slurm needs a slurm cluster (no srun on PATH here); "
+                                  "run the sweep on a login node, or use --launcher local")
         self.executor = submitit.AutoExecutor(folder=str(Path(config.out) / ".submitit" / "%j"),
                                               cluster="slurm" if config.launcher == "slurm" else "local")
         self.executor.update_parameters(
@@ -204,6 +212,10 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
     from rich.live import Live
 
     planned = prepare(config) if planned is None else planned
+    todo = deque(p for p in planned if p.action != "skip")
+    jobs = min(default_jobs(config), max(1, len(todo)))
+    launcher = (LocalLauncher(jobs, config.tensorboard, config.train.get("device", "auto")) if config.launcher == "local"
+                else SubmititLauncher(config))  # may refuse (no slurm here): before anything is written
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     record = sweep_record(config, [p.cell for p in planned])
@@ -214,10 +226,6 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
         if p.action == "skip":
             outcome.skipped.append(p.cell.name)
             log(cell=p.cell.name, event="skip")
-    todo = deque(p for p in planned if p.action != "skip")
-    jobs = min(default_jobs(config), max(1, len(todo)))
-    launcher = (LocalLauncher(jobs, config.tensorboard, config.train.get("device", "auto")) if config.launcher == "local"
-                else SubmititLauncher(config))
     view = _View(len(planned), len(outcome.skipped), jobs)
     running: dict = {}  # handle -> (slot, planned cell, start)
     free = list(range(jobs))

@@ -133,3 +133,25 @@ def test_cli_bad_input_exits_2(demo_beton, tmp_path, extra, match):
     assert result.exit_code == 2, result.output
     assert match in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_slurm_launcher_needs_slurm_and_passes_partition_gpus_and_time(demo_beton, tmp_path, monkeypatch):
+    from fastprompt.sweep.runner import SubmititLauncher
+
+    out = tmp_path / "s"
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no srun
+    result = runner.invoke(app, ["sweep", "--methods", "coop", "--data", str(demo_beton), "--seeds", "1", "--out", str(out),
+                                 "--clip", "fastprompt-tiny", "--pretrained", "none", "--launcher", "slurm"])
+    assert result.exit_code == 2 and "--launcher slurm needs a slurm cluster" in result.output, result.output
+    assert not out.exists()
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    config = sweep(demo_beton, out, launcher="slurm", slurm_partition="gpu", slurm_gpus=2, slurm_time=90)
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = SubmititLauncher(config).executor._executor.parameters
+    script = _make_sbatch_string(command="true", folder=str(out / ".submitit" / "%j"), **params)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=90"):
+        assert line in script, script
