@@ -167,11 +167,10 @@ def _stat(values: list[float], missing: list) -> Stat:
     return Stat(mean=statistics.fmean(values), std=statistics.pstdev(values), n=len(values), missing=missing)
 
 
-def _harmonic(a: float, b: float) -> float:
-    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
-
 def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Table]:
+    """The tables of the runs under `root`: one per value of the axes not on rows or cols."""
+    from fastprompt.training.evaluate import harmonic_mean
+
     root = Path(root)
     check_choice("rows", rows, AXES)
     check_choice("cols", cols, AXES)
@@ -217,7 +216,7 @@ def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Tabl
                 base = _stat([m.metrics["base"] for m in runs], missing)
                 new = _stat([m.metrics["new"] for m in runs], missing)
                 cells[(r, c, "base")], cells[(r, c, "new")] = base, new
-                cells[(r, c, "H")] = Stat(_harmonic(base.mean, new.mean), None, min(base.n, new.n), missing)
+                cells[(r, c, "H")] = Stat(harmonic_mean(base.mean, new.mean), None, min(base.n, new.n), missing)
         average = {}
         averaged = targets or col_labels
         for r in row_labels:
@@ -228,7 +227,7 @@ def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Tabl
                                             else statistics.fmean(s.mean for s in stats))
             if metrics == B2N_METRICS:
                 b, n = average[(r, "base")], average[(r, "new")]
-                average[(r, "H")] = None if b is None or n is None else _harmonic(b, n)
+                average[(r, "H")] = None if b is None or n is None else harmonic_mean(b, n)
         tables.append(Table(keys, rows, cols, row_labels, col_labels, metrics, cells, average, targets))
     return tables
 
