@@ -292,6 +292,7 @@ def train_cmd(
     workers: Workers = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints (0: only at the end).")] = 1,
     feature_cache: Annotated[int, typer.Option("--feature-cache", help="Methods with a frozen image tower (coop, e2mim): cache V augmented views of the image features (0: off).")] = 0,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write per-epoch scalars to OUT/tensorboard (torch.utils.tensorboard).")] = False,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
     from pathlib import Path
@@ -312,7 +313,16 @@ def train_cmd(
         device=device, precision=precision, backend=backend, compile=compile, num_workers=workers,
         checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options,
     )
-    results = train(config, console=_console())
+    logger = None
+    if tensorboard:
+        from fastprompt.training.tensorboard import TensorBoardLogger
+
+        logger = TensorBoardLogger(Path(out) / "tensorboard")
+    try:
+        results = train(config, console=_console(), on_epoch=logger)
+    finally:
+        if logger is not None:
+            logger.close()
     typer.echo(json.dumps(results))
 
 
@@ -399,6 +409,132 @@ def bench_cmd(
     console.print(records_table(records))
     if json_out:
         write_records(records, json_out)
+
+
+# ----------------------------------------------------------------------------------------
+# sweep / report / plot shots: paper tables (fastprompt/sweep)
+# ----------------------------------------------------------------------------------------
+
+
+def _set_options(pairs: Optional[list[str]]) -> dict:
+    """--set key=value (repeatable) -> method options; values read as JSON (4, true, 0.5), else text."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise FastpromptError(f"--set {pair!r} is not key=value; e.g. --set n_ctx=4")
+        try:
+            options[key.strip().replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.strip().replace("-", "_")] = value
+    return options
+
+
+@app.command("sweep")
+@user_errors
+def sweep_cmd(
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, e.g. coop,cavpt.")],
+    data: Annotated[str, typer.Option("--data", help="Comma-separated .beton files.")],
+    out: Annotated[str, typer.Option("--out", help="Sweep folder: sweep.json, sweep-log.jsonl, DATASET/METHOD/shotsK/seedS/.")],
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "1,2,3",
+    shots: Annotated[str, typer.Option("--shots", help="Comma-separated shots per class (0: all).")] = "16",
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Cells at once (default: 1 per visible GPU, 1 on CPU).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and what would be skipped, resumed and started.")] = False,
+    eval_on: Annotated[Optional[str], typer.Option("--eval-on", help="Comma-separated .beton files every cell is also evaluated on (cross-dataset).")] = None,
+    launcher: Annotated[str, typer.Option("--launcher", help="local | slurm | submitit-local (submitit's local executor).")] = "local",
+    slurm_partition: Annotated[Optional[str], typer.Option("--slurm-partition", help="Slurm partition of the jobs (default: the cluster's).")] = None,
+    slurm_gpus: Annotated[int, typer.Option("--slurm-gpus", help="GPUs per cell.")] = 1,
+    slurm_time: Annotated[int, typer.Option("--slurm-time", help="Minutes per cell; a cell that runs out is requeued and resumes.")] = 240,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Per-epoch scalars of every cell in CELL/tensorboard.")] = False,
+    set_options: Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value (repeatable), for the methods that have it, e.g. --set n_ctx=4.")] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="As in `fastprompt train`; shared by every cell.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option("--pretrained", help="As in `fastprompt train`; shared by every cell.")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="As in `fastprompt train`; shared by every cell.")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="all | base (base-to-new: also evaluates new classes).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="As in `fastprompt train`; shared by every cell.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="As in `fastprompt train`; shared by every cell.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="As in `fastprompt train`; shared by every cell.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="As in `fastprompt train`; shared by every cell.")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option("--warmup-epochs", help="As in `fastprompt train`; shared by every cell.")] = None,
+    warmup_lr: Annotated[Optional[float], typer.Option("--warmup-lr", help="As in `fastprompt train`; shared by every cell.")] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="As in `fastprompt train`; shared by every cell.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="As in `fastprompt train`; shared by every cell.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="As in `fastprompt train`; shared by every cell.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="As in `fastprompt train`; shared by every cell.")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="As in `fastprompt train`; shared by every cell.")] = None,
+    compile: Annotated[Optional[str], typer.Option("--compile", help="As in `fastprompt train`; shared by every cell.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Loader threads per cell (default: its share of the cores).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="As in `fastprompt train`; shared by every cell.")] = None,
+    feature_cache: Annotated[Optional[int], typer.Option("--feature-cache", help="As in `fastprompt train`; shared by every cell.")] = None,
+) -> None:
+    """Run a grid of datasets x methods x shots x seeds, one run folder per cell; resumable."""
+    from fastprompt.sweep import SweepConfig, prepare, run_sweep
+    from fastprompt.sweep.runner import plan_table
+
+    given = locals()
+    train_fields = ("clip", "pretrained", "template", "classes", "epochs", "batch_size", "optimizer", "lr",
+                    "warmup_epochs", "warmup_lr", "momentum", "weight_decay", "device", "precision", "backend",
+                    "compile", "checkpoint_every", "feature_cache")
+    shared = {k: given[k] for k in train_fields if given[k] is not None}
+    if workers is not None:
+        shared["num_workers"] = workers
+
+    def ints(flag: str, text: str) -> list:
+        try:
+            return [int(v) for v in _comma_list(text)]
+        except ValueError:
+            raise FastpromptError(f"--{flag} {text!r} must be comma-separated integers, e.g. 1,2,3") from None
+
+    config = SweepConfig(
+        methods=list(_comma_list(methods)), data=list(_comma_list(data)), seeds=ints("seeds", seeds),
+        shots=[s or None for s in ints("shots", shots)], out=out, train=shared, options=_set_options(set_options),
+        eval_on=list(_comma_list(eval_on) or ()), jobs=jobs, launcher=launcher, slurm_partition=slurm_partition,
+        slurm_gpus=slurm_gpus, slurm_time=slurm_time, tensorboard=tensorboard,
+    )
+    planned = prepare(config)
+    if dry_run:
+        from rich.console import Console
+
+        Console().print(plan_table(planned))
+        return
+    outcome = run_sweep(config, console=_console(), planned=planned)
+    typer.echo(f"{len(outcome.done)} done, {len(outcome.skipped)} skipped, {len(outcome.failed)} failed")
+    for name, error in outcome.failed.items():
+        typer.echo(f"failed: {name}: {error}", err=True)
+    if not outcome.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    folder: Annotated[str, typer.Argument(help="A sweep's --out, or any folder of runs.")],
+    format: Annotated[str, typer.Option("--format", help="md | csv | json | latex.")] = "md",
+    rows: Annotated[str, typer.Option("--rows", help="method | dataset | shots.")] = "method",
+    cols: Annotated[str, typer.Option("--cols", help="method | dataset | shots.")] = "dataset",
+    compare: Annotated[Optional[str], typer.Option("--compare", help="A reference: another folder of runs, or a CSV (e.g. a paper table typed in).")] = None,
+) -> None:
+    """Mean ± std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset."""
+    from fastprompt.sweep.report import report
+
+    typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare), nl=False)
+
+
+plot_app = typer.Typer(help="Figures (PNG, matplotlib).", no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
+
+
+@plot_app.command("shots")
+@user_errors
+def plot_shots_cmd(
+    sweep: Annotated[str, typer.Argument(help="A sweep's --out (or any folder of runs with several shots).")],
+    out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: SWEEP/figures).")] = None,
+) -> None:
+    """Accuracy against shots per method with the seed spread, one figure per dataset (CoOp Figure 3 style)."""
+    from fastprompt.sweep.plot import plot_shots
+
+    for path in plot_shots(sweep, out):
+        typer.echo(str(path))
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -78,9 +78,10 @@ class _Step(nn.Module):
 class Trainer:
     """Owns the model, data, optimiser and run directory of one `fastprompt train`."""
 
-    def __init__(self, config: TrainConfig, console=None):
+    def __init__(self, config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None):
         self.config = config
         self.console = console
+        self.on_epoch = on_epoch  # called on the main rank with each metrics.jsonl line (e.g. TensorBoard)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             backend = "nccl" if config.device != "cpu" and torch.cuda.is_available() else "gloo"
@@ -320,6 +321,8 @@ class Trainer:
                 if self.is_main:
                     with open(self.out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(line) + "\n")
+                    if self.on_epoch is not None:
+                        self.on_epoch(line)
                 if (cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0) or self.epoch == cfg.epochs:
                     self.save_checkpoint()
         results = self.final_evaluation()
@@ -352,8 +355,8 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def train(config: TrainConfig, console=None) -> dict:
-    trainer = Trainer(config, console=console)
+def train(config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    trainer = Trainer(config, console=console, on_epoch=on_epoch)
     try:
         return trainer.train()
     finally:

@@ -1,0 +1,285 @@
+"""Running a sweep: the planned cells through a launcher, with a live view and a log.
+
+Launchers:
+- `local`: `--jobs N` worker processes (spawned, one per slot), each pinned to its device
+  (`CUDA_VISIBLE_DEVICES`, slots round-robin over the visible GPUs) and to `cores // N`
+  torch threads; a slot runs its cells one after another in the same process (imports once).
+- `slurm`: every cell a submitit job (time limit, partition, GPUs); a cell that reaches the
+  time limit is requeued and resumes from its checkpoint.
+- `submitit-local`: submitit's LocalExecutor, the slurm path on this machine (tests).
+
+`sweep-log.jsonl` in the sweep's folder gets one line per event (`start` with its action,
+`done`, `failed` with the error, `skip`); `sweep.json` gets the last run's outcome. A failed
+cell does not stop the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from fastprompt.errors import FastpromptError
+from fastprompt.files import write_json
+from fastprompt.sweep.grid import PlannedCell, SweepConfig, expand, plan, sweep_record
+from fastprompt.sweep.worker import CellJob, init_worker, run_cell
+
+LOG_FILE = "sweep-log.jsonl"
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class SweepOutcome:
+    planned: list[PlannedCell]
+    done: list[str] = field(default_factory=list)
+    failed: dict = field(default_factory=dict)  # cell -> error
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and len(self.done) + len(self.skipped) == len(self.planned)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in env.split(",") if d.strip()] if env else []
+    return ids[: torch.cuda.device_count()] if ids else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def default_jobs(config: SweepConfig) -> int:
+    if config.jobs is not None:
+        return config.jobs
+    if config.launcher == "slurm":
+        return 1 << 30  # the cluster schedules
+    return max(1, len(visible_gpus())) if config.train.get("device", "auto") != "cpu" else 1
+
+
+class _Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, **event) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+
+
+# ------------------------------------------------------------------------------ launchers
+class LocalLauncher:
+    """`jobs` single-process pools (slots), each pinned at start to its GPU and thread share."""
+
+    def __init__(self, jobs: int, tensorboard: bool, device: str):
+        import multiprocessing
+
+        gpus = visible_gpus() if device != "cpu" else []
+        self.context = multiprocessing.get_context("spawn")
+        self.threads = max(1, _cores() // jobs)
+        self.slot_devices = [gpus[i % len(gpus)] if gpus else None for i in range(jobs)]
+        self.tensorboard = tensorboard
+        self.pools: list[Optional[ProcessPoolExecutor]] = [None] * jobs
+
+    def _pool(self, slot: int) -> ProcessPoolExecutor:
+        if self.pools[slot] is None:
+            self.pools[slot] = ProcessPoolExecutor(
+                1, mp_context=self.context, initializer=init_worker,
+                initargs=(self.slot_devices[slot], self.threads, os.getpid()))
+        return self.pools[slot]
+
+    def submit(self, slot: int, payload: dict):
+        if payload["config"].get("num_workers") is None:
+            payload["config"]["num_workers"] = self.threads  # loader threads: this slot's share of the cores
+        return self._pool(slot).submit(run_cell, payload, self.tensorboard)
+
+    def wait(self, handles: list, timeout: float) -> list:
+        done, _ = wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
+        return list(done)
+
+    def result(self, slot: int, handle, name: str) -> dict:
+        try:
+            return handle.result()
+        except Exception as err:  # the worker process died (killed, out of memory): a fresh one for the next cell
+            self.pools[slot].shutdown(wait=False, cancel_futures=True)
+            self.pools[slot] = None
+            return {"cell": name, "status": "failed", "error": f"worker process died: {type(err).__name__}: {err}"}
+
+    def close(self, wait: bool = True) -> None:
+        for pool in self.pools:
+            if pool is not None:
+                pool.shutdown(wait=wait, cancel_futures=True)
+
+
+class SubmititLauncher:
+    """Each cell a submitit job (slurm, or the local executor for tests)."""
+
+    def __init__(self, config: SweepConfig):
+        import shutil
+
+        try:
+            import submitit
+        except ImportError:
+            raise FastpromptError(f"--launcher {config.launcher} needs submitit; pip install submitit") from None
+        if config.launcher == "slurm" and shutil.which("srun") is None:
+            raise FastpromptError("--launcher slurm needs a slurm cluster (no srun on PATH here); "
+                                  "run the sweep on a login node, or use --launcher local")
+        self.executor = submitit.AutoExecutor(folder=str(Path(config.out) / ".submitit" / "%j"),
+                                              cluster="slurm" if config.launcher == "slurm" else "local")
+        self.executor.update_parameters(
+            name="fastprompt-sweep", timeout_min=config.slurm_time, gpus_per_node=config.slurm_gpus,
+            tasks_per_node=1, nodes=1, slurm_partition=config.slurm_partition,
+        )
+        self.tensorboard = config.tensorboard
+
+    def submit(self, slot: int, payload: dict):
+        return self.executor.submit(CellJob(), payload, self.tensorboard)
+
+    def wait(self, handles: list, timeout: float) -> list:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = [h for h in handles if h.done()]
+            if done or time.monotonic() >= deadline:
+                return done
+            time.sleep(min(0.5, timeout))
+
+    def result(self, slot: int, handle, name: str) -> dict:
+        try:
+            return handle.result()
+        except Exception as err:  # the job failed outside run_cell (cancelled, node failure, time limit without requeue)
+            return {"cell": name, "status": "failed", "error": f"job {handle.job_id}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"}
+
+    def close(self, wait: bool = True) -> None:
+        pass  # submitted jobs belong to the cluster; a later sweep finds their results
+
+
+# ------------------------------------------------------------------------------ live view
+class _View:
+    """done / running / failed / left, the running cells, and an ETA from measured cell times."""
+
+    def __init__(self, total: int, skipped: int, slots: int):
+        self.total, self.skipped, self.slots = total, skipped, slots
+        self.done = self.failed = 0
+        self.running: dict[str, float] = {}  # cell -> start time
+        self.seconds: list[float] = []
+        self.left = total - skipped
+
+    def eta(self) -> Optional[float]:
+        if not self.seconds:
+            return None
+        mean = sum(self.seconds) / len(self.seconds)
+        now = time.monotonic()
+        work = self.left * mean + sum(max(mean - (now - t), 0.0) for t in self.running.values())
+        return work / max(1, min(self.slots, self.left + len(self.running)))
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        eta = self.eta()
+        summary = Text.from_markup(
+            f"[bold]sweep[/bold] done {self.done + self.skipped}/{self.total} ({self.skipped} skipped)  "
+            f"running {len(self.running)}  [red]failed {self.failed}[/red]  left {self.left}  "
+            f"ETA {'after the first cell' if eta is None else _duration(eta)}")
+        now = time.monotonic()
+        return Group(summary, *(Text(f"  {name}  {_duration(now - start)}") for name, start in self.running.items()))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------ the sweep
+def prepare(config: SweepConfig) -> list[PlannedCell]:
+    """The grid and what each cell's folder asks for; every check that can fail on bad input or a
+    conflicting cell runs here, before anything is written."""
+    return plan(expand(config))
+
+
+def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedCell]] = None) -> SweepOutcome:
+    """Run every cell that is not finished; returns what happened (never raises for a failed cell)."""
+    from rich.live import Live
+
+    planned = prepare(config) if planned is None else planned
+    todo = deque(p for p in planned if p.action != "skip")
+    jobs = min(default_jobs(config), max(1, len(todo)))
+    launcher = (LocalLauncher(jobs, config.tensorboard, config.train.get("device", "auto")) if config.launcher == "local"
+                else SubmititLauncher(config))  # may refuse (no slurm here): before anything is written
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = sweep_record(config, [p.cell for p in planned])
+    write_json(out / SWEEP_FILE, record)
+    log = _Log(out / LOG_FILE)
+    outcome = SweepOutcome(planned)
+    for p in planned:
+        if p.action == "skip":
+            outcome.skipped.append(p.cell.name)
+            log(cell=p.cell.name, event="skip")
+    view = _View(len(planned), len(outcome.skipped), jobs)
+    running: dict = {}  # handle -> (slot, planned cell, start)
+    free = list(range(jobs))
+    interrupted = True
+    try:
+        with Live(view, console=console, refresh_per_second=2, transient=False,
+                  redirect_stdout=False, redirect_stderr=False) if console is not None else _nothing():
+            while todo or running:
+                while todo and free:
+                    p, slot = todo.popleft(), free.pop(0)
+                    log(cell=p.cell.name, event="start", action=p.action)
+                    running[launcher.submit(slot, p.cell.payload())] = (slot, p, time.monotonic())
+                    view.running[p.cell.name] = time.monotonic()
+                    view.left -= 1
+                for handle in launcher.wait(list(running), timeout=0.5):
+                    slot, p, start = running.pop(handle)
+                    result = launcher.result(slot, handle, p.cell.name)
+                    free.append(slot)
+                    del view.running[p.cell.name]
+                    seconds = round(time.monotonic() - start, 3)
+                    if result.get("status") == "done":
+                        outcome.done.append(p.cell.name)
+                        view.done += 1
+                        if p.action != "evaluate":
+                            view.seconds.append(seconds)
+                        log(cell=p.cell.name, event="done", seconds=seconds)
+                    else:
+                        outcome.failed[p.cell.name] = result.get("error", "unknown error")
+                        view.failed += 1
+                        log(cell=p.cell.name, event="failed", seconds=seconds, error=outcome.failed[p.cell.name])
+        interrupted = False
+    finally:
+        launcher.close(wait=not interrupted)  # Ctrl-C: do not wait for running cells (their watchdog ends them)
+    record["outcome"] = {"done": outcome.done, "skipped": outcome.skipped, "failed": outcome.failed}
+    write_json(out / SWEEP_FILE, record)
+    return outcome
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def plan_table(planned: list[PlannedCell]):
+    """`--dry-run`: every cell with what would happen to it, and the counts."""
+    from rich.table import Table
+
+    counts = {a: sum(p.action == a for p in planned) for a in ("skip", "evaluate", "resume", "start")}
+    table = Table(title=f"{len(planned)} cells: " + ", ".join(f"{n} {a}" for a, n in counts.items()), title_justify="left")
+    for column in ("cell", "action", "folder holds"):
+        table.add_column(column)
+    for p in planned:
+        table.add_row(p.cell.name, p.action, p.why)
+    return table

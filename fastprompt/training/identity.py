@@ -1,0 +1,74 @@
+"""Which settings of a run identify its result: the one rule, used wherever two runs (or a
+planned run and a finished one) are compared.
+
+A run's identity is its resolved config (`config.json`: every `TrainConfig` field plus the
+run facts the trainer adds, such as class names and the CLIP weights id) minus the fields
+that choose *how* it executes and not *what* it computes: the output folder, the device,
+loader workers, checkpoint frequency, compilation, the eval batch size, the fast/reference
+backend (the same function by contract, SPEC.md) and the process count (DDP gives the
+result of one process). `fastprompt sweep` uses it to decide whether a cell's folder holds
+this cell; `fastprompt report` to refuse averaging runs that differ in more than the seed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+# Fields that change how a run executes, not its result.
+EXECUTION_FIELDS = frozenset({
+    "out", "device", "num_workers", "checkpoint_every", "compile", "compile_backend", "eval_batch_size",
+    "backend", "world_size",
+})
+
+
+def identity(resolved: dict) -> dict:
+    """The result-identifying part of a resolved config dict (a copy). Method options count
+    as resolved values: an option left at its default equals the default written out."""
+    ident = {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS}
+    if isinstance(ident.get("options"), dict):
+        ident["options"] = _resolved_options(ident.get("method"), ident["options"])
+    return ident
+
+
+def _resolved_options(method, options: dict) -> dict:
+    from fastprompt.methods import METHODS, method_config
+
+    if method not in METHODS:
+        return dict(options)  # not a method of this version: compared as written
+    return method_config(method, **options).to_dict()
+
+
+def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), both: bool = False
+                     ) -> Optional[tuple[str, Any, Any]]:
+    """The first identity field (in `expected`'s order) whose value differs between a planned
+    config and a saved one, as (field, expected value, saved value); None when they agree.
+
+    Only `expected`'s identity fields are compared: a saved config also holds run facts that
+    the trainer derives from them (class names from data and classes, the weights id from clip
+    and pretrained), which a planned config cannot know yet. A field the saved config lacks
+    is a difference (its saved value reads as `<missing>`). With `both`, the fields of both
+    configs are compared (two saved runs). Values compare as JSON (a tuple equals a list)."""
+    mine, theirs = (json.loads(json.dumps(identity(d))) for d in (expected, saved))
+    keys = list(mine) + ([k for k in theirs if k not in mine] if both else [])
+    for key in keys:
+        if key in ignore:
+            continue
+        value, other = mine.get(key, "<missing>"), theirs.get(key, "<missing>")
+        if other != value:
+            if isinstance(value, dict) and isinstance(other, dict):  # name the option: options.n_ctx
+                inner = first_difference(value, other, both=True)
+                return f"{key}.{inner[0]}", inner[1], inner[2]
+            return key, value, other
+    return None
+
+
+def without_seed(resolved: dict) -> dict:
+    """The identity of a run with the seed and what follows from it removed: the seed, and the
+    CLIP weights id when the weights are random (`pretrained` None: drawn from the seed). Runs
+    that differ in nothing else are seeds of one experiment and may be averaged."""
+    ident = identity(resolved)
+    ident.pop("seed", None)
+    if ident.get("pretrained") is None:
+        ident.pop("weights_id", None)
+    return ident

@@ -1,0 +1,48 @@
+"""`--tensorboard`: every numeric field of each epoch's metrics line (loss, accuracies, every
+learning-rate field, images/s) as a TensorBoard scalar `train/<field>` at step = epoch,
+through `torch.utils.tensorboard`. The trainer calls the logger with each metrics line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from fastprompt.errors import FastpromptError
+
+SKIP = ("epoch",)  # the step, not a scalar
+
+
+class TensorBoardLogger:
+    """Writes event files under `log_dir` (open it with `tensorboard --logdir RUN_OR_SWEEP_DIR`).
+    The folder is created at the first epoch, so a run that fails its checks leaves nothing."""
+
+    def __init__(self, log_dir: Union[str, Path]):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise FastpromptError("--tensorboard needs the tensorboard package; pip install tensorboard") from None
+        self._make = lambda: SummaryWriter(log_dir=str(log_dir))
+        self.writer = None
+
+    def __call__(self, line: dict) -> None:
+        if self.writer is None:
+            self.writer = self._make()
+        step = int(line["epoch"])
+        for key, value in _scalars(line):
+            if key not in SKIP:
+                self.writer.add_scalar(f"train/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _scalars(line: dict, prefix: str = ""):
+    """(name, number) of every numeric field; nested dicts (e.g. one lr per parameter group)
+    become `outer/inner`."""
+    for key, value in line.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value

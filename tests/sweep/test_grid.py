@@ -1,0 +1,157 @@
+"""The sweep's grid and plan: cell names, shared settings, method options, and what each cell's
+folder asks for (skip / evaluate / resume / start, or a conflict that stops the sweep)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fastprompt.cli import app
+from fastprompt.errors import FastpromptError
+from fastprompt.sweep import SweepConfig, expand, plan
+from fastprompt.training.identity import first_difference, identity
+
+runner = CliRunner()
+TINY = {"clip": "fastprompt-tiny", "pretrained": "none", "epochs": 2, "batch_size": 8}
+
+
+def sweep(demo_beton, out, **kw):
+    args = dict(methods=["coop", "vpt-deep"], data=[str(demo_beton)], seeds=[1, 2], shots=[2, None], out=str(out),
+                train=dict(TINY), options={"n_ctx": 4})
+    args.update(kw)
+    return SweepConfig(**args)
+
+
+def test_cells_are_named_and_configured_from_the_grid(demo_beton, tmp_path):
+    cells = expand(sweep(demo_beton, tmp_path / "s"))
+    assert [c.name for c in cells] == [f"demo/{m}/shots{k}/seed{s}" for m in ("coop", "vpt-deep")
+                                       for k in (2, "all") for s in (1, 2)]
+    coop, vpt = cells[0].config, cells[-1].config
+    assert coop.out == str(tmp_path / "s" / "demo" / "coop" / "shots2" / "seed1")
+    assert coop.data == str(Path(demo_beton).resolve()) and coop.template == "a photo of a {}."
+    assert (coop.shots, coop.seed, coop.epochs, coop.clip, coop.pretrained) == (2, 1, 2, "fastprompt-tiny", None)
+    assert coop.options == {"n_ctx": 4} and vpt.options == {}  # n_ctx goes to the methods that have it
+    assert vpt.shots is None and vpt.seed == 2
+
+
+def test_bad_grids_fail_before_anything_is_written(demo_beton, tmp_path):
+    out = tmp_path / "s"
+    with pytest.raises(FastpromptError, match="no method of coop,vpt-deep has option 'topk'"):
+        expand(sweep(demo_beton, out, options={"topk": 3}))
+    with pytest.raises(FastpromptError, match="are both dataset 'demo'"):
+        expand(sweep(demo_beton, out, data=[str(demo_beton), str(demo_beton.with_suffix(".json"))]))
+    with pytest.raises(FastpromptError, match="seeds=\\[1, 1\\] lists a value twice"):
+        sweep(demo_beton, out, seeds=[1, 1])
+    with pytest.raises(FastpromptError, match="unknown train setting\\(s\\) lrr"):
+        sweep(demo_beton, out, train={"lrr": 0.1})
+    with pytest.raises(FastpromptError, match="unknown method 'cop'"):
+        expand(sweep(demo_beton, out, methods=["cop"]))
+    with pytest.raises(FastpromptError, match="lr=-1"):
+        expand(sweep(demo_beton, out, train={**TINY, "lr": -1.0}))
+    assert not out.exists()
+
+
+def _fake_run(cell, *files, **changes):
+    cell.dir.mkdir(parents=True, exist_ok=True)
+    saved = {**cell.config.to_dict(), "classnames": ["a"], "weights_id": "params:x", **changes}
+    (cell.dir / "config.json").write_text(json.dumps(saved))
+    for name in files:
+        (cell.dir / name).write_text("{}")
+
+
+def test_plan_reads_each_cells_folder(demo_beton, tmp_path):
+    config = sweep(demo_beton, tmp_path / "s", eval_on=[])
+    cells = expand(config)
+    _fake_run(cells[0], "results.json")
+    _fake_run(cells[1], "checkpoint.pt", device="cuda", num_workers=7, compile="default")  # execution only
+    _fake_run(cells[2])  # killed before its first checkpoint
+    actions = [(p.action, p.why) for p in plan(cells)]
+    assert actions[:4] == [("skip", "finished"), ("resume", "has a checkpoint"),
+                           ("start", "stopped before its first checkpoint"), ("start", "new")]
+
+    # a finished cell that lacks an evaluation asked for later is only evaluated
+    later = dataclasses.replace(cells[0], eval_on=(("other", "/data/other.beton"),))
+    assert [(p.action, p.why) for p in plan([later])] == [("evaluate", "finished; to evaluate on other")]
+    (later.dir / "eval-other-all.json").write_text("{}")
+    assert plan([later])[0].action == "skip"
+
+    config = sweep(demo_beton, tmp_path / "s", eval_on=[str(demo_beton)])
+    cells = expand(config)
+    assert all(c.eval_on == () for c in cells)  # a dataset is not its own cross-dataset target
+
+
+def test_a_cell_holding_another_run_stops_the_sweep(demo_beton, tmp_path):
+    cells = expand(sweep(demo_beton, tmp_path / "s"))
+    _fake_run(cells[3], "results.json", lr=0.5)
+    with pytest.raises(FastpromptError, match=r"cell demo/coop/shotsall/seed2 holds a run with lr=0.5, this sweep has lr=0.002"):
+        plan(cells)
+
+
+def test_identity_leaves_out_execution_settings():
+    a = {"method": "coop", "lr": 0.002, "device": "cpu", "num_workers": 2, "compile": "off", "out": "x", "backend": "fast"}
+    b = {**a, "device": "cuda", "num_workers": 8, "compile": "default", "out": "y", "backend": "reference"}
+    assert identity(a) == {"method": "coop", "lr": 0.002}
+    assert first_difference(a, b) is None
+    assert first_difference(a, {**b, "lr": 0.01}) == ("lr", 0.002, 0.01)
+    assert first_difference({"options": (1, 2)}, {"options": [1, 2]}) is None  # compared as JSON
+    assert first_difference({"lr": 1}, {}) == ("lr", 1, "<missing>")
+    # method options compare resolved: a default left out equals the default written out
+    assert first_difference({"method": "coop", "options": {"n_ctx": 4}},
+                            {"method": "coop", "options": {"n_ctx": 4, "csc": False, "ctx_init": None}}) is None
+    assert first_difference({"method": "coop", "options": {"n_ctx": 4}}, {"method": "coop", "options": {}}) == \
+        ("options.n_ctx", 4, None)
+    assert first_difference({}, {"extra": 1}) is None and first_difference({}, {"extra": 1}, both=True) == ("extra", "<missing>", 1)
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(demo_beton, tmp_path):
+    out = tmp_path / "s"
+    cells = expand(sweep(demo_beton, out, methods=["coop"], seeds=[1], shots=[2, 4]))
+    _fake_run(cells[0], "results.json")
+    args = ["sweep", "--methods", "coop", "--data", str(demo_beton), "--seeds", "1", "--shots", "2,4", "--out", str(out),
+            "--clip", "fastprompt-tiny", "--pretrained", "none", "--epochs", "2", "--batch-size", "8",
+            "--set", "n_ctx=4", "--dry-run"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 cells: 1 skip, 0 evaluate, 0 resume, 1 start" in result.output
+    assert "demo/coop/shots4/seed1" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["demo"] and not (out / "demo" / "coop" / "shots4").exists()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--seeds", "1,x"], "--seeds '1,x' must be comma-separated integers"),
+    (["--set", "n_ctx"], "--set 'n_ctx' is not key=value"),
+    (["--methods", "coop,nope"], "unknown method 'nope'"),
+    (["--launcher", "pbs"], "launcher='pbs' must be one of local, slurm, submitit-local"),
+])
+def test_cli_bad_input_exits_2(demo_beton, tmp_path, extra, match):
+    out = tmp_path / "s"
+    args = ["sweep", "--methods", "coop", "--data", str(demo_beton), "--seeds", "1", "--out", str(out),
+            "--clip", "fastprompt-tiny", "--pretrained", "none", *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert match in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_slurm_launcher_needs_slurm_and_passes_partition_gpus_and_time(demo_beton, tmp_path, monkeypatch):
+    from fastprompt.sweep.runner import SubmititLauncher
+
+    out = tmp_path / "s"
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no srun
+    result = runner.invoke(app, ["sweep", "--methods", "coop", "--data", str(demo_beton), "--seeds", "1", "--out", str(out),
+                                 "--clip", "fastprompt-tiny", "--pretrained", "none", "--launcher", "slurm"])
+    assert result.exit_code == 2 and "--launcher slurm needs a slurm cluster" in result.output, result.output
+    assert not out.exists()
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    config = sweep(demo_beton, out, launcher="slurm", slurm_partition="gpu", slurm_gpus=2, slurm_time=90)
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = SubmititLauncher(config).executor._executor.parameters
+    script = _make_sbatch_string(command="true", folder=str(out / ".submitit" / "%j"), **params)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=90"):
+        assert line in script, script

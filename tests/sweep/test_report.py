@@ -1,0 +1,206 @@
+"""`fastprompt report`: hand-written runs against hand-written expected tables in every format."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fastprompt.cli import app
+from fastprompt.errors import FastpromptError
+from fastprompt.sweep.report import build_tables, report
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def table1(tmp_path, make_run):
+    """coop / cavpt x eurosat / dtd x seeds 1-3; coop on dtd lacks seed 3."""
+    root = tmp_path / "table1"
+    for seed, acc in zip((1, 2, 3), (70, 72, 74)):
+        make_run(root, "eurosat", "coop", seed, acc)
+    for seed, acc in zip((1, 2), (50, 52)):
+        make_run(root, "dtd", "coop", seed, acc)
+    for seed, acc in zip((1, 2, 3), (80, 80, 83)):
+        make_run(root, "eurosat", "cavpt", seed, acc)
+    for seed, acc in zip((1, 2, 3), (60, 61, 62)):
+        make_run(root, "dtd", "cavpt", seed, acc)
+    grid = {"datasets": ["eurosat", "dtd"], "methods": ["coop", "cavpt"], "shots": [16], "seeds": [1, 2, 3]}
+    (root / "sweep.json").write_text(json.dumps({"grid": grid}))
+    return root
+
+
+MD = """\
+**shots=16, classes=all**
+
+| method | eurosat | dtd | Average |
+|---|---:|---:|---:|
+| coop | 72.00 ± 1.63 (n=3) | 51.00 ± 1.00 (n=2; seed 3 missing) | 61.50 |
+| cavpt | 81.00 ± 1.41 (n=3) | 61.00 ± 0.82 (n=3) | 71.00 |
+"""
+
+CSV = """\
+shots,classes,method,eurosat,eurosat std,eurosat n,dtd,dtd std,dtd n,Average
+16,all,coop,72.0000,1.6330,3,51.0000,1.0000,2,61.5000
+16,all,cavpt,81.0000,1.4142,3,61.0000,0.8165,3,71.0000
+"""
+
+LATEX = r"""% shots=16, classes=all
+\begin{tabular}{lccc}
+\toprule
+method & eurosat & dtd & Average \\
+\midrule
+coop & 72.00 $\pm$ 1.63 (n=3) & 51.00 $\pm$ 1.00 (n=2; seed 3 missing) & 61.50 \\
+cavpt & 81.00 $\pm$ 1.41 (n=3) & 61.00 $\pm$ 0.82 (n=3) & 71.00 \\
+\bottomrule
+\end{tabular}
+"""
+
+
+def test_markdown_csv_latex(table1):
+    assert report(table1, "md") == MD
+    assert report(table1, "csv") == CSV
+    assert report(table1, "latex") == LATEX
+
+
+def test_json(table1):
+    got = json.loads(report(table1, "json"))
+    cell = lambda m, d, mean, std, n, missing: {"method": m, "dataset": d, "metric": "acc", "mean": mean, "std": std,
+                                                "n": n, "missing_seeds": missing}
+    want = [{
+        "keys": {"shots": "16", "classes": "all"}, "rows": "method", "cols": "dataset", "targets": [],
+        "cells": [cell("coop", "eurosat", 72.0, (8 / 3) ** 0.5, 3, []), cell("coop", "dtd", 51.0, 1.0, 2, [3]),
+                  cell("cavpt", "eurosat", 81.0, 2 ** 0.5, 3, []), cell("cavpt", "dtd", 61.0, (2 / 3) ** 0.5, 3, [])],
+        "average": [{"method": "coop", "metric": "acc", "mean": 61.5}, {"method": "cavpt", "metric": "acc", "mean": 71.0}],
+    }]
+    assert _approx_equal(got, want)
+
+
+def _approx_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (a, b)
+        return all(_approx_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (a, b)
+        return all(_approx_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-12), (a, b)
+        return True
+    assert a == b, (a, b)
+    return True
+
+
+def test_std_is_population_std_as_dassl_parse_test_res(table1):
+    """Dassl's tools/parse_test_res.py prints np.std(accs) (ddof=0): 70, 72, 74 -> 1.63, not 2.00."""
+    (table,) = build_tables(table1)
+    assert table.cells[("coop", "eurosat", "acc")].std == pytest.approx((8 / 3) ** 0.5)
+
+
+def test_rows_and_cols_swap(table1):
+    text = report(table1, "md", rows="dataset", cols="method")
+    assert "| dataset | coop | cavpt | Average |" in text
+    assert "| eurosat | 72.00 ± 1.63 (n=3) | 81.00 ± 1.41 (n=3) | 76.50 |" in text
+
+
+def test_base_to_new_prints_base_new_and_harmonic_mean(tmp_path, make_run):
+    root = tmp_path / "b2n"
+    make_run(root, "eurosat", "coop", 1, classes="base", base=90.0, new=60.0)
+    make_run(root, "eurosat", "coop", 2, classes="base", base=92.0, new=64.0)
+    h = 2 * 91 * 62 / (91 + 62)  # H of the mean base and mean new accuracy, as CoCoOp's tables
+    assert report(root, "md") == f"""\
+**shots=16, classes=base**
+
+| method | eurosat base | eurosat new | eurosat H | Average base | Average new | Average H |
+|---|---:|---:|---:|---:|---:|---:|
+| coop | 91.00 ± 1.00 (n=2) | 62.00 ± 2.00 (n=2) | {h:.2f} (n=2) | 91.00 | 62.00 | {h:.2f} |
+"""
+
+
+def test_cross_dataset_prints_source_then_targets(tmp_path, make_run):
+    root = tmp_path / "xd"
+    make_run(root, "imagenet", "coop", 1, 70.0, evals={"eurosat": 30.0, "dtd": 40.0})
+    make_run(root, "imagenet", "coop", 2, 72.0, evals={"eurosat": 34.0, "dtd": 42.0})
+    assert report(root, "md") == """\
+**shots=16, classes=all, source=imagenet**
+
+| method | imagenet (source) | dtd | eurosat | Average (targets) |
+|---|---:|---:|---:|---:|
+| coop | 71.00 ± 1.00 (n=2) | 41.00 ± 1.00 (n=2) | 32.00 ± 2.00 (n=2) | 36.50 |
+"""
+
+
+def test_base_to_new_source_with_cross_dataset_targets(tmp_path, make_run):
+    root = tmp_path / "b2n-xd"
+    make_run(root, "imagenet", "coop", 1, classes="base", base=80.0, new=70.0, evals={"dtd": 40.0})
+    text = report(root, "md")
+    assert "**shots=16, classes=base, source=imagenet**" in text and "| coop | 80.00 ± 0.00 (n=1) | 70.00 ± 0.00 (n=1) |" in text
+    assert "**shots=16, classes=all, source=imagenet**" in text and "| coop | 40.00 ± 0.00 (n=1) | 40.00 |" in text
+
+
+def test_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, make_run):
+    root = tmp_path / "mixed"
+    make_run(root, "eurosat", "coop", 1, 70.0)
+    make_run(root, "eurosat", "coop", 2, 72.0, lr=0.01)
+    with pytest.raises(FastpromptError, match=r"differ in lr \(0.002 vs 0.01\), not only in the seed"):
+        report(root)
+    result = runner.invoke(app, ["report", str(root)])
+    assert result.exit_code == 2 and "differ in lr" in result.output and "Traceback" not in result.output
+
+
+def test_weights_drawn_from_the_seed_are_not_a_difference_but_pretrained_ones_are(tmp_path, make_run):
+    root = tmp_path / "weights"
+    make_run(root, "eurosat", "coop", 1, 70.0)  # pretrained None: weights_id follows the seed
+    make_run(root, "eurosat", "coop", 2, 72.0)
+    assert "71.00 ± 1.00 (n=2)" in report(root)
+    root = tmp_path / "pretrained"
+    make_run(root, "eurosat", "coop", 1, 70.0, pretrained="openai")
+    make_run(root, "eurosat", "coop", 2, 72.0, pretrained="openai")
+    with pytest.raises(FastpromptError, match="differ in weights_id"):
+        report(root)
+
+
+def test_execution_settings_do_not_split_seeds(tmp_path, make_run):
+    root = tmp_path / "exec"
+    make_run(root, "eurosat", "coop", 1, 70.0, device="cuda", compile="default")
+    make_run(root, "eurosat", "coop", 2, 72.0, device="cpu", compile="off")
+    assert "71.00 ± 1.00 (n=2)" in report(root)
+
+
+def test_compare_with_a_typed_csv_and_with_another_folder(table1, tmp_path, make_run):
+    ref = tmp_path / "paper.csv"
+    ref.write_text("method,eurosat,dtd,Average\ncoop,70.5,50,60.25\n")
+    text = report(table1, "md", compare=str(ref))
+    assert "| coop | 72.00 ± 1.63 (n=3) [ref 70.50, +1.50] | 51.00 ± 1.00 (n=2; seed 3 missing) [ref 50.00, +1.00] " \
+           "| 61.50 [ref 60.25, +1.25] |" in text
+    assert "| cavpt | 81.00 ± 1.41 (n=3) | 61.00 ± 0.82 (n=3) | 71.00 |" in text
+
+    other = tmp_path / "other"
+    for seed in (1, 2, 3):
+        make_run(other, "eurosat", "coop", seed, 71.0)
+    text = report(table1, "md", compare=str(other))
+    assert "| coop | 72.00 ± 1.63 (n=3) [ref 71.00, +1.00] | 51.00 ± 1.00 (n=2; seed 3 missing) |" in text
+
+    # our own csv output is a valid reference (std and n columns are ignored): every difference is 0
+    ours = tmp_path / "ours.csv"
+    ours.write_text(report(table1, "csv"))
+    csv_text = report(table1, "csv", compare=str(ours))
+    assert "eurosat ref" in csv_text.splitlines()[0]
+    assert "[ref 72.00, +0.00]" in report(table1, "md", compare=str(ours))
+
+
+def test_bad_input(tmp_path, table1):
+    with pytest.raises(FastpromptError, match="no results.json"):
+        report(_empty(tmp_path))
+    with pytest.raises(FastpromptError, match="format='html' must be one of md, csv, json, latex"):
+        report(table1, "html")
+    with pytest.raises(FastpromptError, match="rows and cols are both"):
+        report(table1, rows="dataset", cols="dataset")
+    with pytest.raises(FastpromptError, match="needs a 'method' column"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("name,eurosat\ncoop,1\n")
+        report(table1, compare=str(bad))
+
+
+def _empty(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    return folder

@@ -1,0 +1,197 @@
+"""Real sweeps on the demo set with the tiny config: killed in the middle and run again (no cell
+runs twice, the report equals mean ± std computed from the runs), failures, cross-dataset
+evaluations, TensorBoard scalars, submitit's local executor, and the shots figure."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fastprompt.cli import app
+
+from fastprompt.sweep import SweepConfig, run_sweep
+from fastprompt.sweep.plot import plot_shots, shots_curves
+from fastprompt.sweep.report import report
+
+TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--epochs", "2", "--batch-size", "8", "--lr", "0.05",
+        "--device", "cpu", "--set", "n_ctx=4"]
+TRAIN = {"clip": "fastprompt-tiny", "pretrained": "none", "epochs": 2, "batch_size": 8, "lr": 0.05, "device": "cpu"}
+
+
+def _events(out: Path) -> list[dict]:
+    path = out / "sweep-log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _sweep_cmd(demo_beton, out, *extra):
+    return [sys.executable, "-m", "fastprompt.cli", "sweep", "--methods", "coop,vpt-shallow", "--data", str(demo_beton),
+            "--seeds", "1,2", "--shots", "2", "--out", str(out), *TINY, *extra]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_running_a_cell_twice(demo_beton, tmp_path):
+    out = tmp_path / "table"
+    cells = [f"demo/{m}/shots2/seed{s}" for m in ("coop", "vpt-shallow") for s in (1, 2)]
+    proc = subprocess.Popen(_sweep_cmd(demo_beton, out, "--jobs", "1"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / cells[0] / "results.json").is_file():
+            assert proc.poll() is None, "the sweep ended before its first cell finished"
+            assert time.monotonic() < deadline, "no cell finished in 300 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers, as Ctrl-C or a scheduler would
+        proc.wait()
+    first = _events(out)
+    finished = {c for c in cells if (out / c / "results.json").is_file()}
+    assert cells[0] in finished and len(finished) < len(cells), "the kill came after the whole sweep"
+
+    result = subprocess.run(_sweep_cmd(demo_beton, out, "--jobs", "1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    second = _events(out)[len(first):]
+    # cells finished before the kill are skipped, never started again; every other cell is started
+    # once (resumed if it had a checkpoint) and done once
+    assert {e["cell"] for e in second if e["event"] == "skip"} == finished
+    for cell in cells:
+        mine = [e["event"] for e in second if e["cell"] == cell]
+        assert mine == (["skip"] if cell in finished else ["start", "done"]), (cell, mine)
+        epochs = [json.loads(line)["epoch"] for line in (out / cell / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == [1, 2], (cell, epochs)  # no epoch ran twice into the record
+
+    # the report equals mean ± std computed here from the runs' results.json
+    tables = json.loads(report(out, "json"))
+    assert len(tables) == 1
+    for entry in tables[0]["cells"]:
+        accs = [json.loads((out / f"demo/{entry['method']}/shots2/seed{s}/results.json").read_text())["test_accuracy"]
+                for s in (1, 2)]
+        assert entry["n"] == 2 and entry["missing_seeds"] == []
+        assert entry["mean"] == pytest.approx(float(np.mean(accs))) and entry["std"] == pytest.approx(float(np.std(accs)))
+
+    # a third run finds nothing to do
+    result = CliRunner().invoke(app, _sweep_cmd(demo_beton, out, "--dry-run")[3:])
+    assert result.exit_code == 0 and "4 cells: 4 skip, 0 evaluate, 0 resume, 0 start" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_failed_cell_is_recorded_and_the_sweep_goes_on(demo_beton, tmp_path):
+    out = tmp_path / "fail"
+    # batch 16 exceeds the 10 training images of 1 shot x 10 classes: that cell fails, the 2-shot one runs
+    config = SweepConfig(methods=["coop"], data=[str(demo_beton)], seeds=[1], shots=[1, 2], out=str(out),
+                         train={**TRAIN, "batch_size": 16}, options={"n_ctx": 4}, jobs=2, tensorboard=True,
+                         eval_on=[])
+    outcome = run_sweep(config)
+    assert not outcome.ok
+    assert list(outcome.failed) == ["demo/coop/shots1/seed1"] and "batch_size=16 exceeds" in outcome.failed["demo/coop/shots1/seed1"]
+    assert outcome.done == ["demo/coop/shots2/seed1"]
+    error = json.loads((out / "demo/coop/shots1/seed1/error.json").read_text())
+    assert "batch_size=16 exceeds" in error["error"] and "Traceback" in error["traceback"]
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["outcome"]["failed"] == outcome.failed and record["grid"]["shots"] == [1, 2]
+
+    # TensorBoard: every numeric field of each metrics line, at step = epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = out / "demo/coop/shots2/seed1"
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "train_accuracy", "lr", "images_per_s"):
+        events = acc.Scalars(f"train/{key}")
+        assert [e.step for e in events] == [1, 2]
+        assert [e.value for e in events] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_cross_dataset_evaluations_and_submitit_local_executor(demo_beton, tmp_path):
+    from fastprompt.data import write_demo
+
+    other = tmp_path / "other.beton"
+    write_demo(str(other), images_per_class=10, image_size=64, seed=5)
+    meta = json.loads(other.with_suffix(".json").read_text())
+    meta["name"] = "other"
+    other.with_suffix(".json").write_text(json.dumps(meta))
+    out = tmp_path / "xd"
+    config = SweepConfig(methods=["coop"], data=[str(demo_beton)], seeds=[1], shots=[2], out=str(out), train=TRAIN,
+                         options={"n_ctx": 4}, eval_on=[str(other)], launcher="submitit-local", slurm_time=10)
+    outcome = run_sweep(config)
+    assert outcome.ok, outcome.failed
+    run = out / "demo/coop/shots2/seed1"
+    assert json.loads((run / "eval-other-all.json").read_text())["dataset"] == "other"
+    assert list((out / ".submitit").iterdir())  # submitit's job folders
+    text = report(out, "md")
+    assert "| method | demo (source) | other | Average (targets) |" in text
+
+
+def test_shots_figure(tmp_path, make_run):
+    root = tmp_path / "fig"
+    for shots, accs in ((1, (40, 44)), (4, (60, 62))):
+        for seed, acc in zip((1, 2), accs):
+            make_run(root, "eurosat", "coop", seed, acc, shots=shots)
+    assert shots_curves(root) == {"eurosat": {"coop": [(1, 42.0, 2.0, 2), (4, 61.0, 1.0, 2)]}}
+    (path,) = plot_shots(root)
+    assert path == root / "figures" / "shots-eurosat.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = CliRunner().invoke(app, ["plot", "shots", str(root), "--out", str(tmp_path / "figs")])
+    assert result.exit_code == 0 and result.output.strip() == str(tmp_path / "figs" / "shots-eurosat.png")
+    empty = tmp_path / "b2n"
+    make_run(empty, "eurosat", "coop", 1, classes="base", base=1.0, new=2.0)
+    result = CliRunner().invoke(app, ["plot", "shots", str(empty)])
+    assert result.exit_code == 2 and "no few-shot accuracy" in result.output
+
+
+def test_a_cell_another_process_is_running_is_not_run_again(demo_beton, tmp_path):
+    import fcntl
+
+    from fastprompt.sweep import expand
+    from fastprompt.sweep.worker import LOCK_FILE, run_cell
+
+    config = SweepConfig(methods=["coop"], data=[str(demo_beton)], seeds=[1], shots=[2], out=str(tmp_path / "s"),
+                         train=TRAIN, options={"n_ctx": 4})
+    (cell,) = expand(config)
+    cell.dir.mkdir(parents=True)
+    with open(cell.dir / LOCK_FILE, "a") as held:  # as a worker of another sweep on the same folder holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        record = run_cell(cell.payload())
+    assert record["status"] == "failed" and "another process is running this cell" in record["error"]
+    assert sorted(p.name for p in cell.dir.iterdir()) == [LOCK_FILE]  # nothing trained, nothing written
+
+
+@pytest.mark.slow
+def test_train_tensorboard_flag(demo_beton, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train", "--method", "coop", "--data", str(demo_beton), "--clip", "fastprompt-tiny", "--pretrained", "none",
+            "--epochs", "1", "--batch-size", "8", "--shots", "2", "--coop.n-ctx", "4", "--workers", "1", "--tensorboard"]
+    bad = tmp_path / "bad"
+    result = CliRunner().invoke(app, [*args, "--out", str(bad), "--batch-size", "64"])
+    assert result.exit_code == 2 and not bad.exists()  # refused before anything is written, event folder included
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (event,) = acc.Scalars("train/loss")
+    assert event.step == 1 and event.value == pytest.approx(line["loss"], rel=1e-6)
+
+
+def test_live_view_eta_from_measured_cell_times():
+    from rich.console import Console
+
+    from fastprompt.sweep.runner import _View
+
+    view = _View(total=6, skipped=2, slots=2)
+    assert view.eta() is None  # nothing measured yet
+    view.done, view.left, view.seconds = 1, 2, [8.0, 12.0]  # mean 10 s
+    view.running = {"demo/coop/shots2/seed1": time.monotonic() - 4.0}
+    assert view.eta() == pytest.approx((2 * 10 + 6) / 2, abs=0.1)  # left cells + the running cell's rest, over 2 slots
+    console = Console(width=120, record=True)
+    console.print(view)
+    assert "done 3/6 (2 skipped)  running 1  failed 0  left 2  ETA 0m13s" in console.export_text()
