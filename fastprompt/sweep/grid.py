@@ -105,7 +105,7 @@ def _absolute(path: str) -> str:
 def _options_for(method: str, options: dict) -> dict:
     from fastprompt.methods import METHODS
 
-    valid = set(METHODS[method][1].field_names())
+    valid = set(METHODS[method].options.field_names())
     return {k: v for k, v in options.items() if k in valid}
 
 
