@@ -18,14 +18,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastprompt.errors import FastpromptError
 from fastprompt.models import vision
 from fastprompt.viz.figures import figures_dir, pyplot, save_figure
 from fastprompt.viz.runs import LoadedRun, load_run
 
-PANEL_INCHES = 2.4  # every panel is a square of this side: the PNG is (cols x rows) x 240 px
+PANEL_INCHES = 2.0  # every panel is a square of this side: the PNG is (cols x rows) x 200 px
 
 
 @dataclass
@@ -104,12 +103,6 @@ def _denormalise(images: torch.Tensor) -> np.ndarray:
     return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (N, S, S, 3)
 
 
-def _upsample(maps: np.ndarray, size: int) -> np.ndarray:
-    """(N, g, g) patch maps -> (N, size, size), bilinear, for overlaying on the images."""
-    t = torch.from_numpy(maps).float()[:, None]  # (N, 1, g, g)
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()  # (N, S, S)
-
-
 def draw_attention(maps: AttentionMaps, classnames: list[str], method: str, changes_tower: bool):
     """The figure: one row per image; columns image | zero-shot attention | run attention (the
     last column is left out for text-only methods, whose attention equals zero-shot's)."""
@@ -117,19 +110,20 @@ def draw_attention(maps: AttentionMaps, classnames: list[str], method: str, chan
     n, size = len(maps.labels), maps.images.shape[1]
     cols = 3 if changes_tower else 2
     fig, axes = plt.subplots(n, cols, figsize=(cols * PANEL_INCHES, n * PANEL_INCHES), squeeze=False)
-    zs_up, tr_up = _upsample(maps.zero_shot, size), _upsample(maps.trained, size)  # (N, S, S) each
     for i in range(n):
         truth = classnames[maps.labels[i]]
         zs, tr = classnames[maps.zero_shot_pred[i]], classnames[maps.trained_pred[i]]
-        panels = [(None, f"true: {truth}"), (zs_up[i], f"zero-shot: {zs}")]
-        panels.append((tr_up[i], f"{method}: {tr}") if changes_tower else None)
+        panels = [(None, f"true: {truth}"), (maps.zero_shot[i], f"zero-shot: {zs}")]
+        panels.append((maps.trained[i], f"{method}: {tr}") if changes_tower else None)
         if not changes_tower:
-            panels[1] = (zs_up[i], f"zero-shot: {zs}\n{method}: {tr}")
+            panels[1] = (maps.zero_shot[i], f"zero-shot: {zs}\n{method}: {tr}")
+        top = float(max(maps.zero_shot[i].max(), maps.trained[i].max()))  # one colour scale per row
         for ax, panel in zip(axes[i], [p for p in panels if p is not None]):
             heat, title = panel
-            ax.imshow(maps.images[i])
-            if heat is not None:
-                ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=float(max(zs_up[i].max(), tr_up[i].max())))
+            ax.imshow(maps.images[i], interpolation="nearest")
+            if heat is not None:  # one block per patch: the attention is over patches, not pixels
+                ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=top, interpolation="nearest",
+                          extent=(0, size, size, 0))
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     if changes_tower:

@@ -46,6 +46,7 @@ def save_figure(fig, folder: Path, stem: str, fmt: str) -> Path:
     plt = pyplot()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI))
+        path.chmod(0o644)  # a figure is for sharing (the temporary file was private)
     finally:
         plt.close(fig)
     return path
