@@ -21,7 +21,7 @@ import torch
 
 from fastprompt.errors import FastpromptError
 from fastprompt.models import vision
-from fastprompt.viz.figures import figures_dir, pyplot, save_figure
+from fastprompt.viz.figures import check_format, figures_dir, pyplot, save_figure
 from fastprompt.viz.runs import LoadedRun, load_run
 
 PANEL_INCHES = 2.0  # every panel is a square of this side: the PNG is (cols x rows) x 200 px
@@ -113,13 +113,13 @@ def draw_attention(maps: AttentionMaps, classnames: list[str], method: str, chan
     for i in range(n):
         truth = classnames[maps.labels[i]]
         zs, tr = classnames[maps.zero_shot_pred[i]], classnames[maps.trained_pred[i]]
-        panels = [(None, f"true: {truth}"), (maps.zero_shot[i], f"zero-shot: {zs}")]
-        panels.append((maps.trained[i], f"{method}: {tr}") if changes_tower else None)
-        if not changes_tower:
-            panels[1] = (maps.zero_shot[i], f"zero-shot: {zs}\n{method}: {tr}")
+        panels = [(None, f"true: {truth}")]
+        if changes_tower:
+            panels += [(maps.zero_shot[i], f"zero-shot: {zs}"), (maps.trained[i], f"{method}: {tr}")]
+        else:
+            panels += [(maps.zero_shot[i], f"zero-shot: {zs}\n{method}: {tr}")]
         top = float(max(maps.zero_shot[i].max(), maps.trained[i].max()))  # one colour scale per row
-        for ax, panel in zip(axes[i], [p for p in panels if p is not None]):
-            heat, title = panel
+        for ax, (heat, title) in zip(axes[i], panels):
             ax.imshow(maps.images[i], interpolation="nearest")
             if heat is not None:  # one block per patch: the attention is over patches, not pixels
                 ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=top, interpolation="nearest",
@@ -138,8 +138,6 @@ def draw_attention(maps: AttentionMaps, classnames: list[str], method: str, chan
 def plot_attention(run_dir: str, *, images: int = 8, out: Optional[str] = None, fmt: str = "png",
                    device: str = "cpu", num_workers: Optional[int] = None) -> Path:
     """Write the attention figure of `images` test images of a run; returns its path."""
-    from fastprompt.viz.figures import check_format
-
     check_format(fmt)
     run = load_run(run_dir, device=device)
     maps = attention_maps(run, images, num_workers=num_workers)

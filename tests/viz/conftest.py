@@ -15,8 +15,8 @@ def viz_beton(tmp_path_factory):
     return path
 
 
-def _train(root, method, beton, **options):
-    out = root / method
+def _train(root, method, beton, name=None, **options):
+    out = root / (name or method)
     train(TrainConfig(method=method, data=str(beton), out=str(out), clip="fastprompt-tiny", pretrained="none",
                       shots=4, epochs=2, warmup_epochs=0, batch_size=8, optimizer="adamw", lr=0.01, weight_decay=0.0,
                       num_workers=1, device="cpu", compile="off", options=options))
@@ -28,3 +28,9 @@ def runs(tmp_path_factory, viz_beton):
     """{method: run directory} of one finished run per method drawn by the tests."""
     root = tmp_path_factory.mktemp("viz-runs")
     return {m: _train(root, m, viz_beton) for m in ("cavpt", "vpt-shallow", "coop")}
+
+
+@pytest.fixture(scope="session")
+def csc_run(tmp_path_factory, viz_beton):
+    """A CoOp run with class-specific context (one context per class)."""
+    return _train(tmp_path_factory.mktemp("viz-csc"), "coop", viz_beton, name="coop-csc", csc=True, n_ctx=2)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fastprompt.cli import app
 from fastprompt.models import vision
-from fastprompt.viz.attention import PANEL_INCHES, attention_maps
+from fastprompt.viz.attention import PANEL_INCHES, attention_maps, draw_attention
 from fastprompt.viz.curves import FIGSIZE as CURVES_SIZE
 from fastprompt.viz.figures import DPI
 from fastprompt.viz.interpret import nearest_words
@@ -89,6 +89,9 @@ def test_attention_maps_sum_to_one_and_text_only_equals_zero_shot(runs):
         assert len(set(maps.labels.tolist())) == 4  # spread over the classes
         if method == "coop":
             np.testing.assert_array_equal(maps.trained, maps.zero_shot)
+            fig = draw_attention(maps, list(run.model.classnames), "coop", run.changes_image_tower)
+            assert "coop leaves the image tower unchanged" in fig._suptitle.get_text()
+            assert len(fig.axes) == 4 * 2  # image | the one attention map
         else:
             assert not np.allclose(maps.trained, maps.zero_shot)  # the prompts change where the class token looks
 
@@ -164,12 +167,24 @@ def test_interpret_reads_a_coop_run_and_refuses_a_visual_one(runs):
     rows = interpret_run(str(runs["coop"]), topk=2)
     assert [r.position for r in rows] == list(range(1, run.model.text.context.shape[0] + 1))
     embedding = run.model.clip.token_embedding.weight
-    first = torch.cdist(run.model.text.context[:1].float(), embedding.float())[0]
+    first = torch.cdist(run.model.text.context[:1].detach().float(), embedding.float())[0]
     assert rows[0].tokens[0] == run.model.bundle.tokenizer.decoder[int(first.argmin())]
     out = invoke("interpret", runs["coop"], "--topk", 2)
     assert rows[0].tokens[0] in out
     result = runner.invoke(app, ["interpret", str(runs["vpt-shallow"])])
     assert result.exit_code == 2 and "learns no text context" in result.output
+
+
+def test_interpret_class_specific_context(csc_run):
+    from fastprompt.viz.interpret import interpret_run
+
+    run = load_run(str(csc_run))
+    rows = interpret_run(str(csc_run), topk=2)
+    assert [(r.classname, r.position) for r in rows] == [(c, m) for c in run.model.classnames for m in (1, 2)]
+    embedding = run.model.clip.token_embedding.weight
+    last = torch.cdist(run.model.text.context[-1, -1:].detach().float(), embedding.float())[0]  # last class, last position
+    assert rows[-1].distances[0] == pytest.approx(float(last.min()), rel=1e-5)
+    assert "class" in invoke("interpret", csc_run, "--topk", 1)
 
 
 def test_compare_rows(runs, viz_beton, tmp_path):
