@@ -106,20 +106,13 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def _source_digest() -> str:
-    """Hash of every kernel source file: any edit to a kernel invalidates the report cache."""
-    h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def _report_key(launch: Launch, capability: int, digest: str) -> str:
+def _report_key(launch: Launch, capability: int) -> str:
+    """Triton's own source hash of the kernel (its text, the @triton.jit functions it calls and
+    the globals it reads), the Triton version, the target, signature, constexprs and options."""
     import triton
 
     blob = json.dumps(
-        [digest, triton.__version__, launch.kernel, capability, launch.signature(),
+        [launch.fn.cache_key, triton.__version__, launch.kernel, capability, launch.signature(),
          {k: str(v) for k, v in launch.constexprs.items()}, launch.num_warps, launch.num_stages],
         sort_keys=True,
     )
@@ -160,8 +153,8 @@ def compile_launch(launch: Launch, capability: int) -> dict[str, Any]:
 
 
 def _compile_cached(args) -> dict[str, Any]:
-    launch, capability, cache, digest = args
-    path = cache / f"{_report_key(launch, capability, digest)}.json"
+    launch, capability, cache = args
+    path = cache / f"{_report_key(launch, capability)}.json"
     if path.is_file():
         report = json.loads(path.read_text())
         report["cached"] = True
@@ -237,8 +230,7 @@ def compile_all(targets: list[int], cache: Path, *, selection: str = "cover", wo
     """Compile every shipped launch for every target (cached). Returns the reports in order."""
     global _JOBS
     cache.mkdir(parents=True, exist_ok=True)
-    digest = _source_digest()
-    _JOBS = [(launch, cap, cache, digest) for cap in targets for launch in shipped_launches(selection)]
+    _JOBS = [(launch, cap, cache) for cap in targets for launch in shipped_launches(selection)]
     with tempfile.TemporaryDirectory(prefix="fastprompt-aot-") as triton_cache:
         os.environ["TRITON_CACHE_DIR"] = triton_cache  # Triton's own cubins: throwaway
         if workers <= 1:
