@@ -4,7 +4,8 @@
 reported as not measured, never guessed):
 - machine.json: GPU, torch, Triton, Python, date, command;
 - steps.tsv: name, exit status, seconds, time limit, command of each step;
-- tests.log: `pytest -v` output of the GPU test step (one line per test and outcome);
+- tests*.log: `pytest -v` output of the test steps (one line per test and outcome; a step
+  cut by its time limit still reports the tests it finished);
 - bench-*.json: the records of `fastprompt bench --json` (one file per model);
 - micro.json: pytest-benchmark's JSON of the kernel microbenchmarks (benchmarks/bench_*.py).
 
@@ -43,9 +44,9 @@ def read_steps(folder: Path) -> list[dict]:
 
 
 def read_tests(folder: Path) -> dict:
-    log = folder / "tests.log"
     outcomes: dict[str, str] = {}
-    for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
+    lines = [line for log in sorted(folder.glob("tests*.log")) for line in log.read_text(errors="replace").splitlines()]
+    for line in lines:
         match = TEST_LINE.match(line)
         if match:
             outcomes[match.group(1)] = match.group(2)
