@@ -18,7 +18,6 @@
 # downloads them where PyPI is reachable) into /tmp/site; torch is never reinstalled.
 # PYTHON picks the interpreter (default python3).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 
 usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 MODE=gpu
@@ -32,8 +31,8 @@ for arg in "$@"; do
     esac
 done
 [ -n "$OUT" ] || { echo "gpu-check: give the output FOLDER" >&2; usage; }
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
-: > "$OUT/steps.tsv"
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called from
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 COMMAND="scripts/gpu-check.sh $*"
 
@@ -50,6 +49,8 @@ if [ "$MODE" = gpu ]; then
         || { echo "gpu-check: torch sees no CUDA device; run with --cpu-dry-run on a CPU machine" >&2; exit 2; }
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # fastprompt from this checkout
+mkdir -p "$OUT" || exit 2
+: > "$OUT/steps.tsv"
 
 # step NAME LIMIT_S COMMAND...: run it with a time limit, log to FOLDER/NAME.log, record it.
 step() {

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
@@ -28,6 +29,13 @@ def test_usage_errors_exit_2(tmp_path):
     proc = run_script("--cpu-dry-run", "--fast", str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
     assert not (tmp_path / "steps.tsv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole check")
+def test_gpu_mode_without_cuda_exits_2_and_writes_nothing(tmp_path):
+    proc = run_script(str(tmp_path / "out"), timeout=300)
+    assert proc.returncode == 2 and "torch sees no CUDA device; run with --cpu-dry-run" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def bench_record(clip, method, variant, images_per_s, classes=1000):
