@@ -21,13 +21,15 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
 from fastprompt.errors import FastpromptError  # noqa: E402
-from fastprompt.kernels._common import prune_by_shared_memory  # noqa: E402
+from fastprompt.kernels._common import prune_by_shared_memory, shared_memory_pruner  # noqa: E402
 from fastprompt.kernels.aot import SHARED_LIMIT, TARGETS, selector  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,6 +130,32 @@ def test_prune_by_shared_memory_keeps_order_and_says_why(caplog):
     assert "needs 200000 bytes of shared memory per block, the device allows 166912" in caplog.text
     with pytest.raises(FastpromptError, match="no shipped config fits this GPU's 1000 bytes .* smallest needs 50000"):
         prune_by_shared_memory(configs, lambda c: need[c.kwargs["BLOCK_M"]], 1000, kernel="k")
+
+
+def test_shared_memory_pruner_compiles_each_config_for_the_launch(monkeypatch):
+    """The autotune hook: each config compiled (warmup) with the launch's arguments, its
+    constexprs and the config's own, then judged against the launch device's limit."""
+    from triton.runtime import driver
+
+    compiled = []
+
+    class Kernel:  # stands in for a JITFunction: the hook only uses arg_names and warmup
+        arg_names = ["X", "n", "HEAD_DIM", "BLOCK_M"]
+
+        def warmup(self, *args, grid, **kwargs):
+            compiled.append((args, kwargs))
+            return SimpleNamespace(metadata=SimpleNamespace(shared=kwargs["BLOCK_M"] * kwargs["HEAD_DIM"] * 16))
+
+    devices = []
+    monkeypatch.setattr(driver, "_active", SimpleNamespace(utils=SimpleNamespace(
+        get_device_properties=lambda index: devices.append(index) or {"max_shared_mem": 100_000})))
+    configs = [triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=2) for m in (128, 64)]
+    x = torch.zeros(3)
+    kept = shared_memory_pruner(Kernel(), "k")(configs, {"X": x, "n": 3}, HEAD_DIM=64)
+    assert kept == configs[1:] and devices == [0]  # 128 * 64 * 16 = 131072 > 100000
+    assert [args for args, _ in compiled] == [(x, 3), (x, 3)]
+    assert [kw["BLOCK_M"] for _, kw in compiled] == [128, 64]
+    assert all(kw["HEAD_DIM"] == 64 and kw["num_warps"] == 4 and kw["num_stages"] == 2 for _, kw in compiled)
 
 
 def test_cover_selection_reaches_every_config_and_value():
