@@ -94,6 +94,7 @@ class Trainer:
         self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=config.pretrained,
                                   template=self.template, backend=config.backend, device=self.device,
                                   **config.options)
+        self.data.check_image_size(self.model.bundle.image_size)  # val/test are stored at one size (prepare --eval-size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if config.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
