@@ -84,7 +84,7 @@ def prepare_imagefolder_cmd(
     jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored training images (1-100).")] = 90,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out (and report how many) instead of failing.")] = False,
-    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 448,
+    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
     eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
     eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
 ) -> None:
@@ -110,7 +110,7 @@ def prepare_coop_cmd(
     jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored training images (1-100).")] = 90,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out (and report how many) instead of failing.")] = False,
-    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 448,
+    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
     eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
     eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
 ) -> None:

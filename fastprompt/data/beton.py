@@ -68,7 +68,7 @@ class WriteOptions:
     max_resolution: int = 1024  # longest side of a stored training image, px (larger ones are shrunk)
     jpeg_quality: int = 90  # JPEG quality of the stored training images (and of eval images with eval_format="jpg")
     workers: Optional[int] = None  # writer processes; None = all available cores (clamped to them)
-    train_short_side: int = 448  # shorter side of a stored training image at most this, px (RandomResizedCrop's source)
+    train_short_side: int = 320  # shorter side of a stored training image at most this, px (see fastprompt.data.pixels)
     eval_size: Optional[int] = 224  # val/test stored evaluation-ready at this size; None = stored like training images
     eval_format: str = "raw"  # evaluation-ready images: "raw" (CLIP's pixels exactly) or "jpg" (jpeg_quality, approximate)
 

@@ -277,7 +277,7 @@ def write_coop(
     jpeg_quality: int = 90,
     workers: Optional[int] = None,
     skip_bad: bool = False,
-    train_short_side: int = 448,
+    train_short_side: int = 320,
     eval_size: int = 224,
     eval_format: str = "raw",
 ) -> WriteSummary:

@@ -187,7 +187,7 @@ def write_imagefolder(
     jpeg_quality: int = 90,
     workers: Optional[int] = None,
     skip_bad: bool = False,
-    train_short_side: int = 448,
+    train_short_side: int = 320,
     eval_size: int = 224,
     eval_format: str = "raw",
 ) -> WriteSummary:

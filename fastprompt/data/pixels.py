@@ -13,7 +13,10 @@ feeds CLIP at test time, computed once at prepare time with the same library cal
   torchvision's `center_crop`).
 Training images are stored whole, shrunk only when large (shorter side at most
 `train_short_side`, longest side at most `max_resolution`, with the same resize), and the
-loader crops them as Dassl does (`fastprompt.data.decoders`).
+loader crops them as Dassl does (`fastprompt.data.decoders`). The default cap, 320 px, is
+where the median random-resized crop (area scale ~0.54 of U(0.08, 1)) still spans >= 224
+source pixels, so it is shrunk, as Dassl's crop of a larger original is, not enlarged;
+decoding cost grows with the stored pixels (BENCHMARKS.md: 448 px costs ~1.5x).
 """
 
 from __future__ import annotations

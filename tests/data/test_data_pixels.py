@@ -108,7 +108,7 @@ def test_training_crop_is_dassl_bicubic(tmp_path, flip):
     import cv2
 
     root = tmp_path / "root"
-    square = Image.open(PHOTOS / "hopper.jpg").convert("RGB").crop((0, 0, 384, 384))
+    square = Image.open(PHOTOS / "hopper.jpg").convert("RGB").crop((0, 0, 300, 300))  # under the 320 px cap: stored whole
     for split in ("train", "val", "test"):
         (root / split / "photo").mkdir(parents=True)
         square.save(root / split / "photo" / "a.png")
@@ -120,7 +120,7 @@ def test_training_crop_is_dassl_bicubic(tmp_path, flip):
         (images, _), = list(ds.loader("train", **whole, **kwargs))
         return to_uint8(images.numpy())[0]  # (S, S, 3)
 
-    stored = first_image(image_size=384, flip_prob=0.0)  # the decoded training image (a same-size resize is exact)
+    stored = first_image(image_size=300, flip_prob=0.0)  # the decoded training image (a same-size resize is exact)
     got = first_image(image_size=224, flip_prob=1.0 if flip else 0.0).astype(np.int16)  # (224, 224, 3)
     bicubic = np.asarray(Image.fromarray(stored).resize((224, 224), Image.Resampling.BICUBIC)).astype(np.int16)
     bilinear = cv2.resize(stored, (224, 224), interpolation=cv2.INTER_LINEAR).astype(np.int16)
