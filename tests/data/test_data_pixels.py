@@ -147,3 +147,33 @@ def test_version_1_file_loads_and_warns_once(photo_beton, tmp_path, caplog):
     assert ds.eval_size is None
     images, _ = next(iter(ds.loader("test", image_size=64, batch_size=2)))  # stored whole: any size, resized on load
     assert images.shape == (2, 3, 64, 64)
+
+
+def test_prepare_rejects_an_unknown_eval_format(tmp_path):
+    (tmp_path / "root" / "a").mkdir(parents=True)
+    shutil.copy(PHOTOS / "china_tiny.jpg", tmp_path / "root" / "a" / "x.jpg")
+    result = CliRunner().invoke(app, ["prepare", "imagefolder", str(tmp_path / "root"), "--out", str(tmp_path / "x.beton"),
+                                      "--eval-format", "png"])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: eval_format='png' must be one of raw, jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]  # nothing written
+
+
+def test_whole_images_get_clip_eval_geometry_on_load(photo_beton):
+    """Images stored whole (training images here; version-1 files, the demo set) are resized
+    and centre-cropped by the loader with torchvision's geometry: close to CLIP's transform of
+    the originals (storage at <= 320 px and JPEG stand between them)."""
+    from open_clip.transform import image_transform
+
+    from fastprompt.data.decoders import _center_offset
+
+    assert [_center_offset(side, 4) for side in range(4, 12)] == [int(round((s - 4) / 2.0)) for s in range(4, 12)]
+    ds = open_dataset(photo_beton)
+    clip_eval = image_transform(224, is_train=False)
+    worst = 0.0
+    for images, _, index in ds.loader("train", train=False, image_size=224, batch_size=8, return_indices=True):
+        for image, i in zip(images.numpy(), index.tolist()):  # image (3, 224, 224)
+            with Image.open(photo_beton.parent / "root" / ds.meta["paths"][i]) as im:
+                worst = max(worst, float(np.abs(image - clip_eval(im.convert("RGB")).numpy()).mean()))
+    assert worst < 0.08, worst  # shifting the crop by one pixel alone costs up to 0.15 on these photos
