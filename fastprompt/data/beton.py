@@ -37,7 +37,7 @@ import numpy as np
 
 from fastprompt.errors import FastpromptError
 from fastprompt.runtime import resolve_workers
-from fastprompt.validation import check_int
+from fastprompt.validation import check_int, require
 from fastprompt.data.splits import (
     SPLIT_CODE,
     SPLITS,
@@ -78,8 +78,7 @@ class WriteOptions:
         check_int("train_short_side", self.train_short_side, minimum=16, maximum=8192)
         if self.eval_size is not None:
             check_int("eval_size", self.eval_size, minimum=16, maximum=2048)
-        if self.eval_format not in EVAL_FORMATS:
-            raise FastpromptError(f"eval_format={self.eval_format!r} must be one of {', '.join(EVAL_FORMATS)}")
+        require(self.eval_format in EVAL_FORMATS, f"eval_format={self.eval_format!r} must be one of {', '.join(EVAL_FORMATS)}")
         resolve_workers(self.workers)
 
     def record(self) -> dict[str, Any]:
@@ -472,7 +471,9 @@ class BetonDataset:
             extra = "".join(f" --{flag} {source[key]}" for key, flag in (("split_json", "split-json"), ("classnames_file", "classnames"))
                             if source.get(key))
             return f"fastprompt prepare imagefolder {source.get('root', 'ROOT')} --out {self.path}{extra}{size}"
-        return f"fastprompt prepare ... --out {self.path}{size}"
+        if source.get("kind") == "demo":
+            return f"fastprompt prepare demo --out {self.path}"  # stored whole: any size reads it
+        return f"the `fastprompt prepare` command that wrote {self.path}, with{size or ' its options'}"
 
     def check_image_size(self, image_size: int) -> None:
         """FastpromptError unless val/test can be read at `image_size` (a model's input size):
