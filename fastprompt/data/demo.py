@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from fastprompt.data.beton import PathLike, WriteOptions, WriteSummary, write_beton
+from fastprompt.errors import FastpromptError
 from fastprompt.validation import check_int
 from fastprompt.prompts.templates import DEFAULT_TEMPLATE
 from fastprompt.data.splits import stratified_split
