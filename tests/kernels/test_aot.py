@@ -101,6 +101,8 @@ def test_registers_and_spills_are_reported(target):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FASTPROMPT_SLOW_TESTS") != "1",
+                    reason="fp32 compiles take 5-420 s each on CPU (17 min cold in all); opt in with FASTPROMPT_SLOW_TESTS=1")
 @by_target
 def test_fp32_worst_case_fits_or_is_pruned(target, caplog):
     """Each config in fp32 at head dim 128 (the most shared memory): fixed tiles must fit;
