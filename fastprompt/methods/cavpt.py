@@ -100,6 +100,10 @@ class CavptConfig(CavptOptions, VisualOptions, CoopOptions):
             if self.csc:
                 raise FastpromptError("csc needs text_prompt=True (CAVPT's text side is hand-crafted otherwise)")
 
+    @classmethod
+    def unused_fields(cls, options: dict) -> set[str]:
+        return set() if options.get("text_prompt") else set(CoopOptions.field_names())
+
 
 class ClassAwarePromptLayer(nn.Module):
     """`variant="paper"`: class-aware prompts for one layer (eq. 9) and the LayerNorm outputs for eq. 10."""

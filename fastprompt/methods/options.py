@@ -33,6 +33,12 @@ class Options:
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    @classmethod
+    def unused_fields(cls, options: dict) -> set[str]:
+        """The fields that take no part in a model with these `options` (a named protocol
+        leaves its values for them out); a method whose options switch a part off says so."""
+        return set()
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
