@@ -23,7 +23,8 @@ from fastprompt.errors import FastpromptError
 
 app = typer.Typer(
     name="fastprompt",
-    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM.",
+    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM. "
+         "What each method computes, every default and its source, and the named protocols: docs/methods.md.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -281,7 +282,8 @@ class TrainCommand(Command):
         return flags
 
 
-@app.command("train", cls=TrainCommand)
+@app.command("train", cls=TrainCommand, epilog="Each method's equations, every option's default and its source (paper or "
+             "published code), the parameter groups and the protocols: docs/methods.md in the repository.")
 @user_errors
 def train_cmd(
     ctx: typer.Context,

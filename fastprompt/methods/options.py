@@ -1,4 +1,4 @@
-"""Typed method options: every SPEC option is a keyword of `create_model`.
+"""Typed method options: every option of docs/methods.md is a keyword of `create_model`.
 
 Each group validates itself in `__post_init__` with a message that names the field; a
 method's config is the union of the groups it uses (dataclass multiple inheritance).

@@ -82,6 +82,7 @@ def _check(protocol: Protocol) -> Protocol:
 # ---------------------------------------------------------------------------------- sources
 _DASSL_OPTIM = "Dassl.pytorch dassl/config/defaults.py (OPTIM.MOMENTUM, OPTIM.WEIGHT_DECAY)"
 _COOP_RN50 = "KaiyangZhou/CoOp configs/trainers/CoOp/rn50.yaml"
+_COOP_MD = "KaiyangZhou/CoOp COOP.md"
 _COCOOP = "KaiyangZhou/CoOp configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"
 _COCOOP_SH = "KaiyangZhou/CoOp scripts/cocoop/base2new_train.sh"
 _DPT_YAML = "fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml"
@@ -106,18 +107,18 @@ COOP = _check(Protocol(
     {
         "clip": Setting("RN50", f"{_COOP_RN50} MODEL.BACKBONE.NAME (the paper's headline backbone)"),
         "pretrained": Setting("openai", "CLIP's released weights"),
-        "template": Setting(None, "trainers/coop.py CUSTOM_TEMPLATES (the sidecar's template)",
+        "template": Setting(None, "KaiyangZhou/CoOp trainers/coop.py CUSTOM_TEMPLATES (the sidecar's template)",
                             shown="the dataset's (CoOp's CUSTOM_TEMPLATES)"),
-        "shots": Setting(16, "scripts/coop/main.sh SHOTS (CoOp runs 1, 2, 4, 8, 16: pass --shots)"),
-        "classes": Setting("all", "scripts/coop/main.sh"),
-        "epochs": Setting(None, "COOP.md: rn50_ep50.yaml for 1 shot, rn50_ep100.yaml for 2-4, rn50.yaml for 8-16, "
+        "shots": Setting(16, "KaiyangZhou/CoOp scripts/coop/main.sh SHOTS (CoOp runs 1, 2, 4, 8, 16: pass --shots)"),
+        "classes": Setting("all", "KaiyangZhou/CoOp scripts/coop/main.sh (every class)"),
+        "epochs": Setting(None, f"{_COOP_MD}: rn50_ep50.yaml for 1 shot, rn50_ep100.yaml for 2-4, rn50.yaml for 8-16, "
                                 "*_ep50.yaml for ImageNet", shown="by shots: 1 -> 50, 2-4 -> 100, 8-16 -> 200; ImageNet 50"),
         "batch_size": Setting(32, f"{_COOP_RN50} DATALOADER.TRAIN_X.BATCH_SIZE"),
         "lr": Setting(0.002, f"{_COOP_RN50} OPTIM.LR (every group)"),
         "warmup_epochs": Setting(1, f"{_COOP_RN50} OPTIM.WARMUP_EPOCH (every group)"),
         **_SGD,
-        "options.n_ctx": Setting(16, "COOP.md: `main.sh DATASET rn50 end 16 SHOTS False` (NCTX=16)"),
-        "options.csc": Setting(False, "COOP.md: CSC False (the unified context of the main results)"),
+        "options.n_ctx": Setting(16, f"{_COOP_MD}: `main.sh DATASET rn50 end 16 SHOTS False` (NCTX=16)"),
+        "options.csc": Setting(False, f"{_COOP_MD}: CSC False (the unified context of the main results)"),
         "options.ctx_init": Setting(None, f"{_COOP_RN50} (no CTX_INIT: random N(0, 0.02) context)", shown="none"),
     },
     notes=(
@@ -166,7 +167,7 @@ _CAVPT_SETTINGS = {
     **_SGD,
     "lr.text": Setting(0.002, f"{_CAVPT} §Implementation (text prompts 'the same as CoOp'); {_DPT_TRAINER}: optim2 LR 0.002"),
     "warmup_epochs.text": Setting(1, f"{_DPT_TRAINER}: optim2 WARMUP_EPOCH 1"),
-    "lr.visual": Setting(0.01, f"{_DPT_YAML} OPTIM.LR; train_single.sh OPTIM.LR 0.01"),
+    "lr.visual": Setting(0.01, f"{_DPT_YAML} OPTIM.LR; fanrena/DPT train_single.sh OPTIM.LR 0.01"),
     "warmup_epochs.visual": Setting(10, f"{_CAVPT} §Implementation ('the first 10 epochs'); {_DPT_TRAINER}: "
                                         "WARMUP_EPOCH 1 when DATASET.NAME is ImageNet", by_dataset={"imagenet": 1}),
     "lr.cavpt": Setting(0.01, f"{_DPT_TRAINER}: the extractor's optimiser takes OPTIM.LR ({_DPT_YAML}: 0.01)"),
@@ -176,10 +177,10 @@ _CAVPT_SETTINGS = {
     "options.topk": Setting(5, f"{_CAVPT} 'Analysis on the length of input text class tokens': best K_N per dataset "
                                "(fanrena/DPT train.py CPN 5, train_single.sh CPN 10)", by_dataset=CAVPT_TOPK),
     "options.layers": Setting(1, f"{_CAVPT} (CAVPT in the last layer); fanrena/DPT train.py BOTTOMLIMIT 12 of 12"),
-    "options.alpha": Setting(1.0, f"{_CAVPT} eq. 12; fanrena/DPT train.py TRAINER.ALPHA 1.0 (train_single.sh 0.3)"),
-    "options.n_prompts": Setting(10, f"{_CAVPT} §Implementation ('prompt length is set to 10'); train_single.sh VPT.N_CTX 10"),
-    "options.n_ctx": Setting(16, f"{_CAVPT} §Implementation ('16 context length'); train_single.sh COOP.N_CTX 16"),
-    "options.csc": Setting(False, "train_single.sh TRAINER.COOP.CSC False"),
+    "options.alpha": Setting(1.0, f"{_CAVPT} eq. 12; fanrena/DPT train.py TRAINER.ALPHA 1.0 (fanrena/DPT train_single.sh 0.3)"),
+    "options.n_prompts": Setting(10, f"{_CAVPT} §Implementation ('prompt length is set to 10'); fanrena/DPT train_single.sh VPT.N_CTX 10"),
+    "options.n_ctx": Setting(16, f"{_CAVPT} §Implementation ('16 context length'); fanrena/DPT train_single.sh COOP.N_CTX 16"),
+    "options.csc": Setting(False, "fanrena/DPT train_single.sh TRAINER.COOP.CSC False"),
     "options.ctx_init": Setting(None, "fanrena/DPT train.py COOP.CTX_INIT '' (random context)", shown="none"),
     "options.guidance_epochs": Setting(0, f"{_CAVPT} describes no guidance; fanrena/DPT train.py PRETRAIN.C 30 "
                                           "(pass --cavpt.guidance-epochs 30 with --cavpt.text-prompt)"),
@@ -239,3 +240,14 @@ def protocol_tables(names: Optional[list[str]] = None) -> list:
             table.add_row(flag_of(key), setting.text(), setting.source)
         tables.append(table)
     return tables
+
+
+def protocol_markdown() -> str:
+    """The protocols as the Markdown docs/methods.md holds them (a test keeps the two equal)."""
+    parts = []
+    for p in PROTOCOLS.values():
+        rows = [f"#### `--protocol {p.name}`", "", p.title + ".", "", "| setting | value | source |", "|---|---|---|"]
+        rows += [f"| `{flag_of(k)}` | {s.text()} | {s.source} |" for k, s in p.settings.items()]
+        rows += [""] + [f"- {note}" for note in p.notes]
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"
