@@ -123,6 +123,8 @@ COOP = _check(Protocol(
     },
     notes=(
         "Class token at the end (CoOp's CLASS_TOKEN_POSITION end); fastprompt has no 'middle' position.",
+        "RN50 has no ViT tower: with a method that prompts the image tower (vpt-*, vlp, cavpt) add --clip ViT-B-16 "
+        "(CoOp's vit_b16 configs share this recipe).",
         "CoOp trains in fp16 (CLIP's half weights); fastprompt's --precision auto is bf16 autocast on CUDA.",
     ),
 ))
