@@ -191,3 +191,15 @@ def test_sweep_protocol_resolves_per_dataset_under_the_sweeps_settings(named_bet
     assert (cars.protocol, cars.clip, cars.epochs, cars.shots, cars.batch_size) == ("cavpt", "fastprompt-tiny", 3, 2, 32)
     coop = cells["caltech101/coop/shots2/seed1"]
     assert coop.options == {"n_ctx": 16, "csc": False, "ctx_init": None} and coop.protocol == "cavpt"
+
+
+def test_sweep_command_passes_protocol_and_refuses_an_unknown_one(named_beton, tmp_path):
+    beton = str(named_beton("oxford_pets"))
+    base = ["sweep", "--methods", "cavpt", "--data", beton, "--seeds", "1", "--shots", "2", "--clip", "fastprompt-tiny",
+            "--pretrained", "none", "--dry-run"]
+    out = tmp_path / "s"
+    result = CliRunner().invoke(app, [*base, "--out", str(out), "--protocol", "cavpt"])
+    assert result.exit_code == 0, result.output
+    assert "oxford_pets/cavpt/shots2/seed1" in result.output and not out.exists()
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "t"), "--protocol", "cavpt2"])
+    assert bad.exit_code == 2 and "unknown protocol 'cavpt2'" in bad.output and not (tmp_path / "t").exists()
