@@ -203,3 +203,22 @@ def test_sweep_command_passes_protocol_and_refuses_an_unknown_one(named_beton, t
     assert "oxford_pets/cavpt/shots2/seed1" in result.output and not out.exists()
     bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "t"), "--protocol", "cavpt2"])
     assert bad.exit_code == 2 and "unknown protocol 'cavpt2'" in bad.output and not (tmp_path / "t").exists()
+
+
+def test_every_protocol_setting_names_a_real_field_option_or_group():
+    import dataclasses
+
+    from fastprompt.methods import METHODS
+    from fastprompt.methods.registry import group_names
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {name for cls in METHODS.values() for name in cls.options.field_names()}
+    for protocol in PROTOCOLS.values():
+        for key in protocol.settings:
+            head, _, tail = key.partition(".")
+            if head == "options":
+                assert tail in options, (protocol.name, key)
+            elif tail:
+                assert head in ("lr", "warmup_epochs") and tail in group_names(), (protocol.name, key)
+            else:
+                assert key in fields, (protocol.name, key)
