@@ -164,17 +164,21 @@ def prepare_imagefolder_cmd(
     split_json: Annotated[Optional[str], typer.Option("--split-json", help="CoOp split file split_zhou_<Name>.json ([relative_path, label, classname] lists).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Dataset name (default: from the split file's name, else ROOT's folder name); known CoOp datasets get their template and class names.")] = None,
     classnames: Annotated[Optional[str], typer.Option("--classnames", help="Text file of 'folder classname' lines (e.g. ImageNet's wnids).")] = None,
-    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest image side stored, px.")] = 256,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored images (1-100).")] = 90,
+    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest side of a stored training image, px.")] = 1024,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored training images (1-100).")] = 90,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out (and report how many) instead of failing.")] = False,
+    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
+    eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
+    eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
 ) -> None:
     """Write a folder of images (with a CoOp split file, split folders, or a stratified split) as a .beton."""
     from fastprompt.data import write_imagefolder
 
     summary = write_imagefolder(
         root, out, split_json=split_json, name=name, classnames_file=classnames, max_resolution=max_resolution,
-        jpeg_quality=jpeg_quality, workers=workers, skip_bad=skip_bad,
+        jpeg_quality=jpeg_quality, workers=workers, skip_bad=skip_bad, train_short_side=train_short_side,
+        eval_size=eval_size, eval_format=eval_format,
     )
     typer.echo(summary.line())
 
@@ -186,10 +190,13 @@ def prepare_coop_cmd(
     root: Annotated[Optional[str], typer.Argument(help="$DATA (the folder holding CoOp's dataset folders) or the dataset's own folder.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Output NAME.beton (default: ./<name>.beton); the sidecar NAME.json goes beside it.")] = None,
     list_datasets: Annotated[bool, typer.Option("--list", help="Print the datasets: names, class counts and the layout expected under ROOT.")] = False,
-    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest image side stored, px.")] = 256,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored images (1-100).")] = 90,
+    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest side of a stored training image, px.")] = 1024,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored training images (1-100).")] = 90,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out (and report how many) instead of failing.")] = False,
+    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
+    eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
+    eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
 ) -> None:
     """Write one of CoOp's datasets (11 + 4 ImageNet variants), laid out as CoOp's DATASETS.md says, as a .beton."""
     from fastprompt.data.coop import coop_table_lines, write_coop
@@ -200,7 +207,8 @@ def prepare_coop_cmd(
     if name is None or root is None:
         raise FastpromptError("give NAME and ROOT, e.g. `fastprompt prepare coop eurosat $DATA`; --list prints the names")
     summary = write_coop(name, root, out, max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers,
-                         skip_bad=skip_bad)
+                         skip_bad=skip_bad, train_short_side=train_short_side, eval_size=eval_size,
+                         eval_format=eval_format)
     typer.echo(summary.line())
 
 
