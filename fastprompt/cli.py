@@ -23,7 +23,8 @@ from fastprompt.errors import FastpromptError
 
 app = typer.Typer(
     name="fastprompt",
-    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM.",
+    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM. "
+         "What each method computes, every default and its source, and the named protocols: docs/methods.md.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -125,6 +126,23 @@ def methods_cmd() -> None:
     """List the prompt-tuning methods this engine implements."""
     for name in fastprompt.list_methods():
         typer.echo(name)
+
+
+@command(app, "protocols")
+@user_errors
+def protocols_cmd(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Protocols to show (default: all).")] = None,
+) -> None:
+    """Print each named protocol (`train --protocol NAME`): every setting, its value and its source."""
+    from rich.console import Console
+
+    from fastprompt.training.protocols import protocol_tables
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # piped or redirected: keep each setting on few lines
+    for table in protocol_tables(names):
+        console.print(table)
 
 
 # ----------------------------------------------------------------------------------------
@@ -272,7 +290,8 @@ class TrainCommand(Command):
         return flags
 
 
-@app.command("train", cls=TrainCommand)
+@app.command("train", cls=TrainCommand, epilog="Each method's equations, every option's default and its source (paper or "
+             "published code), the parameter groups and the protocols: docs/methods.md in the repository.")
 @user_errors
 def train_cmd(
     ctx: typer.Context,
@@ -301,6 +320,7 @@ def train_cmd(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints (0: only at the end).")] = 1,
     feature_cache: Annotated[int, typer.Option("--feature-cache", help="Methods with a frozen image tower (coop, e2mim): cache V augmented views of the image features (0: off).")] = 0,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write per-epoch scalars to OUT/tensorboard (torch.utils.tensorboard).")] = False,
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (coop, cocoop-b2n, cavpt, cavpt-paper; `fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used; flags given explicitly win.")] = None,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
     from pathlib import Path
@@ -313,7 +333,7 @@ def train_cmd(
     group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
     if out is None:
         out = str(Path("runs") / f"{method}-{Path(data).stem}-{shots}shot-seed{seed}")
-    config = TrainConfig(
+    settings = dict(
         method=method, data=data, out=out, clip=clip, pretrained=pretrained, template=template,
         shots=shots or None, seed=seed, classes=classes, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
         warmup_epochs=warmup_epochs, group_lr=group_lr, group_warmup_epochs=group_warmup, warmup_lr=warmup_lr,
@@ -321,6 +341,14 @@ def train_cmd(
         device=device, precision=precision, backend=backend, compile=compile, num_workers=workers,
         checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options,
     )
+    if protocol is None:
+        config = TrainConfig(**settings)
+    else:  # the protocol fills what the command line left at its default; the generated flags hold only given values
+        from click.core import ParameterSource
+
+        given = {k: v for k, v in settings.items() if k in ("out", "options", "group_lr", "group_warmup_epochs")
+                 or ctx.get_parameter_source("workers" if k == "num_workers" else k) not in (None, ParameterSource.DEFAULT)}
+        config = TrainConfig.from_protocol(protocol, **given)
     logger = None
     if tensorboard:
         from fastprompt.training.tensorboard import TensorBoardLogger
@@ -474,6 +502,7 @@ def sweep_cmd(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Loader threads per cell (default: its share of the cores).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="As in `fastprompt train`; shared by every cell.")] = None,
     feature_cache: Annotated[Optional[int], typer.Option("--feature-cache", help="As in `fastprompt train`; shared by every cell.")] = None,
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="As in `fastprompt train` (`fastprompt protocols`); the flags given here win.")] = None,
 ) -> None:
     """Run a grid of datasets x methods x shots x seeds, one run folder per cell; resumable."""
     from fastprompt.sweep import SweepConfig, prepare, run_sweep
@@ -482,7 +511,7 @@ def sweep_cmd(
     given = locals()
     train_fields = ("clip", "pretrained", "template", "classes", "epochs", "batch_size", "optimizer", "lr",
                     "warmup_epochs", "warmup_lr", "momentum", "weight_decay", "device", "precision", "backend",
-                    "compile", "checkpoint_every", "feature_cache")
+                    "compile", "checkpoint_every", "feature_cache", "protocol")
     shared = {k: given[k] for k in train_fields if given[k] is not None}
     if workers is not None:
         shared["num_workers"] = workers
