@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -256,8 +255,7 @@ class Trainer:
         self.model.train()
         self.model.set_epoch(self.epoch)
         self.loader.set_epoch(self.epoch)
-        total_loss = torch.zeros((), dtype=torch.float64)
-        correct = seen = 0
+        running = self._running = self._new_running()
         start = time.perf_counter()
         for step, batch in enumerate(self._batches()):
             images, labels = batch[0], batch[1]  # (b, 3, S, S) or cached features (b, D), (b,)
@@ -267,28 +265,60 @@ class Trainer:
                     loss, logits = self.step_fn(None, labels, features=images)
                 else:
                     loss, logits = self.step_fn(images, labels, topk)
-            loss_value = float(loss.detach())  # CPU-GPU sync: the non-finite check decides whether to step
-            if not math.isfinite(loss_value):
-                raise FastpromptError(
-                    f"loss became {loss_value} at epoch {self.epoch + 1} step {step + 1}; the last good checkpoint "
-                    f"(after epoch {self.epoch}) is kept in {self.out}; lower --lr or use --precision fp32"
-                )
+            loss_value = loss.detach()  # 0-d, on the device: nothing here reads a value back to the host
+            self._watch_loss(loss_value, step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             exit_after_step(self.epoch * len(self.loader) + step + 1)  # test hook: see training/hooks.py
-            total_loss += loss_value * labels.shape[0]
-            correct += int((logits.argmax(-1) == labels).sum())
-            seen += labels.shape[0]
+            running["loss"] += loss_value.double() * labels.shape[0]
+            running["correct"] += (logits.argmax(-1) == labels).sum()
+            running["seen"] += labels.shape[0]
             if progress is not None:
-                progress.update(task, advance=1, loss=loss_value)
-        stats = torch.tensor([float(total_loss), correct, seen], dtype=torch.float64)
+                progress.update(task, advance=1)  # no loss here: the display reads `self._running` at epoch end
+        # the epoch's one CPU-GPU sync: the running sums (summed over ranks) and the non-finite check
+        stats = torch.stack([running["loss"], running["correct"].double(), running["seen"].double()])  # (3,)
         if self.distributed:
             dist.all_reduce(stats)
+        self._check_nonfinite()
         seconds = time.perf_counter() - start
-        total_loss, correct, seen = float(stats[0]), float(stats[1]), float(stats[2])
+        total_loss, correct, seen = stats.tolist()
         return {"epoch": self.epoch + 1, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
                 "lr": lr, "images": int(seen), "seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 1)}
+
+    def _new_running(self) -> dict[str, torch.Tensor]:
+        """The epoch's running sums, kept on the device (0-d each) and read once at its end:
+        loss (sum of loss · batch), correct and seen (images), and the first non-finite loss
+        (`bad_step` -1 while there is none, `bad_loss` its value)."""
+        zeros = lambda dtype: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731
+        return {"loss": zeros(torch.float64), "correct": zeros(torch.long), "seen": zeros(torch.long),
+                "bad_step": torch.full((), -1, dtype=torch.long, device=self.device), "bad_loss": zeros(torch.float32)}
+
+    def _watch_loss(self, loss: torch.Tensor, step: int) -> None:
+        """Record the epoch's first non-finite loss (its step and value) on the device, without
+        reading the loss back (a per-step read would stall the GPU and break CUDA graphs).
+        `_check_nonfinite` reads the record once, at the end of the epoch."""
+        running = self._running
+        first = ~torch.isfinite(loss) & (running["bad_step"] < 0)  # 0-d bool
+        running["bad_step"].copy_(torch.where(first, step, running["bad_step"]))
+        running["bad_loss"].copy_(torch.where(first, loss.float(), running["bad_loss"]))
+
+    def _check_nonfinite(self) -> None:
+        """Stop the run when a loss of this epoch was not finite (one read per epoch): nothing of
+        this epoch is written, so the last checkpoint stays the run's last good state. The steps
+        after the bad one still ran (on the device, unread); their prompts are thrown away."""
+        bad = self._running["bad_step"].clone()
+        if self.distributed:  # every rank stops together, at a step where some rank saw a non-finite loss
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        step = int(bad)
+        if step < 0:
+            return
+        own = int(self._running["bad_step"]) == step
+        value = float(self._running["bad_loss"]) if own else "non-finite (on another process)"
+        raise FastpromptError(
+            f"loss became {value} at epoch {self.epoch + 1} step {step + 1}; the last good checkpoint "
+            f"(after epoch {self.epoch}) is kept in {self.out}; lower --lr or use --precision fp32"
+        )
 
     def train(self) -> dict:
         """Train the remaining epochs, then evaluate on the test split; returns results.json's content."""
@@ -317,7 +347,8 @@ class Trainer:
                 line = self.train_epoch(progress, task)
                 self.epoch += 1
                 self.metrics.append(line)
-                progress.update(task, epoch=self.epoch, acc=line["train_accuracy"], ips=line["images_per_s"])
+                progress.update(task, epoch=self.epoch, loss=line["loss"], acc=line["train_accuracy"],
+                                ips=line["images_per_s"])
                 if self.is_main:
                     with open(self.out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(line) + "\n")
