@@ -110,13 +110,7 @@ class Trainer:
         log.info("parameter groups: %s; %d epochs", ", ".join(
             f"{g.name} ({sum(p.numel() for _, p in members)} values) lr {config.group_lr[g.name]} warm-up "
             f"{config.group_warmup_epochs[g.name]}" for g, members in groups), config.epochs)
-        param_groups = [{"params": [p for _, p in members], "name": g.name, "lr": config.lr_at(g.name, 0)}
-                        for g, members in groups]
-        if config.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(param_groups, lr=config.warmup_lr, momentum=config.momentum,
-                                             weight_decay=config.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(param_groups, lr=config.warmup_lr, weight_decay=config.weight_decay)
+        self.optimizer = self._make_optimizer([(g.name, [p for _, p in members]) for g, members in groups])
         # fewshot.json: the files this run trains and validates on (Dassl's draw); a class without images fails here
         self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
         n_train = len(self.fewshot["train"])
@@ -144,6 +138,28 @@ class Trainer:
         self.feature_cache: Optional[FeatureCache] = None
         self.train_subset = self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes)
         self._prepare_out()
+
+    def _make_optimizer(self, groups: list[tuple[str, list[nn.Parameter]]]) -> torch.optim.Optimizer:
+        """One optimiser, a param group per trained part, `fused=True` (one kernel per group and
+        step, on CUDA and CPU). Each group's lr is a 0-d float32 tensor on the device (the fused
+        kernels read it there) that `_set_lr` fills in place every epoch: the step reads no lr
+        from the host, and a new lr is new data in the same tensor, not a new compile or graph."""
+        cfg = self.config
+        param_groups = [{"params": params, "name": name,
+                         "lr": torch.tensor(cfg.lr_at(name, 0), dtype=torch.float32, device=self.device)}
+                        for name, params in groups]
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(param_groups, lr=cfg.warmup_lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(param_groups, lr=cfg.warmup_lr, weight_decay=cfg.weight_decay, fused=True)
+
+    def _set_lr(self, epoch: int) -> dict[str, float]:
+        """Every group's lr of 0-based `epoch` (Dassl's schedule), written into its lr tensor."""
+        lr = {}
+        for group in self.optimizer.param_groups:
+            lr[group["name"]] = self.config.lr_at(group["name"], epoch)
+            group["lr"].fill_(lr[group["name"]])
+        return lr
 
     # --------------------------------------------------------------- run dir
     @property
@@ -186,7 +202,16 @@ class Trainer:
             )
         prompts = {k.removeprefix("prompts."): v for k, v in tensors.items() if k.startswith("prompts.")}
         self.model.load_prompt_state_dict(prompts)
+        # the state (momentum, Adam moments) from the checkpoint; the group settings (lr tensors,
+        # fused) stay this optimiser's: every one of them follows from the config, compared above
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(checkpoint.optimizer_from_parts(record["optimizer"], tensors))
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+            for p in group["params"]:  # fused AdamW keeps its step count on the parameter's device
+                state = self.optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         self.epoch = int(record["epoch"])
         self.metrics = list(record["metrics"])
         set_rng_state(checkpoint.rng_from_json(record["rng"]))
@@ -203,11 +228,17 @@ class Trainer:
             "config": self.config.to_dict(),
             "classnames": list(self.classnames),
             "epoch": self.epoch,
-            "optimizer": checkpoint.optimizer_to_parts(self.optimizer.state_dict(), tensors),
+            "optimizer": checkpoint.optimizer_to_parts(self._optimizer_state(), tensors),
             "rng": checkpoint.rng_to_json(rng_state()),
             "metrics": self.metrics,
         }
         return record, tensors
+
+    def _optimizer_state(self) -> dict:
+        """The optimiser's `state_dict()` with every lr as a number (JSON; read once per checkpoint)."""
+        state = self.optimizer.state_dict()
+        state["param_groups"] = [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]
+        return state
 
     def save_checkpoint(self) -> None:
         if self.is_main:
@@ -249,9 +280,7 @@ class Trainer:
 
     def train_epoch(self, progress=None, task=None) -> dict:
         cfg = self.config
-        lr = {}
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr[group["name"]] = cfg.lr_at(group["name"], self.epoch)
+        lr = self._set_lr(self.epoch)
         self.model.train()
         self.model.set_epoch(self.epoch)
         self.loader.set_epoch(self.epoch)
