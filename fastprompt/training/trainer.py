@@ -130,8 +130,9 @@ class Trainer:
             )
         # the (optionally compiled) training step: forward and, through AOTAutograd, backward;
         # static shapes: the loader drops the ragged last batch (or has one batch when the subset is smaller)
-        self.step_fn = compile_fn(self.step_module, config.compile_mode(self.device.type), device=self.device,
-                                  backend=config.compile_backend)
+        mode = config.compile_mode(self.device.type)
+        self.step_fn = compile_fn(self.step_module, mode, device=self.device, backend=config.compile_backend)
+        self.cuda_graphs = mode == "reduce-overhead" and self.device.type == "cuda"  # see training/compiled.py
         self.epoch = 0  # epochs completed
         self.metrics: list[dict] = []
         self._topk_table: Optional[torch.Tensor] = None
@@ -262,13 +263,14 @@ class Trainer:
         with self.autocast():
             for images, _, idx in loader:
                 table[idx] = self.model.zero_shot_topk(images).cpu()
+        table = table.to(self.device)  # (N, K_N): on the device, so a step's lookup is a device gather
         if self.distributed:  # each rank scored its shard; every entry is >= 0 on exactly the ranks that scored it
             dist.all_reduce(table, op=dist.ReduceOp.MAX)
         self._topk_table = table
 
     def _topk_for(self, indices: torch.Tensor) -> torch.Tensor:
         """The cached top-K [B, K_N] of a batch's training images (by .beton index)."""
-        return self._topk_table[indices].to(self.device, non_blocking=True)  # (B, K_N)
+        return self._topk_table[indices.to(self.device, non_blocking=True)]  # (B, K_N)
 
     def _batches(self):
         """This epoch's batches: the FFCV loader, or the feature cache's view of the epoch."""
@@ -289,6 +291,10 @@ class Trainer:
         for step, batch in enumerate(self._batches()):
             images, labels = batch[0], batch[1]  # (b, 3, S, S) or cached features (b, D), (b,)
             topk = self._topk_for(batch[2]) if self.cached_topk else None
+            # zero the last step's gradients before the graphs run again (CUDA graphs reuse their memory)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's outputs may be overwritten
             with self.autocast():
                 if self.feature_cache is not None:
                     loss, logits = self.step_fn(None, labels, features=images)
@@ -296,7 +302,6 @@ class Trainer:
                     loss, logits = self.step_fn(images, labels, topk)
             loss_value = loss.detach()  # 0-d, on the device: nothing here reads a value back to the host
             self._watch_loss(loss_value, step)
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             exit_after_step(self.epoch * len(self.loader) + step + 1)  # test hook: see training/hooks.py
