@@ -13,7 +13,11 @@ One run = one `--out` directory:
 
 Optimisation: one optimiser with a param group per trained `ParamGroup` of the method
 (`text`, `visual`, `cavpt`, `e2mim`), each on Dassl's schedule with its own peak lr and
-warm-up (`fastprompt.training.config.dassl_lr`), set at the start of every epoch.
+warm-up (`fastprompt.training.config.dassl_lr`), set at the start of every epoch into the
+group's lr tensor (fused SGD/AdamW read it on the device).
+
+No host synchronisation inside a step: the loss, accuracy and non-finite check accumulate on
+the device (`_running`) and are read once per epoch (see `training/compiled.py` for CUDA graphs).
 
 Exact resume: epoch e's data order and augmentation are functions of (seed, e) (see
 `fastprompt.data.loaders`), the learning rates are functions of e, and the RNG states are

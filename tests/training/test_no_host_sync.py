@@ -56,9 +56,10 @@ def counting_host_reads():
 
 
 def make_trainer(demo_beton, tmp_path, method, options, **overrides):
-    trainer = Trainer(TrainConfig(method=method, data=str(demo_beton), out=str(tmp_path / "run"), clip="fastprompt-tiny",
-                                  pretrained=None, epochs=2, warmup_epochs=0, lr=0.01, batch_size=BATCH, num_workers=1,
-                                  device="cpu", compile="off", options=options, **overrides))
+    settings = dict(clip="fastprompt-tiny", pretrained=None, epochs=2, warmup_epochs=0, lr=0.01, batch_size=BATCH,
+                    num_workers=1, device="cpu", compile="off")
+    trainer = Trainer(TrainConfig(method=method, data=str(demo_beton), out=str(tmp_path / "run"), options=options,
+                                  **{**settings, **overrides}))
     if trainer.cached_topk:  # CAVPT's cached top-K: any table will do for counting reads
         trainer._topk_table = torch.randint(0, len(trainer.classnames), (trainer.data.num_samples, trainer.model.k_n))
     return trainer
@@ -127,3 +128,30 @@ def test_first_non_finite_step_is_reported_at_epoch_end(demo_beton, tmp_path, mo
         reads_in_epoch(trainer, 6, monkeypatch)
     assert len(calls) == 6 and trainer.metrics == []
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
+def test_lr_is_a_device_tensor_changed_in_place_and_kept_by_resume(demo_beton, tmp_path, monkeypatch):
+    """The fused optimiser reads each group's lr from one 0-d tensor for the whole run (a new lr
+    is new data, not a new compiled graph); a resumed run keeps the tensors and the fused kernels."""
+    trainer = make_trainer(demo_beton, tmp_path, "vlp", {"n_prompts": 2, "n_ctx": 4}, warmup_epochs=1, epochs=3)
+    assert trainer.optimizer.defaults["fused"] is True
+    tensors = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    for epoch in range(2):
+        monkeypatch.setattr(trainer, "_batches", lambda: synthetic_batches(trainer, 2))
+        line = trainer.train_epoch()
+        trainer.epoch += 1
+        for group in trainer.optimizer.param_groups:
+            assert group["lr"] is tensors[group["name"]] and group["lr"].dtype == torch.float32
+            assert float(group["lr"]) == pytest.approx(trainer.config.lr_at(group["name"], epoch), rel=1e-6)
+            assert line["lr"][group["name"]] == trainer.config.lr_at(group["name"], epoch)
+    assert trainer.config.lr_at("text", 0) != trainer.config.lr_at("text", 1)  # the lr did change
+    trainer.save_checkpoint()
+    momentum = {n: trainer.optimizer.state[p]["momentum_buffer"].clone() for n, p in trainer.model.named_parameters()
+                if p.requires_grad}
+    resumed = make_trainer(demo_beton, tmp_path, "vlp", {"n_prompts": 2, "n_ctx": 4}, warmup_epochs=1, epochs=3)
+    assert resumed.epoch == 2
+    for group in resumed.optimizer.param_groups:
+        assert torch.is_tensor(group["lr"]) and group["fused"] is True
+    for name, p in resumed.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(resumed.optimizer.state[p]["momentum_buffer"], momentum[name]), name
