@@ -155,3 +155,24 @@ def test_lr_is_a_device_tensor_changed_in_place_and_kept_by_resume(demo_beton, t
     for name, p in resumed.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(resumed.optimizer.state[p]["momentum_buffer"], momentum[name]), name
+
+
+@pytest.mark.parametrize("method", ["coop", "e2mim"])
+def test_feature_cache_steps_read_nothing_either(method, demo_beton, tmp_path, monkeypatch):
+    """The cached-features step (`--feature-cache`): batches of frozen features [B, D] in place of images."""
+    trainer = make_trainer(demo_beton, tmp_path, method, {"n_ctx": 4})
+    monkeypatch.setattr(trainer, "feature_cache", object())  # any non-None: the loop takes the features path
+    dim = trainer.model.bundle.embed_dim
+
+    def feature_batches(steps):
+        g = torch.Generator().manual_seed(1)
+        return [(torch.randn(BATCH, dim, generator=g), torch.randint(0, len(trainer.classnames), (BATCH,), generator=g))
+                for _ in range(steps)]
+
+    counts = []
+    for steps in (2, 6):
+        monkeypatch.setattr(trainer, "_batches", lambda steps=steps: feature_batches(steps))
+        with counting_host_reads() as reads:
+            assert trainer.train_epoch()["images"] == steps * BATCH
+        counts.append(reads)
+    assert counts[0] == counts[1] and sum(counts[1].values()) <= 2, counts
