@@ -263,6 +263,9 @@ class Cavpt(PromptModel):
     def text_features(self) -> torch.Tensor:
         return self._text_sides()[1]
 
+    def prompt_context(self) -> dict:
+        return {"query_text": self._text_sides()[0]}
+
     def train(self, mode: bool = True):
         self._eval_query_text = None
         return super().train(mode)
