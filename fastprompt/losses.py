@@ -37,8 +37,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale, backend: str, valid: Optio
     if valid is None:
         target = torch.arange(a.shape[0], device=a.device)  # (B,)
         return cosine_ce(a, b, target, scale, backend)
-    logits = scale * (F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T)  # (B, B)
-    logits = logits.masked_fill(~valid[None, :], float("-inf"))  # (B, B): invalid rows are no negatives
-    picked = logits.log_softmax(dim=-1).diagonal()  # (B,): -inf on invalid rows
-    picked = torch.where(valid, picked, torch.zeros_like(picked))  # (B,)
-    return -picked.sum() / valid.sum().to(picked.dtype)
+    with torch.autocast(a.device.type, enabled=False):  # fp32 throughout, as the fused kernel computes
+        logits = scale * (F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T)  # (B, B)
+        logits = logits.masked_fill(~valid[None, :], float("-inf"))  # (B, B): invalid rows are no negatives
+        picked = logits.log_softmax(dim=-1).diagonal()  # (B,): -inf on invalid rows
+        picked = torch.where(valid, picked, torch.zeros_like(picked))  # (B,)
+        return -picked.sum() / valid.sum().to(picked.dtype)
