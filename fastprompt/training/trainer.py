@@ -286,7 +286,6 @@ class Trainer:
                                           batch_size=cfg.batch_size, rank=self.rank, world=self.world)
 
     def train_epoch(self, progress=None, task=None) -> dict:
-        cfg = self.config
         lr = self._set_lr(self.epoch)
         self.model.train()
         self.model.set_epoch(self.epoch)
