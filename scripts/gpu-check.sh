@@ -80,6 +80,8 @@ if [ "$MODE" = gpu ]; then
     done
     step micro 80 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_prefix_attention.py benchmarks/bench_cosine_ce.py \
         --benchmark-only --benchmark-json="$OUT/micro.json" -k "bf16 and fwd_bwd and not large and not sdpa-math and not compiled"
+    # --compile reduce-overhead: each method's step as CUDA graphs, none skipped, equal to eager (issue 15 §3)
+    step tests-cuda-graphs 150 "$PY" -m pytest -v -p no:cacheprovider tests/training/test_cuda_graphs.py
     step tests-fp32 60 "$PY" -m pytest -v -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_aot.py -k "gpu and float32"
 else
     step tests 300 "$PY" -m pytest -v -p no:cacheprovider tests/methods/test_bf16_parity.py tests/kernels/test_compile.py \

@@ -345,11 +345,16 @@ class Cavpt(PromptModel):
         """Paper: auxiliary K-way cosine cross-entropy on the LayerNorm outputs [B, K_N, d]."""
         d = normed.shape[-1]
         if self.config.aux_target == "gt-only":
+            # the mean over the ground-truth rows as a masked mean (no data-dependent shape or branch):
+            # one-hot targets on those rows, all-zero targets elsewhere (their CE is exactly 0, and so
+            # is their gradient), the mean over all B·K_N rows rescaled to the count of ground-truth
+            # rows; no ground truth in any top-K gives exactly 0 and zero gradients
             rows = topk == labels[:, None]  # (B, K_N): outputs of the ground-truth class
-            if not bool(rows.any()):  # CPU-GPU sync; no ground truth among any top-K: no term
-                return normed.sum() * 0.0
-            return cosine_ce(normed[rows], layer.classifier, labels[:, None].expand_as(topk)[rows],
-                             self.logit_scale(), self.backend)
+            onehot = F.one_hot(labels, self.num_classes).float()  # (B, K)
+            targets = onehot[:, None, :] * rows[..., None]  # (B, K_N, K)
+            mean = cosine_ce(normed.reshape(-1, d), layer.classifier, targets.reshape(-1, self.num_classes),
+                             self.logit_scale(), self.backend)  # over B·K_N rows
+            return mean * (rows.numel() / rows.sum().clamp_min(1).to(mean.dtype))
         targets = aux_targets(topk, labels, self.num_classes)  # (B, K_N, K)
         return cosine_ce(normed.reshape(-1, d), layer.classifier, targets.reshape(-1, self.num_classes),
                          self.logit_scale(), self.backend)
