@@ -154,7 +154,7 @@ def expand(config: SweepConfig) -> list[Cell]:
 
 def plan(cells: list[Cell]) -> list[PlannedCell]:
     """What each cell's folder asks for; FastpromptError naming the cell if one holds another run."""
-    from fastprompt.training.identity import first_difference
+    from fastprompt.training.identity import first_difference, planned as resolved
 
     planned = []
     for cell in cells:
@@ -166,7 +166,7 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
             saved = json.loads(config_path.read_text())
         except (OSError, ValueError) as err:
             raise FastpromptError(f"cell {cell.name}: {config_path} is unreadable ({err}); delete the cell's folder to rerun it") from None
-        diff = first_difference(cell.config.to_dict(), saved)
+        diff = first_difference(resolved(cell.config).to_dict(), saved)  # resolved as the trainer resolves it
         if diff is not None:
             key, mine, theirs = diff
             raise FastpromptError(

@@ -150,7 +150,8 @@ def test_a_cell_another_process_is_running_is_not_run_again(demo_beton, tmp_path
     import fcntl
 
     from fastprompt.sweep import expand
-    from fastprompt.sweep.worker import LOCK_FILE, run_cell
+    from fastprompt.sweep.worker import run_cell
+    from fastprompt.training.rundir import LOCK_FILE
 
     config = SweepConfig(methods=["coop"], data=[str(demo_beton)], seeds=[1], shots=[2], out=str(tmp_path / "s"),
                          train=TRAIN, options={"n_ctx": 4})
@@ -159,7 +160,7 @@ def test_a_cell_another_process_is_running_is_not_run_again(demo_beton, tmp_path
     with open(cell.dir / LOCK_FILE, "a") as held:  # as a worker of another sweep on the same folder holds it
         fcntl.flock(held, fcntl.LOCK_EX)
         record = run_cell(cell.payload())
-    assert record["status"] == "failed" and "another process is running this cell" in record["error"]
+    assert record["status"] == "failed" and "another process is running in" in record["error"]
     assert sorted(p.name for p in cell.dir.iterdir()) == [LOCK_FILE]  # nothing trained, nothing written
 
 
