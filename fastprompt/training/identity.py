@@ -61,7 +61,7 @@ def identity_hash(resolved: dict) -> str:
 def identity(resolved: dict) -> dict:
     """The result-identifying part of a resolved config dict (a copy). Method options count
     as resolved values: an option left at its default equals the default written out."""
-    ident = {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS}
+    ident = {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS and k not in DERIVED_FIELDS}
     if isinstance(ident.get("options"), dict):
         ident["options"] = _resolved_options(ident.get("method"), ident["options"])
     return ident
