@@ -86,14 +86,16 @@ def check_same_run(out: Path, expected: dict, saved: dict, both: bool = False) -
 def clear(out: Path) -> None:
     """Remove every file an earlier run left in `out` (not the lock, not foreign files)."""
     out = Path(out)
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for pattern in RUN_GLOBS:
-        for path in out.glob(pattern):
-            path.unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+    paths = [out / name for name in RUN_FILES] + [p for pattern in RUN_GLOBS for p in out.glob(pattern)]
+    for path in paths + [out / name for name in RUN_FOLDERS]:
+        try:
+            if path.is_dir() and path.name in RUN_FOLDERS:
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as err:
+            raise FastpromptError(f"cannot remove {path}, left by an earlier run ({err.strerror}); remove it by hand, "
+                                  "or use another --out") from None
 
 
 def clean_temporaries(out: Path) -> None:

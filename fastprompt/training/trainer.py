@@ -106,11 +106,24 @@ class Trainer:
         self.autocast = autocast_for(config.precision, self.device)
         self.out = Path(config.out)
 
-        # everything that can fail on bad input happens before anything is written
+        # everything that can fail on bad input happens before anything is written (the lock file and a folder
+        # it made are removed again on failure)
         self.data = open_dataset(config.data)
         self.classnames = self.data.classnames_for(config.classes)
         plan = planned(config, self.data)  # template, absolute paths, every group's recipe: what config.json records
         self.identity_hash = identity_hash(plan.to_dict())
+        self.lock = rundir.RunLock(self.out)  # taken first: a second process stops before loading anything
+        if self.is_main:
+            self.lock.acquire()
+        try:
+            self._build(config, plan)
+            self._prepare_out()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, config: TrainConfig, plan: TrainConfig) -> None:
+        """The model, optimiser and loaders (after the run directory's lock is held)."""
         self.template = plan.template
         seed_everything(config.seed)  # random CLIP weights (--pretrained none) and prompt init follow the seed
         self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=plan.pretrained,
@@ -155,12 +168,6 @@ class Trainer:
         self.feature_cache: Optional[FeatureCache] = None
         self.train_subset = self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes)
         self.guard = NonFiniteGuard(config.nan_policy, self.device, self.distributed)
-        self.lock = rundir.RunLock(self.out)
-        try:
-            self._prepare_out()
-        except BaseException:
-            self.lock.release()
-            raise
 
     # --------------------------------------------------------------- run dir
     @property
@@ -176,7 +183,6 @@ class Trainer:
         """Take the run directory (lock), check it holds this run or none, and resume or start.
         Everything is checked before the first file is written or removed."""
         if self.is_main:
-            self.lock.acquire()
             rundir.clean_temporaries(self.out)
             if self.mode == "restart":
                 rundir.clear(self.out)
