@@ -116,7 +116,7 @@ def test_a_directory_is_taken_whole(demo_beton, tmp_path):
     # a garbage config.json beside a checkpoint of this run: rebuilt from it, and eval works again
     (out / "config.json").write_text("{garbage")
     (out / "results.json").unlink()
-    _train(demo_beton, out)
+    _train(demo_beton, out, "--resume")
     assert json.loads((out / "config.json").read_text())["method"] == "coop"
     (out / "config.json").write_text("[1]")
     result = runner.invoke(app, ["eval", str(out), "--data", str(demo_beton)])
