@@ -23,7 +23,8 @@ from fastprompt.errors import FastpromptError
 
 app = typer.Typer(
     name="fastprompt",
-    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM.",
+    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM. "
+         "What each method computes, every default and its source, and the named protocols: docs/methods.md.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -127,6 +128,23 @@ def methods_cmd() -> None:
         typer.echo(name)
 
 
+@command(app, "protocols")
+@user_errors
+def protocols_cmd(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Protocols to show (default: all).")] = None,
+) -> None:
+    """Print each named protocol (`train --protocol NAME`): every setting, its value and its source."""
+    from rich.console import Console
+
+    from fastprompt.training.protocols import protocol_tables
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # piped or redirected: keep each setting on few lines
+    for table in protocol_tables(names):
+        console.print(table)
+
+
 # ----------------------------------------------------------------------------------------
 # prepare: datasets -> .beton (data layer, fastprompt/data)
 # ----------------------------------------------------------------------------------------
@@ -146,17 +164,21 @@ def prepare_imagefolder_cmd(
     split_json: Annotated[Optional[str], typer.Option("--split-json", help="CoOp split file split_zhou_<Name>.json ([relative_path, label, classname] lists).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Dataset name (default: from the split file's name, else ROOT's folder name); known CoOp datasets get their template and class names.")] = None,
     classnames: Annotated[Optional[str], typer.Option("--classnames", help="Text file of 'folder classname' lines (e.g. ImageNet's wnids).")] = None,
-    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest image side stored, px.")] = 256,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored images (1-100).")] = 90,
+    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest side of a stored training image, px.")] = 1024,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored training images (1-100).")] = 90,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out (and report how many) instead of failing.")] = False,
+    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
+    eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
+    eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
 ) -> None:
     """Write a folder of images (with a CoOp split file, split folders, or a stratified split) as a .beton."""
     from fastprompt.data import write_imagefolder
 
     summary = write_imagefolder(
         root, out, split_json=split_json, name=name, classnames_file=classnames, max_resolution=max_resolution,
-        jpeg_quality=jpeg_quality, workers=workers, skip_bad=skip_bad,
+        jpeg_quality=jpeg_quality, workers=workers, skip_bad=skip_bad, train_short_side=train_short_side,
+        eval_size=eval_size, eval_format=eval_format,
     )
     typer.echo(summary.line())
 
@@ -168,10 +190,13 @@ def prepare_coop_cmd(
     root: Annotated[Optional[str], typer.Argument(help="$DATA (the folder holding CoOp's dataset folders) or the dataset's own folder.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Output NAME.beton (default: ./<name>.beton); the sidecar NAME.json goes beside it.")] = None,
     list_datasets: Annotated[bool, typer.Option("--list", help="Print the datasets: names, class counts and the layout expected under ROOT.")] = False,
-    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest image side stored, px.")] = 256,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored images (1-100).")] = 90,
+    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest side of a stored training image, px.")] = 1024,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored training images (1-100).")] = 90,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out (and report how many) instead of failing.")] = False,
+    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
+    eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
+    eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
 ) -> None:
     """Write one of CoOp's datasets (11 + 4 ImageNet variants), laid out as CoOp's DATASETS.md says, as a .beton."""
     from fastprompt.data.coop import coop_table_lines, write_coop
@@ -182,7 +207,8 @@ def prepare_coop_cmd(
     if name is None or root is None:
         raise FastpromptError("give NAME and ROOT, e.g. `fastprompt prepare coop eurosat $DATA`; --list prints the names")
     summary = write_coop(name, root, out, max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers,
-                         skip_bad=skip_bad)
+                         skip_bad=skip_bad, train_short_side=train_short_side, eval_size=eval_size,
+                         eval_format=eval_format)
     typer.echo(summary.line())
 
 
@@ -206,7 +232,7 @@ def prepare_demo_cmd(
 @user_errors
 def prepare_demo_clip_cmd(
     out: Annotated[str, typer.Option("--out", help="Output checkpoint NAME.pt; use it as --clip fastprompt-tiny --pretrained NAME.pt.")] = "demo-clip.pt",
-    steps: Annotated[int, typer.Option("--steps", help="Contrastive training steps (about 0.13 s each on 2 CPU cores).")] = 600,
+    steps: Annotated[int, typer.Option("--steps", help="Contrastive training steps (about 0.06-0.13 s each on 2 CPU cores).")] = 300,
     seed: Annotated[int, typer.Option("--seed", help="Weights, images and sampling are functions of the seed.")] = 0,
 ) -> None:
     """Pretrain fastprompt-tiny on synthetic colour-shape captions (never the demo's classes): a small CLIP that knows something."""
@@ -265,7 +291,8 @@ class TrainCommand(Command):
         return flags
 
 
-@app.command("train", cls=TrainCommand)
+@app.command("train", cls=TrainCommand, epilog="Each method's equations, every option's default and its source (paper or "
+             "published code), the parameter groups and the protocols: docs/methods.md in the repository.")
 @user_errors
 def train_cmd(
     ctx: typer.Context,
@@ -299,6 +326,7 @@ def train_cmd(
     force_eval: Annotated[bool, typer.Option("--force-eval", help="Evaluate a finished run in --out again (default: print where its results are).")] = False,
     nan_policy: Annotated[str, typer.Option("--nan-policy", help="Non-finite loss: stop (exit 2 naming epoch and step) | skip (skip the step, count it in metrics).")] = "stop",
     trust_pickle: TrustPickle = False,
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (coop, cocoop-b2n, cavpt, cavpt-paper; `fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used; flags given explicitly win.")] = None,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
     from pathlib import Path
@@ -312,15 +340,23 @@ def train_cmd(
     group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
     if resume and restart:
         raise FastpromptError("--resume and --restart contradict each other; pass one")
-    config = TrainConfig(
-        method=method, data=data, clip=clip, pretrained=pretrained, template=template,
+    settings = dict(
+        method=method, data=data, out=out or "", clip=clip, pretrained=pretrained, template=template,
         shots=shots or None, seed=seed, classes=classes, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
         warmup_epochs=warmup_epochs, group_lr=group_lr, group_warmup_epochs=group_warmup, warmup_lr=warmup_lr,
         momentum=momentum, weight_decay=weight_decay,
         device=device, precision=precision, backend=backend, compile=compile, num_workers=workers,
         checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options, nan_policy=nan_policy,
-        trust_pickle=trust_pickle, out=out or "",
+        trust_pickle=trust_pickle,
     )
+    if protocol is None:
+        config = TrainConfig(**settings)
+    else:  # the protocol fills what the command line left at its default; the generated flags hold only given values
+        from click.core import ParameterSource
+
+        given = {k: v for k, v in settings.items() if k in ("out", "options", "group_lr", "group_warmup_epochs")
+                 or ctx.get_parameter_source("workers" if k == "num_workers" else k) not in (None, ParameterSource.DEFAULT)}
+        config = TrainConfig.from_protocol(protocol, **given)
     if out is None:
         config.out = default_run_dir(config)
     logger = None
@@ -480,6 +516,7 @@ def sweep_cmd(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Loader threads per cell (default: its share of the cores).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="As in `fastprompt train`; shared by every cell.")] = None,
     feature_cache: Annotated[Optional[int], typer.Option("--feature-cache", help="As in `fastprompt train`; shared by every cell.")] = None,
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="As in `fastprompt train` (`fastprompt protocols`); the flags given here win.")] = None,
 ) -> None:
     """Run a grid of datasets x methods x shots x seeds, one run folder per cell; resumable."""
     from fastprompt.sweep import SweepConfig, prepare, run_sweep
@@ -488,7 +525,7 @@ def sweep_cmd(
     given = locals()
     train_fields = ("clip", "pretrained", "template", "classes", "epochs", "batch_size", "optimizer", "lr",
                     "warmup_epochs", "warmup_lr", "momentum", "weight_decay", "device", "precision", "backend",
-                    "compile", "checkpoint_every", "feature_cache")
+                    "compile", "checkpoint_every", "feature_cache", "protocol")
     shared = {k: given[k] for k in train_fields if given[k] is not None}
     if workers is not None:
         shared["num_workers"] = workers
@@ -534,7 +571,8 @@ def report_cmd(
     typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare), nl=False)
 
 
-plot_app = typer.Typer(help="Figures (PNG, matplotlib).", no_args_is_help=True)
+plot_app = typer.Typer(help="Figures of a finished run or a sweep (PNG, or PDF with --format pdf), written to RUN/figures by default.",
+                       no_args_is_help=True)
 app.add_typer(plot_app, name="plot")
 
 
@@ -549,6 +587,81 @@ def plot_shots_cmd(
 
     for path in plot_shots(sweep, out):
         typer.echo(str(path))
+
+
+# ----------------------------------------------------------------------------------------
+# plot / interpret / compare: figures and readings of finished runs (fastprompt/viz)
+# ----------------------------------------------------------------------------------------
+
+
+Run = Annotated[str, typer.Argument(help="The --out directory of a finished `fastprompt train`.")]
+FigureOut = Annotated[Optional[str], typer.Option("--out", help="Folder for the figure (default RUN/figures).")]
+FigureFormat = Annotated[str, typer.Option("--format", help="png | pdf.")]
+PlotDevice = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
+
+
+@plot_app.command("attention")
+@user_errors
+def plot_attention_cmd(run: Run, images: Annotated[int, typer.Option("--images", help="Test images (rows), spread over the classes.")] = 8,
+                       out: FigureOut = None, fmt: FigureFormat = "png", device: PlotDevice = "cpu",
+                       workers: Workers = None) -> None:
+    """Last-layer class-token attention over patches: zero-shot CLIP vs the run, with both predictions."""
+    from fastprompt.viz.attention import plot_attention
+
+    typer.echo(plot_attention(run, images=images, out=out, fmt=fmt, device=device, num_workers=workers))
+
+
+@plot_app.command("tsne")
+@user_errors
+def plot_tsne_cmd(run: Run, max_images: Annotated[int, typer.Option("--max-images", help="Test images embedded, spread over the classes.")] = 1000,
+                  out: FigureOut = None, fmt: FigureFormat = "png", device: PlotDevice = "cpu",
+                  workers: Workers = None) -> None:
+    """t-SNE of test image features, zero-shot CLIP vs the run, coloured by class."""
+    from fastprompt.viz.tsne import plot_tsne
+
+    typer.echo(plot_tsne(run, max_images=max_images, out=out, fmt=fmt, device=device, num_workers=workers))
+
+
+@plot_app.command("curves")
+@user_errors
+def plot_curves_cmd(run_or_sweep: Annotated[str, typer.Argument(help="A run directory, or a folder of runs (a sweep).")],
+                    out: Annotated[Optional[str], typer.Option("--out", help="Folder for the figure (default RUN_OR_SWEEP/figures).")] = None,
+                    fmt: FigureFormat = "png") -> None:
+    """Training curves from metrics.jsonl: loss, accuracy, learning rate per parameter group."""
+    from fastprompt.viz.curves import plot_curves
+
+    typer.echo(plot_curves(run_or_sweep, out=out, fmt=fmt))
+
+
+@app.command("interpret")
+@user_errors
+def interpret_cmd(run: Run, topk: Annotated[int, typer.Option("--topk", help="Nearest tokens per context vector.")] = 5) -> None:
+    """CoOp's reading of learned context vectors: the nearest tokens of the embedding table, with distances."""
+    from rich.console import Console
+
+    from fastprompt.viz.interpret import interpret_run, words_table
+
+    Console().print(words_table(interpret_run(run, topk=topk), title=f"nearest tokens of {run}'s context vectors"))
+
+
+@app.command("compare")
+@user_errors
+def compare_cmd(runs: Annotated[list[str], typer.Argument(help="Run directories of finished `fastprompt train` runs.")],
+                device: PlotDevice = "cpu", workers: Workers = None,
+                json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows (a JSON list) to this file.")] = None) -> None:
+    """Zero-shot vs trained test accuracy per run: method, zero-shot %, trained %, gain, train time, images/s."""
+    from rich.console import Console
+
+    from fastprompt.files import write_json
+    from fastprompt.viz.compare import compare_runs, comparison_table
+
+    rows = compare_runs(runs, device=device, num_workers=workers)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 100)
+    console.print(comparison_table(rows))
+    if json_out:
+        write_json(json_out, [r.to_dict() for r in rows])
 
 
 def main() -> None:

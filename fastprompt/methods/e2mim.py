@@ -1,6 +1,6 @@
 """E2MIM: MI-based ensemble and exploration (Zhang, "Generalizable Prompt Tuning for VLMs").
 
-Only the abstract and figure 1 are public; this is SPEC.md's reading of them:
+Only the abstract and figure 1 are public; this is our reading of them (docs/methods.md):
 - two textual views of every class: soft features W_s (CoOp context through the text
   tower) and hand-crafted features W_h (cached template features, frozen);
 - class-wise visual mixup: each image is paired with one of another class (a permutation
@@ -12,14 +12,14 @@ Only the abstract and figure 1 are public; this is SPEC.md's reading of them:
   1/0.07); I_NCE = log M - L_NCE is the lower bound being maximised. The prediction a head
   reads is `mi_input`: "probs" (default) softmax(τ cos(x, W)), the views' prediction
   probabilities, which is what the paper's figure 1 draws ("augmented dual views of the
-  prediction probability"; SPEC.md: a default follows the paper where it speaks); "logits"
-  the logits τ cos(x, W) themselves (SPEC.md's earlier reading, kept as the option);
+  prediction probability"; a default follows the paper where it speaks); "logits"
+  the logits τ cos(x, W) themselves (our earlier reading, kept as the option);
 - loss: CE(τ cos(x, W_s), y) over original and mixed samples + mi_weight · L_NCE;
 - inference: `soft` (W_s only) or `ensemble` (mean of both views' probabilities, returned
   as log-probabilities so that argmax and softmax behave as for logits).
 
 Options (default; source): `mixup` (True), `mixup_alpha` α (1.0), `mi_weight` λ_mi (1.0),
-`infer` ("ensemble"), `mi_dim` e (128), `mi_input` ("probs": figure 1); all SPEC.md's
+`infer` ("ensemble"), `mi_dim` e (128), `mi_input` ("probs": figure 1); all our
 reading, the paper's code being unpublished; CoOp's `n_ctx` / `csc` / `ctx_init` for W_s.
 """
 

@@ -1,6 +1,6 @@
 """The frozen CLIP ViT with visual prompts: VPT-shallow, VPT-deep and per-sample prompts.
 
-Token order inside every layer is `[cls, prompt slots, patches]` (seed paper eqs. 4-6).
+Token order inside every layer is `[cls, prompt slots, patches]` (the CAVPT paper's eqs. 4-6).
 Prompts enter *after* the patch embedding, positional embedding and `ln_pre`: they are
 tokens of the residual stream, not of the input image.
 
@@ -95,22 +95,72 @@ def encode(
                 x = prefix_block(block, x, shared, tokens_extra)  # (B, N, d)
         return head(visual, x)
 
-    batch = x.shape[0]
-    n_slots = 0
-    if shallow is not None:
-        x = torch.cat([x[:, :1], shallow.to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
+    x, n_slots = _insert_shallow(x, shallow)  # (B, 1+P+Np, d)
     for layer, block in enumerate(blocks):
         if deep is not None:
-            cls, patches = x[:, :1], x[:, 1 + n_slots :]  # (B, 1, d), (B, Np, d)
-            slots = [deep[layer].to(x.dtype).expand(batch, -1, -1)] if layer < n_deep else []  # [(B, P, d)]
-            if extra is not None:
-                tokens_extra = extra(layer, torch.cat([cls, patches], dim=1))
-                if tokens_extra is not None:
-                    slots.append(tokens_extra)  # (B, Kn, d)
-            x = torch.cat([cls, *slots, patches], dim=1)  # (B, 1+P+Kn+Np, d)
-            n_slots = x.shape[1] - cls.shape[1] - patches.shape[1]
+            x, n_slots = _replace_slots(x, n_slots, layer, deep, extra)  # (B, 1+P+Kn+Np, d)
         x = block(x)
     return head(visual, x)
+
+
+def _insert_shallow(x: torch.Tensor, shallow: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Reference path: shallow prompts [P, d] between the class token and the patches of x [B, N, d]."""
+    if shallow is None:
+        return x, 0
+    batch = x.shape[0]
+    x = torch.cat([x[:, :1], shallow.to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
+    return x, shallow.shape[0]
+
+
+def _replace_slots(x: torch.Tensor, n_slots: int, layer: int, deep: torch.Tensor,
+                   extra: Optional[ExtraPrompts]) -> tuple[torch.Tensor, int]:
+    """Reference path: the input of deep layer `layer`, [cls, P_layer, per-sample prompts, patches],
+    from x = [cls, n_slots old slots, patches] [B, *, d]; returns it and its slot count."""
+    batch = x.shape[0]
+    cls, patches = x[:, :1], x[:, 1 + n_slots :]  # (B, 1, d), (B, Np, d)
+    slots = [deep[layer].to(x.dtype).expand(batch, -1, -1)] if layer < deep.shape[0] else []  # [(B, P, d)]: deep prompts in the first layers
+    if extra is not None:
+        tokens_extra = extra(layer, torch.cat([cls, patches], dim=1))
+        if tokens_extra is not None:
+            slots.append(tokens_extra)  # (B, Kn, d)
+    x = torch.cat([cls, *slots, patches], dim=1)  # (B, 1+P+Kn+Np, d)
+    return x, x.shape[1] - cls.shape[1] - patches.shape[1]
+
+
+@torch.no_grad()
+def class_attention(
+    visual: VisionTransformer,
+    images: torch.Tensor,
+    *,
+    shallow: Optional[torch.Tensor] = None,
+    deep: Optional[torch.Tensor] = None,
+    extra: Optional[ExtraPrompts] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image features [B, D], last-layer class-token attention over patches [B, Np]).
+
+    Runs the reference path (the same function as `encode`, for figures, not training). The
+    attention is the last block's softmax(q kᵀ / sqrt(hd)) row of the class token, averaged
+    over heads (what nn.MultiheadAttention returns with average_attn_weights=True), kept on
+    the patch columns and renormalised to sum to one: prompt slots are not image regions,
+    and the share of attention they take differs between models. Patches in raster order.
+    """
+    if shallow is not None and (deep is not None or extra is not None):
+        raise ValueError("shallow prompts cannot be combined with deep or per-sample prompts")
+    if extra is not None and deep is None:
+        raise ValueError("per-sample prompts need deep prompts (their slots are replaced every layer)")
+    blocks = visual.transformer.resblocks
+    x = embed(visual, images)  # (B, N, d)
+    x, n_slots = _insert_shallow(x, shallow)  # (B, 1+P+Np, d)
+    weights = None
+    for layer, block in enumerate(blocks):
+        if deep is not None:
+            x, n_slots = _replace_slots(x, n_slots, layer, deep, extra)  # (B, 1+S+Np, d)
+        if layer == len(blocks) - 1:
+            y = block.ln_1(x)  # (B, T, d)
+            _, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=True)  # (B, T, T)
+        x = block(x)  # (B, T, d)
+    row = weights[:, 0, 1 + n_slots :]  # (B, Np): class-token query, patch keys
+    return head(visual, x), row / row.sum(-1, keepdim=True)  # (B, D), (B, Np)
 
 
 def prefix_block(

@@ -129,6 +129,7 @@ class Trainer:
         self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=plan.pretrained,
                                   template=self.template, backend=config.backend, device=self.device,
                                   trust_pickle=config.trust_pickle, **config.options)
+        self.data.check_image_size(self.model.bundle.image_size)  # val/test are stored at one size (prepare --eval-size)
         groups = self.model.param_groups()
         self.config = config = plan.resolve(self.data.name, [g for g, _ in groups], self.model.resolved_options())
         log.info("parameter groups: %s; %d epochs", ", ".join(

@@ -36,7 +36,7 @@ def test_the_identity_fields_are_listed_once():
     field must be sorted into one of them here."""
     result_fields = {"method", "data", "clip", "pretrained", "template", "shots", "seed", "classes", "epochs",
                      "batch_size", "optimizer", "lr", "warmup_epochs", "group_lr", "group_warmup_epochs", "warmup_lr",
-                     "momentum", "weight_decay", "precision", "feature_cache", "options"}
+                     "momentum", "weight_decay", "precision", "feature_cache", "options", "protocol"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert fields - EXECUTION_FIELDS == result_fields
     config = dict.fromkeys(fields, 1) | {"method": "nope", "options": {}}

@@ -1,0 +1,90 @@
+"""`fastprompt plot curves`: training curves of a run, or of every run of a sweep, from `metrics.jsonl`.
+
+Three panels against the epoch: the training loss, every `*accuracy*` key (training
+accuracy, and validation accuracy where a line has it), and every `lr*` key (one learning
+rate per parameter group where the trainer logs them, e.g. `lr` or `lr/text`). A sweep is
+a folder whose sub-folders hold runs: each run is one line per key, labelled by its folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from fastprompt.errors import FastpromptError
+from fastprompt.viz.figures import check_format, figures_dir, pyplot, save_figure
+
+FIGSIZE = (13.5, 3.8)  # inches: 1350 x 380 px at figures.DPI
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The epoch lines of a metrics.jsonl (FastpromptError naming the line if one is not JSON)."""
+    lines = []
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            lines.append(_flat(json.loads(text)))
+        except json.JSONDecodeError:
+            raise FastpromptError(f"{path} line {number} is not JSON; the run's log is damaged (retrain, or delete the line)") from None
+    return lines
+
+
+def _flat(line: dict) -> dict:
+    """A metrics line with nested values spelled out: {"lr": {"text": x}} -> {"lr/text": x}."""
+    flat = {}
+    for key, value in line.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def find_runs(run_or_sweep: str) -> dict[str, list[dict]]:
+    """{label: epoch lines} of the run at `run_or_sweep`, or of every run below it (a sweep)."""
+    root = Path(run_or_sweep)
+    if not root.is_dir():
+        raise FastpromptError(f"{root} is not a directory; pass a run's --out or a folder of runs")
+    if (root / "metrics.jsonl").is_file():
+        files = {root.name: root / "metrics.jsonl"}
+    else:
+        files = {str(p.parent.relative_to(root)): p for p in sorted(root.rglob("metrics.jsonl"))}
+    runs = {label: read_metrics(path) for label, path in files.items()}
+    runs = {label: lines for label, lines in runs.items() if lines}
+    if not runs:
+        raise FastpromptError(f"{root} holds no metrics.jsonl with a finished epoch; train a run into it first")
+    return runs
+
+
+def draw_curves(runs: dict[str, list[dict]]):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=FIGSIZE)
+    panels = (("loss", lambda k: k == "loss"), ("accuracy (%)", lambda k: "accuracy" in k),
+              ("learning rate", lambda k: k.startswith("lr")))
+    single = len(runs) == 1
+    for ax, (title, wanted) in zip(axes, panels):
+        for label, lines in runs.items():
+            keys = sorted({k for line in lines for k in line if wanted(k)})
+            for key in keys:
+                points = [(line["epoch"], line[key]) for line in lines if key in line and "epoch" in line]
+                if points:
+                    xs, ys = zip(*points)
+                    name = key if single else f"{label}: {key}"
+                    ax.plot(xs, ys, marker="o", markersize=2.5, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ax.lines and (not single or len(ax.lines) > 1 or title != "loss"):
+            ax.legend(fontsize=6, frameon=False)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.15, top=0.9, wspace=0.25)
+    return fig
+
+
+def plot_curves(run_or_sweep: str, *, out: Optional[str] = None, fmt: str = "png") -> Path:
+    """Write the training-curve figure of a run or a sweep; returns its path."""
+    check_format(fmt)
+    runs = find_runs(run_or_sweep)
+    stem = "curves-loss-accuracy-lr" if len(runs) == 1 else f"curves-loss-accuracy-lr-{len(runs)}-runs"
+    return save_figure(draw_curves(runs), figures_dir(Path(run_or_sweep), out), stem, fmt)

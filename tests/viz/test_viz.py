@@ -1,0 +1,162 @@
+"""`fastprompt plot attention | tsne | curves`, `interpret` and `compare` on tiny finished runs."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastprompt.cli import app
+from fastprompt.viz.attention import PANEL_INCHES, attention_maps, draw_attention
+from fastprompt.viz.curves import FIGSIZE as CURVES_SIZE
+from fastprompt.viz.figures import DPI
+from fastprompt.viz.interpret import nearest_words
+from fastprompt.viz.runs import load_run
+from fastprompt.viz.tsne import FIGSIZE as TSNE_SIZE
+
+runner = CliRunner()
+PANEL_PX = int(PANEL_INCHES * DPI)
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's signature and IHDR chunk; fails on anything else."""
+    head = open(path, "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", head
+    return struct.unpack(">II", head[16:24])
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+# ------------------------------------------------------------------ attention
+def test_attention_maps_sum_to_one_and_text_only_equals_zero_shot(runs):
+    for method in ("cavpt", "vpt-shallow", "coop"):
+        run = load_run(str(runs[method]))
+        maps = attention_maps(run, 4, num_workers=1)
+        assert maps.zero_shot.shape == maps.trained.shape == (4, 4, 4)  # 64 px / 16 px patches
+        np.testing.assert_allclose(maps.zero_shot.sum((1, 2)), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(maps.trained.sum((1, 2)), 1.0, rtol=1e-5)
+        assert len(set(maps.labels.tolist())) == 4  # spread over the classes
+        if method == "coop":
+            np.testing.assert_array_equal(maps.trained, maps.zero_shot)
+            fig = draw_attention(maps, list(run.model.classnames), "coop", run.changes_image_tower)
+            assert "coop leaves the image tower unchanged" in fig._suptitle.get_text()
+            assert len(fig.axes) == 4 * 2  # image | the one attention map
+        else:
+            assert not np.allclose(maps.trained, maps.zero_shot)  # the prompts change where the class token looks
+
+
+@pytest.mark.parametrize("method, cols", [("cavpt", 3), ("coop", 2)])
+def test_plot_attention_writes_a_png_of_the_panel_grid(runs, method, cols, tmp_path):
+    out = invoke("plot", "attention", runs[method], "--images", 3, "--workers", 1, "--out", tmp_path)
+    path = tmp_path / f"attention-zeroshot-vs-{method}-3-test-images.png"
+    assert out.strip() == str(path)
+    assert png_size(path) == (cols * PANEL_PX, 3 * PANEL_PX)
+
+
+def test_plot_pdf_and_bad_format(runs, tmp_path):
+    invoke("plot", "curves", runs["coop"], "--format", "pdf", "--out", tmp_path / "pdf")
+    assert (tmp_path / "pdf" / "curves-loss-accuracy-lr.pdf").read_bytes()[:5] == b"%PDF-"
+    result = runner.invoke(app, ["plot", "attention", str(runs["coop"]), "--format", "svg", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--format 'svg'" in result.output
+    assert not (tmp_path / "x").exists()
+    result = runner.invoke(app, ["plot", "tsne", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "not a finished run" in result.output
+
+
+# ------------------------------------------------------------------ t-SNE, curves
+def test_plot_tsne(runs, tmp_path):
+    invoke("plot", "tsne", runs["cavpt"], "--workers", 1, "--out", tmp_path)
+    path = tmp_path / "tsne-test-features-zeroshot-vs-cavpt.png"
+    assert png_size(path) == (int(TSNE_SIZE[0] * DPI), int(TSNE_SIZE[1] * DPI))
+
+
+def test_plot_curves_of_a_run_and_a_sweep_with_lr_per_group(runs, tmp_path):
+    from fastprompt.viz.curves import draw_curves, find_runs
+
+    invoke("plot", "curves", runs["cavpt"])
+    size = (int(CURVES_SIZE[0] * DPI), int(CURVES_SIZE[1] * DPI))
+    assert png_size(runs["cavpt"] / "figures" / "curves-loss-accuracy-lr.png") == size
+    sweep = runs["cavpt"].parent  # the folder of all three runs
+    invoke("plot", "curves", sweep, "--out", tmp_path)
+    assert png_size(tmp_path / "curves-loss-accuracy-lr-3-runs.png") == size
+
+    # lr per parameter group: every lr* key of a line is drawn
+    run = tmp_path / "groups"
+    run.mkdir()
+    lines = [{"epoch": e, "loss": 2.0 / e, "train_accuracy": 10.0 * e, "lr/text": 0.01 / e, "lr/visual": 0.1 / e}
+             for e in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    fig = draw_curves(find_runs(str(run)))
+    lr_axis = fig.axes[2]
+    assert sorted(line.get_label() for line in lr_axis.lines) == ["lr/text", "lr/visual"]
+    np.testing.assert_allclose(lr_axis.lines[0].get_ydata(), [0.01, 0.005, 0.01 / 3])
+
+
+# ------------------------------------------------------------------ interpret, compare
+def test_nearest_words_match_coop_interpret_prompt():
+    """KaiyangZhou/CoOp interpret_prompt.py: torch.cdist to the token embeddings, argsort, top-k."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 8, generator=g)
+    decoder = {i: f"tok{i}" for i in range(50)}
+    context = torch.cat([table[[7, 3]] + 1e-3, torch.randn(2, 8, generator=g)])  # (4, 8)
+    rows = nearest_words(context, table, decoder, topk=3)
+    distance = torch.cdist(context, table)
+    order = torch.argsort(distance, dim=1)[:, :3]
+    for m, row in enumerate(rows):
+        assert row.position == m + 1
+        assert row.tokens == tuple(decoder[int(i)] for i in order[m])
+        np.testing.assert_allclose(row.distances, distance[m, order[m]].numpy(), rtol=1e-6)
+    assert rows[0].tokens[0] == "tok7" and rows[1].tokens[0] == "tok3"
+
+
+def test_interpret_reads_a_coop_run_and_refuses_a_visual_one(runs):
+    from fastprompt.viz.interpret import interpret_run
+
+    run = load_run(str(runs["coop"]))
+    rows = interpret_run(str(runs["coop"]), topk=2)
+    assert [r.position for r in rows] == list(range(1, run.model.text.context.shape[0] + 1))
+    embedding = run.model.clip.token_embedding.weight
+    first = torch.cdist(run.model.text.context[:1].detach().float(), embedding.float())[0]
+    assert rows[0].tokens[0] == run.model.bundle.tokenizer.decoder[int(first.argmin())]
+    out = invoke("interpret", runs["coop"], "--topk", 2)
+    assert rows[0].tokens[0] in out
+    result = runner.invoke(app, ["interpret", str(runs["vpt-shallow"])])
+    assert result.exit_code == 2 and "learns no text context" in result.output
+
+
+def test_interpret_class_specific_context(csc_run):
+    from fastprompt.viz.interpret import interpret_run
+
+    run = load_run(str(csc_run))
+    rows = interpret_run(str(csc_run), topk=2)
+    assert [(r.classname, r.position) for r in rows] == [(c, m) for c in run.model.classnames for m in (1, 2)]
+    embedding = run.model.clip.token_embedding.weight
+    last = torch.cdist(run.model.text.context[-1, -1:].detach().float(), embedding.float())[0]  # last class, last position
+    assert rows[-1].distances[0] == pytest.approx(float(last.min()), rel=1e-5)
+    assert "class" in invoke("interpret", csc_run, "--topk", 1)
+
+
+def test_compare_rows(runs, viz_beton, tmp_path):
+    from fastprompt.training import zeroshot_eval
+    from fastprompt.viz.compare import compare_runs
+
+    rows = compare_runs([str(runs["coop"]), str(runs["cavpt"])], num_workers=1)
+    for row, method in zip(rows, ("coop", "cavpt")):
+        results = json.loads((runs[method] / "results.json").read_text())
+        metrics = [json.loads(line) for line in (runs[method] / "metrics.jsonl").read_text().splitlines()]
+        seed = json.loads((runs[method] / "config.json").read_text())["seed"]
+        zs = zeroshot_eval(str(viz_beton), clip="fastprompt-tiny", pretrained="none", seed=seed, device="cpu", num_workers=1)
+        assert row.method == method
+        assert row.zero_shot_accuracy == pytest.approx(zs["test_accuracy"])
+        assert row.trained_accuracy == pytest.approx(results["test_accuracy"])
+        assert row.gain == pytest.approx(row.trained_accuracy - row.zero_shot_accuracy)
+        assert row.train_seconds == pytest.approx(sum(m["seconds"] for m in metrics))
+    out = invoke("compare", runs["coop"], "--workers", 1, "--json", tmp_path / "rows.json")
+    assert "zero-shot" in out and "%" in out
+    assert json.loads((tmp_path / "rows.json").read_text())[0]["method"] == "coop"
