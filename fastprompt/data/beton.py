@@ -10,14 +10,21 @@ A fastprompt dataset is two files side by side:
   whole up to `train_short_side` / `max_resolution` as JPEG.
 - `NAME.json`, the sidecar: class names (index = label), the default hand-crafted
   template, split sizes, every sample's label, split and source path, where the data came
-  from, how images are stored (`image`), the `.beton`'s size, and the format version.
-  Version 1 sidecars (every split stored whole at <= 256 px) still open; their evaluation
-  pixels are approximate and opening one says once how to re-prepare it.
+  from, how images are stored (`image`), the `.beton`'s size and SHA-256 (`checksum`), and
+  the format version. Version 1 sidecars (every split stored whole at <= 256 px) still
+  open; their evaluation pixels are approximate and opening one says once how to
+  re-prepare it. Sidecars written before checksums (version 2 without `checksum`) open
+  as before; `fastprompt verify` says it has nothing to compare.
 
 Writing goes to hidden temporary files in the destination folder that are renamed at the
-end, so a failed or interrupted write leaves nothing. Opening checks the sidecar against
-the `.beton` (size, header, field layout, every label and split), so a truncated or
-mismatched pair is reported before a loader touches it.
+end, the sidecar last, so a failed or interrupted write leaves no `.beton` that opens (at
+worst one without a sidecar). FFCV's writer processes are watched: one that raises or dies
+ends the write (`_watched_writer`). An existing `.beton` or sidecar is replaced only when
+asked (`overwrite`). Opening checks the sidecar against the `.beton`'s header and tables
+(size, header fields, field layout, one allocation per image, each image's record, every
+label and split), so a truncated, mismatched or table-damaged pair is reported before a
+loader touches it; bytes changed inside the image data are found by `verify_dataset`
+(the whole file against the checksum), which is not run on every open.
 """
 
 from __future__ import annotations
@@ -166,7 +173,7 @@ class _WriterInput:
             raise ValueError(f"stored size {width}x{height} px is outside 1..65535")
         raw = int(self.splits[j]) in self.raw_splits
         size = self.options.eval_size
-        if raw and (height, width) != (size, size):
+        if size is not None and int(self.splits[j]) != SPLIT_CODE["train"] and (height, width) != (size, size):
             raise ValueError(f"evaluation-ready image is {width}x{height} px, not {size}x{size}")
         data = np.ascontiguousarray(image).reshape(-1) if raw else encode_jpeg(image, self.options.jpeg_quality)
         if data.nbytes > self.page_size:  # FFCV's allocator would fail in the writer process
@@ -231,7 +238,10 @@ def _describe_exit(code: Optional[int]) -> str:
     if code is not None and code < 0:
         import signal
 
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
         return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     return f"exited with code {code}"
 
@@ -314,7 +324,7 @@ def _watched_writer(path: Path, fields: dict, page_size: int, workers: int) -> A
             except queue_module.Empty:
                 for slot, p in enumerate(processes):
                     if p.exitcode not in (None, 0):
-                        time.sleep(0.2)  # its error may still be on the way
+                        time.sleep(0.2)  # a process that raised sent its error before exiting: let it arrive
                         try:
                             slot, message = errors.get_nowait()
                             failure = (slot, f"raised {message}")
@@ -325,7 +335,8 @@ def _watched_writer(path: Path, fields: dict, page_size: int, workers: int) -> A
                 slot, what = failure
                 at = int(dataset.current[slot])
                 image = f" at image {dataset.source.describe(at - 1)}" if at else ""
-                raise WriterFailed(f"a writer process {what}{image}")
+                raise WriterFailed(f"a writer process {what}{image}; nothing was kept: fix the cause (memory, disk "
+                                   "space, the image) and run `fastprompt prepare` again (fewer --workers use less memory)")
 
     return WatchedWriter(str(path), fields, page_size=page_size, num_workers=workers)
 
