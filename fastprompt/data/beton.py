@@ -608,11 +608,14 @@ def _check_beton(path: Path, meta: dict[str, Any], shown: Optional[Path] = None)
         raise FastpromptError(f"{shown} has fields {reader.field_names}, expected {list(FIELD_NAMES)}; {fix}")
     # the allocation table: one image allocation per sample, between the tables and the allocation table
     data_start = HeaderType.itemsize + len(FIELD_NAMES) * FieldDescType.itemsize + n * reader.metadata.dtype.itemsize
-    table = np.sort(reader.alloc_table, order="sample_id")
-    ids, ptrs, sizes = (table[k].astype(np.int64) for k in ("sample_id", "ptr", "size"))  # (n,) each, if whole
-    if len(table) != n or not np.array_equal(ids, np.arange(n)):
-        stored = len(np.unique(table["sample_id"]))
+    table = reader.alloc_table
+    ids = table["sample_id"].astype(np.int64)  # (A,) in the writer processes' order
+    once = len(table) == n and ids.min(initial=0) >= 0 and ids.max(initial=-1) < n
+    if not once or np.bincount(ids, minlength=n).max(initial=1) != 1:
+        stored = len(np.unique(ids[(ids >= 0) & (ids < n)]))
         raise FastpromptError(f"{shown} is corrupt (its allocation table lists {stored} of {n} images); {fix}")
+    ptrs, sizes = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)  # (n,) by sample
+    ptrs[ids], sizes[ids] = table["ptr"], table["size"]
     if n and (ptrs.min() < data_start or int(np.max(ptrs + sizes)) > table_ptr):
         raise FastpromptError(f"{shown} is corrupt (image data outside the data region); {fix}")
     image = reader.metadata["f0"]  # (n,) records: mode, width, height, data_ptr

@@ -23,6 +23,15 @@ from fastprompt.errors import FastpromptError
 logger = logging.getLogger(__name__)
 
 
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """`folder`'s entries sorted by name; FastpromptError naming the folder if it cannot be listed."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as err:
+        raise FastpromptError(f"cannot list folder {folder} ({err.strerror}); fix its permissions or remove it") from None
+
+
 class FileScan:
     """One scan of a dataset folder: walks (`images_under`) and listings (`files_in`) that
     share one record of the folders walked and the files counted."""
@@ -67,7 +76,7 @@ class FileScan:
         while stack:
             path, real = stack.pop()
             subdirs = []
-            for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            for entry in _entries(path):
                 if entry.name.startswith("."):
                     continue
                 rel = Path(entry.path).relative_to(self.root).as_posix()
@@ -90,7 +99,7 @@ class FileScan:
         relative to the root; each file counted once."""
         real = os.path.realpath(folder)
         found = []
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        for entry in _entries(folder):
             if entry.name.startswith(".") or entry.is_dir() or not self.keep(entry.name):
                 continue
             rel = Path(entry.path).relative_to(self.root).as_posix()
