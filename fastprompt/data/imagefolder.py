@@ -8,7 +8,8 @@ Split source, first that applies:
 3. `ROOT/<class>/`: a deterministic stratified 50/20/30 split per class (CoOp's rule for
    datasets that ship no split).
 Labels are the sorted class-folder names' positions (as torchvision's ImageFolder), or the
-split file's labels.
+split file's labels. Folders are scanned following links, each folder walked once and each
+file counted once (`fastprompt.data.scan`: a link loop such as `cat/self -> .` is cut).
 """
 
 from __future__ import annotations

@@ -120,6 +120,21 @@ def test_degenerate_image_is_named_or_skipped(tmp_path, make_tree, list_files):
     assert ds.num_samples == 8 and ds.meta["source"]["skipped"] == [str(root / "bee" / "streak.png")]
 
 
+def test_storage_problem_names_the_geometry():
+    from fastprompt.data.pixels import storage_problem
+
+    # stored for training (caps 320 / 1024): 1 x 3000 shrinks its 1 px side to int(1024 / 3000) = 0
+    assert storage_problem(1, 3000, None, 320, 1024) == (
+        "3000x1 px: stored for training (longer side at most 1024 px, shorter at most 320 px) its 1 px side would "
+        "shrink to 0 px")
+    assert storage_problem(3, 3000, None, 320, 1024) is None  # 3 x 1024 after the cap: thin, but an image
+    assert storage_problem(1, 1000, None, 320, 1024) is None  # under the caps: stored as it is
+    # evaluation-ready at 224: CLIP's resize keeps the aspect, 224 x 672000 px before the crop
+    assert storage_problem(1, 3000, 224, 320, 1024) == (
+        "3000x1 px: CLIP's eval resize to 224 px would make it 672000x224 px, over the 89 Mpx limit")
+    assert storage_problem(1, 1000, 224, 320, 1024) is None  # 224 x 224000 = 50 Mpx: allowed
+
+
 class _Source:
     """Tiny images; `hook(i)` runs inside the writer process before image i is returned."""
 
