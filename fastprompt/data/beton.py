@@ -721,17 +721,22 @@ class BetonDataset:
         return self.meta["format_version"] < 2 and self.meta.get("source", {}).get("kind") in ("imagefolder", "coop")
 
     def prepare_command(self, eval_size: Optional[int] = None) -> str:
-        """The `fastprompt prepare` command that re-creates this file (from its recorded source)."""
+        """The `fastprompt prepare` command that re-creates this file in place (from its recorded
+        source; `--overwrite`, since the file exists)."""
         source = self.meta.get("source", {})
         size = f" --eval-size {eval_size}" if eval_size is not None else ""
+        out = f"--out {self.path} --overwrite"
         if source.get("kind") == "coop":
-            return f"fastprompt prepare coop {source.get('dataset', self.name)} {source.get('folder', 'ROOT')} --out {self.path}{size}"
+            return f"fastprompt prepare coop {source.get('dataset', self.name)} {source.get('folder', 'ROOT')} {out}{size}"
         if source.get("kind") == "imagefolder":
             extra = "".join(f" --{flag} {source[key]}" for key, flag in (("split_json", "split-json"), ("classnames_file", "classnames"))
                             if source.get(key))
-            return f"fastprompt prepare imagefolder {source.get('root', 'ROOT')} --out {self.path}{extra}{size}"
-        if source.get("kind") == "demo":
-            return f"fastprompt prepare demo --out {self.path}"  # stored whole: any size reads it
+            return f"fastprompt prepare imagefolder {source.get('root', 'ROOT')} {out}{extra}{size}"
+        if source.get("kind") == "demo":  # stored whole: any size reads it
+            drawn = "".join(f" --{flag} {source[key]}" for key, flag in (("images_per_class", "images-per-class"),
+                                                                         ("image_size", "size"), ("seed", "seed"))
+                            if key in source)
+            return f"fastprompt prepare demo {out}{drawn}"
         return f"the `fastprompt prepare` command that wrote {self.path}, with{size or ' its options'}"
 
     def check_image_size(self, image_size: int) -> None:

@@ -276,7 +276,7 @@ def test_verify_finds_bytes_changed_in_the_image_data(tmp_path, small_demo):
     assert open_dataset(damaged).num_samples == 40  # opening reads the tables only: the checksum is verify's
     line = error_line(cli("verify", damaged))
     assert line.startswith(f"error: {damaged} is corrupt: its sha256 checksum differs from the one its sidecar recorded")
-    assert "`fastprompt prepare demo --out" in line
+    assert line.endswith(f"re-create it with `fastprompt prepare demo --out {damaged} --overwrite --images-per-class 4 --size 32 --seed 0`")
 
     meta = json.loads(small_demo.with_suffix(".json").read_text())
     old = tmp_path / "old"
