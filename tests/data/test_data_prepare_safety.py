@@ -24,7 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fastprompt.cli import app
-from fastprompt.data import open_dataset, write_demo, write_imagefolder
+from fastprompt.data import open_dataset, write_demo
 from fastprompt.data.beton import WriteOptions, write_beton
 from fastprompt.data.imagefolder import collect_imagefolder
 from fastprompt.errors import FastpromptError
@@ -32,7 +32,8 @@ from fastprompt.errors import FastpromptError
 runner = CliRunner()
 
 
-def cli(*args) -> "object":
+def cli(*args):
+    """`fastprompt ARGS...` in this process: a click `Result`."""
     return runner.invoke(app, [str(a) for a in args])
 
 
