@@ -171,6 +171,7 @@ def prepare_imagefolder_cmd(
     train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
     eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
     eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing NAME.beton or NAME.json (refused without it).")] = False,
 ) -> None:
     """Write a folder of images (with a CoOp split file, split folders, or a stratified split) as a .beton."""
     from fastprompt.data import write_imagefolder
@@ -178,7 +179,7 @@ def prepare_imagefolder_cmd(
     summary = write_imagefolder(
         root, out, split_json=split_json, name=name, classnames_file=classnames, max_resolution=max_resolution,
         jpeg_quality=jpeg_quality, workers=workers, skip_bad=skip_bad, train_short_side=train_short_side,
-        eval_size=eval_size, eval_format=eval_format,
+        eval_size=eval_size, eval_format=eval_format, overwrite=overwrite,
     )
     typer.echo(summary.line())
 
@@ -197,6 +198,7 @@ def prepare_coop_cmd(
     train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
     eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
     eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing NAME.beton or NAME.json (refused without it).")] = False,
 ) -> None:
     """Write one of CoOp's datasets (11 + 4 ImageNet variants), laid out as CoOp's DATASETS.md says, as a .beton."""
     from fastprompt.data.coop import coop_table_lines, write_coop
@@ -208,7 +210,7 @@ def prepare_coop_cmd(
         raise FastpromptError("give NAME and ROOT, e.g. `fastprompt prepare coop eurosat $DATA`; --list prints the names")
     summary = write_coop(name, root, out, max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers,
                          skip_bad=skip_bad, train_short_side=train_short_side, eval_size=eval_size,
-                         eval_format=eval_format)
+                         eval_format=eval_format, overwrite=overwrite)
     typer.echo(summary.line())
 
 
@@ -220,11 +222,13 @@ def prepare_demo_cmd(
     size: Annotated[int, typer.Option("--size", help="Side of the square images, px.")] = 96,
     seed: Annotated[int, typer.Option("--seed", help="The set is a function of the seed.")] = 0,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing NAME.beton or NAME.json (refused without it).")] = False,
 ) -> None:
     """Write the built-in demo set: 10 classes of coloured shapes ("red circle", ...) on random backgrounds."""
     from fastprompt.data import write_demo
 
-    summary = write_demo(out, images_per_class=images_per_class, image_size=size, seed=seed, workers=workers)
+    summary = write_demo(out, images_per_class=images_per_class, image_size=size, seed=seed, workers=workers,
+                         overwrite=overwrite)
     typer.echo(summary.line())
 
 
@@ -234,6 +238,7 @@ def prepare_demo_clip_cmd(
     out: Annotated[str, typer.Option("--out", help="Output checkpoint NAME.pt; use it as --clip fastprompt-tiny --pretrained NAME.pt.")] = "demo-clip.pt",
     steps: Annotated[int, typer.Option("--steps", help="Contrastive training steps (about 0.06-0.13 s each on 2 CPU cores).")] = 300,
     seed: Annotated[int, typer.Option("--seed", help="Weights, images and sampling are functions of the seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing checkpoint at --out (refused without it).")] = False,
 ) -> None:
     """Pretrain fastprompt-tiny on synthetic colour-shape captions (never the demo's classes): a small CLIP that knows something."""
     from fastprompt.training.pretrain import PretrainConfig, pretrain_clip
@@ -245,8 +250,20 @@ def prepare_demo_clip_cmd(
                TimeElapsedColumn())
     with Progress(*columns, console=_console()) as progress:
         task = progress.add_task("pretrain", total=steps, loss=float("nan"))
-        summary = pretrain_clip(out, config, progress=lambda step, loss: progress.update(task, completed=step, loss=loss))
+        summary = pretrain_clip(out, config, progress=lambda step, loss: progress.update(task, completed=step, loss=loss),
+                                overwrite=overwrite)
     typer.echo(summary.line())
+
+
+@command(app, "verify")
+@user_errors
+def verify_cmd(
+    data: Annotated[str, typer.Argument(help="A .beton from `fastprompt prepare` (its .json sidecar beside it).")],
+) -> None:
+    """Check a .beton against its sidecar: header, tables, labels and splits, and the whole file's checksum."""
+    from fastprompt.data.beton import verify_dataset
+
+    typer.echo(verify_dataset(data).line())
 
 
 # ----------------------------------------------------------------------------------------

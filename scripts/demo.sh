@@ -14,8 +14,8 @@ DEMO=runs/demo
 mkdir -p "$DEMO"
 
 echo "== 1. the demo set and the demo CLIP (both are functions of their seed, 0)"
-"$FP" prepare demo --out "$DEMO/demo.beton"
-"$FP" prepare demo-clip --out "$DEMO/demo-clip.pt"
+"$FP" prepare demo --out "$DEMO/demo.beton" --overwrite
+"$FP" prepare demo-clip --out "$DEMO/demo-clip.pt" --overwrite
 CLIP=(--clip fastprompt-tiny --pretrained "$DEMO/demo-clip.pt")
 
 echo "== 2. zero-shot CLIP on the demo test split (chance: 10 %)"

@@ -12,9 +12,10 @@
         ...                                         # float32 (B, 3, 224, 224) normalised, int64 (B,)
 
 Modules: `beton` (file + sidecar, writing and opening), `splits` (CoOp split files,
-stratified splits, few-shot, base/new), `imagefolder` (folders -> .beton), `coop` (CoOp's
-dataset folders -> .beton), `demo` (the procedural set), `datasets` (the table of CoOp's
-datasets: templates, class names, class counts, layouts), `order` (the epoch order),
+stratified splits, few-shot, base/new), `imagefolder` (folders -> .beton), `scan` (finding
+image files: links followed, loops cut, each file once), `coop` (CoOp's dataset folders
+-> .beton), `demo` (the procedural set), `datasets` (the table of CoOp's datasets:
+templates, class names, class counts, layouts), `order` (the epoch order),
 `pixels` (how images are stored: val/test as CLIP's eval transform, train whole up to a
 cap), `pipelines` (`LoaderConfig`, the FFCV pipelines), `decoders` (numba decode kernels behind
 FFCV's decoder API), `resample` (PIL's bicubic resize in numba), `loaders` (the loader factory; imported on first use, it pulls in

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from fastprompt.data.beton import PathLike, WriteOptions, WriteSummary
+from fastprompt.data.beton import PathLike, WriteOptions, WriteSummary, check_output
 from fastprompt.data.datasets import KNOWN_DATASETS, KnownDataset, clean_classname, find_known_dataset
 from fastprompt.data.imagefolder import read_classnames_file, write_samples
+from fastprompt.data.scan import FileScan
 from fastprompt.data.splits import Sample, read_coop_split
 from fastprompt.errors import FastpromptError
 
@@ -116,6 +117,10 @@ def _names(folder: Path, dirs: bool) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir() == dirs)
 
 
+def _visible(name: str) -> bool:
+    return not name.startswith(".")  # CoOp's `listdir_nohidden`
+
+
 def _check_exist(image_root: Path, samples: list[Sample], listed_in: str) -> None:
     missing = [s.path for s in samples if not (image_root / s.path).is_file()]
     if missing:
@@ -125,12 +130,13 @@ def _check_exist(image_root: Path, samples: list[Sample], listed_in: str) -> Non
         )
 
 
-def _class_images(folder: Path, rel: str) -> list[str]:
-    """The image files of one class folder as paths relative to the image root (`rel` + name)."""
-    names = _names(folder, dirs=False)
-    if not names:
+def _class_images(scan: FileScan, folder: Path) -> list[str]:
+    """The files of one class folder as paths relative to the image root, each file once
+    (a link to a file already counted is left out, `fastprompt.data.scan`)."""
+    images = scan.files_in(folder)
+    if not images:
         raise FastpromptError(f"class folder {folder} has no images; restore it from the dataset's archive")
-    return [f"{rel}/{n}" for n in names]
+    return images
 
 
 def _name_of(names: dict[str, str], wnid: str, path: Path) -> str:
@@ -177,10 +183,14 @@ def _read_imagenet(spec: KnownDataset, folder: Path) -> tuple[list[Sample], list
             )
         odd = sorted(set(val) ^ set(wnids))
         raise FastpromptError(f"{images / 'val'} and {images / 'train'} differ in class folder {odd[0]!r}; they need the same classes")
+    scan = FileScan(images, _visible)
+    scan.claim([images / "train" / w for w in wnids])
+    scan.claim([images / "val" / w for w in wnids])
     samples: list[Sample] = []
     for split, sub in (("train", "train"), ("test", "val")):
         for label, wnid in enumerate(wnids):
-            samples += [Sample(p, label, split) for p in _class_images(images / sub / wnid, f"{sub}/{wnid}")]
+            samples += [Sample(p, label, split) for p in _class_images(scan, images / sub / wnid)]
+    scan.log_repeats()
     raw_names = [_name_of(names, w, names_path) for w in wnids]
     return samples, raw_names, "images/train/ and images/val/ folders (CoOp: val is the test set)", {"wnids": wnids}
 
@@ -190,11 +200,15 @@ def _read_imagenetv2(spec: KnownDataset, folder: Path) -> tuple[list[Sample], li
     by_wnid = read_classnames_file(folder / "classnames.txt")
     names = list(by_wnid.values())
     image_root = folder / spec.layout.image_dir
-    samples: list[Sample] = []
     for label in range(len(names)):
         if not (image_root / str(label)).is_dir():
             raise FastpromptError(f"{image_root / str(label)} is missing; ImageNet-V2 has folders 0 ... 999 (re-extract it)")
-        samples += [Sample(p, label, "test") for p in _class_images(image_root / str(label), str(label))]
+    scan = FileScan(image_root, _visible)
+    scan.claim([image_root / str(label) for label in range(len(names))])
+    samples: list[Sample] = []
+    for label in range(len(names)):
+        samples += [Sample(p, label, "test") for p in _class_images(scan, image_root / str(label))]
+    scan.log_repeats()
     return samples, names, f"{spec.layout.image_dir}/<label>/ folders (test only)", {"wnids": list(by_wnid)}
 
 
@@ -204,9 +218,12 @@ def _read_imagenet_folders(spec: KnownDataset, folder: Path) -> tuple[list[Sampl
     names = read_classnames_file(names_path)
     image_root = folder / spec.layout.image_dir
     wnids = [w for w in _names(image_root, dirs=True) if w not in spec.layout.ignored]
+    scan = FileScan(image_root, _visible)
+    scan.claim([image_root / w for w in wnids])
     samples: list[Sample] = []
     for label, wnid in enumerate(wnids):
-        samples += [Sample(p, label, "test") for p in _class_images(image_root / wnid, wnid)]
+        samples += [Sample(p, label, "test") for p in _class_images(scan, image_root / wnid)]
+    scan.log_repeats()
     raw_names = [_name_of(names, w, names_path) for w in wnids]
     imagenet_rank = {w: i for i, w in enumerate(sorted(names))}  # ImageNet's label: the wnid's sorted rank
     extra = {"imagenet_labels": [imagenet_rank[w] for w in wnids], "wnids": wnids}
@@ -280,11 +297,13 @@ def write_coop(
     train_short_side: int = 320,
     eval_size: int = 224,
     eval_format: str = "raw",
+    overwrite: bool = False,
 ) -> WriteSummary:
     """Write CoOp's dataset `name` found under `root` to `out` (default `<name>.beton`) and its
     sidecar; images stored as `write_imagefolder` stores them."""
     options = WriteOptions(max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers,
                            train_short_side=train_short_side, eval_size=eval_size, eval_format=eval_format)
+    check_output(out if out is not None else f"{find_coop_dataset(name).name}.beton", overwrite)  # before reading the folder
     data = read_coop_folder(name, root)
     spec = data.spec
     provenance = {
@@ -299,5 +318,5 @@ def write_coop(
     return write_samples(
         out if out is not None else f"{spec.name}.beton", data.image_root, data.samples, data.classnames,
         name=spec.name, template=spec.template, split_source=data.split_source, provenance=provenance,
-        options=options, skip_bad=skip_bad,
+        options=options, skip_bad=skip_bad, overwrite=overwrite,
     )

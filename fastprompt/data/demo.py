@@ -192,6 +192,7 @@ def write_demo(
     workers: Optional[int] = None,
     jpeg_quality: int = 95,
     light: tuple[float, float, float] = DEMO_LIGHT,
+    overwrite: bool = False,
 ) -> WriteSummary:
     """Draw the demo set and write it to `out` (.beton) and its sidecar; see the module docstring."""
     config = DemoConfig(images_per_class=images_per_class, image_size=image_size, seed=seed, light=light)
@@ -216,6 +217,7 @@ def write_demo(
                     "light": list(config.light)},
         paths=paths,
         options=options,
+        overwrite=overwrite,
     )
 
 

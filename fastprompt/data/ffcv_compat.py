@@ -26,9 +26,10 @@ Two more FFCV workarounds are functions the loader calls per use (no global stat
    raises (the exception is only printed); this one fails instead.
 5. `keep_torch_threads`: FFCV's `Loader` (and each epoch's iterator) set torch's intra-op
    thread count to the loader's worker count; the caller's count is restored.
-Writing needs none of these; its one FFCV workaround lives with the writer: an exception in
-an FFCV writer process hangs the writer, so `fastprompt.data.beton._WriterInput` records a
-failed image instead of raising.
+Writing needs none of these; its FFCV workarounds live with the writer: an exception in an
+FFCV writer process hangs FFCV's writer, so `fastprompt.data.beton._WriterInput` records a
+failed image instead of raising, and `fastprompt.data.beton._watched_writer` ends the write
+when a writer process raises anyway or dies.
 """
 
 from __future__ import annotations

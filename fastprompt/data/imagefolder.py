@@ -8,7 +8,8 @@ Split source, first that applies:
 3. `ROOT/<class>/`: a deterministic stratified 50/20/30 split per class (CoOp's rule for
    datasets that ship no split).
 Labels are the sorted class-folder names' positions (as torchvision's ImageFolder), or the
-split file's labels.
+split file's labels. Folders are scanned following links, each folder walked once and each
+file counted once (`fastprompt.data.scan`: a link loop such as `cat/self -> .` is cut).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from fastprompt.errors import FastpromptError
-from fastprompt.data.beton import PathLike, WriteOptions, WriteSummary, write_beton
+from fastprompt.data.beton import PathLike, WriteOptions, WriteSummary, check_output, write_beton
 from fastprompt.data.datasets import (
     canonical_name,
     clean_classname,
@@ -30,7 +31,8 @@ from fastprompt.data.datasets import (
     default_template,
     ignored_class_folders,
 )
-from fastprompt.data.pixels import clip_eval_pixels, train_storage_pixels
+from fastprompt.data.pixels import UnusableImage, clip_eval_pixels, storage_problem, train_storage_pixels
+from fastprompt.data.scan import FileScan
 from fastprompt.data.splits import Sample, hold_out_val, read_coop_split, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,11 @@ class ImageFiles:
 
         options = self.options
         with Image.open(os.path.join(self.root, self.paths[i])) as im:
+            width, height = im.size  # from the header: checked before anything is decoded
+            problem = storage_problem(height, width, options.eval_size if self.eval_ready[i] else None,
+                                      options.train_short_side, options.max_resolution)
+            if problem is not None:
+                raise UnusableImage(problem)
             if self.eval_ready[i]:  # every pixel as CLIP's transform computes it from the original
                 return clip_eval_pixels(im.convert("RGB"), options.eval_size)  # (S, S, 3)
             # JPEG only: decode at a reduced DCT scale that keeps both sides >= train_short_side
@@ -78,17 +85,7 @@ def _subdirs(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-def _images_under(folder: Path, root: Path) -> list[str]:
-    """Image files under `folder` (recursively), as sorted POSIX paths relative to `root`."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(root)
-        found.extend((rel / f).as_posix() for f in filenames if _is_image(f))
-    return sorted(found)
-
-
-def _scan_classes(folder: Path, root: Path, classes: Optional[list[str]], dataset: Optional[str]) -> dict[str, list[str]]:
+def _scan_classes(scan: FileScan, folder: Path, classes: Optional[list[str]], dataset: Optional[str]) -> dict[str, list[str]]:
     """Class folder name -> its images; `classes` (if given) must contain every folder found."""
     ignored = set(ignored_class_folders(dataset))
     names = [c for c in _subdirs(folder) if c not in ignored]
@@ -100,12 +97,16 @@ def _scan_classes(folder: Path, root: Path, classes: Optional[list[str]], datase
         extra = [c for c in names if c not in classes]
         if extra:
             raise FastpromptError(f"{folder} has class folder {extra[0]!r} that train/ lacks; every class needs train images")
+    scan.claim([folder, *(folder / c for c in names)])  # a link into another class folder is not followed
     found = {}
     for c in names:
-        images = _images_under(folder / c, root)
+        repeats = len(scan.repeated_files)
+        images = scan.images_under(folder / c)
         if not images:
+            also = (f" (its {len(scan.repeated_files) - repeats} image(s) are links to files already counted, "
+                    f"e.g. {scan.repeated_files[-1][1]})") if len(scan.repeated_files) > repeats else ""
             raise FastpromptError(
-                f"class folder {folder / c} has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+                f"class folder {folder / c} has no images ({', '.join(IMAGE_EXTENSIONS)}){also}; add images or remove the folder"
             )
         found[c] = images
     return found
@@ -152,11 +153,12 @@ def collect_imagefolder(
     if split_path is not None:
         samples, raw_names = read_coop_split(split_path, root)
         return samples, raw_names, dataset, split_path.name
+    scan = FileScan(root, _is_image)
     top = _subdirs(root)
     if "train" in top and set(top) <= set(SPLIT_FOLDERS):
         if "test" not in top:
             raise FastpromptError(f"{root} has train/ but no test/; add {root}/test/<class>/ or pass --split-json")
-        train = _scan_classes(root / "train", root, None, dataset)
+        train = _scan_classes(scan, root / "train", None, dataset)
         raw_names = list(train)
         samples: list[Sample] = []
         by_label = [train[c] for c in raw_names]
@@ -168,10 +170,12 @@ def collect_imagefolder(
             source = "train/ test/ folders (val: 20% of train held out)"
         for split in ("val", "test"):
             if split in top:
-                found = _scan_classes(root / split, root, raw_names, dataset)
+                found = _scan_classes(scan, root / split, raw_names, dataset)
                 samples += [Sample(p, raw_names.index(c), split) for c, paths in found.items() for p in paths]
+        scan.log_repeats()
         return samples, raw_names, dataset, source
-    classes = _scan_classes(root, root, None, dataset)
+    classes = _scan_classes(scan, root, None, dataset)
+    scan.log_repeats()
     raw_names = list(classes)
     return stratified_split([classes[c] for c in raw_names], raw_names), raw_names, dataset, "stratified 50/20/30 split"
 
@@ -190,6 +194,7 @@ def write_imagefolder(
     train_short_side: int = 320,
     eval_size: int = 224,
     eval_format: str = "raw",
+    overwrite: bool = False,
 ) -> WriteSummary:
     """Write the images under `root` to `out` (.beton) and its sidecar; see the module docstring.
 
@@ -201,6 +206,7 @@ def write_imagefolder(
     """
     options = WriteOptions(max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers,
                            train_short_side=train_short_side, eval_size=eval_size, eval_format=eval_format)
+    check_output(out, overwrite)  # before scanning the folder
     samples, raw_names, given_name, split_source = collect_imagefolder(root, split_json, name)
     dataset = canonical_name(given_name)
     if classnames_file is not None:
@@ -219,7 +225,8 @@ def write_imagefolder(
     }
     classnames = [clean_classname(c, given_name) for c in raw_names]
     return write_samples(out, root, samples, classnames, name=dataset, template=default_template(given_name),
-                         split_source=split_source, provenance=provenance, options=options, skip_bad=skip_bad)
+                         split_source=split_source, provenance=provenance, options=options, skip_bad=skip_bad,
+                         overwrite=overwrite)
 
 
 def write_samples(
@@ -234,6 +241,7 @@ def write_samples(
     provenance: dict,
     options: WriteOptions,
     skip_bad: bool,
+    overwrite: bool = False,
 ) -> WriteSummary:
     """Write image files (`samples`, paths relative to `root`) to `out`: what every
     `prepare` of image files (imagefolder, coop) shares. Paths are kept in the sidecar as
@@ -254,4 +262,5 @@ def write_samples(
         paths=[s.path for s in samples],
         options=options,
         skip_bad=skip_bad,
+        overwrite=overwrite,
     )

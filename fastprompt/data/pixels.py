@@ -21,7 +21,7 @@ decoding cost grows with the stored pixels (BENCHMARKS.md: 448 px costs ~1.5x).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -62,13 +62,41 @@ def clip_eval_pixels(image: "Image.Image", size: int) -> np.ndarray:
 def train_storage_size(height: int, width: int, short_cap: int, long_cap: int) -> tuple[int, int]:
     """(H', W') a training image is stored at: unchanged unless its shorter side exceeds
     `short_cap` or its longer side `long_cap` (torchvision's `Resize(short_cap, max_size=long_cap)`
-    rounding, shrinking only)."""
+    rounding, shrinking only). A very thin image's shorter side can round to 0 (`storage_problem`)."""
     short, long = min(height, width), max(height, width)
     if short > short_cap:
         short, long = short_cap, int(short_cap * long / short)
     if long > long_cap:
-        short, long = max(1, int(long_cap * short / long)), long_cap
+        short, long = int(long_cap * short / long), long_cap
     return (long, short) if height >= width else (short, long)
+
+
+# The most pixels CLIP's eval resize may produce before its centre crop: PIL's own
+# decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS by default). Only an image about 1,800
+# times longer than wide gets there at 224 px (the resize keeps the aspect ratio).
+EVAL_RESIZE_MAX_PIXELS = 89_478_485
+
+
+class UnusableImage(ValueError):
+    """An image that reads fine but cannot be stored (`storage_problem` says why)."""
+
+
+def storage_problem(height: int, width: int, eval_size: Optional[int], short_cap: int, long_cap: int) -> Optional[str]:
+    """Why a (height, width) image cannot be stored as this module says, or None. Stored
+    evaluation-ready (`eval_size` given), CLIP's resize before the crop would exceed
+    `EVAL_RESIZE_MAX_PIXELS`; stored for training (`eval_size` None), a side would shrink
+    below 1 px (e.g. 1 x 3000 px with the longer side capped at 1024)."""
+    if eval_size is not None:
+        new_h, new_w = resized_size(height, width, eval_size)
+        if new_h * new_w > EVAL_RESIZE_MAX_PIXELS:
+            return (f"{width}x{height} px: CLIP's eval resize to {eval_size} px would make it {new_w}x{new_h} px, "
+                    f"over the {EVAL_RESIZE_MAX_PIXELS / 1e6:.0f} Mpx limit")
+        return None
+    new_h, new_w = train_storage_size(height, width, short_cap, long_cap)
+    if min(new_h, new_w) < 1:
+        return (f"{width}x{height} px: stored for training (longer side at most {long_cap} px, shorter at most "
+                f"{short_cap} px) its {min(height, width)} px side would shrink to 0 px")
+    return None
 
 
 def train_storage_pixels(image: "Image.Image", short_cap: int, long_cap: int) -> np.ndarray:
@@ -77,6 +105,9 @@ def train_storage_pixels(image: "Image.Image", short_cap: int, long_cap: int) ->
 
     width, height = image.size
     new_h, new_w = train_storage_size(height, width, short_cap, long_cap)
+    problem = storage_problem(height, width, None, short_cap, long_cap)
+    if problem is not None:
+        raise UnusableImage(problem)
     if (new_h, new_w) != (height, width):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)  # (H, W, 3)

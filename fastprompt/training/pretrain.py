@@ -103,12 +103,14 @@ class PretrainSummary:
                 f"in-batch image->caption accuracy {self.retrieval_accuracy:.1f} %")
 
 
-def _check_out(out: str) -> Path:
+def _check_out(out: str, overwrite: bool) -> Path:
     path = Path(out)
     if path.suffix not in (".pt", ".pth"):
         raise FastpromptError(f"--out {out} must end in .pt (it is loaded back as a checkpoint file); e.g. demo-clip.pt")
     if path.is_dir():
         raise FastpromptError(f"--out {out} is a directory; give a file name such as {path / 'demo-clip.pt'}")
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise FastpromptError(f"--out {out} already exists; pass --overwrite to replace it, or choose another --out")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -142,11 +144,12 @@ def _augment(images: torch.Tensor, scale: tuple[float, float], generator: torch.
 
 
 def pretrain_clip(out: str, config: PretrainConfig = PretrainConfig(),
-                  progress: Optional[Callable[[int, float], None]] = None) -> PretrainSummary:
-    """Pretrain `config.clip` from random init on `CaptionedShapes` and save its state dict to `out`.
+                  progress: Optional[Callable[[int, float], None]] = None, overwrite: bool = False) -> PretrainSummary:
+    """Pretrain `config.clip` from random init on `CaptionedShapes` and save its state dict to `out`
+    (an existing `out` only with `overwrite`; checked before training).
 
     `progress(step, loss)` is called after every step. Runs on CPU. Returns a summary."""
-    path = _check_out(out)
+    path = _check_out(out, overwrite)
     torch.manual_seed(config.seed)
     bundle = load_clip(config.clip, pretrained=None, device="cpu")  # random init under the seed, checked layout
     model = bundle.model

@@ -312,6 +312,20 @@ def test_bad_layouts(tmp_path):
         read_coop_folder("imagenet-c", tmp_path)
 
 
+def test_folder_readers_count_a_linked_file_once(tmp_path):
+    built = build_imagenet_a(tmp_path, touch)
+    image_root = tmp_path / "imagenet-adversarial" / "imagenet-a"
+    first = image_root / built["split"]["test"][0][0]  # class 0's image
+    (first.parent / "copy.jpg").symlink_to(first.name)  # the same file twice in its folder
+    (first.parent / "self").symlink_to(".")  # a folder link: class folders are listed, not walked
+    (image_root / WNIDS[6] / "borrowed.jpg").symlink_to(first)  # class 0's file again under class 1
+    data = read_coop_folder("imagenet-a", tmp_path)
+    assert [s.path for s in data.samples] == [e[0] for e in built["split"]["test"]]
+    (image_root / "n99999999").symlink_to(WNIDS[1])  # a second name for a class folder
+    with pytest.raises(FastpromptError, match=r"n99999999 and .*n01440801 are the same folder \(one links to the other\)"):
+        read_coop_folder("imagenet-a", tmp_path)
+
+
 def test_list_prints_names_layouts_and_class_counts():
     result = runner.invoke(app, ["prepare", "coop", "--list"])
     assert result.exit_code == 0, result.output
@@ -329,6 +343,8 @@ def test_prepare_eurosat_end_to_end(tmp_path):
     out = tmp_path / "out" / "eurosat.beton"
     result = runner.invoke(app, ["prepare", "coop", "EuroSAT", str(data), "--out", str(out), "--workers", "1"])
     assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["prepare", "coop", "EuroSAT", str(data), "--out", str(out), "--workers", "1"])
+    assert again.exit_code == 2 and f"{out} already exists; pass --overwrite to replace it" in again.stderr
     assert "eurosat: 60 images, 10 classes; train 30, val 10, test 20; split from split_zhou_EuroSAT.json" in result.stdout
     ds = open_dataset(out)
     assert ds.name == "eurosat" and ds.template == "a centered satellite photo of {}." and ds.classnames == built["names"]

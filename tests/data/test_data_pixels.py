@@ -143,7 +143,7 @@ def test_version_1_file_loads_and_warns_once(photo_beton, tmp_path, caplog):
         open_dataset(old)
     warnings = [r.getMessage() for r in caplog.records if "evaluation pixels are approximate" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0]
-    assert f"re-prepare it with `fastprompt prepare imagefolder {(photo_beton.parent / 'root').resolve()} --out {old}`" in warnings[0]
+    assert f"re-prepare it with `fastprompt prepare imagefolder {(photo_beton.parent / 'root').resolve()} --out {old} --overwrite`" in warnings[0]
     assert ds.eval_size is None
     images, _ = next(iter(ds.loader("test", image_size=64, batch_size=2)))  # stored whole: any size, resized on load
     assert images.shape == (2, 3, 64, 64)

@@ -67,3 +67,20 @@ def test_cli_bad_out_exits_2_and_writes_nothing(tmp_path):
     result = runner.invoke(app, ["prepare", "demo-clip", "--out", str(tmp_path / "clip.pt"), "--steps", "0"])
     assert result.exit_code == 2 and "steps=0" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_existing_out_needs_overwrite(tmp_path):
+    out = tmp_path / "clip.pt"
+    out.write_bytes(b"someone's checkpoint")
+    result = runner.invoke(app, ["prepare", "demo-clip", "--out", str(out), "--steps", "2"])
+    assert result.exit_code == 2, result.output
+    assert f"--out {out} already exists; pass --overwrite to replace it" in result.stderr
+    assert out.read_bytes() == b"someone's checkpoint"  # refused before training
+
+
+def test_cli_overwrite_replaces_out(tmp_path):
+    out = tmp_path / "clip.pt"
+    out.write_bytes(b"someone's checkpoint")
+    result = runner.invoke(app, ["prepare", "demo-clip", "--out", str(out), "--steps", "2", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert isinstance(torch.load(out, weights_only=True), dict)
