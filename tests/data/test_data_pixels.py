@@ -182,7 +182,7 @@ def test_whole_images_get_clip_eval_geometry_on_load(photo_beton):
 def test_a_run_whose_model_takes_another_size_stops_before_training(photo_beton, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "--method", "coop", "--data", str(photo_beton), "--clip", "fastprompt-tiny",
-                                      "--pretrained", "none", "--device", "cpu", "--epochs", "1", "--out", str(out)])
+                                      "--pretrained", "none", "--device", "cpu", "--epochs", "1", "--warmup-epochs", "0", "--out", str(out)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "takes 64 px" in lines[0] and lines[0].endswith("--eval-size 64`"), lines
