@@ -20,10 +20,11 @@ from typing import Any, Optional, Sequence
 
 from fastprompt.errors import FastpromptError
 from fastprompt.methods.registry import METHODS, ParamGroup
-from fastprompt.runtime import DEVICES, PRECISIONS
+from fastprompt.runtime import DEVICES, PRECISIONS, SEED_MAX
 from fastprompt.validation import check_int, check_number, require
 
 CLASS_CHOICES = ("all", "base", "new")
+TRAIN_CLASSES = ("all", "base")  # training: every class, or the base half (base-to-new)
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # the last three: inductor modes
 COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo + AOTAutograd without code generation (tests, debugging)
@@ -95,8 +96,8 @@ class TrainConfig:
             raise FastpromptError(f"{self.method} has nothing to train; evaluate it with `fastprompt zeroshot --data ...`")
         method_config(self.method, **self.options)  # unknown or bad method options fail here, before any file is written
         check_int("shots", self.shots, allow_none=True)
-        check_int("seed", self.seed, minimum=0)
-        if self.classes not in ("all", "base"):
+        check_int("seed", self.seed, minimum=0, maximum=SEED_MAX)
+        if self.classes not in TRAIN_CLASSES:
             raise FastpromptError(
                 f"classes={self.classes!r}: training takes 'all' or 'base' (base-to-new); evaluate on 'new' with `fastprompt eval`"
             )

@@ -48,7 +48,8 @@ from fastprompt.methods.base import PromptModel
 from fastprompt.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
 from fastprompt.training import checkpoint
 from fastprompt.training.checkpoint import to_json_value
-from fastprompt.training.compiled import compile_fn
+from fastprompt.training.compiled import compile_cache_is_warm, compile_fn
+from fastprompt.training.progress import TrainProgress
 from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
 from fastprompt.training.feature_cache import FeatureCache
@@ -248,7 +249,7 @@ class Trainer:
         return self.feature_cache.batches(self.data, self.train_subset, cfg.classes, seed=cfg.seed, epoch=self.epoch,
                                           batch_size=cfg.batch_size, rank=self.rank, world=self.world)
 
-    def train_epoch(self, progress=None, task=None) -> dict:
+    def train_epoch(self, progress: Optional[TrainProgress] = None) -> dict:
         cfg = self.config
         lr = {}
         for group in self.optimizer.param_groups:
@@ -281,7 +282,7 @@ class Trainer:
             correct += int((logits.argmax(-1) == labels).sum())
             seen += labels.shape[0]
             if progress is not None:
-                progress.update(task, advance=1, loss=loss_value)
+                progress.step(total_loss, seen)
         stats = torch.tensor([float(total_loss), correct, seen], dtype=torch.float64)
         if self.distributed:
             dist.all_reduce(stats)
@@ -292,15 +293,9 @@ class Trainer:
 
     def train(self) -> dict:
         """Train the remaining epochs, then evaluate on the test split; returns results.json's content."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         cfg = self.config
         self._say(f"[bold]fastprompt train[/bold] {json.dumps(self.config.to_dict())}")
-        columns = [TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
-                   TimeElapsedColumn()]
-        progress = Progress(*columns, console=self.console, disable=not self.is_main or self.console is None,
-                            transient=False)
+        progress = TrainProgress(self.console, cfg.epochs, len(self.loader), done=self.epoch, enabled=self.is_main)
         if self.cached_topk and self.epoch < cfg.epochs:
             self._build_topk_table()
         if cfg.feature_cache and self.epoch < cfg.epochs:
@@ -310,14 +305,17 @@ class Trainer:
             if cfg.feature_cache < cfg.epochs:
                 self._say(f"feature cache: {cfg.feature_cache} augmented views for {cfg.epochs} epochs; epoch e reuses "
                           f"view e mod {cfg.feature_cache} (a deliberate approximation of fresh augmentation)")
+        mode = cfg.compile_mode(self.device.type)
+        if mode is not None and self.epoch < cfg.epochs:
+            progress.say("compiling the training step (first time on this machine: 1-2 minutes)" if not compile_cache_is_warm()
+                         else "compiling the training step (from the compile cache: seconds)")
         with progress:
-            task = progress.add_task("train", total=len(self.loader) * (cfg.epochs - self.epoch), epoch=self.epoch,
-                                     epochs=cfg.epochs, loss=float("nan"), acc=0.0, ips=0.0)
             while self.epoch < cfg.epochs:
-                line = self.train_epoch(progress, task)
+                progress.start_epoch(self.epoch)
+                line = self.train_epoch(progress)
                 self.epoch += 1
                 self.metrics.append(line)
-                progress.update(task, epoch=self.epoch, acc=line["train_accuracy"], ips=line["images_per_s"])
+                progress.end_epoch(line)
                 if self.is_main:
                     with open(self.out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(line) + "\n")
