@@ -1,7 +1,8 @@
 """The `fastprompt` command line: parses arguments and delegates to library functions.
 
-Every command turns `FastpromptError` into a one-line message and exit code 2; nothing
-else is caught here. Every command takes `-v/--verbose` (INFO logs on stderr through rich;
+Every command turns `FastpromptError` into a one-line message and exit code 2, and so is
+a parse error (unknown flag or command, a value outside an option's choices); nothing else
+is caught here. Every command takes `-v/--verbose` (INFO logs on stderr through rich;
 warnings always show). `train`'s method-option flags (`--coop.n-ctx`, ...) and per-group
 recipe flags (`--lr.visual`, `--warmup-epochs.text`, ...) are generated from the method
 registry when the command parses its arguments (`TrainCommand`), not listed here.
@@ -22,7 +23,6 @@ from typer.core import TyperCommand, TyperGroup
 
 import fastprompt
 from fastprompt.errors import FastpromptError
-
 
 
 def _usage_error(ctx, err: Exception) -> None:
@@ -134,7 +134,7 @@ def _polish(param) -> None:
     param._polished = True
 
 
-class Plain(TyperCommand):
+class BaseCommand(TyperCommand):
     """A fastprompt command's parsing and help: `choices()` turns named options into real choices
     (their values come from the modules that own them, imported only when the command parses or
     prints help), help texts are polished (`_polish`), and a parse error is one line, exit 2."""
@@ -160,7 +160,7 @@ class Plain(TyperCommand):
             _usage_error(ctx, err)
 
 
-class Command(Plain):
+class Command(BaseCommand):
     """A fastprompt command: its own parameters plus `extra_flags()`, which are built when the
     command parses arguments or prints help (so `fastprompt --version` imports nothing), and
     handed to the callback as `ctx.meta["flags"]` instead of as keyword arguments."""
@@ -566,7 +566,7 @@ def _set_options(pairs: Optional[list[str]]) -> dict:
     return options
 
 
-@command(app, "sweep", cls=Plain, choices=_train_choices)
+@command(app, "sweep", cls=BaseCommand, choices=_train_choices)
 @user_errors
 def sweep_cmd(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, e.g. coop,cavpt.")],
@@ -641,7 +641,7 @@ def sweep_cmd(
         raise typer.Exit(code=1)
 
 
-@command(app, "report", cls=Plain)
+@command(app, "report", cls=BaseCommand)
 @user_errors
 def report_cmd(
     folder: Annotated[str, typer.Argument(help="A sweep's --out, or any folder of runs.")],
@@ -661,7 +661,7 @@ plot_app = typer.Typer(cls=Group, help="Figures of a finished run or a sweep (PN
 app.add_typer(plot_app, name="plot")
 
 
-@command(plot_app, "shots", cls=Plain)
+@command(plot_app, "shots", cls=BaseCommand)
 @user_errors
 def plot_shots_cmd(
     sweep: Annotated[str, typer.Argument(help="A sweep's --out (or any folder of runs with several shots).")],
@@ -685,7 +685,7 @@ FigureFormat = Annotated[str, typer.Option("--format", help="png | pdf.")]
 PlotDevice = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
 
 
-@command(plot_app, "attention", cls=Plain)
+@command(plot_app, "attention", cls=BaseCommand)
 @user_errors
 def plot_attention_cmd(run: Run, images: Annotated[int, typer.Option("--images", help="Test images (rows), spread over the classes.")] = 8,
                        out: FigureOut = None, fmt: FigureFormat = "png", device: PlotDevice = "cpu",
@@ -696,7 +696,7 @@ def plot_attention_cmd(run: Run, images: Annotated[int, typer.Option("--images",
     typer.echo(plot_attention(run, images=images, out=out, fmt=fmt, device=device, num_workers=workers))
 
 
-@command(plot_app, "tsne", cls=Plain)
+@command(plot_app, "tsne", cls=BaseCommand)
 @user_errors
 def plot_tsne_cmd(run: Run, max_images: Annotated[int, typer.Option("--max-images", help="Test images embedded, spread over the classes.")] = 1000,
                   out: FigureOut = None, fmt: FigureFormat = "png", device: PlotDevice = "cpu",
@@ -707,7 +707,7 @@ def plot_tsne_cmd(run: Run, max_images: Annotated[int, typer.Option("--max-image
     typer.echo(plot_tsne(run, max_images=max_images, out=out, fmt=fmt, device=device, num_workers=workers))
 
 
-@command(plot_app, "curves", cls=Plain)
+@command(plot_app, "curves", cls=BaseCommand)
 @user_errors
 def plot_curves_cmd(run_or_sweep: Annotated[str, typer.Argument(help="A run directory, or a folder of runs (a sweep).")],
                     out: Annotated[Optional[str], typer.Option("--out", help="Folder for the figure (default RUN_OR_SWEEP/figures).")] = None,
@@ -718,7 +718,7 @@ def plot_curves_cmd(run_or_sweep: Annotated[str, typer.Argument(help="A run dire
     typer.echo(plot_curves(run_or_sweep, out=out, fmt=fmt))
 
 
-@command(app, "interpret", cls=Plain)
+@command(app, "interpret", cls=BaseCommand)
 @user_errors
 def interpret_cmd(run: Run, topk: Annotated[int, typer.Option("--topk", help="Nearest tokens per context vector.")] = 5) -> None:
     """CoOp's reading of learned context vectors: the nearest tokens of the embedding table, with distances."""
@@ -729,7 +729,7 @@ def interpret_cmd(run: Run, topk: Annotated[int, typer.Option("--topk", help="Ne
     Console().print(words_table(interpret_run(run, topk=topk), title=f"nearest tokens of {run}'s context vectors"))
 
 
-@command(app, "compare", cls=Plain)
+@command(app, "compare", cls=BaseCommand)
 @user_errors
 def compare_cmd(runs: Annotated[list[str], typer.Argument(help="Run directories of finished `fastprompt train` runs.")],
                 device: PlotDevice = "cpu", workers: Workers = None,

@@ -217,7 +217,7 @@ class Trainer:
 
     def _say(self, text: str) -> None:
         if self.is_main and self.console is not None:
-            self.console.print(text)
+            self.console.print(text, soft_wrap=True)  # a log line is never wrapped
 
     # --------------------------------------------------------------- training
     def _build_topk_table(self) -> None:
