@@ -58,7 +58,7 @@ def test_bench_json_is_valid_after_every_method(tmp_path, monkeypatch):
 def test_default_grid_and_all():
     from fastprompt.bench import VARIANTS, BenchConfig, bench_methods
 
-    assert BenchConfig().methods == ("coop-text", "coop", "vpt-deep", "cavpt")
+    assert BenchConfig().methods == ("coop-text", "vpt-deep")
     assert BenchConfig().variants == ("reference", "fast")
     assert set(bench_methods()) > set(BenchConfig().methods) and set(VARIANTS) > set(BenchConfig().variants)
 
