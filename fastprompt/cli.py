@@ -28,7 +28,7 @@ from fastprompt.errors import FastpromptError
 def _usage_error(ctx, err: Exception) -> None:
     """A parse error (unknown flag, bad choice, missing option) as the one line every fastprompt
     error is: `error: PROBLEM; see `COMMAND --help``, exit code 2."""
-    problem = err.format_message().replace("Value error, ", "").rstrip(".")
+    problem = " ".join(err.format_message().replace("Value error, ", "").split()).rstrip(".")  # one line
     typer.echo(f"error: {problem}; see `{ctx.command_path} --help`", err=True)
     raise typer.Exit(code=2)
 

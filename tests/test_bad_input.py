@@ -52,8 +52,8 @@ CASES = {
     "train device": (train("coop", "--device", "tpu"), "device='tpu' must be one of auto, cpu, cuda"),
     "unknown flag": (train("coop", "--lrr", "0.1"), "No such option: --lrr"),
     "unknown command": (["trian"], "No such command 'trian'. Did you mean 'train'?; see `fastprompt --help`"),
-    "unknown root flag": (["--verbose", "train"], "No such option: --verbose; see `fastprompt --help`"),
-    "missing required flag": (["train", "--data", "{demo}"], "Missing option '--method'"),
+    "unknown root flag": (["--verbose", "train"], "No such option: --verbose (Possible options: --version); see `fastprompt --help`"),
+    "missing required flag": (["train", "--data", "{demo}"], "Missing option '--method'. Choose from: coop, vpt-shallow, vpt-deep"),
     # --- weights
     "unknown clip": (["train", "--method", "coop", "--data", "{demo}", "--out", "{run}", "--clip", "ViT-B-3",
                       "--pretrained", "none"], "unknown CLIP model 'ViT-B-3' (did you mean ViT-B-32"),
