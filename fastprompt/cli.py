@@ -309,11 +309,11 @@ def prepare_demo_clip_cmd(
     """Pretrain fastprompt-tiny on synthetic colour-shape captions (never the demo's classes): a small CLIP that knows something."""
     from fastprompt.training.pretrain import PretrainConfig, pretrain_clip
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     config = PretrainConfig(steps=steps, seed=seed)
     columns = (TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
-               TimeElapsedColumn())
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=_console()) as progress:
         task = progress.add_task("pretrain", total=steps, loss=float("nan"))
         summary = pretrain_clip(out, config, progress=lambda step, loss: progress.update(task, completed=step, loss=loss))

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fastprompt
 
 FASTPROMPT = str(Path(sys.executable).parent / "fastprompt")
@@ -70,3 +72,16 @@ def test_help_of_every_command():
     assert "--classes <all|base|new>" in _help(("eval",)) and "--precision <auto|fp32|bf16>" in _help(("zeroshot",))
     assert "CoOp split file split_zhou_<Name>.json ([relative_path, label, classname] lists)." in _help(
         ("prepare", "imagefolder"))
+
+
+@pytest.mark.parametrize("rank, level", [("0", "INFO"), ("1", "WARNING")])
+def test_verbose_logs_on_rank_0_only(rank, level, monkeypatch):
+    """Under torchrun the other ranks log warnings only, even with -v."""
+    import logging
+
+    from fastprompt.cli import _setup_logging
+
+    monkeypatch.setenv("RANK", rank)
+    _setup_logging(verbose=True)
+    assert logging.getLevelName(logging.getLogger("fastprompt").level) == level
+    _setup_logging(verbose=False)
