@@ -1,16 +1,22 @@
 """Loader throughput: fastprompt's FFCV loader vs torchvision ImageFolder + DataLoader.
 
-Both read the same synthetic JPEGs (written once into a folder, and into a .beton at the
-same resolution and quality) and deliver the same thing: batches of float32
-(B, 3, 224, 224) images, random-resized-cropped to 224, randomly flipped and normalised
-with CLIP's mean/std, with `--workers` workers (torchvision: worker processes; FFCV: decode
-threads). The first epoch (worker start-up / numba JIT) and the steady state (the mean of
-the following epochs) are reported separately, as JSON lines, with the CPU seconds spent
-per 1000 images (all processes of the loader: a figure that a busy machine disturbs less
-than wall-clock throughput). Each loader runs in its own process.
+Both read the same synthetic JPEGs (written once into a folder, and into a .beton by
+`write_imagefolder` with `prepare`'s storage defaults unless overridden) and deliver the same
+thing, float32 (B, 3, 224, 224) batches normalised with CLIP's mean/std, with `--workers`
+workers (torchvision: worker processes; FFCV: decode threads):
+- train (`--split train`): Dassl's training transform, RandomResizedCrop(224, scale (0.08, 1),
+  bicubic) + random horizontal flip; torchvision crops the originals, FFCV the stored
+  training images (shorter side at most `--train-short-side`);
+- eval (`--split test`): CLIP's eval transform, Resize(224, bicubic) + CenterCrop(224);
+  torchvision computes it from the originals, FFCV reads it stored evaluation-ready.
+The first epoch (worker start-up / numba JIT) and the steady state (the mean of the
+following epochs) are reported separately, as JSON lines, with the CPU seconds spent per
+1000 images (all processes of the loader: a figure that a busy machine disturbs less than
+wall-clock throughput), and the .beton's bytes per stored image of each split. Each loader
+runs in its own process.
 
-    python benchmarks/bench_loader.py                       # 2000 JPEGs of 240-320 px, 2 workers
-    python benchmarks/bench_loader.py --min-side 375 --max-side 500 --max-resolution 256   # prepare's default size
+    python benchmarks/bench_loader.py                       # 1500 + 500 JPEGs of 375-500 px, 2 workers, both splits
+    python benchmarks/bench_loader.py --min-side 240 --max-side 320 --split train
     python benchmarks/bench_loader.py --cold-jit            # first epoch including numba compilation
 """
 
@@ -30,31 +36,33 @@ from pathlib import Path
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=2000, help="training images in the synthetic set")
+    p.add_argument("--images", type=int, default=1500, help="training images in the synthetic set")
+    p.add_argument("--eval-images", type=int, default=500, help="test images in the synthetic set")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--min-side", type=int, default=240, help="image sides are drawn from [min-side, max-side]")
-    p.add_argument("--max-side", type=int, default=320)
-    p.add_argument("--max-resolution", type=int, default=None,
-                   help="the .beton's longest side (default: --max-side, so both loaders decode the same pixels; "
-                        "256 is `fastprompt prepare`'s default)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the folder and of the .beton")
+    p.add_argument("--min-side", type=int, default=375, help="image sides are drawn from [min-side, max-side]")
+    p.add_argument("--max-side", type=int, default=500)
+    p.add_argument("--train-short-side", type=int, default=320, help="the .beton's cap on a training image's shorter side")
+    p.add_argument("--max-resolution", type=int, default=1024, help="the .beton's cap on a training image's longest side")
+    p.add_argument("--eval-format", choices=["raw", "jpg"], default="raw", help="how the .beton stores val/test")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the folder and of the .beton's training images")
     p.add_argument("--batch-size", type=int, default=32, help="CoOp's batch size")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3, help="steady-state epochs after the first")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--split", choices=["train", "test", "both"], default="both")
     p.add_argument("--workdir", type=str, default=None, help="keep the data here (default: a temporary folder)")
     p.add_argument("--cold-jit", action="store_true", help="use an empty numba cache: the first epoch compiles the kernels")
     p.add_argument("--only", choices=["ffcv", "torchvision"], default=None)
     return p.parse_args()
 
 
-def make_jpegs(root: Path, n: int, classes: int, min_side: int, max_side: int, quality: int) -> None:
+def make_jpegs(root: Path, n: int, n_eval: int, classes: int, min_side: int, max_side: int, quality: int) -> None:
     """Photo-like JPEGs: smooth colour fields, a few shapes and sensor noise, random sizes."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("val", classes), ("test", classes)):
+    for split, count in (("train", n), ("val", classes), ("test", n_eval)):
         for k in range(count):
             c = k % classes
             h, w = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
@@ -114,15 +122,17 @@ def bench_torchvision(root: Path, args) -> dict:
 
     from fastprompt.data.pipelines import CLIP_MEAN, CLIP_STD
 
-    tfm = transforms.Compose([
-        transforms.RandomResizedCrop(args.image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
-    data = datasets.ImageFolder(str(root / "train"), transform=tfm)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                         drop_last=True, persistent_workers=True)
+    bicubic = transforms.InterpolationMode.BICUBIC
+    if args.split == "train":  # Dassl's dassl/data/transforms/transforms.py with CoOp's INPUT settings
+        crop = [transforms.RandomResizedCrop(args.image_size, scale=(0.08, 1.0), interpolation=bicubic),
+                transforms.RandomHorizontalFlip()]
+    else:  # CLIP's eval transform
+        crop = [transforms.Resize(args.image_size, interpolation=bicubic), transforms.CenterCrop(args.image_size)]
+    tfm = transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+    data = datasets.ImageFolder(str(root / args.split), transform=tfm)  # PIL open + convert("RGB")
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=args.split == "train",
+                                         num_workers=args.workers, drop_last=args.split == "train",
+                                         persistent_workers=True)
     return time_epochs(lambda: iter(loader), args.epochs)
 
 
@@ -130,13 +140,29 @@ def bench_ffcv(beton: Path, args) -> dict:
     from fastprompt.data import open_dataset
 
     ds = open_dataset(beton)
-    loader = ds.loader("train", train=True, image_size=args.image_size, batch_size=args.batch_size,
-                       num_workers=args.workers, drop_last=True)
+    train = args.split == "train"
+    loader = ds.loader(args.split, train=train, image_size=args.image_size, batch_size=args.batch_size,
+                       num_workers=args.workers, drop_last=train)
     return time_epochs(lambda: iter(loader), args.epochs)
 
 
+def stored_bytes_per_image(beton: Path) -> dict:
+    """Mean bytes of a stored image per split (FFCV's allocation table, by sample)."""
+    import numpy as np
+    from ffcv.reader import Reader
+
+    from fastprompt.data.splits import SPLIT_CODE
+
+    reader = Reader(str(beton))
+    table = reader.alloc_table
+    per_sample = np.zeros(len(reader.metadata), dtype=np.int64)
+    np.add.at(per_sample, table["sample_id"], table["size"])
+    splits = reader.metadata["f2"]
+    return {split: int(per_sample[splits == code].mean()) for split, code in SPLIT_CODE.items() if np.any(splits == code)}
+
+
 def run_one(args, work: Path) -> None:
-    """Benchmark `args.only` on the data in `work` and print its JSON line."""
+    """Benchmark `args.only` on `args.split` of the data in `work` and print its JSON line."""
     import torch
 
     if args.only == "ffcv":
@@ -144,12 +170,25 @@ def run_one(args, work: Path) -> None:
     else:
         result = bench_torchvision(work / "jpegs", args)
     print(json.dumps({
-        "loader": args.only, **result, "images": args.images, "batch_size": args.batch_size, "workers": args.workers,
+        "loader": args.only, "split": args.split, **result, "batch_size": args.batch_size, "workers": args.workers,
         "image_size": args.image_size, "sides": [args.min_side, args.max_side],
-        "beton_max_resolution": args.max_resolution or args.max_side, "cores": len(os.sched_getaffinity(0)),
-        "load_avg_1min_after": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-        "python": platform.python_version(), "cold_jit": args.cold_jit,
+        "train_short_side": args.train_short_side, "eval_format": args.eval_format,
+        "cores": len(os.sched_getaffinity(0)), "load_avg_1min_after": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__, "python": platform.python_version(), "cold_jit": args.cold_jit,
     }), flush=True)
+
+
+def strip_option(argv: list[str], option: str) -> list[str]:
+    """argv without `option VALUE` (and `option=VALUE`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def main() -> None:
@@ -164,31 +203,39 @@ def main() -> None:
         root, beton = work / "jpegs", work / "bench.beton"
         if not (root / "train").exists():
             t = time.perf_counter()
-            make_jpegs(root, args.images, args.classes, args.min_side, args.max_side, args.quality)
-            print(f"# wrote {args.images} JPEGs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+            make_jpegs(root, args.images, args.eval_images, args.classes, args.min_side, args.max_side, args.quality)
+            print(f"# wrote {args.images} + {args.eval_images} JPEGs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         if not beton.exists():
             from fastprompt.data import write_imagefolder
 
             t = time.perf_counter()
-            write_imagefolder(root, beton, max_resolution=args.max_resolution or args.max_side, jpeg_quality=args.quality,
-                              workers=args.workers)
+            write_imagefolder(root, beton, max_resolution=args.max_resolution, jpeg_quality=args.quality,
+                              train_short_side=args.train_short_side, eval_size=args.image_size,
+                              eval_format=args.eval_format, workers=args.workers)
             print(f"# wrote {beton.name} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        results = {}
-        for name in ("ffcv", "torchvision"):  # each in a fresh process: no shared threads, caches or forks
-            argv = [a for a in sys.argv[1:]]
-            if "--workdir" not in argv:
-                argv += ["--workdir", str(work)]
-            out = subprocess.run([sys.executable, __file__, *argv, "--only", name], check=True, capture_output=True, text=True)
-            line = out.stdout.strip().splitlines()[-1]
-            print(line, flush=True)
-            results[name] = json.loads(line)
-        ffcv, tv = results["ffcv"], results["torchvision"]
-        print(json.dumps({
-            "steady_ratio_ffcv_over_torchvision": round(ffcv["steady_images_per_s"] / tv["steady_images_per_s"], 2),
-            "first_epoch_ratio": round(ffcv["first_epoch_images_per_s"] / tv["first_epoch_images_per_s"], 2),
-            "cpu_per_image_ratio_torchvision_over_ffcv": round(
-                tv["steady_cpu_s_per_1000_images"] / ffcv["steady_cpu_s_per_1000_images"], 2),
-        }))
+        folder = {split: sum(f.stat().st_size for f in (root / split).rglob("*.jpg")) // max(1, len(list((root / split).rglob("*.jpg"))))
+                  for split in ("train", "test")}
+        print(json.dumps({"beton_bytes_per_image": stored_bytes_per_image(beton), "folder_jpeg_bytes_per_image": folder}),
+              flush=True)
+        for split in (["train", "test"] if args.split == "both" else [args.split]):
+            results = {}
+            for name in ("ffcv", "torchvision"):  # each in a fresh process: no shared threads, caches or forks
+                argv = strip_option(sys.argv[1:], "--split") + ["--split", split]
+                if "--workdir" not in argv:
+                    argv += ["--workdir", str(work)]
+                out = subprocess.run([sys.executable, __file__, *argv, "--only", name], check=True, capture_output=True,
+                                     text=True)
+                line = out.stdout.strip().splitlines()[-1]
+                print(line, flush=True)
+                results[name] = json.loads(line)
+            ffcv, tv = results["ffcv"], results["torchvision"]
+            print(json.dumps({
+                "split": split,
+                "steady_ratio_ffcv_over_torchvision": round(ffcv["steady_images_per_s"] / tv["steady_images_per_s"], 2),
+                "first_epoch_ratio": round(ffcv["first_epoch_images_per_s"] / tv["first_epoch_images_per_s"], 2),
+                "cpu_per_image_ratio_torchvision_over_ffcv": round(
+                    tv["steady_cpu_s_per_1000_images"] / ffcv["steady_cpu_s_per_1000_images"], 2),
+            }), flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

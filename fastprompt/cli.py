@@ -51,7 +51,8 @@ class Group(TyperGroup):
 
 app = typer.Typer(
     name="fastprompt",
-    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM.",
+    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM. "
+         "What each method computes, every default and its source, and the named protocols: docs/methods.md.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -191,13 +192,14 @@ class Command(BaseCommand):
         return super().invoke(ctx)
 
 
-def command(typer_app: typer.Typer, name: str, cls: type = None, choices: Optional[Callable[[], dict]] = None):
+def command(typer_app: typer.Typer, name: str, cls: type = None, choices: Optional[Callable[[], dict]] = None,
+            **settings: Any):
     """Register a command of class `cls` (default `Command`: with -v/--verbose) whose options
-    named by `choices()` are real choices."""
+    named by `choices()` are real choices; `settings` go to Typer's `command` (epilog, ...)."""
     cls = cls or Command
     if choices is not None:
         cls = type(cls.__name__, (cls,), {"choices": lambda self: choices()})
-    return typer_app.command(name, cls=cls)
+    return typer_app.command(name, cls=cls, **settings)
 
 
 def _version_callback(value: bool) -> None:
@@ -223,6 +225,23 @@ def methods_cmd() -> None:
         typer.echo(name)
 
 
+@command(app, "protocols")
+@user_errors
+def protocols_cmd(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Protocols to show (default: all).")] = None,
+) -> None:
+    """Print each named protocol (`train --protocol NAME`): every setting, its value and its source."""
+    from rich.console import Console
+
+    from fastprompt.training.protocols import protocol_tables
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # piped or redirected: keep each setting on few lines
+    for table in protocol_tables(names):
+        console.print(table)
+
+
 # ----------------------------------------------------------------------------------------
 # prepare: datasets -> .beton (data layer, fastprompt/data)
 # ----------------------------------------------------------------------------------------
@@ -243,17 +262,21 @@ def prepare_imagefolder_cmd(
     split_json: Annotated[Optional[str], typer.Option("--split-json", help="CoOp split file split_zhou_<Name>.json ([relative_path, label, classname] lists).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Dataset name (default: from the split file's name, else ROOT's folder name); known CoOp datasets get their template and class names.")] = None,
     classnames: Annotated[Optional[str], typer.Option("--classnames", help="Text file of 'folder classname' lines (e.g. ImageNet's wnids).")] = None,
-    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest image side stored, px.")] = 256,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored images (1-100).")] = 90,
+    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest side of a stored training image, px.")] = 1024,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored training images (1-100).")] = 90,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out (and report how many) instead of failing.")] = False,
+    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
+    eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
+    eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
 ) -> None:
     """Write a folder of images (with a CoOp split file, split folders, or a stratified split) as a .beton."""
     from fastprompt.data import write_imagefolder
 
     summary = write_imagefolder(
         root, out, split_json=split_json, name=name, classnames_file=classnames, max_resolution=max_resolution,
-        jpeg_quality=jpeg_quality, workers=workers, skip_bad=skip_bad,
+        jpeg_quality=jpeg_quality, workers=workers, skip_bad=skip_bad, train_short_side=train_short_side,
+        eval_size=eval_size, eval_format=eval_format,
     )
     typer.echo(summary.line())
 
@@ -265,10 +288,13 @@ def prepare_coop_cmd(
     root: Annotated[Optional[str], typer.Argument(help="$DATA (the folder holding CoOp's dataset folders) or the dataset's own folder.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Output NAME.beton (default: ./<name>.beton); the sidecar NAME.json goes beside it.")] = None,
     list_datasets: Annotated[bool, typer.Option("--list", help="Print the datasets: names, class counts and the layout expected under ROOT.")] = False,
-    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest image side stored, px.")] = 256,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored images (1-100).")] = 90,
+    max_resolution: Annotated[int, typer.Option("--max-resolution", help="Longest side of a stored training image, px.")] = 1024,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality of the stored training images (1-100).")] = 90,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Writer processes (default: the available cores).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out (and report how many) instead of failing.")] = False,
+    train_short_side: Annotated[int, typer.Option("--train-short-side", help="Shorter side of a stored training image at most this, px (random-resized-crop source).")] = 320,
+    eval_size: Annotated[int, typer.Option("--eval-size", help="The model's input size: val/test are stored as CLIP's eval transform at this size.")] = 224,
+    eval_format: Annotated[str, typer.Option("--eval-format", help="Evaluation images: raw (CLIP's pixels exactly) or jpg (--jpeg-quality; smaller, approximate).")] = "raw",
 ) -> None:
     """Write one of CoOp's datasets (11 + 4 ImageNet variants), laid out as CoOp's DATASETS.md says, as a .beton."""
     from fastprompt.data.coop import coop_table_lines, write_coop
@@ -279,7 +305,8 @@ def prepare_coop_cmd(
     if name is None or root is None:
         raise FastpromptError("give NAME and ROOT, e.g. `fastprompt prepare coop eurosat $DATA`; --list prints the names")
     summary = write_coop(name, root, out, max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers,
-                         skip_bad=skip_bad)
+                         skip_bad=skip_bad, train_short_side=train_short_side, eval_size=eval_size,
+                         eval_format=eval_format)
     typer.echo(summary.line())
 
 
@@ -392,7 +419,9 @@ class TrainCommand(Command):
         return flags
 
 
-@command(app, "train", cls=TrainCommand, choices=_train_choices)
+@command(app, "train", cls=TrainCommand, choices=_train_choices,
+         epilog="Each method's equations, every option's default and its source (paper or published code), the "
+                "parameter groups and the protocols: docs/methods.md in the repository.")
 @user_errors
 def train_cmd(
     ctx: typer.Context,
@@ -421,6 +450,7 @@ def train_cmd(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints (0: only at the end).")] = 1,
     feature_cache: Annotated[int, typer.Option("--feature-cache", help="Methods with a frozen image tower (coop, e2mim): cache V augmented views of the image features (0: off).")] = 0,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write per-epoch scalars to OUT/tensorboard (torch.utils.tensorboard).")] = False,
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (coop, cocoop-b2n, cavpt, cavpt-paper; `fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used; flags given explicitly win.")] = None,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
     from pathlib import Path
@@ -435,7 +465,7 @@ def train_cmd(
     group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
     if out is None:
         out = str(Path("runs") / f"{method}-{Path(data).stem}-{shots}shot-seed{seed}")
-    config = TrainConfig(
+    settings = dict(
         method=method, data=data, out=out, clip=clip, pretrained=pretrained, template=template,
         shots=shots or None, seed=seed, classes=classes, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
         warmup_epochs=warmup_epochs, group_lr=group_lr, group_warmup_epochs=group_warmup, warmup_lr=warmup_lr,
@@ -443,6 +473,14 @@ def train_cmd(
         device=device, precision=precision, backend=backend, compile=compile, num_workers=workers,
         checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options,
     )
+    if protocol is None:
+        config = TrainConfig(**settings)
+    else:  # the protocol fills what the command line left at its default; the generated flags hold only given values
+        from click.core import ParameterSource
+
+        given = {k: v for k, v in settings.items() if k in ("out", "options", "group_lr", "group_warmup_epochs")
+                 or ctx.get_parameter_source("workers" if k == "num_workers" else k) not in (None, ParameterSource.DEFAULT)}
+        config = TrainConfig.from_protocol(protocol, **given)
     logger = None
     if tensorboard:
         from fastprompt.training.tensorboard import TensorBoardLogger
@@ -608,6 +646,7 @@ def sweep_cmd(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Loader threads per cell (default: its share of the cores).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="As in `fastprompt train`; shared by every cell.")] = None,
     feature_cache: Annotated[Optional[int], typer.Option("--feature-cache", help="As in `fastprompt train`; shared by every cell.")] = None,
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="As in `fastprompt train` (`fastprompt protocols`); the flags given here win.")] = None,
 ) -> None:
     """Run a grid of datasets x methods x shots x seeds, one run folder per cell; resumable."""
     from fastprompt.sweep import SweepConfig, prepare, run_sweep
@@ -616,7 +655,7 @@ def sweep_cmd(
     given = locals()
     train_fields = ("clip", "pretrained", "template", "classes", "epochs", "batch_size", "optimizer", "lr",
                     "warmup_epochs", "warmup_lr", "momentum", "weight_decay", "device", "precision", "backend",
-                    "compile", "checkpoint_every", "feature_cache")
+                    "compile", "checkpoint_every", "feature_cache", "protocol")
     shared = {k: given[k] for k in train_fields if given[k] is not None}
     if workers is not None:
         shared["num_workers"] = workers

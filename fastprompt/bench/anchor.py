@@ -273,9 +273,10 @@ class Anchor:
         onehot = F.one_hot(labels, model.num_classes).to(xn.dtype)  # (B, K)
         feats, targets = xn, onehot
         if cfg.mixup:
-            a, b = classwise_pairs(labels)
-            lam = torch.distributions.Beta(float(cfg.mixup_alpha), float(cfg.mixup_alpha)).sample((a.shape[0], 1))
-            lam = lam.to(xn.device, xn.dtype)  # (Bm, 1)
+            a, b, keep = classwise_pairs(labels)  # (B,) each
+            alpha = torch.tensor(float(cfg.mixup_alpha), device=xn.device)  # the model's draw: one λ per pair
+            lam = torch.distributions.Beta(alpha, alpha).sample((a.shape[0], 1))[keep].to(xn.dtype)  # (Bm, 1)
+            a, b = a[keep], b[keep]  # (Bm,): the pairs whose labels differ (a data-dependent shape)
             feats = torch.cat([xn, lam * xn[a] + (1 - lam) * xn[b]])  # (M, D)
             targets = torch.cat([onehot, lam * onehot[a] + (1 - lam) * onehot[b]])  # (M, K)
         fn = l2norm(feats)  # (M, D)

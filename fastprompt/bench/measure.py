@@ -134,10 +134,19 @@ def _error_record(method: str, variant: str, cfg: BenchConfig, device: torch.dev
             "peak_memory_bytes": None, "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
 
 
+def _optimizer(variant: str, params, device: torch.device) -> torch.optim.Optimizer:
+    """The optimiser each variant's trainer uses: ours is fused SGD with its lr a device tensor
+    (`Trainer._make_optimizer`); the anchor-style codebases build a plain `torch.optim.SGD` (Dassl
+    dassl/optim/optimizer.py `build_optimizer`)."""
+    if variant == "anchor":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    return torch.optim.SGD(params, lr=torch.tensor(1e-3, device=device), momentum=0.9, fused=True)
+
+
 def _prepare(method: str, variant: str, master, cfg: BenchConfig, device: torch.device) -> _Run:
     """Build one variant, compile it (fast+compile) and run its warm-up steps."""
     work = build(method, variant, master, cfg, device)
-    optimizer = torch.optim.SGD(work.params, lr=1e-3, momentum=0.9) if work.params else None
+    optimizer = _optimizer(variant, work.params, device) if work.params else None
     record = {"method": method, "variant": variant, "device": str(device), "clip": cfg.clip,
               "batch_size": cfg.batch_size, "classes": cfg.classes, "precision": work.precision,
               "step": "forward+backward+sgd" if optimizer else "forward (nothing to train)",

@@ -15,8 +15,9 @@ Modules: `beton` (file + sidecar, writing and opening), `splits` (CoOp split fil
 stratified splits, few-shot, base/new), `imagefolder` (folders -> .beton), `coop` (CoOp's
 dataset folders -> .beton), `demo` (the procedural set), `datasets` (the table of CoOp's
 datasets: templates, class names, class counts, layouts), `order` (the epoch order),
-`pipelines` (`LoaderConfig`, the FFCV pipelines), `decoders` (numba decode kernels behind
-FFCV's decoder API), `loaders` (the loader factory; imported on first use, it pulls in
+`pixels` (how images are stored: val/test as CLIP's eval transform, train whole up to a
+cap), `pipelines` (`LoaderConfig`, the FFCV pipelines), `decoders` (numba decode kernels behind
+FFCV's decoder API), `resample` (PIL's bicubic resize in numba), `loaders` (the loader factory; imported on first use, it pulls in
 FFCV, numba and torch), `ffcv_compat` (FFCV workarounds, applied when a loader is built).
 """
 

@@ -2,12 +2,17 @@
 
 A fastprompt dataset is two files side by side:
 
-- `NAME.beton`, an FFCV file with three fields per sample: `image` (RGBImageField,
-  JPEG, longest side at most `max_resolution`), `label` (IntField, 0..K-1) and `split`
-  (IntField: 0 train, 1 val, 2 test). Samples are stored train first, then val, then test.
+- `NAME.beton`, an FFCV file with three fields per sample: `image` (RGBImageField),
+  `label` (IntField, 0..K-1) and `split` (IntField: 0 train, 1 val, 2 test). Samples are
+  stored train first, then val, then test. Images from files (`prepare imagefolder`,
+  `prepare coop`) are stored as `fastprompt.data.pixels` says: val and test
+  evaluation-ready (CLIP's eval transform at `eval_size`, raw pixels by default), train
+  whole up to `train_short_side` / `max_resolution` as JPEG.
 - `NAME.json`, the sidecar: class names (index = label), the default hand-crafted
   template, split sizes, every sample's label, split and source path, where the data came
-  from, the `.beton`'s size, and the format version.
+  from, how images are stored (`image`), the `.beton`'s size, and the format version.
+  Version 1 sidecars (every split stored whole at <= 256 px) still open; their evaluation
+  pixels are approximate and opening one says once how to re-prepare it.
 
 Writing goes to hidden temporary files in the destination folder that are renamed at the
 end, so a failed or interrupted write leaves nothing. Opening checks the sidecar against
@@ -18,6 +23,7 @@ mismatched pair is reported before a loader touches it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import multiprocessing
@@ -31,7 +37,7 @@ import numpy as np
 
 from fastprompt.errors import FastpromptError
 from fastprompt.runtime import resolve_workers
-from fastprompt.validation import check_int
+from fastprompt.validation import check_int, require
 from fastprompt.data.splits import (
     SPLIT_CODE,
     SPLITS,
@@ -48,23 +54,38 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT = "fastprompt-beton"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: val/test stored evaluation-ready (fastprompt.data.pixels)
+READABLE_VERSIONS = (1, 2)  # 1: every split stored whole, longest side <= max_resolution (256 by default)
+EVAL_FORMATS = ("raw", "jpg")
 FIELD_NAMES = ("image", "label", "split")
 PathLike = Union[str, os.PathLike]
 
 
 @dataclass(frozen=True)
 class WriteOptions:
-    """How images are stored in a `.beton`."""
+    """How images are stored in a `.beton` (see `fastprompt.data.pixels`)."""
 
-    max_resolution: int = 256  # longest side kept, px (larger images are shrunk, smaller kept)
-    jpeg_quality: int = 90  # JPEG quality of the stored images, 1..100
+    max_resolution: int = 1024  # longest side of a stored training image, px (larger ones are shrunk)
+    jpeg_quality: int = 90  # JPEG quality of the stored training images (and of eval images with eval_format="jpg")
     workers: Optional[int] = None  # writer processes; None = all available cores (clamped to them)
+    train_short_side: int = 320  # shorter side of a stored training image at most this, px (see fastprompt.data.pixels)
+    eval_size: Optional[int] = 224  # val/test stored evaluation-ready at this size; None = stored like training images
+    eval_format: str = "raw"  # evaluation-ready images: "raw" (CLIP's pixels exactly) or "jpg" (jpeg_quality, approximate)
 
     def __post_init__(self) -> None:
         check_int("max_resolution", self.max_resolution, minimum=16, maximum=8192)  # pixels
         check_int("jpeg_quality", self.jpeg_quality, minimum=1, maximum=100)
+        check_int("train_short_side", self.train_short_side, minimum=16, maximum=8192)
+        if self.eval_size is not None:
+            check_int("eval_size", self.eval_size, minimum=16, maximum=2048)
+        require(self.eval_format in EVAL_FORMATS, f"eval_format={self.eval_format!r} must be one of {', '.join(EVAL_FORMATS)}")
         resolve_workers(self.workers)
+
+    def record(self) -> dict[str, Any]:
+        """The sidecar's `image` entry."""
+        return {"max_resolution": self.max_resolution, "jpeg_quality": self.jpeg_quality,
+                "train_short_side": self.train_short_side, "eval_size": self.eval_size,
+                "eval_format": self.eval_format if self.eval_size is not None else None}
 
 
 @dataclass(frozen=True)
@@ -90,7 +111,9 @@ class WriteSummary:
 
 
 class ImageSource(Protocol):
-    """Indexable images to write: `load(i)` returns an (H, W, 3) uint8 RGB array."""
+    """Indexable images to write: `load(i)` returns an (H, W, 3) uint8 RGB array, as stored
+    (a source of files sizes them by `WriteOptions` and the sample's split; the writer
+    only encodes)."""
 
     def __len__(self) -> int: ...
 
@@ -114,8 +137,10 @@ class _WriterInput:
 
     _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 
-    def __init__(self, source: ImageSource, order: np.ndarray, labels: np.ndarray, splits: np.ndarray, failed: Any):
+    def __init__(self, source: ImageSource, order: np.ndarray, labels: np.ndarray, splits: np.ndarray, failed: Any,
+                 raw_splits: tuple[int, ...] = ()):
         self.source, self.order, self.labels, self.splits, self.failed = source, order, labels, splits, failed
+        self.raw_splits = raw_splits  # split codes whose images are stored raw (the rest as JPEG)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -129,14 +154,30 @@ class _WriterInput:
         except Exception:  # noqa: BLE001 - see the class docstring: recorded here, raised by the parent
             self.failed[j] = True
             image = self._PLACEHOLDER
-        return image, int(self.labels[j]), int(self.splits[j])
+        split = int(self.splits[j])
+        return (image, split in self.raw_splits), int(self.labels[j]), split
 
 
-def _page_size(max_resolution: int) -> int:
+def _encode_image(destination, value: tuple[np.ndarray, bool], malloc, jpeg_quality: int) -> None:
+    """FFCV's `RGBImageField.encode` (ffcv/fields/rgb_image.py) with the write mode chosen per
+    sample: `value` is (image (H, W, 3) uint8, raw). Images arrive at their stored size, so
+    FFCV's own resize never runs."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, encode_jpeg
+
+    image, raw = value
+    destination["mode"] = IMAGE_MODES["raw" if raw else "jpg"]
+    destination["height"], destination["width"] = image.shape[:2]
+    data = np.ascontiguousarray(image).reshape(-1) if raw else encode_jpeg(image, jpeg_quality)
+    destination["data_ptr"], storage = malloc(data.nbytes)
+    storage[:] = data
+
+
+def _page_size(options: WriteOptions) -> int:
     """FFCV page size: a power of two, at least 2 MiB, holding a raw image of the largest size twice."""
     from ffcv.writer import MIN_PAGE_SIZE
 
-    need = 2 * max_resolution * max_resolution * 3
+    side = max(options.max_resolution, options.eval_size or 0)
+    need = 2 * side * side * 3
     size = MIN_PAGE_SIZE
     while size < need:
         size *= 2
@@ -147,12 +188,11 @@ def _ffcv_write(path: Path, data: _WriterInput, indices: np.ndarray, options: Wr
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    fields = {
-        "image": RGBImageField(write_mode="jpg", max_resolution=options.max_resolution, jpeg_quality=options.jpeg_quality),
-        "label": IntField(),
-        "split": IntField(),
-    }
-    writer = DatasetWriter(str(path), fields, page_size=_page_size(options.max_resolution), num_workers=workers)
+    image_field = RGBImageField(write_mode="jpg", jpeg_quality=options.jpeg_quality)
+    # per-sample raw or JPEG (an instance attribute: the field stays an RGBImageField for FFCV's reader)
+    image_field.encode = functools.partial(_encode_image, jpeg_quality=options.jpeg_quality)
+    fields = {"image": image_field, "label": IntField(), "split": IntField()}
+    writer = DatasetWriter(str(path), fields, page_size=_page_size(options), num_workers=workers)
     writer.from_indexed_dataset(data, indices=np.asarray(indices, dtype=np.int64), chunksize=64)
 
 
@@ -224,7 +264,8 @@ def write_beton(
         os.close(fd)
         tmp_beton = Path(tmp_name)
         failed = multiprocessing.Array(ctypes.c_bool, n, lock=False)
-        data = _WriterInput(source, order, label_arr, split_arr, failed)
+        raw = (SPLIT_CODE["val"], SPLIT_CODE["test"]) if options.eval_size is not None and options.eval_format == "raw" else ()
+        data = _WriterInput(source, order, label_arr, split_arr, failed, raw)
         logger.info("writing %d images to %s with %d processes", n, tmp_beton, workers)
         _ffcv_write(tmp_beton, data, np.arange(n), options, workers)
         bad = np.flatnonzero(np.frombuffer(failed, dtype=np.bool_))  # original sample indices
@@ -264,8 +305,8 @@ def write_beton(
             "num_samples": int(len(order)),
             "split_sizes": split_sizes,
             "split_source": split_source,
-            "fields": {"image": "RGBImageField(jpg)", "label": "IntField", "split": "IntField (0 train, 1 val, 2 test)"},
-            "image": {"max_resolution": options.max_resolution, "jpeg_quality": options.jpeg_quality},
+            "fields": {"image": "RGBImageField (train jpg; val/test per image.eval_format)", "label": "IntField", "split": "IntField (0 train, 1 val, 2 test)"},
+            "image": options.record(),
             "source": {**provenance, "skipped": list(skipped)},
             "beton_bytes": tmp_beton.stat().st_size,
             "labels": stored_labels.tolist(),
@@ -318,9 +359,10 @@ def _read_sidecar(beton: Path) -> dict[str, Any]:
         raise FastpromptError(f"sidecar {side} is not readable JSON ({err}); re-create the dataset with `fastprompt prepare`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FastpromptError(f"{side} is not a fastprompt dataset sidecar; re-create the dataset with `fastprompt prepare`")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise FastpromptError(
-            f"{side} has format version {meta.get('format_version')!r}, this fastprompt reads {FORMAT_VERSION}; "
+            f"{side} has format version {meta.get('format_version')!r}, this fastprompt reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; "
             "re-create the dataset with this version's `fastprompt prepare`"
         )
     required = ("name", "template", "classnames", "num_samples", "split_sizes", "beton_bytes", "labels", "splits")
@@ -405,6 +447,45 @@ class BetonDataset:
         return len(self.classnames)
 
     @property
+    def eval_size(self) -> Optional[int]:
+        """The side val and test are stored evaluation-ready at (CLIP's eval transform done at
+        prepare time), or None when they are stored whole (the demo set, version-1 files)."""
+        if self.meta["format_version"] < 2:
+            return None
+        size = self.meta.get("image", {}).get("eval_size")
+        return None if size is None else int(size)
+
+    @property
+    def approximate_eval_pixels(self) -> bool:
+        """A version-1 file of image files: val/test stored at <= 256 px, so evaluation pixels
+        only approximate CLIP's eval transform of the originals."""
+        return self.meta["format_version"] < 2 and self.meta.get("source", {}).get("kind") in ("imagefolder", "coop")
+
+    def prepare_command(self, eval_size: Optional[int] = None) -> str:
+        """The `fastprompt prepare` command that re-creates this file (from its recorded source)."""
+        source = self.meta.get("source", {})
+        size = f" --eval-size {eval_size}" if eval_size is not None else ""
+        if source.get("kind") == "coop":
+            return f"fastprompt prepare coop {source.get('dataset', self.name)} {source.get('folder', 'ROOT')} --out {self.path}{size}"
+        if source.get("kind") == "imagefolder":
+            extra = "".join(f" --{flag} {source[key]}" for key, flag in (("split_json", "split-json"), ("classnames_file", "classnames"))
+                            if source.get(key))
+            return f"fastprompt prepare imagefolder {source.get('root', 'ROOT')} --out {self.path}{extra}{size}"
+        if source.get("kind") == "demo":
+            return f"fastprompt prepare demo --out {self.path}"  # stored whole: any size reads it
+        return f"the `fastprompt prepare` command that wrote {self.path}, with{size or ' its options'}"
+
+    def check_image_size(self, image_size: int) -> None:
+        """FastpromptError unless val/test can be read at `image_size` (a model's input size):
+        evaluation-ready splits are stored at one size, fixed when the file was prepared."""
+        size = self.eval_size
+        if size is not None and image_size != size:
+            raise FastpromptError(
+                f"{self.path} stores val/test evaluation-ready at {size} px but the model takes {image_size} px; "
+                f"re-prepare it for this model: `{self.prepare_command(image_size)}`"
+            )
+
+    @property
     def num_samples(self) -> int:
         return len(self.labels)
 
@@ -486,6 +567,19 @@ class BetonDataset:
         seed = kwargs.pop("seed", 1)
         classes = kwargs.pop("classes", "all")
         config = LoaderConfig(**kwargs)
+        validate_split(split)
+        if split != "train" and self.eval_size is not None:  # stored as CLIP's eval transform left it
+            if config.train:
+                raise FastpromptError(
+                    f"split {split!r} of {self.path} is stored evaluation-ready (a {self.eval_size} px centre crop), "
+                    "so a random resized crop of it is not Dassl's augmentation; train on split 'train'"
+                )
+            self.check_image_size(config.image_size)
+            if config.center_crop_ratio != 1.0:
+                raise FastpromptError(
+                    f"center_crop_ratio={config.center_crop_ratio} needs whole images, but {split!r} of {self.path} is "
+                    "stored evaluation-ready (CLIP's crop, ratio 1); leave center_crop_ratio at 1.0"
+                )
         return make_loader(self, self.indices(split, shots=shots, seed=seed, classes=classes), split, classes, config)
 
 
@@ -501,7 +595,7 @@ def open_dataset(path: PathLike) -> BetonDataset:
         )
     meta = _read_sidecar(beton)
     labels, splits = _check_beton(beton, meta)
-    return BetonDataset(
+    dataset = BetonDataset(
         path=beton,
         name=str(meta["name"]),
         template=str(meta["template"]),
@@ -511,3 +605,14 @@ def open_dataset(path: PathLike) -> BetonDataset:
         splits=splits,
         meta=meta,
     )
+    key = str(beton.resolve())
+    if dataset.approximate_eval_pixels and key not in _warned_approximate:
+        _warned_approximate.add(key)
+        logger.warning(
+            "%s was prepared by an older fastprompt: its evaluation pixels are approximate (stored at <= 256 px, not "
+            "CLIP's eval transform of the originals); re-prepare it with `%s`", beton, dataset.prepare_command(),
+        )
+    return dataset
+
+
+_warned_approximate: set[str] = set()  # version-1 files already warned about in this process

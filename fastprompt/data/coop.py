@@ -273,13 +273,18 @@ def write_coop(
     root: PathLike,
     out: Optional[PathLike] = None,
     *,
-    max_resolution: int = 256,
+    max_resolution: int = 1024,
     jpeg_quality: int = 90,
     workers: Optional[int] = None,
     skip_bad: bool = False,
+    train_short_side: int = 320,
+    eval_size: int = 224,
+    eval_format: str = "raw",
 ) -> WriteSummary:
-    """Write CoOp's dataset `name` found under `root` to `out` (default `<name>.beton`) and its sidecar."""
-    options = WriteOptions(max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers)
+    """Write CoOp's dataset `name` found under `root` to `out` (default `<name>.beton`) and its
+    sidecar; images stored as `write_imagefolder` stores them."""
+    options = WriteOptions(max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers,
+                           train_short_side=train_short_side, eval_size=eval_size, eval_format=eval_format)
     data = read_coop_folder(name, root)
     spec = data.spec
     provenance = {

@@ -7,14 +7,17 @@ kernels) and the sample-index decoder that labels are looked up with.
   independent of threads, batch composition, rank and world size. FFCV's own
   `RandomResizedCropRGBImageDecoder` and `RandomHorizontalFlip` draw from numba's per-thread
   global RNG inside parallel loops and cannot be made deterministic per seed.
-- `CenterCrop` (eval): central square of `ratio` x the shorter side, resized.
+- `CenterCrop` (eval): CLIP's eval geometry (torchvision's `Resize(S / ratio)` then
+  `CenterCrop(S)` rounding, `fastprompt.data.pixels`); an image stored evaluation-ready
+  (exactly S x S) is passed through untouched.
 - `SampleIndex`: the sample's `.beton` index (labels come from a table).
-Both image decoders decode the JPEG with libjpeg-turbo and resize bilinearly with FFCV's
-native code, and optionally normalise into float32 (3, S, S) in the decode threads through
-a per-channel lookup table (`normalisation_table`).
+Both image decoders decode the JPEG with libjpeg-turbo (FFCV's native `imdecode`; raw images
+are copied), resize with PIL's antialiased bicubic filter (`fastprompt.data.resample`, as
+Dassl's and CLIP's transforms do on PIL images), and optionally normalise into float32
+(3, S, S) in the decode threads through a per-channel lookup table (`normalisation_table`).
 
 JIT. The decode kernels are module-level numba functions with `cache=True` that call FFCV's
-native decode/resize through symbols registered with LLVM (not ctypes pointers, which numba
+native decode through a symbol registered with LLVM (not ctypes pointers, which numba
 refuses to cache), so they compile once per machine and later loaders only compile a
 trivial wrapper. The symbols are registered by `fastprompt.data.ffcv_compat.apply_ffcv_compat()`,
 which must run before a kernel is first called (`BetonLoader` calls it when it is built).
@@ -36,10 +39,11 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
-from fastprompt.data.ffcv_compat import IMDECODE_SYMBOL, RESIZE_SYMBOL
+from fastprompt.data.ffcv_compat import IMDECODE_SYMBOL
+from fastprompt.data.resample import resample
 
 # ----------------------------------------------------------------------------------------
-# FFCV's native JPEG decode and resize, by symbol name (see fastprompt.data.ffcv_compat).
+# FFCV's native JPEG decode, by symbol name (see fastprompt.data.ffcv_compat).
 # int imdecode(uint8* src, uint64 src_size, uint32 h, uint32 w, uint8* dst, uint32 crop_h, uint32 crop_w,
 #              uint32 off_x, uint32 off_y, uint32 scale_num, uint32 scale_denom, bool crop, bool flip)
 # (pointers passed as 64-bit integers, bools as 32-bit zeros: the same registers under the x86-64 and
@@ -49,9 +53,6 @@ _imdecode = types.ExternalFunction(
     types.int32(types.int64, types.uint64, types.uint32, types.uint32, types.int64, types.uint32, types.uint32,
                 types.uint32, types.uint32, types.uint32, types.uint32, types.int32, types.int32),
 )
-# void resize(int64 unused, uint8* src, int64 rows, int64 cols, int64 row0, int64 row1, int64 col0, int64 col1,
-#             uint8* dst, int64 dst_rows, int64 dst_cols): cv::resize (bilinear) of src[row0:row1, col0:col1]
-_resize = types.ExternalFunction(RESIZE_SYMBOL, types.void(*([types.int64] * 11)))
 
 _JPEG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES['jpg']
 
@@ -155,9 +156,30 @@ def _decode_to(record, mm, ptrs, sizes, scratch):
 
 @numba.njit(cache=True, nogil=True)
 def _resize_crop(image, i, j, h, w, out):
-    """out (S, S, 3) <- image[i:i+h, j:j+w] resized bilinearly."""
-    _resize(0, image.ctypes.data, image.shape[0], image.shape[1], i, i + h, j, j + w,
-            out.ctypes.data, out.shape[0], out.shape[1])
+    """out (S, S, 3) <- image[i:i+h, j:j+w] resized with PIL's bicubic (Dassl's RandomResizedCrop)."""
+    resample(image, i, h, out.shape[0], 0, j, w, out.shape[1], 0, out)
+
+
+@numba.njit(cache=True, nogil=True)
+def _center_offset(side, crop):
+    """torchvision's `int(round((side - crop) / 2.0))` (Python rounds halves to even)."""
+    d = side - crop
+    half = d // 2
+    if d % 2 == 1 and half % 2 == 1:
+        half += 1
+    return half
+
+
+@numba.njit(cache=True, nogil=True)
+def _resize_center_crop(image, short, out):
+    """out (S, S, 3) <- CenterCrop(S)(Resize(short, BICUBIC)(image)) in torchvision's geometry."""
+    height, width = image.shape[0], image.shape[1]
+    size = out.shape[0]
+    if width <= height:
+        new_h, new_w = int(short * height / width), short
+    else:
+        new_h, new_w = short, int(short * width / height)
+    resample(image, 0, height, new_h, _center_offset(new_h, size), 0, width, new_w, _center_offset(new_w, size), out)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -215,8 +237,9 @@ def _decode_random_resized_crop(batch_indices, out, scratch, lut, normalise, chu
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _decode_center_crop(batch_indices, out, scratch, lut, normalise, chunks, metadata, mm, ptrs, sizes, ratio):
-    """Eval decoder: out[k] (S, S, 3) = resize(central square of `ratio` x the shorter side).
+def _decode_center_crop(batch_indices, out, scratch, lut, normalise, chunks, metadata, mm, ptrs, sizes, short):
+    """Eval decoder: out[k] (S, S, 3) = CenterCrop(S)(Resize(short)(image)); an image of exactly
+    S x S with short == S (stored evaluation-ready) is used as decoded.
 
     Returns the normalised batch like `_decode_random_resized_crop`.
     """
@@ -228,12 +251,16 @@ def _decode_center_crop(batch_indices, out, scratch, lut, normalise, chunks, met
         for k in range(c, n, chunks):
             sample = batch_indices[k]
             image = _decode_to(metadata[sample], mm, ptrs, sizes, scratch[c])  # (H, W, 3)
-            height, width = image.shape[0], image.shape[1]
-            side = max(1, int(ratio * min(height, width)))
-            resized = out[c] if normalise else out[k]  # (S, S, 3): an intermediate, or the output
-            _resize_crop(image, (height - side) // 2, (width - side) // 2, side, side, resized)
-            if normalise:
-                _normalise_chw(resized, lut, out_f[k])
+            ready = image.shape[0] == size and image.shape[1] == size and short == size
+            if ready and normalise:
+                _normalise_chw(image, lut, out_f[k])
+            elif ready:
+                out[k] = image
+            else:
+                resized = out[c] if normalise else out[k]  # (S, S, 3): an intermediate, or the output
+                _resize_center_crop(image, short, resized)
+                if normalise:
+                    _normalise_chw(resized, lut, out_f[k])
     return out_f
 
 
@@ -318,24 +345,27 @@ class SeededRandomResizedCrop(_CropDecoder):
 
 
 class CenterCrop(_CropDecoder):
-    """Central square of `ratio` x the shorter side, resized to image_size."""
+    """CLIP's eval geometry: shorter side resized to `image_size / ratio`, centre crop of image_size."""
 
     def __init__(self, image_size: int, ratio: float, lut: Optional[np.ndarray] = None, chunks: int = 1):
         super().__init__(image_size, lut, chunks)
         self.ratio = ratio
 
     def generate_code(self):
-        kernel, lut, ratio, chunks = _decode_center_crop, self._table(), float(self.ratio), int(self.chunks)
+        from fastprompt.data.pixels import eval_resize_short
+
+        kernel, lut, chunks = _decode_center_crop, self._table(), int(self.chunks)
+        short = np.int64(eval_resize_short(self.image_size, self.ratio))  # the shorter side before the crop
         if self.lut is not None:
             def decode(batch_indices, storage, metadata, storage_state):
                 out, scratch = storage
                 mm, ptrs, sizes = storage_state
-                return kernel(batch_indices, out, scratch, lut, True, np.int64(chunks), metadata, mm, ptrs, sizes, ratio)  # (B, 3, S, S)
+                return kernel(batch_indices, out, scratch, lut, True, np.int64(chunks), metadata, mm, ptrs, sizes, short)  # (B, 3, S, S)
         else:
             def decode(batch_indices, storage, metadata, storage_state):
                 out, scratch = storage
                 mm, ptrs, sizes = storage_state
-                kernel(batch_indices, out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes, ratio)
+                kernel(batch_indices, out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes, short)
                 return out[: len(batch_indices)]  # (B, S, S, 3) uint8
         return decode
 

@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from fastprompt.data.beton import PathLike, WriteOptions, WriteSummary, write_beton
+from fastprompt.errors import FastpromptError
 from fastprompt.validation import check_int
 from fastprompt.prompts.templates import DEFAULT_TEMPLATE
 from fastprompt.data.splits import stratified_split
@@ -199,7 +200,9 @@ def write_demo(
     paths = [f"{DEMO_CLASSNAMES[i // n].replace(' ', '_')}/{i % n:05d}" for i in range(len(source))]
     by_class = [paths[c * n : (c + 1) * n] for c in range(len(DEMO_CLASSES))]
     split_of = {s.path: s.split for s in stratified_split(by_class, list(DEMO_CLASSNAMES))}
-    options = WriteOptions(max_resolution=max(16, image_size), jpeg_quality=jpeg_quality, workers=workers)
+    # synthetic images, stored whole in every split (no evaluation-ready crop): any model size reads them
+    options = WriteOptions(max_resolution=max(16, image_size), jpeg_quality=jpeg_quality, workers=workers,
+                           train_short_side=max(16, image_size), eval_size=None)
     return write_beton(
         out,
         source,

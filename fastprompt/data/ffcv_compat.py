@@ -14,7 +14,10 @@ What `apply_ffcv_compat()` does, and why:
    names (`IMDECODE_SYMBOL`, `RESIZE_SYMBOL`). Not an FFCV bug but a limit of its binding:
    ffcv/libffcv.py binds them with ctypes, and numba embeds a ctypes pointer's address in the
    machine code and so refuses to cache it; our decode kernels (`fastprompt.data.decoders`,
-   `cache=True`) call the symbols by name and link against them in every process.
+   `cache=True`) call the symbols by name and link against them in every process. (Since
+   issue 12 the kernels resize with PIL's bicubic in numba, `fastprompt.data.resample`, and
+   call only imdecode; the resize symbol is still registered, unused, as tests/test_imports.py
+   pins it: removing it and 3. is a follow-up.)
 3. The system OpenCV that libffcv links against runs each call on the calling thread. FFCV's
    `resize` is cv::resize, which splits its work over OpenCV's own pool; called from FFCV's
    decode threads (one per core) that oversubscribes the cores.

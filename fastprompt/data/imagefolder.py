@@ -30,6 +30,7 @@ from fastprompt.data.datasets import (
     default_template,
     ignored_class_folders,
 )
+from fastprompt.data.pixels import clip_eval_pixels, train_storage_pixels
 from fastprompt.data.splits import Sample, hold_out_val, read_coop_split, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,14 @@ SPLIT_FOLDERS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class ImageFiles:
-    """Image files read with PIL, downscaled while decoding when far larger than needed."""
+    """Image files read as Dassl reads them (PIL, convert("RGB")) and sized as stored
+    (`fastprompt.data.pixels`): val/test evaluation-ready at `eval_size` (unless None),
+    train whole up to `train_short_side` / `max_resolution`."""
 
     root: str
     paths: tuple[str, ...]  # relative to root
-    max_resolution: int
+    eval_ready: tuple[bool, ...]  # per sample: store CLIP's eval transform of it (val/test)
+    options: WriteOptions
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -56,12 +60,14 @@ class ImageFiles:
     def load(self, i: int) -> np.ndarray:
         from PIL import Image
 
+        options = self.options
         with Image.open(os.path.join(self.root, self.paths[i])) as im:
-            # JPEG only: decode at a reduced DCT scale that still keeps both sides >= max_resolution
-            # (the writer then shrinks the longest side to max_resolution with INTER_AREA).
-            im.draft("RGB", (self.max_resolution, self.max_resolution))
-            rgb = im.convert("RGB")
-        return np.asarray(rgb, dtype=np.uint8)  # (H, W, 3)
+            if self.eval_ready[i]:  # every pixel as CLIP's transform computes it from the original
+                return clip_eval_pixels(im.convert("RGB"), options.eval_size)  # (S, S, 3)
+            # JPEG only: decode at a reduced DCT scale that keeps both sides >= train_short_side
+            # (a training image is a crop source; the bicubic shrink below sets its size)
+            im.draft("RGB", (options.train_short_side, options.train_short_side))
+            return train_storage_pixels(im.convert("RGB"), options.train_short_side, options.max_resolution)  # (H, W, 3)
 
 
 def _is_image(name: str) -> bool:
@@ -177,18 +183,24 @@ def write_imagefolder(
     split_json: Optional[PathLike] = None,
     name: Optional[str] = None,
     classnames_file: Optional[PathLike] = None,
-    max_resolution: int = 256,
+    max_resolution: int = 1024,
     jpeg_quality: int = 90,
     workers: Optional[int] = None,
     skip_bad: bool = False,
+    train_short_side: int = 320,
+    eval_size: int = 224,
+    eval_format: str = "raw",
 ) -> WriteSummary:
     """Write the images under `root` to `out` (.beton) and its sidecar; see the module docstring.
 
     The dataset name comes from `name`, else the split file's `split_zhou_<Name>.json`,
     else ROOT's folder name; a known CoOp dataset gets its template and class names.
     `classnames_file` maps folder names to class names (e.g. ImageNet's wnids).
+    Storage (`fastprompt.data.pixels`): val/test evaluation-ready at `eval_size` (the
+    model's input size), train whole with the shorter side at most `train_short_side`.
     """
-    options = WriteOptions(max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers)
+    options = WriteOptions(max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=workers,
+                           train_short_side=train_short_side, eval_size=eval_size, eval_format=eval_format)
     samples, raw_names, given_name, split_source = collect_imagefolder(root, split_json, name)
     dataset = canonical_name(given_name)
     if classnames_file is not None:
@@ -227,7 +239,8 @@ def write_samples(
     `prepare` of image files (imagefolder, coop) shares. Paths are kept in the sidecar as
     given (a split file's), and each split's samples in their given order (Dassl's draw
     depends on it)."""
-    source = ImageFiles(str(root), tuple(s.path for s in samples), options.max_resolution)
+    ready = tuple(options.eval_size is not None and s.split != "train" for s in samples)
+    source = ImageFiles(str(root), tuple(s.path for s in samples), ready, options)
     return write_beton(
         out,
         source,

@@ -19,7 +19,7 @@ So `loader.set_epoch(e)` before iterating reproduces epoch e exactly (same batch
 pixels) in a fresh process and with any number of decode threads: a trainer resumes at an
 epoch boundary. Across machines the crops and flips are the same (up to a last-bit libm
 difference landing on a rounding boundary); the pixels are the same where libjpeg-turbo
-and OpenCV are the same versions.
+is the same version (the resize is fastprompt's own numba code, `fastprompt.data.resample`).
 """
 
 from __future__ import annotations

@@ -3,11 +3,12 @@
 Pipelines (one FFCV `Loader` with `indices=`, which is the subset to read):
 - train: random resized crop to `image_size` (torchvision's parameters: scale (0.08, 1),
   ratio (3/4, 4/3), 10 tries then a centre crop) + horizontal flip with p = 0.5;
-- eval: centre crop of `center_crop_ratio` x the shorter side, resized to `image_size`.
-  The default ratio 1.0 is CLIP's and CoOp's eval preprocessing (resize the shorter side
-  to 224, centre-crop 224); 224/256 gives the ImageNet-style crop.
-Both decode the JPEG with libjpeg-turbo and resize bilinearly (OpenCV's default inside
-FFCV's native `resize`; CLIP uses bicubic, a small difference). Images are normalised with
+- eval: CLIP's eval geometry (shorter side to `image_size / center_crop_ratio`, centre crop
+  of `image_size`); ratio 1.0 is CLIP's and CoOp's (224/256 the ImageNet-style crop). Val and
+  test of a file `prepare`d from images are stored evaluation-ready (`fastprompt.data.pixels`)
+  and delivered as stored: the loader then requires `image_size` == the stored size.
+Both decode the JPEG with libjpeg-turbo and resize with PIL's antialiased bicubic
+(`fastprompt.data.resample`), as Dassl's and CLIP's transforms do. Images are normalised with
 CLIP's mean/std into float32 (B, 3, S, S), contiguous: on CPU by the decode threads
 themselves (a per-channel lookup table, fused with the HWC -> CHW transpose; doing it in
 torch afterwards cost as much as decoding), on CUDA after the uint8 batch is copied to the

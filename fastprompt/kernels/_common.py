@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from types import SimpleNamespace
+from typing import Callable, Sequence
 
 import torch
 
@@ -114,3 +115,45 @@ def sm_count(device_index: int) -> int:
 def lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels take arbitrary outer strides but need unit stride along the last dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def prune_by_shared_memory(configs: Sequence, shared_bytes: Callable[[object], int], limit: int, *, kernel: str) -> list:
+    """The configs whose compiled kernel needs at most `limit` bytes of shared memory per
+    block, in their order; each dropped one is logged with its need. `shared_bytes(config)`
+    is the compiled kernel's `metadata.shared` (on a GPU from `JITFunction.warmup`, in the
+    CPU tests from an ahead-of-time compile for the target). Raises when none fits."""
+    needs = [(config, shared_bytes(config)) for config in configs]
+    kept = [config for config, need in needs if need <= limit]
+    for config, need in needs:
+        if need > limit:
+            logger.info("%s: config %s pruned before launch: needs %d bytes of shared memory per block, the device allows %d",
+                        kernel, config, need, limit)
+    if not kept:
+        smallest = min(need for _config, need in needs)
+        raise FastpromptError(
+            f"{kernel}: no shipped config fits this GPU's {limit} bytes of shared memory per block (the smallest needs "
+            f"{smallest}); use impl='reference' or a smaller head dim / lower precision"
+        )
+    return kept
+
+
+def shared_memory_pruner(kernel, name: str) -> Callable:
+    """An autotune `early_config_prune` for `kernel` (a JITFunction): compiles each config for the
+    launch's device (`warmup`; the launch then finds it compiled) and keeps those whose shared
+    memory fits the device, so a config that cannot fit is dropped with a reason, never
+    discovered as an OutOfResources error in the middle of autotuning."""
+
+    def prune(configs, named_args, **kwargs):
+        from triton.runtime import driver
+
+        args = [named_args[n] for n in kernel.arg_names if n in named_args]
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        limit = driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+
+        def shared_bytes(config) -> int:
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
+            return int(compiled.metadata.shared)
+
+        return prune_by_shared_memory(configs, shared_bytes, limit, kernel=name)
+
+    return prune

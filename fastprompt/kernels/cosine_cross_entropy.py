@@ -265,6 +265,29 @@ def _normalize_bwd_kernel(X, DXH, DX, n_rows, D, stride_x, stride_dx,
 _INTERPRETED = is_interpreted(_cce_fwd_kernel)
 
 
+# Shipped tiles, (BLOCK_B, BLOCK_C, BLOCK_D, num_warps, num_stages), the second of each pair
+# halved for grids that would not cover the GPU twice. Every one compiles for sm_80 and sm_90
+# within the shared memory of a block (tests/kernels/test_aot.py).
+_TILES = {
+    "wide": ((64, 128, 64, 8, 3), (32, 64, 64, 4, 3)),  # bf16 / fp16: tensor-core dots
+    "fp32": ((64, 64, 32, 4, 2), (32, 32, 32, 4, 2)),  # IEEE fp32 dots use CUDA cores: narrower tiles and D chunks
+}
+_ROW_BLOCK = 32  # rows per program of the norm kernels
+_COMBINE_BLOCK = 128  # rows per program of the split-merging kernel, at most
+_COMBINE_ELEMENTS = 4096  # (splits x rows) per program: 32 fp32 values a thread at 4 warps
+
+
+def _combine_rows(block_s: int) -> int:
+    """Rows per program of the split-merging kernel for BLOCK_S splits: its (BLOCK_S, BLOCK_B)
+    tiles stay in registers (compiled for sm_90, 512 x 128 spilled 15 KB a thread)."""
+    return max(1, min(_COMBINE_BLOCK, _COMBINE_ELEMENTS // block_s))
+
+
+def _tile_dict(tile) -> dict:
+    bb, bc, bd, warps, stages = tile
+    return dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+
+
 def _tiles(dtype: torch.dtype, B: int, C: int, device: torch.device) -> dict:
     """Fixed tiles, no autotuning: the backward accumulates with atomics (a re-run by the
     autotuner would double-count) and at B x C of a few 10^5 the op is launch-bound anyway.
@@ -274,12 +297,62 @@ def _tiles(dtype: torch.dtype, B: int, C: int, device: torch.device) -> dict:
     logits that are bit-identical to the forward pass's row max."""
     if _INTERPRETED:
         return dict(BLOCK_B=16, BLOCK_C=16, BLOCK_D=16, num_warps=1, num_stages=1)
-    wide = dtype != torch.float32  # IEEE fp32 dots use CUDA cores: narrower tiles and D chunks
-    bb, bc = (64, 128) if wide else (64, 64)
-    if triton.cdiv(B, bb) * triton.cdiv(C, bc) < 2 * sm_count(device.index or 0):
-        bb, bc = bb // 2, bc // 2
-    return dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=64 if wide else 32,
-                num_warps=8 if bb * bc >= 8192 else 4, num_stages=3 if wide else 2)
+    full, halved = _TILES["fp32" if dtype == torch.float32 else "wide"]
+    if triton.cdiv(B, full[0]) * triton.cdiv(C, full[1]) < 2 * sm_count(device.index or 0):
+        return _tile_dict(halved)
+    return _tile_dict(full)
+
+
+def _width_block(D: int) -> int:
+    """BLOCK_D of the norm kernels for rows of width D."""
+    return min(triton.next_power_of_2(D), 256)
+
+
+def aot_launches(select) -> list:
+    """Every kernel a launch compiles, under each shipped tile, for the (config, case) pairs
+    that `select(configs, axes)` picks (`fastprompt.kernels.aot`). Mirrors the launchers
+    below: pointer dtypes, fp32 statistics and gradient buffers, constexprs."""
+    from fastprompt.kernels.aot import Launch, config_label
+
+    launches = []
+
+    def add(kernel, fn, pointers, floats, meta, warps, stages, case, blocks):
+        launches.append(Launch(f"cosine_cross_entropy.{kernel}", fn, pointers, floats, meta, warps, stages,
+                               config_label(blocks, warps, stages), case))
+
+    stats = ["RX", "RW", "SCALE", "PART_M", "PART_L", "PART_T", "PART_P"]
+    for group, dtypes in (("wide", ("bf16", "fp16")), ("fp32", ("fp32",))):
+        for tile, case in select(_TILES[group], {"dtype": dtypes, "target": ("classes", "probabilities")}):
+            t = _tile_dict(tile)
+            blocks = {k: t[k] for k in ("BLOCK_B", "BLOCK_C", "BLOCK_D")}
+            soft = case["target"] == "probabilities"
+            common = dict(PRECISION="ieee" if case["dtype"] == "fp32" else "tf32", SOFT=soft, **blocks)
+            # Probability rows compiled in fp32 (mixup, CAVPT's top-K rows); another dtype is another variant.
+            target = "fp32" if soft else "i64"
+            add("fwd", _cce_fwd_kernel, {"X": case["dtype"], "W": case["dtype"], "T": target} | dict.fromkeys(stats, "fp32"),
+                (), common, t["num_warps"], t["num_stages"], case, blocks)
+        for tile, case in select(_TILES[group], {"dtype": dtypes, "target": ("classes", "probabilities"),
+                                                 "grads": ("x and w", "x", "w")}):
+            t = _tile_dict(tile)
+            blocks = {k: t[k] for k in ("BLOCK_B", "BLOCK_C", "BLOCK_D")}
+            soft = case["target"] == "probabilities"
+            meta = dict(PRECISION="ieee" if case["dtype"] == "fp32" else "tf32", SOFT=soft,
+                        COMPUTE_DX=case["grads"] != "w", COMPUTE_DW=case["grads"] != "x", **blocks)
+            pointers = {"X": case["dtype"], "W": case["dtype"], "T": "fp32" if soft else "i64"} | dict.fromkeys(
+                ["RX", "RW", "SCALE", "ROWMAX", "LOGL", "PSUM", "GRAD", "DXH", "DWH", "DSCALE_PART"], "fp32")
+            add("bwd", _cce_bwd_kernel, pointers, ("inv_b",), meta, t["num_warps"], t["num_stages"], case, blocks)
+    widths = {"dtype": ("bf16", "fp16", "fp32"), "width": (32, 512)}
+    for _config, case in select([(_ROW_BLOCK,)], widths):
+        blocks = dict(BLOCK_R=_ROW_BLOCK, BLOCK_D=_width_block(case["width"]))
+        add("row_rnorm", _row_rnorm_kernel, {"X": case["dtype"], "RN": "fp32"}, (), dict(EPS=_EPS, **blocks), 4, 3, case, blocks)
+        add("normalize_bwd", _normalize_bwd_kernel, {"X": case["dtype"], "DXH": "fp32", "DX": case["dtype"]}, (),
+            dict(EPS=_EPS, **blocks), 4, 3, case, blocks)
+    # BLOCK_S covers the class splits: up to cdiv(2 x SMs, row blocks) (H100: 264 -> 512).
+    for _config, case in select([(_COMBINE_BLOCK,)], {"target": ("classes", "probabilities"), "splits": (2, 64, 512)}):
+        blocks = dict(BLOCK_S=case["splits"], BLOCK_B=_combine_rows(case["splits"]))
+        add("combine", _cce_combine_kernel, dict.fromkeys(["PART_M", "PART_L", "PART_T", "PART_P", "ROWMAX", "LOGL", "PSUM", "LOSS"], "fp32"),
+            (), dict(SOFT=case["target"] == "probabilities", **blocks), 4, 3, case, blocks)
+    return launches
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,8 +409,8 @@ def _row_rnorm(t: torch.Tensor) -> torch.Tensor:
     """fp32 inverse row norms (n,) of a (n, D) tensor, clamped like F.normalize."""
     n, D = t.shape
     rn = torch.empty(n, dtype=torch.float32, device=t.device)  # (n,)
-    block_r = 16 if _INTERPRETED else 32
-    block_d = 16 if _INTERPRETED else min(triton.next_power_of_2(D), 256)
+    block_r = 16 if _INTERPRETED else _ROW_BLOCK
+    block_d = 16 if _INTERPRETED else _width_block(D)
     _row_rnorm_kernel[(triton.cdiv(n, block_r),)](t, rn, n, D, t.stride(0), EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d)
     return rn
 
@@ -346,8 +419,8 @@ def _normalize_backward(t: torch.Tensor, dt_hat: torch.Tensor) -> torch.Tensor:
     """dt (n, D) in t's dtype from dt̂ (n, D) fp32 through t̂ = t / max(||t||, eps)."""
     n, D = t.shape
     dt = torch.empty((n, D), dtype=t.dtype, device=t.device)  # (n, D)
-    block_r = 16 if _INTERPRETED else 32
-    block_d = 16 if _INTERPRETED else min(triton.next_power_of_2(D), 256)
+    block_r = 16 if _INTERPRETED else _ROW_BLOCK
+    block_d = 16 if _INTERPRETED else _width_block(D)
     _normalize_bwd_kernel[(triton.cdiv(n, block_r),)](
         t, dt_hat, dt, n, D, t.stride(0), dt.stride(0), EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d
     )
@@ -393,10 +466,11 @@ def _cosine_ce_forward(x, w, target, scale):
     log_l = torch.empty(B, dtype=torch.float32, device=x.device)  # (B,)
     psum = torch.empty(B, dtype=torch.float32, device=x.device)  # (B,)
     row_loss = torch.empty(B, dtype=torch.float32, device=x.device)  # (B,)
-    block_b = 16 if _INTERPRETED else 128
+    block_s = max(2, triton.next_power_of_2(n_splits))
+    block_b = 16 if _INTERPRETED else _combine_rows(block_s)
     _cce_combine_kernel[(triton.cdiv(B, block_b),)](
         part_m, part_l, part_t, part_p, rowmax, log_l, psum, row_loss, B, n_splits,
-        SOFT=soft, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_B=block_b,
+        SOFT=soft, BLOCK_S=block_s, BLOCK_B=block_b,
     )
     loss = row_loss.mean().to(x.dtype)  # ()
     return loss, rowmax, log_l, psum, rx, rw

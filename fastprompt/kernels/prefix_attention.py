@@ -45,6 +45,7 @@ from fastprompt.kernels._common import (
     lastdim_contiguous,
     mma,
     resolve_impl,
+    shared_memory_pruner,
     tl,
     triton,
 )
@@ -328,38 +329,38 @@ def _prefix_attn_bwd_dq_kernel(
 _INTERPRETED = is_interpreted(_prefix_attn_fwd_kernel)
 _INTERPRETER_BLOCK = 16  # tl.dot needs every block dim >= 16; no autotuning in numpy
 
+# Shipped autotune configs, (BLOCK_M, BLOCK_N, num_warps, num_stages): short lists drawn from
+# the search space of the Triton fused-attention tutorial, not yet timed on our shapes. Every
+# one compiles for sm_80 and sm_90 in every dtype (tests/kernels/test_aot.py); one whose
+# compiled kernel needs more shared memory than the device has is pruned before launch
+# (`shared_memory_pruner`): compiled for sm_80 in fp32 at head dim 80-128, the forward's
+# 64 x 64 and 128 x 64 tiles need 176 and 225 KiB (an A100 block has 163), the dq kernel's
+# 128 x 32 tiles 176 KiB. Rejected: 128 x 128 tiles (fp32 forward over 227 KiB at d = 128
+# even on an H100).
+_FWD_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4))
+# dk/dv: narrow query blocks stream past a wide key block (tutorial: BLOCK_M1 < BLOCK_N1).
+# 32 x 32 is there for fp32 at head dim 80-128 on sm_80, where the other three need 193 KiB
+# (it needs 97).
+_DKDV_CONFIGS = ((32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 2), (32, 32, 4, 2))
+# dq: the mirror image (tutorial: BLOCK_M2 > BLOCK_N2).
+_DQ_CONFIGS = ((64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2))
+_PREPROCESS_BLOCK = 64  # rows per program of the delta kernel (no tiles to tune)
+
+
+def _triton_configs(table) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+
+
 if HAS_TRITON and not _INTERPRETED:
     _TUNE_KEY = ["N", "P", "HEAD_DIM", "CAUSAL", "PRECISION"]  # each layer shape of a run is tuned once
-    # Short lists drawn from the search space of the Triton fused-attention tutorial, not yet
-    # timed on our shapes; the key is (N, P, d, causal, precision), so each layer shape of a
-    # run is tuned once. Rejected: 128 x 128 tiles: compiled for sm_90, the fp32 forward at
-    # d = 128 already needs 225 KiB of shared memory with 128 x 64 (an H100 block has 227).
-    _fwd_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-        ],
-        key=_TUNE_KEY,
-    )(_prefix_attn_fwd_kernel)
-    # dk/dv: narrow query blocks stream past a wide key block (tutorial: BLOCK_M1 < BLOCK_N1).
-    _dkdv_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        ],
-        key=_TUNE_KEY,
-    )(_prefix_attn_bwd_dkdv_kernel)
-    # dq: the mirror image (tutorial: BLOCK_M2 > BLOCK_N2).
-    _dq_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-        ],
-        key=_TUNE_KEY,
-    )(_prefix_attn_bwd_dq_kernel)
+
+    def _autotuned(kernel, table, name):
+        return triton.autotune(configs=_triton_configs(table), key=_TUNE_KEY,
+                               prune_configs_by={"early_config_prune": shared_memory_pruner(kernel, name)})(kernel)
+
+    _fwd_tuned = _autotuned(_prefix_attn_fwd_kernel, _FWD_CONFIGS, "prefix_attention.fwd")
+    _dkdv_tuned = _autotuned(_prefix_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, "prefix_attention.bwd_dkdv")
+    _dq_tuned = _autotuned(_prefix_attn_bwd_dq_kernel, _DQ_CONFIGS, "prefix_attention.bwd_dq")
 else:
     _fwd_tuned = _dkdv_tuned = _dq_tuned = None
 
@@ -450,7 +451,7 @@ def _prefix_attention_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, caus
     precision = dot_precision(q.dtype)
 
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # (B, H, N)
-    pre_block = 16 if _INTERPRETED else 64
+    pre_block = 16 if _INTERPRETED else _PREPROCESS_BLOCK
     _prefix_attn_bwd_preprocess[(triton.cdiv(N, pre_block), B * H)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H, N,
         HEAD_DIM=d, BLOCK_D=BLOCK_D, BLOCK_M=pre_block,
@@ -487,6 +488,47 @@ def _prefix_attention_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, caus
         dpk = dpk.sum(0, keepdim=True).to(q.dtype)  # (1, H, P, d)
         dpv = dpv.sum(0, keepdim=True).to(q.dtype)  # (1, H, P, d)
     return dq, dk, dv, dpk, dpv
+
+
+def aot_launches(select) -> list:
+    """Every kernel a launch compiles, under each shipped config, for the (config, case) pairs
+    that `select(configs, axes)` picks (`fastprompt.kernels.aot`). Mirrors the launchers
+    above: pointer dtypes, fp32 statistics, the shared prefix's fp32 partials, constexprs."""
+    from fastprompt.kernels.aot import Launch, config_label
+
+    def io(case):  # q, k, v, prefix, out and their gradients: the input dtype
+        return case["dtype"]
+
+    kernels = (
+        ("fwd", _prefix_attn_fwd_kernel, _FWD_CONFIGS, {},
+         lambda c: dict.fromkeys(["Q", "K", "V", "PK", "PV", "O"], io(c)) | {"LSE": "fp32"}),
+        # A shared prefix writes fp32 per-sample partials, a per-sample prefix its own dtype.
+        ("bwd_dkdv", _prefix_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, {"prefix": ("shared", "per-sample")},
+         lambda c: dict.fromkeys(["Q", "K", "V", "PK", "PV", "DO", "DK", "DV"], io(c))
+         | dict.fromkeys(["DPK", "DPV"], "fp32" if c["prefix"] == "shared" else io(c))
+         | {"LSE": "fp32", "DELTA": "fp32"}),
+        ("bwd_dq", _prefix_attn_bwd_dq_kernel, _DQ_CONFIGS, {},
+         lambda c: dict.fromkeys(["Q", "K", "V", "PK", "PV", "DO", "DQ"], io(c)) | {"LSE": "fp32", "DELTA": "fp32"}),
+    )
+    axes = {"dtype": ("bf16", "fp16", "fp32"), "head_dim": (32, 64, 80, 128), "causal": (False, True)}
+    launches = []
+    for name, fn, table, extra_axes, pointers in kernels:
+        for (m, n, warps, stages), case in select(table, axes | extra_axes):
+            d = case["head_dim"]
+            meta = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=case["causal"],
+                        PRECISION="ieee" if case["dtype"] == "fp32" else "tf32", BLOCK_M=m, BLOCK_N=n)
+            launches.append(Launch(f"prefix_attention.{name}", fn, pointers(case), ("sm_scale",), meta, warps, stages,
+                                   config_label({"BLOCK_M": m, "BLOCK_N": n}, warps, stages), case))
+    pre_axes = {"dtype": axes["dtype"], "head_dim": axes["head_dim"]}
+    for _config, case in select([(_PREPROCESS_BLOCK,)], pre_axes):
+        d = case["head_dim"]
+        launches.append(Launch(
+            "prefix_attention.bwd_preprocess", _prefix_attn_bwd_preprocess,
+            {"O": io(case), "DO": io(case), "DELTA": "fp32"}, (),
+            dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=_PREPROCESS_BLOCK), 4, 3,
+            config_label({"BLOCK_M": _PREPROCESS_BLOCK}, 4, 3), case,
+        ))
+    return launches
 
 
 # ----------------------------------------------------------------------------------------

@@ -93,6 +93,11 @@ class PromptModel(nn.Module):
         """The trainer calls this before each epoch (0-based); methods whose objective changes
         with the epoch (CAVPT's released guidance) override it."""
 
+    def prompt_context(self) -> dict:
+        """What the image tower's per-sample prompt callback reads besides the images (CAVPT:
+        the class features its queries come from); `extra_prompts(images, prompt_context())`."""
+        return {}
+
     def extra_prompts(self, images: torch.Tensor, context: dict) -> Optional[vision.ExtraPrompts]:
         """Per-sample prompt callback for the image tower (CAVPT overrides it)."""
         return None
@@ -128,7 +133,7 @@ class PromptModel(nn.Module):
     def image_features(self, images: Optional[torch.Tensor], context: Optional[dict] = None) -> torch.Tensor:
         """Image features [B, D], normalised, through the (prompted) image tower; for a frozen
         tower `context["features"]` may hold precomputed features [B, D] instead of images."""
-        context = {} if context is None else context
+        context = self.prompt_context() if context is None else context
         if context.get("features") is not None:
             if not self.frozen_image_tower:
                 raise FastpromptError(f"{self.method} prompts its image tower; it needs images, not cached features")

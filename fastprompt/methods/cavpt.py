@@ -5,7 +5,7 @@ per layer, N(0, 0.02)) and both with K_N = min(`topk`, K) class-aware prompts pe
 last `layers` layers. The top-K_N classes of an image come from zero-shot CLIP: its frozen,
 unprompted image tower, normalised, against the normalised hand-crafted template features.
 
-`variant="paper"` (default): seed paper eqs. 9-12 as printed, with SPEC.md's reading.
+`variant="paper"` (default): the CAVPT paper's eqs. 9-12 as printed, with our reading (docs/methods.md).
 - VPT-deep prompts in every layer; the class-aware prompts sit beside them.
 - g_j = template features of the top-K_N classes [K_N, D]; q_j = MLP(g_j) (Linear D→d, GELU,
   Linear d→d); k, v = Linear(d→d) of the layer's input tokens (cls + patches);
@@ -48,17 +48,17 @@ unprompted image tower, normalised, against the normalised hand-crafted template
   CAVPT layers from the top (the authors' BOTTOMLIMIT = L − layers + 1).
 
 Options (default; source):
-- `variant` ("paper"; SPEC.md "This is --cavpt.variant paper").
+- `variant` ("paper": the printed method; `--protocol cavpt` uses "released").
 - `topk` K_N (5; paper §"Analysis on the length of input text class tokens": K_N = 5 is best
   on half the datasets). The best K_N per dataset of that analysis (EuroSAT 5, Caltech101 50,
   Flowers102 5, Food101 5, FGVCAircraft 20, DTD 5, OxfordPets 37 = all, StanfordCars 100, others
   5; the authors' `train_single.sh` uses CPN 10) is a setting of a published recipe, not of the
-  module: it belongs to the named protocol (`--protocol cavpt`), which does not exist yet; until
-  then `--cavpt.topk` sets it.
+  module: it belongs to the named protocol (`--protocol cavpt`, fastprompt/training/protocols.py),
+  which resolves it from the dataset's name; `--cavpt.topk` overrides it.
 - `layers` (1: the last layer; paper and the authors' script BOTTOMLIMIT 12 on ViT-B/32).
 - `alpha` α (1.0; paper eq. 12; the authors' script uses 0.3).
 - `aux_target` ("eq10" for paper, "gt-only" for released: `DPT.forward_backward`).
-- `topk_source` ("cached" for paper: SPEC.md; "online" for released: `CustomCLIP_Selected_CoVPTDeep`).
+- `topk_source` ("cached" for paper: our choice, one frozen forward per image per run; "online" for released: `CustomCLIP_Selected_CoVPTDeep`).
 - `text_prompt` (False; True is the paper's VLP-CLIP-CAVPT, which the released DPT trainer always is).
 - `guidance_epochs` C (0: off; released only, needs `text_prompt`; the authors' script uses 30).
 - `n_prompts` P (10; paper §Implementation), `n_ctx` / `csc` / `ctx_init` (CoOp's, with `text_prompt`).
@@ -99,6 +99,10 @@ class CavptConfig(CavptOptions, VisualOptions, CoopOptions):
                     raise FastpromptError(f"{name} needs text_prompt=True (CAVPT's text side is hand-crafted otherwise)")
             if self.csc:
                 raise FastpromptError("csc needs text_prompt=True (CAVPT's text side is hand-crafted otherwise)")
+
+    @classmethod
+    def unused_fields(cls, options: dict) -> set[str]:
+        return set() if options.get("text_prompt") else set(CoopOptions.field_names())
 
 
 class ClassAwarePromptLayer(nn.Module):
@@ -264,6 +268,9 @@ class Cavpt(PromptModel):
     def text_features(self) -> torch.Tensor:
         return self._text_sides()[1]
 
+    def prompt_context(self) -> dict:
+        return {"query_text": self._text_sides()[0]}
+
     def train(self, mode: bool = True):
         self._eval_query_text = None
         return super().train(mode)
@@ -339,11 +346,16 @@ class Cavpt(PromptModel):
         """Paper: auxiliary K-way cosine cross-entropy on the LayerNorm outputs [B, K_N, d]."""
         d = normed.shape[-1]
         if self.config.aux_target == "gt-only":
+            # the mean over the ground-truth rows as a masked mean (no data-dependent shape or branch):
+            # one-hot targets on those rows, all-zero targets elsewhere (their CE is exactly 0, and so
+            # is their gradient), the mean over all B·K_N rows rescaled to the count of ground-truth
+            # rows; no ground truth in any top-K gives exactly 0 and zero gradients
             rows = topk == labels[:, None]  # (B, K_N): outputs of the ground-truth class
-            if not bool(rows.any()):  # CPU-GPU sync; no ground truth among any top-K: no term
-                return normed.sum() * 0.0
-            return cosine_ce(normed[rows], layer.classifier, labels[:, None].expand_as(topk)[rows],
-                             self.logit_scale(), self.backend)
+            onehot = F.one_hot(labels, self.num_classes).float()  # (B, K)
+            targets = onehot[:, None, :] * rows[..., None]  # (B, K_N, K)
+            mean = cosine_ce(normed.reshape(-1, d), layer.classifier, targets.reshape(-1, self.num_classes),
+                             self.logit_scale(), self.backend)  # over B·K_N rows
+            return mean * (rows.numel() / rows.sum().clamp_min(1).to(mean.dtype))
         targets = aux_targets(topk, labels, self.num_classes)  # (B, K_N, K)
         return cosine_ce(normed.reshape(-1, d), layer.classifier, targets.reshape(-1, self.num_classes),
                          self.logit_scale(), self.backend)

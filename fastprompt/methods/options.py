@@ -1,4 +1,4 @@
-"""Typed method options: every SPEC option is a keyword of `create_model`.
+"""Typed method options: every option of docs/methods.md is a keyword of `create_model`.
 
 Each group validates itself in `__post_init__` with a message that names the field; a
 method's config is the union of the groups it uses (dataclass multiple inheritance).
@@ -32,6 +32,12 @@ class Options:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def unused_fields(cls, options: dict) -> set[str]:
+        """The fields that take no part in a model with these `options` (a named protocol
+        leaves its values for them out); a method whose options switch a part off says so."""
+        return set()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""VLP: CoOp text context and VPT-deep visual prompts learned together (seed paper's VLP-CLIP)."""
+"""VLP: CoOp text context and VPT-deep visual prompts learned together (the CAVPT paper's VLP-CLIP)."""
 
 from __future__ import annotations
 

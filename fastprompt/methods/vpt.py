@@ -1,4 +1,4 @@
-"""VPT on CLIP's image tower with cached hand-crafted text features (seed paper eqs. 4-6)."""
+"""VPT on CLIP's image tower with cached hand-crafted text features (the CAVPT paper's eqs. 4-6)."""
 
 from __future__ import annotations
 

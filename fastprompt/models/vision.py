@@ -1,6 +1,6 @@
 """The frozen CLIP ViT with visual prompts: VPT-shallow, VPT-deep and per-sample prompts.
 
-Token order inside every layer is `[cls, prompt slots, patches]` (seed paper eqs. 4-6).
+Token order inside every layer is `[cls, prompt slots, patches]` (the CAVPT paper's eqs. 4-6).
 Prompts enter *after* the patch embedding, positional embedding and `ln_pre`: they are
 tokens of the residual stream, not of the input image.
 

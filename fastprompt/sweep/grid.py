@@ -146,8 +146,12 @@ def expand(config: SweepConfig) -> list[Cell]:
                     cname = cell_name(name, method, shots, seed)
                     # the dataset's template written out: config.json records the resolved one
                     settings = {**shared, "template": shared.get("template") or template}
-                    cfg = TrainConfig(method=method, data=path, out=str(out / cname), shots=shots, seed=seed,
-                                      options=_options_for(method, config.options), **settings)
+                    protocol = settings.pop("protocol", None)
+                    cell = dict(method=method, data=path, out=str(out / cname), shots=shots, seed=seed,
+                                options=_options_for(method, config.options), **settings)
+                    # --protocol: its settings for this dataset, under the sweep's given ones
+                    cfg = (TrainConfig(**cell) if protocol is None
+                           else TrainConfig.from_protocol(protocol, dataset=name, **cell))
                     cells.append(Cell(cname, cfg, tuple(t for t in targets if t[0] != name)))
     return cells
 

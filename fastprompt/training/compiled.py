@@ -3,8 +3,8 @@
 `compile_step(model)` returns `step(images, labels, **extra) -> (loss, logits)` that runs
 `model.loss_and_logits` under `torch.compile` with static shapes (`dynamic=False`). Only the
 forward is compiled explicitly; calling `loss.backward()` afterwards runs the backward graph
-that AOTAutograd traced and inductor compiled together with the forward, so the optimiser
-step stays ordinary eager code outside the compiled region.
+that AOTAutograd traced and inductor compiled together with the forward; the optimiser step
+is one fused kernel per param group outside the compiled region.
 
 Compiled code is cached on disk (inductor's FX graph cache and AOTAutograd's cache) under
 `TORCHINDUCTOR_CACHE_DIR`, which defaults here to `$FASTPROMPT_CACHE/inductor` (or
@@ -12,15 +12,35 @@ Compiled code is cached on disk (inductor's FX graph cache and AOTAutograd's cac
 model and shapes skips code generation and the C++/Triton compile, leaving dynamo's
 tracing (seconds) as the start-up cost.
 
+The whole training step and CUDA graphs (`--compile reduce-overhead`, the trainer):
+- forward and backward: one dynamo graph per method (`fullgraph=True` holds for every method
+  and variant, tested), split by AOTAutograd into a forward and a backward graph, each
+  captured as a CUDA graph by inductor's cudagraph trees;
+- no Python branch on a tensor value and no host read inside the step: CAVPT's gt-only term
+  is a masked mean, E2MIM's class-wise pairs have a static count with a keep mask, and the
+  trainer keeps its running sums and non-finite check on the device (read once per epoch);
+- static shapes: every batch of a run has one shape (the loader and the feature cache drop
+  the ragged last batch, Dassl's rule; a subset smaller than one batch is one smaller batch
+  every epoch, again one shape), so one graph per run; CAVPT released's guidance switches
+  off after `guidance_epochs` (a Python attribute): one recompile, one more graph;
+- the optimiser is fused (`torch.optim.SGD/AdamW(fused=True)`: one kernel per param group)
+  with each group's lr a device tensor filled in place per epoch, so the step outside the
+  graphs is a few kernel launches and the lr never recompiles; the trainer zeroes gradients
+  before each forward and calls `torch.compiler.cudagraph_mark_step_begin()`.
+What only a GPU can confirm (the CPU suite cannot run CUDA graphs): that cudagraph trees
+capture both graphs without "skipping cudagraphs" (e.g. for a CPU tensor input or a mutated
+input), that E2MIM's random draws (`randperm`, the Beta sample) replay correctly inside a
+graph, the fused kernels' tensor-lr path, and the speed-up itself.
+
 Limits:
-- static shapes: a new batch size or class count compiles again (the trainer drops the
-  ragged last batch, so one shape per run);
+- static shapes: a new batch size or class count compiles again;
 - `mode="reduce-overhead"` uses CUDA graphs on GPU: the returned tensors are overwritten
   by the next call, so read the loss before stepping again;
 - CPU inductor needs a C++ compiler (`g++`, or `$CXX`), checked up front;
 - data-dependent Python control flow in a method splits the region into several graphs
   (allowed unless `fullgraph=True`); `graph_breaks()` lists where. See the test
-  `tests/training/test_compiled.py` for which methods compile as one graph.
+  `tests/training/test_compiled.py`: every method compiles as one graph;
+- under DistributedDataParallel dynamo splits the graph at gradient buckets by design.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ CoOp's epochs by shots (`default_epochs`).
 
 A `TrainConfig` holds what the user asked for; `resolve()` fills in what depends on the
 dataset and the model (epochs, every group's lr and warm-up, every method option) and is
-what a run directory's config.json holds.
+what a run directory's config.json holds. `TrainConfig.from_protocol(NAME, ...)` (the
+CLI's `--protocol NAME`) starts from a published recipe (`fastprompt.training.protocols`)
+instead of these defaults; what is given explicitly wins. docs/methods.md lists the sources.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class TrainConfig:
     method: str  # a name from fastprompt.list_methods()
     data: str  # path of a .beton (its sidecar .json beside it)
     out: str  # run directory: config.json, metrics.jsonl, checkpoint.json (+ tensors), prompts.safetensors, results.json
+    protocol: Optional[str] = None  # the named recipe the settings come from (`from_protocol`); resolve() takes its group recipe
     clip: str = "ViT-B-32"  # open_clip model name, or fastprompt-tiny
     pretrained: Optional[str] = "openai"  # open_clip tag, checkpoint file, or None / "none" (random weights)
     template: Optional[str] = None  # hand-crafted template; None: the dataset's; "ensemble": CLIP's 7 templates
@@ -95,6 +98,10 @@ class TrainConfig:
         if not method_cls.groups:
             raise FastpromptError(f"{self.method} has nothing to train; evaluate it with `fastprompt zeroshot --data ...`")
         method_config(self.method, **self.options)  # unknown or bad method options fail here, before any file is written
+        if self.protocol is not None:
+            from fastprompt.training.protocols import get_protocol
+
+            get_protocol(self.protocol)
         check_int("shots", self.shots, allow_none=True)
         check_int("seed", self.seed, minimum=0, maximum=SEED_MAX)
         if self.classes not in TRAIN_CLASSES:
@@ -142,10 +149,34 @@ class TrainConfig:
         if isinstance(self.pretrained, str) and self.pretrained.lower() == "none":
             self.pretrained = None
 
+    @classmethod
+    def from_protocol(cls, protocol: str, *, dataset: Optional[str] = None, **given: Any) -> "TrainConfig":
+        """A config that follows the named protocol (`fastprompt.training.protocols`): every
+        field it sets, for `dataset` (default: the name in the sidecar of `given["data"]`), except
+        the fields in `given`, which win; its method options for the method's fields, under the
+        options in `given`. Its per-group lr and warm-up are taken by `resolve()`."""
+        from fastprompt.methods import method_class
+        from fastprompt.training.protocols import get_protocol
+
+        proto = get_protocol(protocol)
+        require("method" in given and "data" in given, "from_protocol needs method= and data=")
+        option_cls = method_class(given["method"]).options
+        if dataset is None:
+            from fastprompt.data import open_dataset
+
+            dataset = open_dataset(given["data"]).name
+        given_options = given.pop("options", None) or {}
+        options = {k: v for k, v in proto.options(dataset).items() if k in option_cls.field_names()}
+        unused = option_cls.unused_fields({**options, **given_options})  # e.g. CAVPT's text side without text_prompt
+        options = {**{k: v for k, v in options.items() if k not in unused}, **given_options}
+        settings = {k: v for k, v in proto.train_fields(dataset).items() if k not in given}
+        return cls(**settings, **given, options=options, protocol=protocol)
+
     def resolve(self, dataset: str, groups: Sequence[ParamGroup], options: dict) -> "TrainConfig":
         """This config with every default filled in: `epochs` by shots and dataset, every trained
-        group's lr and warm-up (flag for the group > flag for all groups > the group's default),
-        and the method's full `options`. Idempotent: a resolved config resolves to itself.
+        group's lr and warm-up (flag for the group > flag for all groups > the protocol's value
+        for the group > the group's default), and the method's full `options`. Idempotent: a
+        resolved config resolves to itself.
 
         A warm-up of E or more epochs is an error: under Dassl's schedule the whole run would
         train at warmup_lr and the cosine would never start (Dassl runs it; we refuse it)."""
@@ -155,12 +186,23 @@ class TrainConfig:
             for name in values:
                 require(name in trained, f"{what}.{name}: this {self.method} run trains no '{name}' group with these "
                                          f"options (it trains: {', '.join(sorted(trained))}); drop --{what}.{name}")
+        proto = None
+        if self.protocol is not None:
+            from fastprompt.training.protocols import get_protocol
+
+            proto = get_protocol(self.protocol)
         group_lr, group_warmup = {}, {}
         for g in groups:
-            group_lr[g.name] = float(self.group_lr.get(g.name, self.lr if self.lr is not None else g.lr))
+            lr = self.group_lr.get(g.name, self.lr)
+            if lr is None and proto is not None:
+                lr = proto.group_value("lr", g.name, dataset)
+            group_lr[g.name] = float(g.lr if lr is None else lr)
             warmup = self.group_warmup_epochs.get(g.name, self.warmup_epochs)
             source = (f"--warmup-epochs.{g.name}" if g.name in self.group_warmup_epochs else
                       "--warmup-epochs" if self.warmup_epochs is not None else f"the {g.name} group's default")
+            if warmup is None and proto is not None and proto.group_value("warmup_epochs", g.name, dataset) is not None:
+                warmup = proto.group_value("warmup_epochs", g.name, dataset)
+                source = f"--protocol {self.protocol}"
             warmup = g.default_warmup(dataset) if warmup is None else int(warmup)
             if warmup >= epochs:
                 raise FastpromptError(

@@ -103,8 +103,8 @@ class FeatureCache:
         order = EpochOrder(subset, seed, True, rank, world).sample_order(epoch)  # (n / W,): the loader's, this rank
         view = self.features[epoch % self.views]  # (N_train, D)
         local = batch_size // world if len(subset) >= batch_size else len(order)  # Dassl: one smaller batch
+        # the epoch's rows and labels go to the device once: a copy per batch would wait for the GPU every step
+        rows = torch.from_numpy(self.row_of[order]).to(view.device)  # (n / W,)
+        labels = torch.from_numpy(relabel[data.labels[order]]).to(view.device)  # (n / W,)
         for start in range(0, len(order) - local + 1, local):
-            idx = order[start : start + local]  # (b,)
-            rows = torch.from_numpy(self.row_of[idx]).to(view.device)
-            labels = torch.from_numpy(relabel[data.labels[idx]]).to(view.device)
-            yield view[rows], labels  # (b, D), (b,)
+            yield view[rows[start : start + local]], labels[start : start + local]  # (b, D), (b,)

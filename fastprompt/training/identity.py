@@ -5,7 +5,7 @@ A run's identity is its resolved config (`config.json`: every `TrainConfig` fiel
 run facts the trainer adds, such as class names and the CLIP weights id) minus the fields
 that choose *how* it executes and not *what* it computes: the output folder, the device,
 loader workers, checkpoint frequency, compilation, the eval batch size, the fast/reference
-backend (the same function by contract, SPEC.md) and the process count (DDP gives the
+backend (the same function by contract, docs/methods.md) and the process count (DDP gives the
 result of one process). `fastprompt sweep` uses it to decide whether a cell's folder holds
 this cell; `fastprompt report` to refuse averaging runs that differ in more than the seed.
 """

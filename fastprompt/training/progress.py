@@ -7,7 +7,7 @@ Slurm log, a pipe) the bar is off and every epoch prints one line a log reader c
     epoch 3/200 loss 1.2345 acc 45.6% lr.visual 0.0099 1234 img/s eta 0:12:34
 
 Only the main rank shows anything (under torchrun the trainer passes `enabled=False`
-elsewhere). The running loss is read from the trainer's running sum (a device tensor: a
+elsewhere). The running loss is read from the trainer's running sums (device tensors: a
 CPU-GPU sync) at most once every `refresh_every` steps, and only while a bar is drawn.
 """
 
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from typing import Optional, Union
-
-import torch
+from typing import Callable, Optional
 
 
 def _clock(seconds: float) -> str:
@@ -74,14 +72,15 @@ class TrainProgress:
         if self._bar is not None:
             self._bar.update(self._task, epoch=epoch + 1, loss=float("nan"))
 
-    def step(self, loss_sum: Union[torch.Tensor, float], seen: int) -> None:
-        """After a step: `loss_sum` is the epoch's running sum of loss × images over `seen` images."""
+    def step(self, running_mean: Callable[[], float]) -> None:
+        """After a step: `running_mean()` reads the epoch's mean loss so far from the trainer's
+        device sums (a CPU-GPU sync), called on the first step and every `refresh_every`-th."""
         self._step += 1
         if self._bar is None:
             return
         fields = {}
         if self._step == 1 or self._step % self.refresh_every == 0:
-            fields["loss"] = float(loss_sum) / max(seen, 1)  # a sync, once every refresh_every steps
+            fields["loss"] = running_mean()
         self._bar.update(self._task, advance=1, **fields)
 
     def end_epoch(self, line: dict) -> None:

@@ -13,7 +13,11 @@ One run = one `--out` directory:
 
 Optimisation: one optimiser with a param group per trained `ParamGroup` of the method
 (`text`, `visual`, `cavpt`, `e2mim`), each on Dassl's schedule with its own peak lr and
-warm-up (`fastprompt.training.config.dassl_lr`), set at the start of every epoch.
+warm-up (`fastprompt.training.config.dassl_lr`), set at the start of every epoch into the
+group's lr tensor (fused SGD/AdamW read it on the device).
+
+No host synchronisation inside a step: the loss, accuracy and non-finite check accumulate on
+the device (`_running`) and are read once per epoch (see `training/compiled.py` for CUDA graphs).
 
 Exact resume: epoch e's data order and augmentation are functions of (seed, e) (see
 `fastprompt.data.loaders`), the learning rates are functions of e, and the RNG states are
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -107,18 +110,13 @@ class Trainer:
         self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=config.pretrained,
                                   template=self.template, backend=config.backend, device=self.device,
                                   **config.options)
+        self.data.check_image_size(self.model.bundle.image_size)  # val/test are stored at one size (prepare --eval-size)
         groups = self.model.param_groups()
         self.config = config = config.resolve(self.data.name, [g for g, _ in groups], self.model.resolved_options())
         log.info("parameter groups: %s; %d epochs", ", ".join(
             f"{g.name} ({sum(p.numel() for _, p in members)} values) lr {config.group_lr[g.name]} warm-up "
             f"{config.group_warmup_epochs[g.name]}" for g, members in groups), config.epochs)
-        param_groups = [{"params": [p for _, p in members], "name": g.name, "lr": config.lr_at(g.name, 0)}
-                        for g, members in groups]
-        if config.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(param_groups, lr=config.warmup_lr, momentum=config.momentum,
-                                             weight_decay=config.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(param_groups, lr=config.warmup_lr, weight_decay=config.weight_decay)
+        self.optimizer = self._make_optimizer([(g.name, [p for _, p in members]) for g, members in groups])
         # fewshot.json: the files this run trains and validates on (Dassl's draw); a class without images fails here
         self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
         n_train = len(self.fewshot["train"])
@@ -138,14 +136,37 @@ class Trainer:
             )
         # the (optionally compiled) training step: forward and, through AOTAutograd, backward;
         # static shapes: the loader drops the ragged last batch (or has one batch when the subset is smaller)
-        self.step_fn = compile_fn(self.step_module, config.compile_mode(self.device.type), device=self.device,
-                                  backend=config.compile_backend)
+        mode = config.compile_mode(self.device.type)
+        self.step_fn = compile_fn(self.step_module, mode, device=self.device, backend=config.compile_backend)
+        self.cuda_graphs = mode == "reduce-overhead" and self.device.type == "cuda"  # see training/compiled.py
         self.epoch = 0  # epochs completed
         self.metrics: list[dict] = []
         self._topk_table: Optional[torch.Tensor] = None
         self.feature_cache: Optional[FeatureCache] = None
         self.train_subset = self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes)
         self._prepare_out()
+
+    def _make_optimizer(self, groups: list[tuple[str, list[nn.Parameter]]]) -> torch.optim.Optimizer:
+        """One optimiser, a param group per trained part, `fused=True` (one kernel per group and
+        step, on CUDA and CPU). Each group's lr is a 0-d float32 tensor on the device (the fused
+        kernels read it there) that `_set_lr` fills in place every epoch: the step reads no lr
+        from the host, and a new lr is new data in the same tensor, not a new compile or graph."""
+        cfg = self.config
+        param_groups = [{"params": params, "name": name,
+                         "lr": torch.tensor(cfg.lr_at(name, 0), dtype=torch.float32, device=self.device)}
+                        for name, params in groups]
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(param_groups, lr=cfg.warmup_lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(param_groups, lr=cfg.warmup_lr, weight_decay=cfg.weight_decay, fused=True)
+
+    def _set_lr(self, epoch: int) -> dict[str, float]:
+        """Every group's lr of 0-based `epoch` (Dassl's schedule), written into its lr tensor."""
+        lr = {}
+        for group in self.optimizer.param_groups:
+            lr[group["name"]] = self.config.lr_at(group["name"], epoch)
+            group["lr"].fill_(lr[group["name"]])
+        return lr
 
     # --------------------------------------------------------------- run dir
     @property
@@ -188,7 +209,16 @@ class Trainer:
             )
         prompts = {k.removeprefix("prompts."): v for k, v in tensors.items() if k.startswith("prompts.")}
         self.model.load_prompt_state_dict(prompts)
+        # the state (momentum, Adam moments) from the checkpoint; the group settings (lr tensors,
+        # fused) stay this optimiser's: every one of them follows from the config, compared above
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(checkpoint.optimizer_from_parts(record["optimizer"], tensors))
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+            for p in group["params"]:  # fused AdamW keeps its step count on the parameter's device
+                state = self.optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         self.epoch = int(record["epoch"])
         self.metrics = list(record["metrics"])
         set_rng_state(checkpoint.rng_from_json(record["rng"]))
@@ -205,11 +235,17 @@ class Trainer:
             "config": self.config.to_dict(),
             "classnames": list(self.classnames),
             "epoch": self.epoch,
-            "optimizer": checkpoint.optimizer_to_parts(self.optimizer.state_dict(), tensors),
+            "optimizer": checkpoint.optimizer_to_parts(self._optimizer_state(), tensors),
             "rng": checkpoint.rng_to_json(rng_state()),
             "metrics": self.metrics,
         }
         return record, tensors
+
+    def _optimizer_state(self) -> dict:
+        """The optimiser's `state_dict()` with every lr as a number (JSON; read once per checkpoint)."""
+        state = self.optimizer.state_dict()
+        state["param_groups"] = [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]
+        return state
 
     def save_checkpoint(self) -> None:
         if self.is_main:
@@ -233,13 +269,14 @@ class Trainer:
         with self.autocast():
             for images, _, idx in loader:
                 table[idx] = self.model.zero_shot_topk(images).cpu()
+        table = table.to(self.device)  # (N, K_N): on the device, so a step's lookup is a device gather
         if self.distributed:  # each rank scored its shard; every entry is >= 0 on exactly the ranks that scored it
             dist.all_reduce(table, op=dist.ReduceOp.MAX)
         self._topk_table = table
 
     def _topk_for(self, indices: torch.Tensor) -> torch.Tensor:
         """The cached top-K [B, K_N] of a batch's training images (by .beton index)."""
-        return self._topk_table[indices].to(self.device, non_blocking=True)  # (B, K_N)
+        return self._topk_table[indices.to(self.device, non_blocking=True)]  # (B, K_N)
 
     def _batches(self):
         """This epoch's batches: the FFCV loader, or the feature cache's view of the epoch."""
@@ -250,46 +287,77 @@ class Trainer:
                                           batch_size=cfg.batch_size, rank=self.rank, world=self.world)
 
     def train_epoch(self, progress: Optional[TrainProgress] = None) -> dict:
-        cfg = self.config
-        lr = {}
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr[group["name"]] = cfg.lr_at(group["name"], self.epoch)
+        lr = self._set_lr(self.epoch)
         self.model.train()
         self.model.set_epoch(self.epoch)
         self.loader.set_epoch(self.epoch)
-        total_loss = torch.zeros((), dtype=torch.float64)
-        correct = seen = 0
+        running = self._running = self._new_running()
         start = time.perf_counter()
         for step, batch in enumerate(self._batches()):
             images, labels = batch[0], batch[1]  # (b, 3, S, S) or cached features (b, D), (b,)
             topk = self._topk_for(batch[2]) if self.cached_topk else None
+            # zero the last step's gradients before the graphs run again (CUDA graphs reuse their memory)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's outputs may be overwritten
             with self.autocast():
                 if self.feature_cache is not None:
                     loss, logits = self.step_fn(None, labels, features=images)
                 else:
                     loss, logits = self.step_fn(images, labels, topk)
-            loss_value = float(loss.detach())  # CPU-GPU sync: the non-finite check decides whether to step
-            if not math.isfinite(loss_value):
-                raise FastpromptError(
-                    f"loss became {loss_value} at epoch {self.epoch + 1} step {step + 1}; the last good checkpoint "
-                    f"(after epoch {self.epoch}) is kept in {self.out}; lower --lr or use --precision fp32"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.detach()  # 0-d, on the device: nothing here reads a value back to the host
+            self._watch_loss(loss_value, step)
             loss.backward()
             self.optimizer.step()
             exit_after_step(self.epoch * len(self.loader) + step + 1)  # test hook: see training/hooks.py
-            total_loss += loss_value * labels.shape[0]
-            correct += int((logits.argmax(-1) == labels).sum())
-            seen += labels.shape[0]
+            running["loss"] += loss_value.double() * labels.shape[0]
+            running["correct"] += (logits.argmax(-1) == labels).sum()
+            running["seen"] += labels.shape[0]
             if progress is not None:
-                progress.step(total_loss, seen)
-        stats = torch.tensor([float(total_loss), correct, seen], dtype=torch.float64)
+                progress.step(lambda: float(running["loss"] / running["seen"].clamp(min=1)))  # read every few steps
+        # the epoch's one CPU-GPU sync: the running sums (summed over ranks) and the non-finite check
+        stats = torch.stack([running["loss"], running["correct"].double(), running["seen"].double()])  # (3,)
         if self.distributed:
             dist.all_reduce(stats)
+        self._check_nonfinite()
         seconds = time.perf_counter() - start
-        total_loss, correct, seen = float(stats[0]), float(stats[1]), float(stats[2])
+        total_loss, correct, seen = stats.tolist()
         return {"epoch": self.epoch + 1, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
                 "lr": lr, "images": int(seen), "seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 1)}
+
+    def _new_running(self) -> dict[str, torch.Tensor]:
+        """The epoch's running sums, kept on the device (0-d each) and read once at its end:
+        loss (sum of loss · batch), correct and seen (images), and the first non-finite loss
+        (`bad_step` -1 while there is none, `bad_loss` its value)."""
+        zeros = lambda dtype: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731
+        return {"loss": zeros(torch.float64), "correct": zeros(torch.long), "seen": zeros(torch.long),
+                "bad_step": torch.full((), -1, dtype=torch.long, device=self.device), "bad_loss": zeros(torch.float32)}
+
+    def _watch_loss(self, loss: torch.Tensor, step: int) -> None:
+        """Record the epoch's first non-finite loss (its step and value) on the device, without
+        reading the loss back (a per-step read would stall the GPU and break CUDA graphs).
+        `_check_nonfinite` reads the record once, at the end of the epoch."""
+        running = self._running
+        first = ~torch.isfinite(loss) & (running["bad_step"] < 0)  # 0-d bool
+        running["bad_step"].copy_(torch.where(first, step, running["bad_step"]))
+        running["bad_loss"].copy_(torch.where(first, loss.float(), running["bad_loss"]))
+
+    def _check_nonfinite(self) -> None:
+        """Stop the run when a loss of this epoch was not finite (one read per epoch): nothing of
+        this epoch is written, so the last checkpoint stays the run's last good state. The steps
+        after the bad one still ran (on the device, unread); their prompts are thrown away."""
+        bad = self._running["bad_step"].clone()
+        if self.distributed:  # every rank stops together, at a step where some rank saw a non-finite loss
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        step = int(bad)
+        if step < 0:
+            return
+        own = int(self._running["bad_step"]) == step
+        value = float(self._running["bad_loss"]) if own else "non-finite (on another process)"
+        raise FastpromptError(
+            f"loss became {value} at epoch {self.epoch + 1} step {step + 1}; the last good checkpoint "
+            f"(after epoch {self.epoch}) is kept in {self.out}; lower --lr or use --precision fp32"
+        )
 
     def train(self) -> dict:
         """Train the remaining epochs, then evaluate on the test split; returns results.json's content."""

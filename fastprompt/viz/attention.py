@@ -63,7 +63,7 @@ def tower_prompts(model, images: torch.Tensor) -> Optional[dict]:
         return None
     if model.visual_mode == "shallow":
         return {"shallow": model.visual.prompts[0]}
-    return {"deep": model.visual.prompts, "extra": model.extra_prompts(images, {})}
+    return {"deep": model.visual.prompts, "extra": model.extra_prompts(images, model.prompt_context())}
 
 
 def run_attention(run: LoadedRun, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +96,7 @@ def attention_maps(run: LoadedRun, n_images: int, *, num_workers: Optional[int] 
 
 def _denormalise(images: torch.Tensor) -> np.ndarray:
     """Loader images [N, 3, S, S] (CLIP-normalised) -> [N, S, S, 3] in [0, 1] for display."""
-    from fastprompt.data.loaders import CLIP_MEAN, CLIP_STD
+    from fastprompt.data.pipelines import CLIP_MEAN, CLIP_STD
 
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)

@@ -25,10 +25,21 @@ def read_metrics(path: Path) -> list[dict]:
         if not text.strip():
             continue
         try:
-            lines.append(json.loads(text))
+            lines.append(_flat(json.loads(text)))
         except json.JSONDecodeError:
             raise FastpromptError(f"{path} line {number} is not JSON; the run's log is damaged (retrain, or delete the line)") from None
     return lines
+
+
+def _flat(line: dict) -> dict:
+    """A metrics line with nested values spelled out: {"lr": {"text": x}} -> {"lr/text": x}."""
+    flat = {}
+    for key, value in line.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def find_runs(run_or_sweep: str) -> dict[str, list[dict]]:

@@ -1,8 +1,7 @@
 """A finished run rebuilt from its directory, and the zero-shot CLIP it started from.
 
-One place that loads runs for the figures; it does what `evaluate_run` does (config.json +
-prompts.safetensors -> the method's model with its prompts) and can become a thin wrapper of
-`fastprompt.load_run` once that exists.
+One place that loads runs for the figures: `fastprompt.load_run` (config.json +
+prompts.safetensors -> the method's model with its prompts) plus the dataset of the run.
 """
 
 from __future__ import annotations
@@ -55,7 +54,8 @@ class LoadedRun:
 
     def test_batches(self, indices: np.ndarray, *, batch_size: int = 128, num_workers: Optional[int] = None):
         """Batches (images, labels, .beton indices) over test images `indices`, in index order."""
-        from fastprompt.data.loaders import LoaderConfig, make_loader
+        from fastprompt.data.loaders import make_loader
+        from fastprompt.data.pipelines import LoaderConfig
 
         config = LoaderConfig(train=False, image_size=self.model.bundle.image_size, batch_size=batch_size,
                               device=self.device, num_workers=num_workers, drop_last=False, return_indices=True)
@@ -67,27 +67,19 @@ class LoadedRun:
 
 
 def load_run(run_dir: str, *, device: str = "cpu") -> LoadedRun:
-    """Rebuild a finished `fastprompt train` run (its model with the learned prompts) from `run_dir`."""
+    """Rebuild a finished `fastprompt train` run (its model with the learned prompts) from `run_dir`
+    through `fastprompt.load_run`, with the dataset it trained on."""
+    import json
+
     from fastprompt.data import open_dataset
-    from fastprompt.methods import create_model
-    from fastprompt.runtime import resolve_device, seed_everything
-    from fastprompt.training.evaluate import _load_run
+    from fastprompt.runtime import resolve_device
+    from fastprompt.training.evaluate import load_run as load_model
 
     path = Path(run_dir)
-    saved, prompts = _load_run(path)
-    data = open_dataset(saved["data"])
-    classes = saved.get("classes", "all")
-    if data.classnames_for(classes) != saved["classnames"]:
-        raise FastpromptError(f"{saved['data']} no longer holds the classes {path} trained on; rewrite it or retrain")
     dev = resolve_device(device)
-    seed_everything(int(saved["seed"]))  # the same random CLIP weights as the run when --pretrained none
-    model = create_model(saved["method"], saved["classnames"], clip=saved["clip"], pretrained=saved["pretrained"],
-                         template=saved.get("template") or data.template, backend=saved.get("backend", "fast"),
-                         device=dev, **saved["options"])
-    if model.bundle.weights_id != saved["weights_id"]:
-        raise FastpromptError(
-            f"the CLIP weights ({model.bundle.weights_id}) differ from those {path} trained with ({saved['weights_id']}); "
-            "keep the run's --pretrained file where it was"
-        )
-    model.load_prompt_state_dict({k: v.to(dev) for k, v in prompts.items()})
-    return LoadedRun(path=path, config=saved, model=model.eval(), data=data, device=dev)
+    model = load_model(str(path), device=str(dev))
+    saved = json.loads((path / "config.json").read_text())
+    data = open_dataset(saved["data"])
+    if data.classnames_for(saved.get("classes", "all")) != saved["classnames"]:
+        raise FastpromptError(f"{saved['data']} no longer holds the classes {path} trained on; rewrite it or retrain")
+    return LoadedRun(path=path, config=saved, model=model, data=data, device=dev)

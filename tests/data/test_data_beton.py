@@ -31,7 +31,7 @@ def decoded_pixels(ds, split: str, size: int) -> dict[int, np.ndarray]:
 def flat(flat_tree, tmp_path_factory):
     root, pixels = flat_tree
     out = tmp_path_factory.mktemp("flat_out") / "shapes.beton"
-    summary = write_imagefolder(root, out, max_resolution=64, jpeg_quality=95, workers=2)
+    summary = write_imagefolder(root, out, max_resolution=64, jpeg_quality=95, workers=2, eval_size=32)
     return summary, open_dataset(out), pixels
 
 
@@ -51,22 +51,49 @@ def test_imagefolder_round_trip_labels_and_splits(flat, flat_tree):
     assert ds.meta["split_source"] == "stratified 50/20/30 split"
 
 
-def test_imagefolder_round_trip_pixels(flat):
+def test_imagefolder_round_trip_pixels(flat, flat_tree):
     _, ds, pixels = flat
     from ffcv.reader import Reader
+    from PIL import Image
 
+    from fastprompt.data.pixels import clip_eval_pixels
+
+    assert ds.eval_size == 32 and ds.meta["image"]["eval_format"] == "raw"
     meta = Reader(str(ds.path)).metadata["f0"]
     large = ds.meta["paths"].index("class_b/large.png")
-    assert (int(meta["width"][large]), int(meta["height"][large])) == (64, 25)  # longest side -> 64
+    assert ds.splits[large] != SPLIT_CODE["train"]  # the stratified split puts it in val/test: stored evaluation-ready
+    assert (int(meta["width"][large]), int(meta["height"][large]), int(meta["mode"][large])) == (32, 32, 1)  # raw
     decoded = {}
     for split in ("train", "val", "test"):
         decoded.update(decoded_pixels(ds, split, 32))
     assert sorted(decoded) == list(range(ds.num_samples))
     for i, path in enumerate(ds.meta["paths"]):
-        if path == "class_b/large.png":
+        if ds.splits[i] != SPLIT_CODE["train"]:  # CLIP's eval transform of the original, exactly
+            with Image.open(flat_tree[0] / path) as im:
+                expected = clip_eval_pixels(im.convert("RGB"), 32)
+            assert np.array_equal(decoded[i], expected), path
             continue
         err = np.abs(decoded[i].astype(np.int16) - pixels[path].astype(np.int16))
         assert err.mean() < 2.5 and err.max() <= 24, (path, err.mean(), err.max())  # JPEG q95 tolerance
+
+
+def test_training_images_are_stored_whole_up_to_the_caps(tmp_path, make_tree):
+    from ffcv.reader import Reader
+
+    files = {"a/wide.png": (60, 150), "a/tall.png": (150, 60), "a/small.png": (20, 30), "b/x.png": (16, 16)}
+    make_tree(tmp_path / "root" / "train", files)
+    for split in ("val", "test"):
+        make_tree(tmp_path / "root" / split, {"a/t.png": (40, 40), "b/t.png": (40, 40)}, seed=1)
+    write_imagefolder(tmp_path / "root", tmp_path / "w.beton", train_short_side=48, max_resolution=100, eval_size=24,
+                      workers=1)
+    ds = open_dataset(tmp_path / "w.beton")
+    meta = Reader(str(ds.path)).metadata["f0"]
+    sizes = {p: (int(meta["height"][i]), int(meta["width"][i])) for i, p in enumerate(ds.meta["paths"])}
+    # shorter side to 48 (torchvision's int(48 * 150 / 60) = 120), then the longest side to 100
+    assert sizes["train/a/wide.png"] == (40, 100) and sizes["train/a/tall.png"] == (100, 40)
+    assert sizes["train/a/small.png"] == (20, 30) and sizes["test/a/t.png"] == (24, 24)
+    assert ds.meta["image"] == {"max_resolution": 100, "jpeg_quality": 90, "train_short_side": 48, "eval_size": 24,
+                                "eval_format": "raw"}
 
 
 def test_coop_split_json(coop_tree, tmp_path):

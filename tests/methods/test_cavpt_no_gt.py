@@ -1,6 +1,6 @@
 """CAVPT's `aux_target="gt-only"` when no image has its ground-truth class in its top-K: the
 auxiliary term is exactly zero and adds exactly nothing to any gradient, on both backends
-(methods/cavpt.py `aux_loss`, the `not rows.any()` branch). One ground truth in one top-K
+(methods/cavpt.py `aux_loss`: a masked mean whose count is clamped, no branch on the rows). One ground truth in one top-K
 turns the term on, which shows these batches do reach the branch they claim to."""
 
 import pytest

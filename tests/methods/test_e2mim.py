@@ -15,18 +15,44 @@ def test_pairs_carry_different_labels():
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         labels = torch.randint(0, 5, (16,), generator=g)
-        a, b = classwise_pairs(labels, generator=g)
-        assert (labels[a] != labels[b]).all()
-        if int(torch.bincount(labels).max()) <= 8:  # no class holds more than half: everyone pairs
-            assert sorted(a.tolist()) == list(range(16)) and sorted(b.tolist()) == list(range(16))
+        a, b, keep = classwise_pairs(labels, generator=g)
+        assert a.shape == b.shape == keep.shape == (16,)  # static: one pair per sample
+        assert torch.equal(keep, labels[a] != labels[b])
+        assert sorted(a.tolist()) == list(range(16)) and sorted(b.tolist()) == list(range(16))
+        if int(torch.bincount(labels).max()) <= 8:  # no class holds more than half: every pair is kept
+            assert keep.all()
 
 
 def test_one_class_batch_has_no_pairs_and_dominated_batch_keeps_only_valid():
-    a, b = classwise_pairs(torch.zeros(6, dtype=torch.long))
-    assert a.numel() == 0
+    a, b, keep = classwise_pairs(torch.zeros(6, dtype=torch.long))
+    assert not keep.any()
     labels = torch.tensor([0, 0, 0, 0, 0, 1])
-    a, b = classwise_pairs(labels)
-    assert a.numel() >= 1 and (labels[a] != labels[b]).all()
+    a, b, keep = classwise_pairs(labels)
+    assert int(keep.sum()) == 2 and torch.equal(keep, labels[a] != labels[b])  # the lone 1 as a and as b
+
+
+def test_pairs_not_kept_add_nothing(tiny_clip, images):
+    """A batch dominated by one class: the loss equals the one computed on the kept pairs alone
+    (the dynamic-shape form this replaces)."""
+    torch.manual_seed(0)
+    model = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, backend="reference")
+    labels = torch.tensor([0, 0, 0, 1])
+    x = torch.nn.functional.normalize(model.clip.visual(images), dim=-1).detach().requires_grad_()  # (4, D)
+    torch.manual_seed(3)
+    feats, targets, valid = model.mix(x, labels)
+    assert feats.shape == (8, x.shape[1]) and int(valid.sum()) == 6  # 4 originals + 2 kept pairs
+    torch.testing.assert_close(targets[~valid], torch.zeros(2, 5))
+    w, tau = model.text_features(), model.logit_scale()
+    kept_feats, kept_targets = feats[valid], targets[valid]  # (6, D), (6, K)
+    xn = torch.nn.functional.normalize(kept_feats, dim=-1)  # (6, D)
+    want = torch.nn.functional.cross_entropy(tau * xn @ w.T, kept_targets)
+    want = want + model.e2mim.nce((tau * xn @ w.T).softmax(-1), (tau * xn @ model.template_features.T).softmax(-1),
+                                  "reference")
+    torch.manual_seed(3)
+    got = model.loss_and_logits(None, labels, features=x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert torch.count_nonzero(x.grad) > 0
 
 
 def test_mixed_targets_sum_to_one_and_mix_the_pair(tiny_clip):
@@ -34,13 +60,13 @@ def test_mixed_targets_sum_to_one_and_mix_the_pair(tiny_clip):
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     x = torch.randn(6, 64)
     torch.manual_seed(0)
-    feats, targets = model.mix(x, labels)
-    assert feats.shape == (12, 64) and targets.shape == (12, 5)
+    feats, targets, valid = model.mix(x, labels)
+    assert feats.shape == (12, 64) and targets.shape == (12, 5) and valid.all()
     torch.testing.assert_close(targets.sum(-1), torch.ones(12))
     mixed = targets[6:]
     assert ((mixed > 0).sum(-1) == 2).all()  # two different classes in every mixed target
     no_mix = fastprompt.create_model("e2mim", classnames=CLASSNAMES, clip=tiny_clip, mixup=False)
-    assert no_mix.mix(x, labels)[0].shape == (6, 64)
+    assert no_mix.mix(x, labels)[0].shape == (6, 64) and no_mix.mix(x, labels)[2] is None
 
 
 def test_mi_term_and_its_switch(tiny_clip, images, labels):

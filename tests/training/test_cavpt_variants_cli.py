@@ -14,7 +14,7 @@ TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--workers", "1"]
 
 def _train(data, out, *extra):
     return runner.invoke(app, ["train", "--method", "cavpt", "--data", str(data), "--out", str(out), *TINY,
-                               "--epochs", "2", "--batch-size", "32", "--lr", "0.05", "--cavpt.topk", "3", *extra])
+                               "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "32", "--lr", "0.05", "--cavpt.topk", "3", *extra])
 
 
 @pytest.mark.parametrize("variant, backend, extra", [

@@ -11,15 +11,15 @@ LINE = {"epoch": 3, "loss": 1.23456, "train_accuracy": 45.63, "lr": {"visual": 0
         "images": 160, "seconds": 0.13, "images_per_s": 1234.4}
 
 
-class CountedSum:
-    """A running loss sum that counts how often it is read (each read is a CPU-GPU sync)."""
+class Running:
+    """The trainer's running sums; counts how often the mean is read (each read is a CPU-GPU sync)."""
 
     def __init__(self):
-        self.value, self.reads = 0.0, 0
+        self.loss, self.seen, self.reads = 0.0, 0, 0
 
-    def __float__(self):
+    def mean(self):
         self.reads += 1
-        return self.value
+        return self.loss / max(self.seen, 1)
 
 
 def _console(terminal: bool):
@@ -33,12 +33,12 @@ def test_epoch_line():
 
 def test_log_has_one_line_per_epoch_and_never_reads_the_loss():
     console = _console(terminal=False)
-    loss = CountedSum()
+    loss = Running()
     with TrainProgress(console, epochs=4, steps_per_epoch=5, done=2) as progress:
         for epoch in (2, 3):
             progress.start_epoch(epoch)
             for step in range(5):
-                progress.step(loss, 8 * (step + 1))
+                progress.step(loss.mean)
             progress.end_epoch({**LINE, "epoch": epoch + 1})
     lines = console.file.getvalue().splitlines()
     assert [line.split(" loss ")[0] for line in lines] == ["epoch 3/4", "epoch 4/4"]  # from 1, resumed at 3
@@ -48,13 +48,14 @@ def test_log_has_one_line_per_epoch_and_never_reads_the_loss():
 
 def test_bar_reads_the_running_mean_every_few_steps():
     console = _console(terminal=True)
-    loss = CountedSum()
+    loss = Running()
     with TrainProgress(console, epochs=1, steps_per_epoch=25, refresh_every=10) as progress:
         progress.start_epoch(0)
         for step in range(25):
-            loss.value += 2.0 * 8  # every step's loss is 2.0 on 8 images
-            progress.step(loss, 8 * (step + 1))
-        assert progress._bar.tasks[0].fields["loss"] == 2.0  # the mean, not a sum or the last step
+            loss.loss += (1.0 + step) * 8  # step s has loss 1 + s on 8 images
+            loss.seen += 8
+            progress.step(loss.mean)
+        assert progress._bar.tasks[0].fields["loss"] == 10.5  # read at step 20: mean of 1..20, not 20 (the last step)
         progress.end_epoch({**LINE, "epoch": 1})
     assert loss.reads == 3  # steps 1, 10 and 20
     out = console.file.getvalue()
@@ -66,6 +67,6 @@ def test_disabled_shows_nothing():
     with TrainProgress(console, epochs=1, steps_per_epoch=2, enabled=False) as progress:
         progress.say("compiling")
         progress.start_epoch(0)
-        progress.step(CountedSum(), 1)
+        progress.step(Running().mean)
         progress.end_epoch({**LINE, "epoch": 1})
     assert console.file.getvalue() == ""

@@ -1,0 +1,82 @@
+"""What pixels a run feeds the model, decided when a `.beton` is written.
+
+Evaluation splits (val, test) are stored *evaluation-ready*: the pixels CoOp-family code
+feeds CLIP at test time, computed once at prepare time with the same library calls:
+- Dassl reads every image with `PIL.Image.open(path).convert("RGB")`
+  (dassl/utils/tools.py `read_image`), so palette, grayscale, RGBA (alpha dropped) and CMYK
+  files become RGB before any resize;
+- then CLIP's eval transform (open_clip/transform.py `image_transform(S, is_train=False)`,
+  CoOp's `INPUT.INTERPOLATION: bicubic`): torchvision's `Resize(S, BICUBIC)` (shorter side
+  to S, longer side `int(S * long / short)`; torchvision/transforms/functional.py
+  `_compute_resized_output_size`), which on a PIL image is PIL's antialiased bicubic
+  resize, then `CenterCrop(S)` (offsets `int(round((side - S) / 2.0))`, Python's rounding;
+  torchvision's `center_crop`).
+Training images are stored whole, shrunk only when large (shorter side at most
+`train_short_side`, longest side at most `max_resolution`, with the same resize), and the
+loader crops them as Dassl does (`fastprompt.data.decoders`). The default cap, 320 px, is
+where the median random-resized crop (area scale ~0.54 of U(0.08, 1)) still spans >= 224
+source pixels, so it is shrunk, as Dassl's crop of a larger original is, not enlarged;
+decoding cost grows with the stored pixels (BENCHMARKS.md: 448 px costs ~1.5x).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+def resized_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """(H', W') of torchvision's `Resize(short)`: shorter side to `short`, longer `int(short * long / shorter)`."""
+    if width <= height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def center_offset(side: int, crop: int) -> int:
+    """torchvision's `center_crop` offset along one side: `int(round((side - crop) / 2.0))`."""
+    return int(round((side - crop) / 2.0))
+
+
+def eval_resize_short(size: int, center_crop_ratio: float) -> int:
+    """The shorter side an image is resized to before the centre crop of `size`: `size` for
+    CLIP's transform (ratio 1), e.g. 256 for the ImageNet-style 224 / 256."""
+    return size if center_crop_ratio == 1.0 else int(round(size / center_crop_ratio))
+
+
+def clip_eval_pixels(image: "Image.Image", size: int) -> np.ndarray:
+    """CLIP's eval transform before ToTensor on an RGB PIL image: (size, size, 3) uint8."""
+    from PIL import Image
+
+    width, height = image.size
+    new_h, new_w = resized_size(height, width, size)
+    if (new_h, new_w) != (height, width):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = center_offset(new_h, size), center_offset(new_w, size)
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)  # (S, S, 3)
+
+
+def train_storage_size(height: int, width: int, short_cap: int, long_cap: int) -> tuple[int, int]:
+    """(H', W') a training image is stored at: unchanged unless its shorter side exceeds
+    `short_cap` or its longer side `long_cap` (torchvision's `Resize(short_cap, max_size=long_cap)`
+    rounding, shrinking only)."""
+    short, long = min(height, width), max(height, width)
+    if short > short_cap:
+        short, long = short_cap, int(short_cap * long / short)
+    if long > long_cap:
+        short, long = max(1, int(long_cap * short / long)), long_cap
+    return (long, short) if height >= width else (short, long)
+
+
+def train_storage_pixels(image: "Image.Image", short_cap: int, long_cap: int) -> np.ndarray:
+    """An RGB PIL image as stored for training (`train_storage_size`, PIL bicubic): (H, W, 3) uint8."""
+    from PIL import Image
+
+    width, height = image.size
+    new_h, new_w = train_storage_size(height, width, short_cap, long_cap)
+    if (new_h, new_w) != (height, width):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)  # (H, W, 3)

@@ -1,0 +1,255 @@
+"""Named protocols: every default a published table used, in one word (`--protocol NAME`).
+
+A protocol is one table of settings, each with the file or paper section it comes from:
+- `TrainConfig` fields (`clip`, `shots`, `classes`, `epochs`, `batch_size`, `lr`, ...);
+- `lr.GROUP` / `warmup_epochs.GROUP`: one parameter group's recipe (applied in
+  `TrainConfig.resolve` to the groups the run trains; a group it does not name keeps its
+  own default);
+- `options.NAME`: a method option (applied to the methods that have it).
+A setting may differ per dataset (`by_dataset`, keyed by the sidecar's dataset name, e.g.
+CAVPT's K_N or the ImageNet warm-up); `TrainConfig.from_protocol` resolves it from the
+dataset's name. A flag given explicitly always wins over the protocol.
+
+A protocol sets the data and the recipe of a published table, not the method: `--protocol
+cocoop-b2n --method coop` trains CoOp on CoCoOp's base-to-new recipe (CoCoOp's meta-net is
+not a method here), `--protocol cavpt --method vpt-deep` trains VPT-deep on CAVPT's recipe.
+`fastprompt protocols` prints these tables; docs/methods.md explains them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from fastprompt.errors import FastpromptError
+
+GROUP_KEYS = ("lr", "warmup_epochs")  # "lr.GROUP", "warmup_epochs.GROUP"
+# TrainConfig fields a protocol may set (what a published recipe fixes; not how a run executes)
+TRAIN_FIELDS = ("clip", "pretrained", "template", "shots", "classes", "epochs", "batch_size", "optimizer", "lr",
+                "warmup_epochs", "warmup_lr", "momentum", "weight_decay")
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any  # the value on every dataset not in by_dataset
+    source: str  # paper section or file of the published code
+    by_dataset: Mapping[str, Any] = field(default_factory=dict)  # sidecar dataset name -> value there
+    shown: str = ""  # how the table shows the value where the value alone does not say it (e.g. None)
+
+    def at(self, dataset: str) -> Any:
+        return self.by_dataset.get(dataset, self.value)
+
+    def text(self) -> str:
+        base = self.shown or ("the dataset's" if self.value is None else str(self.value))
+        if not self.by_dataset:
+            return base
+        return base + "; " + ", ".join(f"{name} {value}" for name, value in self.by_dataset.items())
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str  # the --protocol value
+    title: str  # the published table it reproduces
+    settings: Mapping[str, Setting]  # key -> setting (keys: see the module docstring)
+    notes: tuple[str, ...] = ()  # where fastprompt or the published code differ, what is left to the user
+
+    def train_fields(self, dataset: str) -> dict[str, Any]:
+        """The `TrainConfig` fields this protocol sets on `dataset`."""
+        return {k: s.at(dataset) for k, s in self.settings.items() if k in TRAIN_FIELDS}
+
+    def options(self, dataset: str) -> dict[str, Any]:
+        """The method options this protocol sets on `dataset` (every method's; filter by method)."""
+        return {k.removeprefix("options."): s.at(dataset) for k, s in self.settings.items() if k.startswith("options.")}
+
+    def group_value(self, what: str, group: str, dataset: str) -> Optional[Any]:
+        """This protocol's `what` ("lr" or "warmup_epochs") of parameter group `group` on
+        `dataset`, or None where it names no value for that group."""
+        setting = self.settings.get(f"{what}.{group}")
+        return None if setting is None else setting.at(dataset)
+
+
+def _check(protocol: Protocol) -> Protocol:
+    for key in protocol.settings:
+        head, _, tail = key.partition(".")
+        ok = (key in TRAIN_FIELDS) or (head == "options" and tail) or (head in GROUP_KEYS and tail)
+        if not ok:
+            raise ValueError(f"protocol {protocol.name}: unknown setting {key!r}")
+        if head in GROUP_KEYS and tail and head in protocol.settings:
+            raise ValueError(f"protocol {protocol.name}: {key} and {head} both set; give one group recipe or every group's")
+    return protocol
+
+
+# ---------------------------------------------------------------------------------- sources
+_DASSL_OPTIM = "Dassl.pytorch dassl/config/defaults.py (OPTIM.MOMENTUM, OPTIM.WEIGHT_DECAY)"
+_COOP_RN50 = "KaiyangZhou/CoOp configs/trainers/CoOp/rn50.yaml"
+_COOP_MD = "KaiyangZhou/CoOp COOP.md"
+_COCOOP = "KaiyangZhou/CoOp configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"
+_COCOOP_SH = "KaiyangZhou/CoOp scripts/cocoop/base2new_train.sh"
+_DPT_YAML = "fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml"
+_DPT_TRAINER = "fanrena/DPT trainers/DPT.py (DPT.build_model)"
+_CAVPT = "CAVPT paper"
+
+# K_N per dataset: the best K_N of the paper's analysis ("Analysis on the length of input text
+# class tokens in CAVPT", K_N in {5, 10, 20, 50, 100} on VPT-CLIP-CAVPT); OxfordPets' 37 is all its classes.
+CAVPT_TOPK = {"eurosat": 5, "caltech101": 50, "oxford_flowers": 5, "food101": 5, "fgvc_aircraft": 20, "dtd": 5,
+              "oxford_pets": 37, "stanford_cars": 100}
+
+_SGD = {
+    "optimizer": Setting("sgd", "every recipe here: OPTIM.NAME sgd"),
+    "momentum": Setting(0.9, _DASSL_OPTIM),
+    "weight_decay": Setting(5e-4, _DASSL_OPTIM),
+    "warmup_lr": Setting(1e-5, "OPTIM.WARMUP_CONS_LR of the recipe's config"),
+}
+
+COOP = _check(Protocol(
+    "coop",
+    "CoOp few-shot (Zhou et al., IJCV 2022): Figure 3 / Table 1, RN50",
+    {
+        "clip": Setting("RN50", f"{_COOP_RN50} MODEL.BACKBONE.NAME (the paper's headline backbone)"),
+        "pretrained": Setting("openai", "CLIP's released weights"),
+        "template": Setting(None, "KaiyangZhou/CoOp trainers/coop.py CUSTOM_TEMPLATES (the sidecar's template)",
+                            shown="the dataset's (CoOp's CUSTOM_TEMPLATES)"),
+        "shots": Setting(16, "KaiyangZhou/CoOp scripts/coop/main.sh SHOTS (CoOp runs 1, 2, 4, 8, 16: pass --shots)"),
+        "classes": Setting("all", "KaiyangZhou/CoOp scripts/coop/main.sh (every class)"),
+        "epochs": Setting(None, f"{_COOP_MD}: rn50_ep50.yaml for 1 shot, rn50_ep100.yaml for 2-4, rn50.yaml for 8-16, "
+                                "*_ep50.yaml for ImageNet", shown="by shots: 1 -> 50, 2-4 -> 100, 8-16 -> 200; ImageNet 50"),
+        "batch_size": Setting(32, f"{_COOP_RN50} DATALOADER.TRAIN_X.BATCH_SIZE"),
+        "lr": Setting(0.002, f"{_COOP_RN50} OPTIM.LR (every group)"),
+        "warmup_epochs": Setting(1, f"{_COOP_RN50} OPTIM.WARMUP_EPOCH (every group)"),
+        **_SGD,
+        "options.n_ctx": Setting(16, f"{_COOP_MD}: `main.sh DATASET rn50 end 16 SHOTS False` (NCTX=16)"),
+        "options.csc": Setting(False, f"{_COOP_MD}: CSC False (the unified context of the main results)"),
+        "options.ctx_init": Setting(None, f"{_COOP_RN50} (no CTX_INIT: random N(0, 0.02) context)", shown="none"),
+    },
+    notes=(
+        "Class token at the end (CoOp's CLASS_TOKEN_POSITION end); fastprompt has no 'middle' position.",
+        "RN50 has no ViT tower: with a method that prompts the image tower (vpt-*, vlp, cavpt) add --clip ViT-B-16 "
+        "(CoOp's vit_b16 configs share this recipe).",
+        "CoOp trains in fp16 (CLIP's half weights); fastprompt's --precision auto is bf16 autocast on CUDA.",
+    ),
+))
+
+COCOOP_B2N = _check(Protocol(
+    "cocoop-b2n",
+    "CoCoOp base-to-new generalisation (Zhou et al., CVPR 2022): Table 1, ViT-B/16, train on base, test base and new",
+    {
+        "clip": Setting("ViT-B-16", f"{_COCOOP} MODEL.BACKBONE.NAME"),
+        "pretrained": Setting("openai", "CLIP's released weights"),
+        "template": Setting(None, "the sidecar's template (CoOp's CUSTOM_TEMPLATES)", shown="the dataset's (CoOp's CUSTOM_TEMPLATES)"),
+        "shots": Setting(16, f"{_COCOOP_SH} SHOTS=16"),
+        "classes": Setting("base", f"{_COCOOP_SH} DATASET.SUBSAMPLE_CLASSES base (new: `fastprompt eval --classes new`, "
+                                   "done at the end of training)"),
+        "epochs": Setting(10, f"{_COCOOP} OPTIM.MAX_EPOCH"),
+        "batch_size": Setting(1, f"{_COCOOP} DATALOADER.TRAIN_X.BATCH_SIZE"),
+        "lr": Setting(0.002, f"{_COCOOP} OPTIM.LR (every group)"),
+        "warmup_epochs": Setting(1, f"{_COCOOP} OPTIM.WARMUP_EPOCH (every group)"),
+        **_SGD,
+        "options.n_ctx": Setting(4, f"{_COCOOP} TRAINER.COCOOP.N_CTX"),
+        "options.ctx_init": Setting("a photo of a", f"{_COCOOP} TRAINER.COCOOP.CTX_INIT"),
+        "options.csc": Setting(False, "CoCoOp's context is shared"),
+    },
+    notes=(
+        "CoCoOp's meta-net (instance-conditional context) is not a method here: the protocol sets the data and recipe "
+        "for the --method given (coop gives CoOp's row of CoCoOp's Table 1; vlp, vpt-deep, cavpt their own).",
+        "One learning rate (0.002) and warm-up (1 epoch) for every group, as CoCoOp's single optimiser.",
+        "CoCoOp trains in fp16; fastprompt's --precision auto is bf16 autocast on CUDA.",
+    ),
+))
+
+_CAVPT_SETTINGS = {
+    "clip": Setting("ViT-B-32", f"{_CAVPT} §Implementation ('ViT-Base/32'); {_DPT_YAML} MODEL.BACKBONE.NAME"),
+    "pretrained": Setting("openai", "CLIP's released weights"),
+    "template": Setting(None, "the sidecar's template (CoOp's CUSTOM_TEMPLATES, as fanrena/DPT)",
+                        shown="the dataset's (CoOp's CUSTOM_TEMPLATES)"),
+    "shots": Setting(16, f"{_CAVPT} §Experiments ('we also adopt the 16 shot')"),
+    "classes": Setting("all", f"{_CAVPT} Table 1 (all classes, full test set)"),
+    "epochs": Setting(200, f"{_CAVPT} §Implementation ('The maximum epoch is set to 200'; {_DPT_YAML} has "
+                           "MAX_EPOCH 100, train_single.sh 60 for 1 shot)"),
+    "batch_size": Setting(32, f"{_DPT_YAML} DATALOADER.TRAIN_X.BATCH_SIZE"),
+    **_SGD,
+    "lr.text": Setting(0.002, f"{_CAVPT} §Implementation (text prompts 'the same as CoOp'); {_DPT_TRAINER}: optim2 LR 0.002"),
+    "warmup_epochs.text": Setting(1, f"{_DPT_TRAINER}: optim2 WARMUP_EPOCH 1"),
+    "lr.visual": Setting(0.01, f"{_DPT_YAML} OPTIM.LR; fanrena/DPT train_single.sh OPTIM.LR 0.01"),
+    "warmup_epochs.visual": Setting(10, f"{_CAVPT} §Implementation ('the first 10 epochs'); {_DPT_TRAINER}: "
+                                        "WARMUP_EPOCH 1 when DATASET.NAME is ImageNet", by_dataset={"imagenet": 1}),
+    "lr.cavpt": Setting(0.01, f"{_DPT_TRAINER}: the extractor's optimiser takes OPTIM.LR ({_DPT_YAML}: 0.01)"),
+    "warmup_epochs.cavpt": Setting(10, f"{_DPT_TRAINER}: the extractor's schedule is the visual prompts'",
+                                   by_dataset={"imagenet": 1}),
+    "options.variant": Setting("released", "the authors' code (fanrena/DPT trainers/DPT.py), which Table 1's numbers come from"),
+    "options.topk": Setting(5, f"{_CAVPT} 'Analysis on the length of input text class tokens': best K_N per dataset "
+                               "(fanrena/DPT train.py CPN 5, train_single.sh CPN 10)", by_dataset=CAVPT_TOPK),
+    "options.layers": Setting(1, f"{_CAVPT} (CAVPT in the last layer); fanrena/DPT train.py BOTTOMLIMIT 12 of 12"),
+    "options.alpha": Setting(1.0, f"{_CAVPT} eq. 12; fanrena/DPT train.py TRAINER.ALPHA 1.0 (fanrena/DPT train_single.sh 0.3)"),
+    "options.n_prompts": Setting(10, f"{_CAVPT} §Implementation ('prompt length is set to 10'); fanrena/DPT train_single.sh VPT.N_CTX 10"),
+    "options.n_ctx": Setting(16, f"{_CAVPT} §Implementation ('16 context length'); fanrena/DPT train_single.sh COOP.N_CTX 16"),
+    "options.csc": Setting(False, "fanrena/DPT train_single.sh TRAINER.COOP.CSC False"),
+    "options.ctx_init": Setting(None, "fanrena/DPT train.py COOP.CTX_INIT '' (random context)", shown="none"),
+    "options.guidance_epochs": Setting(0, f"{_CAVPT} describes no guidance; fanrena/DPT train.py PRETRAIN.C 30 "
+                                          "(pass --cavpt.guidance-epochs 30 with --cavpt.text-prompt)"),
+}
+_CAVPT_NOTES = (
+    "Table 1's rows are methods: VPT-CLIP-Deep is --method vpt-deep, VLP-CLIP-Deep --method vlp, VPT-CLIP-CAVPT "
+    "--method cavpt, VLP-CLIP-CAVPT --method cavpt --cavpt.text-prompt.",
+    "fanrena/DPT trains in fp16; fastprompt's --precision auto is bf16 autocast on CUDA.",
+    "The paper has no ImageNet column; on ImageNet the visual and cavpt groups warm up 1 epoch (fanrena/DPT).",
+)
+
+CAVPT = _check(Protocol(
+    "cavpt",
+    "CAVPT / DPT (Xing et al.): Table 1, ViT-B/32, 16 shots, the released CAVPT module",
+    _CAVPT_SETTINGS, notes=_CAVPT_NOTES,
+))
+
+CAVPT_PAPER = _check(Protocol(
+    "cavpt-paper",
+    "CAVPT / DPT (Xing et al.): Table 1's recipe with the CAVPT module as the paper's equations 9-12 print it",
+    {**_CAVPT_SETTINGS, "options.variant": Setting("paper", f"{_CAVPT} eqs. 9-12 as printed")},
+    notes=_CAVPT_NOTES,
+))
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (COOP, COCOOP_B2N, CAVPT, CAVPT_PAPER)}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise FastpromptError(f"unknown protocol '{name}'; choose one of: {', '.join(PROTOCOLS)} (`fastprompt protocols` lists them)")
+    return PROTOCOLS[name]
+
+
+def flag_of(key: str) -> str:
+    """The `fastprompt train` flag of a protocol setting: `--batch-size`, `--lr.visual`, `--cavpt.topk`."""
+    head, _, tail = key.partition(".")
+    if head == "options":
+        from fastprompt.methods.registry import option_flags
+
+        return next((fl.flag for fl in option_flags() if fl.field == tail), f"options.{tail}")
+    return "--" + head.replace("_", "-") + (f".{tail}" if tail else "")
+
+
+def protocol_tables(names: Optional[list[str]] = None) -> list:
+    """One rich Table per protocol (setting, value, source), then its notes as the caption."""
+    from rich.table import Table
+
+    tables = []
+    for name in names or list(PROTOCOLS):
+        p = get_protocol(name)
+        table = Table(title=f"--protocol {p.name}: {p.title}", title_justify="left", caption_justify="left",
+                      caption="\n".join(f"- {note}" for note in p.notes) or None)
+        table.add_column("setting", no_wrap=True)
+        table.add_column("value")
+        table.add_column("source")
+        for key, setting in p.settings.items():
+            table.add_row(flag_of(key), setting.text(), setting.source)
+        tables.append(table)
+    return tables
+
+
+def protocol_markdown() -> str:
+    """The protocols as the Markdown docs/methods.md holds them (a test keeps the two equal)."""
+    parts = []
+    for p in PROTOCOLS.values():
+        rows = [f"#### `--protocol {p.name}`", "", p.title + ".", "", "| setting | value | source |", "|---|---|---|"]
+        rows += [f"| `{flag_of(k)}` | {s.text()} | {s.source} |" for k, s in p.settings.items()]
+        rows += [""] + [f"- {note}" for note in p.notes]
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"

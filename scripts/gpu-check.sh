@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The one command to run on a GPU machine (CUDA, torch >= 2.11 and Triton >= 3.6 installed, no
+# internet, no FFCV): in about 8 minutes it
+#   1. runs the kernel tests on the GPU and the bf16 fast-vs-reference parity test of every
+#      method (tests/kernels, tests/methods/test_bf16_parity.py);
+#   2. runs `fastprompt bench` on synthetic images for ViT-B/32 and ViT-B/16 at batch 128,
+#      variants reference, fast, fast+compile and anchor (images/s, peak memory, useful
+#      TFLOP/s, fraction of the GPU's bf16 peak);
+#   3. runs the prefix-attention and cosine-CE microbenchmarks against SDPA / eager;
+#   4. writes gpu-check.json and gpu-check.md (plus each step's log) into FOLDER.
+# Every step runs under its own time limit and is recorded even when an earlier one failed;
+# the exit status is 1 when a step failed or a test did not pass.
+#
+#   scripts/gpu-check.sh FOLDER                 # on the GPU machine
+#   scripts/gpu-check.sh --cpu-dry-run FOLDER   # the same steps at tiny shapes on CPU (Triton's
+#                                               # interpreter, fastprompt-tiny; no fast+compile)
+# Wheels: open_clip, typer, pytest, ... are installed from .whl/ (scripts/gpu-wheels.sh
+# downloads them where PyPI is reachable) into /tmp/site; torch is never reinstalled.
+# PYTHON picks the interpreter (default python3).
+set -uo pipefail
+
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+MODE=gpu
+OUT=""
+for arg in "$@"; do
+    case "$arg" in
+        --cpu-dry-run) MODE=cpu-dry-run ;;
+        -h|--help) usage ;;
+        -*) echo "gpu-check: unknown option $arg" >&2; usage ;;
+        *) [ -z "$OUT" ] || { echo "gpu-check: one FOLDER, got $OUT and $arg" >&2; exit 2; }; OUT=$arg ;;
+    esac
+done
+[ -n "$OUT" ] || { echo "gpu-check: give the output FOLDER" >&2; usage; }
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called from
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+COMMAND="scripts/gpu-check.sh $*"
+
+if [ "$MODE" = gpu ]; then
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        echo "[gpu-check] installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into /tmp/site"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            || { echo "gpu-check: installing .whl/ failed" >&2; exit 2; }
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "[gpu-check] no .whl/ here: using what $PY already has (scripts/gpu-wheels.sh fetches the wheels)"
+    fi
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        || { echo "gpu-check: torch sees no CUDA device; run with --cpu-dry-run on a CPU machine" >&2; exit 2; }
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # fastprompt from this checkout
+mkdir -p "$OUT" || exit 2
+: > "$OUT/steps.tsv"
+
+# step NAME LIMIT_S COMMAND...: run it with a time limit, log to FOLDER/NAME.log, record it.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "[gpu-check] $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    local command="$*"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" "${command//[$'\t\n']/ }" >> "$OUT/steps.tsv"
+    echo "[gpu-check] $name: exit $rc after $((SECONDS - start))s"
+}
+
+step machine 60 "$PY" scripts/gpu_check_report.py machine "$OUT" --mode "$MODE" --command "$COMMAND"
+
+if [ "$MODE" = gpu ]; then
+    # The gpu-marked kernel tests (the others run Triton's CPU interpreter) and the bf16 parity
+    # test; the fp32 kernel cases last (IEEE fp32 dots compile 10-100x slower: ptxas spills).
+    step tests 150 "$PY" -m pytest -v -p no:cacheprovider tests/methods/test_bf16_parity.py tests/kernels \
+        --ignore=tests/kernels/test_aot.py -k "(gpu or bf16_parity) and not float32"
+    for clip in ViT-B-32 ViT-B-16; do
+        methods=$([ "$clip" = ViT-B-32 ] && echo vpt-deep,coop-text || echo vpt-deep,cavpt)
+        step "bench-$clip" 90 "$PY" -m fastprompt.cli bench --clip "$clip" --pretrained none --batch-size 128 \
+            --classes 1000 --methods "$methods" --variants reference,fast,fast+compile,anchor --steps 5 --warmup 2 \
+            --device cuda --json "$OUT/bench-$clip.json"
+    done
+    step micro 80 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_prefix_attention.py benchmarks/bench_cosine_ce.py \
+        --benchmark-only --benchmark-json="$OUT/micro.json" -k "bf16 and fwd_bwd and not large and not sdpa-math and not compiled"
+    # --compile reduce-overhead: each method's step as CUDA graphs, none skipped, equal to eager (issue 15 §3)
+    step tests-cuda-graphs 150 "$PY" -m pytest -v -p no:cacheprovider tests/training/test_cuda_graphs.py
+    step tests-fp32 60 "$PY" -m pytest -v -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_aot.py -k "gpu and float32"
+else
+    step tests 300 "$PY" -m pytest -v -p no:cacheprovider tests/methods/test_bf16_parity.py tests/kernels/test_compile.py \
+        -k "vpt-deep or fullgraph"
+    step bench-fastprompt-tiny 300 "$PY" -m fastprompt.cli bench --clip fastprompt-tiny --pretrained none --batch-size 4 \
+        --classes 5 --methods vpt-deep,coop-text --variants reference,fast,anchor --steps 1 --warmup 0 --device cpu \
+        --json "$OUT/bench-fastprompt-tiny.json"
+    step micro 300 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_prefix_attention.py benchmarks/bench_cosine_ce.py \
+        --benchmark-only --benchmark-json="$OUT/micro.json" -k "fwd_bwd and not compiled and not text and not wgrad and (triton or math or eager)"
+fi
+"$PY" scripts/gpu_check_report.py report "$OUT" --mode "$MODE"

@@ -1,0 +1,104 @@
+"""scripts/gpu-check.sh: its CPU dry run (the same steps at tiny shapes) end to end, and the
+report it writes, from made-up step outputs (failed steps, failed tests, goals met or not)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu-check.sh"
+
+_spec = importlib.util.spec_from_file_location("gpu_check_report", ROOT / "scripts" / "gpu_check_report.py")
+report_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report_module)
+
+
+def run_script(*args, timeout=1500):
+    env = dict(os.environ, PYTHON=sys.executable)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert run_script(timeout=60).returncode == 2
+    proc = run_script("--cpu-dry-run", "--fast", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
+    assert not (tmp_path / "steps.tsv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole check")
+def test_gpu_mode_without_cuda_exits_2_and_writes_nothing(tmp_path):
+    proc = run_script(str(tmp_path / "out"), timeout=300)
+    assert proc.returncode == 2 and "torch sees no CUDA device; run with --cpu-dry-run" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def bench_record(clip, method, variant, images_per_s, classes=1000):
+    return dict(clip=clip, method=method, variant=variant, images_per_s=images_per_s, classes=classes,
+                peak_memory_bytes=2**30, speedup_vs_anchor=None, useful_tflops_per_s=100.0, peak_fraction=0.1)
+
+
+def test_report_counts_failures_and_computes_goals(tmp_path):
+    (tmp_path / "steps.tsv").write_text("machine\t0\t1\t60\tpython machine\ntests\t1\t90\t200\tpytest\nmicro\t124\t100\t100\tpytest b\n")
+    (tmp_path / "tests.log").write_text(
+        "tests/kernels/test_a.py::test_x[bf16] PASSED [ 33%]\n"
+        "tests/kernels/test_a.py::test_y FAILED [ 66%]\n"
+        "tests/methods/test_b.py::test_z[coop] SKIPPED (needs CUDA) [100%]\n"
+    )
+    bench = [bench_record("ViT-B-16", "vpt-deep", "fast", 6000.0), bench_record("ViT-B-16", "vpt-deep", "fast+compile", 7000.0),
+             bench_record("ViT-B-16", "vpt-deep", "anchor", 2000.0),
+             bench_record("ViT-B-16", "cavpt", "fast", 4000.0), bench_record("ViT-B-16", "cavpt", "anchor", 1000.0),
+             bench_record("ViT-B-32", "coop-text", "fast", 900.0), bench_record("ViT-B-32", "coop-text", "anchor", 100.0)]
+    (tmp_path / "bench-ViT-B-16.json").write_text(json.dumps(bench))
+
+    def micro(name, impl, ms, shape):
+        return dict(name=f"test_{name}[{impl}]", stats=dict(median=ms / 1e3),
+                    extra_info=dict(impl=impl, shape=shape, dtype="bf16", mode="fwd_bwd", median_ms=ms, tflops=1.0))
+
+    (tmp_path / "micro.json").write_text(json.dumps(dict(benchmarks=[
+        micro("prefix_attention", "triton", 1.0, [1]), micro("prefix_attention", "sdpa-flash", 1.5, [1]),
+        micro("prefix_attention", "sdpa-efficient", 1.2, [1]),
+        micro("cosine_ce", "triton", 1.0, [2]), micro("cosine_ce", "eager", 1.5, [2]),
+    ])))
+    assert report_module.main(["report", str(tmp_path), "--mode", "gpu"]) == 1
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert [s["status"] for s in report["steps"]] == ["ok", "failed (exit 1)", "timed out"]
+    assert report["tests"]["counts"]["passed"] == 1 and report["tests"]["not_passed"] == ["tests/kernels/test_a.py::test_y"]
+    met = {g["goal"].split(" ")[0]: g["met"] for g in report["goals"]}
+    # vpt-deep: 7000/s, 3.5x; cavpt: 4x but 4000/s; coop-text 9x; attention 1.2x the best SDPA; CE 1.5x
+    assert met == {"vpt-deep": True, "cavpt": False, "CoOp": True, "prefix": False, "fused": False}
+    text = (tmp_path / "gpu-check.md").read_text()
+    assert "| micro | timed out | 100 (100) |" in text
+    assert "worst 1.20x ([1] bf16 fwd_bwd vs sdpa-efficient)" in text
+    assert "| ViT-B-16 | vpt-deep | fast+compile | 7000.0 |" in text
+
+    # nothing measured: every goal says so instead of guessing
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "steps.tsv").write_text("machine\t0\t1\t60\tpython machine\n")
+    assert report_module.main(["report", str(empty), "--mode", "cpu-dry-run"]) == 0
+    assert all(g["met"] is None for g in json.loads((empty / "gpu-check.json").read_text())["goals"])
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_writes_json_and_markdown(tmp_path):
+    proc = run_script("--cpu-dry-run", str(tmp_path / "out"))
+    out = tmp_path / "out"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["mode"] == "cpu-dry-run" and report["machine"]["gpu"].startswith("cpu")
+    assert [(s["name"], s["status"]) for s in report["steps"]] == [
+        ("machine", "ok"), ("tests", "ok"), ("bench-fastprompt-tiny", "ok"), ("micro", "ok")]
+    assert report["tests"]["counts"]["passed"] >= 3 and report["tests"]["not_passed"] == []
+    variants = {(r["method"], r["variant"]) for r in report["bench"] if r["images_per_s"] > 0}
+    assert variants == {(m, v) for m in ("vpt-deep", "coop-text") for v in ("reference", "fast", "anchor")}
+    impls = {(r["op"], r["impl"]) for r in report["micro"] if r["median_ms"] > 0}
+    assert impls == {("prefix_attention", "triton"), ("prefix_attention", "sdpa-math"), ("cosine_ce", "triton"), ("cosine_ce", "eager")}
+    text = (out / "gpu-check.md").read_text()
+    assert text.startswith("# gpu-check (cpu-dry-run)") and "| fastprompt-tiny | coop-text | fast |" in text
+    assert "| prefix_attention | [2, 2, 50, 10, 64, 1, False] | fp32 | fwd_bwd |  | triton |" in text

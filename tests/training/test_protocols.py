@@ -1,0 +1,224 @@
+"""Named protocols (`--protocol NAME`): each resolves to its published values on a dataset,
+explicit values win, `fastprompt protocols` prints them, and a run records them."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from fastprompt.cli import app
+from fastprompt.errors import FastpromptError
+from fastprompt.methods import method_class
+from fastprompt.training import TrainConfig
+from fastprompt.training.protocols import PROTOCOLS
+
+
+def resolved(protocol, method, dataset, **given):
+    """`from_protocol` then `resolve` with every group the method declares (as the trainer does)."""
+    config = TrainConfig.from_protocol(protocol, dataset=dataset, method=method, data="x.beton", out="runs/x", **given)
+    cls = method_class(method)
+    groups = [g for g in cls.groups if g.name != "text" or method != "cavpt" or config.options.get("text_prompt")]
+    return config.resolve(dataset, groups, cls.options(**config.options).to_dict())
+
+
+@pytest.fixture
+def named_beton(demo_beton, tmp_path):
+    """The demo .beton under another dataset name (its sidecar's `name`), e.g. stanford_cars."""
+
+    def make(name):
+        beton = tmp_path / f"{name}.beton"
+        shutil.copy(demo_beton, beton)
+        meta = json.loads(demo_beton.with_suffix(".json").read_text())
+        beton.with_suffix(".json").write_text(json.dumps({**meta, "name": name}))
+        return beton
+
+    return make
+
+
+# K_N per dataset: the CAVPT paper's best settings (its analysis of K_N), others 5
+@pytest.mark.parametrize("dataset,topk", [("eurosat", 5), ("caltech101", 50), ("oxford_flowers", 5), ("food101", 5),
+                                          ("fgvc_aircraft", 20), ("dtd", 5), ("oxford_pets", 37),
+                                          ("stanford_cars", 100), ("sun397", 5), ("imagenet", 5)])
+def test_cavpt_resolves_table_1_with_k_n_per_dataset(dataset, topk):
+    config = resolved("cavpt", "cavpt", dataset)
+    assert (config.protocol, config.clip, config.pretrained, config.shots, config.classes) == \
+        ("cavpt", "ViT-B-32", "openai", 16, "all")
+    assert (config.epochs, config.batch_size, config.optimizer, config.warmup_lr) == (200, 32, "sgd", 1e-5)
+    assert (config.momentum, config.weight_decay) == (0.9, 5e-4)
+    warmup = 1 if dataset == "imagenet" else 10
+    assert config.group_lr == {"visual": 0.01, "cavpt": 0.01}
+    assert config.group_warmup_epochs == {"visual": warmup, "cavpt": warmup}
+    opts = config.options
+    assert (opts["variant"], opts["topk"], opts["layers"], opts["alpha"], opts["n_prompts"]) == ("released", topk, 1, 1.0, 10)
+    assert (opts["aux_target"], opts["topk_source"], opts["guidance_epochs"]) == ("gt-only", "online", 0)
+    assert (opts["text_prompt"], opts["n_ctx"]) == (False, None)  # no text side: CoOp's n_ctx 16 takes no part
+
+
+def test_cavpt_text_group_follows_coop_and_cavpt_paper_is_the_paper_module():
+    config = resolved("cavpt", "cavpt", "eurosat", options={"text_prompt": True})
+    assert (config.options["n_ctx"], config.options["csc"]) == (16, False)
+    assert config.group_lr == {"text": 0.002, "visual": 0.01, "cavpt": 0.01}
+    assert config.group_warmup_epochs == {"text": 1, "visual": 10, "cavpt": 10}
+    paper = resolved("cavpt-paper", "cavpt", "caltech101")
+    assert (paper.options["variant"], paper.options["aux_target"], paper.options["topk_source"]) == ("paper", "eq10", "cached")
+    assert (paper.options["topk"], paper.epochs, paper.clip, paper.group_lr["cavpt"]) == (50, 200, "ViT-B-32", 0.01)
+
+
+@pytest.mark.parametrize("dataset,shots,epochs", [("eurosat", 1, 50), ("eurosat", 2, 100), ("eurosat", 4, 100),
+                                                  ("eurosat", 8, 200), ("eurosat", 16, 200), ("imagenet", 16, 50),
+                                                  ("imagenet", 1, 50)])
+def test_coop_is_rn50_with_coops_epochs_by_shots(dataset, shots, epochs):
+    config = resolved("coop", "coop", dataset, shots=shots)
+    assert (config.clip, config.shots, config.epochs, config.batch_size, config.template) == ("RN50", shots, epochs, 32, None)
+    assert (config.group_lr, config.group_warmup_epochs, config.warmup_lr) == ({"text": 0.002}, {"text": 1}, 1e-5)
+    assert (config.options["n_ctx"], config.options["csc"], config.options["ctx_init"]) == (16, False, None)
+
+
+def test_cocoop_b2n_sets_data_and_recipe_for_the_method_given():
+    config = resolved("cocoop-b2n", "vlp", "dtd")
+    assert (config.clip, config.shots, config.classes, config.epochs, config.batch_size) == ("ViT-B-16", 16, "base", 10, 1)
+    assert config.group_lr == {"text": 0.002, "visual": 0.002}  # CoCoOp's one lr for every group
+    assert config.group_warmup_epochs == {"text": 1, "visual": 1}
+    assert (config.options["n_ctx"], config.options["ctx_init"], config.options["n_prompts"]) == (4, "a photo of a", 10)
+    vpt = resolved("cocoop-b2n", "vpt-deep", "dtd")  # coop options do not reach a method without them
+    assert vpt.options == {"n_prompts": 10} and vpt.group_lr == {"visual": 0.002}
+
+
+def test_explicit_values_win_over_the_protocol():
+    config = resolved("cavpt", "cavpt", "caltech101", clip="fastprompt-tiny", epochs=3, batch_size=8, lr=0.05,
+                      options={"topk": 7, "variant": "paper"}, group_warmup_epochs={"cavpt": 2}, warmup_epochs=0)
+    assert (config.clip, config.epochs, config.batch_size) == ("fastprompt-tiny", 3, 8)
+    assert config.options["topk"] == 7 and config.options["variant"] == "paper" and config.options["n_prompts"] == 10
+    assert config.group_lr == {"visual": 0.05, "cavpt": 0.05}  # --lr (every group) beats the protocol's group values
+    assert config.group_warmup_epochs == {"visual": 0, "cavpt": 2}
+    one = resolved("cavpt", "cavpt", "caltech101", group_lr={"visual": 0.1})
+    assert one.group_lr == {"visual": 0.1, "cavpt": 0.01}
+
+
+def test_resolved_protocol_config_round_trips_and_unknown_names_fail():
+    config = resolved("cavpt", "cavpt", "oxford_pets")
+    again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    assert again.resolve("oxford_pets", [g for g in method_class("cavpt").groups if g.name != "text"],
+                         config.options) == config
+    with pytest.raises(FastpromptError, match="unknown protocol 'cavtp'.*coop, cocoop-b2n, cavpt, cavpt-paper"):
+        TrainConfig.from_protocol("cavtp", dataset="eurosat", method="cavpt", data="x.beton", out="o")
+    with pytest.raises(FastpromptError, match="unknown protocol"):
+        TrainConfig(method="coop", data="x.beton", out="o", protocol="nope")
+
+
+def test_from_protocol_reads_the_dataset_name_from_the_sidecar(named_beton):
+    beton = named_beton("stanford_cars")
+    config = TrainConfig.from_protocol("cavpt", method="cavpt", data=str(beton), out="o")
+    assert config.options["topk"] == 100
+
+
+def test_protocols_command_prints_every_setting_with_its_source():
+    result = CliRunner().invoke(app, ["protocols"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for name in PROTOCOLS:
+        assert f"--protocol {name}:" in text
+    assert "RN50" in text and "ViT-B-16" in text and "ViT-B-32" in text
+    assert "caltech101 50" in text and "stanford_cars 100" in text and "oxford_pets 37" in text
+    assert "--warmup-epochs.visual" in text and "imagenet 1" in text and "--cavpt.topk" in text
+    assert "vit_b16_c4_ep10_batch1_ctxv1.yaml" in text and "rn50.yaml" in text
+    one = CliRunner().invoke(app, ["protocols", "coop"])
+    assert one.exit_code == 0 and "--protocol coop:" in one.output and "--protocol cavpt" not in one.output
+    bad = CliRunner().invoke(app, ["protocols", "nope"])
+    assert bad.exit_code == 2 and "unknown protocol 'nope'" in bad.output
+
+
+TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--workers", "1", "--shots", "2", "--epochs", "1"]
+
+
+def test_train_with_protocol_cavpt_records_the_protocol_and_every_resolved_value(named_beton, tmp_path):
+    beton = named_beton("fgvc_aircraft")
+    out = tmp_path / "cavpt"
+    args = ["train", "--protocol", "cavpt", "--method", "cavpt", "--data", str(beton), "--out", str(out), *TINY,
+            "--warmup-epochs", "0", "--batch-size", "10", "--vpt.n-prompts", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["protocol"], saved["dataset"], saved["clip"], saved["epochs"], saved["batch_size"]) == \
+        ("cavpt", "fgvc_aircraft", "fastprompt-tiny", 1, 10)
+    assert saved["group_lr"] == {"visual": 0.01, "cavpt": 0.01} and saved["group_warmup_epochs"] == {"visual": 0, "cavpt": 0}
+    assert saved["options"] == {"variant": "released", "topk": 20, "layers": 1, "alpha": 1.0, "aux_target": "gt-only",
+                                "topk_source": "online", "text_prompt": False, "guidance_epochs": 0, "n_prompts": 2,
+                                "n_ctx": None, "csc": False, "ctx_init": None}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["lr"] == {"visual": 0.01, "cavpt": 0.01}
+    # the run directory alone rebuilds the model: eval gives train's own test accuracy
+    results = json.loads((out / "results.json").read_text())
+    again = CliRunner().invoke(app, ["eval", str(out), "--data", str(beton), "--workers", "1"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output.strip().splitlines()[-1])["test_accuracy"] == results["test_accuracy"]
+
+
+def test_flags_given_at_their_default_value_still_win(demo_beton, tmp_path):
+    """cocoop-b2n sets batch 1 and base classes; --batch-size 32 and --classes all, the CLI's
+    own defaults, given explicitly, win."""
+    out = tmp_path / "coop"
+    args = ["train", "--protocol", "cocoop-b2n", "--method", "coop", "--data", str(demo_beton), "--out", str(out), *TINY,
+            "--batch-size", "32", "--classes", "all", "--warmup-epochs.text", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["protocol"], saved["batch_size"], saved["classes"], saved["shots"]) == ("cocoop-b2n", 32, "all", 2)
+    assert (saved["group_lr"], saved["group_warmup_epochs"]) == ({"text": 0.002}, {"text": 0})
+    assert (saved["options"]["n_ctx"], saved["options"]["ctx_init"]) == (4, "a photo of a")
+
+
+def test_unknown_protocol_on_the_command_line_exits_2_and_writes_nothing(demo_beton, tmp_path):
+    out = tmp_path / "none"
+    result = CliRunner().invoke(app, ["train", "--protocol", "coop2", "--method", "coop", "--data", str(demo_beton),
+                                      "--out", str(out), *TINY])
+    assert result.exit_code == 2 and "unknown protocol 'coop2'" in result.output
+    assert not out.exists()
+
+
+def test_sweep_protocol_resolves_per_dataset_under_the_sweeps_settings(named_beton, tmp_path):
+    from fastprompt.sweep import SweepConfig, expand
+
+    data = [str(named_beton("stanford_cars")), str(named_beton("caltech101"))]
+    config = SweepConfig(methods=["cavpt", "coop"], data=data, seeds=[1], shots=[2], out=str(tmp_path / "s"),
+                         train={"protocol": "cavpt", "clip": "fastprompt-tiny", "epochs": 3}, options={"alpha": 0.3})
+    cells = {c.name: c.config for c in expand(config)}
+    cars, caltech = cells["stanford_cars/cavpt/shots2/seed1"], cells["caltech101/cavpt/shots2/seed1"]
+    assert (cars.options["topk"], caltech.options["topk"]) == (100, 50)
+    assert cars.options["alpha"] == 0.3 and cars.options["variant"] == "released"  # --set wins
+    assert (cars.protocol, cars.clip, cars.epochs, cars.shots, cars.batch_size) == ("cavpt", "fastprompt-tiny", 3, 2, 32)
+    coop = cells["caltech101/coop/shots2/seed1"]
+    assert coop.options == {"n_ctx": 16, "csc": False, "ctx_init": None} and coop.protocol == "cavpt"
+
+
+def test_sweep_command_passes_protocol_and_refuses_an_unknown_one(named_beton, tmp_path):
+    beton = str(named_beton("oxford_pets"))
+    base = ["sweep", "--methods", "cavpt", "--data", beton, "--seeds", "1", "--shots", "2", "--clip", "fastprompt-tiny",
+            "--pretrained", "none", "--dry-run"]
+    out = tmp_path / "s"
+    result = CliRunner().invoke(app, [*base, "--out", str(out), "--protocol", "cavpt"])
+    assert result.exit_code == 0, result.output
+    assert "oxford_pets/cavpt/shots2/seed1" in result.output and not out.exists()
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "t"), "--protocol", "cavpt2"])
+    assert bad.exit_code == 2 and "unknown protocol 'cavpt2'" in bad.output and not (tmp_path / "t").exists()
+
+
+def test_every_protocol_setting_names_a_real_field_option_or_group():
+    import dataclasses
+
+    from fastprompt.methods import METHODS
+    from fastprompt.methods.registry import group_names
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {name for cls in METHODS.values() for name in cls.options.field_names()}
+    for protocol in PROTOCOLS.values():
+        for key in protocol.settings:
+            head, _, tail = key.partition(".")
+            if head == "options":
+                assert tail in options, (protocol.name, key)
+            elif tail:
+                assert head in ("lr", "warmup_epochs") and tail in group_names(), (protocol.name, key)
+            else:
+                assert key in fields, (protocol.name, key)
