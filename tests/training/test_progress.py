@@ -70,3 +70,15 @@ def test_disabled_shows_nothing():
         progress.step(Running().mean)
         progress.end_epoch({**LINE, "epoch": 1})
     assert console.file.getvalue() == ""
+
+
+def test_compile_notice_knows_a_cold_cache(tmp_path, monkeypatch):
+    """"first time on this machine" is said when the compile cache holds no compiled graph yet."""
+    from fastprompt.training.compiled import compile_cache_is_warm
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert not compile_cache_is_warm()
+    (tmp_path / "fxgraph").mkdir()
+    assert not compile_cache_is_warm()
+    (tmp_path / "fxgraph" / "ab").mkdir()
+    assert compile_cache_is_warm()
