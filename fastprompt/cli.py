@@ -390,6 +390,7 @@ def _bench_choices() -> dict[str, tuple]:
 
     return {"compile_mode": COMPILE_MODES}
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Loader threads (default: the available cores).")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Let a --pretrained file that needs a full unpickle load (it can run code).")]
 
 
 class TrainCommand(Command):
@@ -427,7 +428,7 @@ def train_cmd(
     ctx: typer.Context,
     method: Annotated[str, typer.Option("--method", help="A method from `fastprompt methods` that trains something (zeroshot is `fastprompt zeroshot`).")],
     data: Annotated[str, typer.Option("--data", help="A .beton from `fastprompt prepare` (its .json sidecar beside it).")],
-    out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/METHOD-DATA-Sshot-seedN). The same --out resumes.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/METHOD-DATA-Sshot-seedN-CLIP-WEIGHTS-HASH). The same setting resumes; another is refused.")] = None,
     clip: Annotated[str, typer.Option("--clip", help="open_clip model name, or fastprompt-tiny.")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip tag, a checkpoint file, or none (random weights).")] = "openai",
     template: Annotated[Optional[str], typer.Option("--template", help="Hand-crafted template with {} (default: the dataset's); 'ensemble' for CLIP's 7.")] = None,
@@ -450,6 +451,11 @@ def train_cmd(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints (0: only at the end).")] = 1,
     feature_cache: Annotated[int, typer.Option("--feature-cache", help="Methods with a frozen image tower (coop, e2mim): cache V augmented views of the image features (0: off).")] = 0,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write per-epoch scalars to OUT/tensorboard (torch.utils.tensorboard).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint; fail if it has none.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Remove the run in --out (any setting) and train from the start.")] = False,
+    force_eval: Annotated[bool, typer.Option("--force-eval", help="Evaluate a finished run in --out again (default: print where its results are).")] = False,
+    nan_policy: Annotated[str, typer.Option("--nan-policy", help="Non-finite loss: stop (exit 2 naming epoch and step) | skip (skip the step, count it in metrics).")] = "stop",
+    trust_pickle: TrustPickle = False,
     protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (coop, cocoop-b2n, cavpt, cavpt-paper; `fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used; flags given explicitly win.")] = None,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
@@ -457,21 +463,23 @@ def train_cmd(
 
     from fastprompt.methods.registry import check_option_flags
     from fastprompt.training import TrainConfig, train
+    from fastprompt.training.rundir import default_run_dir
 
     flags = {name: value for name, value in ctx.meta["flags"].items() if value is not None}
     options = {name.removeprefix("option__"): v for name, v in flags.items() if name.startswith("option__")}
     check_option_flags(method, options)
     group_lr = {name.removeprefix("lr__"): v for name, v in flags.items() if name.startswith("lr__")}
     group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
-    if out is None:
-        out = str(Path("runs") / f"{method}-{Path(data).stem}-{shots}shot-seed{seed}")
+    if resume and restart:
+        raise FastpromptError("--resume and --restart contradict each other; pass one")
     settings = dict(
-        method=method, data=data, out=out, clip=clip, pretrained=pretrained, template=template,
+        method=method, data=data, out=out or "", clip=clip, pretrained=pretrained, template=template,
         shots=shots or None, seed=seed, classes=classes, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
         warmup_epochs=warmup_epochs, group_lr=group_lr, group_warmup_epochs=group_warmup, warmup_lr=warmup_lr,
         momentum=momentum, weight_decay=weight_decay,
         device=device, precision=precision, backend=backend, compile=compile, num_workers=workers,
-        checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options,
+        checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options, nan_policy=nan_policy,
+        trust_pickle=trust_pickle,
     )
     if protocol is None:
         config = TrainConfig(**settings)
@@ -481,13 +489,16 @@ def train_cmd(
         given = {k: v for k, v in settings.items() if k in ("out", "options", "group_lr", "group_warmup_epochs")
                  or ctx.get_parameter_source("workers" if k == "num_workers" else k) not in (None, ParameterSource.DEFAULT)}
         config = TrainConfig.from_protocol(protocol, **given)
+    if out is None:
+        config.out = default_run_dir(config)
     logger = None
     if tensorboard:
         from fastprompt.training.tensorboard import TensorBoardLogger
 
-        logger = TensorBoardLogger(Path(out) / "tensorboard")
+        logger = TensorBoardLogger(Path(config.out) / "tensorboard")
     try:
-        results = train(config, console=_console(), on_epoch=logger)
+        results = train(config, console=_console(), on_epoch=logger,
+                        mode="resume" if resume else "restart" if restart else "auto", force_eval=force_eval)
     finally:
         if logger is not None:
             logger.close()
@@ -505,12 +516,13 @@ def eval_cmd(
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Workers = None,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Evaluate a run's prompts on the test split of a dataset (cross-dataset, base-to-new, domains)."""
     from fastprompt.training import evaluate_run
 
     result = evaluate_run(run, data, classes, device=device, precision=precision, batch_size=batch_size,
-                          num_workers=workers)
+                          num_workers=workers, trust_pickle=trust_pickle)
     typer.echo(json.dumps(result))
 
 
@@ -527,12 +539,14 @@ def zeroshot_cmd(
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Workers = None,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Zero-shot CLIP accuracy on the test split of a dataset."""
     from fastprompt.training import zeroshot_eval
 
     result = zeroshot_eval(data, clip=clip, pretrained=pretrained, template=template, classes=classes, device=device,
-                           precision=precision, batch_size=batch_size, num_workers=workers, seed=seed)
+                           precision=precision, batch_size=batch_size, num_workers=workers, seed=seed,
+                           trust_pickle=trust_pickle)
     typer.echo(json.dumps(result))
 
 

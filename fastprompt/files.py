@@ -7,8 +7,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and setting it back; under a lock)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def cache_dir() -> Path:
@@ -20,14 +31,22 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`; on any
-    failure the temporary file is removed and the error raised. The folder must exist."""
+def atomic_write(path: Union[str, Path], write: Callable[[str], None], kill_point: Optional[str] = None) -> None:
+    """Call `write(tmp)` on a temporary file `.NAME.*.tmp` beside `path`, then rename it to
+    `path`; on any failure the temporary file is removed and the error raised (a killed
+    process leaves it: `fastprompt.training.rundir.clean_temporaries`). The file gets the
+    permissions of a plain `open()` (0o666 less the umask), not mkstemp's 0o600. The folder
+    must exist. `kill_point`: a test hook point just before the rename (training/hooks.py)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        if kill_point is not None:
+            from fastprompt.training.hooks import kill_point as hook
+
+            hook(kill_point)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -35,12 +54,12 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
         raise
 
 
-def write_json(path: Union[str, Path], obj: Any) -> None:
-    """`obj` as indented JSON with a final newline, written atomically."""
+def write_json(path: Union[str, Path], obj: Any, kill_point: Optional[str] = None) -> None:
+    """`obj` as indented JSON with a final newline, written atomically (`kill_point`: see atomic_write)."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
 
-    atomic_write(path, write)
+    atomic_write(path, write, kill_point=kill_point)

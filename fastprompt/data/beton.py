@@ -325,6 +325,9 @@ def write_beton(
         os.chmod(tmp_json, mode)
         os.replace(tmp_beton, out)
         tmp_beton = out  # from here a failure must remove the renamed .beton too
+        from fastprompt.training.hooks import kill_point
+
+        kill_point("beton-write")  # test hook (training/hooks.py): killed between the two renames
         os.replace(tmp_json, final_json)
         tmp_beton = tmp_json = None
     except BaseException:

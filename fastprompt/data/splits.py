@@ -296,6 +296,11 @@ def read_coop_split(split_json: Path, root: Path) -> tuple[list[Sample], list[st
                     f"({split}[{k}], {rel}); each class name needs one label - fix the split file"
                 )
             rel = rel.replace("\\", "/")
+            if rel.startswith("/") or ".." in rel.split("/") or (len(rel) > 1 and rel[1] == ":"):
+                raise FastpromptError(
+                    f"split file {split_json}: {split}[{k}] path {rel!r} leaves the image folder (absolute or '..'); "
+                    "paths must be relative to ROOT and stay inside it - fix the split file"
+                )
             if not os.path.isfile(root / rel):
                 missing.append(rel)
             samples.append(Sample(rel, label, split))

@@ -49,6 +49,7 @@ def create_model(
     template: Union[str, Sequence[str], None] = None,
     backend: str = "fast",
     device: Union[str, torch.device] = "cpu",
+    trust_pickle: bool = False,
     **options,
 ) -> PromptModel:
     """Build a prompt-tuning model around a frozen CLIP.
@@ -57,6 +58,7 @@ def create_model(
     model name (or `fastprompt-tiny`) or a CLIP instance; pretrained: open_clip tag, local
     checkpoint file, or None for random weights; template: one template, a list (ensemble)
     or "ensemble"; backend: "fast" or "reference" (the eager oracle; same function);
+    trust_pickle: let a checkpoint file that needs a full unpickle load (it can run code);
     options: the method's options (see `fastprompt.methods.options`).
     """
     config = method_config(method, **options)
@@ -64,5 +66,5 @@ def create_model(
     templates = resolve_templates(template)
     if backend not in BACKENDS:
         raise FastpromptError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-    bundle = load_clip(clip, pretrained, device=device)
+    bundle = load_clip(clip, pretrained, device=device, trust_pickle=trust_pickle)
     return method_class(method)(bundle, names, templates, backend, config)

@@ -44,6 +44,9 @@ TEXT_GROUP = ParamGroup("text", lr=0.002, warmup_epochs=1,
 VISUAL_GROUP = ParamGroup("visual", lr=0.01, warmup_epochs=10, imagenet_warmup_epochs=1,
                           source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
 
+# options `resolved_options` fills in when the model is built (None until then)
+DERIVED_OPTIONS = frozenset({"n_ctx"})
+
 
 class PromptModel(nn.Module):
     """Base of every method: `model(images) -> logits [B, K]`, `model.loss(images, labels)`."""
@@ -107,6 +110,13 @@ class PromptModel(nn.Module):
         (then the model has `k_n` and `zero_shot_topk(images)`, and its loss takes `topk`)."""
         return False
 
+    @classmethod
+    def trained_groups(cls, config) -> tuple[ParamGroup, ...]:
+        """The groups a model built with options `config` trains, known without building it (a
+        planned run's identity resolves every group's recipe from these; the trainer checks
+        they are the groups `param_groups()` finds). Every declared group unless overridden."""
+        return tuple(cls.groups)
+
     def param_groups(self) -> list[tuple[ParamGroup, list[tuple[str, nn.Parameter]]]]:
         """The declared groups that hold trainable tensors here, with their (name, tensor) pairs;
         a group the options leave empty (CAVPT's `text` without text_prompt) is left out."""
@@ -120,9 +130,13 @@ class PromptModel(nn.Module):
                 raise TypeError(f"{type(self).__qualname__} trains {name}, which belongs to no declared group "
                                 f"({', '.join(declared) or 'none'}); add ParamGroup({group!r}, ...) to its `groups`")
             members.setdefault(group, []).append((name, p))
-        return [(g, members[g.name]) for g in self.groups if g.name in members]
+        found = [(g, members[g.name]) for g in self.groups if g.name in members]
+        if [g.name for g, _ in found] != [g.name for g in self.trained_groups(self.config)]:
+            raise TypeError(f"{type(self).__qualname__} trains groups {[g.name for g, _ in found]}, but its trained_groups() "
+                            f"says {[g.name for g in self.trained_groups(self.config)]}; make them agree")
+        return found
 
-    def resolved_options(self) -> dict:
+    def resolved_options(self) -> dict:  # derives DERIVED_OPTIONS
         """Every option as this model was built, defaults and derived values filled in
         (CoOp's `n_ctx` from `ctx_init`): what rebuilds this exact model."""
         options = self.config.to_dict()

@@ -182,6 +182,10 @@ class Cavpt(PromptModel):
     groups = (TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP)  # text: only with text_prompt=True
     frozen_image_tower = False
 
+    @classmethod
+    def trained_groups(cls, config: CavptConfig) -> tuple:
+        return tuple(g for g in cls.groups if g is not TEXT_GROUP or config.text_prompt)
+
     def wants_topk_table(self) -> bool:
         return self.config.topk_source == "cached"
 

@@ -158,9 +158,10 @@ def expand(config: SweepConfig) -> list[Cell]:
 
 def plan(cells: list[Cell]) -> list[PlannedCell]:
     """What each cell's folder asks for; FastpromptError naming the cell if one holds another run."""
-    from fastprompt.training.identity import first_difference
+    from fastprompt.data import open_dataset
+    from fastprompt.training.identity import first_difference, planned as resolved
 
-    planned = []
+    planned, datasets = [], {}
     for cell in cells:
         config_path = cell.dir / "config.json"
         if not config_path.is_file():
@@ -170,7 +171,10 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
             saved = json.loads(config_path.read_text())
         except (OSError, ValueError) as err:
             raise FastpromptError(f"cell {cell.name}: {config_path} is unreadable ({err}); delete the cell's folder to rerun it") from None
-        diff = first_difference(cell.config.to_dict(), saved)
+        if cell.config.data not in datasets:  # opened once per dataset, not per cell
+            datasets[cell.config.data] = open_dataset(cell.config.data)
+        expected = resolved(cell.config, datasets[cell.config.data]).to_dict()  # resolved as the trainer resolves it
+        diff = first_difference(expected, saved)
         if diff is not None:
             key, mine, theirs = diff
             raise FastpromptError(

@@ -6,7 +6,6 @@ and thread count in `init_worker` before torch is first imported.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 import time
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Optional
 
 ERROR_FILE = "error.json"  # a failed cell's error and traceback, in its folder (removed when it later succeeds)
-LOCK_FILE = ".lock"  # held (fcntl) while a process works on the cell: two sweeps on one folder never run a cell twice at once
 
 
 def init_worker(cuda_device: Optional[str], threads: int, parent_pid: int) -> None:
@@ -40,21 +38,20 @@ def run_cell(payload: dict, tensorboard: bool = False) -> dict:
     """Train the cell (or resume it: the trainer resumes from its checkpoint by itself) unless its
     results.json exists, then evaluate it on every extra test set it lacks. Never raises for a
     failure of the cell: returns {"status": "failed", "error": ...} and writes error.json."""
+    from fastprompt.errors import FastpromptError
+    from fastprompt.training.rundir import RunLock
+
     name, out = payload["name"], Path(payload["config"]["out"])
     start = time.perf_counter()
+    lock = RunLock(out)  # the run directory's lock (training/rundir.py), held around training and evaluations
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / LOCK_FILE, "a")
-    except OSError as err:
-        return {"cell": name, "status": "failed", "seconds": 0.0,
-                "error": f"cannot write the cell's folder {out} ({err.strerror}); pick a writable --out"}
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return {"cell": name, "status": "failed", "seconds": 0.0,
-                    "error": f"another process is running this cell ({out / LOCK_FILE} is locked); let it finish, then run the sweep again"}
+        lock.acquire()
+    except FastpromptError as err:
+        return {"cell": name, "status": "failed", "seconds": 0.0, "error": str(err)}
+    try:
         return _run_locked(payload, name, out, tensorboard, start)
+    finally:
+        lock.release()
 
 
 def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: float) -> dict:

@@ -11,7 +11,8 @@ Saving writes the tensor file under a new name (atomically), then replaces check
 (atomically), then deletes tensor files no longer named. So a crash at any moment leaves
 checkpoint.json naming a complete tensor file: the previous checkpoint's until the json
 rename, the new one's after it. Loading checks the pair (file present, ids equal).
-A `checkpoint.pt` of fastprompt before this format is refused with what to do.
+A `checkpoint.pt` of fastprompt before this format is refused with what to do, without
+reading it: nothing in a run directory is ever unpickled.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 
 from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write, write_json
+from fastprompt.training.hooks import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,9 @@ def save(directory: Path, record: dict, tensors: dict[str, torch.Tensor]) -> Non
     name = f"checkpoint-{int(record['epoch']):04d}-{ident[:12]}.safetensors"
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(directory / name, lambda tmp: save_file(tensors, tmp, metadata={"checkpoint_id": ident}))
-    write_json(directory / RECORD, {**record, "format": FORMAT, "tensors": name, "checkpoint_id": ident})  # the commit
+    kill_point("checkpoint-tensors")  # test hook: the tensors are written, their record not
+    write_json(directory / RECORD, {**record, "format": FORMAT, "tensors": name, "checkpoint_id": ident},
+               kill_point="checkpoint-rename")  # the commit
     for old in directory.glob("checkpoint-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -102,8 +106,8 @@ def read_record(directory: Path) -> Optional[dict]:
     if not path.is_file():
         if (Path(directory) / LEGACY).is_file():
             raise FastpromptError(
-                f"{directory} holds {LEGACY} from an older fastprompt, whose format is no longer read; delete {LEGACY} "
-                "to train this run again from the start, or use another --out"
+                f"{directory} holds {LEGACY} from an older fastprompt, whose format is no longer read (it is never "
+                "unpickled); pass --restart to train this run again from the start, or use another --out"
             )
         return None
     try:
@@ -111,6 +115,9 @@ def read_record(directory: Path) -> Optional[dict]:
     except (OSError, ValueError) as err:
         raise FastpromptError(f"{path} is unreadable ({err}); delete it and the checkpoint-*.safetensors beside it, "
                               "or use another --out") from None
+    if not isinstance(record, dict):
+        raise FastpromptError(f"{path} is not a checkpoint record (not a JSON object); pass --restart to train the run "
+                              "again from the start, or use another --out")
     if record.get("format") != FORMAT:
         raise FastpromptError(f"{path} has checkpoint format {record.get('format')!r}, this fastprompt reads {FORMAT}; "
                               "use another --out")
@@ -124,7 +131,7 @@ def load(directory: Path) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
     if record is None:
         return None
     path = Path(directory) / str(record.get("tensors"))
-    fix = f"delete {RECORD} and the checkpoint-*.safetensors in {directory} to restart the run, or use another --out"
+    fix = f"pass --restart to train {directory} again from the start, or use another --out"
     try:
         with safe_open(str(path), framework="pt") as f:
             ident = (f.metadata() or {}).get("checkpoint_id")

@@ -29,6 +29,7 @@ CLASS_CHOICES = ("all", "base", "new")
 TRAIN_CLASSES = ("all", "base")  # training: every class, or the base half (base-to-new)
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # the last three: inductor modes
+NAN_POLICIES = ("stop", "skip")
 COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo + AOTAutograd without code generation (tests, debugging)
 
 
@@ -90,6 +91,8 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile of the training step: auto (default mode on cuda, off on cpu), off, or a mode
     compile_backend: str = "inductor"  # dynamo backend; aot_eager skips code generation (tests)
     options: dict = field(default_factory=dict)  # method options, e.g. {"topk": 5, "n_prompts": 10}
+    trust_pickle: bool = False  # let a --pretrained file that needs a full unpickle load (it can run code)
+    nan_policy: str = "stop"  # non-finite loss: "stop" (exit 2 naming epoch and step) or "skip" the step
 
     def __post_init__(self) -> None:
         from fastprompt.methods import method_class, method_config
@@ -140,6 +143,10 @@ class TrainConfig:
             raise FastpromptError(f"compile_backend={self.compile_backend!r} must be one of {', '.join(COMPILE_BACKENDS)}")
         if self.compile_backend != "inductor" and self.compile not in ("default", "off", "auto"):
             raise FastpromptError(f"compile={self.compile!r} is an inductor mode; compile_backend={self.compile_backend!r} takes 'default'")
+        if self.nan_policy not in NAN_POLICIES:
+            raise FastpromptError(f"nan_policy={self.nan_policy!r} must be one of {', '.join(NAN_POLICIES)}")
+        if not isinstance(self.trust_pickle, bool):
+            raise FastpromptError(f"trust_pickle={self.trust_pickle!r} must be True or False")
         if self.optimizer not in OPTIMIZERS:
             raise FastpromptError(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
         if self.device not in DEVICES:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -69,16 +71,24 @@ def _read_run(run_dir: Path) -> tuple[dict, dict]:
         saved = json.loads(config_path.read_text())
         prompts = load_file(str(prompts_path))
     except Exception as err:
-        raise FastpromptError(f"{run_dir} holds an unreadable run ({type(err).__name__}: {err}); train it again") from None
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise FastpromptError(f"{run_dir} holds an unreadable run ({reason}); train it again with "
+                              f"`fastprompt train ... --out {run_dir} --restart`") from None
+    if not isinstance(saved, dict) or any(k not in saved for k in ("method", "clip", "pretrained", "options", "classnames",
+                                                                   "seed", "weights_id", "template")):
+        raise FastpromptError(f"{run_dir}/config.json is not a fastprompt run's config; train it again with "
+                              f"`fastprompt train ... --out {run_dir} --restart`")
     return saved, prompts
 
 
-def _run_model(saved: dict, prompts: dict, classnames: list[str], template, device: torch.device) -> PromptModel:
+def _run_model(saved: dict, prompts: dict, classnames: list[str], template, device: torch.device,
+               trust_pickle: bool = False) -> PromptModel:
     """The run's method, CLIP and options (all from config.json) on `classnames`, its prompts loaded
     (training-only tensors left out when the classes are not the run's)."""
     seed_everything(int(saved["seed"]))  # the same random CLIP weights as the run when --pretrained none
     model = create_model(saved["method"], classnames, clip=saved["clip"], pretrained=saved["pretrained"],
-                         template=template, backend=saved.get("backend", "fast"), device=device, **saved["options"])
+                         template=template, backend=saved.get("backend", "fast"), device=device, trust_pickle=trust_pickle,
+                         **saved["options"])
     if model.bundle.weights_id != saved["weights_id"]:
         raise FastpromptError(
             f"the CLIP weights ({model.bundle.weights_id}) differ from those the run trained with ({saved['weights_id']}); "
@@ -89,15 +99,33 @@ def _run_model(saved: dict, prompts: dict, classnames: list[str], template, devi
     return model.eval()
 
 
-def load_run(run_dir: str, device: str = "cpu") -> PromptModel:
+def load_run(run_dir: str, device: str = "cpu", trust_pickle: bool = False) -> PromptModel:
     """The trained model of a finished `fastprompt train` run, rebuilt from its directory alone:
     config.json (method, CLIP, every option, classes, template) and prompts.safetensors."""
     saved, prompts = _read_run(Path(run_dir))
-    return _run_model(saved, prompts, saved["classnames"], saved["template"], resolve_device(device))
+    return _run_model(saved, prompts, saved["classnames"], saved["template"], resolve_device(device), trust_pickle)
+
+
+def eval_file(run: Path, dataset: str, data: Path, classes: str) -> Path:
+    """Where `evaluate_run` writes: `eval-DATASET-CLASSES.json`, the dataset name made safe for a
+    file name (a sidecar's name never reaches outside the run directory); when that file holds
+    another data file's result, `eval-DATASET-HASH-CLASSES.json` (HASH of the data path), so
+    two data files of the same dataset name never overwrite each other."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", dataset).lstrip(".") or "dataset"
+    path = run / f"eval-{safe}-{classes}.json"
+    data = str(Path(data).resolve())
+    try:
+        held = json.loads(path.read_text()).get("data") if path.is_file() else data
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held is not None and str(Path(held).resolve()) == data:
+        return path
+    return run / f"eval-{safe}-{hashlib.sha256(data.encode()).hexdigest()[:8]}-{classes}.json"
 
 
 def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 128, num_workers: Optional[int] = None, template: Optional[str] = None) -> dict:
+                 batch_size: int = 128, num_workers: Optional[int] = None, template: Optional[str] = None,
+                 trust_pickle: bool = False) -> dict:
     """Evaluate a finished run's prompts on the test split of `data` (any dataset, any classes)."""
 
     dev = resolve_device(device)  # the arguments first: a bad --device or --precision reads nothing
@@ -108,19 +136,18 @@ def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str =
     classnames = ds.classnames_for(classes)
     template = template or (saved["template"] if saved.get("template") and saved["classnames"] == classnames
                             else ds.template)
-    model = _run_model(saved, prompts, classnames, template, dev)
+    model = _run_model(saved, prompts, classnames, template, dev, trust_pickle)
     acc = evaluate(model, ds, "test", classes, device=dev, batch_size=batch_size, num_workers=num_workers,
                    autocast=autocast_for(precision, dev))
-    result = {"run": str(run), "method": saved["method"], "dataset": ds.name, "data": str(ds.path),
+    result = {"run": str(run), "method": saved["method"], "dataset": ds.name, "data": str(Path(ds.path).resolve()),
               "classes": classes, "test_accuracy": acc}
-    out = run / f"eval-{ds.name}-{classes}.json"
-    write_json(out, result)
+    write_json(eval_file(run, ds.name, ds.path, classes), result)
     return result
 
 
 def zeroshot_eval(data: str, *, clip: str = "ViT-B-32", pretrained: Optional[str] = "openai", template: Optional[str] = None,
                   classes: str = "all", device: str = "auto", precision: str = "auto", batch_size: int = 128,
-                  num_workers: Optional[int] = None, seed: int = 1) -> dict:
+                  num_workers: Optional[int] = None, seed: int = 1, trust_pickle: bool = False) -> dict:
     """Zero-shot CLIP accuracy on the test split of `data`."""
 
     ds = open_dataset(data)
@@ -130,7 +157,7 @@ def zeroshot_eval(data: str, *, clip: str = "ViT-B-32", pretrained: Optional[str
         pretrained = None
     seed_everything(seed)
     model = create_model("zeroshot", classnames, clip=clip, pretrained=pretrained, template=template or ds.template,
-                         device=dev)
+                         device=dev, trust_pickle=trust_pickle)
     acc = evaluate(model, ds, "test", classes, device=dev, batch_size=batch_size, num_workers=num_workers,
                    autocast=autocast_for(precision, dev))
     return {"method": "zeroshot", "dataset": ds.name, "classes": classes, "clip": clip,

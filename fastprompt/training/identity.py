@@ -12,20 +12,56 @@ this cell; `fastprompt report` to refuse averaging runs that differ in more than
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any, Optional
 
-# Fields that change how a run executes, not its result.
+# Fields that change how a run executes, not its result: the one list.
 EXECUTION_FIELDS = frozenset({
     "out", "device", "num_workers", "checkpoint_every", "compile", "compile_backend", "eval_batch_size",
-    "backend", "world_size",
+    "backend", "world_size", "trust_pickle", "nan_policy",
 })
+# derived from the identity (the hash of it), never compared itself
+DERIVED_FIELDS = ("identity_hash",)
+
+
+def planned(config, dataset=None):
+    """`config` (a `TrainConfig`) resolved as the trainer will resolve it, without building CLIP:
+    epochs, every trained group's lr and warm-up (the groups from the method class's
+    `trained_groups`), every method option at its value, the dataset's template, and `data`
+    and a `pretrained` file as absolute paths. `dataset`: the opened `config.data` if the
+    caller has it."""
+    from fastprompt.data import open_dataset
+    from fastprompt.methods import method_class, method_config
+
+    ds = open_dataset(config.data) if dataset is None else dataset
+    options = method_config(config.method, **config.options)
+    groups = method_class(config.method).trained_groups(options)
+    resolved = config.resolve(ds.name, groups, options.to_dict())
+    pretrained = resolved.pretrained
+    if isinstance(pretrained, str) and os.path.isfile(pretrained):
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return dataclasses.replace(resolved, template=resolved.template or ds.template, pretrained=pretrained,
+                               data=str(Path(ds.path).expanduser().resolve()))
+
+
+def identity_hash(resolved: dict) -> str:
+    """A short hash (12 hex digits) of the identity of a resolved config's `TrainConfig` fields:
+    equal settings give equal hashes (run names, config.json's `identity_hash`)."""
+    from fastprompt.training.config import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    ident = identity({k: v for k, v in resolved.items() if k in names})
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def identity(resolved: dict) -> dict:
     """The result-identifying part of a resolved config dict (a copy). Method options count
     as resolved values: an option left at its default equals the default written out."""
-    ident = {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS}
+    ident = {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS and k not in DERIVED_FIELDS}
     if isinstance(ident.get("options"), dict):
         ident["options"] = _resolved_options(ident.get("method"), ident["options"])
     return ident
@@ -48,13 +84,19 @@ def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), 
     the trainer derives from them (class names from data and classes, the weights id from clip
     and pretrained), which a planned config cannot know yet. A field the saved config lacks
     is a difference (its saved value reads as `<missing>`). With `both`, the fields of both
-    configs are compared (two saved runs). Values compare as JSON (a tuple equals a list)."""
+    configs are compared (two saved runs). Values compare as JSON (a tuple equals a list).
+    An option the model derives when it is built (`DERIVED_OPTIONS`: n_ctx from ctx_init) that
+    the expected config leaves None takes the saved value: the trainer compares it."""
     mine, theirs = (json.loads(json.dumps(identity(d))) for d in (expected, saved))
     keys = list(mine) + ([k for k in theirs if k not in mine] if both else [])
     for key in keys:
-        if key in ignore:
+        if key in ignore or key in DERIVED_FIELDS:
             continue
         value, other = mine.get(key, "<missing>"), theirs.get(key, "<missing>")
+        if key == "options" and isinstance(value, dict) and isinstance(other, dict):
+            from fastprompt.methods.base import DERIVED_OPTIONS
+
+            value = {k: other.get(k, v) if v is None and k in DERIVED_OPTIONS else v for k, v in value.items()}
         if other != value:
             if isinstance(value, dict) and isinstance(other, dict):  # name the option: options.n_ctx
                 inner = first_difference(value, other, both=True)

@@ -9,7 +9,9 @@ One run = one `--out` directory:
   optimiser, RNG states, epoch and metrics, committed atomically every `checkpoint_every`
   epochs; a run started again with the same `--out` resumes from it;
 - `prompts.safetensors`: the trainable tensors only, at the end;
-- `results.json`: test accuracies at the end (base, new and harmonic mean for base-to-new).
+- `results.json`: test accuracies at the end (base, new and harmonic mean for base-to-new),
+  the run's identity, wall time, package versions and the git commit when there is one.
+The directory holds one run of one setting, written by one process: `fastprompt.training.rundir`.
 
 Optimisation: one optimiser with a param group per trained `ParamGroup` of the method
 (`text`, `visual`, `cavpt`, `e2mim`), each on Dassl's schedule with its own peak lr and
@@ -31,10 +33,12 @@ only rank 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,20 +53,20 @@ from fastprompt.files import atomic_write, write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
-from fastprompt.training import checkpoint
-from fastprompt.training.checkpoint import to_json_value
+from fastprompt.training import checkpoint, rundir
 from fastprompt.training.compiled import compile_cache_is_warm, compile_fn
 from fastprompt.training.progress import TrainProgress
 from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
 from fastprompt.training.feature_cache import FeatureCache
-from fastprompt.training.hooks import exit_after_step
+from fastprompt.training.hooks import exit_after_step, kill_point
+from fastprompt.training.identity import first_difference, identity, identity_hash, planned
+from fastprompt.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
-# what must match for a run directory's checkpoint to be resumed by this command
-RESUME_KEYS = ("method", "classes", "shots", "seed", "clip", "epochs", "batch_size", "optimizer", "feature_cache",
-               "group_lr", "group_warmup_epochs", "warmup_lr", "momentum", "weight_decay", "options")
+# what a checkpoint record must hold
+RECORD_KEYS = ("config", "classnames", "epoch", "optimizer", "rng", "metrics")
 
 
 class _Step(nn.Module):
@@ -82,7 +86,12 @@ class _Step(nn.Module):
 class Trainer:
     """Owns the model, data, optimiser and run directory of one `fastprompt train`."""
 
-    def __init__(self, config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None):
+    def __init__(self, config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None,
+                 mode: str = "auto"):
+        if mode not in rundir.MODES:
+            raise FastpromptError(f"mode={mode!r} must be one of {', '.join(rundir.MODES)}")
+        self.mode = mode
+        self.started = time.time()
         self.config = config
         self.console = console
         self.on_epoch = on_epoch  # called on the main rank with each metrics.jsonl line (e.g. TensorBoard)
@@ -102,17 +111,32 @@ class Trainer:
         self.autocast = autocast_for(config.precision, self.device)
         self.out = Path(config.out)
 
-        # everything that can fail on bad input happens before anything is written
+        # everything that can fail on bad input happens before anything is written (the lock file and a folder
+        # it made are removed again on failure)
         self.data = open_dataset(config.data)
         self.classnames = self.data.classnames_for(config.classes)
-        self.template = config.template or self.data.template
+        plan = planned(config, self.data)  # template, absolute paths, every group's recipe: what config.json records
+        self.identity_hash = identity_hash(plan.to_dict())
+        self.lock = rundir.RunLock(self.out)  # taken first: a second process stops before loading anything
+        if self.is_main:
+            self.lock.acquire()
+        try:
+            self._build(config, plan)
+            self._prepare_out()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, config: TrainConfig, plan: TrainConfig) -> None:
+        """The model, optimiser and loaders (after the run directory's lock is held)."""
+        self.template = plan.template
         seed_everything(config.seed)  # random CLIP weights (--pretrained none) and prompt init follow the seed
-        self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=config.pretrained,
+        self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=plan.pretrained,
                                   template=self.template, backend=config.backend, device=self.device,
-                                  **config.options)
+                                  trust_pickle=config.trust_pickle, **config.options)
         self.data.check_image_size(self.model.bundle.image_size)  # val/test are stored at one size (prepare --eval-size)
         groups = self.model.param_groups()
-        self.config = config = config.resolve(self.data.name, [g for g, _ in groups], self.model.resolved_options())
+        self.config = config = plan.resolve(self.data.name, [g for g, _ in groups], self.model.resolved_options())
         log.info("parameter groups: %s; %d epochs", ", ".join(
             f"{g.name} ({sum(p.numel() for _, p in members)} values) lr {config.group_lr[g.name]} warm-up "
             f"{config.group_warmup_epochs[g.name]}" for g, members in groups), config.epochs)
@@ -144,7 +168,7 @@ class Trainer:
         self._topk_table: Optional[torch.Tensor] = None
         self.feature_cache: Optional[FeatureCache] = None
         self.train_subset = self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes)
-        self._prepare_out()
+        self.guard = NonFiniteGuard(config.nan_policy, self.device, self.distributed)
 
     def _make_optimizer(self, groups: list[tuple[str, list[nn.Parameter]]]) -> torch.optim.Optimizer:
         """One optimiser, a param group per trained part, `fused=True` (one kernel per group and
@@ -176,57 +200,114 @@ class Trainer:
     def _run_facts(self) -> dict:
         return {"classnames": self.classnames, "template": self.template, "dataset": self.data.name,
                 "weights_id": self.model.bundle.weights_id, "image_size": self.model.bundle.image_size,
-                "world_size": self.world}
+                "world_size": self.world, "identity_hash": self.identity_hash}
 
     def _prepare_out(self) -> None:
-        saved = checkpoint.load(self.out) if self.out.is_dir() else None
-        if saved is not None:
-            self._resume(*saved)
+        """Take the run directory (lock), check it holds this run or none, and resume or start.
+        Everything is checked before the first file is written or removed."""
+        if self.is_main:
+            rundir.clean_temporaries(self.out)
+            if self.mode == "restart":
+                rundir.clear(self.out)
+            has_checkpoint = any((self.out / name).is_file() for name in (checkpoint.RECORD, checkpoint.LEGACY))
+            try:
+                saved = rundir.read_config(self.out)
+            except FastpromptError:
+                if not has_checkpoint:
+                    raise
+                saved = None  # the checkpoint's own config is checked in _resume; config.json is rewritten from it
+                log.warning("%s is unreadable; it is rewritten if the checkpoint holds this run", self.out / rundir.CONFIG)
+            if saved is not None:
+                rundir.check_same_run(self.out, {**self.config.to_dict(), **self._run_facts()}, saved, both=True)
+            if self.mode == "resume" and not has_checkpoint:
+                raise FastpromptError(f"--resume: {self.out} holds no checkpoint to resume; drop --resume to start the run")
+        if self.distributed:
+            dist.barrier()  # rank 0 has checked (and, with --restart, cleared) the directory
+        saved_checkpoint = checkpoint.load(self.out)
+        if saved_checkpoint is not None:
+            self._resume(*saved_checkpoint)
             return
         if self.is_main:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                probe = self.out / ".write-probe"
-                probe.write_text("")
-                probe.unlink()
-            except OSError as err:
-                raise FastpromptError(f"cannot write to --out {self.out} ({err.strerror}); pick a writable directory") from None
-            write_json(self.out / "config.json", {**self.config.to_dict(), **self._run_facts()})
-            write_json(self.out / "fewshot.json", self.fewshot)
-            (self.out / "metrics.jsonl").write_text("")
+            rundir.clear(self.out)  # a run stopped before its first checkpoint, or files of another: start whole
+            with self._disk(self.out / rundir.CONFIG):
+                write_json(self.out / rundir.CONFIG, {**self.config.to_dict(), **self._run_facts()})
+                write_json(self.out / "fewshot.json", self.fewshot)
+                (self.out / "metrics.jsonl").write_text("")
 
     def _resume(self, record: dict, tensors: dict[str, torch.Tensor]) -> None:
-        saved, ours = record.get("config", {}), to_json_value(self.config.to_dict())
-        for key in RESUME_KEYS:
-            if saved.get(key) != ours[key]:
-                raise FastpromptError(
-                    f"--out {self.out} holds a run with {key}={saved.get(key)!r}, this command has {ours[key]!r}; "
-                    "use another --out or repeat the original command to resume it"
-                )
-        if record.get("classnames") != list(self.classnames):
-            raise FastpromptError(
-                f"--out {self.out} holds a run on other classes than {self.config.data} ({self.config.classes}); use another --out"
-            )
+        """Load a checkpoint record after checking it holds this run, whole and consistent."""
+        path = self.out / checkpoint.RECORD
+        fix = "pass --restart to train the run again from the start, or use another --out"
+        missing = [key for key in RECORD_KEYS if key not in record]
+        if missing:
+            raise FastpromptError(f"{path} lacks {', '.join(missing)}; {fix}")
+        if not isinstance(record["config"], dict):
+            raise FastpromptError(f"{path} holds no config; {fix}")
+        diff = first_difference(self.config.to_dict(), record["config"])
+        if diff is not None:
+            raise FastpromptError(f"{path} is a checkpoint of a run with {diff[0]}={diff[2]!r}, this command has "
+                                  f"{diff[0]}={diff[1]!r}; {fix}")
+        if record["classnames"] != list(self.classnames):
+            raise FastpromptError(f"{path} is a checkpoint of a run on other classes than {self.config.data} "
+                                  f"({self.config.classes}); {fix}")
+        epoch, metrics = record["epoch"], record["metrics"]
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= self.config.epochs:
+            raise FastpromptError(f"{path} says epoch {epoch!r}, which this run of {self.config.epochs} epochs cannot have "
+                                  f"reached; {fix}")
+        if not isinstance(metrics, list) or [m.get("epoch") if isinstance(m, dict) else None for m in metrics] != \
+                list(range(1, epoch + 1)):
+            raise FastpromptError(f"{path} holds metrics that are not those of epochs 1..{epoch}; {fix}")
         prompts = {k.removeprefix("prompts."): v for k, v in tensors.items() if k.startswith("prompts.")}
-        self.model.load_prompt_state_dict(prompts)
+        expected = set(self.model.prompt_state_dict())
+        if set(prompts) != expected:
+            lacking = sorted(expected - set(prompts)) or sorted(set(prompts) - expected)
+            raise FastpromptError(f"{path}: its tensors do not match this run's prompts ({', '.join(lacking)}); {fix}")
         # the state (momentum, Adam moments) from the checkpoint; the group settings (lr tensors,
         # fused) stay this optimiser's: every one of them follows from the config, compared above
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(checkpoint.optimizer_from_parts(record["optimizer"], tensors))
+        try:
+            self.model.load_prompt_state_dict(prompts)
+            self.optimizer.load_state_dict(checkpoint.optimizer_from_parts(record["optimizer"], tensors))
+            rng = checkpoint.rng_from_json(record["rng"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as err:
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            raise FastpromptError(f"{path} does not fit this run ({reason}); {fix}") from None
         for group, own in zip(self.optimizer.param_groups, settings):
             group.update(own)
             for p in group["params"]:  # fused AdamW keeps its step count on the parameter's device
                 state = self.optimizer.state.get(p, {})
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-        self.epoch = int(record["epoch"])
-        self.metrics = list(record["metrics"])
-        set_rng_state(checkpoint.rng_from_json(record["rng"]))
+        set_rng_state(rng)
+        self.epoch = epoch
+        self.metrics = list(metrics)
         if self.is_main:
-            with open(self.out / "metrics.jsonl", "w") as f:  # drop lines of epochs after the checkpoint
-                for line in self.metrics:
-                    f.write(json.dumps(line) + "\n")
+            with self._disk(self.out / "metrics.jsonl"):
+                # config.json rewritten whole (the same identity; this command's execution settings)
+                write_json(self.out / rundir.CONFIG, {**self.config.to_dict(), **self._run_facts()})
+                with open(self.out / "metrics.jsonl", "w") as f:  # drop lines of epochs after the checkpoint
+                    for line in self.metrics:
+                        f.write(json.dumps(line) + "\n")
         self._say(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
+
+    def _last_checkpoint(self) -> str:
+        """What a failed run leaves to resume from, for its error message."""
+        try:
+            record = checkpoint.read_record(self.out)
+        except FastpromptError:
+            record = None
+        if record is None:
+            return "no checkpoint was written yet, so the next start trains from epoch 1"
+        return f"the checkpoint after epoch {record.get('epoch')} in {self.out} is kept and the next start resumes from it"
+
+    @contextmanager
+    def _disk(self, path: Path):
+        """A write to the run directory: an OSError (disk full, read-only) becomes one line naming the path."""
+        try:
+            yield
+        except OSError as err:
+            raise FastpromptError(f"cannot write {path} ({err.strerror or err}); {self._last_checkpoint()}; free disk "
+                                  "space or make the folder writable, then run the command again") from None
 
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON record, tensors) of everything an exact resume needs."""
@@ -249,7 +330,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.is_main:
-            checkpoint.save(self.out, *self.state_dict())
+            with self._disk(self.out / checkpoint.RECORD):
+                checkpoint.save(self.out, *self.state_dict())
 
     def _say(self, text: str) -> None:
         if self.is_main and self.console is not None:
@@ -287,11 +369,13 @@ class Trainer:
                                           batch_size=cfg.batch_size, rank=self.rank, world=self.world)
 
     def train_epoch(self, progress: Optional[TrainProgress] = None) -> dict:
+        cfg = self.config
         lr = self._set_lr(self.epoch)
         self.model.train()
         self.model.set_epoch(self.epoch)
         self.loader.set_epoch(self.epoch)
         running = self._running = self._new_running()
+        self.guard.start_epoch()
         start = time.perf_counter()
         for step, batch in enumerate(self._batches()):
             images, labels = batch[0], batch[1]  # (b, 3, S, S) or cached features (b, D), (b,)
@@ -305,8 +389,9 @@ class Trainer:
                     loss, logits = self.step_fn(None, labels, features=images)
                 else:
                     loss, logits = self.step_fn(images, labels, topk)
+            if not self.guard.step_ok(loss, step):  # --nan-policy (training/nonfinite.py): stop reads nothing here
+                continue
             loss_value = loss.detach()  # 0-d, on the device: nothing here reads a value back to the host
-            self._watch_loss(loss_value, step)
             loss.backward()
             self.optimizer.step()
             exit_after_step(self.epoch * len(self.loader) + step + 1)  # test hook: see training/hooks.py
@@ -315,49 +400,30 @@ class Trainer:
             running["seen"] += labels.shape[0]
             if progress is not None:
                 progress.step(lambda: float(running["loss"] / running["seen"].clamp(min=1)))  # read every few steps
-        # the epoch's one CPU-GPU sync: the running sums (summed over ranks) and the non-finite check
+        # the epoch's CPU-GPU syncs: the non-finite check (--nan-policy stop) and the running sums (summed over ranks)
+        bad_step = self.guard.end_epoch()
+        if bad_step is not None:
+            raise FastpromptError(
+                f"the loss became non-finite (NaN or inf) at epoch {self.epoch + 1} step {bad_step}; "
+                f"{self._last_checkpoint()}; lower --lr, use --precision fp32, or pass --nan-policy skip"
+            )
         stats = torch.stack([running["loss"], running["correct"].double(), running["seen"].double()])  # (3,)
         if self.distributed:
             dist.all_reduce(stats)
-        self._check_nonfinite()
         seconds = time.perf_counter() - start
         total_loss, correct, seen = stats.tolist()
-        return {"epoch": self.epoch + 1, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
+        line = {"epoch": self.epoch + 1, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
                 "lr": lr, "images": int(seen), "seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 1)}
+        if cfg.nan_policy == "skip":
+            line["skipped_steps"] = self.guard.skipped
+        return line
 
     def _new_running(self) -> dict[str, torch.Tensor]:
         """The epoch's running sums, kept on the device (0-d each) and read once at its end:
-        loss (sum of loss · batch), correct and seen (images), and the first non-finite loss
-        (`bad_step` -1 while there is none, `bad_loss` its value)."""
+        loss (sum of loss · batch), correct and seen (images). The non-finite check is
+        `self.guard`'s (training/nonfinite.py)."""
         zeros = lambda dtype: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731
-        return {"loss": zeros(torch.float64), "correct": zeros(torch.long), "seen": zeros(torch.long),
-                "bad_step": torch.full((), -1, dtype=torch.long, device=self.device), "bad_loss": zeros(torch.float32)}
-
-    def _watch_loss(self, loss: torch.Tensor, step: int) -> None:
-        """Record the epoch's first non-finite loss (its step and value) on the device, without
-        reading the loss back (a per-step read would stall the GPU and break CUDA graphs).
-        `_check_nonfinite` reads the record once, at the end of the epoch."""
-        running = self._running
-        first = ~torch.isfinite(loss) & (running["bad_step"] < 0)  # 0-d bool
-        running["bad_step"].copy_(torch.where(first, step, running["bad_step"]))
-        running["bad_loss"].copy_(torch.where(first, loss.float(), running["bad_loss"]))
-
-    def _check_nonfinite(self) -> None:
-        """Stop the run when a loss of this epoch was not finite (one read per epoch): nothing of
-        this epoch is written, so the last checkpoint stays the run's last good state. The steps
-        after the bad one still ran (on the device, unread); their prompts are thrown away."""
-        bad = self._running["bad_step"].clone()
-        if self.distributed:  # every rank stops together, at a step where some rank saw a non-finite loss
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        step = int(bad)
-        if step < 0:
-            return
-        own = int(self._running["bad_step"]) == step
-        value = float(self._running["bad_loss"]) if own else "non-finite (on another process)"
-        raise FastpromptError(
-            f"loss became {value} at epoch {self.epoch + 1} step {step + 1}; the last good checkpoint "
-            f"(after epoch {self.epoch}) is kept in {self.out}; lower --lr or use --precision fp32"
-        )
+        return {"loss": zeros(torch.float64), "correct": zeros(torch.long), "seen": zeros(torch.long)}
 
     def train(self) -> dict:
         """Train the remaining epochs, then evaluate on the test split; returns results.json's content."""
@@ -385,18 +451,35 @@ class Trainer:
                 self.metrics.append(line)
                 progress.end_epoch(line)
                 if self.is_main:
-                    with open(self.out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(line) + "\n")
+                    text = json.dumps(line) + "\n"
+                    with self._disk(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
+                        f.write(text[: len(text) // 2])
+                        f.flush()
+                        kill_point("metrics-append")  # test hook: half a line written
+                        f.write(text[len(text) // 2:])
                     if self.on_epoch is not None:
                         self.on_epoch(line)
                 if (cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0) or self.epoch == cfg.epochs:
                     self.save_checkpoint()
+        kill_point("before-results")  # test hook: trained and checkpointed, no results yet
         results = self.final_evaluation()
         if self.is_main:
+            results.update(self.provenance())
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.prompt_state_dict().items()}
-            atomic_write(self.out / "prompts.safetensors", lambda tmp: save_file(state, tmp))
-            write_json(self.out / "results.json", results)
+            with self._disk(self.out / "prompts.safetensors"):
+                atomic_write(self.out / "prompts.safetensors", lambda tmp: save_file(state, tmp))
+            with self._disk(self.out / rundir.RESULTS):
+                write_json(self.out / rundir.RESULTS, results)
         return results
+
+    def provenance(self) -> dict:
+        """What results.json records beside the accuracies: the resolved identity, the time, the code."""
+        resolved = {**self.config.to_dict(), **self._run_facts()}
+        ident = {k: v for k, v in identity(resolved).items() if k != "classnames"}  # class names: config.json
+        return {"identity": ident, "identity_hash": self.identity_hash,
+                "wall_seconds": round(time.time() - self.started, 3),  # this command's
+                "train_seconds": round(sum(m.get("seconds", 0.0) for m in self.metrics), 3),  # every epoch's, over restarts
+                **rundir.provenance()}
 
     def final_evaluation(self) -> dict:
         cfg = self.config
@@ -417,12 +500,44 @@ class Trainer:
         return results
 
     def close(self) -> None:
+        self.lock.release()
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
-    trainer = Trainer(config, console=console, on_epoch=on_epoch)
+def finished_run(config: TrainConfig) -> Optional[dict]:
+    """results.json of `config.out` when it holds this run finished (identity checked, without
+    building the model); None when it holds no finished run. FastpromptError when it holds another."""
+    out = Path(config.out)
+    results = rundir.finished_results(out)
+    if results is None:
+        return None
+    try:
+        saved = rundir.read_config(out)
+    except FastpromptError:
+        return None  # the trainer decides (a checkpoint may hold the run)
+    if saved is None:
+        return None
+    rundir.check_same_run(out, planned(config).to_dict(), saved)
+    return results
+
+
+def train(config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None, *,
+          mode: str = "auto", force_eval: bool = False) -> dict:
+    """Train `config.out` to the end and evaluate it; returns results.json's content.
+
+    mode: "auto" continues the run the directory holds if it is this setting (a finished one is
+    not evaluated again: its results are returned, unless `force_eval`), "resume" insists on a
+    checkpoint to continue, "restart" removes the directory's run first. A directory holding
+    another setting is refused in every mode but "restart"."""
+    if mode != "restart":
+        results = finished_run(config)
+        if results is not None and not force_eval:
+            if console is not None and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 speaks
+                console.print(f"done, results in {Path(config.out) / rundir.RESULTS} (--force-eval evaluates again, "
+                              "--restart trains again)")
+            return results
+    trainer = Trainer(config, console=console, on_epoch=on_epoch, mode=mode)
     try:
         return trainer.train()
     finally:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from fastprompt.cli import app
 from fastprompt.errors import FastpromptError
 from fastprompt.sweep import SweepConfig, expand, plan
-from fastprompt.training.identity import first_difference, identity
+from fastprompt.training.identity import first_difference, identity, planned
 
 runner = CliRunner()
 TINY = {"clip": "fastprompt-tiny", "pretrained": "none", "epochs": 2, "batch_size": 8}
@@ -54,8 +54,10 @@ def test_bad_grids_fail_before_anything_is_written(demo_beton, tmp_path):
 
 
 def _fake_run(cell, *files, **changes):
+    """A run folder as the trainer leaves it: the cell's config resolved (epochs, every group's lr
+    and warm-up, every option, the template, absolute paths), run facts, then `changes`."""
     cell.dir.mkdir(parents=True, exist_ok=True)
-    saved = {**cell.config.to_dict(), "classnames": ["a"], "weights_id": "params:x", **changes}
+    saved = {**planned(cell.config).to_dict(), "classnames": ["a"], "weights_id": "params:x", **changes}
     (cell.dir / "config.json").write_text(json.dumps(saved))
     for name in files:
         (cell.dir / name).write_text("{}")
@@ -84,8 +86,13 @@ def test_plan_reads_each_cells_folder(demo_beton, tmp_path):
 
 def test_a_cell_holding_another_run_stops_the_sweep(demo_beton, tmp_path):
     cells = expand(sweep(demo_beton, tmp_path / "s"))
-    _fake_run(cells[3], "results.json", lr=0.5)
-    with pytest.raises(FastpromptError, match=r"cell demo/coop/shotsall/seed2 holds a run with lr=0.5, this sweep has lr=0.002"):
+    _fake_run(cells[3], "results.json", group_lr={"text": 0.5})
+    with pytest.raises(FastpromptError, match=r"cell demo/coop/shotsall/seed2 holds a run with group_lr.text=0.5, "
+                                              r"this sweep has group_lr.text=0.002"):
+        plan(cells)
+    # the planned cell is compared resolved: an unresolved config.json (epochs None) is another setting
+    _fake_run(cells[3], "results.json", epochs=None)
+    with pytest.raises(FastpromptError, match=r"holds a run with epochs=None, this sweep has epochs=2"):
         plan(cells)
 
 

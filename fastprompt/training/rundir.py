@@ -1,0 +1,218 @@
+"""The run directory rule: a directory holds one run, of one setting, written by one process.
+
+- Identity: `config.json` holds the resolved config, its run facts and `identity_hash`; a
+  command whose resolved settings differ from it in any identity field
+  (`fastprompt.training.identity`) stops before anything is written, naming the first
+  differing field and both values. `--restart` replaces the run (its files are removed
+  first); `--resume` insists on continuing one. By default the same setting continues:
+  a finished run says where its results are, a stopped one resumes from its checkpoint,
+  one stopped before its first checkpoint starts again.
+- Whole: starting (again) from epoch 0 removes every file of an earlier run (`RUN_FILES`,
+  `RUN_GLOBS`) first, so no results.json or prompts of another run stay beside a new
+  config.json; temporary files of an interrupted atomic write are removed at every start.
+- One writer: `RunLock` holds an OS lock (fcntl.flock) on `DIR/.lock` for the run's life;
+  the kernel drops it when the process dies, however it dies. A second process on the same
+  directory stops at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from fastprompt.errors import FastpromptError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+CONFIG = "config.json"
+RESULTS = "results.json"
+# the files a run writes (the lock file stays: another process may be waiting on it)
+RUN_FILES = ("config.json", "fewshot.json", "metrics.jsonl", "checkpoint.json", "prompts.safetensors", "results.json",
+             "error.json", "checkpoint.pt")
+RUN_GLOBS = ("checkpoint-*.safetensors", "eval-*.json", ".*.tmp")
+RUN_FOLDERS = ("tensorboard",)
+MODES = ("auto", "resume", "restart")
+
+
+def default_run_dir(config) -> str:
+    """`runs/METHOD-DATA-Kshot-seedS-CLIP-WEIGHTS-HASH` for a `TrainConfig`: the weights (tag,
+    file name, or `random`) and the short hash of the resolved identity, so another setting
+    never lands in this one's directory."""
+    import re
+
+    from fastprompt.training.identity import identity_hash, planned
+
+    plan = planned(config)
+    weights = "random" if plan.pretrained is None else Path(plan.pretrained).stem if os.path.isfile(plan.pretrained) \
+        else plan.pretrained
+    name = (f"{config.method}-{Path(config.data).stem}-{config.shots or 'all'}shot-seed{config.seed}-{config.clip}-{weights}-"
+            f"{identity_hash(plan.to_dict())[:8]}")
+    return str(Path("runs") / re.sub(r"[^A-Za-z0-9._+-]", "_", name))
+
+
+def read_config(out: Path) -> Optional[dict]:
+    """`out/config.json` as a dict; None when absent; FastpromptError saying what to do when garbage."""
+    path = Path(out) / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise FastpromptError(f"{path} is unreadable ({err}); pass --restart to train this run again from the start, "
+                              "or use another --out") from None
+    return saved
+
+
+def check_same_run(out: Path, expected: dict, saved: dict, both: bool = False) -> None:
+    """FastpromptError naming the first identity field where `saved` (config.json) differs from
+    `expected` (this command's resolved config)."""
+    from fastprompt.training.identity import first_difference
+
+    diff = first_difference(expected, saved, both=both)
+    if diff is not None:
+        key, mine, theirs = diff
+        raise FastpromptError(f"--out {out} holds a run with {key}={theirs!r}, this command has {key}={mine!r}; "
+                              "pass --restart to replace that run, or use another --out")
+
+
+def clear(out: Path) -> None:
+    """Remove every file an earlier run left in `out` (not the lock, not foreign files)."""
+    out = Path(out)
+    paths = [out / name for name in RUN_FILES] + [p for pattern in RUN_GLOBS for p in out.glob(pattern)]
+    for path in paths + [out / name for name in RUN_FOLDERS]:
+        try:
+            if path.is_dir() and path.name in RUN_FOLDERS:
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as err:
+            raise FastpromptError(f"cannot remove {path}, left by an earlier run ({err.strerror}); remove it by hand, "
+                                  "or use another --out") from None
+
+
+def clean_temporaries(out: Path) -> None:
+    """Remove the temporary files of atomic writes a killed process left (`.NAME.*.tmp`)."""
+    for path in Path(out).glob(".*.tmp"):
+        log.info("removing %s, left by an interrupted write", path)
+        path.unlink(missing_ok=True)
+
+
+def finished_results(out: Path) -> Optional[dict]:
+    """results.json of a finished run in `out` (None when it has none or it is unreadable)."""
+    try:
+        results = json.loads((Path(out) / RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+class RunLock:
+    """An exclusive OS lock on `DIR/.lock` for as long as the run works on DIR. Re-entrant in
+    one process (a sweep cell holds it around training and its evaluations); a second
+    process gets FastpromptError at once. The kernel releases it when the process ends,
+    however it ends; a clean release also removes the lock file (and DIR, if the lock made
+    it and nothing else was written), after checking at acquire time that the locked file
+    is still the one at the path (so removing it never lets two processes in)."""
+
+    _held: dict[str, list] = {}  # resolved dir -> [open file, count, folders this lock created]
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.key: Optional[str] = None
+
+    def acquire(self) -> "RunLock":
+        key = str(self.out.resolve())
+        if key in self._held:
+            self._held[key][1] += 1
+            self.key = key
+            return self
+        created = [d for d in [self.out, *self.out.parents] if not d.exists()]
+        path = self.out / LOCK_FILE
+        while True:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                handle = open(path, "a")
+            except OSError as err:
+                raise FastpromptError(f"cannot write to --out {self.out} ({err.strerror}); pick a writable directory") from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise FastpromptError(f"another process is running in {self.out} ({path} is locked); "
+                                      "wait for it to end, or use another --out") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()  # the holder removed the file between our open and our lock: lock the new one
+        self._held[key] = [handle, 1, created]
+        self.key = key
+        return self
+
+    def release(self) -> None:
+        if self.key is None:
+            return
+        entry = self._held[self.key]
+        entry[1] -= 1
+        self.key = None
+        if entry[1] > 0:
+            return
+        handle, _, created = self._held.pop(str(self.out.resolve()))
+        try:
+            (self.out / LOCK_FILE).unlink(missing_ok=True)  # still holding the lock: see acquire
+        except OSError:
+            pass
+        handle.close()  # closing the descriptor drops the flock
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: the run wrote something
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def provenance() -> dict:
+    """Package versions (fastprompt, torch, open_clip, triton; None when not installed) and the
+    git commit of fastprompt's checkout when it is one (absent otherwise)."""
+    import subprocess
+    from importlib import metadata
+
+    import fastprompt
+
+    versions = {}
+    for name, dist in (("fastprompt", None), ("torch", "torch"), ("open_clip", "open_clip_torch"), ("triton", "triton")):
+        if dist is None:
+            versions[name] = fastprompt.__version__
+            continue
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    record = {"versions": versions}
+    source = Path(fastprompt.__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(["git", "-C", str(source), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return record
+    lines = done.stdout.split()
+    # only fastprompt's own checkout (not a repository that happens to hold an installed copy)
+    if done.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == source:
+        record["git_commit"] = lines[1]
+    return record
+

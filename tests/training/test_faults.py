@@ -1,0 +1,282 @@
+"""Concurrency, faults and hostile files (issue 17 §2 and §4): the run directory's lock against a
+second real process, kills at deterministic points (training/hooks.py) that resume to an
+uninterrupted run's results, disk full and unwritable output, --nan-policy, pickles that never
+run, dataset names and split paths that never write outside, outputs that respect the umask."""
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fastprompt.cli import app
+from fastprompt.errors import FastpromptError
+from fastprompt.training import checkpoint
+from fastprompt.training.hooks import EXIT_AFTER_STEP, EXIT_CODE, KILL_AT
+
+runner = CliRunner()
+FASTPROMPT = str(Path(sys.executable).parent / "fastprompt")
+TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--workers", "1", "--shots", "2", "--batch-size", "10",
+        "--warmup-epochs", "0", "--coop.n-ctx", "4", "--lr", "0.05"]
+DETERMINISTIC = ("epoch", "loss", "train_accuracy", "lr", "images")
+
+
+def _args(data, out, *extra, epochs=3):
+    return ["train", "--method", "coop", "--data", str(data), "--out", str(out), *TINY, "--epochs", str(epochs), *extra]
+
+
+def _invoke(data, out, *extra, epochs=3):
+    return runner.invoke(app, _args(data, out, *extra, epochs=epochs))
+
+
+def _error(result):
+    """The one-line error a failed command ends with (after any progress output), exit code 2."""
+    assert result.exit_code == 2, result.output
+    last = result.output.rstrip("\n").splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.output, result.output
+    return last
+
+
+def _env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _metrics(out):
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: line[k] for k in DETERMINISTIC} for line in lines]
+
+
+class _Plant:
+    """Unpickling this runs `touch MARKER`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+# ------------------------------------------------------------------ one process per run directory
+def test_a_second_process_on_the_run_directory_stops_at_once(demo_beton, tmp_path):
+    out = tmp_path / "run"
+    hold = ("import sys; from fastprompt.training.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([FASTPROMPT, *_args(demo_beton, out)], env=_env(), capture_output=True, text=True)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"another process is running in {out}" in " ".join(second.stderr.split())
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the second wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies holding the lock: the kernel releases it
+        holder.wait()
+    take = "import sys; from fastprompt.training.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('ok')"
+    again = subprocess.run([sys.executable, "-c", take, str(out)], capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.strip() == "ok", again.stderr
+
+
+# ------------------------------------------------------------------ killed at deterministic points
+@pytest.mark.slow
+@pytest.mark.parametrize("hook,value,checkpointed", [
+    (EXIT_AFTER_STEP, "3", 1),  # mid-epoch 2 (2 steps an epoch)
+    (KILL_AT, "checkpoint-tensors:2", 1),  # epoch 2's tensors written, its checkpoint.json not
+    (KILL_AT, "checkpoint-rename:2", 1),  # epoch 2's checkpoint.json complete as a temporary file
+    (KILL_AT, "metrics-append:2", 1),  # half of epoch 2's metrics line
+    (KILL_AT, "before-results", 3),  # trained and checkpointed, no results
+])
+def test_a_killed_run_resumes_to_an_uninterrupted_runs_results(demo_beton, tmp_path_factory, tmp_path, hook, value,
+                                                              checkpointed):
+    full = tmp_path_factory.getbasetemp() / "uninterrupted"
+    if not (full / "results.json").is_file():
+        subprocess.run([FASTPROMPT, *_args(demo_beton, full)], check=True, env=_env(), capture_output=True)
+    part = tmp_path / "part"
+    killed = subprocess.run([FASTPROMPT, *_args(demo_beton, part)], env=_env(**{hook: value}), capture_output=True,
+                            text=True)
+    assert killed.returncode == EXIT_CODE, killed.stderr[-3000:]
+    assert checkpoint.load(part)[0]["epoch"] == checkpointed and not (part / "results.json").exists()
+
+    resumed = subprocess.run([FASTPROMPT, *_args(demo_beton, part)], env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _metrics(part) == _metrics(full)  # each epoch exactly once, the same numbers
+    a, b = load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    accuracy = lambda run: json.loads((run / "results.json").read_text())["test_accuracy"]
+    assert accuracy(part) == accuracy(full)
+    assert not list(part.glob(".*.tmp")) and len(list(part.glob("checkpoint-*.safetensors"))) == 1
+    assert not (part / ".lock").exists()
+
+
+def test_prepare_killed_between_its_renames_leaves_no_finished_beton(tmp_path):
+    from fastprompt.data import open_dataset
+
+    out = tmp_path / "d.beton"
+    args = [FASTPROMPT, "prepare", "demo", "--out", str(out), "--images-per-class", "4", "--size", "32", "--workers", "1"]
+    killed = subprocess.run(args, env=_env(**{KILL_AT: "beton-write"}), capture_output=True, text=True)
+    assert killed.returncode == EXIT_CODE, killed.stderr[-3000:]
+    with pytest.raises(FastpromptError):
+        open_dataset(out)
+
+
+# ------------------------------------------------------------------ disk full, unwritable output
+def test_disk_full_keeps_the_last_checkpoint_and_names_the_path(demo_beton, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real, calls = checkpoint.save_file, []
+
+    def full_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    assert _error(_invoke(demo_beton, out)).startswith(f"error: cannot write {out / 'checkpoint.json'} (No space left on device); "
+                                    f"the checkpoint after epoch 1 in {out} is kept")
+    assert checkpoint.load(out)[0]["epoch"] == 1  # still valid
+    assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    assert _invoke(demo_beton, out).exit_code == 0  # and resumed from it
+
+
+def test_unwritable_output_is_one_line(demo_beton, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _invoke(demo_beton, blocker / "run")
+    assert result.exit_code == 2 and result.output == f"error: cannot write to --out {blocker / 'run'} (Not a directory); " \
+                                                      "pick a writable directory\n"
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        result = _invoke(demo_beton, ro / "run")
+        assert result.exit_code == 2 and "Permission denied" in result.output
+
+
+# ------------------------------------------------------------------ non-finite loss
+@pytest.fixture
+def nan_at(monkeypatch):
+    """nan_at(k): the k-th training loss (1-based) is NaN."""
+    from fastprompt.methods import METHODS
+
+    cls = METHODS["coop"]
+    real = cls.loss_and_logits
+
+    def arm(k):
+        count = [0]
+
+        def loss_and_logits(self, *args, **kwargs):
+            loss, logits = real(self, *args, **kwargs)
+            count[0] += 1
+            return (loss * float("nan") if count[0] == k else loss), logits
+
+        monkeypatch.setattr(cls, "loss_and_logits", loss_and_logits)
+
+    return arm
+
+
+def test_nan_policy_stop_names_epoch_and_step_and_the_kept_checkpoint(demo_beton, tmp_path, nan_at):
+    nan_at(4)  # epoch 2, step 2
+    out = tmp_path / "run"
+    assert "non-finite (NaN or inf) at epoch 2 step 2; the checkpoint after epoch 1" in _error(_invoke(demo_beton, out))
+    assert checkpoint.load(out)[0]["epoch"] == 1 and len(_metrics(out)) == 1
+
+    nan_at(2)  # no checkpoint yet: the message must not promise one
+    result = _invoke(demo_beton, tmp_path / "early", "--checkpoint-every", "0")
+    assert "at epoch 1 step 2; no checkpoint was written yet" in _error(result)
+    assert checkpoint.read_record(tmp_path / "early") is None
+
+
+def test_nan_policy_skip_skips_the_step_and_counts_it(demo_beton, tmp_path, nan_at):
+    nan_at(3)  # epoch 2, step 1
+    out = tmp_path / "run"
+    result = _invoke(demo_beton, out, "--nan-policy", "skip")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["skipped_steps"] for l in lines] == [0, 1, 0] and [l["images"] for l in lines] == [20, 10, 20]
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "prompts.safetensors")).values())
+
+
+# ------------------------------------------------------------------ nothing unpickles
+def test_planted_pickles_never_run(demo_beton, tmp_path):
+    marker = tmp_path / "ran"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"prompts": _Plant(marker)}, run / "checkpoint.pt")  # resume
+    result = _invoke(demo_beton, run)
+    assert result.exit_code == 2 and "never unpickled" in result.output and not marker.exists()
+
+    done = tmp_path / "done"  # eval of a run whose prompts file is a pickle
+    assert _invoke(demo_beton, done, epochs=1).exit_code == 0
+    (done / "prompts.safetensors").write_bytes(pickle.dumps(_Plant(marker)))
+    result = runner.invoke(app, ["eval", str(done), "--data", str(demo_beton)])
+    assert result.exit_code == 2 and "unreadable run" in result.output and not marker.exists()
+
+    weights = tmp_path / "weights.pt"  # --pretrained FILE
+    torch.save({"state_dict": _Plant(marker)}, weights)
+    zeroshot = ["zeroshot", "--data", str(demo_beton), "--clip", "fastprompt-tiny", "--pretrained", str(weights)]
+    result = runner.invoke(app, zeroshot)
+    assert result.exit_code == 2 and "--trust-pickle" in result.output and not marker.exists()
+    result = _invoke(demo_beton, tmp_path / "w", "--pretrained", str(weights))
+    assert result.exit_code == 2 and "--trust-pickle" in result.output and not marker.exists()
+    runner.invoke(app, [*zeroshot, "--trust-pickle"])  # the plant works: trusted, it runs
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------ nothing writes outside
+def test_eval_files_stay_inside_and_never_overwrite_each_other(demo_beton, tmp_path):
+    run = tmp_path / "runs" / "run"
+    assert _invoke(demo_beton, run, epochs=1).exit_code == 0
+    other = tmp_path / "copy" / "demo.beton"  # another data file with the same dataset name
+    other.parent.mkdir()
+    shutil.copy(demo_beton, other)
+    shutil.copy(demo_beton.with_suffix(".json"), other.with_suffix(".json"))
+    for data in (demo_beton, other, demo_beton):
+        assert runner.invoke(app, ["eval", str(run), "--data", str(data)]).exit_code == 0
+    evals = sorted(run.glob("eval-*.json"))
+    assert len(evals) == 2 and {json.loads(p.read_text())["data"] for p in evals} == {str(demo_beton.resolve()),
+                                                                                     str(other.resolve())}
+
+    hostile = tmp_path / "hostile" / "h.beton"  # a sidecar naming its dataset x/../../../escaped
+    hostile.parent.mkdir()
+    shutil.copy(demo_beton, hostile)
+    sidecar = json.loads(demo_beton.with_suffix(".json").read_text())
+    hostile.with_suffix(".json").write_text(json.dumps({**sidecar, "name": "x/../../../escaped"}))
+    before = {p for p in tmp_path.rglob("*") if "escaped" in p.name}
+    result = runner.invoke(app, ["eval", str(run), "--data", str(hostile)])
+    written = {p for p in tmp_path.rglob("*") if "escaped" in p.name} - before
+    assert result.exit_code in (0, 2), result.output  # sanitised (0) or refused (2), never outside
+    assert all(p.parent == run for p in written) and len(written) == (result.exit_code == 0)
+
+
+def test_split_paths_cannot_leave_the_image_folder(tmp_path):
+    from fastprompt.data.splits import read_coop_split
+
+    root = tmp_path / "images"
+    root.mkdir()
+    (tmp_path / "outside.jpg").write_bytes(b"")
+    for bad in ("../outside.jpg", str(tmp_path / "outside.jpg"), "a/../../outside.jpg"):
+        split = tmp_path / "split.json"
+        split.write_text(json.dumps({"train": [[bad, 0, "a"]], "val": [], "test": []}))
+        with pytest.raises(FastpromptError, match="leaves the image folder"):
+            read_coop_split(split, root)
+
+
+def test_outputs_respect_the_umask(demo_beton, tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert _invoke(demo_beton, tmp_path / "run", epochs=1).exit_code == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert set(modes.values()) == {0o640}, modes

@@ -1,0 +1,143 @@
+"""A run directory means one setting (issue 17 §1): the identity rule, --resume / --restart /
+--force-eval, a finished run not evaluated again, default names, results.json provenance, and
+a directory validated as a whole (stale files, garbage config.json, hand-edited checkpoints)."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from fastprompt.cli import app
+from fastprompt.training import TrainConfig, Trainer
+from fastprompt.training.identity import EXECUTION_FIELDS, identity, identity_hash, planned
+from fastprompt.training.rundir import default_run_dir
+
+runner = CliRunner()
+TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--workers", "1", "--shots", "2", "--batch-size", "10",
+        "--epochs", "2", "--warmup-epochs", "0", "--coop.n-ctx", "4"]
+
+
+def _train(demo_beton, out, *extra, code=0):
+    result = runner.invoke(app, ["train", "--method", "coop", "--data", str(demo_beton), "--out", str(out), *TINY, *extra])
+    assert result.exit_code == code, result.output
+    return " ".join(result.output.split())
+
+
+def _config(demo_beton, out, **changes):
+    base = dict(method="coop", data=str(demo_beton), out=str(out), clip="fastprompt-tiny", pretrained=None, shots=2,
+                batch_size=10, epochs=2, warmup_epochs=0, num_workers=1, options={"n_ctx": 4})
+    return TrainConfig(**{**base, **changes})
+
+
+def test_the_identity_fields_are_listed_once():
+    """Every TrainConfig field is either part of the identity or named in EXECUTION_FIELDS: a new
+    field must be sorted into one of them here."""
+    result_fields = {"method", "data", "clip", "pretrained", "template", "shots", "seed", "classes", "epochs",
+                     "batch_size", "optimizer", "lr", "warmup_epochs", "group_lr", "group_warmup_epochs", "warmup_lr",
+                     "momentum", "weight_decay", "precision", "feature_cache", "options", "protocol"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert fields - EXECUTION_FIELDS == result_fields
+    config = dict.fromkeys(fields, 1) | {"method": "nope", "options": {}}
+    assert set(identity(config)) == result_fields
+
+
+def test_a_different_setting_is_refused_and_a_finished_run_is_not_evaluated_again(demo_beton, tmp_path):
+    out = tmp_path / "run"
+    _train(demo_beton, out)
+    results = (out / "results.json").read_text()
+    saved = json.loads(results)
+    assert saved["identity"]["pretrained"] is None and saved["identity"]["options"] == {"n_ctx": 4, "csc": False,
+                                                                                       "ctx_init": None}
+    assert saved["identity"]["template"] == "a photo of a {}." and saved["identity"]["weights_id"].startswith("params:")
+    assert set(saved["versions"]) == {"fastprompt", "torch", "open_clip", "triton"} and saved["wall_seconds"] > 0
+    assert len(saved.get("git_commit", "0" * 40)) == 40  # a git checkout here; absent for an installed wheel
+    config = json.loads((out / "config.json").read_text())
+    assert config["identity_hash"] == saved["identity_hash"] == identity_hash(planned(_config(demo_beton, out)).to_dict())
+
+    # any resolved setting that changes the result: refused, naming the field and both values; nothing written
+    said = _train(demo_beton, out, "--lr", "0.5", code=2)
+    assert "holds a run with lr=None, this command has lr=0.5; pass --restart" in said
+    said = _train(demo_beton, out, "--weight-decay", "0", code=2)
+    assert "holds a run with weight_decay=0.0005, this command has weight_decay=0.0" in said
+    assert (out / "results.json").read_text() == results
+
+    # execution settings are not: the same run, finished: not evaluated again
+    said = _train(demo_beton, out, "--checkpoint-every", "3", "--device", "cpu")
+    assert f"done, results in {out / 'results.json'}" in said
+    assert (out / "results.json").read_text() == results
+    # --force-eval evaluates again (results.json written anew: this command's wall time)
+    _train(demo_beton, out, "--force-eval")
+    again = json.loads((out / "results.json").read_text())
+    assert again["test_accuracy"] == saved["test_accuracy"] and again["wall_seconds"] != saved["wall_seconds"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # --restart replaces the run whatever it was
+    _train(demo_beton, out, "--lr", "0.5", "--restart")
+    config = json.loads((out / "config.json").read_text())
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert config["lr"] == 0.5 and [l["lr"]["text"] for l in lines] == [0.5, 0.25]
+    assert _train(demo_beton, out, "--resume", "--restart", code=2).startswith("error: --resume and --restart contradict")
+
+
+def test_default_run_names_hold_the_weights_and_a_hash(demo_beton, tmp_path):
+    a = default_run_dir(_config(demo_beton, ""))
+    b = default_run_dir(_config(demo_beton, "", pretrained="openai", clip="ViT-B-32"))
+    c = default_run_dir(_config(demo_beton, "", lr=0.5))
+    assert a.startswith(os.path.join("runs", "coop-demo-2shot-seed1-fastprompt-tiny-random-"))
+    assert b.startswith(os.path.join("runs", "coop-demo-2shot-seed1-ViT-B-32-openai-"))
+    assert len({a, b, c}) == 3 and a == default_run_dir(_config(demo_beton, "", device="cpu", num_workers=3))
+
+
+def test_a_directory_is_taken_whole(demo_beton, tmp_path):
+    """Files of another run and temporaries of a killed write go before a new run starts; --resume
+    needs a checkpoint; a garbage config.json says what to do."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("results.json", "prompts.safetensors", "eval-demo-all.json", ".checkpoint.json.x1.tmp"):
+        (out / name).write_text("{}")
+    said = _train(demo_beton, out, "--resume", code=2)
+    assert "--resume: " in said and "holds no checkpoint to resume" in said
+    trainer = Trainer(_config(demo_beton, out))
+    try:
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "fewshot.json", "metrics.jsonl"]
+    finally:
+        trainer.close()
+    assert not (out / ".lock").exists()  # released and removed
+
+    (out / "config.json").write_text("{garbage")
+    said = _train(demo_beton, out, code=2)
+    assert "config.json is unreadable" in said and "pass --restart" in said
+    _train(demo_beton, out, "--restart")
+    said = " ".join(runner.invoke(app, ["eval", str(out), "--data", str(demo_beton)]).output.split())
+    assert '"test_accuracy"' in said
+
+    # a garbage config.json beside a checkpoint of this run: rebuilt from it, and eval works again
+    (out / "config.json").write_text("{garbage")
+    (out / "results.json").unlink()
+    _train(demo_beton, out, "--resume")
+    assert json.loads((out / "config.json").read_text())["method"] == "coop"
+    (out / "config.json").write_text("[1]")
+    result = runner.invoke(app, ["eval", str(out), "--data", str(demo_beton)])
+    assert result.exit_code == 2 and "--restart" in result.output
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda r: r.update(epoch=999), "says epoch 999, which this run of 1 epochs cannot have reached"),
+    (lambda r: r.pop("rng"), "lacks rng"),
+    (lambda r: r.update(metrics=r["metrics"][:0]), "holds metrics that are not those of epochs 1..1"),
+    (lambda r: r["config"].update(seed=7), "is a checkpoint of a run with seed=7, this command has seed=1"),
+    (lambda r: r["optimizer"]["param_groups"].append(r["optimizer"]["param_groups"][0]), "does not fit this run"),
+])
+def test_a_hand_edited_checkpoint_is_refused(demo_beton, tmp_path, edit, match):
+    out = tmp_path / "run"
+    _train(demo_beton, out, "--epochs", "1")
+    (out / "results.json").unlink()
+    record = json.loads((out / "checkpoint.json").read_text())
+    edit(record)
+    (out / "checkpoint.json").write_text(json.dumps(record))
+    result = runner.invoke(app, ["train", "--method", "coop", "--data", str(demo_beton), "--out", str(out), *TINY,
+                                 "--epochs", "1"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output  # one line
+    assert match in result.output and "pass --restart" in result.output
