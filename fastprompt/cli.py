@@ -1,7 +1,8 @@
 """The `fastprompt` command line: parses arguments and delegates to library functions.
 
-Every command turns `FastpromptError` into a one-line message and exit code 2; nothing
-else is caught here. Every command takes `-v/--verbose` (INFO logs on stderr through rich;
+Every command turns `FastpromptError` into a one-line message and exit code 2, and so is
+a parse error (unknown flag or command, a value outside an option's choices); nothing else
+is caught here. Every command takes `-v/--verbose` (INFO logs on stderr through rich;
 warnings always show). `train`'s method-option flags (`--coop.n-ctx`, ...) and per-group
 recipe flags (`--lr.visual`, `--warmup-epochs.text`, ...) are generated from the method
 registry when the command parses its arguments (`TrainCommand`), not listed here.
@@ -13,21 +14,49 @@ import functools
 import inspect
 import json
 import logging
-from typing import Annotated, Any, Optional
+import os
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
-from typer.core import TyperCommand
+from typer import _click
+from typer.core import TyperCommand, TyperGroup
 
 import fastprompt
 from fastprompt.errors import FastpromptError
+
+
+def _usage_error(ctx, err: Exception) -> None:
+    """A parse error (unknown flag, bad choice, missing option) as the one line every fastprompt
+    error is: `error: PROBLEM; see `COMMAND --help``, exit code 2."""
+    problem = " ".join(err.format_message().replace("Value error, ", "").split()).rstrip(".")  # one line
+    typer.echo(f"error: {problem}; see `{ctx.command_path} --help`", err=True)
+    raise typer.Exit(code=2)
+
+
+class Group(TyperGroup):
+    """A fastprompt command group: an unknown command or flag is a one-line error (exit 2)."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except _click.exceptions.UsageError as err:
+            _usage_error(ctx, err)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except _click.exceptions.UsageError as err:
+            _usage_error(ctx, err)
+
 
 app = typer.Typer(
     name="fastprompt",
     help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM. "
          "What each method computes, every default and its source, and the named protocols: docs/methods.md.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
 
 
@@ -57,7 +86,12 @@ def _setup_logging(verbose: bool) -> None:
     handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
     handler._fastprompt = True
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.setLevel(logging.INFO if verbose and _main_rank() else logging.WARNING)  # torchrun: rank 0 says more
+
+
+def _main_rank() -> bool:
+    """Not a torchrun process, or its rank 0: the one process that prints results."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _click_params(parameters: list[inspect.Parameter]) -> list:
@@ -72,12 +106,68 @@ def _click_params(parameters: list[inspect.Parameter]) -> list:
     return list(typer.main.get_command(holder).params)
 
 
-def _flag(name: str, annotation, *decls: str, help: str, panel: Optional[str] = None, default=None) -> inspect.Parameter:
-    option = typer.Option(*decls, help=help, rich_help_panel=panel, show_default=False)
+def _flag(name: str, annotation, *decls: str, help: str, panel: Optional[str] = None, default=None,
+          show_default: bool = False) -> inspect.Parameter:
+    option = typer.Option(*decls, help=help, rich_help_panel=panel, show_default=show_default)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option])
 
 
-class Command(TyperCommand):
+def choice(values) -> Any:
+    """`Literal[values]`: a flag whose value must be one of `values` (shown in --help, completed by the shell)."""
+    return Literal[tuple(values)]
+
+
+def _with_choices(param, values) -> Any:
+    """`param` (a Typer option) rebuilt as a choice of `values`, with its flags, help, default and panel."""
+    required = param.required
+    annotation = choice(values) if required or param.default is not None else Optional[choice(values)]
+    built = _flag(param.name, annotation, *param.opts, *param.secondary_opts, help=param.help,
+                  panel=getattr(param, "rich_help_panel", None), show_default=param.show_default,
+                  default=inspect.Parameter.empty if required else param.default)
+    return _click_params([built])[0]
+
+
+def _polish(param) -> None:
+    """--help shows every help text literally (rich markup escaped: `[relative_path, ...]` is text,
+    not a tag) and no `<bool>` after a flag."""
+    from rich.markup import escape
+
+    if getattr(param, "_polished", False):
+        return
+    if param.help:
+        param.help = escape(param.help)
+    if getattr(param, "is_flag", False):
+        param.metavar = ""
+    param._polished = True
+
+
+class BaseCommand(TyperCommand):
+    """A fastprompt command's parsing and help: `choices()` turns named options into real choices
+    (their values come from the modules that own them, imported only when the command parses or
+    prints help), help texts are polished (`_polish`), and a parse error is one line, exit 2."""
+
+    def choices(self) -> dict[str, tuple]:
+        """{parameter name: its allowed values}."""
+        return {}
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        if getattr(self, "_chosen", None) is None:
+            self._chosen = {name: _with_choices(p, self.choices()[name]) for p in params
+                            for name in [p.name] if name in self.choices()}
+        params = [self._chosen.get(p.name, p) for p in params]
+        for p in params:
+            _polish(p)
+        return params
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except _click.exceptions.UsageError as err:
+            _usage_error(ctx, err)
+
+
+class Command(BaseCommand):
     """A fastprompt command: its own parameters plus `extra_flags()`, which are built when the
     command parses arguments or prints help (so `fastprompt --version` imports nothing), and
     handed to the callback as `ctx.meta["flags"]` instead of as keyword arguments."""
@@ -89,6 +179,8 @@ class Command(TyperCommand):
     def get_params(self, ctx):
         if getattr(self, "_extra", None) is None:
             self._extra = _click_params(self.extra_flags())
+            for p in self._extra:
+                _polish(p)
         params = super().get_params(ctx)
         own = [p for p in params if p.name != "help"]
         return [*own, *self._extra, *[p for p in params if p.name == "help"]]
@@ -100,9 +192,14 @@ class Command(TyperCommand):
         return super().invoke(ctx)
 
 
-def command(typer_app: typer.Typer, name: str):
-    """Register a command with -v/--verbose (`Command`)."""
-    return typer_app.command(name, cls=Command)
+def command(typer_app: typer.Typer, name: str, cls: type = None, choices: Optional[Callable[[], dict]] = None,
+            **settings: Any):
+    """Register a command of class `cls` (default `Command`: with -v/--verbose) whose options
+    named by `choices()` are real choices; `settings` go to Typer's `command` (epilog, ...)."""
+    cls = cls or Command
+    if choices is not None:
+        cls = type(cls.__name__, (cls,), {"choices": lambda self: choices()})
+    return typer_app.command(name, cls=cls, **settings)
 
 
 def _version_callback(value: bool) -> None:
@@ -150,6 +247,7 @@ def protocols_cmd(
 # ----------------------------------------------------------------------------------------
 
 prepare_app = typer.Typer(
+    cls=Group,
     help="Write a dataset as an FFCV .beton with its .json sidecar (class names, template, splits), or the demo CLIP.",
     no_args_is_help=True,
 )
@@ -243,11 +341,11 @@ def prepare_demo_clip_cmd(
     """Pretrain fastprompt-tiny on synthetic colour-shape captions (never the demo's classes): a small CLIP that knows something."""
     from fastprompt.training.pretrain import PretrainConfig, pretrain_clip
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     config = PretrainConfig(steps=steps, seed=seed)
     columns = (TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
-               TimeElapsedColumn())
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=_console()) as progress:
         task = progress.add_task("pretrain", total=steps, loss=float("nan"))
         summary = pretrain_clip(out, config, progress=lambda step, loss: progress.update(task, completed=step, loss=loss),
@@ -276,8 +374,38 @@ def _console():
     return Console(stderr=True)
 
 
-Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (auto: cuda when available).")]
-Precision = Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 (auto: bf16 autocast on cuda, fp32 on cpu).")]
+def _complete_device(incomplete: str) -> list[str]:
+    return [d for d in ("auto", "cpu", "cuda", "cuda:0") if d.startswith(incomplete)]
+
+
+# --device stays text (cuda:N is any N); the library checks it and names the fix
+Device = Annotated[str, typer.Option("--device", metavar="<auto|cpu|cuda|cuda:N>", autocompletion=_complete_device,
+                                     help="Where to run (auto: cuda when available).")]
+Precision = Annotated[str, typer.Option("--precision", help="bf16 or fp32 (auto: bf16 autocast on cuda, fp32 on cpu).")]
+
+
+def _run_choices() -> dict[str, tuple]:
+    """The choices of the run flags that train, eval, zeroshot and sweep share, from their owners."""
+    from fastprompt.models.text import BACKENDS
+    from fastprompt.runtime import PRECISIONS
+    from fastprompt.training.config import CLASS_CHOICES, COMPILE_CHOICES, OPTIMIZERS
+
+    return {"classes": CLASS_CHOICES, "precision": PRECISIONS, "optimizer": OPTIMIZERS, "backend": BACKENDS,
+            "compile": COMPILE_CHOICES}
+
+
+def _train_choices() -> dict[str, tuple]:
+    from fastprompt.methods import METHODS
+    from fastprompt.training.config import TRAIN_CLASSES
+
+    trainable = tuple(name for name, cls in METHODS.items() if cls.groups)
+    return {**_run_choices(), "classes": TRAIN_CLASSES, "method": trainable}
+
+
+def _bench_choices() -> dict[str, tuple]:
+    from fastprompt.training.compiled import COMPILE_MODES
+
+    return {"compile_mode": COMPILE_MODES}
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Loader threads (default: the available cores).")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Let a --pretrained file that needs a full unpickle load (it can run code).")]
 
@@ -296,7 +424,8 @@ class TrainCommand(Command):
             shown = "" if fl.default is None else f" (default: {'on' if fl.default is True else 'off' if fl.default is False else fl.default})"
             text = (fl.help[:1].upper() if fl.help[:1].isascii() else fl.help[:1]) + fl.help[1:] + shown + "."
             decls = (f"{fl.flag}/{fl.off_flag}",) if fl.type is bool else (fl.flag,)
-            flags.append(_flag(f"option__{fl.field}", Optional[fl.type], *decls, help=text, panel="Method options"))
+            kind = choice(fl.choices) if fl.choices else fl.type
+            flags.append(_flag(f"option__{fl.field}", Optional[kind], *decls, help=text, panel="Method options"))
         groups = {g.name: g for cls in reversed(list(METHODS.values())) for g in cls.groups}
         for name in group_names():
             g = groups[name]
@@ -308,8 +437,9 @@ class TrainCommand(Command):
         return flags
 
 
-@app.command("train", cls=TrainCommand, epilog="Each method's equations, every option's default and its source (paper or "
-             "published code), the parameter groups and the protocols: docs/methods.md in the repository.")
+@command(app, "train", cls=TrainCommand, choices=_train_choices,
+         epilog="Each method's equations, every option's default and its source (paper or published code), the "
+                "parameter groups and the protocols: docs/methods.md in the repository.")
 @user_errors
 def train_cmd(
     ctx: typer.Context,
@@ -321,10 +451,10 @@ def train_cmd(
     template: Annotated[Optional[str], typer.Option("--template", help="Hand-crafted template with {} (default: the dataset's); 'ensemble' for CLIP's 7.")] = None,
     shots: Annotated[int, typer.Option("--shots", help="Training images per class (0: all).")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Few-shot sample, init, order and augmentation.")] = 1,
-    classes: Annotated[str, typer.Option("--classes", help="all | base (base-to-new: also evaluates new classes).")] = "all",
+    classes: Annotated[str, typer.Option("--classes", help="base: train on the base half of the classes, evaluate base and new (base-to-new).")] = "all",
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Default (CoOp): 50 for 1 shot, 100 for 2-4, 200 for 8-16; 50 on ImageNet.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 32,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (the papers') | adamw.")] = "sgd",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (with momentum: the papers') or adamw.")] = "sgd",
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of every parameter group (default: each group's, see --lr.GROUP); Dassl's cosine after warm-up.")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option("--warmup-epochs", help="Constant-lr warm-up epochs of every group (default: each group's, see --warmup-epochs.GROUP).")] = None,
     warmup_lr: Annotated[float, typer.Option("--warmup-lr", help="Learning rate during warm-up.")] = 1e-5,
@@ -332,8 +462,8 @@ def train_cmd(
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay, every group.")] = 5e-4,
     device: Device = "auto",
     precision: Precision = "auto",
-    backend: Annotated[str, typer.Option("--backend", help="fast | reference (the eager oracle).")] = "fast",
-    compile: Annotated[str, typer.Option("--compile", help="torch.compile the training step: auto (on cuda only) | off | default | reduce-overhead | max-autotune.")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="fast (Triton kernels where they help) or reference (the eager oracle).")] = "fast",
+    compile: Annotated[str, typer.Option("--compile", help="torch.compile the training step: auto (on cuda only), off, or an inductor mode.")] = "auto",
     workers: Workers = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints (0: only at the end).")] = 1,
     feature_cache: Annotated[int, typer.Option("--feature-cache", help="Methods with a frozen image tower (coop, e2mim): cache V augmented views of the image features (0: off).")] = 0,
@@ -348,11 +478,13 @@ def train_cmd(
     """Train prompts on a .beton and evaluate them on its test split."""
     from pathlib import Path
 
+    from fastprompt.methods.registry import check_option_flags
     from fastprompt.training import TrainConfig, train
     from fastprompt.training.rundir import default_run_dir
 
     flags = {name: value for name, value in ctx.meta["flags"].items() if value is not None}
     options = {name.removeprefix("option__"): v for name, v in flags.items() if name.startswith("option__")}
+    check_option_flags(method, options)
     group_lr = {name.removeprefix("lr__"): v for name, v in flags.items() if name.startswith("lr__")}
     group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
     if resume and restart:
@@ -387,16 +519,17 @@ def train_cmd(
     finally:
         if logger is not None:
             logger.close()
-    typer.echo(json.dumps(results))
+    if _main_rank():
+        typer.echo(json.dumps(results))
 
 
-@command(app, "eval")
+@command(app, "eval", choices=_run_choices)
 @user_errors
 def eval_cmd(
     run: Annotated[str, typer.Argument(help="The --out directory of a finished `fastprompt train`.")],
     data: Annotated[str, typer.Option("--data", help="The .beton to evaluate on (any dataset).")],
-    classes: Annotated[str, typer.Option("--classes", help="all | base | new.")] = "all",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    classes: Annotated[str, typer.Option("--classes", help="Every class, the base half or the new half (base-to-new).")] = "all",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per evaluation batch.")] = 128,
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Workers = None,
@@ -410,15 +543,15 @@ def eval_cmd(
     typer.echo(json.dumps(result))
 
 
-@command(app, "zeroshot")
+@command(app, "zeroshot", choices=_run_choices)
 @user_errors
 def zeroshot_cmd(
     data: Annotated[str, typer.Option("--data", help="A .beton from `fastprompt prepare`.")],
-    clip: Annotated[str, typer.Option("--clip")] = "ViT-B-32",
+    clip: Annotated[str, typer.Option("--clip", help="open_clip model name, or fastprompt-tiny.")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip tag, checkpoint file, or none.")] = "openai",
     template: Annotated[Optional[str], typer.Option("--template", help="Default: the dataset's; 'ensemble' for CLIP's 7.")] = None,
-    classes: Annotated[str, typer.Option("--classes", help="all | base | new.")] = "all",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    classes: Annotated[str, typer.Option("--classes", help="Every class, the base half or the new half (base-to-new).")] = "all",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per evaluation batch.")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seeds random weights with --pretrained none.")] = 1,
     device: Device = "auto",
     precision: Precision = "auto",
@@ -443,7 +576,7 @@ def _comma_list(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-@command(app, "bench")
+@command(app, "bench", choices=_bench_choices)
 @user_errors
 def bench_cmd(
     clip: Annotated[str, typer.Option("--clip", help="open_clip model name, or fastprompt-tiny.")] = "ViT-B-32",
@@ -451,31 +584,42 @@ def bench_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 16,
     classes: Annotated[int, typer.Option("--classes", help="Number of classes to simulate ('class 0' .. 'class N-1').")] = 100,
     device: Device = "auto",
-    methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated methods (default: all, plus coop-text, the CoOp text step alone).")] = None,
-    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated: reference, fast, fast+compile, anchor (default: all).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Timed steps per variant (the median is reported).")] = 3,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated methods and coop-text (the CoOp text step alone); default: coop-text, vpt-deep.")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated: reference, fast, fast+compile, anchor (default: reference, fast).")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every method and variant (compilation and the anchor baselines too); the default grid takes about 2 minutes on 2 CPU cores.")] = False,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps per variant (the median is reported; use 5 or more on a busy machine).")] = 2,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before them (compilation gets its own).")] = 1,
-    compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode of fast+compile: default | reduce-overhead | max-autotune.")] = "default",
+    compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode of fast+compile.")] = "default",
     seed: Annotated[int, typer.Option("--seed", help="Random weights, prompts, images and labels.")] = 0,
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the records (a JSON list) to this file.")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the records (a JSON list, rewritten after each method) to this file.")] = None,
 ) -> None:
     """Training-step images/s and peak memory: reference vs fast vs fast+compile vs an anchor-style baseline."""
-    from rich.console import Console
+    from fastprompt.bench import VARIANTS, BenchConfig, bench_methods, check_records_path, header_line, record_line, run_bench, write_records
+    from fastprompt.runtime import resolve_device
 
-    from fastprompt.bench import BenchConfig, records_table, run_bench, write_records
-
-    options = {"methods": _comma_list(methods), "variants": _comma_list(variants)}
+    if every and (methods or variants):
+        raise FastpromptError("--all measures every method and variant; drop --methods / --variants, or drop --all")
+    options = {"methods": tuple(bench_methods()) if every else _comma_list(methods),
+               "variants": VARIANTS if every else _comma_list(variants)}
     config = BenchConfig(clip=clip, pretrained=pretrained, batch_size=batch_size, classes=classes, device=device,
                          steps=steps, warmup=warmup, compile_mode=compile_mode, seed=seed,
                          **{k: v for k, v in options.items() if v is not None})
-    with _console().status("bench") as status:
-        records = run_bench(config, progress=lambda what: status.update(f"bench: {what}"))
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 132)  # piped or redirected: do not cut the numbers
-    console.print(records_table(records))
     if json_out:
-        write_records(records, json_out)
+        check_records_path(json_out)
+    records: list[dict] = []
+
+    def show(done: list[dict]) -> None:  # each method's records as soon as they are measured
+        if not records:  # the title once the model loaded: a bad --clip stays a one-line error
+            typer.echo(f"fastprompt bench: {clip}, batch {batch_size}, {classes} classes, {device}")
+            typer.echo(header_line(resolve_device(device).type))
+        records.extend(done)
+        for record in done:
+            typer.echo(record_line(record))
+        if json_out:
+            write_records(records, json_out)
+
+    with _console().status("bench") as status:
+        run_bench(config, progress=lambda what: status.update(f"bench: {what}"), on_records=show)
 
 
 # ----------------------------------------------------------------------------------------
@@ -497,7 +641,7 @@ def _set_options(pairs: Optional[list[str]]) -> dict:
     return options
 
 
-@app.command("sweep")
+@command(app, "sweep", cls=BaseCommand, choices=_train_choices)
 @user_errors
 def sweep_cmd(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, e.g. coop,cavpt.")],
@@ -517,7 +661,7 @@ def sweep_cmd(
     clip: Annotated[Optional[str], typer.Option("--clip", help="As in `fastprompt train`; shared by every cell.")] = None,
     pretrained: Annotated[Optional[str], typer.Option("--pretrained", help="As in `fastprompt train`; shared by every cell.")] = None,
     template: Annotated[Optional[str], typer.Option("--template", help="As in `fastprompt train`; shared by every cell.")] = None,
-    classes: Annotated[Optional[str], typer.Option("--classes", help="all | base (base-to-new: also evaluates new classes).")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="As in `fastprompt train`; shared by every cell.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="As in `fastprompt train`; shared by every cell.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="As in `fastprompt train`; shared by every cell.")] = None,
     optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="As in `fastprompt train`; shared by every cell.")] = None,
@@ -573,7 +717,7 @@ def sweep_cmd(
         raise typer.Exit(code=1)
 
 
-@app.command("report")
+@command(app, "report", cls=BaseCommand)
 @user_errors
 def report_cmd(
     folder: Annotated[str, typer.Argument(help="A sweep's --out, or any folder of runs.")],
@@ -588,12 +732,12 @@ def report_cmd(
     typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare), nl=False)
 
 
-plot_app = typer.Typer(help="Figures of a finished run or a sweep (PNG, or PDF with --format pdf), written to RUN/figures by default.",
+plot_app = typer.Typer(cls=Group, help="Figures of a finished run or a sweep (PNG, or PDF with --format pdf), written to RUN/figures by default.",
                        no_args_is_help=True)
 app.add_typer(plot_app, name="plot")
 
 
-@plot_app.command("shots")
+@command(plot_app, "shots", cls=BaseCommand)
 @user_errors
 def plot_shots_cmd(
     sweep: Annotated[str, typer.Argument(help="A sweep's --out (or any folder of runs with several shots).")],
@@ -617,7 +761,7 @@ FigureFormat = Annotated[str, typer.Option("--format", help="png | pdf.")]
 PlotDevice = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
 
 
-@plot_app.command("attention")
+@command(plot_app, "attention", cls=BaseCommand)
 @user_errors
 def plot_attention_cmd(run: Run, images: Annotated[int, typer.Option("--images", help="Test images (rows), spread over the classes.")] = 8,
                        out: FigureOut = None, fmt: FigureFormat = "png", device: PlotDevice = "cpu",
@@ -628,7 +772,7 @@ def plot_attention_cmd(run: Run, images: Annotated[int, typer.Option("--images",
     typer.echo(plot_attention(run, images=images, out=out, fmt=fmt, device=device, num_workers=workers))
 
 
-@plot_app.command("tsne")
+@command(plot_app, "tsne", cls=BaseCommand)
 @user_errors
 def plot_tsne_cmd(run: Run, max_images: Annotated[int, typer.Option("--max-images", help="Test images embedded, spread over the classes.")] = 1000,
                   out: FigureOut = None, fmt: FigureFormat = "png", device: PlotDevice = "cpu",
@@ -639,7 +783,7 @@ def plot_tsne_cmd(run: Run, max_images: Annotated[int, typer.Option("--max-image
     typer.echo(plot_tsne(run, max_images=max_images, out=out, fmt=fmt, device=device, num_workers=workers))
 
 
-@plot_app.command("curves")
+@command(plot_app, "curves", cls=BaseCommand)
 @user_errors
 def plot_curves_cmd(run_or_sweep: Annotated[str, typer.Argument(help="A run directory, or a folder of runs (a sweep).")],
                     out: Annotated[Optional[str], typer.Option("--out", help="Folder for the figure (default RUN_OR_SWEEP/figures).")] = None,
@@ -650,7 +794,7 @@ def plot_curves_cmd(run_or_sweep: Annotated[str, typer.Argument(help="A run dire
     typer.echo(plot_curves(run_or_sweep, out=out, fmt=fmt))
 
 
-@app.command("interpret")
+@command(app, "interpret", cls=BaseCommand)
 @user_errors
 def interpret_cmd(run: Run, topk: Annotated[int, typer.Option("--topk", help="Nearest tokens per context vector.")] = 5) -> None:
     """CoOp's reading of learned context vectors: the nearest tokens of the embedding table, with distances."""
@@ -661,7 +805,7 @@ def interpret_cmd(run: Run, topk: Annotated[int, typer.Option("--topk", help="Ne
     Console().print(words_table(interpret_run(run, topk=topk), title=f"nearest tokens of {run}'s context vectors"))
 
 
-@app.command("compare")
+@command(app, "compare", cls=BaseCommand)
 @user_errors
 def compare_cmd(runs: Annotated[list[str], typer.Argument(help="Run directories of finished `fastprompt train` runs.")],
                 device: PlotDevice = "cpu", workers: Workers = None,

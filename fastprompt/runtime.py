@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from fastprompt.errors import FastpromptError
-from fastprompt.validation import is_int
+from fastprompt.validation import check_int, is_int
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")  # plus cuda:N
 PRECISIONS = ("auto", "fp32", "bf16")
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -60,6 +61,7 @@ def autocast_for(precision: str, device: torch.device) -> Callable:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's `random`, numpy and torch (Dassl's `set_random_seed`)."""
+    check_int("seed", seed, minimum=0, maximum=SEED_MAX)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from fastprompt.cli import app
 
 runner = CliRunner()
-KEYS = {"method", "variant", "images_per_s", "peak_memory_bytes", "device", "clip", "batch_size"}
+KEYS = {"method", "variant", "images_per_s", "peak_memory_bytes", "device", "clip", "batch_size",
+        "cpu", "gpu", "torch", "triton", "date", "commit"}
 TINY = ["bench", "--clip", "fastprompt-tiny", "--device", "cpu", "--batch-size", "4", "--classes", "5",
         "--steps", "1", "--warmup", "0"]
 
@@ -32,7 +33,34 @@ def test_bench_writes_records(tmp_path):
         assert r["images_per_s"] == pytest.approx(4 / (r["step_ms"] / 1e3))
         ref = next(x for x in records if x["method"] == r["method"] and x["variant"] == "reference")
         assert r["speedup_vs_reference"] == pytest.approx(r["images_per_s"] / ref["images_per_s"])
-    assert "vpt-deep" in result.output and "anchor" in result.output  # the table
+        assert r["torch"] == torch.__version__ and r["gpu"] is None and r["cpu"] and r["date"].startswith("20")
+    lines = result.stdout.splitlines()  # a title, the header, one line per record, in the order measured
+    assert len(lines) == 2 + len(records) and max(map(len, lines)) <= 80
+    assert [line.split()[:2] for line in lines[2:]] == [[r["method"], r["variant"]] for r in records]
+
+
+def test_bench_json_is_valid_after_every_method(tmp_path, monkeypatch):
+    """--json is rewritten as each method's records come in: a reader sees valid JSON throughout."""
+    import fastprompt.bench.report as report
+
+    out = tmp_path / "bench.json"
+    seen = []
+    write = report.write_records
+    monkeypatch.setattr(report, "write_records", lambda records, path: (write(records, path),
+                                                                       seen.append(json.loads(out.read_text()))))
+    monkeypatch.setattr("fastprompt.bench.write_records", report.write_records)
+    result = runner.invoke(app, [*TINY, "--methods", "coop-text,vpt-shallow", "--variants", "fast", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [[(r["method"], r["variant"]) for r in records] for records in seen] == [
+        [("coop-text", "fast")], [("coop-text", "fast"), ("vpt-shallow", "fast")]]
+
+
+def test_default_grid_and_all():
+    from fastprompt.bench import VARIANTS, BenchConfig, bench_methods
+
+    assert BenchConfig().methods == ("coop-text", "vpt-deep")
+    assert BenchConfig().variants == ("reference", "fast")
+    assert set(bench_methods()) > set(BenchConfig().methods) and set(VARIANTS) > set(BenchConfig().variants)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -22,12 +22,14 @@ One module per concern:
 - `anchor`: the anchor-style baselines (research-code style computation of every method);
 - `measure`: timing and peak memory of interleaved steps (`measure_method`, `run_bench`);
 - `flops`: useful FLOPs of a step (FlopCounterMode with fastprompt's custom ops) and GPU peaks;
-- `report`: speed-up ratios, the rich table and the JSON records.
+- `report`: speed-up ratios, the line per record and the JSON records;
+- `environment`: machine, versions, date and commit of every record.
 What each record holds is documented in `measure` (time, memory) and `flops`.
 """
 
 from fastprompt.bench.config import TEXT_STEP, VARIANTS, BenchConfig, bench_methods
 from fastprompt.bench.measure import run_bench
-from fastprompt.bench.report import records_table, write_records
+from fastprompt.bench.report import check_records_path, header_line, record_line, write_records
 
-__all__ = ["BenchConfig", "TEXT_STEP", "VARIANTS", "bench_methods", "records_table", "run_bench", "write_records"]
+__all__ = ["BenchConfig", "TEXT_STEP", "VARIANTS", "bench_methods", "check_records_path", "header_line", "record_line",
+           "run_bench", "write_records"]

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from fastprompt.errors import FastpromptError
 from fastprompt.methods import list_methods
-from fastprompt.runtime import resolve_device
+from fastprompt.runtime import SEED_MAX, resolve_device
 from fastprompt.training.compiled import COMPILE_MODES
 from fastprompt.validation import check_choice, check_int
 
 VARIANTS = ("reference", "fast", "fast+compile", "anchor")
 TEXT_STEP = "coop-text"  # the CoOp text step alone (text encoder of all classes + loss + backward)
+
+
+# the default grid: the text side (the CoOp text step) and the image side (VPT-deep), the oracle
+# against the fast path, 2 timed steps after 1 warm-up: about 2 minutes with ViT-B-32 on 2 quiet
+# CPU cores (BENCHMARKS.md; a reference CoOp text step alone takes ~20 s there). Every method and
+# variant (compilation and the anchor baselines too): `fastprompt bench --all`.
+DEFAULT_METHODS = (TEXT_STEP, "vpt-deep")
+DEFAULT_VARIANTS = ("reference", "fast")
 
 
 def bench_methods() -> list[str]:
@@ -27,9 +35,9 @@ class BenchConfig:
     batch_size: int = 16  # images per step
     classes: int = 100  # simulated classes, named "class 0" .. "class N-1"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    methods: tuple[str, ...] = field(default_factory=bench_methods)
-    variants: tuple[str, ...] = VARIANTS
-    steps: int = 3  # timed steps per variant (the median is reported)
+    methods: tuple[str, ...] = DEFAULT_METHODS  # bench_methods(): all
+    variants: tuple[str, ...] = DEFAULT_VARIANTS  # VARIANTS: all
+    steps: int = 2  # timed steps per variant (the median is reported); 2 keeps the default grid near 2 minutes on CPU
     warmup: int = 1  # untimed steps before them
     compile_mode: str = "default"  # torch.compile mode of the fast+compile variant
     seed: int = 0
@@ -48,7 +56,7 @@ class BenchConfig:
         check_int("classes", self.classes)
         check_int("steps", self.steps)
         check_int("warmup", self.warmup, minimum=0)
-        check_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0, maximum=SEED_MAX)
         check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         if isinstance(self.pretrained, str) and self.pretrained.lower() == "none":
             self.pretrained = None

@@ -38,6 +38,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from fastprompt.bench.config import BenchConfig
+from fastprompt.bench.environment import environment
 from fastprompt.bench.flops import count_flops
 from fastprompt.bench.report import add_ratios
 from fastprompt.bench.workloads import Workload, build, state_bytes, train_step
@@ -223,14 +224,24 @@ def measure_method(method: str, master, cfg: BenchConfig, device: torch.device, 
     return records
 
 
-def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Measure every (method, variant) of `cfg`; returns the records (see the module docstrings)."""
+def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None,
+              on_records: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+    """Measure every (method, variant) of `cfg`; returns the records (see the module docstrings).
+
+    `on_records` gets each method's records as soon as they are measured (with their ratios
+    and `environment`: machine, versions, date, commit)."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     master = load_clip(cfg.clip, cfg.pretrained, device="cpu").model  # frozen CLIP shared by all variants
     memory = CudaPeak(device) if device.type == "cuda" else CpuPeak()
     records = []
     for method in cfg.methods:
-        records += measure_method(method, master, cfg, device, memory, progress)
-    add_ratios(records, device)
+        done = measure_method(method, master, cfg, device, memory, progress)
+        add_ratios(done, device)  # ratios compare the variants of one method
+        stamp = environment(device)
+        for record in done:
+            record.update(stamp)
+        records += done
+        if on_records is not None:
+            on_records(done)
     return records

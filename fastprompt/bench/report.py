@@ -1,5 +1,5 @@
-"""Reporting of bench records: speed-ups and FLOP rates added to each record, the rich table
-the CLI prints, and the JSON list `--json` writes."""
+"""Reporting of bench records: speed-ups and FLOP rates added to each record, the line per
+record the CLI prints as it is measured, and the JSON list `--json` rewrites after each method."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Union
 import torch
 
 from fastprompt.bench.flops import peak_flops
+from fastprompt.errors import FastpromptError
 from fastprompt.files import write_json
 
 
@@ -30,44 +31,41 @@ def add_ratios(records: list[dict], device: torch.device) -> None:
                 rate = useful / (r["step_ms"] / 1e3)
                 r["useful_tflops_per_s"] = rate / 1e12
                 r["peak_fraction"] = rate / peak if peak else "unknown"
-            r["gpu"] = torch.cuda.get_device_name(device)
+
+
+def check_records_path(path: Union[str, Path]) -> None:
+    """`--json PATH` can be written: not a folder (checked before anything is measured)."""
+    if Path(path).is_dir():
+        raise FastpromptError(f"--json {path} is a folder; pass a file name such as {Path(path) / 'bench.json'}")
 
 
 def write_records(records: list[dict], path: Union[str, Path]) -> None:
-    """The records as an indented JSON list, written atomically (the folder is created)."""
+    """The records as an indented JSON list, written atomically (the folder is created): called
+    after every method, so the file is valid JSON with every record measured so far."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json(path, records)
 
 
-def records_table(records: list[dict]):
-    """A rich Table of the records."""
-    from rich.table import Table
+# one line per record, as it is measured; at most 80 columns (75 with the CUDA column)
+_LINE = "{:<12} {:<12} {:>9} {:>9} {:>6} {:>7} {:>9}"
 
-    first = records[0] if records else {}
-    table = Table(title=f"fastprompt bench: {first.get('clip')}, batch {first.get('batch_size')}, "
-                        f"{first.get('classes')} classes, {first.get('device')}")
-    table.add_column("method", no_wrap=True, min_width=11)
-    table.add_column("variant", no_wrap=True, min_width=12)
-    for col in ("images/s", "step ms", "×ref", "×anchor", "peak MiB", "step MiB"):
-        table.add_column(col, justify="right")
-    cuda = any(r.get("useful_tflops_per_s") is not None for r in records)
-    if cuda:
-        table.add_column("useful TFLOP/s", justify="right")
-        table.add_column("of peak", justify="right")
+
+def header_line(device_type: str) -> str:
+    head = _LINE.format("method", "variant", "images/s", "step ms", "x ref", "x anch", "peak MiB")
+    return head + (f" {'TFLOP/s':>7}" if device_type == "cuda" else "")
+
+
+def record_line(r: dict) -> str:
+    """One record in the columns of `header_line`."""
+    if r.get("error"):
+        return f"{r['method']:<12} {r['variant']:<12} failed: {r['error']}"[:80]
 
     def ratio(x):
         return "-" if x is None else f"{x:.2f}"
 
-    for r in records:
-        if r.get("error"):
-            table.add_row(r["method"], r["variant"], f"failed: {r['error'][:60]}")
-            continue
-        row = [r["method"], r["variant"], f"{r['images_per_s']:.2f}", f"{r['step_ms']:.1f}",
-               ratio(r.get("speedup_vs_reference")), ratio(r.get("speedup_vs_anchor")),
-               f"{r['peak_memory_bytes'] / 2**20:.1f}", f"{r['step_memory_bytes'] / 2**20:.1f}"]
-        if cuda:
-            frac = r.get("peak_fraction")
-            row += [f"{r.get('useful_tflops_per_s', 0):.1f}",
-                    frac if isinstance(frac, str) or frac is None else f"{100 * frac:.1f}%"]
-        table.add_row(*row)
-    return table
+    line = _LINE.format(r["method"], r["variant"], f"{r['images_per_s']:.2f}", f"{r['step_ms']:.1f}",
+                        ratio(r.get("speedup_vs_reference")), ratio(r.get("speedup_vs_anchor")),
+                        f"{r['peak_memory_bytes'] / 2**20:.1f}")
+    if "useful_tflops_per_s" in r:
+        line += f" {r['useful_tflops_per_s']:>7.1f}"
+    return line

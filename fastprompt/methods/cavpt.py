@@ -203,7 +203,8 @@ class Cavpt(PromptModel):
             add_coop(self, config)
         self.k_n = min(config.topk, self.num_classes)
         if self.k_n < config.topk:
-            log.info("topk=%d capped at the %d classes of this task", config.topk, self.num_classes)
+            log.warning("cavpt topk=%d is more than the %d classes of this task: capped at %d", config.topk,
+                        self.num_classes, self.num_classes)
         device = bundle.device
         layer_cls = ReleasedClassAwareLayer if self.released else ClassAwarePromptLayer
         self.cavpt = nn.ModuleList(

@@ -79,12 +79,12 @@ CAVPT_VARIANTS = ("paper", "released")
 class CavptOptions(Options):
     flag_prefix: ClassVar[str] = "cavpt"
 
-    variant: str = "paper"  # "paper": eqs. 9-12 as printed; "released": the authors' code (fanrena/DPT trainers/DPT.py)
+    variant: str = field(default="paper", metadata={"choices": CAVPT_VARIANTS})  # "paper": eqs. 9-12 as printed; "released": the authors' code (fanrena/DPT trainers/DPT.py)
     topk: int = 5  # K_N classes per image from zero-shot inference (capped at the class count)
     layers: int = 1  # class-aware prompts in the last `layers` layers
     alpha: float = 1.0  # weight of the auxiliary loss (eq. 12)
-    aux_target: Optional[str] = None  # "eq10" (paper default): one-hot for the ground-truth output, uniform 1/K for the others; "gt-only" (released: the only choice)
-    topk_source: Optional[str] = None  # "cached" (paper default): the trainer supplies per-image top-K; "online" (released: the only choice): recomputed per view
+    aux_target: Optional[str] = field(default=None, metadata={"choices": AUX_TARGETS})  # "eq10" (paper default): one-hot for the ground-truth output, uniform 1/K for the others; "gt-only" (released: the only choice)
+    topk_source: Optional[str] = field(default=None, metadata={"choices": TOPK_SOURCES})  # "cached" (paper default): the trainer supplies per-image top-K; "online" (released: the only choice): recomputed per view
     text_prompt: bool = False  # learn CoOp context too (the paper's VLP-CLIP-CAVPT)
     guidance_epochs: int = 0  # released: "general knowledge guidance" loss for the first C epochs (0: off; the authors' script uses 30)
 
@@ -132,9 +132,9 @@ class E2mimOptions(Options):
     mixup: bool = True  # class-wise visual mixup (False: the --e2mim.no-mixup ablation)
     mixup_alpha: float = 1.0  # λ ~ Beta(mixup_alpha, mixup_alpha)
     mi_weight: float = 1.0  # λ_mi, weight of the InfoNCE term (0 switches it off)
-    infer: str = "ensemble"  # "ensemble": mean of both views' probabilities; "soft": soft view only
+    infer: str = field(default="ensemble", metadata={"choices": INFER_MODES})  # "ensemble": mean of both views' probabilities; "soft": soft view only
     mi_dim: int = 128  # width of the critic heads' shared space
-    mi_input: str = "probs"  # what the critic heads read of each view: "probs" (softmax; the paper's figure 1) or "logits"
+    mi_input: str = field(default="probs", metadata={"choices": MI_INPUTS})  # what the critic heads read of each view: "probs" (softmax; the paper's figure 1) or "logits"
 
     def _validate(self) -> None:
         _require(isinstance(self.mixup, bool), f"mixup={self.mixup!r} must be True or False")

@@ -8,8 +8,8 @@
 
 The trainer, bench and CLI ask the class for these facts; no list of method names exists
 outside the method's own module. The CLI's `--<prefix>.<option>` flags are generated from
-the options dataclasses by `option_flags()` (name, type, default, and help from the field's
-comment), and its `--lr.<group>` / `--warmup-epochs.<group>` flags from `group_names()`.
+the options dataclasses by `option_flags()` (name, type, default, choices from the field's
+metadata, and help from the field's comment), and its `--lr.<group>` / `--warmup-epochs.<group>` flags from `group_names()`.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ class OptionFlag:
     default: Any  # the dataclass default (shown in --help; the flag itself defaults to "not given")
     help: str  # metadata["help"], else the comment after the field
     off: Optional[str] = None  # bool fields: the off switch's name (metadata["off"]), default "no-<name>"
+    choices: Optional[tuple] = None  # the values the option takes (metadata["choices"]), None: any of its type
 
     @property
     def flag(self) -> str:
@@ -152,6 +153,7 @@ def option_flags() -> tuple[OptionFlag, ...]:
                 prefix=prefix, field=f.name, type=_flag_type(owner, f.name, hints[f.name]),
                 default=f.default if f.default is not dataclasses.MISSING else None,
                 help=f.metadata.get("help") or field_comments(owner).get(f.name, ""), off=f.metadata.get("off"),
+                choices=f.metadata.get("choices"),
             )
     seen: dict[str, str] = {}
     for fl in flags.values():
@@ -160,3 +162,16 @@ def option_flags() -> tuple[OptionFlag, ...]:
                 raise TypeError(f"flag {flag} is generated for both {seen[flag]} and {fl.field}; rename one option")
             seen[flag] = fl.field
     return tuple(flags.values())
+
+
+def check_option_flags(method: str, options: dict) -> None:
+    """Every option in `options` (given as flags) belongs to `method`; else a FastpromptError that
+    names the flag as typed (`--cavpt.topk`), the methods that take it and the fix."""
+    accepted = {f.name for f in dataclasses.fields(method_class(method).options)}
+    for fl in option_flags():
+        if fl.field not in options or fl.field in accepted:
+            continue
+        flag = fl.off_flag if fl.type is bool and options[fl.field] is False else fl.flag
+        owners = [name for name, cls in METHODS.items() if fl.field in {f.name for f in dataclasses.fields(cls.options)}]
+        raise FastpromptError(f"{flag} is an option of {', '.join(owners)}, not of {method}; drop {flag} or use "
+                              f"--method {owners[0]}")

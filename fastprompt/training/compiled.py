@@ -181,3 +181,10 @@ def graph_breaks(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         reason = " ".join(str(brk.reason).split()).split(" Explanation:")[0][:160]
         found[f"{where}: {reason}"] = None
     return list(found)
+
+
+def compile_cache_is_warm() -> bool:
+    """Whether the compile cache in use already holds compiled graphs (FX graph cache entries):
+    a first compile on this machine costs minutes, a cached one seconds."""
+    folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()).expanduser() / "fxgraph"
+    return folder.is_dir() and any(folder.iterdir())

@@ -22,10 +22,11 @@ from typing import Any, Optional, Sequence
 
 from fastprompt.errors import FastpromptError
 from fastprompt.methods.registry import METHODS, ParamGroup
-from fastprompt.runtime import DEVICES, PRECISIONS
+from fastprompt.runtime import DEVICES, PRECISIONS, SEED_MAX
 from fastprompt.validation import check_int, check_number, require
 
 CLASS_CHOICES = ("all", "base", "new")
+TRAIN_CLASSES = ("all", "base")  # training: every class, or the base half (base-to-new)
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # the last three: inductor modes
 NAN_POLICIES = ("stop", "skip")
@@ -105,8 +106,8 @@ class TrainConfig:
 
             get_protocol(self.protocol)
         check_int("shots", self.shots, allow_none=True)
-        check_int("seed", self.seed, minimum=0)
-        if self.classes not in ("all", "base"):
+        check_int("seed", self.seed, minimum=0, maximum=SEED_MAX)
+        if self.classes not in TRAIN_CLASSES:
             raise FastpromptError(
                 f"classes={self.classes!r}: training takes 'all' or 'base' (base-to-new); evaluate on 'new' with `fastprompt eval`"
             )

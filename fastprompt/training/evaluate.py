@@ -19,7 +19,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.files import write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
-from fastprompt.runtime import autocast_for, resolve_device, seed_everything
+from fastprompt.runtime import autocast_for, check_precision, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,12 @@ def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str =
                  trust_pickle: bool = False) -> dict:
     """Evaluate a finished run's prompts on the test split of `data` (any dataset, any classes)."""
 
+    dev = resolve_device(device)  # the arguments first: a bad --device or --precision reads nothing
+    check_precision(precision)
     run = Path(run_dir)
     saved, prompts = _read_run(run)
     ds = open_dataset(data)
     classnames = ds.classnames_for(classes)
-    dev = resolve_device(device)
     template = template or (saved["template"] if saved.get("template") and saved["classnames"] == classnames
                             else ds.template)
     model = _run_model(saved, prompts, classnames, template, dev, trust_pickle)

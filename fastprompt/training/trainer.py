@@ -54,7 +54,8 @@ from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
 from fastprompt.training import checkpoint, rundir
-from fastprompt.training.compiled import compile_fn
+from fastprompt.training.compiled import compile_cache_is_warm, compile_fn
+from fastprompt.training.progress import TrainProgress
 from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
 from fastprompt.training.feature_cache import FeatureCache
@@ -334,7 +335,7 @@ class Trainer:
 
     def _say(self, text: str) -> None:
         if self.is_main and self.console is not None:
-            self.console.print(text)
+            self.console.print(text, soft_wrap=True)  # a log line is never wrapped
 
     # --------------------------------------------------------------- training
     def _build_topk_table(self) -> None:
@@ -367,7 +368,7 @@ class Trainer:
         return self.feature_cache.batches(self.data, self.train_subset, cfg.classes, seed=cfg.seed, epoch=self.epoch,
                                           batch_size=cfg.batch_size, rank=self.rank, world=self.world)
 
-    def train_epoch(self, progress=None, task=None) -> dict:
+    def train_epoch(self, progress: Optional[TrainProgress] = None) -> dict:
         cfg = self.config
         lr = self._set_lr(self.epoch)
         self.model.train()
@@ -398,7 +399,7 @@ class Trainer:
             running["correct"] += (logits.argmax(-1) == labels).sum()
             running["seen"] += labels.shape[0]
             if progress is not None:
-                progress.update(task, advance=1)  # no loss here: the display reads `self._running` at epoch end
+                progress.step(lambda: float(running["loss"] / running["seen"].clamp(min=1)))  # read every few steps
         # the epoch's CPU-GPU syncs: the non-finite check (--nan-policy stop) and the running sums (summed over ranks)
         bad_step = self.guard.end_epoch()
         if bad_step is not None:
@@ -426,15 +427,9 @@ class Trainer:
 
     def train(self) -> dict:
         """Train the remaining epochs, then evaluate on the test split; returns results.json's content."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         cfg = self.config
         self._say(f"[bold]fastprompt train[/bold] {json.dumps(self.config.to_dict())}")
-        columns = [TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
-                   TimeElapsedColumn()]
-        progress = Progress(*columns, console=self.console, disable=not self.is_main or self.console is None,
-                            transient=False)
+        progress = TrainProgress(self.console, cfg.epochs, len(self.loader), done=self.epoch, enabled=self.is_main)
         if self.cached_topk and self.epoch < cfg.epochs:
             self._build_topk_table()
         if cfg.feature_cache and self.epoch < cfg.epochs:
@@ -444,15 +439,17 @@ class Trainer:
             if cfg.feature_cache < cfg.epochs:
                 self._say(f"feature cache: {cfg.feature_cache} augmented views for {cfg.epochs} epochs; epoch e reuses "
                           f"view e mod {cfg.feature_cache} (a deliberate approximation of fresh augmentation)")
+        mode = cfg.compile_mode(self.device.type)
+        if mode is not None and self.epoch < cfg.epochs:
+            progress.say("compiling the training step (first time on this machine: 1-2 minutes)" if not compile_cache_is_warm()
+                         else "compiling the training step (from the compile cache: seconds)")
         with progress:
-            task = progress.add_task("train", total=len(self.loader) * (cfg.epochs - self.epoch), epoch=self.epoch,
-                                     epochs=cfg.epochs, loss=float("nan"), acc=0.0, ips=0.0)
             while self.epoch < cfg.epochs:
-                line = self.train_epoch(progress, task)
+                progress.start_epoch(self.epoch)
+                line = self.train_epoch(progress)
                 self.epoch += 1
                 self.metrics.append(line)
-                progress.update(task, epoch=self.epoch, loss=line["loss"], acc=line["train_accuracy"],
-                                ips=line["images_per_s"])
+                progress.end_epoch(line)
                 if self.is_main:
                     text = json.dumps(line) + "\n"
                     with self._disk(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
@@ -536,7 +533,7 @@ def train(config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict],
     if mode != "restart":
         results = finished_run(config)
         if results is not None and not force_eval:
-            if console is not None:
+            if console is not None and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 speaks
                 console.print(f"done, results in {Path(config.out) / rundir.RESULTS} (--force-eval evaluates again, "
                               "--restart trains again)")
             return results

@@ -45,7 +45,7 @@ def test_train_then_eval_each_variant(variant, backend, extra, demo_beton, tmp_p
     (["--cavpt.variant", "released", "--cavpt.topk-source", "cached"], "topk_source='cached' belongs to variant='paper'"),
     (["--cavpt.variant", "released", "--cavpt.guidance-epochs", "2"], "guidance_epochs=2 needs text_prompt=True"),
     (["--cavpt.guidance-epochs", "2"], "guidance_epochs=2 is part of variant='released'"),
-    (["--cavpt.variant", "dpt"], "variant='dpt' must be one of paper, released"),
+    (["--cavpt.variant", "dpt"], "Invalid value for '--cavpt.variant': 'dpt' is not one of 'paper', 'released'"),
 ])
 def test_bad_variant_options_exit_2(extra, message, demo_beton, tmp_path):
     out = tmp_path / "bad"

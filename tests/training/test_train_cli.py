@@ -104,9 +104,9 @@ def _fails(args, match):
 
 def test_bad_method_and_option(demo_beton, tmp_path):
     out = tmp_path / "bad"
-    _fails(train_args(demo_beton, out, "cop"), "unknown method 'cop'; choose one of: zeroshot, coop")
-    _fails(train_args(demo_beton, out, "coop", "--cavpt.topk", "3"), "unknown option topk for method 'coop'")
-    _fails(train_args(demo_beton, out, "cavpt", "--cavpt.aux-target", "x"), "aux_target='x' must be one of")
+    _fails(train_args(demo_beton, out, "cop"), "Invalid value for '--method': 'cop' is not one of 'coop'")
+    _fails(train_args(demo_beton, out, "coop", "--cavpt.topk", "3"), "--cavpt.topk is an option of cavpt, not of coop")
+    _fails(train_args(demo_beton, out, "cavpt", "--cavpt.aux-target", "x"), "Invalid value for '--cavpt.aux-target': 'x'")
     result = runner.invoke(app, train_args(demo_beton, out, "coop", "--no-such-flag"))
     assert result.exit_code == 2 and "No such option" in result.output
     assert not out.exists()
