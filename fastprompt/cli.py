@@ -641,9 +641,16 @@ def _set_options(pairs: Optional[list[str]]) -> dict:
     return options
 
 
-@command(app, "sweep", cls=BaseCommand, choices=_train_choices)
+class SweepCommand(TrainCommand):
+    """`fastprompt sweep`: the train command's generated method-option and parameter-group flags,
+    shared by every cell (an option reaches the grid's methods that have it, a group's flag the
+    methods that train that group)."""
+
+
+@command(app, "sweep", cls=SweepCommand, choices=_train_choices)
 @user_errors
 def sweep_cmd(
+    ctx: typer.Context,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, e.g. coop,cavpt.")],
     data: Annotated[str, typer.Option("--data", help="Comma-separated .beton files.")],
     out: Annotated[str, typer.Option("--out", help="Sweep folder: sweep.json, sweep-log.jsonl, DATASET/METHOD/shotsK/seedS/.")],
@@ -683,13 +690,21 @@ def sweep_cmd(
     from fastprompt.sweep import SweepConfig, prepare, run_sweep
     from fastprompt.sweep.runner import plan_table
 
-    given = locals()
+    given = dict(locals())
+    flags = {name: value for name, value in ctx.meta["flags"].items() if value is not None}
+    method_options = {name.removeprefix("option__"): v for name, v in flags.items() if name.startswith("option__")}
+    group_lr = {name.removeprefix("lr__"): v for name, v in flags.items() if name.startswith("lr__")}
+    group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
     train_fields = ("clip", "pretrained", "template", "classes", "epochs", "batch_size", "optimizer", "lr",
                     "warmup_epochs", "warmup_lr", "momentum", "weight_decay", "device", "precision", "backend",
                     "compile", "checkpoint_every", "feature_cache", "protocol")
     shared = {k: given[k] for k in train_fields if given[k] is not None}
     if workers is not None:
         shared["num_workers"] = workers
+    if group_lr:
+        shared["group_lr"] = group_lr
+    if group_warmup:
+        shared["group_warmup_epochs"] = group_warmup
 
     def ints(flag: str, text: str) -> list:
         try:
@@ -699,7 +714,7 @@ def sweep_cmd(
 
     config = SweepConfig(
         methods=list(_comma_list(methods)), data=list(_comma_list(data)), seeds=ints("seeds", seeds),
-        shots=[s or None for s in ints("shots", shots)], out=out, train=shared, options=_set_options(set_options),
+        shots=[s or None for s in ints("shots", shots)], out=out, train=shared, options={**method_options, **_set_options(set_options)},
         eval_on=list(_comma_list(eval_on) or ()), jobs=jobs, launcher=launcher, slurm_partition=slurm_partition,
         slurm_gpus=slurm_gpus, slurm_time=slurm_time, tensorboard=tensorboard,
     )

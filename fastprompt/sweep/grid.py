@@ -109,6 +109,13 @@ def _options_for(method: str, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in valid}
 
 
+def _groups_for(method: str, values: dict) -> dict:
+    from fastprompt.methods import METHODS
+
+    declared = {g.name for g in METHODS[method].groups}
+    return {k: v for k, v in values.items() if k in declared}
+
+
 def expand(config: SweepConfig) -> list[Cell]:
     """The grid's cells in sweep order (dataset, method, shots, seed), each with a validated
     TrainConfig; bad settings fail here, before anything is written."""
@@ -121,6 +128,11 @@ def expand(config: SweepConfig) -> list[Cell]:
     for key in config.options:
         require(any(_options_for(m, {key: None}) for m in config.methods),
                 f"--set {key}=...: no method of {','.join(config.methods)} has option '{key}'; check the name")
+    for key in ("group_lr", "group_warmup_epochs"):
+        flag = "--lr" if key == "group_lr" else "--warmup-epochs"
+        for group in config.train.get(key, {}):
+            require(any(_groups_for(m, {group: None}) for m in config.methods),
+                    f"{flag}.{group}: no method of {','.join(config.methods)} trains a '{group}' group; drop the flag")
 
     datasets = {}
     for path in config.data:
@@ -146,6 +158,9 @@ def expand(config: SweepConfig) -> list[Cell]:
                     cname = cell_name(name, method, shots, seed)
                     # the dataset's template written out: config.json records the resolved one
                     settings = {**shared, "template": shared.get("template") or template}
+                    for key in ("group_lr", "group_warmup_epochs"):  # a group's flag reaches the methods that train it
+                        if key in settings:
+                            settings[key] = _groups_for(method, settings[key])
                     protocol = settings.pop("protocol", None)
                     cell = dict(method=method, data=path, out=str(out / cname), shots=shots, seed=seed,
                                 options=_options_for(method, config.options), **settings)

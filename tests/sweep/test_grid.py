@@ -162,3 +162,23 @@ def test_slurm_launcher_needs_slurm_and_passes_partition_gpus_and_time(demo_beto
     script = _make_sbatch_string(command="true", folder=str(out / ".submitit" / "%j"), **params)
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=90"):
         assert line in script, script
+
+
+def test_generated_train_flags_reach_the_cells_that_have_them(demo_beton, tmp_path):
+    """`sweep` takes `train`'s generated flags: a method option goes to the grid's methods with that
+    option, a group's lr / warm-up to the methods that train that group."""
+    cells = expand(sweep(demo_beton, tmp_path / "s", options={"n_ctx": 4, "n_prompts": 3},
+                         train={**TINY, "group_lr": {"visual": 0.02}, "group_warmup_epochs": {"text": 0}}))
+    coop = next(c.config for c in cells if c.config.method == "coop")
+    vpt = next(c.config for c in cells if c.config.method == "vpt-deep")
+    assert coop.options == {"n_ctx": 4} and coop.group_lr == {} and coop.group_warmup_epochs == {"text": 0}
+    assert vpt.options == {"n_prompts": 3} and vpt.group_lr == {"visual": 0.02} and vpt.group_warmup_epochs == {}
+    with pytest.raises(FastpromptError, match="--lr.cavpt: no method of coop,vpt-deep trains a 'cavpt' group"):
+        expand(sweep(demo_beton, tmp_path / "s", train={**TINY, "group_lr": {"cavpt": 0.1}}))
+    result = runner.invoke(app, ["sweep", "--methods", "coop,vpt-deep", "--data", str(demo_beton), "--out",
+                                 str(tmp_path / "cli"), "--seeds", "1", "--shots", "2", "--clip", "fastprompt-tiny",
+                                 "--pretrained", "none", "--epochs", "2", "--warmup-epochs", "0", "--coop.n-ctx", "4",
+                                 "--vpt.n-prompts", "3", "--lr.visual", "0.02", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "demo/coop/shots2/seed1" in result.output and "demo/vpt-deep/shots2/seed1" in result.output
+    assert not (tmp_path / "cli").exists()
