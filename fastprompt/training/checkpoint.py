@@ -21,7 +21,7 @@ import json
 import logging
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -141,8 +141,3 @@ def load(directory: Path) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
     if ident != record.get("checkpoint_id"):
         raise FastpromptError(f"{path} does not belong to {RECORD} (checkpoint ids differ); {fix}")
     return record, tensors
-
-
-def to_json_value(value: Any) -> Any:
-    """Tuples as lists, as JSON stores them (so a saved value compares equal to a fresh one)."""
-    return json.loads(json.dumps(value))
