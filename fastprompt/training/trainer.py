@@ -167,7 +167,7 @@ class Trainer:
         self.metrics: list[dict] = []
         self._topk_table: Optional[torch.Tensor] = None
         self.feature_cache: Optional[FeatureCache] = None
-        self.train_subset = self.data.indices("train", shots=config.shots, seed=config.seed, classes=config.classes)
+        self.train_subset = self.loader.indices  # the draw the loader holds (sorted .beton indices), not drawn again
         self.guard = NonFiniteGuard(config.nan_policy, self.device, self.distributed)
 
     def _make_optimizer(self, groups: list[tuple[str, list[nn.Parameter]]]) -> torch.optim.Optimizer:
