@@ -171,8 +171,10 @@ def test_cycle_finder_names_module_level_and_lazy_cycles(tmp_path):
 # probe can see what it looks for).
 PROBE = textwrap.dedent(r'''
     import ctypes, importlib, inspect, json, pkgutil, sys
-    import numba, llvmlite.binding as llvm, torch
+    import numba, numba.typed, llvmlite.binding as llvm, torch
+    numba.typed.Dict = dict  # FFCV's import-time typed Dict, as fastprompt imports it (ffcv_compat, workaround 0)
     import ffcv, ffcv._libffcv
+    del numba.typed.Dict
     for info in pkgutil.walk_packages(ffcv.__path__, "ffcv."):
         try:
             importlib.import_module(info.name)

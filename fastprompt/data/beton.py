@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 import numpy as np
 
 from fastprompt.errors import FastpromptError
+from fastprompt.data.ffcv_compat import import_ffcv
 from fastprompt.data.pixels import UnusableImage
 from fastprompt.runtime import resolve_workers
 from fastprompt.validation import check_int, require
@@ -162,6 +163,7 @@ class _WriterInput:
     def stored(self, j: int) -> tuple[np.ndarray, bool, int, int]:
         """Sample j (an original index) as written: (data (nbytes,) uint8, raw, height, width).
         Raises whatever reading it raises, ValueError for an image that cannot be stored."""
+        import_ffcv()
         from ffcv.fields.rgb_image import encode_jpeg
 
         image = self.source.load(j)
@@ -194,6 +196,7 @@ class _WriterInput:
 def _encode_image(destination, value: tuple[np.ndarray, bool, int, int], malloc) -> None:
     """FFCV's `RGBImageField.encode` (ffcv/fields/rgb_image.py) for an image encoded by
     `_WriterInput.stored`: the write mode (raw or JPEG) is chosen per sample."""
+    import_ffcv()
     from ffcv.fields.rgb_image import IMAGE_MODES
 
     data, raw, height, width = value
@@ -205,6 +208,7 @@ def _encode_image(destination, value: tuple[np.ndarray, bool, int, int], malloc)
 
 def _page_size(options: WriteOptions) -> int:
     """FFCV page size: a power of two, at least 2 MiB, holding a raw image of the largest size twice."""
+    import_ffcv()
     from ffcv.writer import MIN_PAGE_SIZE
 
     side = max(options.max_resolution, options.eval_size or 0)
@@ -261,6 +265,7 @@ def _watched_writer(path: Path, fields: dict, page_size: int, workers: int) -> A
     import time
     from multiprocessing import Process, Queue, Value
 
+    import_ffcv()
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
     from tqdm import tqdm
@@ -342,6 +347,7 @@ def _watched_writer(path: Path, fields: dict, page_size: int, workers: int) -> A
 
 
 def _ffcv_write(path: Path, data: _WriterInput, indices: np.ndarray, options: WriteOptions, workers: int) -> None:
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
 
     image_field = RGBImageField(write_mode="jpg", jpeg_quality=options.jpeg_quality)
@@ -574,6 +580,7 @@ def _check_beton(path: Path, meta: dict[str, Any], shown: Optional[Path] = None)
     Reads only the header and tables (milliseconds per 10,000 images); damage inside the
     image data is what `verify_dataset` (the sidecar's checksum) finds.
     """
+    import_ffcv()
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.reader import Reader
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType

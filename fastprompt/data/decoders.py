@@ -35,11 +35,12 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.operation import Operation
-from ffcv.pipeline.state import State
+from fastprompt.data.ffcv_compat import IMDECODE_SYMBOL, import_ffcv
 
-from fastprompt.data.ffcv_compat import IMDECODE_SYMBOL
+import_ffcv()  # before the first FFCV import (ffcv_compat, workaround 0)
+from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline.operation import Operation  # noqa: E402
+from ffcv.pipeline.state import State  # noqa: E402
 from fastprompt.data.resample import resample
 
 # ----------------------------------------------------------------------------------------

@@ -1,10 +1,19 @@
 """Workarounds for FFCV 1.0.2 (and the libraries it brings), in one place.
 
-Nothing here runs at import. `apply_ffcv_compat()` changes process-wide state (LLVM's
+Nothing here runs at import. Every fastprompt module imports FFCV after `import_ffcv()`
+(workaround 0). `apply_ffcv_compat()` changes process-wide state (LLVM's
 symbol table, OpenCV's thread pool, one FFCV method) and is called explicitly, once, when a
 loader is built (`fastprompt.data.loaders.BetonLoader`); later calls do nothing. Importing
 fastprompt leaves numba, LLVM, OpenCV and FFCV as they were (tests/test_imports.py).
 
+0. `import_ffcv()` imports FFCV with `numba.typed.Dict` briefly replaced by Python's `dict`.
+   FFCV 1.0.2 builds one numba typed Dict at import (`IMAGE_MODES` in
+   ffcv/fields/rgb_image.py, `{'jpg': 0, 'raw': 1}`), and the first typed Dict of a process
+   compiles numba's dictionary implementation, which numba cannot cache: 3-5 s of every
+   process that reads or writes a .beton (measured 2026-12-01: `import ffcv` 4.6 s, 1.2 s
+   with this). FFCV only reads that table from Python (to pick a mode, and as a constant
+   closed over by its decoders), where a `dict` gives the same ints. The attribute is
+   restored at once: numba's typed Dict stays what it was for every other caller.
 What `apply_ffcv_compat()` does, and why:
 1. `OSCacheManager.compile_reader` is replaced. FFCV bug: it builds the reader's signature
    with `t1 = numba.uint8[::1]; t1.mutable = False`, mutating numba's interned
@@ -47,7 +56,35 @@ IMDECODE_SYMBOL = "fastprompt_ffcv_imdecode"  # FFCV's imdecode, for cached numb
 RESIZE_SYMBOL = "fastprompt_ffcv_resize"  # FFCV's resize (cv::resize), for cached numba code
 
 _lock = threading.Lock()
+_import_lock = threading.Lock()
 _applied = False
+
+
+def import_ffcv() -> None:
+    """0. Import FFCV without compiling numba's typed Dict (module docstring); idempotent.
+
+    Call it before a module's or function's first `from ffcv ... import`: the first import of
+    any FFCV module runs `ffcv/__init__.py`, which imports every field. Once FFCV is imported
+    (by us or by the caller) this does nothing."""
+    import sys
+
+    if "ffcv" in sys.modules:
+        return
+    import numba.typed
+
+    with _import_lock:
+        if "ffcv" in sys.modules:
+            return
+        had = "Dict" in vars(numba.typed)  # numba.typed provides Dict lazily, through a module __getattr__
+        previous = vars(numba.typed).get("Dict")
+        numba.typed.Dict = dict
+        try:
+            import ffcv  # noqa: F401
+        finally:
+            if had:
+                numba.typed.Dict = previous
+            else:
+                del numba.typed.Dict
 
 
 def apply_ffcv_compat() -> None:
@@ -56,6 +93,7 @@ def apply_ffcv_compat() -> None:
     with _lock:
         if _applied:
             return
+        import_ffcv()
         _patch_os_cache_reader()
         _register_native_symbols()
         _single_threaded_opencv()

@@ -29,10 +29,13 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
-from ffcv.loader import Loader, OrderOption
 
-from fastprompt.data.decoders import SeededRandomResizedCrop, augment_key
-from fastprompt.data.ffcv_compat import apply_ffcv_compat, keep_torch_threads, next_batch
+from fastprompt.data.ffcv_compat import apply_ffcv_compat, import_ffcv, keep_torch_threads, next_batch
+
+import_ffcv()  # before the first FFCV import (ffcv_compat, workaround 0)
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+
+from fastprompt.data.decoders import SeededRandomResizedCrop, augment_key  # noqa: E402
 from fastprompt.data.order import EpochOrder
 from fastprompt.data.pipelines import LoaderConfig, image_pipelines
 from fastprompt.data.splits import relabel_table

@@ -79,6 +79,9 @@ def image_pipelines(config: LoaderConfig, train: bool, device: torch.device, num
     it there. The label field yields the sample index (labels come from a table)."""
     # FFCV and the numba kernels are imported on first use, so that `LoaderConfig` and the CLIP
     # constants (which pretraining uses) import without them.
+    from fastprompt.data.ffcv_compat import import_ffcv
+
+    import_ffcv()
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import ToDevice, ToTensor
 

@@ -149,3 +149,27 @@ def test_distributed_loader(demo, tmp_path):
         dist.destroy_process_group()
     for a, b in zip(reference, got):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_reading_a_beton_never_builds_a_numba_typed_dict(demo_path):
+    """ffcv_compat workaround 0: FFCV's one typed Dict (`IMAGE_MODES`) would compile numba's
+    dict implementation in every process (3-5 s, uncacheable); a fresh process that opens a
+    .beton and loads a batch never compiles it, reads the same modes, and leaves numba.typed as it was."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, sys\n"
+        "from fastprompt.data import open_dataset\n"
+        "batch = next(iter(open_dataset(sys.argv[1]).loader('train', shots=1, seed=1, image_size=32, batch_size=4,"
+        " num_workers=1)))\n"
+        "import numba.typed, numba.typed.typeddict as typeddict, ffcv.fields.rgb_image as rgb\n"
+        "compiled = len(typeddict._make_dict.overloads) + len(typeddict._setitem.overloads)\n"
+        "print(json.dumps({'compiled': compiled, 'modes': dict(rgb.IMAGE_MODES),"
+        " 'patched': 'Dict' in vars(numba.typed), 'images': list(batch[0].shape)}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe, str(demo_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report == {"compiled": 0, "modes": {"jpg": 0, "raw": 1}, "patched": False, "images": [4, 3, 32, 32]}
