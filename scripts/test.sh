@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# One pytest-xdist worker per core (at most 8); a test file stays on one worker, so its module
+# fixtures are built once. `-n 0` after the command runs everything in this process.
+exec .venv/bin/python -m pytest -q -n auto --maxprocesses 8 --dist loadfile "$@"

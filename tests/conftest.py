@@ -13,9 +13,41 @@ if not torch.cuda.is_available():
 
 # Keep the hand-crafted feature cache of the test run out of the user's cache dir.
 os.environ.setdefault("FASTPROMPT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "fastprompt"))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker keeps to its share of the cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
+
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """`build_once(name, build)`: the path of `name`, made by `build(path)` once per test session.
+
+    Under pytest-xdist the workers of one session share a folder (the parent of each worker's
+    base temporary folder) and the first worker to ask builds the file while the others wait:
+    a session fixture alone would build it once per worker (the demo CLIP's pretraining takes
+    15-30 s). Without xdist it is a fresh temporary folder, as `tmp_path_factory.mktemp`."""
+
+    def build_file(name: str, build: Callable[[Path], None]) -> Path:
+        if os.environ.get("PYTEST_XDIST_WORKER") is None:
+            path = tmp_path_factory.mktemp(name) / name
+            build(path)
+            return path
+        folder = tmp_path_factory.getbasetemp().parent / "shared" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        path, done = folder / name, folder / ".done"
+        with FileLock(str(folder / ".lock")):
+            if not done.is_file():
+                build(path)
+                done.touch()
+        return path
+
+    return build_file
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,10 @@ _spec.loader.exec_module(report_module)
 
 
 def run_script(*args, timeout=1500):
-    env = dict(os.environ, PYTHON=sys.executable)
+    # the script's pytest steps are runs of their own, not part of this one (under pytest-xdist a
+    # worker's PYTEST_XDIST_* variables would turn pytest-benchmark off in them)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHON"] = sys.executable
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

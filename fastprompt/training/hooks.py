@@ -13,7 +13,7 @@ SIGKILL leaves.
   - `metrics-append`: half of an epoch's metrics.jsonl line is written;
   - `before-results`: the last epoch is trained and checkpointed, results.json not written;
   - `beton-write`: a .beton and its sidecar are complete as temporary files, not renamed.
-Used by tests/training/test_resume_ddp.py and tests/training/test_faults.py.
+Used by tests/training/test_faults.py and tests/training/test_hooks.py.
 """
 
 from __future__ import annotations

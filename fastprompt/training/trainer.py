@@ -535,7 +535,7 @@ def train(config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict],
         if results is not None and not force_eval:
             if console is not None and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 speaks
                 console.print(f"done, results in {Path(config.out) / rundir.RESULTS} (--force-eval evaluates again, "
-                              "--restart trains again)")
+                              "--restart trains again)", soft_wrap=True)  # a path is never broken
             return results
     trainer = Trainer(config, console=console, on_epoch=on_epoch, mode=mode)
     try:

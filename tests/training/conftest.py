@@ -10,20 +10,16 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def demo_beton(tmp_path_factory):
+def demo_beton(build_once):
     from fastprompt.data import write_demo
 
-    path = tmp_path_factory.mktemp("demo") / "demo.beton"
-    write_demo(str(path), images_per_class=40, seed=0, light=(1.0, 1.0, 1.0))
-    return path
+    return build_once("demo.beton", lambda path: write_demo(str(path), images_per_class=40, seed=0, light=(1.0, 1.0, 1.0)))
 
 
 @pytest.fixture(scope="session")
-def demo_clip(tmp_path_factory):
+def demo_clip(build_once):
     """fastprompt-tiny pretrained on the synthetic colour-shape captions (never the demo's
-    classes), 300 steps (~20-30 s), as `fastprompt prepare demo-clip` runs by default."""
+    classes), 300 steps (~15-30 s), as `fastprompt prepare demo-clip` runs by default."""
     from fastprompt.training.pretrain import PretrainConfig, pretrain_clip
 
-    path = tmp_path_factory.mktemp("demo-clip") / "demo-clip.pt"
-    pretrain_clip(str(path), PretrainConfig(steps=300))  # warm-up: 30 steps
-    return path
+    return build_once("demo-clip.pt", lambda path: pretrain_clip(str(path), PretrainConfig(steps=300)))  # warm-up: 30 steps

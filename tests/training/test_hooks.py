@@ -1,5 +1,5 @@
 """The trainer's test hook (fastprompt/training/hooks.py): inert when unset, refuses a bad
-value; its exit is exercised by tests/training/test_resume_ddp.py."""
+value; its exit is exercised by tests/training/test_faults.py."""
 
 import subprocess
 import sys

@@ -1,7 +1,5 @@
-"""Exact resume after a killed process, and DDP over 2 gloo processes against one process.
-
-The kill is deterministic: the trainer's test hook (`fastprompt/training/hooks.py`) ends the
-process with `os._exit` right after a chosen optimiser step."""
+"""DDP over 2 gloo processes against one process. (Exact resume after killed processes is
+tests/training/test_faults.py's.)"""
 
 import json
 import os
@@ -11,10 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
-
-from fastprompt.training.hooks import EXIT_AFTER_STEP, EXIT_CODE
 
 FASTPROMPT = str(Path(sys.executable).parent / "fastprompt")
 DETERMINISTIC = ("epoch", "loss", "train_accuracy", "lr", "images")
@@ -35,40 +30,6 @@ def _env():
 def _metrics(out):
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     return [{k: line[k] for k in DETERMINISTIC} for line in lines]
-
-
-def _checkpoint_epoch(out):
-    return json.loads((out / "checkpoint.json").read_text())["epoch"]
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_exactly(demo_beton, tmp_path):
-    args = lambda out: [FASTPROMPT, *_args(demo_beton, out, "e2mim", 8, "--coop.n-ctx", "4")]
-    full, part = tmp_path / "full", tmp_path / "part"
-    subprocess.run(args(full), check=True, env=_env(), capture_output=True)
-    steps_per_epoch = _metrics(full)[0]["images"] // 32
-
-    # killed (os._exit, no cleanup) one step into epoch 3: the checkpoint after epoch 2 is the last
-    kill_env = {**_env(), EXIT_AFTER_STEP: str(2 * steps_per_epoch + 1)}
-    killed = subprocess.run(args(part), env=kill_env, capture_output=True, text=True)
-    assert killed.returncode == EXIT_CODE, killed.stderr[-3000:]
-    assert not (part / "results.json").exists() and not (part / "prompts.safetensors").exists()
-    assert _checkpoint_epoch(part) == 2
-    assert _metrics(part) == _metrics(full)[:2]
-
-    resumed = subprocess.run(args(part), env=_env(), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    said = " ".join(resumed.stderr.split())  # the console wraps long lines
-    assert "after epoch 2/8" in said and "resuming" in said
-    a, b = load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert _metrics(full) == _metrics(part)
-    timing = ("wall_seconds", "train_seconds")  # results.json's clock readings
-    results = [{k: v for k, v in json.loads((run / "results.json").read_text()).items() if k not in timing}
-               for run in (full, part)]
-    assert results[0] == results[1]
 
 
 def _free_port():
