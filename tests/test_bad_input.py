@@ -139,6 +139,7 @@ def test_bad_input_is_one_line_and_exit_2(case, files, tmp_path, monkeypatch):
     assert (_tree(work), _tree(files["demo"].parent)) == before  # nothing written, not even a run folder
 
 
+@pytest.mark.slow
 def test_offline_pretrained_download_is_one_line(files, tmp_path):
     """No internet, nothing cached: one line naming the fix at once, not minutes of retries.
     A subprocess, because huggingface_hub reads HF_HUB_OFFLINE when it is imported."""

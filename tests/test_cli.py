@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import fastprompt
+from fastprompt.cli import app
 
 FASTPROMPT = str(Path(sys.executable).parent / "fastprompt")
 
@@ -20,8 +22,8 @@ def test_version_and_help():
 
 
 def test_methods_command():
-    out = subprocess.run([FASTPROMPT, "methods"], capture_output=True, text=True, check=True).stdout
-    assert out.split() == fastprompt.list_methods()
+    result = CliRunner().invoke(app, ["methods"])
+    assert result.exit_code == 0 and result.stdout.split() == fastprompt.list_methods()
 
 
 def _commands(group, path=()):

@@ -16,6 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "fastprompt"
 
 
@@ -239,6 +241,7 @@ PROBE = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.slow
 def test_importing_fastprompt_changes_no_global_state():
     run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

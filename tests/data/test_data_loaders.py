@@ -151,6 +151,7 @@ def test_distributed_loader(demo, tmp_path):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
+@pytest.mark.slow
 def test_reading_a_beton_never_builds_a_numba_typed_dict(demo_path):
     """ffcv_compat workaround 0: FFCV's one typed Dict (`IMAGE_MODES`) would compile numba's
     dict implementation in every process (3-5 s, uncacheable); a fresh process that opens a

@@ -66,6 +66,7 @@ def test_bad_checkpoint_files_are_one_line(tmp_path, content, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_offline_download_says_what_to_do(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     code = ("from fastprompt.models.clip import load_clip\n"

@@ -17,6 +17,7 @@ def rn50():
     return load_clip("RN50", None).model
 
 
+@pytest.mark.slow
 def test_zeroshot_on_rn50_equals_clip(rn50):
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     for backend in ("reference", "fast"):
@@ -29,6 +30,7 @@ def test_zeroshot_on_rn50_equals_clip(rn50):
             torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["coop", "e2mim"])
 def test_frozen_tower_methods_train_on_rn50(rn50, method):
     """Loss and gradients on both backends agree; only the prompts train."""

@@ -17,6 +17,7 @@ def _train(data, out, *extra):
                                "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "32", "--lr", "0.05", "--cavpt.topk", "3", *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, backend, extra", [
     ("paper", "fast", []),
     ("released", "fast", ["--cavpt.text-prompt", "--coop.n-ctx", "4", "--cavpt.guidance-epochs", "1"]),
@@ -55,6 +56,7 @@ def test_bad_variant_options_exit_2(extra, message, demo_beton, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [
     {"variant": "released"},
     {"variant": "released", "text_prompt": True, "n_ctx": 4, "guidance_epochs": 2},

@@ -72,6 +72,7 @@ COMPILED_CASES = [pytest.param(*case, id=name, marks=() if case[0] in ("coop", "
                   for case, name in zip(METHODS, METHOD_IDS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, options, extra", COMPILED_CASES)
 def test_compiled_step_equals_eager(method, options, extra, tiny_clip, images, labels):
     """fullgraph=True: one graph for forward and backward, or the compile fails. Random draws
@@ -84,6 +85,7 @@ def test_compiled_step_equals_eager(method, options, extra, tiny_clip, images, l
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, options, extra", METHODS, ids=METHOD_IDS)
 def test_no_graph_breaks(method, options, extra, tiny_clip, images, labels):
     model = build(method, tiny_clip, **options)
@@ -147,6 +149,7 @@ def test_compile_cache_location(monkeypatch, tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+@pytest.mark.slow
 def test_training_run_compiled_equals_eager(demo_beton, tmp_path):
     """`fastprompt train --compile default` (here through aot_eager) trains to the same metrics and
     prompts as `--compile off`: the trainer's compiled step is the eager step."""

@@ -66,6 +66,7 @@ class _Plant:
 
 
 # ------------------------------------------------------------------ one process per run directory
+@pytest.mark.slow
 def test_a_second_process_on_the_run_directory_stops_at_once(demo_beton, tmp_path):
     out = tmp_path / "run"
     hold = ("import sys; from fastprompt.training.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
@@ -125,6 +126,7 @@ def test_a_run_killed_at_every_kill_point_resumes_to_an_uninterrupted_runs_resul
     assert not (part / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_prepare_killed_between_its_renames_leaves_no_finished_beton(tmp_path):
     from fastprompt.data import open_dataset
 
@@ -137,6 +139,7 @@ def test_prepare_killed_between_its_renames_leaves_no_finished_beton(tmp_path):
 
 
 # ------------------------------------------------------------------ disk full, unwritable output
+@pytest.mark.slow
 def test_disk_full_keeps_the_last_checkpoint_and_names_the_path(demo_beton, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real, calls = checkpoint.save_file, []
@@ -193,6 +196,7 @@ def nan_at(monkeypatch):
     return arm
 
 
+@pytest.mark.slow
 def test_nan_policy_stop_names_epoch_and_step_and_the_kept_checkpoint(demo_beton, tmp_path, nan_at):
     nan_at(4)  # epoch 2, step 2
     out = tmp_path / "run"
@@ -205,6 +209,7 @@ def test_nan_policy_stop_names_epoch_and_step_and_the_kept_checkpoint(demo_beton
     assert checkpoint.read_record(tmp_path / "early") is None
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_skips_the_step_and_counts_it(demo_beton, tmp_path, nan_at):
     nan_at(3)  # epoch 2, step 1
     out = tmp_path / "run"
@@ -216,6 +221,7 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(demo_beton, tmp_path, nan_
 
 
 # ------------------------------------------------------------------ nothing unpickles
+@pytest.mark.slow
 def test_planted_pickles_never_run(demo_beton, tmp_path):
     marker = tmp_path / "ran"
     run = tmp_path / "run"
@@ -242,6 +248,7 @@ def test_planted_pickles_never_run(demo_beton, tmp_path):
 
 
 # ------------------------------------------------------------------ nothing writes outside
+@pytest.mark.slow
 def test_eval_files_stay_inside_and_never_overwrite_each_other(demo_beton, tmp_path):
     run = tmp_path / "runs" / "run"
     assert _invoke(demo_beton, run, epochs=1).exit_code == 0
@@ -280,6 +287,7 @@ def test_split_paths_cannot_leave_the_image_folder(tmp_path):
             read_coop_split(split, root)
 
 
+@pytest.mark.slow
 def test_outputs_respect_the_umask(demo_beton, tmp_path):
     old = os.umask(0o027)
     try:

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -12,6 +13,7 @@ from fastprompt.data import open_dataset
 from fastprompt.training.feature_cache import FeatureCache
 
 
+@pytest.mark.slow
 def test_cached_views_and_order_equal_the_loader(demo_beton, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTPROMPT_CACHE", str(tmp_path))
     ds = open_dataset(demo_beton)
@@ -45,6 +47,7 @@ def test_cached_views_and_order_equal_the_loader(demo_beton, tmp_path, monkeypat
     assert torch.equal(again.features, cache.features)
 
 
+@pytest.mark.slow
 def test_train_with_feature_cache(demo_beton, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTPROMPT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"

@@ -11,6 +11,7 @@ from fastprompt.data import open_dataset
 runner = CliRunner()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--feature-cache", "1"]], ids=["images", "feature-cache"])
 def test_one_shot_run_trains_one_smaller_batch_and_records_its_files(demo_beton, tmp_path, extra):
     out = tmp_path / "run"

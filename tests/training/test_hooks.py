@@ -21,6 +21,7 @@ def test_bad_value_is_refused(monkeypatch):
         exit_after_step(1)
 
 
+@pytest.mark.slow
 def test_exits_at_the_step_and_not_before():
     code = ("from fastprompt.training.hooks import exit_after_step\n"
             "for step in range(1, 10):\n    print(step, flush=True)\n    exit_after_step(step)\n")

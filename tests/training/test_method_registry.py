@@ -62,6 +62,7 @@ def toy():
     unregister_method("toy")
 
 
+@pytest.mark.slow
 def test_a_method_added_in_one_file_trains_through_the_cli(toy, demo_beton, tmp_path):
     assert "toy" in fastprompt.list_methods()
     helptext = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output.split())

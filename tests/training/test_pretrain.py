@@ -78,6 +78,7 @@ def test_cli_existing_out_needs_overwrite(tmp_path):
     assert out.read_bytes() == b"someone's checkpoint"  # refused before training
 
 
+@pytest.mark.slow
 def test_cli_overwrite_replaces_out(tmp_path):
     out = tmp_path / "clip.pt"
     out.write_bytes(b"someone's checkpoint")

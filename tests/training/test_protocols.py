@@ -133,6 +133,7 @@ def test_protocols_command_prints_every_setting_with_its_source():
 TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--workers", "1", "--shots", "2", "--epochs", "1"]
 
 
+@pytest.mark.slow
 def test_train_with_protocol_cavpt_records_the_protocol_and_every_resolved_value(named_beton, tmp_path):
     beton = named_beton("fgvc_aircraft")
     out = tmp_path / "cavpt"
@@ -156,6 +157,7 @@ def test_train_with_protocol_cavpt_records_the_protocol_and_every_resolved_value
     assert json.loads(again.output.strip().splitlines()[-1])["test_accuracy"] == results["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_flags_given_at_their_default_value_still_win(demo_beton, tmp_path):
     """cocoop-b2n sets batch 1 and base classes; --batch-size 32 and --classes all, the CLI's
     own defaults, given explicitly, win."""

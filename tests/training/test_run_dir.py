@@ -31,6 +31,7 @@ def _train(demo_beton, out, method, *extra):
     return json.loads((out / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_config_holds_every_resolved_value_and_rebuilds_the_model(demo_beton, tmp_path, monkeypatch):
     out = tmp_path / "vpt"
     config = _train(demo_beton, out, "vpt-deep")
@@ -51,6 +52,7 @@ def test_config_holds_every_resolved_value_and_rebuilds_the_model(demo_beton, tm
     assert fastprompt.create_model("vpt-deep", ["a", "b"], clip="fastprompt-tiny", pretrained=None).config.n_prompts == 3
 
 
+@pytest.mark.slow
 def test_coop_records_its_derived_context_length(demo_beton, tmp_path):
     config = _train(demo_beton, tmp_path / "coop", "coop", "--coop.ctx-init", "a photo of a")
     assert config["options"] == {"n_ctx": 4, "csc": False, "ctx_init": "a photo of a"}
@@ -126,6 +128,7 @@ def test_old_checkpoint_in_out_is_refused_through_the_cli(demo_beton, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
 
 
+@pytest.mark.slow
 def test_verbose_shows_info_and_warnings_always_show(demo_beton, capsys):
     args = ["zeroshot", "--data", str(demo_beton), "--clip", "fastprompt-tiny", "--pretrained", "none",
             "--workers", "99"]

@@ -43,6 +43,7 @@ def test_the_identity_fields_are_listed_once():
     assert set(identity(config)) == result_fields
 
 
+@pytest.mark.slow
 def test_a_different_setting_is_refused_and_a_finished_run_is_not_evaluated_again(demo_beton, tmp_path):
     out = tmp_path / "run"
     _train(demo_beton, out)
@@ -90,6 +91,7 @@ def test_default_run_names_hold_the_weights_and_a_hash(demo_beton, tmp_path):
     assert len({a, b, c}) == 3 and a == default_run_dir(_config(demo_beton, "", device="cpu", num_workers=3))
 
 
+@pytest.mark.slow
 def test_a_directory_is_taken_whole(demo_beton, tmp_path):
     """Files of another run and temporaries of a killed write go before a new run starts; --resume
     needs a checkpoint; a garbage config.json says what to do."""
@@ -123,6 +125,7 @@ def test_a_directory_is_taken_whole(demo_beton, tmp_path):
     assert result.exit_code == 2 and "--restart" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit,match", [
     (lambda r: r.update(epoch=999), "says epoch 999, which this run of 1 epochs cannot have reached"),
     (lambda r: r.pop("rng"), "lacks rng"),

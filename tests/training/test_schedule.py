@@ -49,6 +49,7 @@ def dassl_lrs(lr, warmup, epochs, cons_lr=1e-5):
     return lrs
 
 
+@pytest.mark.slow
 def test_two_groups_write_dassls_lr_every_epoch(demo_beton, tmp_path):
     out = tmp_path / "vlp"
     args = ["train", "--method", "vlp", "--data", str(demo_beton), "--out", str(out), "--clip", "fastprompt-tiny",

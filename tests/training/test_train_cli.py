@@ -35,8 +35,8 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# coop and cavpt (the demo's method) stay in the quick loop (-m "not slow"); the rest are slow
-@pytest.mark.parametrize("method", [m if m in ("coop", "cavpt") else pytest.param(m, marks=pytest.mark.slow)
+# coop stays in the quick loop (-m "not slow"): its one train-and-eval through the CLI; the rest are slow
+@pytest.mark.parametrize("method", [m if m == "coop" else pytest.param(m, marks=pytest.mark.slow)
                                     for m in fastprompt.list_methods() if m != "zeroshot"])
 def test_train_then_eval_every_method(method, demo_beton, tmp_path):
     out = tmp_path / "run"
@@ -61,6 +61,7 @@ def test_train_then_eval_every_method(method, demo_beton, tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1])["test_accuracy"] == pytest.approx(results["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_base_to_new_reports_harmonic_mean(demo_beton, tmp_path):
     out = tmp_path / "b2n"
     result = runner.invoke(app, train_args(demo_beton, out, "coop", "--classes", "base", "--coop.n-ctx", "4"))
@@ -74,6 +75,7 @@ def test_base_to_new_reports_harmonic_mean(demo_beton, tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1])["test_accuracy"] == pytest.approx(n)
 
 
+@pytest.mark.slow
 def test_zeroshot_command(demo_beton):
     result = runner.invoke(app, ["zeroshot", "--data", str(demo_beton), *TINY, "--seed", "3"])
     assert result.exit_code == 0, result.output
@@ -120,6 +122,7 @@ def test_missing_and_corrupt_data(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_method_or_classes(demo_beton, tmp_path):
     out = tmp_path / "run"
     assert runner.invoke(app, train_args(demo_beton, out, "coop", "--coop.n-ctx", "2")).exit_code == 0

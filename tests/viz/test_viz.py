@@ -34,6 +34,7 @@ def invoke(*args):
 
 
 # ------------------------------------------------------------------ attention
+@pytest.mark.slow
 def test_attention_maps_sum_to_one_and_text_only_equals_zero_shot(runs):
     for method in ("cavpt", "vpt-shallow", "coop"):
         run = load_run(str(runs[method]))
@@ -51,6 +52,7 @@ def test_attention_maps_sum_to_one_and_text_only_equals_zero_shot(runs):
             assert not np.allclose(maps.trained, maps.zero_shot)  # the prompts change where the class token looks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, cols", [("cavpt", 3), ("coop", 2)])
 def test_plot_attention_writes_a_png_of_the_panel_grid(runs, method, cols, tmp_path):
     out = invoke("plot", "attention", runs[method], "--images", 3, "--workers", 1, "--out", tmp_path)
@@ -59,6 +61,7 @@ def test_plot_attention_writes_a_png_of_the_panel_grid(runs, method, cols, tmp_p
     assert png_size(path) == (cols * PANEL_PX, 3 * PANEL_PX)
 
 
+@pytest.mark.slow
 def test_plot_pdf_and_bad_format(runs, tmp_path):
     invoke("plot", "curves", runs["coop"], "--format", "pdf", "--out", tmp_path / "pdf")
     assert (tmp_path / "pdf" / "curves-loss-accuracy-lr.pdf").read_bytes()[:5] == b"%PDF-"
@@ -70,12 +73,14 @@ def test_plot_pdf_and_bad_format(runs, tmp_path):
 
 
 # ------------------------------------------------------------------ t-SNE, curves
+@pytest.mark.slow
 def test_plot_tsne(runs, tmp_path):
     invoke("plot", "tsne", runs["cavpt"], "--workers", 1, "--out", tmp_path)
     path = tmp_path / "tsne-test-features-zeroshot-vs-cavpt.png"
     assert png_size(path) == (int(TSNE_SIZE[0] * DPI), int(TSNE_SIZE[1] * DPI))
 
 
+@pytest.mark.slow
 def test_plot_curves_of_a_run_and_a_sweep_with_lr_per_group(runs, tmp_path):
     from fastprompt.viz.curves import draw_curves, find_runs
 
@@ -115,6 +120,7 @@ def test_nearest_words_match_coop_interpret_prompt():
     assert rows[0].tokens[0] == "tok7" and rows[1].tokens[0] == "tok3"
 
 
+@pytest.mark.slow
 def test_interpret_reads_a_coop_run_and_refuses_a_visual_one(runs):
     from fastprompt.viz.interpret import interpret_run
 
@@ -130,6 +136,7 @@ def test_interpret_reads_a_coop_run_and_refuses_a_visual_one(runs):
     assert result.exit_code == 2 and "learns no text context" in result.output
 
 
+@pytest.mark.slow
 def test_interpret_class_specific_context(csc_run):
     from fastprompt.viz.interpret import interpret_run
 
@@ -142,6 +149,7 @@ def test_interpret_class_specific_context(csc_run):
     assert "class" in invoke("interpret", csc_run, "--topk", 1)
 
 
+@pytest.mark.slow
 def test_compare_rows(runs, viz_beton, tmp_path):
     from fastprompt.training import zeroshot_eval
     from fastprompt.viz.compare import compare_runs
