@@ -256,6 +256,7 @@ def test_importing_fastprompt_changes_no_global_state():
     applied = report["applied"]
     assert all(v[0] is None and v[1] for v in applied["llvm"].values()) and len(applied["llvm"]) == 2
     assert "ffcv.memory_managers.os_cache.OSCacheManager.compile_reader" in applied["ffcv"]
+    assert "ffcv.pipeline.compiler.Compiler.compile" in applied["ffcv"]
     system_opencv = {path: n for path, n in report["opencv_applied"].items() if path != "cv2"}
     assert system_opencv and set(system_opencv.values()) == {1}, report["opencv_applied"]  # libffcv's OpenCV
     assert report["opencv_applied"].get("cv2") == report["opencv_before"].get("cv2")  # pip's cv2 is left alone

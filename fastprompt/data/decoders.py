@@ -18,8 +18,8 @@ Dassl's and CLIP's transforms do on PIL images), and optionally normalise into f
 
 JIT. The decode kernels are module-level numba functions with `cache=True` that call FFCV's
 native decode through a symbol registered with LLVM (not ctypes pointers, which numba
-refuses to cache), so they compile once per machine and later loaders only compile a
-trivial wrapper. The symbols are registered by `fastprompt.data.ffcv_compat.apply_ffcv_compat()`,
+refuses to cache), so they compile once per machine; FFCV calls them through Python
+wrappers that it does not compile (`ffcv_compat`, workaround 6). The symbols are registered by `fastprompt.data.ffcv_compat.apply_ffcv_compat()`,
 which must run before a kernel is first called (`BetonLoader` calls it when it is built).
 """
 
@@ -35,7 +35,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from fastprompt.data.ffcv_compat import IMDECODE_SYMBOL, import_ffcv
+from fastprompt.data.ffcv_compat import IMDECODE_SYMBOL, import_ffcv, mark_host_code
 
 import_ffcv()  # before the first FFCV import (ffcv_compat, workaround 0)
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
@@ -321,8 +321,8 @@ class SeededRandomResizedCrop(_CropDecoder):
         self._key[0] = np.uint64(key)
 
     def generate_code(self):
-        # FFCV compiles the returned function once per Loader: it only unpacks FFCV's buffers and
-        # calls the cached kernel. np.uint64(address), np.int64(chunks): plain integers, not
+        # The returned function runs as Python (ffcv_compat, workaround 6): it only unpacks FFCV's
+        # buffers and calls the cached kernel. np.uint64(address), np.int64(chunks): plain integers, not
         # Literal[int]s, or the cached kernel would be specialised (and recompiled) for every value.
         kernel, lut, address = _decode_random_resized_crop, self._table(), int(self._key.ctypes.data)
         chunks = int(self.chunks)
@@ -342,7 +342,7 @@ class SeededRandomResizedCrop(_CropDecoder):
                 kernel(batch_indices, out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes,
                        np.uint64(address), scale_lo, scale_hi, log_lo, log_hi, flip_prob)
                 return out[: len(batch_indices)]  # (B, S, S, 3) uint8
-        return decode
+        return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 6)
 
 
 class CenterCrop(_CropDecoder):
@@ -368,7 +368,7 @@ class CenterCrop(_CropDecoder):
                 mm, ptrs, sizes = storage_state
                 kernel(batch_indices, out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes, short)
                 return out[: len(batch_indices)]  # (B, S, S, 3) uint8
-        return decode
+        return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 6)
 
 
 class SampleIndex(Operation):
@@ -379,9 +379,8 @@ class SampleIndex(Operation):
 
     def generate_code(self):
         def decode(batch_indices, out, metadata, storage_state):
-            for k in range(len(batch_indices)):
-                out[k, 0] = batch_indices[k]
-            return out[: len(batch_indices)]
+            out[: len(batch_indices), 0] = batch_indices  # (B,)
+            return out[: len(batch_indices)]  # (B, 1)
 
-        return decode
+        return mark_host_code(decode)  # numpy, no compile (ffcv_compat, workaround 6)
 

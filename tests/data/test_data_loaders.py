@@ -174,3 +174,28 @@ def test_reading_a_beton_never_builds_a_numba_typed_dict(demo_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report == {"compiled": 0, "modes": {"jpg": 0, "raw": 1}, "patched": False, "images": [4, 3, 32, 32]}
+
+
+def test_ffcv_compiles_none_of_our_decoders(demo, monkeypatch):
+    """ffcv_compat workaround 6: FFCV would compile each decoder's per-batch wrapper with numba
+    for every Loader (~0.7 s each); ours run as Python around the cached kernels. FFCV still
+    wraps its memory reader (workaround 1 makes that lazy), which our kernels never call."""
+    import ffcv.pipeline.compiler as compiler
+
+    wrapped = {}  # qualified name -> numba dispatcher of every function FFCV hands to numba
+    njit = compiler.njit
+
+    def counting_njit(*args, **kwargs):
+        def wrap(function):
+            wrapped[function.__qualname__] = dispatcher = njit(*args, **kwargs)(function)
+            return dispatcher
+        return wrap
+
+    monkeypatch.setattr(compiler, "njit", counting_njit)
+    for split in ("train", "test"):  # the random-crop and the centre-crop decoder
+        loader = demo.loader(split, shots=1 if split == "train" else None, seed=1, image_size=32, batch_size=4,
+                             num_workers=1)
+        images, labels = next(iter(loader))[:2]
+        assert images.shape == (4, 3, 32, 32) and labels.shape == (4,)
+    assert not any("decode" in name for name in wrapped), list(wrapped)
+    assert {name: len(d.overloads) for name, d in wrapped.items() if d.overloads} == {}  # nothing compiled
