@@ -19,8 +19,9 @@ Dassl's and CLIP's transforms do on PIL images), and optionally normalise into f
 JIT. The decode kernels are module-level numba functions with `cache=True` that call FFCV's
 native decode through a symbol registered with LLVM (not ctypes pointers, which numba
 refuses to cache), so they compile once per machine; FFCV calls them through Python
-wrappers that it does not compile (`ffcv_compat`, workaround 6). The symbols are registered by `fastprompt.data.ffcv_compat.apply_ffcv_compat()`,
-which must run before a kernel is first called (`BetonLoader` calls it when it is built).
+wrappers that it does not compile (`ffcv_compat`, workaround 4). The symbols are registered
+by `fastprompt.data.ffcv_compat.apply_ffcv_compat()`, which must run before a kernel is first
+called (`BetonLoader` calls it when it is built).
 """
 
 from __future__ import annotations
@@ -321,9 +322,9 @@ class SeededRandomResizedCrop(_CropDecoder):
         self._key[0] = np.uint64(key)
 
     def generate_code(self):
-        # The returned function runs as Python (ffcv_compat, workaround 6): it only unpacks FFCV's
-        # buffers and calls the cached kernel. np.uint64(address), np.int64(chunks): plain integers, not
-        # Literal[int]s, or the cached kernel would be specialised (and recompiled) for every value.
+        # The returned function runs as Python (ffcv_compat, workaround 4): it only unpacks FFCV's
+        # buffers and calls the cached kernel. np.uint64(address), np.int64(chunks): fixed integer
+        # types, so that the cached kernel keeps one specialisation.
         kernel, lut, address = _decode_random_resized_crop, self._table(), int(self._key.ctypes.data)
         chunks = int(self.chunks)
         scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
@@ -342,7 +343,7 @@ class SeededRandomResizedCrop(_CropDecoder):
                 kernel(batch_indices, out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes,
                        np.uint64(address), scale_lo, scale_hi, log_lo, log_hi, flip_prob)
                 return out[: len(batch_indices)]  # (B, S, S, 3) uint8
-        return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 6)
+        return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 4)
 
 
 class CenterCrop(_CropDecoder):
@@ -368,7 +369,7 @@ class CenterCrop(_CropDecoder):
                 mm, ptrs, sizes = storage_state
                 kernel(batch_indices, out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes, short)
                 return out[: len(batch_indices)]  # (B, S, S, 3) uint8
-        return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 6)
+        return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 4)
 
 
 class SampleIndex(Operation):
@@ -382,5 +383,5 @@ class SampleIndex(Operation):
             out[: len(batch_indices), 0] = batch_indices  # (B,)
             return out[: len(batch_indices)]  # (B, 1)
 
-        return mark_host_code(decode)  # numpy, no compile (ffcv_compat, workaround 6)
+        return mark_host_code(decode)  # numpy, no compile (ffcv_compat, workaround 4)
 

@@ -2,7 +2,7 @@
 
 Nothing here runs at import. Every fastprompt module imports FFCV after `import_ffcv()`
 (workaround 0). `apply_ffcv_compat()` changes process-wide state (LLVM's
-symbol table, OpenCV's thread pool, one FFCV method) and is called explicitly, once, when a
+symbol table, OpenCV's thread pool, two FFCV methods) and is called explicitly, once, when a
 loader is built (`fastprompt.data.loaders.BetonLoader`); later calls do nothing. Importing
 fastprompt leaves numba, LLVM, OpenCV and FFCV as they were (tests/test_imports.py).
 
@@ -30,16 +30,17 @@ What `apply_ffcv_compat()` does, and why:
 3. The system OpenCV that libffcv links against runs each call on the calling thread. FFCV's
    `resize` is cv::resize, which splits its work over OpenCV's own pool; called from FFCV's
    decode threads (one per core) that oversubscribes the cores.
-6. `Compiler.compile` leaves a function marked `host_code` (`mark_host_code`) as Python. FFCV
+4. `Compiler.compile` leaves a function marked by `mark_host_code` as Python. FFCV
    compiles every decoder's per-batch function with numba for each Loader; ours only unpack
    FFCV's buffers and call a cached kernel, and numba compiling that wrapper links the cached
    kernel's code into a new module and optimises it again: ~0.7 s per Loader (two per training
    run), every process. Called from Python, the cached kernels load from numba's cache and run
-   the same code (a dispatch of some microseconds per batch).
+   the same code (a dispatch of some microseconds per batch; measured 2026-12-01, one process
+   alternating epochs of both kinds of Loader: 0.55 s per epoch each, BENCHMARKS.md).
 Two more FFCV workarounds are functions the loader calls per use (no global state):
-4. `next_batch`: FFCV's `EpochIterator.__next__` blocks forever if its background thread
+5. `next_batch`: FFCV's `EpochIterator.__next__` blocks forever if its background thread
    raises (the exception is only printed); this one fails instead.
-5. `keep_torch_threads`: FFCV's `Loader` (and each epoch's iterator) set torch's intra-op
+6. `keep_torch_threads`: FFCV's `Loader` (and each epoch's iterator) set torch's intra-op
    thread count to the loader's worker count; the caller's count is restored.
 Writing needs none of these; its FFCV workarounds live with the writer: an exception in an
 FFCV writer process hangs FFCV's writer, so `fastprompt.data.beton._WriterInput` records a
@@ -94,7 +95,7 @@ def import_ffcv() -> None:
 
 
 def apply_ffcv_compat() -> None:
-    """Apply workarounds 1-3 and 6 of the module docstring to this process (once; idempotent)."""
+    """Apply workarounds 1-4 of the module docstring to this process (once; idempotent)."""
     global _applied
     with _lock:
         if _applied:
@@ -145,13 +146,13 @@ HOST_CODE = "fastprompt_host_code"  # the attribute `mark_host_code` sets
 
 
 def mark_host_code(function):
-    """Mark an operation's generated function to run as Python in FFCV's pipeline (workaround 6)."""
+    """Mark an operation's generated function to run as Python in FFCV's pipeline (workaround 4)."""
     setattr(function, HOST_CODE, True)
     return function
 
 
 def _keep_host_code() -> None:
-    """6. FFCV's `Compiler.compile`, returning functions marked by `mark_host_code` unchanged."""
+    """4. FFCV's `Compiler.compile`, returning functions marked by `mark_host_code` unchanged."""
     from ffcv.pipeline.compiler import Compiler
 
     compile_with_numba = Compiler.compile.__func__
@@ -194,7 +195,7 @@ def _single_threaded_opencv() -> None:
 
 
 def next_batch(epoch_iter, poll_s: float = 1.0):
-    """4. FFCV's `EpochIterator.__next__`, but failing instead of hanging when its thread dies.
+    """5. FFCV's `EpochIterator.__next__`, but failing instead of hanging when its thread dies.
 
     Waits on the output queue in slices and checks that the thread is alive; the rest is
     what `__next__` does (end marker, CUDA stream wait).
@@ -217,7 +218,7 @@ def next_batch(epoch_iter, poll_s: float = 1.0):
 
 @contextmanager
 def keep_torch_threads() -> Iterator[None]:
-    """5. Restore torch's intra-op thread count after FFCV code that sets it."""
+    """6. Restore torch's intra-op thread count after FFCV code that sets it."""
     import torch
 
     threads = torch.get_num_threads()

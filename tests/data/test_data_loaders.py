@@ -177,7 +177,7 @@ def test_reading_a_beton_never_builds_a_numba_typed_dict(demo_path):
 
 
 def test_ffcv_compiles_none_of_our_decoders(demo, monkeypatch):
-    """ffcv_compat workaround 6: FFCV would compile each decoder's per-batch wrapper with numba
+    """ffcv_compat workaround 4: FFCV would compile each decoder's per-batch wrapper with numba
     for every Loader (~0.7 s each); ours run as Python around the cached kernels. FFCV still
     wraps its memory reader (workaround 1 makes that lazy), which our kernels never call."""
     import ffcv.pipeline.compiler as compiler
