@@ -50,11 +50,18 @@ def check_precision(precision: str) -> None:
         raise FastpromptError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
+def effective_precision(precision: str, device: torch.device) -> str:
+    """What `precision` computes in on `device`: "bf16" (autocast) or "fp32". auto: bf16 on
+    CUDA, fp32 elsewhere. A run records it (config.json's `autocast`): `auto` alone does not
+    say which it was."""
+    check_precision(precision)
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
 def autocast_for(precision: str, device: torch.device) -> Callable:
     """A context-manager factory: bf16 autocast on CUDA by default (auto) or where asked;
     fp32 runs without autocast."""
-    check_precision(precision)
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if effective_precision(precision, device) == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
 

@@ -26,6 +26,8 @@ EXECUTION_FIELDS = frozenset({
 })
 # derived from the identity (the hash of it), never compared itself
 DERIVED_FIELDS = ("identity_hash",)
+# run facts that run directories of earlier versions lack: compared only where both configs have them
+LATER_FACTS = ("autocast",)
 
 
 def planned(config, dataset=None):
@@ -83,14 +85,15 @@ def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), 
     Only `expected`'s identity fields are compared: a saved config also holds run facts that
     the trainer derives from them (class names from data and classes, the weights id from clip
     and pretrained), which a planned config cannot know yet. A field the saved config lacks
-    is a difference (its saved value reads as `<missing>`). With `both`, the fields of both
+    is a difference (its saved value reads as `<missing>`), but for `LATER_FACTS`, which older
+    run directories do not record. With `both`, the fields of both
     configs are compared (two saved runs). Values compare as JSON (a tuple equals a list).
     An option the model derives when it is built (`DERIVED_OPTIONS`: n_ctx from ctx_init) that
     the expected config leaves None takes the saved value: the trainer compares it."""
     mine, theirs = (json.loads(json.dumps(identity(d))) for d in (expected, saved))
     keys = list(mine) + ([k for k in theirs if k not in mine] if both else [])
     for key in keys:
-        if key in ignore or key in DERIVED_FIELDS:
+        if key in ignore or key in DERIVED_FIELDS or (key in LATER_FACTS and not (key in mine and key in theirs)):
             continue
         value, other = mine.get(key, "<missing>"), theirs.get(key, "<missing>")
         if key == "options" and isinstance(value, dict) and isinstance(other, dict):

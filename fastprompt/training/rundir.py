@@ -79,8 +79,11 @@ def check_same_run(out: Path, expected: dict, saved: dict, both: bool = False) -
     diff = first_difference(expected, saved, both=both)
     if diff is not None:
         key, mine, theirs = diff
-        raise FastpromptError(f"--out {out} holds a run with {key}={theirs!r}, this command has {key}={mine!r}; "
-                              "pass --restart to replace that run, or use another --out")
+        fix = "pass --restart to replace that run, or use another --out"
+        if key == "autocast":  # the same --precision auto on another kind of device
+            device = "cuda" if theirs == "bf16" else "cpu"
+            fix = f"continue it on a {device} device (--precision auto is bf16 on cuda, fp32 on cpu), or {fix}"
+        raise FastpromptError(f"--out {out} holds a run with {key}={theirs!r}, this command has {key}={mine!r}; {fix}")
 
 
 def clear(out: Path) -> None:

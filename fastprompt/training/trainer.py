@@ -2,7 +2,7 @@
 
 One run = one `--out` directory:
 - `config.json`: the resolved `TrainConfig` (every group's lr and warm-up, every method
-  option, epochs) plus run facts (class names, template, dataset, weights), written at the
+  option, epochs) plus run facts (class names, template, dataset, weights, bf16 or fp32), written at the
   start: `load_run` / `fastprompt eval` rebuild the model from it alone;
 - `metrics.jsonl`: one JSON line per epoch (loss, accuracy, every group's lr, images/s);
 - `checkpoint.json` + `checkpoint-*.safetensors` (`fastprompt.training.checkpoint`): prompts,
@@ -52,7 +52,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write, write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
-from fastprompt.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
+from fastprompt.runtime import autocast_for, effective_precision, resolve_device, rng_state, seed_everything, set_rng_state
 from fastprompt.training import checkpoint, rundir
 from fastprompt.training.compiled import compile_cache_is_warm, compile_fn
 from fastprompt.training.progress import TrainProgress
@@ -200,6 +200,7 @@ class Trainer:
     def _run_facts(self) -> dict:
         return {"classnames": self.classnames, "template": self.template, "dataset": self.data.name,
                 "weights_id": self.model.bundle.weights_id, "image_size": self.model.bundle.image_size,
+                "autocast": effective_precision(self.config.precision, self.device),  # auto: bf16 on cuda, fp32 on cpu
                 "world_size": self.world, "identity_hash": self.identity_hash}
 
     def _prepare_out(self) -> None:

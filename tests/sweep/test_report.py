@@ -146,6 +146,21 @@ def test_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, make_run):
     assert result.exit_code == 2 and "differ in lr" in result.output and "Traceback" not in result.output
 
 
+def test_bf16_and_fp32_runs_are_not_seeds_of_one_experiment(tmp_path, make_run):
+    """--precision auto computes in bf16 on cuda and fp32 on cpu: the runs record which
+    (`autocast`); a run directory of an earlier version, without it, is not refused for that."""
+    root = tmp_path / "precision"
+    make_run(root, "eurosat", "coop", 1, 70.0, precision="auto", autocast="bf16")
+    make_run(root, "eurosat", "coop", 2, 72.0, precision="auto", autocast="fp32")
+    with pytest.raises(FastpromptError, match=r"differ in autocast \('bf16' vs 'fp32'\)"):
+        report(root)
+    make_run(root, "eurosat", "coop", 3, 71.0, precision="auto", autocast="bf16")
+    (root / "eurosat/coop/shots16/seed2/config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((root / "eurosat/coop/shots16/seed2/config.json").read_text()).items()
+         if k != "autocast"}))  # as an earlier version wrote it
+    assert json.loads(report(root, "json"))[0]["cells"][0]["n"] == 3
+
+
 def test_weights_drawn_from_the_seed_are_not_a_difference_but_pretrained_ones_are(tmp_path, make_run):
     root = tmp_path / "weights"
     make_run(root, "eurosat", "coop", 1, 70.0)  # pretrained None: weights_id follows the seed

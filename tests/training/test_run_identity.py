@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from fastprompt.cli import app
 from fastprompt.training import TrainConfig, Trainer
-from fastprompt.training.identity import EXECUTION_FIELDS, identity, identity_hash, planned
+from fastprompt.runtime import effective_precision
+from fastprompt.training.identity import EXECUTION_FIELDS, first_difference, identity, identity_hash, planned
 from fastprompt.training.rundir import default_run_dir
 
 runner = CliRunner()
@@ -41,6 +42,31 @@ def test_the_identity_fields_are_listed_once():
     assert fields - EXECUTION_FIELDS == result_fields
     config = dict.fromkeys(fields, 1) | {"method": "nope", "options": {}}
     assert set(identity(config)) == result_fields
+
+
+def test_autocast_is_a_fact_compared_where_both_runs_record_it():
+    """--precision auto is bf16 on cuda and fp32 on cpu: a run records what it computed in."""
+    import torch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [effective_precision(p, d) for p in ("auto", "bf16", "fp32") for d in (cpu, cuda)] == \
+        ["fp32", "bf16", "bf16", "bf16", "fp32", "fp32"]
+    run = {"method": "coop", "precision": "auto", "seed": 1}
+    assert first_difference({**run, "autocast": "fp32"}, {**run, "autocast": "bf16"}, both=True) == ("autocast", "fp32", "bf16")
+    assert first_difference({**run, "autocast": "fp32"}, run, both=True) is None  # an earlier version's run directory
+
+
+@pytest.mark.slow
+def test_a_run_of_precision_auto_on_cuda_does_not_continue_in_fp32(demo_beton, tmp_path):
+    out = tmp_path / "run"
+    _train(demo_beton, out, "--epochs", "1")
+    config = json.loads((out / "config.json").read_text())
+    assert config["precision"] == "auto" and config["autocast"] == "fp32"  # on this CPU
+    (out / "results.json").unlink()
+    (out / "config.json").write_text(json.dumps({**config, "autocast": "bf16"}))  # as a CUDA machine writes it
+    said = _train(demo_beton, out, "--epochs", "1", code=2)
+    assert f"--out {out} holds a run with autocast='bf16', this command has autocast='fp32'; continue it on a cuda " \
+           "device (--precision auto is bf16 on cuda, fp32 on cpu), or pass --restart" in said
 
 
 @pytest.mark.slow
