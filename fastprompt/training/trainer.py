@@ -108,7 +108,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.autocast = autocast_for(config.precision, self.device)
+        self.precision = effective_precision(config.precision, self.device)  # bf16 | fp32 (config.json's autocast)
+        self.autocast = autocast_for(self.precision, self.device)
         self.out = Path(config.out)
 
         # everything that can fail on bad input happens before anything is written (the lock file and a folder
@@ -200,7 +201,7 @@ class Trainer:
     def _run_facts(self) -> dict:
         return {"classnames": self.classnames, "template": self.template, "dataset": self.data.name,
                 "weights_id": self.model.bundle.weights_id, "image_size": self.model.bundle.image_size,
-                "autocast": effective_precision(self.config.precision, self.device),  # auto: bf16 on cuda, fp32 on cpu
+                "autocast": self.precision,  # --precision auto: bf16 on cuda, fp32 on cpu
                 "world_size": self.world, "identity_hash": self.identity_hash}
 
     def _prepare_out(self) -> None:
