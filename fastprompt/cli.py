@@ -537,9 +537,14 @@ def eval_cmd(
 ) -> None:
     """Evaluate a run's prompts on the test split of a dataset (cross-dataset, base-to-new, domains)."""
     from fastprompt.training import evaluate_run
+    from fastprompt.training.evaluate import ResultNotSaved
 
-    result = evaluate_run(run, data, classes, device=device, precision=precision, batch_size=batch_size,
-                          num_workers=workers, trust_pickle=trust_pickle)
+    try:
+        result = evaluate_run(run, data, classes, device=device, precision=precision, batch_size=batch_size,
+                              num_workers=workers, trust_pickle=trust_pickle)
+    except ResultNotSaved as err:  # the result on stdout all the same; the error line and exit 2 say it is not on disk
+        typer.echo(json.dumps(err.result))
+        raise
     typer.echo(json.dumps(result))
 
 

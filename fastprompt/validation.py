@@ -52,3 +52,9 @@ def check_bool(name: str, value: Any) -> None:
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     require(value in choices, f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (object, array, string, number, boolean, null)."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

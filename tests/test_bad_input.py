@@ -6,9 +6,12 @@ make) and a piece of the expected message. The run-directory cases belong to the
 work (issue 17 §1/§2/§4) and are added to the table there: see the marked block.
 """
 
+import errno
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,6 +91,56 @@ CASES = {
     # trained on another dataset, non-finite loss (the message must not promise a checkpoint
     # that does not exist). Each is one more row here: (command line, expected message).
     # ---- end of run-directory cases
+    # ---- a finished run's files damaged by hand (issue 21 §4): {damaged[NAME]} is a copy of one tiny trained run
+    # with one edit (`DAMAGE`); eval, compare and load_run read config.json through one check
+    "config shots text": (["eval", "{damaged[shots]}", "--data", "{demo}"],
+                          "{damaged[shots]}/config.json: shots='x' must be an integer >= 1; correct it, or train the run "
+                          "again with `fastprompt train ... --out {damaged[shots]} --restart`"),
+    "config options list": (["eval", "{damaged[options]}", "--data", "{demo}"],
+                            "{damaged[options]}/config.json: options=[] must be a dict of option name -> value"),
+    "config seed null": (["eval", "{damaged[seed]}", "--data", "{demo}"],
+                         "{damaged[seed]}/config.json: seed=None must be an integer in 0..4294967295"),
+    "config clip number": (["compare", "{damaged[clip]}"], "{damaged[clip]}/config.json: clip=5 must be a non-empty string"),
+    "config classnames text": (["eval", "{damaged[classnames]}", "--data", "{demo}"],
+                               "{damaged[classnames]}/config.json: classnames='x' must be a non-empty list of strings"),
+    "config not an object": (["eval", "{damaged[config_array]}", "--data", "{demo}"],
+                             "{damaged[config_array]}/config.json holds a JSON array, not a fastprompt run's config"),
+    "prompts nan": (["eval", "{damaged[nan_prompts]}", "--data", "{demo}"],
+                    "{damaged[nan_prompts]}/prompts.safetensors holds NaN or inf in tensor text.context"),
+    "prompts inf": (["compare", "{damaged[inf_prompts]}"],
+                    "{damaged[inf_prompts]}/prompts.safetensors holds NaN or inf in tensor text.context"),
+    "report results nan": (["report", "{damaged[results_nan]}"],
+                           "{damaged[results_nan]}/results.json: test_accuracy=nan must be a number in 0..100; delete it"),
+    "report results array": (["report", "{damaged[results_array]}"],
+                             "{damaged[results_array]}/results.json holds a JSON array, not an object; delete it"),
+    "report results without seed": (["report", "{damaged[results_seedless]}"],
+                                    "{damaged[results_seedless]}/results.json lacks seed; delete it"),
+    "report eval inf": (["report", "{damaged[eval_inf]}"],
+                        "{damaged[eval_inf]}/eval-other-all.json: test_accuracy=inf must be a number in 0..100"),
+    "report sweep.json grid array": (["report", "{damaged[grid_array]}"],
+                                     "{damaged[grid_array]}/sweep.json: grid=[] must be an object; delete it"),
+    "report sweep.json seeds nan": (["report", "{damaged[grid_nan]}"],
+                                    "{damaged[grid_nan]}/sweep.json: grid.seeds=[1, nan] must be a list of integers >= 0"),
+    "compare results nan": (["compare", "{damaged[results_nan]}"],
+                            "{damaged[results_nan]}/results.json: test_accuracy=nan must be a number in 0..100"),
+}
+
+# the edits of `damaged`: config.json fields, a prompts tensor, results.json, eval-*.json or sweep.json
+DAMAGE = {
+    "shots": {"config.json": {"shots": "x"}},
+    "options": {"config.json": {"options": []}},
+    "seed": {"config.json": {"seed": None}},
+    "clip": {"config.json": {"clip": 5}},
+    "classnames": {"config.json": {"classnames": "x"}},
+    "config_array": {"config.json": []},
+    "nan_prompts": {"prompts.safetensors": float("nan")},
+    "inf_prompts": {"prompts.safetensors": float("inf")},
+    "results_nan": {"results.json": {"test_accuracy": float("nan")}},
+    "results_array": {"results.json": []},
+    "results_seedless": {"results.json": {"seed": "<drop>"}},
+    "eval_inf": {"eval-other-all.json": {"dataset": "other", "test_accuracy": float("inf")}},
+    "grid_array": {"sweep.json": {"grid": []}},
+    "grid_nan": {"sweep.json": {"grid": {"seeds": [1, float("nan")]}}},
 }
 
 
@@ -111,6 +164,48 @@ def files(tmp_path_factory):
             "missing": root / "missing.beton", "text": root / "notes.txt", "wrong_ckpt": root / "other.pt"}
 
 
+@pytest.fixture(scope="module")
+def finished_run(files, tmp_path_factory):
+    """A tiny finished CoOp run on the table's demo set (one epoch, ~3 s)."""
+    from fastprompt.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(TrainConfig(method="coop", data=str(files["demo"]), out=str(out), clip="fastprompt-tiny", pretrained=None,
+                      shots=1, epochs=1, warmup_epochs=0, batch_size=10, num_workers=1, device="cpu", compile="off",
+                      options={"n_ctx": 2}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def damaged(finished_run, tmp_path_factory):
+    """{name: a copy of `finished_run` with the edit DAMAGE[name]}."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("damaged")
+    out = {}
+    for name, edits in DAMAGE.items():
+        run = root / name
+        shutil.copytree(finished_run, run)
+        for file, edit in edits.items():
+            path = run / file
+            if file == "prompts.safetensors":
+                tensors = load_file(str(path))
+                tensors["text.context"][0, 0] = edit
+                save_file(tensors, str(path))
+                continue
+            value = json.loads(path.read_text()) if path.is_file() else {}
+            if isinstance(edit, dict) and isinstance(value, dict):
+                value.update(edit)
+                value = {k: v for k, v in value.items() if v != "<drop>"}
+            else:
+                value = edit
+            path.write_text(json.dumps(value))  # NaN and Infinity as Python's json writes them
+        out[name] = run
+    return out
+
+
 def _tree(folder: Path) -> set:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
@@ -124,19 +219,23 @@ def _check(code: int, stderr: str, message: str) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_exit_2(case, files, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_and_exit_2(case, files, tmp_path, monkeypatch, request):
     args, message = CASES[case]
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     names = {**{k: str(v) for k, v in files.items()}, "run": str(work / "run"), "here": str(work)}
+    folders = [work, files["demo"].parent]
+    if any("{damaged[" in a for a in args):
+        names["damaged"] = {k: str(v) for k, v in request.getfixturevalue("damaged").items()}
+        folders.append(Path(next(iter(names["damaged"].values()))).parent)
     args = [a.format(**names) for a in args]
-    before = _tree(work), _tree(files["demo"].parent)
+    before = [_tree(f) for f in folders]
     result = CliRunner().invoke(app, args)
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     _check(result.exit_code, result.stderr, message.format(**names))
     assert result.stdout == ""
-    assert (_tree(work), _tree(files["demo"].parent)) == before  # nothing written, not even a run folder
+    assert [_tree(f) for f in folders] == before  # nothing written, not even a run folder
 
 
 @pytest.mark.slow
@@ -164,3 +263,42 @@ def test_topk_above_the_class_count_warns_with_the_cap(caplog):
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert [r.getMessage() for r in warnings] == ["cavpt topk=5 is more than the 3 classes of this task: capped at 3"]
 
+
+
+@pytest.mark.parametrize("name, message", [
+    ("shots", "config.json: shots='x' must be an integer >= 1; correct it, or train the run again"),
+    ("options", "config.json: options=[] must be a dict of option name -> value"),
+    ("seed", "config.json: seed=None must be an integer in 0..4294967295"),
+    ("clip", "config.json: clip=5 must be a non-empty string"),
+    ("nan_prompts", "prompts.safetensors holds NaN or inf in tensor text.context"),
+])
+def test_load_run_names_the_damaged_file_and_field(damaged, name, message):
+    import fastprompt
+
+    with pytest.raises(fastprompt.FastpromptError) as err:
+        fastprompt.load_run(str(damaged[name]))
+    assert str(err.value).startswith(f"{damaged[name]}/{message}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_eval_of_a_read_only_run_prints_its_result_and_names_the_file_not_written(finished_run, files, monkeypatch, code):
+    """The result is on stdout all the same; one line on stderr names the file and why, exit 2 (the
+    record `report` reads is not there: a script must not take the run as evaluated). Tests run
+    as root, so the read-only folder is an OSError injected where a write starts (atomic_write's mkstemp)."""
+    real = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == finished_run:
+            raise OSError(code, os.strerror(code), str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    before = _tree(finished_run)
+    result = CliRunner().invoke(app, ["eval", str(finished_run), "--data", str(files["demo"]), "--workers", "1"])
+    _check(result.exit_code, result.stderr, f"error: could not write {finished_run}/eval-demo-all.json "
+                                            f"({os.strerror(code)}), so `fastprompt report` will not see this result; "
+                                            f"make {finished_run} writable")
+    printed = json.loads(result.stdout)
+    trained = json.loads((finished_run / "results.json").read_text())
+    assert printed["dataset"] == "demo" and printed["test_accuracy"] == trained["test_accuracy"]  # the same model, split
+    assert _tree(finished_run) == before

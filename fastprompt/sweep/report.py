@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastprompt.errors import FastpromptError
-from fastprompt.validation import check_choice, require
+from fastprompt.validation import check_choice, is_number, json_type, require
 
 AXES = ("method", "dataset", "shots")  # what --rows / --cols may name
 SPLIT_AXES = ("method", "dataset", "shots", "classes", "source")  # one table per value of those not on rows/cols
@@ -85,36 +85,85 @@ class Table:
 
 
 # ------------------------------------------------------------------------------ reading runs
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, fix: str):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise FastpromptError(f"{path} is unreadable ({err}); delete it or rerun that cell") from None
+        raise FastpromptError(f"{path} is unreadable ({err}); {fix}") from None
+
+
+def _is_count(v, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+# what report reads from each file, and what it must be: (description, test)
+_TEXT = ("a string", lambda v: isinstance(v, str) and v != "")
+_ACCURACY = ("a number in 0..100", lambda v: is_number(v) and 0 <= v <= 100)
+RESULTS_FIELDS = {
+    "method": _TEXT, "dataset": _TEXT,
+    "shots": ("an integer >= 1, or null (every image)", lambda v: v is None or _is_count(v, 1)),
+    "classes": ("'all' or 'base'", lambda v: v in ("all", "base")),
+    "seed": ("an integer >= 0", lambda v: _is_count(v, 0)),
+}
+RESULTS_METRICS = {"all": ("test_accuracy",), "base": ("base_accuracy", "new_accuracy")}
+EVAL_FIELDS = {"dataset": _TEXT, "test_accuracy": _ACCURACY}
+GRID_FIELDS = {  # sweep.json's "grid" (each key optional: the report orders by them and counts missing seeds)
+    "datasets": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "methods": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "shots": ("a list of integers or nulls", lambda v: isinstance(v, list) and all(x is None or _is_count(x, 1) for x in v)),
+    "seeds": ("a list of integers >= 0", lambda v: isinstance(v, list) and all(_is_count(x, 0) for x in v)),
+}
+
+
+def _checked(path: Path, value, fields: dict, fix: str, required: bool = True, within: str = "") -> dict:
+    """`value` (the JSON of `path`, or its member `within`) if it is an object whose `fields` are
+    what they must be (NaN and inf are not numbers here); else FastpromptError naming the file,
+    the field and `fix`."""
+    if not isinstance(value, dict):
+        where = f"{path}: {within.rstrip('.')} is" if within else f"{path} holds"
+        raise FastpromptError(f"{where} a JSON {json_type(value)}, not an object; {fix}")
+    for name, (what, ok) in fields.items():
+        if name not in value:
+            if required:
+                raise FastpromptError(f"{path} lacks {within}{name}; {fix}")
+        elif not ok(value[name]):
+            raise FastpromptError(f"{path}: {within}{name}={value[name]!r} must be {what}; {fix}")
+    return value
+
+
+def read_results(path: Path) -> dict:
+    """A finished run's results.json, checked: method, dataset, shots, classes, seed and the
+    accuracies of its classes (finite numbers in 0..100)."""
+    fix = "delete it and train that run again (a sweep reruns the cell: `fastprompt sweep` with its --out)"
+    results = _checked(path, _read_json(path, fix), RESULTS_FIELDS, fix)
+    return _checked(path, results, {m: _ACCURACY for m in RESULTS_METRICS[results["classes"]]}, fix)
 
 
 def load_runs(root: Path) -> tuple[list[Measurement], dict]:
     """Every measurement under `root` and each run's config (by run folder)."""
+    from fastprompt.training.rundir import read_run_config
+
     if not root.is_dir():
         raise FastpromptError(f"{root} is not a folder; pass the --out of a sweep or a folder of runs")
     measurements, configs = [], {}
     for results_path in sorted(root.rglob("results.json")):
         run = results_path.parent
-        config_path = run / "config.json"
-        if not config_path.is_file():
+        if not (run / "config.json").is_file():
             raise FastpromptError(f"{run} has results.json but no config.json; it is not a fastprompt run, move it out of {root}")
-        results, config = _read_json(results_path), _read_json(config_path)
-        configs[str(run)] = config
-        shots = "all" if results.get("shots") is None else str(results["shots"])
+        results = read_results(results_path)
+        configs[str(run)] = read_run_config(run, needed=("method", "data"))
+        shots = "all" if results["shots"] is None else str(results["shots"])
         common = dict(run=str(run), method=results["method"], shots=shots, classes=results["classes"],
-                      seed=int(results["seed"]), source=results["dataset"])
+                      seed=results["seed"], source=results["dataset"])
         if results["classes"] == "base":
             metrics = {"base": results["base_accuracy"], "new": results["new_accuracy"]}
         else:
             metrics = {"acc": results["test_accuracy"]}
         measurements.append(Measurement(dataset=results["dataset"], metrics=metrics, **common))
         for eval_path in sorted(run.glob("eval-*-all.json")):
-            ev = _read_json(eval_path)
-            if ev.get("dataset") == results["dataset"]:
+            fix = f"delete it and evaluate again (`fastprompt eval {run} --data ...`; a sweep does it for its --eval-on)"
+            ev = _checked(eval_path, _read_json(eval_path, fix), EVAL_FIELDS, fix)
+            if ev["dataset"] == results["dataset"]:
                 continue  # the source's own test split: already results.json
             # a target is scored on all its classes, whatever the source trained on (base-to-new too)
             measurements.append(Measurement(dataset=ev["dataset"], metrics={"acc": ev["test_accuracy"]},
@@ -126,7 +175,12 @@ def load_runs(root: Path) -> tuple[list[Measurement], dict]:
 
 def _grid(root: Path) -> dict:
     path = root / "sweep.json"
-    return _read_json(path).get("grid", {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    fix = "delete it (the report then takes the seeds it finds) or run the sweep again to rewrite it"
+    record = _checked(path, _read_json(path, fix), {"grid": ("an object", lambda v: isinstance(v, dict))}, fix,
+                      required=False)
+    return _checked(path, record.get("grid", {}), GRID_FIELDS, fix, required=False, within="grid.")
 
 
 def check_same_but_seed(measurements: list[Measurement], configs: dict) -> None:
@@ -178,7 +232,7 @@ def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Tabl
     measurements, configs = load_runs(root)
     check_same_but_seed(measurements, configs)
     grid = _grid(root)
-    expected_seeds = sorted({int(s) for s in grid.get("seeds", [])} or {m.seed for m in measurements})
+    expected_seeds = sorted(set(grid.get("seeds", [])) or {m.seed for m in measurements})
     preferred = {"method": grid.get("methods", []), "dataset": grid.get("datasets", []),
                  "shots": ["all" if s is None else s for s in grid.get("shots", [])]}
     cross = any(m.dataset != m.source for m in measurements)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -96,7 +97,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from fastprompt.methods import method_class, method_config
+        from fastprompt.models.text import BACKENDS
 
+        # types first: a config.json read back (`rundir.read_run_config`) is checked by this same code
+        for name in ("method", "clip"):
+            value = getattr(self, name)
+            require(isinstance(value, str) and value != "", f"{name}={value!r} must be a non-empty string")
+        for name in ("data", "out"):
+            value = getattr(self, name)
+            require(isinstance(value, (str, os.PathLike)), f"{name}={value!r} must be a path (a string)")
+        for name in ("protocol", "pretrained", "template"):
+            value = getattr(self, name)
+            require(value is None or isinstance(value, str), f"{name}={value!r} must be a string or null")
+        require(isinstance(self.options, dict) and all(isinstance(k, str) for k in self.options),
+                f"options={self.options!r} must be a dict of option name -> value, e.g. {{\"n_ctx\": 4}}")
         method_cls = method_class(self.method)
         if not method_cls.groups:
             raise FastpromptError(f"{self.method} has nothing to train; evaluate it with `fastprompt zeroshot --data ...`")
@@ -153,6 +167,8 @@ class TrainConfig:
             raise FastpromptError(f"device={self.device!r} must be one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             raise FastpromptError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.backend not in BACKENDS:
+            raise FastpromptError(f"backend={self.backend!r} must be one of {', '.join(BACKENDS)}")
         if isinstance(self.pretrained, str) and self.pretrained.lower() == "none":
             self.pretrained = None
 

@@ -20,8 +20,18 @@ from fastprompt.files import write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.runtime import autocast_for, check_precision, resolve_device, seed_everything
+from fastprompt.training.rundir import read_run_config
 
 log = logging.getLogger(__name__)
+
+
+class ResultNotSaved(FastpromptError):
+    """An evaluation that ran, whose record could not be written (a read-only run folder, a
+    full disk): `result` holds what it computed, so a caller can still show it."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -62,22 +72,24 @@ def model_for_classes(model: PromptModel, classnames: list[str], template=None) 
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict]:
+    """A finished run's config.json (checked, `rundir.read_run_config`) and prompts (every tensor finite)."""
     config_path, prompts_path = run_dir / "config.json", run_dir / "prompts.safetensors"
     if not config_path.is_file() or not prompts_path.is_file():
         raise FastpromptError(
             f"{run_dir} is not a finished run (needs config.json and prompts.safetensors); pass the --out of a completed `fastprompt train`"
         )
+    saved = read_run_config(run_dir)
     try:
-        saved = json.loads(config_path.read_text())
         prompts = load_file(str(prompts_path))
     except Exception as err:
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         raise FastpromptError(f"{run_dir} holds an unreadable run ({reason}); train it again with "
                               f"`fastprompt train ... --out {run_dir} --restart`") from None
-    if not isinstance(saved, dict) or any(k not in saved for k in ("method", "clip", "pretrained", "options", "classnames",
-                                                                   "seed", "weights_id", "template")):
-        raise FastpromptError(f"{run_dir}/config.json is not a fastprompt run's config; train it again with "
-                              f"`fastprompt train ... --out {run_dir} --restart`")
+    for name, tensor in prompts.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FastpromptError(f"{prompts_path} holds NaN or inf in tensor {name} (the run diverged, or the file is "
+                                  f"damaged); train it again with `fastprompt train ... --out {run_dir} --restart`, "
+                                  "with a lower --lr if it diverged")
     return saved, prompts
 
 
@@ -141,7 +153,13 @@ def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str =
                    autocast=autocast_for(precision, dev))
     result = {"run": str(run), "method": saved["method"], "dataset": ds.name, "data": str(Path(ds.path).resolve()),
               "classes": classes, "test_accuracy": acc}
-    write_json(eval_file(run, ds.name, ds.path, classes), result)
+    path = eval_file(run, ds.name, ds.path, classes)
+    try:
+        write_json(path, result)
+    except OSError as err:
+        raise ResultNotSaved(f"could not write {path} ({err.strerror or err}), so `fastprompt report` will not see this "
+                             f"result; make {run} writable (or copy the run to a writable folder) and evaluate again",
+                             result) from None
     return result
 
 

@@ -9,7 +9,6 @@ seconds in `metrics.jsonl`, evaluation and set-up excluded) and its training thr
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -38,11 +37,13 @@ class Comparison:
 
 
 def _trained_accuracy(run: Path) -> float:
+    from fastprompt.sweep.report import read_results
+
     path = run / "results.json"
     if not path.is_file():
         raise FastpromptError(f"{run} has no results.json; pass the --out of a finished `fastprompt train`")
-    results = json.loads(path.read_text())
-    if "test_accuracy" not in results:
+    results = read_results(path)
+    if results["classes"] == "base":
         raise FastpromptError(f"{run} is a base-to-new run (no single test accuracy); compare runs trained on all classes")
     return float(results["test_accuracy"])
 

@@ -69,16 +69,15 @@ class LoadedRun:
 def load_run(run_dir: str, *, device: str = "cpu") -> LoadedRun:
     """Rebuild a finished `fastprompt train` run (its model with the learned prompts) from `run_dir`
     through `fastprompt.load_run`, with the dataset it trained on."""
-    import json
-
     from fastprompt.data import open_dataset
     from fastprompt.runtime import resolve_device
     from fastprompt.training.evaluate import load_run as load_model
+    from fastprompt.training.rundir import read_run_config
 
     path = Path(run_dir)
     dev = resolve_device(device)
     model = load_model(str(path), device=str(dev))
-    saved = json.loads((path / "config.json").read_text())
+    saved = read_run_config(path)
     data = open_dataset(saved["data"])
     if data.classnames_for(saved.get("classes", "all")) != saved["classnames"]:
         raise FastpromptError(f"{saved['data']} no longer holds the classes {path} trained on; rewrite it or retrain")
