@@ -10,9 +10,12 @@ everything but the seed and printed as mean ± std (n) per cell, with an Average
 - cross-dataset: one table per source dataset, the source column first, then the targets;
   the Average is over the targets (CoCoOp Table 2).
 The std is numpy's default (population, ddof=0), as Dassl's `tools/parse_test_res.py`
-(`np.std(res)`), which CoOp and CoCoOp report. Runs that differ in anything but the seed (by
-`fastprompt.training.identity.without_seed`) are refused with the field named; seeds missing
-against the grid (`sweep.json`, else every seed found) are shown.
+(`np.std(res)`), which CoOp and CoCoOp report. One report shows one recipe: runs that differ in
+anything but the seed and what the axes set (`fastprompt.training.identity.recipe_difference`:
+each dataset's file, classes and template, each method's options, and what the protocol or the
+defaults resolve per dataset and shots, such as ImageNet's 50 epochs) are refused with the field,
+both values and both runs named; seeds missing against the grid (`sweep.json`, else every seed
+found) are shown.
 """
 
 from __future__ import annotations
@@ -183,25 +186,24 @@ def _grid(root: Path) -> dict:
     return _checked(path, record.get("grid", {}), GRID_FIELDS, fix, required=False, within="grid.")
 
 
-def check_same_but_seed(measurements: list[Measurement], configs: dict) -> None:
-    """FastpromptError naming the field if two runs of one table cell differ in more than the seed."""
-    from fastprompt.training.identity import first_difference, without_seed
+def check_one_recipe(measurements: list[Measurement], configs: dict) -> None:
+    """FastpromptError naming the field, both values and both runs if the runs under one report
+    differ in more than the seed and what the table's axes set (`identity.recipe_difference`:
+    the dataset's file, classes and template, each method's options and groups, epochs and group
+    recipes as the protocol or the defaults resolve them per dataset and shots)."""
+    from fastprompt.training.identity import recipe_difference
 
-    first: dict = {}
-    for m in measurements:
-        if m.dataset != m.source:
-            continue
-        key = (m.method, m.source, m.shots, m.classes)
-        if key not in first:
-            first[key] = m.run
-            continue
-        diff = first_difference(without_seed(configs[first[key]]), without_seed(configs[m.run]), both=True)
-        if diff is not None:
-            name, a, b = diff
-            raise FastpromptError(
-                f"runs {first[key]} and {m.run} differ in {name} ({a!r} vs {b!r}), not only in the seed; "
-                "report them from separate folders"
-            )
+    runs = {m.run: (m.run, {"method": m.method, "dataset": m.source, "shots": m.shots, "classes": m.classes},
+                    configs[m.run]) for m in measurements if m.dataset == m.source}
+    diff = recipe_difference(list(runs.values()))
+    if diff is not None:
+        name, a, b, va, vb = diff
+        raise FastpromptError(
+            f"runs {a} and {b} differ in {name} ({va!r} vs {vb!r}): one report holds one recipe, its runs may differ only "
+            "in the seed and in what the method, dataset, shots and classes set (data, class names, and the template, "
+            "epochs, group lr and warm-up and method options the protocol or the defaults resolve there); "
+            "report them from separate folders"
+        )
 
 
 # ------------------------------------------------------------------------------ tables
@@ -230,7 +232,7 @@ def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Tabl
     check_choice("cols", cols, AXES)
     require(rows != cols, f"rows and cols are both {rows!r}; pick two different axes of {', '.join(AXES)}")
     measurements, configs = load_runs(root)
-    check_same_but_seed(measurements, configs)
+    check_one_recipe(measurements, configs)
     grid = _grid(root)
     expected_seeds = sorted(set(grid.get("seeds", [])) or {m.seed for m in measurements})
     preferred = {"method": grid.get("methods", []), "dataset": grid.get("datasets", []),

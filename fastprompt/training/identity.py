@@ -117,3 +117,82 @@ def without_seed(resolved: dict) -> dict:
     if ident.get("pretrained") is None:
         ident.pop("weights_id", None)
     return ident
+
+
+# ------------------------------------------------------------------ one recipe per report
+# `fastprompt report` lays runs out on these axes (rows, columns, one table per value) and
+# averages over the seed (`without_seed`); everything else is the recipe the report shows.
+TABLE_AXES = ("method", "dataset", "shots", "classes")
+# Identity fields that follow from table axes, and which: runs that agree on those axes agree on
+# the field; runs on other axis values may differ in it. The dataset brings its file, its class
+# names (all, or the base half) and its name; a method brings its own options and parameter groups.
+FOLLOWS = {
+    "method": ("method",), "dataset": ("dataset",), "shots": ("shots",), "classes": ("classes",),
+    "data": ("dataset",), "classnames": ("dataset", "classes"),
+    "options": ("method",), "group_lr": ("method",), "group_warmup_epochs": ("method",),
+}
+# Identity fields that resolution fills in from the axes when a run leaves them unset
+# (`TrainConfig.from_protocol` and `resolve`, `planned`): CoOp's epochs by shots (ImageNet 50) or
+# the protocol's, the dataset's template, each group's lr and warm-up (ImageNet's 1 epoch) and each
+# method option (CAVPT's K_N) at the protocol's value for the dataset or the default. Across axis
+# values they agree when every run holds one value, or when every run holds what resolution gives
+# on its own axes: EuroSAT's 200 epochs and ImageNet's 50 agree, EuroSAT's 200 and DTD's
+# `--epochs 100` do not. Every field in neither table (weights, lr, batch size, optimiser, momentum,
+# weight decay, precision and autocast, feature cache, protocol, ...) is one value in every run.
+RESOLVED = ("epochs", "template", "group_lr", "group_warmup_epochs", "options")
+_UNSET = "<unset>"
+
+
+def resolved_defaults(saved: dict, dataset: str) -> dict:
+    """The `RESOLVED` fields of a saved run as resolution gives them on its own method, dataset
+    (the sidecar's name) and shots when the run leaves them unset: its protocol's values there,
+    else the defaults. {} when this version cannot resolve the run (a method or protocol it
+    lacks, settings it refuses): its values then count as set explicitly."""
+    from fastprompt.data.datasets import default_template
+    from fastprompt.errors import FastpromptError
+    from fastprompt.methods import method_class, method_config
+    from fastprompt.training.config import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    asked = {"out": "", **{k: v for k, v in saved.items() if k in names and k not in RESOLVED and k != "protocol"}}
+    try:
+        request = (TrainConfig.from_protocol(saved["protocol"], dataset=dataset, **asked) if saved.get("protocol")
+                   else TrainConfig(**asked))
+        options = method_config(request.method, **request.options)
+        resolved = request.resolve(dataset, method_class(request.method).trained_groups(options), options.to_dict())
+    except (FastpromptError, TypeError):
+        return {}
+    return {"epochs": resolved.epochs, "template": resolved.template or default_template(dataset),
+            "group_lr": resolved.group_lr, "group_warmup_epochs": resolved.group_warmup_epochs, "options": resolved.options}
+
+
+def recipe_difference(runs: list[tuple[str, dict, dict]]) -> Optional[tuple[str, str, str, Any, Any]]:
+    """The first identity field in which runs of one report differ beyond the seed, `FOLLOWS` and
+    `RESOLVED`, as (field, run, other run, its value, the other's); None when they are one recipe.
+    `runs`: (name, axes {TABLE_AXES: value}, saved config). Options and group recipes are compared
+    one by one (`options.topk`, `group_lr.visual`)."""
+    entries: dict[tuple, list] = {}  # (field, axis values it follows) -> [(run, value, resolved default)]
+    views = [(name, axes, json.loads(json.dumps(without_seed(config))),
+              json.loads(json.dumps(resolved_defaults(config, axes["dataset"])))) for name, axes, config in runs]
+    fields = list(dict.fromkeys(k for _, _, ident, _ in views for k in ident if k not in DERIVED_FIELDS))
+    for field in fields:
+        for name, axes, ident, defaults in views:
+            if field in LATER_FACTS and field not in ident:
+                continue  # an earlier version's run does not record it
+            key = tuple(axes[a] for a in FOLLOWS.get(field, ()))
+            value, default = ident.get(field, "<missing>"), defaults.get(field, _UNSET)
+            if field in RESOLVED and isinstance(value, dict):
+                for sub, v in value.items():
+                    d = default.get(sub, _UNSET) if isinstance(default, dict) else _UNSET
+                    entries.setdefault((f"{field}.{sub}", key), []).append((name, v, d))
+            else:
+                entries.setdefault((field, key), []).append((name, value, default))
+    for (field, _), group in entries.items():
+        if all(v == group[0][1] for _, v, _ in group):
+            continue  # one value
+        if field.split(".")[0] in RESOLVED and all(v == d for _, v, d in group):
+            continue  # each as resolved on its own axes
+        first = next((e for e in group if e[1] != e[2]), group[0]) if field.split(".")[0] in RESOLVED else group[0]
+        other = next(e for e in group if e[1] != first[1])
+        return field, first[0], other[0], first[1], other[1]
+    return None

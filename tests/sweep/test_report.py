@@ -1,6 +1,7 @@
 """`fastprompt report`: hand-written runs against hand-written expected tables in every format."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -140,7 +141,9 @@ def test_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, make_run):
     root = tmp_path / "mixed"
     make_run(root, "eurosat", "coop", 1, 70.0)
     make_run(root, "eurosat", "coop", 2, 72.0, lr=0.01)
-    with pytest.raises(FastpromptError, match=r"differ in lr \(0.002 vs 0.01\), not only in the seed"):
+    with pytest.raises(FastpromptError, match=r"seed1 and .*seed2 differ in lr \(0.002 vs 0.01\): one report holds one "
+                                              r"recipe, its runs may differ only in the seed and in what the method, "
+                                              r"dataset, shots and classes set .*; report them from separate folders"):
         report(root)
     result = runner.invoke(app, ["report", str(root)])
     assert result.exit_code == 2 and "differ in lr" in result.output and "Traceback" not in result.output
@@ -219,3 +222,126 @@ def _empty(tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
     return folder
+
+
+# ------------------------------------------------------------------ one recipe per report (issue 21 §3)
+def _as_trained(dataset, method, shots=16, protocol=None, **given):
+    """The identity fields of a config.json as the trainer writes it for `dataset` (its name;
+    no file is read): `TrainConfig.from_protocol` or the defaults, resolved on the dataset."""
+    from fastprompt.data.datasets import default_template
+    from fastprompt.methods import method_class, method_config
+    from fastprompt.training import TrainConfig
+
+    base = {"method": method, "data": f"/data/{dataset}.beton", "out": "o", "clip": "fastprompt-tiny", "pretrained": None,
+            "shots": shots, **given}
+    config = TrainConfig.from_protocol(protocol, dataset=dataset, **base) if protocol else TrainConfig(**base)
+    options = method_config(method, **config.options)
+    resolved = config.resolve(dataset, method_class(method).trained_groups(options), options.to_dict())
+    saved = {**resolved.to_dict(), "template": resolved.template or default_template(dataset)}
+    return {k: v for k, v in saved.items() if k not in ("method", "shots", "seed", "classes", "out")}
+
+
+def _runs(root, make_run, cells):
+    """make_run for each (dataset, method, seed, shots, config) with configs as the trainer writes them."""
+    for dataset, method, seed, shots, config in cells:
+        make_run(root, dataset, method, seed, 70.0 + seed, shots=shots, **config)
+    return root
+
+
+def test_two_runs_of_other_datasets_weights_and_lr_are_not_one_row(tmp_path, make_run):
+    """The probe's case: one row and an Average over two runs of other recipes, without a word."""
+    root = tmp_path / "mixed"
+    make_run(root, "eurosat", "coop", 1, 70.0, **_as_trained("eurosat", "coop", pretrained="openai"), weights_id="tag:openai")
+    make_run(root, "dtd", "coop", 1, 50.0, **_as_trained("dtd", "coop", pretrained="/w/mine.pt", lr=0.01),
+             weights_id="file:abc")
+    result = runner.invoke(app, ["report", str(root)])
+    assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert re.fullmatch(rf"error: runs {root}/dtd/coop/shots16/seed1 and {root}/eurosat/coop/shots16/seed1 differ in "
+                        r"(pretrained \('/w/mine.pt' vs 'openai'\)|lr \(0.01 vs None\)): one report holds one recipe, .*; "
+                        "report them from separate folders", line), line  # the first of the two in config.json's order
+
+
+@pytest.mark.parametrize("field, a, b", [
+    ("clip", "fastprompt-tiny", "ViT-B-16"),
+    ("weights_id", "tag:openai", "tag:laion"),
+    ("lr", None, 0.01),
+    ("batch_size", 32, 8),
+    ("optimizer", "sgd", "adamw"),
+    ("momentum", 0.9, 0.0),
+    ("weight_decay", 5e-4, 0.0),
+    ("warmup_lr", 1e-5, 1e-4),
+    ("precision", "auto", "fp32"),
+    ("autocast", "bf16", "fp32"),
+    ("feature_cache", 0, 4),
+    ("protocol", None, "coop"),
+    ("epochs", 200, 100),  # given to one dataset: not what resolution gives there
+    ("template", "a centered satellite photo of {}.", "a photo of a {}."),  # dtd's own is "{} texture."
+    ("options.n_ctx", 16, 4),
+    ("group_lr.text", 0.002, 0.01),
+    ("group_warmup_epochs.text", 1, 0),
+])
+def test_a_setting_that_is_not_the_axes_is_one_value_across_columns(tmp_path, make_run, field, a, b):
+    """Two columns (eurosat, dtd) of one row may not differ in anything the table does not show;
+    the error names the field, both runs and each run's value."""
+    root = tmp_path / "cols"
+    head, _, sub = field.partition(".")
+    runs = {}
+    for dataset, value in (("eurosat", a), ("dtd", b)):
+        config = {**_as_trained(dataset, "coop", pretrained="openai"), "weights_id": "tag:openai"}
+        if sub:
+            config[head] = {**config[head], sub: value}
+        else:
+            config[field] = value
+        runs[str(make_run(root, dataset, "coop", 1, 70.0, **config))] = repr(value)
+    with pytest.raises(FastpromptError) as err:
+        report(root)
+    said = re.fullmatch(rf"runs (\S+) and (\S+) differ in {re.escape(field)} \((.+?) vs (.+?)\): one report .*", str(err.value))
+    assert said is not None, str(err.value)
+    assert {said[1]: said[3], said[2]: said[4]} == runs
+
+
+def test_what_resolution_sets_per_dataset_and_shots_may_differ(tmp_path, make_run):
+    """ImageNet's 50 epochs beside EuroSAT's 200 and its 1-epoch warm-up of the visual group, each
+    dataset's template, file and classes, each method's options, epochs by shots, and a protocol's
+    per-dataset option (CAVPT's K_N): one table, no refusal."""
+    root = tmp_path / "resolved"
+    cells = []
+    for dataset in ("eurosat", "imagenet", "dtd"):
+        for method in ("coop", "vpt-deep"):
+            for shots in (1, 16):
+                config = {**_as_trained(dataset, method, shots, pretrained="openai"), "weights_id": "tag:openai",
+                          "classnames": [f"{dataset} class {i}" for i in range(3)]}
+                cells.append((dataset, method, 1, shots, config))
+    _runs(root, make_run, cells)
+    epochs = {(c[0], c[3]): c[4]["epochs"] for c in cells}
+    assert epochs == {("eurosat", 1): 50, ("eurosat", 16): 200, ("imagenet", 1): 50, ("imagenet", 16): 50,
+                      ("dtd", 1): 50, ("dtd", 16): 200}
+    warmups = {c[0]: c[4]["group_warmup_epochs"]["visual"] for c in cells if c[1] == "vpt-deep"}
+    assert warmups == {"eurosat": 10, "imagenet": 1, "dtd": 10}
+    text = report(root)
+    assert "| coop | 71.00 ± 0.00 (n=1) | 71.00 ± 0.00 (n=1) | 71.00 ± 0.00 (n=1) | 71.00 |" in text
+
+    root = tmp_path / "protocol"
+    cells = [(d, "cavpt", 1, 16, {**_as_trained(d, "cavpt", protocol="cavpt", clip="fastprompt-tiny", pretrained="openai"),
+                                  "weights_id": "tag:openai"}) for d in ("eurosat", "caltech101")]
+    assert [c[4]["options"]["topk"] for c in cells] == [5, 50]
+    _runs(root, make_run, cells)
+    assert "| cavpt | 71.00 ± 0.00 (n=1) | 71.00 ± 0.00 (n=1) | 71.00 |" in report(root)
+    # the same K_N given on both datasets is one value too; given on one only, it is not what the protocol says there
+    cells[1][4]["options"]["topk"] = 5
+    _runs(tmp_path / "given", make_run, cells)
+    assert "| cavpt |" in report(tmp_path / "given")
+    cells[1][4]["options"]["topk"] = 20
+    _runs(tmp_path / "mixed", make_run, cells)
+    with pytest.raises(FastpromptError, match=r"differ in options.topk \(20 vs 5\)"):
+        report(tmp_path / "mixed")
+
+
+def test_a_dataset_file_is_one_file_in_every_column(tmp_path, make_run):
+    root = tmp_path / "files"
+    make_run(root, "eurosat", "coop", 1, 70.0, data="/data/eurosat.beton")
+    make_run(root, "eurosat", "cavpt", 1, 80.0, data="/other/eurosat.beton")
+    with pytest.raises(FastpromptError, match=r"cavpt\S+ and \S+coop\S+ differ in data \('/other/eurosat.beton' vs "
+                                              r"'/data/eurosat.beton'\)"):
+        report(root)
