@@ -44,6 +44,19 @@ def test_the_identity_fields_are_listed_once():
     assert set(identity(config)) == result_fields
 
 
+def test_every_identity_field_has_its_report_rule():
+    """`fastprompt report` lets a field differ between runs only as the table's axes set it
+    (`FOLLOWS`, `RESOLVED`); every other identity field is the recipe, one value in every run.
+    A new field or run fact is sorted here on purpose (a data checksum follows the dataset)."""
+    from fastprompt.training.identity import DERIVED_FIELDS, FOLLOWS, RESOLVED
+    from fastprompt.training.rundir import RUN_FACTS
+
+    recipe = {"protocol", "clip", "pretrained", "batch_size", "optimizer", "lr", "warmup_epochs", "warmup_lr", "momentum",
+              "weight_decay", "precision", "feature_cache", "weights_id", "image_size", "autocast"}
+    fields = ({f.name for f in dataclasses.fields(TrainConfig)} | set(RUN_FACTS)) - EXECUTION_FIELDS - set(DERIVED_FIELDS)
+    assert fields - {"seed"} - set(FOLLOWS) - set(RESOLVED) == recipe
+
+
 def test_autocast_is_a_fact_compared_where_both_runs_record_it():
     """--precision auto is bf16 on cuda and fp32 on cpu: a run records what it computed in."""
     import torch
