@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -220,19 +221,121 @@ def _create_from_file(clip: str, path: str, device, trust_pickle: bool) -> torch
         ) from None
 
 
+# How long the host a pretrained tag downloads from (or the proxy to it) may take to accept a TCP
+# connection before the tag counts as offline. Without it, huggingface_hub retries each file five
+# times with backoff (1+2+4+8+8 s) and open_clip asks for two files: ~50 s before a machine
+# without internet hears that it has none.
+PROBE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class _Download:
+    """Where open_clip downloads a pretrained tag from, and where it caches it."""
+
+    url: str  # the Hugging Face repository's page, or the file's URL
+    cache: str  # the folder open_clip looks in first
+    hub: bool  # via huggingface_hub (its offline mode applies)
+
+
+def _download_of(clip: str, tag: str) -> Optional[_Download]:
+    """Where `tag` comes from, as open_clip's `download_pretrained` chooses: the Hugging Face hub
+    when the tag has a hub id and huggingface_hub is installed, else its URL; None for a tag that
+    names a local file."""
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = open_clip.get_pretrained_cfg(clip, tag)
+    if not cfg or cfg.get("file"):
+        return None
+    if cfg.get("hf_hub") and oc_pretrained.has_hf_hub():
+        from huggingface_hub import constants
+
+        return _Download(f"{constants.ENDPOINT}/{cfg['hf_hub'].split('/')[0]}/{cfg['hf_hub'].split('/')[1]}",
+                         constants.HF_HUB_CACHE, hub=True)
+    if cfg.get("url"):
+        return _Download(cfg["url"], os.path.expanduser("~/.cache/clip"), hub=False)
+    return None
+
+
+def _unreachable(url: str) -> Optional[str]:
+    """Why `url`'s host (or the proxy the environment names for it) does not accept a TCP
+    connection within PROBE_SECONDS; None when it does."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    via = bool(proxy) and not urllib.request.proxy_bypass(parts.hostname or "")
+    target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}") if via else parts
+    host, port = target.hostname or "", target.port or (443 if target.scheme == "https" else 80)
+    name = f"the proxy {host}:{port}" if via else host
+    failed: list[str] = []
+
+    def connect() -> None:  # in a thread: a name lookup that hangs is cut at PROBE_SECONDS too
+        try:
+            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+        except OSError as err:
+            failed.append(err.strerror or type(err).__name__)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(PROBE_SECONDS)
+    if probe.is_alive():
+        return f"{name} did not answer within {PROBE_SECONDS:g} s"
+    return f"{name} is unreachable ({failed[0]})" if failed else None
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub's offline mode for one call when `offline`: a cached file loads, nothing
+    is fetched. huggingface_hub reads HF_HUB_OFFLINE once, at import, into
+    `constants.HF_HUB_OFFLINE`, which its `is_offline_mode()` returns on every request: setting
+    that is what the variable does when set before the import."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _create_from_tag(clip: str, tag: str, device) -> torch.nn.Module:
-    """open_clip's download (or its local cache) of a pretrained tag; a failed download is one
-    line that says what to do offline."""
+    """open_clip's download (or its local cache) of a pretrained tag. When the host it comes from
+    does not accept a connection within PROBE_SECONDS, the tag loads from the local cache only
+    (huggingface_hub's offline mode) and, if it is not there, fails at once with one line that
+    says what to do; a reachable host gets open_clip's download untouched."""
+    download = _download_of(clip, tag)
+    offline = None
+    if download is not None and download.hub:
+        from huggingface_hub import constants
+
+        offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable(download.url)
+    elif download is not None:
+        offline = _unreachable(download.url)
     quiet = [logging.getLogger(), logging.getLogger("huggingface_hub"), logging.getLogger("urllib3")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:  # open_clip logs the failure at ERROR before raising it; we say it once
         logger.setLevel(logging.CRITICAL)
     try:
-        return open_clip.create_model(clip, pretrained=tag, device=device)
+        with _hub_offline(offline is not None and download.hub):
+            return open_clip.create_model(clip, pretrained=tag, device=device)
     except (RuntimeError, OSError) as err:
+        if offline is not None and "Failed to download" in str(err):  # open_clip's words for a failed download
+            raise FastpromptError(
+                f"could not download the pretrained weights '{tag}' of {clip}: {offline}, and they are not in the local "
+                f"cache {download.cache}; download them where there is internet ({download.url}) and pass "
+                f"--pretrained FILE, or copy that machine's cache folder to {download.cache}"
+            ) from None
         raise FastpromptError(
-            f"could not load pretrained weights '{tag}' for {clip} ({_first_line(err)[:160]}); on a machine without internet "
-            "pass a local checkpoint file (--pretrained PATH) or set HF_HUB_OFFLINE=1 to use only open_clip's local cache"
+            f"could not load the pretrained weights '{tag}' of {clip} ({_first_line(err)}); check the connection, or "
+            "download them elsewhere and pass --pretrained FILE"
         ) from None
     finally:
         for logger, level in zip(quiet, levels):

@@ -68,12 +68,72 @@ def test_bad_checkpoint_files_are_one_line(tmp_path, content, message):
 
 @pytest.mark.slow
 def test_offline_download_says_what_to_do(tmp_path):
+    """HF_HUB_OFFLINE=1 set by the user: the local cache only, and one complete line."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     code = ("from fastprompt.models.clip import load_clip\n"
             "from fastprompt.errors import FastpromptError\n"
             "try:\n    load_clip('ViT-B-32', 'openai')\n"
             "except FastpromptError as err:\n    print('MESSAGE', err)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "MESSAGE could not load pretrained weights 'openai' for ViT-B-32" in proc.stdout, proc.stdout + proc.stderr
-    assert "pass a local checkpoint file (--pretrained PATH) or set HF_HUB_OFFLINE=1" in proc.stdout
+    assert f"MESSAGE could not download the pretrained weights 'openai' of ViT-B-32: HF_HUB_OFFLINE is set, and they are " \
+           f"not in the local cache {tmp_path}/hf/hub; download them where there is internet " \
+           f"(https://huggingface.co/timm/vit_base_patch32_clip_224.openai) and pass --pretrained FILE, or copy that " \
+           f"machine's cache folder to {tmp_path}/hf/hub\n" in proc.stdout, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr
+
+
+# ------------------------------------------------------------------ a pretrained tag without internet (issue 21 §4)
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """huggingface_hub pointed at `hub.endpoint(url)` with an empty cache and no proxy; what
+    open_clip.create_model is called with (and whether the hub is offline then) in `hub.calls`."""
+    import open_clip
+    from huggingface_hub import constants
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    state = argparse.Namespace(calls=[], endpoint=lambda url: monkeypatch.setattr(constants, "ENDPOINT", url))
+    real = open_clip.create_model
+
+    def recorded(*args, **kwargs):
+        state.calls.append((args, kwargs, constants.HF_HUB_OFFLINE))
+        return state.model if hasattr(state, "model") else real(*args, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model", recorded)
+    return state
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_complete_line(hub, tmp_path):
+    """Nothing listens on 127.0.0.1:9: the tag loads from the (empty) cache only, so the error comes
+    from the cache lookup, not from huggingface_hub's five retries of two files (~50 s)."""
+    hub.endpoint("http://127.0.0.1:9")
+    with pytest.raises(FastpromptError) as info:
+        load_clip("ViT-B-32", "openai")
+    assert str(info.value) == (
+        "could not download the pretrained weights 'openai' of ViT-B-32: 127.0.0.1 is unreachable (Connection refused), "
+        f"and they are not in the local cache {tmp_path}/hub-cache; download them where there is internet "
+        "(http://127.0.0.1:9/timm/vit_base_patch32_clip_224.openai) and pass --pretrained FILE, or copy that machine's "
+        f"cache folder to {tmp_path}/hub-cache")
+    assert [(kwargs["pretrained"], offline) for _, kwargs, offline in hub.calls] == [("openai", True)]
+
+
+def test_an_unreachable_hub_still_loads_cached_weights_and_a_reachable_one_downloads(hub, tiny_clip):
+    """Offline, open_clip is asked in huggingface_hub's offline mode (a cached file loads); online,
+    open_clip's own download runs untouched (the hub is a socket that accepts the probe)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    hub.model = tiny_clip  # what open_clip would build from the cached or downloaded file
+    hub.endpoint("http://127.0.0.1:9")
+    assert load_clip("ViT-B-32", "openai").weights_id == "tag:openai"
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        hub.endpoint(f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert load_clip("ViT-B-32", "openai").weights_id == "tag:openai"
+    assert [(args, kwargs["pretrained"], offline) for args, kwargs, offline in hub.calls] == \
+        [(("ViT-B-32",), "openai", True), (("ViT-B-32",), "openai", False)]
+    assert constants.HF_HUB_OFFLINE is False  # offline for that one call only
