@@ -746,7 +746,8 @@ def report_cmd(
     cols: Annotated[str, typer.Option("--cols", help="method | dataset | shots.")] = "dataset",
     compare: Annotated[Optional[str], typer.Option("--compare", help="A reference: another folder of runs, or a CSV (e.g. a paper table typed in).")] = None,
 ) -> None:
-    """Mean ± std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset."""
+    """Mean ± std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset. One folder is one
+    recipe: its runs may differ only in the seed and in what their method, dataset, shots and classes set."""
     from fastprompt.sweep.report import report
 
     typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare), nl=False)
