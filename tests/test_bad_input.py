@@ -123,9 +123,13 @@ CASES = {
                                     "{damaged[grid_nan]}/sweep.json: grid.seeds=[1, nan] must be a list of integers >= 0"),
     "compare results nan": (["compare", "{damaged[results_nan]}"],
                             "{damaged[results_nan]}/results.json: test_accuracy=nan must be a number in 0..100"),
+    "train on a config of the wrong type": (
+        train("coop", "--out", "{damaged[stopped]}", "--warmup-epochs", "0", "--shots", "1"),
+        "{damaged[stopped]}/config.json: method=['coop'] must be a non-empty string; pass --restart to train this run "
+        "again from the start, or use another --out"),
 }
 
-# the edits of `damaged`: config.json fields, a prompts tensor, results.json, eval-*.json or sweep.json
+# the edits of `damaged`: config.json fields, a prompts tensor, results.json, eval-*.json or sweep.json (None: deleted)
 DAMAGE = {
     "shots": {"config.json": {"shots": "x"}},
     "options": {"config.json": {"options": []}},
@@ -141,6 +145,7 @@ DAMAGE = {
     "eval_inf": {"eval-other-all.json": {"dataset": "other", "test_accuracy": float("inf")}},
     "grid_array": {"sweep.json": {"grid": []}},
     "grid_nan": {"sweep.json": {"grid": {"seeds": [1, float("nan")]}}},
+    "stopped": {"config.json": {"method": ["coop"]}, "results.json": None, "checkpoint.json": None},  # before a checkpoint
 }
 
 
@@ -190,6 +195,9 @@ def damaged(finished_run, tmp_path_factory):
         shutil.copytree(finished_run, run)
         for file, edit in edits.items():
             path = run / file
+            if edit is None:
+                path.unlink()
+                continue
             if file == "prompts.safetensors":
                 tensors = load_file(str(path))
                 tensors["text.context"][0, 0] = edit

@@ -10,7 +10,6 @@ any work, naming the cell and the first differing field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +174,7 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
     """What each cell's folder asks for; FastpromptError naming the cell if one holds another run."""
     from fastprompt.data import open_dataset
     from fastprompt.training.identity import first_difference, planned as resolved
+    from fastprompt.training.rundir import read_run_config
 
     planned, datasets = [], {}
     for cell in cells:
@@ -182,10 +182,7 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
         if not config_path.is_file():
             planned.append(PlannedCell(cell, "start", "new"))
             continue
-        try:
-            saved = json.loads(config_path.read_text())
-        except (OSError, ValueError) as err:
-            raise FastpromptError(f"cell {cell.name}: {config_path} is unreadable ({err}); delete the cell's folder to rerun it") from None
+        saved = read_run_config(cell.dir, needed=(), fix=f"delete the folder of cell {cell.name} to rerun it")
         if cell.config.data not in datasets:  # opened once per dataset, not per cell
             datasets[cell.config.data] = open_dataset(cell.config.data)
         expected = resolved(cell.config, datasets[cell.config.data]).to_dict()  # resolved as the trainer resolves it

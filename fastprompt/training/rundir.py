@@ -58,24 +58,19 @@ def default_run_dir(config) -> str:
 
 
 def read_config(out: Path) -> Optional[dict]:
-    """`out/config.json` as a dict; None when absent; FastpromptError saying what to do when garbage."""
-    path = Path(out) / CONFIG
-    if not path.is_file():
+    """`out/config.json` checked (`read_run_config`); None when absent; FastpromptError saying what
+    to do when garbage."""
+    if not (Path(out) / CONFIG).is_file():
         return None
-    try:
-        saved = json.loads(path.read_text())
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as err:
-        raise FastpromptError(f"{path} is unreadable ({err}); pass --restart to train this run again from the start, "
-                              "or use another --out") from None
-    return saved
+    fix = "pass --restart to train this run again from the start, or use another --out"
+    return read_run_config(out, needed=(), fix=fix)
 
 
 # The run facts the trainer writes into config.json beside the TrainConfig fields
 # (`Trainer._run_facts`), each with what it must be; `read_run_config` checks those present.
 RUN_FACTS = {
-    "classnames": ("a non-empty list of strings", lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v)),
+    "classnames": ("a non-empty list of strings",
+                   lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v)),
     "weights_id": ("a string", lambda v: isinstance(v, str)),
     "dataset": ("a string", lambda v: isinstance(v, str)),
     "image_size": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
@@ -87,15 +82,15 @@ RUN_FACTS = {
 MODEL_KEYS = ("method", "data", "clip", "pretrained", "options", "classnames", "seed", "weights_id", "template")
 
 
-def read_run_config(run: Path, needed: tuple[str, ...] = MODEL_KEYS) -> dict:
+def read_run_config(run: Path, needed: tuple[str, ...] = MODEL_KEYS, fix: Optional[str] = None) -> dict:
     """`run/config.json` read and checked field by field, as `TrainConfig` checks a config (the
     same code) plus the run facts (`RUN_FACTS`): a damaged or hand-edited file is one
-    FastpromptError naming the file, the field and the fix, never a traceback further on.
+    FastpromptError naming the file, the field and `fix`, never a traceback further on.
     `needed`: the keys the caller reads (a key of an earlier version's file may be absent)."""
     from fastprompt.training.config import TrainConfig
 
     path = Path(run) / CONFIG
-    fix = f"correct it, or train the run again with `fastprompt train ... --out {run} --restart`"
+    fix = fix or f"correct it, or train the run again with `fastprompt train ... --out {run} --restart`"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as err:
