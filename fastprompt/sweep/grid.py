@@ -174,7 +174,7 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
     """What each cell's folder asks for; FastpromptError naming the cell if one holds another run."""
     from fastprompt.data import open_dataset
     from fastprompt.training.identity import first_difference, planned as resolved
-    from fastprompt.training.rundir import read_run_config
+    from fastprompt.training.runfiles import read_run_config
 
     planned, datasets = [], {}
     for cell in cells:

@@ -144,7 +144,7 @@ def read_results(path: Path) -> dict:
 
 def load_runs(root: Path) -> tuple[list[Measurement], dict]:
     """Every measurement under `root` and each run's config (by run folder)."""
-    from fastprompt.training.rundir import read_run_config
+    from fastprompt.training.runfiles import read_run_config
 
     if not root.is_dir():
         raise FastpromptError(f"{root} is not a folder; pass the --out of a sweep or a folder of runs")

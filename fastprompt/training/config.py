@@ -99,7 +99,7 @@ class TrainConfig:
         from fastprompt.methods import method_class, method_config
         from fastprompt.models.text import BACKENDS
 
-        # types first: a config.json read back (`rundir.read_run_config`) is checked by this same code
+        # types first: a config.json read back (`runfiles.read_run_config`) is checked by this same code
         for name in ("method", "clip"):
             value = getattr(self, name)
             require(isinstance(value, str) and value != "", f"{name}={value!r} must be a non-empty string")

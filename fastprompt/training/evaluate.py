@@ -20,7 +20,7 @@ from fastprompt.files import write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.runtime import autocast_for, check_precision, resolve_device, seed_everything
-from fastprompt.training.rundir import read_run_config
+from fastprompt.training.runfiles import read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def model_for_classes(model: PromptModel, classnames: list[str], template=None) 
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict]:
-    """A finished run's config.json (checked, `rundir.read_run_config`) and prompts (every tensor finite)."""
+    """A finished run's config.json (checked, `runfiles.read_run_config`) and prompts (every tensor finite)."""
     config_path, prompts_path = run_dir / "config.json", run_dir / "prompts.safetensors"
     if not config_path.is_file() or not prompts_path.is_file():
         raise FastpromptError(

@@ -72,7 +72,7 @@ def load_run(run_dir: str, *, device: str = "cpu") -> LoadedRun:
     from fastprompt.data import open_dataset
     from fastprompt.runtime import resolve_device
     from fastprompt.training.evaluate import load_run as load_model
-    from fastprompt.training.rundir import read_run_config
+    from fastprompt.training.runfiles import read_run_config
 
     path = Path(run_dir)
     dev = resolve_device(device)

@@ -49,7 +49,7 @@ def test_every_identity_field_has_its_report_rule():
     (`FOLLOWS`, `RESOLVED`); every other identity field is the recipe, one value in every run.
     A new field or run fact is sorted here on purpose (a data checksum follows the dataset)."""
     from fastprompt.training.identity import DERIVED_FIELDS, FOLLOWS, RESOLVED
-    from fastprompt.training.rundir import RUN_FACTS
+    from fastprompt.training.runfiles import RUN_FACTS
 
     recipe = {"protocol", "clip", "pretrained", "batch_size", "optimizer", "lr", "warmup_epochs", "warmup_lr", "momentum",
               "weight_decay", "precision", "feature_cache", "weights_id", "image_size", "autocast"}

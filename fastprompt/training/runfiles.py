@@ -1,0 +1,63 @@
+"""A finished run's config.json read back: every reader (eval, compare, `fastprompt.load_run`,
+report, a resumed train, a sweep's plan) goes through `read_run_config`, which checks each field
+with `TrainConfig`'s own checks and the run facts' types, so a damaged or hand-edited file is one
+line naming the file, the field and the fix, never a traceback further on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from fastprompt.errors import FastpromptError
+from fastprompt.validation import json_type
+
+CONFIG = "config.json"
+
+# The run facts the trainer writes into config.json beside the TrainConfig fields
+# (`Trainer._run_facts`), each with what it must be; `read_run_config` checks those present.
+RUN_FACTS = {
+    "classnames": ("a non-empty list of strings",
+                   lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v)),
+    "weights_id": ("a string", lambda v: isinstance(v, str)),
+    "dataset": ("a string", lambda v: isinstance(v, str)),
+    "image_size": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "autocast": ("'bf16' or 'fp32'", lambda v: v in ("bf16", "fp32")),
+    "world_size": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "identity_hash": ("a string", lambda v: isinstance(v, str)),
+}
+# what rebuilding a finished run's model reads from config.json (`fastprompt.load_run`, eval, compare)
+MODEL_KEYS = ("method", "data", "clip", "pretrained", "options", "classnames", "seed", "weights_id", "template")
+
+
+def read_run_config(run: Path, needed: tuple[str, ...] = MODEL_KEYS, fix: Optional[str] = None) -> dict:
+    """`run/config.json` read and checked field by field, as `TrainConfig` checks a config (the
+    same code) plus the run facts (`RUN_FACTS`): a damaged or hand-edited file is one
+    FastpromptError naming the file, the field and `fix`, never a traceback further on.
+    `needed`: the keys the caller reads (a key of an earlier version's file may be absent)."""
+    from fastprompt.training.config import TrainConfig
+
+    path = Path(run) / CONFIG
+    fix = fix or f"correct it, or train the run again with `fastprompt train ... --out {run} --restart`"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FastpromptError(f"{path} is unreadable ({_first_line(err)}); {fix}") from None
+    if not isinstance(saved, dict):
+        raise FastpromptError(f"{path} holds a JSON {json_type(saved)}, not a fastprompt run's config (an object); {fix}")
+    missing = [k for k in needed if k not in saved]
+    if missing:
+        raise FastpromptError(f"{path} lacks {', '.join(missing)}: not a fastprompt run's config; {fix}")
+    try:
+        TrainConfig.from_dict({"out": str(run), **saved})
+    except FastpromptError as err:
+        raise FastpromptError(f"{path}: {err}; {fix}") from None
+    for name, (what, ok) in RUN_FACTS.items():
+        if name in saved and not ok(saved[name]):
+            raise FastpromptError(f"{path}: {name}={saved[name]!r} must be {what}; {fix}")
+    return saved
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
