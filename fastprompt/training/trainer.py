@@ -118,6 +118,7 @@ class Trainer:
         self.classnames = self.data.classnames_for(config.classes)
         plan = planned(config, self.data)  # template, absolute paths, every group's recipe: what config.json records
         self.identity_hash = identity_hash(plan.to_dict())
+        rundir.check_out(self.out)  # a folder of a run or of none, before the lock writes into it (again under it)
         self.lock = rundir.RunLock(self.out)  # taken first: a second process stops before loading anything
         if self.is_main:
             self.lock.acquire()
@@ -208,6 +209,7 @@ class Trainer:
         """Take the run directory (lock), check it holds this run or none, and resume or start.
         Everything is checked before the first file is written or removed."""
         if self.is_main:
+            rundir.check_out(self.out)  # under the lock: a run's folder or a new one, whatever the mode
             rundir.clean_temporaries(self.out)
             if self.mode == "restart":
                 rundir.clear(self.out)
@@ -531,7 +533,9 @@ def train(config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict],
     mode: "auto" continues the run the directory holds if it is this setting (a finished one is
     not evaluated again: its results are returned, unless `force_eval`), "resume" insists on a
     checkpoint to continue, "restart" removes the directory's run first. A directory holding
-    another setting is refused in every mode but "restart"."""
+    another setting is refused in every mode but "restart"; one that holds other files and no
+    run, in every mode (`rundir.check_out`)."""
+    rundir.check_out(config.out)
     if mode != "restart":
         results = finished_run(config)
         if results is not None and not force_eval:

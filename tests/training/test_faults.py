@@ -226,11 +226,18 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(demo_beton, tmp_path, nan_
 @pytest.mark.slow
 def test_planted_pickles_never_run(demo_beton, tmp_path):
     marker = tmp_path / "ran"
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"prompts": _Plant(marker)}, run / "checkpoint.pt")  # resume
-    result = _invoke(demo_beton, run)
+    run = tmp_path / "run"  # resume: a run of an older fastprompt, its config.json beside a pickled checkpoint.pt
+    assert _invoke(demo_beton, run, epochs=1).exit_code == 0
+    for path in [run / "results.json", run / "checkpoint.json", *run.glob("checkpoint-*.safetensors")]:
+        path.unlink()
+    torch.save({"prompts": _Plant(marker)}, run / "checkpoint.pt")
+    result = _invoke(demo_beton, run, epochs=1)
     assert result.exit_code == 2 and "never unpickled" in result.output and not marker.exists()
+    alone = tmp_path / "alone"  # a checkpoint.pt without a config.json of fastprompt: no run's, not read
+    alone.mkdir()
+    torch.save({"prompts": _Plant(marker)}, alone / "checkpoint.pt")
+    result = _invoke(demo_beton, alone)
+    assert result.exit_code == 2 and "holds no fastprompt run" in result.output and not marker.exists()
 
     done = tmp_path / "done"  # eval of a run whose prompts file is a pickle
     assert _invoke(demo_beton, done, epochs=1).exit_code == 0

@@ -119,11 +119,12 @@ def test_default_run_names_hold_the_weights_and_a_hash(demo_beton, tmp_path):
 
 @pytest.mark.slow
 def test_a_directory_is_taken_whole(demo_beton, tmp_path):
-    """Files of another run and temporaries of a killed write go before a new run starts; --resume
-    needs a checkpoint; a garbage config.json says what to do."""
+    """What a run stopped before its config.json leaves (the lock, temporaries of its writes) goes
+    before a new run starts; --resume needs a checkpoint; a folder is a run's by a config.json or
+    checkpoint.json that fastprompt wrote, and no file of another is ever removed, --restart included."""
     out = tmp_path / "run"
     out.mkdir()
-    for name in ("results.json", "prompts.safetensors", "eval-demo-all.json", ".checkpoint.json.x1.tmp"):
+    for name in (".lock", ".config.json.ab12_x9z.tmp", ".checkpoint.json.x1.tmp"):  # killed before its config.json
         (out / name).write_text("{}")
     said = _train(demo_beton, out, "--resume", code=2)
     assert "--resume: " in said and "holds no checkpoint to resume" in said
@@ -134,18 +135,27 @@ def test_a_directory_is_taken_whole(demo_beton, tmp_path):
         trainer.close()
     assert not (out / ".lock").exists()  # released and removed
 
+    # a config.json that fastprompt cannot read is not taken for a run's, in any mode: nothing is removed
     (out / "config.json").write_text("{garbage")
-    said = _train(demo_beton, out, code=2)
-    assert "config.json is unreadable" in said and "pass --restart" in said
-    _train(demo_beton, out, "--restart")
-    said = " ".join(runner.invoke(app, ["eval", str(out), "--data", str(demo_beton)]).output.split())
-    assert '"test_accuracy"' in said
+    for mode in ((), ("--restart",)):
+        said = _train(demo_beton, out, *mode, code=2)
+        assert "holds a config.json that is not a fastprompt run's" in said and "--restart" not in said
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "fewshot.json", "metrics.jsonl"]
+
+    # a run's folder: --restart removes the run's files, never a file of the user's beside them
+    out = tmp_path / "run2"
+    _train(demo_beton, out)
+    (out / "notes.txt").write_text("mine")
+    _train(demo_beton, out, "--lr", "0.5", "--restart")
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "config.json").read_text())["lr"] == 0.5
 
     # a garbage config.json beside a checkpoint of this run: rebuilt from it, and eval works again
     (out / "config.json").write_text("{garbage")
     (out / "results.json").unlink()
-    _train(demo_beton, out, "--resume")
+    _train(demo_beton, out, "--lr", "0.5", "--resume")
     assert json.loads((out / "config.json").read_text())["method"] == "coop"
+    said = " ".join(runner.invoke(app, ["eval", str(out), "--data", str(demo_beton)]).output.split())
+    assert '"test_accuracy"' in said
     (out / "config.json").write_text("[1]")
     result = runner.invoke(app, ["eval", str(out), "--data", str(demo_beton)])
     assert result.exit_code == 2 and "--restart" in result.output
