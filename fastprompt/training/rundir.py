@@ -1,6 +1,7 @@
 """The run directory rule: a directory holds one run, of one setting, written by one process.
 
-- Identity: `config.json` holds the resolved config, its run facts and `identity_hash`; a
+- Identity: `config.json` holds the resolved config, its run facts (the data's content, by
+  the checksum its sidecar recorded, among them) and `identity_hash`; a
   command whose resolved settings differ from it in any identity field
   (`fastprompt.training.identity`) stops before anything is written, naming the first
   differing field and both values. `--restart` replaces the run (its files are removed
@@ -93,7 +94,7 @@ def check_same_run(out: Path, expected: dict, saved: dict, both: bool = False) -
     diff = first_difference(expected, saved, both=both)
     if diff is not None:
         key, mine, theirs = diff
-        fix = "pass --restart to replace that run, or use another --out"
+        fix = f"{changed_fact(key, expected.get('data'))}pass --restart to replace that run, or use another --out"
         if key == "autocast":  # the same --precision auto on another kind of device
             device = "cuda" if theirs == "bf16" else "cpu"
             fix = f"continue it on a {device} device (--precision auto is bf16 on cuda, fp32 on cpu), or {fix}"
@@ -171,6 +172,17 @@ def _cwd() -> Optional[Path]:
         return Path.cwd().resolve()
     except OSError:  # the current folder was removed
         return None
+
+
+def changed_fact(key: str, data) -> str:
+    """What a run fact that follows file contents means when it differs, and the way to continue
+    the run (the start of a fix; "" for any other field)."""
+    if key == "data_id":
+        return (f"the content of {data} changed since that run (prepared again, or replaced): point --data at the data "
+                "it trained on, or ")
+    if key == "weights_id":
+        return "the CLIP weights differ from those it trained with (a --pretrained file changed?): use those, or "
+    return ""
 
 
 def clear(out: Path) -> None:

@@ -2,12 +2,13 @@
 
 One run = one `--out` directory:
 - `config.json`: the resolved `TrainConfig` (every group's lr and warm-up, every method
-  option, epochs) plus run facts (class names, template, dataset, weights, bf16 or fp32), written at the
-  start: `load_run` / `fastprompt eval` rebuild the model from it alone;
+  option, epochs) plus run facts (class names, template, dataset, weights, the data's checksum,
+  bf16 or fp32), written at the start: `load_run` / `fastprompt eval` rebuild the model from it alone;
 - `metrics.jsonl`: one JSON line per epoch (loss, accuracy, every group's lr, images/s);
 - `checkpoint.json` + `checkpoint-*.safetensors` (`fastprompt.training.checkpoint`): prompts,
-  optimiser, RNG states, epoch and metrics, committed atomically every `checkpoint_every`
-  epochs; a run started again with the same `--out` resumes from it;
+  optimiser, RNG states, epoch and metrics, and the weights and data ids (`CHECKPOINT_FACTS`),
+  committed atomically every `checkpoint_every` epochs; a run started again with the same
+  `--out` resumes from it (on the same weights and data, whether config.json is there or not);
 - `prompts.safetensors`: the trainable tensors only, at the end;
 - `results.json`: test accuracies at the end (base, new and harmonic mean for base-to-new),
   the run's identity, wall time, package versions and the git commit when there is one.
@@ -60,13 +61,16 @@ from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
 from fastprompt.training.feature_cache import FeatureCache
 from fastprompt.training.hooks import exit_after_step, kill_point
-from fastprompt.training.identity import first_difference, identity, identity_hash, planned
+from fastprompt.training.identity import data_id, first_difference, identity, identity_hash, planned
 from fastprompt.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
 # what a checkpoint record must hold
 RECORD_KEYS = ("config", "classnames", "epoch", "optimizer", "rng", "metrics")
+# run facts that follow file contents, recorded in every checkpoint too (`facts`): a run whose
+# config.json is lost is not continued on other weights or data (checkpoints before them lack them)
+CHECKPOINT_FACTS = ("weights_id", "data_id")
 
 
 class _Step(nn.Module):
@@ -115,6 +119,7 @@ class Trainer:
         # everything that can fail on bad input happens before anything is written (the lock file and a folder
         # it made are removed again on failure)
         self.data = open_dataset(config.data)
+        self.data_id = data_id(self.data)  # the sidecar's checksum: the data's content, not its path
         self.classnames = self.data.classnames_for(config.classes)
         plan = planned(config, self.data)  # template, absolute paths, every group's recipe: what config.json records
         self.identity_hash = identity_hash(plan.to_dict())
@@ -202,6 +207,7 @@ class Trainer:
     def _run_facts(self) -> dict:
         return {"classnames": self.classnames, "template": self.template, "dataset": self.data.name,
                 "weights_id": self.model.bundle.weights_id, "image_size": self.model.bundle.image_size,
+                "data_id": self.data_id,  # the .beton's checksum (None: a sidecar without one)
                 "autocast": self.precision,  # --precision auto: bf16 on cuda, fp32 on cpu
                 "world_size": self.world, "identity_hash": self.identity_hash}
 
@@ -254,6 +260,13 @@ class Trainer:
         if record["classnames"] != list(self.classnames):
             raise FastpromptError(f"{path} is a checkpoint of a run on other classes than {self.config.data} "
                                   f"({self.config.classes}); {fix}")
+        facts, mine = record.get("facts", {}), self._run_facts()
+        if not isinstance(facts, dict):
+            raise FastpromptError(f"{path} holds facts that are not a JSON object; {fix}")
+        for key in CHECKPOINT_FACTS:
+            if key in facts and facts[key] != mine[key]:  # checked without config.json: it may be lost
+                raise FastpromptError(f"{path} is a checkpoint of a run with {key}={facts[key]!r}, this command has "
+                                      f"{key}={mine[key]!r}; {rundir.changed_fact(key, self.config.data)}{fix}")
         epoch, metrics = record["epoch"], record["metrics"]
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= self.config.epochs:
             raise FastpromptError(f"{path} says epoch {epoch!r}, which this run of {self.config.epochs} epochs cannot have "
@@ -323,6 +336,7 @@ class Trainer:
             "optimizer": checkpoint.optimizer_to_parts(self._optimizer_state(), tensors),
             "rng": checkpoint.rng_to_json(rng_state()),
             "metrics": self.metrics,
+            "facts": {key: value for key, value in self._run_facts().items() if key in CHECKPOINT_FACTS},
         }
         return record, tensors
 
@@ -522,7 +536,8 @@ def finished_run(config: TrainConfig) -> Optional[dict]:
         return None  # the trainer decides (a checkpoint may hold the run)
     if saved is None:
         return None
-    rundir.check_same_run(out, planned(config).to_dict(), saved)
+    dataset = open_dataset(config.data)
+    rundir.check_same_run(out, {**planned(config, dataset).to_dict(), "data_id": data_id(dataset)}, saved)
     return results
 
 

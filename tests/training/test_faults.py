@@ -222,6 +222,31 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(demo_beton, tmp_path, nan_
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "prompts.safetensors")).values())
 
 
+# ------------------------------------------------------------------ data changed under a run
+@pytest.mark.slow
+def test_data_prepared_again_under_a_killed_run_is_not_resumed(tmp_path):
+    """Issue 21, as reported: a run killed after epoch 2 of 5, its .beton prepared again at the same
+    path with other content: the next start stops naming data_id and the fix; the original data resumes it."""
+    from fastprompt.data import write_demo
+
+    data, out = tmp_path / "d.beton", tmp_path / "run"
+    write_demo(str(data), images_per_class=4, image_size=32, seed=0, workers=1)  # 20 training images: 2 steps an epoch
+    original = data.read_bytes(), data.with_suffix(".json").read_bytes()
+    killed = subprocess.run([FASTPROMPT, *_args(data, out, epochs=5)], env=_env(**{EXIT_AFTER_STEP: "5"}),
+                            capture_output=True, text=True)
+    assert killed.returncode == EXIT_CODE and checkpoint.load(out)[0]["epoch"] == 2, killed.stderr[-3000:]
+    write_demo(str(data), images_per_class=4, image_size=32, seed=1, workers=1, overwrite=True)
+    said = _error(_invoke(data, out, epochs=5))
+    assert "holds a run with data_id='sha256:" in said and f"the content of {data} changed since that run" in said
+    assert "point --data at the data it trained on, or pass --restart" in said
+    assert checkpoint.load(out)[0]["epoch"] == 2 and len(_metrics(out)) == 2  # nothing trained, nothing removed
+    data.write_bytes(original[0])
+    data.with_suffix(".json").write_bytes(original[1])
+    resumed = _invoke(data, out, epochs=5)
+    assert resumed.exit_code == 0 and "after epoch 2/5" in " ".join(resumed.output.split()), resumed.output
+    assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
+
+
 # ------------------------------------------------------------------ nothing unpickles
 @pytest.mark.slow
 def test_planted_pickles_never_run(demo_beton, tmp_path):
