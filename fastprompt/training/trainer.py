@@ -451,7 +451,11 @@ class Trainer:
         if self.cached_topk and self.epoch < cfg.epochs:
             self._build_topk_table()
         if cfg.feature_cache and self.epoch < cfg.epochs:
-            self.feature_cache = FeatureCache.build(self.model, self.data, views=cfg.feature_cache, aug_seed=0,
+            views = min(cfg.feature_cache, cfg.epochs)  # epoch e reads view e mod V: views past the last epoch go unread
+            if views < cfg.feature_cache and self.is_main:
+                log.warning("feature_cache=%d is more views than the %d epochs of this run read (epoch e reads view e): "
+                            "capped at %d", cfg.feature_cache, cfg.epochs, views)
+            self.feature_cache = FeatureCache.build(self.model, self.data, views=views, aug_seed=0,
                                                     device=self.device, batch_size=cfg.eval_batch_size,
                                                     num_workers=cfg.num_workers, autocast=self.autocast)
             if cfg.feature_cache < cfg.epochs:
