@@ -425,6 +425,13 @@ class Trainer:
                 f"the loss became non-finite (NaN or inf) at epoch {self.epoch + 1} step {bad_step}; "
                 f"{self._last_checkpoint()}; lower --lr, use --precision fp32, or pass --nan-policy skip"
             )
+        if self.guard.skipped_all:  # --nan-policy skip: nothing of this epoch trained, nor will the next
+            steps = self.guard.steps
+            raise FastpromptError(
+                f"every step of epoch {self.epoch + 1} had a non-finite loss (NaN or inf) and was skipped ({steps} of "
+                f"{steps}, --nan-policy skip): the run no longer trains; {self._last_checkpoint()}; lower --lr or use "
+                "--precision fp32"
+            )
         stats = torch.stack([running["loss"], running["correct"].double(), running["seen"].double()])  # (3,)
         if self.distributed:
             dist.all_reduce(stats)

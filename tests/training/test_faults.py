@@ -179,19 +179,20 @@ def test_unwritable_output_is_one_line(demo_beton, tmp_path):
 # ------------------------------------------------------------------ non-finite loss
 @pytest.fixture
 def nan_at(monkeypatch):
-    """nan_at(k): the k-th training loss (1-based) is NaN."""
+    """nan_at(k): the k-th training loss (1-based) is NaN; nan_at(k, onwards=True): every loss from the k-th."""
     from fastprompt.methods import METHODS
 
     cls = METHODS["coop"]
     real = cls.loss_and_logits
 
-    def arm(k):
+    def arm(k, onwards=False):
         count = [0]
 
         def loss_and_logits(self, *args, **kwargs):
             loss, logits = real(self, *args, **kwargs)
             count[0] += 1
-            return (loss * float("nan") if count[0] == k else loss), logits
+            bad = count[0] >= k if onwards else count[0] == k
+            return (loss * float("nan") if bad else loss), logits
 
         monkeypatch.setattr(cls, "loss_and_logits", loss_and_logits)
 
@@ -220,6 +221,18 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(demo_beton, tmp_path, nan_
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["skipped_steps"] for l in lines] == [0, 1, 0] and [l["images"] for l in lines] == [20, 10, 20]
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "prompts.safetensors")).values())
+
+
+@pytest.mark.slow
+def test_nan_policy_skip_stops_when_a_whole_epoch_is_skipped(demo_beton, tmp_path, nan_at):
+    """An lr that explodes makes every later loss non-finite: skipping them all would end at chance, exit 0."""
+    nan_at(3, onwards=True)  # every step from epoch 2 on
+    out = tmp_path / "run"
+    said = _error(_invoke(demo_beton, out, "--nan-policy", "skip"))
+    assert said == (f"error: every step of epoch 2 had a non-finite loss (NaN or inf) and was skipped (2 of 2, --nan-policy "
+                    f"skip): the run no longer trains; the checkpoint after epoch 1 in {out} is kept and the next start "
+                    "resumes from it; lower --lr or use --precision fp32")
+    assert checkpoint.load(out)[0]["epoch"] == 1 and len(_metrics(out)) == 1 and not (out / "results.json").exists()
 
 
 # ------------------------------------------------------------------ data changed under a run
