@@ -101,6 +101,20 @@ CASES = {
     "out holds files but no run, restart": (train_into("{proj}", "--restart"), "--out {proj} is not empty (metrics.jsonl"),
     "out holds another program's config.json": (train_into("{other_config}", "--restart"),
                                                 "--out {other_config} holds a config.json that is not a fastprompt run's"),
+    # issue 21: numeric train fields out of their range
+    "batch size above 2^21": (train("coop", "--batch-size", "99999999999999"),
+                              "batch_size=99999999999999 must be an integer in 1..2097152"),
+    "batch size zero": (train("coop", "--batch-size", "0"), "batch_size=0 must be an integer in 1..2097152"),
+    "momentum 5": (train("coop", "--momentum", "5"), "momentum=5.0 must be a number in [0, 1)"),
+    "momentum 1": (train("coop", "--momentum", "1"), "momentum=1.0 must be a number in [0, 1)"),
+    "lr beyond float32": (train("coop", "--lr", "1e300"), "lr=1e+300 must be a number > 0 and at most 3.403e+38"),
+    "group lr beyond float32": (train("vpt-deep", "--lr.visual", "1e39"), "lr.visual=1e+39 must be a number > 0 and at most"),
+    "warmup lr beyond float32": (train("coop", "--warmup-lr", "1e39"), "warmup_lr=1e+39 must be a number >= 0 and at most"),
+    "checkpoint every negative": (train("coop", "--checkpoint-every", "-1"), "checkpoint_every=-1 must be an integer >= 0"),
+    "workers zero": (train("coop", "--workers", "0"), "num_workers=0 must be an integer >= 1"),
+    "feature cache negative": (train("coop", "--feature-cache", "-1"), "feature_cache=-1 must be an integer >= 0"),
+    "warmup epochs not below epochs": (train("coop", "--warmup-epochs", "1"),
+                                       "group text: warm-up of 1 epochs (--warmup-epochs) leaves none of the 1 epochs"),
     # ---- end of run-directory cases
 }
 

@@ -152,9 +152,12 @@ class Trainer:
         self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
         n_train = len(self.fewshot["train"])
         self.cached_topk = self.model.wants_topk_table()
+        # a batch larger than the subset is the subset (one batch a rank: its share, ceil(n / W)), so the loader's
+        # buffers never hold more images than that
+        local_batch = min(config.batch_size // self.world, -(-n_train // self.world))
         self.loader = self.data.loader(
             "train", shots=config.shots, seed=config.seed, classes=config.classes, train=True,
-            image_size=self.model.bundle.image_size, batch_size=config.batch_size // self.world,
+            image_size=self.model.bundle.image_size, batch_size=local_batch,
             device=self.device, num_workers=config.num_workers, order_seed=config.seed,
             return_indices=self.cached_topk,
             drop_last=n_train >= config.batch_size,  # Dassl's rule on the global batch; else one smaller batch

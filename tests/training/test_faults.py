@@ -260,6 +260,20 @@ def test_data_prepared_again_under_a_killed_run_is_not_resumed(tmp_path):
     assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
 
 
+# ------------------------------------------------------------------ the largest batch
+@pytest.mark.slow
+def test_a_batch_larger_than_the_subset_is_the_subset(demo_beton, tmp_path):
+    """The largest batch the config takes trains one batch of the 20 training images an epoch; the
+    loader never allocates a buffer of 2**21 images."""
+    from fastprompt.training.config import MAX_BATCH
+
+    out = tmp_path / "run"
+    result = _invoke(demo_beton, out, "--batch-size", str(MAX_BATCH), epochs=2)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["images"] for l in lines] == [20, 20]
+
+
 # ------------------------------------------------------------------ nothing unpickles
 @pytest.mark.slow
 def test_planted_pickles_never_run(demo_beton, tmp_path):
