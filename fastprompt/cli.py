@@ -202,6 +202,16 @@ def command(typer_app: typer.Typer, name: str, cls: type = None, choices: Option
     return typer_app.command(name, cls=cls, **settings)
 
 
+def _given(ctx, name: str) -> bool:
+    """Whether the command line (or the environment) gave parameter `name` a value, as opposed to
+    its default. The ParameterSource is that of the click this command runs on (Typer's bundled
+    one, `typer._click`): the standalone `click` package's enum never equals it, which once made
+    every flag look given and `--protocol` apply nothing (issue 21)."""
+    return ctx.get_parameter_source(name) in (_click.core.ParameterSource.COMMANDLINE,
+                                              _click.core.ParameterSource.ENVIRONMENT,
+                                              _click.core.ParameterSource.PROMPT)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"fastprompt {fastprompt.__version__}")
@@ -501,10 +511,8 @@ def train_cmd(
     if protocol is None:
         config = TrainConfig(**settings)
     else:  # the protocol fills what the command line left at its default; the generated flags hold only given values
-        from click.core import ParameterSource
-
         given = {k: v for k, v in settings.items() if k in ("out", "options", "group_lr", "group_warmup_epochs")
-                 or ctx.get_parameter_source("workers" if k == "num_workers" else k) not in (None, ParameterSource.DEFAULT)}
+                 or _given(ctx, "workers" if k == "num_workers" else k)}
         config = TrainConfig.from_protocol(protocol, **given)
     if out is None:
         config.out = default_run_dir(config)

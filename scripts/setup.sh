@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian/Ubuntu machine for fastprompt: the system libraries FFCV
-# compiles against, a virtual environment in .venv, and the project with its test extras.
+# compiles against, a virtual environment in .venv, and the project with its test extras at
+# the versions in constraints.txt (the ones the suite last passed with; a new release of a
+# dependency never changes what this installs: scripts/update-constraints.sh upgrades them).
 # Safe to run again: every step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,15 +21,15 @@ fi
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
-    .venv/bin/python -m pip install -q --upgrade pip
 fi
 
-# The stamp holds a hash of pyproject.toml: a changed dependency list reinstalls.
+# The stamp holds a hash of pyproject.toml and constraints.txt: a changed dependency list or pin reinstalls.
 stamp=.venv/.fastprompt-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import fastprompt" 2>/dev/null; then
     echo "[setup] installing fastprompt and its dependencies into .venv (first time: several GB for torch)"
-    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/python -m pip install -q --upgrade -c constraints.txt pip
+    .venv/bin/python -m pip install -q -c constraints.txt --build-constraint constraints.txt -e ".[test]"
     echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $(.venv/bin/fastprompt --version)"

@@ -28,6 +28,11 @@ def train(method="coop", *extra):
     return ["train", "--method", method, "--data", "{demo}", "--out", "{run}", *TINY, "--epochs", "1", *extra]
 
 
+def train_into(out, *extra):
+    """A coop train command line with `--out out`."""
+    return ["train", "--method", "coop", "--data", "{demo}", "--out", out, *TINY, "--epochs", "1", *extra]
+
+
 CASES = {
     # --- hyper-parameters: NaN, negative, out of range
     "lr nan": (train("coop", "--lr", "nan"), "lr=nan must be a number > 0"),
@@ -90,6 +95,29 @@ CASES = {
     # garbage config.json, garbage metrics.jsonl, garbage or hand-edited checkpoint, a run dir
     # trained on another dataset, non-finite loss (the message must not promise a checkpoint
     # that does not exist). Each is one more row here: (command line, expected message).
+    # issue 21: an --out that is no run's folder is refused in every mode, before anything is written or removed
+    "out empty text": (train_into(""), "--out '' names no folder; pass a run directory"),
+    "out filesystem root": (train_into("/"), "--out / is the filesystem root; a run needs a folder of its own"),
+    "out current folder": (train_into("{here}"), "--out {here} is the current folder; a run needs a folder of its own"),
+    "out holds files but no run": (train_into("{proj}"), "--out {proj} is not empty (metrics.jsonl, results.json, "
+                                   "tensorboard) and holds no fastprompt run (no config.json of one); nothing was changed"),
+    "out holds files but no run, restart": (train_into("{proj}", "--restart"), "--out {proj} is not empty (metrics.jsonl"),
+    "out holds another program's config.json": (train_into("{other_config}", "--restart"),
+                                                "--out {other_config} holds a config.json that is not a fastprompt run's"),
+    # issue 21: numeric train fields out of their range
+    "batch size above 2^21": (train("coop", "--batch-size", "99999999999999"),
+                              "batch_size=99999999999999 must be an integer in 1..2097152"),
+    "batch size zero": (train("coop", "--batch-size", "0"), "batch_size=0 must be an integer in 1..2097152"),
+    "momentum 5": (train("coop", "--momentum", "5"), "momentum=5.0 must be a number in [0, 1)"),
+    "momentum 1": (train("coop", "--momentum", "1"), "momentum=1.0 must be a number in [0, 1)"),
+    "lr beyond float32": (train("coop", "--lr", "1e300"), "lr=1e+300 must be a number > 0 and at most 3.403e+38"),
+    "group lr beyond float32": (train("vpt-deep", "--lr.visual", "1e39"), "lr.visual=1e+39 must be a number > 0 and at most"),
+    "warmup lr beyond float32": (train("coop", "--warmup-lr", "1e39"), "warmup_lr=1e+39 must be a number >= 0 and at most"),
+    "checkpoint every negative": (train("coop", "--checkpoint-every", "-1"), "checkpoint_every=-1 must be an integer >= 0"),
+    "workers zero": (train("coop", "--workers", "0"), "num_workers=0 must be an integer >= 1"),
+    "feature cache negative": (train("coop", "--feature-cache", "-1"), "feature_cache=-1 must be an integer >= 0"),
+    "warmup epochs not below epochs": (train("coop", "--warmup-epochs", "1"),
+                                       "group text: warm-up of 1 epochs (--warmup-epochs) leaves none of the 1 epochs"),
     # ---- end of run-directory cases
     # ---- a finished run's files damaged by hand (issue 21 §4): {damaged[NAME]} is a copy of one tiny trained run
     # with one edit (`DAMAGE`); eval, compare and load_run read config.json through one check
@@ -165,8 +193,18 @@ def files(tmp_path_factory):
         (root / f"{name}.json").write_text(sidecar)
     (root / "notes.txt").write_text("not a checkpoint\n")
     torch.save({"visual.proj": torch.zeros(3, 3)}, root / "other.pt")
+    proj = root / "proj"  # a folder of the user's with files named like a run's, and no config.json (issue 21)
+    (proj / "tensorboard" / "old").mkdir(parents=True)
+    (proj / "tensorboard" / "old" / "events.out.tfevents").write_text("events\n")
+    (proj / "results.json").write_text("{}\n")
+    (proj / "metrics.jsonl").write_text("{}\n")
+    other = root / "other-config"  # another program's config.json beside a results.json
+    other.mkdir()
+    (other / "config.json").write_text('{"name": "not a run"}\n')
+    (other / "results.json").write_text("{}\n")
     return {"demo": demo, "empty": root / "empty.beton", "truncated": root / "truncated.beton",
-            "missing": root / "missing.beton", "text": root / "notes.txt", "wrong_ckpt": root / "other.pt"}
+            "missing": root / "missing.beton", "text": root / "notes.txt", "wrong_ckpt": root / "other.pt",
+            "proj": proj, "other_config": other}
 
 
 @pytest.fixture(scope="module")

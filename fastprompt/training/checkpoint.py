@@ -4,7 +4,8 @@ one atomic rename.
 A checkpoint of run directory DIR is two files:
 - `DIR/checkpoint.json`: the commit record: format, epoch, the name and id of its tensor
   file, and every value that is not a tensor (config, metrics, optimiser hyper-parameters
-  and step counts, RNG states of Python, numpy and torch as JSON numbers);
+  and step counts, RNG states of Python, numpy and torch as JSON numbers, the CLIP weights
+  and data ids the run trained on);
 - `DIR/checkpoint-EEEE-ID.safetensors`: every tensor (prompts, optimiser buffers), with the
   same id in its metadata.
 Saving writes the tensor file under a new name (atomically), then replaces checkpoint.json

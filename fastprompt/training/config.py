@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from fastprompt.errors import FastpromptError
 from fastprompt.methods.registry import METHODS, ParamGroup
 from fastprompt.runtime import DEVICES, PRECISIONS, SEED_MAX
@@ -32,6 +34,19 @@ OPTIMIZERS = ("sgd", "adamw")
 COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # the last three: inductor modes
 NAN_POLICIES = ("stop", "skip")
 COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo + AOTAutograd without code generation (tests, debugging)
+# The largest batch: 2**21 images, more than ImageNet-1k's 1.28 M training images, so no dataset's whole training split
+# is refused; a larger number is a typo. (A batch larger than the run's training subset is the subset: the Trainer's
+# loader never allocates more.)
+MAX_BATCH = 2**21
+# The largest learning rate: each group's lr is a float32 tensor on the device (the fused optimisers read it there)
+MAX_LR = float(np.finfo(np.float32).max)
+
+
+def _check_lr(name: str, value: Any, strict: bool = True, allow_none: bool = False) -> None:
+    """A learning rate: a finite number > 0 (>= 0 unless `strict`) that a float32 holds."""
+    check_number(name, value, strict=strict, allow_none=allow_none)
+    require(value is None or value <= MAX_LR,
+            f"{name}={value!r} must be a number {'>' if strict else '>='} 0 and at most {MAX_LR:.4g} (a float32 holds it)")
 
 
 def default_epochs(shots: Optional[int], dataset: str) -> int:
@@ -126,9 +141,9 @@ class TrainConfig:
                 f"classes={self.classes!r}: training takes 'all' or 'base' (base-to-new); evaluate on 'new' with `fastprompt eval`"
             )
         check_int("epochs", self.epochs, allow_none=True)
-        check_int("batch_size", self.batch_size)
-        check_int("eval_batch_size", self.eval_batch_size)
-        check_number("lr", self.lr, strict=True, allow_none=True)
+        check_int("batch_size", self.batch_size, maximum=MAX_BATCH)
+        check_int("eval_batch_size", self.eval_batch_size, maximum=MAX_BATCH)
+        _check_lr("lr", self.lr, allow_none=True)
         check_int("warmup_epochs", self.warmup_epochs, allow_none=True, minimum=0)
         known = {g.name for g in method_cls.groups}
         for what, values in (("lr", self.group_lr), ("warmup_epochs", self.group_warmup_epochs)):
@@ -137,11 +152,13 @@ class TrainConfig:
                 require(name in known, f"{what}.{name}: {self.method} trains no '{name}' group (its groups: "
                                        f"{', '.join(sorted(known))}); drop --{what.replace('_', '-')}.{name}")
                 if what == "lr":
-                    check_number(f"lr.{name}", value, strict=True)
+                    _check_lr(f"lr.{name}", value)
                 else:
                     check_int(f"warmup_epochs.{name}", value, minimum=0)
-        check_number("warmup_lr", self.warmup_lr)
+        _check_lr("warmup_lr", self.warmup_lr, strict=False)
         check_number("momentum", self.momentum)
+        require(self.momentum < 1, f"momentum={self.momentum!r} must be a number in [0, 1) (at 1 or more SGD's velocity "
+                                   "sums every gradient and never decays)")
         check_number("weight_decay", self.weight_decay)
         check_int("checkpoint_every", self.checkpoint_every, minimum=0)
         check_int("num_workers", self.num_workers, allow_none=True)

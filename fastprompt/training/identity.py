@@ -2,7 +2,8 @@
 planned run and a finished one) are compared.
 
 A run's identity is its resolved config (`config.json`: every `TrainConfig` field plus the
-run facts the trainer adds, such as class names and the CLIP weights id) minus the fields
+run facts the trainer adds, such as class names, the CLIP weights id and the data's content
+id, `data_id`) minus the fields
 that choose *how* it executes and not *what* it computes: the output folder, the device,
 loader workers, checkpoint frequency, compilation, the eval batch size, the fast/reference
 backend (the same function by contract, docs/methods.md) and the process count (DDP gives the
@@ -15,9 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
+
+log = logging.getLogger(__name__)
 
 # Fields that change how a run executes, not its result: the one list.
 EXECUTION_FIELDS = frozenset({
@@ -27,7 +31,24 @@ EXECUTION_FIELDS = frozenset({
 # derived from the identity (the hash of it), never compared itself
 DERIVED_FIELDS = ("identity_hash",)
 # run facts that run directories of earlier versions lack: compared only where both configs have them
-LATER_FACTS = ("autocast",)
+LATER_FACTS = ("autocast", "data_id")
+_warned_no_checksum: set[str] = set()  # .beton files already warned about in this process (data_id)
+
+
+def data_id(dataset) -> Optional[str]:
+    """The content id of an opened .beton (config.json's `data_id`): the checksum its sidecar
+    recorded when `fastprompt prepare` wrote it (`sha256:HEX` of the whole file), so a file
+    prepared again at the same path is another run's data; read, never computed (the file may
+    be gigabytes). None for a sidecar of an older fastprompt without one, said once."""
+    recorded = dataset.meta.get("checksum")
+    if recorded is None:
+        key = str(Path(dataset.path).resolve())
+        if key not in _warned_no_checksum:
+            _warned_no_checksum.add(key)
+            log.warning("%s records no checksum (prepared by an older fastprompt): a run cannot tell whether its content "
+                        "changes; re-create it with `%s` to record one", dataset.path, dataset.prepare_command())
+        return None
+    return str(recorded)
 
 
 def planned(config, dataset=None):

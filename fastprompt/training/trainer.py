@@ -2,12 +2,13 @@
 
 One run = one `--out` directory:
 - `config.json`: the resolved `TrainConfig` (every group's lr and warm-up, every method
-  option, epochs) plus run facts (class names, template, dataset, weights, bf16 or fp32), written at the
-  start: `load_run` / `fastprompt eval` rebuild the model from it alone;
+  option, epochs) plus run facts (class names, template, dataset, weights, the data's checksum,
+  bf16 or fp32), written at the start: `load_run` / `fastprompt eval` rebuild the model from it alone;
 - `metrics.jsonl`: one JSON line per epoch (loss, accuracy, every group's lr, images/s);
 - `checkpoint.json` + `checkpoint-*.safetensors` (`fastprompt.training.checkpoint`): prompts,
-  optimiser, RNG states, epoch and metrics, committed atomically every `checkpoint_every`
-  epochs; a run started again with the same `--out` resumes from it;
+  optimiser, RNG states, epoch and metrics, and the weights and data ids (`CHECKPOINT_FACTS`),
+  committed atomically every `checkpoint_every` epochs; a run started again with the same
+  `--out` resumes from it (on the same weights and data, whether config.json is there or not);
 - `prompts.safetensors`: the trainable tensors only, at the end;
 - `results.json`: test accuracies at the end (base, new and harmonic mean for base-to-new),
   the run's identity, wall time, package versions and the git commit when there is one.
@@ -60,13 +61,16 @@ from fastprompt.training.config import TrainConfig
 from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
 from fastprompt.training.feature_cache import FeatureCache
 from fastprompt.training.hooks import exit_after_step, kill_point
-from fastprompt.training.identity import first_difference, identity, identity_hash, planned
+from fastprompt.training.identity import data_id, first_difference, identity, identity_hash, planned
 from fastprompt.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
 # what a checkpoint record must hold
 RECORD_KEYS = ("config", "classnames", "epoch", "optimizer", "rng", "metrics")
+# run facts that follow file contents, recorded in every checkpoint too (`facts`): a run whose
+# config.json is lost is not continued on other weights or data (checkpoints before them lack them)
+CHECKPOINT_FACTS = ("weights_id", "data_id")
 
 
 class _Step(nn.Module):
@@ -115,9 +119,11 @@ class Trainer:
         # everything that can fail on bad input happens before anything is written (the lock file and a folder
         # it made are removed again on failure)
         self.data = open_dataset(config.data)
+        self.data_id = data_id(self.data)  # the sidecar's checksum: the data's content, not its path
         self.classnames = self.data.classnames_for(config.classes)
         plan = planned(config, self.data)  # template, absolute paths, every group's recipe: what config.json records
         self.identity_hash = identity_hash(plan.to_dict())
+        rundir.check_out(self.out)  # a folder of a run or of none, before the lock writes into it (again under it)
         self.lock = rundir.RunLock(self.out)  # taken first: a second process stops before loading anything
         if self.is_main:
             self.lock.acquire()
@@ -146,9 +152,12 @@ class Trainer:
         self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
         n_train = len(self.fewshot["train"])
         self.cached_topk = self.model.wants_topk_table()
+        # a batch larger than the subset is the subset (one batch a rank: its share, ceil(n / W)), so the loader's
+        # buffers never hold more images than that
+        local_batch = min(config.batch_size // self.world, -(-n_train // self.world))
         self.loader = self.data.loader(
             "train", shots=config.shots, seed=config.seed, classes=config.classes, train=True,
-            image_size=self.model.bundle.image_size, batch_size=config.batch_size // self.world,
+            image_size=self.model.bundle.image_size, batch_size=local_batch,
             device=self.device, num_workers=config.num_workers, order_seed=config.seed,
             return_indices=self.cached_topk,
             drop_last=n_train >= config.batch_size,  # Dassl's rule on the global batch; else one smaller batch
@@ -201,6 +210,7 @@ class Trainer:
     def _run_facts(self) -> dict:
         return {"classnames": self.classnames, "template": self.template, "dataset": self.data.name,
                 "weights_id": self.model.bundle.weights_id, "image_size": self.model.bundle.image_size,
+                "data_id": self.data_id,  # the .beton's checksum (None: a sidecar without one)
                 "autocast": self.precision,  # --precision auto: bf16 on cuda, fp32 on cpu
                 "world_size": self.world, "identity_hash": self.identity_hash}
 
@@ -208,6 +218,7 @@ class Trainer:
         """Take the run directory (lock), check it holds this run or none, and resume or start.
         Everything is checked before the first file is written or removed."""
         if self.is_main:
+            rundir.check_out(self.out)  # under the lock: a run's folder or a new one, whatever the mode
             rundir.clean_temporaries(self.out)
             if self.mode == "restart":
                 rundir.clear(self.out)
@@ -252,6 +263,13 @@ class Trainer:
         if record["classnames"] != list(self.classnames):
             raise FastpromptError(f"{path} is a checkpoint of a run on other classes than {self.config.data} "
                                   f"({self.config.classes}); {fix}")
+        facts, mine = record.get("facts", {}), self._run_facts()
+        if not isinstance(facts, dict):
+            raise FastpromptError(f"{path} holds facts that are not a JSON object; {fix}")
+        for key in CHECKPOINT_FACTS:
+            if key in facts and facts[key] != mine[key]:  # checked without config.json: it may be lost
+                raise FastpromptError(f"{path} is a checkpoint of a run with {key}={facts[key]!r}, this command has "
+                                      f"{key}={mine[key]!r}; {rundir.changed_fact(key, self.config.data)}{fix}")
         epoch, metrics = record["epoch"], record["metrics"]
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= self.config.epochs:
             raise FastpromptError(f"{path} says epoch {epoch!r}, which this run of {self.config.epochs} epochs cannot have "
@@ -321,6 +339,7 @@ class Trainer:
             "optimizer": checkpoint.optimizer_to_parts(self._optimizer_state(), tensors),
             "rng": checkpoint.rng_to_json(rng_state()),
             "metrics": self.metrics,
+            "facts": {key: value for key, value in self._run_facts().items() if key in CHECKPOINT_FACTS},
         }
         return record, tensors
 
@@ -409,6 +428,13 @@ class Trainer:
                 f"the loss became non-finite (NaN or inf) at epoch {self.epoch + 1} step {bad_step}; "
                 f"{self._last_checkpoint()}; lower --lr, use --precision fp32, or pass --nan-policy skip"
             )
+        if self.guard.skipped_all:  # --nan-policy skip: nothing of this epoch trained, nor will the next
+            steps = self.guard.steps
+            raise FastpromptError(
+                f"every step of epoch {self.epoch + 1} had a non-finite loss (NaN or inf) and was skipped ({steps} of "
+                f"{steps}, --nan-policy skip): the run no longer trains; {self._last_checkpoint()}; lower --lr or use "
+                "--precision fp32"
+            )
         stats = torch.stack([running["loss"], running["correct"].double(), running["seen"].double()])  # (3,)
         if self.distributed:
             dist.all_reduce(stats)
@@ -435,7 +461,11 @@ class Trainer:
         if self.cached_topk and self.epoch < cfg.epochs:
             self._build_topk_table()
         if cfg.feature_cache and self.epoch < cfg.epochs:
-            self.feature_cache = FeatureCache.build(self.model, self.data, views=cfg.feature_cache, aug_seed=0,
+            views = min(cfg.feature_cache, cfg.epochs)  # epoch e reads view e mod V: views past the last epoch go unread
+            if views < cfg.feature_cache and self.is_main:
+                log.warning("feature_cache=%d is more views than the %d epochs of this run read (epoch e reads view e): "
+                            "capped at %d", cfg.feature_cache, cfg.epochs, views)
+            self.feature_cache = FeatureCache.build(self.model, self.data, views=views, aug_seed=0,
                                                     device=self.device, batch_size=cfg.eval_batch_size,
                                                     num_workers=cfg.num_workers, autocast=self.autocast)
             if cfg.feature_cache < cfg.epochs:
@@ -520,7 +550,8 @@ def finished_run(config: TrainConfig) -> Optional[dict]:
         return None  # the trainer decides (a checkpoint may hold the run)
     if saved is None:
         return None
-    rundir.check_same_run(out, planned(config).to_dict(), saved)
+    dataset = open_dataset(config.data)
+    rundir.check_same_run(out, {**planned(config, dataset).to_dict(), "data_id": data_id(dataset)}, saved)
     return results
 
 
@@ -531,7 +562,9 @@ def train(config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict],
     mode: "auto" continues the run the directory holds if it is this setting (a finished one is
     not evaluated again: its results are returned, unless `force_eval`), "resume" insists on a
     checkpoint to continue, "restart" removes the directory's run first. A directory holding
-    another setting is refused in every mode but "restart"."""
+    another setting is refused in every mode but "restart"; one that holds other files and no
+    run, in every mode (`rundir.check_out`)."""
+    rundir.check_out(config.out)
     if mode != "restart":
         results = finished_run(config)
         if results is not None and not force_eval:

@@ -94,6 +94,12 @@ def test_a_cell_holding_another_run_stops_the_sweep(demo_beton, tmp_path):
     _fake_run(cells[3], "results.json", epochs=None)
     with pytest.raises(FastpromptError, match=r"holds a run with epochs=None, this sweep has epochs=2"):
         plan(cells)
+    # the data prepared again at the same path (another checksum): a finished cell is not skipped as this one
+    _fake_run(cells[3], "results.json", data_id="sha256:" + "0" * 64)
+    with pytest.raises(FastpromptError, match=r"holds a run with data_id='sha256:0000.*, this sweep has data_id='sha256:"):
+        plan(cells)
+    _fake_run(cells[3], "results.json")  # a run directory of a version that did not record data_id: not refused
+    assert plan([cells[3]])[0].action == "skip"
 
 
 def test_identity_leaves_out_execution_settings():

@@ -86,18 +86,19 @@ def test_killed_sweep_resumes_without_running_a_cell_twice(demo_beton, tmp_path)
 @pytest.mark.slow
 def test_failed_cell_is_recorded_and_the_sweep_goes_on(demo_beton, tmp_path):
     out = tmp_path / "fail"
-    # the 1-shot cell's folder holds a folder where a run file goes (it cannot be cleared): that cell
-    # fails, the 2-shot one runs
+    # the 1-shot cell's folder holds a folder where a run file goes, and no run (it is not taken for one:
+    # issue 21): that cell fails, the 2-shot one runs
     config = SweepConfig(methods=["coop"], data=[str(demo_beton)], seeds=[1], shots=[1, 2], out=str(out),
                          train={**TRAIN, "batch_size": 16}, options={"n_ctx": 4}, jobs=2, tensorboard=True,
                          eval_on=[])
     (out / "demo/coop/shots1/seed1/fewshot.json").mkdir(parents=True)
     outcome = run_sweep(config)
     assert not outcome.ok
-    assert list(outcome.failed) == ["demo/coop/shots1/seed1"] and "cannot remove" in outcome.failed["demo/coop/shots1/seed1"]
+    assert list(outcome.failed) == ["demo/coop/shots1/seed1"]
+    assert "is not empty (fewshot.json) and holds no fastprompt run" in outcome.failed["demo/coop/shots1/seed1"]
     assert outcome.done == ["demo/coop/shots2/seed1"]
     error = json.loads((out / "demo/coop/shots1/seed1/error.json").read_text())
-    assert "fewshot.json, left by an earlier run" in error["error"] and "Traceback" in error["traceback"]
+    assert "is not empty (fewshot.json)" in error["error"] and "Traceback" in error["traceback"]
     record = json.loads((out / "sweep.json").read_text())
     assert record["outcome"]["failed"] == outcome.failed and record["grid"]["shots"] == [1, 2]
 

@@ -179,19 +179,20 @@ def test_unwritable_output_is_one_line(demo_beton, tmp_path):
 # ------------------------------------------------------------------ non-finite loss
 @pytest.fixture
 def nan_at(monkeypatch):
-    """nan_at(k): the k-th training loss (1-based) is NaN."""
+    """nan_at(k): the k-th training loss (1-based) is NaN; nan_at(k, onwards=True): every loss from the k-th."""
     from fastprompt.methods import METHODS
 
     cls = METHODS["coop"]
     real = cls.loss_and_logits
 
-    def arm(k):
+    def arm(k, onwards=False):
         count = [0]
 
         def loss_and_logits(self, *args, **kwargs):
             loss, logits = real(self, *args, **kwargs)
             count[0] += 1
-            return (loss * float("nan") if count[0] == k else loss), logits
+            bad = count[0] >= k if onwards else count[0] == k
+            return (loss * float("nan") if bad else loss), logits
 
         monkeypatch.setattr(cls, "loss_and_logits", loss_and_logits)
 
@@ -222,15 +223,73 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(demo_beton, tmp_path, nan_
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "prompts.safetensors")).values())
 
 
+@pytest.mark.slow
+def test_nan_policy_skip_stops_when_a_whole_epoch_is_skipped(demo_beton, tmp_path, nan_at):
+    """An lr that explodes makes every later loss non-finite: skipping them all would end at chance, exit 0."""
+    nan_at(3, onwards=True)  # every step from epoch 2 on
+    out = tmp_path / "run"
+    said = _error(_invoke(demo_beton, out, "--nan-policy", "skip"))
+    assert said == (f"error: every step of epoch 2 had a non-finite loss (NaN or inf) and was skipped (2 of 2, --nan-policy "
+                    f"skip): the run no longer trains; the checkpoint after epoch 1 in {out} is kept and the next start "
+                    "resumes from it; lower --lr or use --precision fp32")
+    assert checkpoint.load(out)[0]["epoch"] == 1 and len(_metrics(out)) == 1 and not (out / "results.json").exists()
+
+
+# ------------------------------------------------------------------ data changed under a run
+@pytest.mark.slow
+def test_data_prepared_again_under_a_killed_run_is_not_resumed(tmp_path):
+    """Issue 21, as reported: a run killed after epoch 2 of 5, its .beton prepared again at the same
+    path with other content: the next start stops naming data_id and the fix; the original data resumes it."""
+    from fastprompt.data import write_demo
+
+    data, out = tmp_path / "d.beton", tmp_path / "run"
+    write_demo(str(data), images_per_class=4, image_size=32, seed=0, workers=1)  # 20 training images: 2 steps an epoch
+    original = data.read_bytes(), data.with_suffix(".json").read_bytes()
+    killed = subprocess.run([FASTPROMPT, *_args(data, out, epochs=5)], env=_env(**{EXIT_AFTER_STEP: "5"}),
+                            capture_output=True, text=True)
+    assert killed.returncode == EXIT_CODE and checkpoint.load(out)[0]["epoch"] == 2, killed.stderr[-3000:]
+    write_demo(str(data), images_per_class=4, image_size=32, seed=1, workers=1, overwrite=True)
+    said = _error(_invoke(data, out, epochs=5))
+    assert "holds a run with data_id='sha256:" in said and f"the content of {data} changed since that run" in said
+    assert "point --data at the data it trained on, or pass --restart" in said
+    assert checkpoint.load(out)[0]["epoch"] == 2 and len(_metrics(out)) == 2  # nothing trained, nothing removed
+    data.write_bytes(original[0])
+    data.with_suffix(".json").write_bytes(original[1])
+    resumed = _invoke(data, out, epochs=5)
+    assert resumed.exit_code == 0 and "after epoch 2/5" in " ".join(resumed.output.split()), resumed.output
+    assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------ the largest batch
+@pytest.mark.slow
+def test_a_batch_larger_than_the_subset_is_the_subset(demo_beton, tmp_path):
+    """The largest batch the config takes trains one batch of the 20 training images an epoch; the
+    loader never allocates a buffer of 2**21 images."""
+    from fastprompt.training.config import MAX_BATCH
+
+    out = tmp_path / "run"
+    result = _invoke(demo_beton, out, "--batch-size", str(MAX_BATCH), epochs=2)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["images"] for l in lines] == [20, 20]
+
+
 # ------------------------------------------------------------------ nothing unpickles
 @pytest.mark.slow
 def test_planted_pickles_never_run(demo_beton, tmp_path):
     marker = tmp_path / "ran"
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"prompts": _Plant(marker)}, run / "checkpoint.pt")  # resume
-    result = _invoke(demo_beton, run)
+    run = tmp_path / "run"  # resume: a run of an older fastprompt, its config.json beside a pickled checkpoint.pt
+    assert _invoke(demo_beton, run, epochs=1).exit_code == 0
+    for path in [run / "results.json", run / "checkpoint.json", *run.glob("checkpoint-*.safetensors")]:
+        path.unlink()
+    torch.save({"prompts": _Plant(marker)}, run / "checkpoint.pt")
+    result = _invoke(demo_beton, run, epochs=1)
     assert result.exit_code == 2 and "never unpickled" in result.output and not marker.exists()
+    alone = tmp_path / "alone"  # a checkpoint.pt without a config.json of fastprompt: no run's, not read
+    alone.mkdir()
+    torch.save({"prompts": _Plant(marker)}, alone / "checkpoint.pt")
+    result = _invoke(demo_beton, alone)
+    assert result.exit_code == 2 and "holds no fastprompt run" in result.output and not marker.exists()
 
     done = tmp_path / "done"  # eval of a run whose prompts file is a pickle
     assert _invoke(demo_beton, done, epochs=1).exit_code == 0

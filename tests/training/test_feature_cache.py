@@ -61,3 +61,23 @@ def test_train_with_feature_cache(demo_beton, tmp_path, monkeypatch):
     bad = CliRunner().invoke(app, ["train", "--method", "vpt-deep", "--data", str(demo_beton), "--out", str(tmp_path / "x"),
                                    "--feature-cache", "2"])
     assert bad.exit_code == 2 and "feature_cache needs a frozen image tower" in bad.output
+
+
+@pytest.mark.slow
+def test_feature_cache_builds_no_view_the_run_cannot_read(demo_beton, tmp_path, monkeypatch, caplog):
+    """Epoch e reads view e: --feature-cache beyond the epochs is capped at them, said once (issue 21)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("FASTPROMPT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="fastprompt"):
+        result = CliRunner().invoke(app, ["train", "--method", "coop", "--data", str(demo_beton), "--out", str(out),
+                                          "--clip", "fastprompt-tiny", "--pretrained", "none", "--epochs", "2",
+                                          "--warmup-epochs", "0", "--feature-cache", "40", "--workers", "1",
+                                          "--coop.n-ctx", "2"])
+    assert result.exit_code == 0, result.output
+    said = [r.getMessage() for r in caplog.records if "feature_cache" in r.getMessage()]
+    assert said == ["feature_cache=40 is more views than the 2 epochs of this run read (epoch e reads view e): capped at 2"]
+    (cache,) = (tmp_path / "cache").glob("features-*.safetensors")
+    assert load_file(str(cache))["features"].shape[0] == 2
+    assert json.loads((out / "config.json").read_text())["feature_cache"] == 40  # the setting asked for

@@ -224,3 +224,59 @@ def test_every_protocol_setting_names_a_real_field_option_or_group():
                 assert head in ("lr", "warmup_epochs") and tail in group_names(), (protocol.name, key)
             else:
                 assert key in fields, (protocol.name, key)
+
+
+# Every protocol through the real command line with nothing but --protocol, --method, --data and the tiny CLIP
+# (issue 21 §1: a click mismatch once made every default look given, so --protocol applied nothing but options).
+PROTOCOL_RUNS = [("coop", "coop"), ("coop", "vpt-deep"), ("cocoop-b2n", "coop"), ("cocoop-b2n", "vlp"),
+                 ("cavpt", "cavpt"), ("cavpt", "vlp"), ("cavpt-paper", "cavpt")]
+
+
+@pytest.mark.parametrize("protocol,method", PROTOCOL_RUNS)
+def test_train_protocol_alone_applies_every_setting(protocol, method, named_beton, tmp_path, monkeypatch):
+    """config.json holds, for each setting of the protocol (the table `fastprompt protocols`
+    prints), the protocol's value: train fields, the lr and warm-up of every group the run
+    trains, and each option the method has. The trainer is built (config.json written) and
+    its training loop replaced, so nothing trains."""
+    from fastprompt.methods import method_class
+    from fastprompt.training.config import default_epochs
+    from fastprompt.training.protocols import TRAIN_FIELDS
+    from fastprompt.training.trainer import Trainer
+
+    dataset = "eurosat"
+    beton = named_beton(dataset)
+    monkeypatch.setattr(Trainer, "train", lambda self: {"trained": False})
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--protocol", protocol, "--method", method, "--data", str(beton),
+                                      "--out", str(out), "--clip", "fastprompt-tiny", "--pretrained", "none"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    proto = PROTOCOLS[protocol]
+    groups = set(saved["group_lr"])
+    assert groups and groups == set(saved["group_warmup_epochs"])
+    checked = 0
+    for key, setting in proto.settings.items():
+        value = setting.at(dataset)
+        head, _, tail = key.partition(".")
+        if key in ("clip", "pretrained"):  # the two flags given
+            continue
+        if key in TRAIN_FIELDS:
+            if key == "template" and value is None:
+                value = json.loads(beton.with_suffix(".json").read_text())["template"]
+            if key == "epochs" and value is None:
+                value = default_epochs(saved["shots"], dataset)
+            assert saved[key] == value, (key, saved[key], value)
+            if key in ("lr", "warmup_epochs"):  # a value for every group
+                assert set(saved[f"group_{key}"].values()) == {value}, (key, saved[f"group_{key}"])
+        elif head in ("lr", "warmup_epochs"):
+            if tail in groups:
+                assert saved[f"group_{head}"][tail] == value, (key, saved[f"group_{head}"], value)
+        else:
+            option_cls = method_class(method).options
+            applied = {k: v for k, v in proto.options(dataset).items() if k in option_cls.field_names()}
+            if tail in applied and tail not in option_cls.unused_fields(applied):
+                assert saved["options"][tail] == value, (key, saved["options"][tail], value)
+            elif tail not in option_cls.field_names():
+                assert tail not in saved["options"], key
+        checked += 1
+    assert checked >= 12 and (saved["protocol"], saved["clip"], saved["pretrained"]) == (protocol, "fastprompt-tiny", None)

@@ -4,6 +4,7 @@ checkpoints as a safetensors + JSON pair committed atomically, --verbose logging
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write
 from fastprompt.methods.vpt import VptConfig, VptDeep
 from fastprompt.runtime import rng_state, set_rng_state
-from fastprompt.training import checkpoint
+from fastprompt.training import checkpoint, rundir
 
 runner = CliRunner()
 TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--workers", "1", "--shots", "2", "--batch-size", "10",
@@ -124,8 +125,77 @@ def test_old_checkpoint_in_out_is_refused_through_the_cli(demo_beton, tmp_path):
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"pickle")
     result = runner.invoke(app, ["train", "--method", "coop", "--data", str(demo_beton), "--out", str(out), *TINY])
-    assert result.exit_code == 2 and "checkpoint.pt from an older fastprompt" in result.output
+    # without a config.json of fastprompt beside it, nothing tells it is a run's: not read, not removed
+    assert result.exit_code == 2 and "is not empty (checkpoint.pt) and holds no fastprompt run" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
+# ------------------------------------------------------------------ what --out may be (issue 21)
+_CONFIG = json.dumps({k: None for k in rundir.CONFIG_KEYS})  # the keys of a config.json that fastprompt wrote
+_RECORD = json.dumps({k: 1 for k in rundir.CHECKPOINT_KEYS})  # ... and of a checkpoint.json
+OUT_LAYOUTS = {  # name: (files in --out; None when a run may use it, else a piece of the refusal)
+    "empty": ({}, None),
+    "killed before its config.json": ({".lock": "", ".config.json.ab12_x9z.tmp": "{"}, None),
+    "a sweep cell that failed before its config.json": ({"error.json": '{"cell": "c", "error": "e"}'}, None),
+    "a run beside a file of the user's": ({"config.json": _CONFIG, "results.json": "{}", "notes.txt": ""}, None),
+    "a run whose config.json is lost": ({"checkpoint.json": _RECORD, "metrics.jsonl": ""}, None),
+    "a run whose config.json is damaged": ({"checkpoint.json": _RECORD, "config.json": "{garb"}, None),
+    "run file names, no config.json": ({"results.json": "{}", "metrics.jsonl": "", "tensorboard/x": ""},
+                                       "is not empty (metrics.jsonl, results.json, tensorboard) and holds no fastprompt run"),
+    "more than four names": ({f"{c}.txt": "" for c in "abcde"}, "is not empty (a.txt, b.txt, c.txt, d.txt and 1 more)"),
+    "an error.json of another program": ({"error.json": "{}"}, "is not empty (error.json)"),
+    "a temporary of another file": ({".notes.txt.ab12_x9z.tmp": ""}, "is not empty (.notes.txt.ab12_x9z.tmp)"),
+    "another program's config.json": ({"config.json": '{"name": "x"}'}, "holds a config.json that is not a fastprompt run's"),
+    "an unreadable config.json": ({"config.json": "{garbage", "fewshot.json": "{}"}, "holds a config.json that is not"),
+    "another program's checkpoint.json": ({"checkpoint.json": "{}"}, "is not empty (checkpoint.json)"),
+}
+
+
+@pytest.mark.parametrize("layout", list(OUT_LAYOUTS))
+def test_only_a_run_or_nothing_may_be_in_out(layout, tmp_path):
+    files, refusal = OUT_LAYOUTS[layout]
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(text)
+    if refusal is None:
+        rundir.check_out(out)
+    else:
+        with pytest.raises(FastpromptError, match=re.escape(f"--out {out} {refusal}")) as err:
+            rundir.check_out(out)
+        assert "--restart" not in str(err.value) and "nothing was changed" in str(err.value)
+
+
+def test_out_is_never_a_shared_folder(tmp_path, monkeypatch):
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    home.mkdir()
+    (tmp_path / "link").symlink_to("/")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    rundir.check_out(tmp_path / "absent")
+    for out, what in (("", "''"), (" ", "' '")):
+        with pytest.raises(FastpromptError, match=f"--out {re.escape(what)} names no folder"):
+            rundir.check_out(out)
+    for out, what in (("/", "the filesystem root"), (tmp_path / "link", "the filesystem root"), (home, "your home folder"),
+                      (".", "the current folder"), (work, "the current folder")):
+        with pytest.raises(FastpromptError, match=f"--out {re.escape(str(out))} is {what}; a run needs a folder of its own"):
+            rundir.check_out(out)
+
+
+def test_clearing_a_run_removes_only_its_files(tmp_path):
+    names = ["config.json", "fewshot.json", "metrics.jsonl", "checkpoint.json", "checkpoint-0001-abc.safetensors",
+             "prompts.safetensors", "results.json", "eval-demo-all.json", "error.json", ".results.json.ab12_x9z.tmp",
+             "tensorboard/events"]
+    mine = ["notes.txt", "config.json.bak", ".notes.txt.ab12_x9z.tmp", ".hidden.tmp", "results.json.old", "runs/x"]
+    for name in names + mine + [".lock"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    rundir.clean_temporaries(tmp_path)
+    assert not (tmp_path / ".results.json.ab12_x9z.tmp").exists() and (tmp_path / ".notes.txt.ab12_x9z.tmp").exists()
+    rundir.clear(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == sorted([".lock", "runs", *mine])
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from fastprompt.cli import app
@@ -132,11 +133,12 @@ def test_default_run_names_hold_the_weights_and_a_hash(demo_beton, tmp_path):
 
 @pytest.mark.slow
 def test_a_directory_is_taken_whole(demo_beton, tmp_path):
-    """Files of another run and temporaries of a killed write go before a new run starts; --resume
-    needs a checkpoint; a garbage config.json says what to do."""
+    """What a run stopped before its config.json leaves (the lock, temporaries of its writes) goes
+    before a new run starts; --resume needs a checkpoint; a folder is a run's by a config.json or
+    checkpoint.json that fastprompt wrote, and no file of another is ever removed, --restart included."""
     out = tmp_path / "run"
     out.mkdir()
-    for name in ("results.json", "prompts.safetensors", "eval-demo-all.json", ".checkpoint.json.x1.tmp"):
+    for name in (".lock", ".config.json.ab12_x9z.tmp", ".checkpoint.json.x1.tmp"):  # killed before its config.json
         (out / name).write_text("{}")
     said = _train(demo_beton, out, "--resume", code=2)
     assert "--resume: " in said and "holds no checkpoint to resume" in said
@@ -147,21 +149,78 @@ def test_a_directory_is_taken_whole(demo_beton, tmp_path):
         trainer.close()
     assert not (out / ".lock").exists()  # released and removed
 
+    # a config.json that fastprompt cannot read is not taken for a run's, in any mode: nothing is removed
     (out / "config.json").write_text("{garbage")
-    said = _train(demo_beton, out, code=2)
-    assert "config.json is unreadable" in said and "pass --restart" in said
-    _train(demo_beton, out, "--restart")
-    said = " ".join(runner.invoke(app, ["eval", str(out), "--data", str(demo_beton)]).output.split())
-    assert '"test_accuracy"' in said
+    for mode in ((), ("--restart",)):
+        said = _train(demo_beton, out, *mode, code=2)
+        assert "holds a config.json that is not a fastprompt run's" in said and "--restart" not in said
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "fewshot.json", "metrics.jsonl"]
+
+    # a run's folder: --restart removes the run's files, never a file of the user's beside them
+    out = tmp_path / "run2"
+    _train(demo_beton, out)
+    (out / "notes.txt").write_text("mine")
+    _train(demo_beton, out, "--lr", "0.5", "--restart")
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "config.json").read_text())["lr"] == 0.5
 
     # a garbage config.json beside a checkpoint of this run: rebuilt from it, and eval works again
     (out / "config.json").write_text("{garbage")
     (out / "results.json").unlink()
-    _train(demo_beton, out, "--resume")
+    _train(demo_beton, out, "--lr", "0.5", "--resume")
     assert json.loads((out / "config.json").read_text())["method"] == "coop"
+    said = " ".join(runner.invoke(app, ["eval", str(out), "--data", str(demo_beton)]).output.split())
+    assert '"test_accuracy"' in said
     (out / "config.json").write_text("[1]")
     result = runner.invoke(app, ["eval", str(out), "--data", str(demo_beton)])
     assert result.exit_code == 2 and "--restart" in result.output
+
+
+@pytest.mark.slow
+def test_a_run_follows_the_content_of_its_weights_and_data(tmp_path, tiny_clip):
+    """config.json and every checkpoint record the CLIP weights id and the data's checksum (issue 21):
+    a .beton prepared again or a weights file changed at the same path is not continued, whether
+    config.json is there or lost; a run directory of an earlier version, without them, is."""
+    from fastprompt.data import write_demo
+
+    data, weights, out = tmp_path / "d.beton", tmp_path / "w.safetensors", tmp_path / "run"
+    write_demo(str(data), images_per_class=4, image_size=32, seed=0, workers=1)
+    original = data.read_bytes(), data.with_suffix(".json").read_bytes()
+    state = {k: v.contiguous() for k, v in tiny_clip.state_dict().items()}
+    save_file(state, str(weights))
+    args = ("--epochs", "1", "--pretrained", str(weights))
+    _train(data, out, *args)
+    config, record = (json.loads((out / name).read_text()) for name in ("config.json", "checkpoint.json"))
+    assert config["data_id"] == record["facts"]["data_id"] == json.loads(original[1])["checksum"]
+    assert config["weights_id"] == record["facts"]["weights_id"] and config["weights_id"].startswith("file:")
+
+    # the data prepared again with other content: a finished run is not taken for this one
+    write_demo(str(data), images_per_class=4, image_size=32, seed=1, workers=1, overwrite=True)
+    said = _train(data, out, *args, code=2)
+    assert f"holds a run with data_id={config['data_id']!r}, this command has data_id='sha256:" in said
+    assert f"the content of {data} changed since that run (prepared again, or replaced): point --data at the data it " \
+           "trained on, or pass --restart" in said
+    # stopped with config.json lost: its checkpoint says so
+    (out / "results.json").unlink()
+    (out / "config.json").unlink()
+    said = _train(data, out, *args, code=2)
+    assert f"checkpoint.json is a checkpoint of a run with data_id={config['data_id']!r}" in said and "--restart" in said
+
+    # the original data, the weights file changed at its path: refused by the checkpoint too
+    data.write_bytes(original[0])
+    data.with_suffix(".json").write_bytes(original[1])
+    stat = os.stat(weights)
+    save_file({k: v + 1 for k, v in state.items()}, str(weights))
+    said = _train(data, out, *args, code=2)
+    assert f"checkpoint.json is a checkpoint of a run with weights_id={config['weights_id']!r}" in said
+    assert "the CLIP weights differ from those it trained with" in said
+
+    # the original weights (same bytes and time), a checkpoint of an earlier version (no facts): it resumes
+    save_file(state, str(weights))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    record.pop("facts")
+    (out / "checkpoint.json").write_text(json.dumps(record))
+    assert "resuming" in _train(data, out, *args)
+    assert json.loads((out / "config.json").read_text())["data_id"] == config["data_id"]
 
 
 @pytest.mark.slow
