@@ -145,11 +145,12 @@ def without_seed(resolved: dict) -> dict:
 # averages over the seed (`without_seed`); everything else is the recipe the report shows.
 TABLE_AXES = ("method", "dataset", "shots", "classes")
 # Identity fields that follow from table axes, and which: runs that agree on those axes agree on
-# the field; runs on other axis values may differ in it. The dataset brings its file, its class
-# names (all, or the base half) and its name; a method brings its own options and parameter groups.
+# the field; runs on other axis values may differ in it. The dataset brings its file and that file's
+# content id, its class names (all, or the base half) and its name; a method brings its own options
+# and parameter groups.
 FOLLOWS = {
     "method": ("method",), "dataset": ("dataset",), "shots": ("shots",), "classes": ("classes",),
-    "data": ("dataset",), "classnames": ("dataset", "classes"),
+    "data": ("dataset",), "data_id": ("dataset",), "classnames": ("dataset", "classes"),
     "options": ("method",), "group_lr": ("method",), "group_warmup_epochs": ("method",),
 }
 # Identity fields that resolution fills in from the axes when a run leaves them unset

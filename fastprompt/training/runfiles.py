@@ -21,6 +21,7 @@ RUN_FACTS = {
                    lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v)),
     "weights_id": ("a string", lambda v: isinstance(v, str)),
     "dataset": ("a string", lambda v: isinstance(v, str)),
+    "data_id": ("a string or null", lambda v: v is None or isinstance(v, str)),
     "image_size": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
     "autocast": ("'bf16' or 'fp32'", lambda v: v in ("bf16", "fp32")),
     "world_size": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),

@@ -339,6 +339,15 @@ def test_what_resolution_sets_per_dataset_and_shots_may_differ(tmp_path, make_ru
 
 
 def test_a_dataset_file_is_one_file_in_every_column(tmp_path, make_run):
+    """Each dataset's file and content (`data_id`) may differ between columns, not within one dataset."""
+    root = tmp_path / "content"
+    make_run(root, "eurosat", "coop", 1, 70.0, data_id="sha256:aa")
+    make_run(root, "dtd", "coop", 1, 50.0, data_id="sha256:bb")
+    assert "| coop | 50.00 ± 0.00 (n=1) | 70.00 ± 0.00 (n=1) | 60.00 |" in report(root)
+    make_run(root, "eurosat", "coop", 2, 72.0, data_id="sha256:cc")  # the same path prepared again with other content
+    with pytest.raises(FastpromptError, match=r"seed1 and \S+seed2 differ in data_id \('sha256:aa' vs 'sha256:cc'\)"):
+        report(root)
+
     root = tmp_path / "files"
     make_run(root, "eurosat", "coop", 1, 70.0, data="/data/eurosat.beton")
     make_run(root, "eurosat", "cavpt", 1, 80.0, data="/other/eurosat.beton")
