@@ -260,3 +260,29 @@ def test_importing_fastprompt_changes_no_global_state():
     system_opencv = {path: n for path, n in report["opencv_applied"].items() if path != "cv2"}
     assert system_opencv and set(system_opencv.values()) == {1}, report["opencv_applied"]  # libffcv's OpenCV
     assert report["opencv_applied"].get("cv2") == report["opencv_before"].get("cv2")  # pip's cv2 is left alone
+
+
+LIGHT_ERRORS = textwrap.dedent('''
+    import json, sys
+    from typer.testing import CliRunner
+    from fastprompt.cli import app
+    out = []
+    for args in json.loads(sys.argv[1]):
+        result = CliRunner().invoke(app, args)
+        out.append([result.exit_code, result.output.strip().splitlines()[-1], "torch" in sys.modules])
+    print(json.dumps(out))
+''')
+
+
+def test_report_refuses_a_wrong_folder_without_importing_torch(tmp_path):
+    """`fastprompt report`'s bad-input errors answer without torch (~5 s and 1.1 GB saved; issue 21 §4)."""
+    (tmp_path / "empty").mkdir()
+    cases = [["report", str(tmp_path / "missing")], ["report", str(tmp_path / "empty")],
+             ["report", str(tmp_path / "empty"), "--format", "xml"]]
+    run = subprocess.run([sys.executable, "-c", LIGHT_ERRORS, json.dumps(cases)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [code for code, _, _ in results] == [2, 2, 2], results
+    assert all(line.startswith("error: ") for _, line, _ in results), results
+    assert [imported for _, _, imported in results] == [False, False, False], results

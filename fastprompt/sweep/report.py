@@ -225,7 +225,7 @@ def _stat(values: list[float], missing: list) -> Stat:
 
 def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Table]:
     """The tables of the runs under `root`: one per value of the axes not on rows or cols."""
-    from fastprompt.training.evaluate import harmonic_mean
+    from fastprompt.training.runfiles import harmonic_mean
 
     root = Path(root)
     check_choice("rows", rows, AXES)

@@ -34,10 +34,6 @@ class ResultNotSaved(FastpromptError):
         self.result = result
 
 
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
-
 @torch.no_grad()
 def evaluate(model: PromptModel, data, split: str, classes: str, *, device, batch_size: int = 128,
              num_workers: Optional[int] = None, autocast=nullcontext) -> float:

@@ -14,6 +14,11 @@ from fastprompt.validation import json_type
 
 CONFIG = "config.json"
 
+def harmonic_mean(a: float, b: float) -> float:
+    """results.json's `harmonic_mean` of the base and new accuracies (base-to-new), and report's H."""
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
 # The run facts the trainer writes into config.json beside the TrainConfig fields
 # (`Trainer._run_facts`), each with what it must be; `read_run_config` checks those present.
 RUN_FACTS = {

@@ -58,7 +58,8 @@ from fastprompt.training import checkpoint, rundir
 from fastprompt.training.compiled import compile_cache_is_warm, compile_fn
 from fastprompt.training.progress import TrainProgress
 from fastprompt.training.config import TrainConfig
-from fastprompt.training.evaluate import evaluate, harmonic_mean, model_for_classes
+from fastprompt.training.evaluate import evaluate, model_for_classes
+from fastprompt.training.runfiles import harmonic_mean
 from fastprompt.training.feature_cache import FeatureCache
 from fastprompt.training.hooks import exit_after_step, kill_point
 from fastprompt.training.identity import data_id, first_difference, identity, identity_hash, planned
