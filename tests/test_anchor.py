@@ -32,6 +32,9 @@ def run(step, model, images, labels, extra):
     ("cavpt", {"variant": "released"}),
     ("cavpt", {"variant": "released", "text_prompt": True, "layers": 2, "guidance_epochs": 1}),
     ("e2mim", {"mi_input": "logits"}),
+    ("vpt-shallow", {"placement": "before-ln-pre"}),
+    ("vlp", {"placement": "before-ln-pre"}),
+    ("cavpt", {"variant": "released", "placement": "before-ln-pre"}),
 ])
 def test_anchor_equals_reference(method, options, tiny_clip, images, labels):
     torch.manual_seed(0)

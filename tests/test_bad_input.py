@@ -46,6 +46,8 @@ CASES = {
     "method not trainable": (train("zeroshot"), "Invalid value for '--method': 'zeroshot' is not one of 'coop'"),
     "method option choice": (train("cavpt", "--cavpt.variant", "dpt"),
                              "Invalid value for '--cavpt.variant': 'dpt' is not one of 'paper', 'released'"),
+    "visual prompt placement": (train("vpt-deep", "--vpt.placement", "middle"),
+                                "Invalid value for '--vpt.placement': 'middle' is not one of 'after-ln-pre', 'before-ln-pre'"),
     "train precision": (train("coop", "--precision", "fp16"), "Invalid value for '--precision': 'fp16'"),
     "train optimizer": (train("coop", "--optimizer", "adam"), "Invalid value for '--optimizer': 'adam'"),
     "train classes new": (train("coop", "--classes", "new"), "Invalid value for '--classes': 'new'"),

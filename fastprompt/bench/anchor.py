@@ -87,13 +87,16 @@ def handcrafted_features(model: PromptModel) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """open_clip's patch/class/positional embedding and ln_pre: [B, 1 + Np, d]."""
+def embed(visual: nn.Module, images: torch.Tensor, first: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """open_clip's patch/class/positional embedding and ln_pre: [B, 1 + Np, d]; with `first`
+    [P, d], MaPLe's `VisionTransformer.forward`: the prompts appended before ln_pre, [B, 1 + Np + P, d]."""
     x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, d, g, g)
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, Np, d)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, d)
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, N, d)
-    return visual.ln_pre(x)  # (B, N, d)
+    if first is not None:
+        x = torch.cat([x, first.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)  # (B, N+P, d)
+    return visual.ln_pre(x)  # (B, N(+P), d)
 
 
 def pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -141,11 +144,17 @@ def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torc
     if model.visual is None:  # zeroshot, coop, e2mim: the frozen tower, as CoOp's image_encoder
         return visual(images.to(visual.conv1.weight.dtype)), []
     prompts = model.visual.prompts  # (L, P, d)
-    x = embed(visual, images)  # (B, N, d)
-    batch = x.shape[0]
     blocks = visual.transformer.resblocks
+    first = prompts[0] if prompts.shape[0] > 0 else None  # (P, d): layer 1's prompts
+    if first is not None and model.visual.placement == "before-ln-pre":
+        # MaPLe's VisionTransformer.forward: [cls, patches, prompts] through ln_pre together
+        x = embed(visual, images, first=first)  # (B, N+P, d)
+        x, first = x[:, : -first.shape[0]], x[:, -first.shape[0] :]  # (B, N, d), (B, P, d) normalised
+    else:
+        x = embed(visual, images)  # (B, N, d)
+        first = first.to(x.dtype).expand(x.shape[0], -1, -1) if first is not None else None  # (B, P, d)
     if model.visual_mode == "shallow":
-        x = torch.cat([x[:, :1], prompts[0].to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
+        x = torch.cat([x[:, :1], first, x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
         for block in blocks:
             x = block(x)  # (B, 1+P+Np, d)
         return pool(visual, x), []
@@ -155,8 +164,12 @@ def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torc
     normed = []
     n_slots = 0
     for layer, block in enumerate(blocks):
+        if model.visual.carry and layer >= prompts.shape[0]:  # MaPLe above its prompt depth: the slots stay
+            x = block(x)  # (B, 1+P+Np, d)
+            continue
         cls, patches = x[:, :1], x[:, 1 + n_slots:]  # (B, 1, d), (B, Np, d)
-        slots = [prompts[layer].to(x.dtype).expand(batch, -1, -1)] if layer < prompts.shape[0] else []  # [(B, P, d)]
+        slots = [first if layer == 0 else prompts[layer].to(x.dtype).expand(x.shape[0], -1, -1)
+                 ] if layer < prompts.shape[0] else []  # [(B, P, d)]
         if layer >= first_cavpt:
             extra, h = class_aware(model.cavpt[layer - first_cavpt], torch.cat([cls, patches], dim=1), text)
             slots.append(extra)  # (B, K_N, d)

@@ -144,6 +144,17 @@ class PromptModel(nn.Module):
             options["n_ctx"] = self.text.n_ctx
         return options
 
+    def tower_prompts(self, images: torch.Tensor, context: dict) -> Optional[dict]:
+        """The image tower's prompts for `images` as keywords of `vision.encode` (and of
+        `vision.class_attention`, the figures'); None when the tower is unprompted."""
+        if self.visual is None:
+            return None
+        where = {"placement": self.visual.placement}
+        if self.visual_mode == "shallow":
+            return {"shallow": self.visual.prompts[0], **where}
+        return {"deep": self.visual.prompts, "carry": self.visual.carry, "extra": self.extra_prompts(images, context),
+                **where}
+
     def image_features(self, images: Optional[torch.Tensor], context: Optional[dict] = None) -> torch.Tensor:
         """Image features [B, D], normalised, through the (prompted) image tower; for a frozen
         tower `context["features"]` may hold precomputed features [B, D] instead of images."""
@@ -152,15 +163,13 @@ class PromptModel(nn.Module):
             if not self.frozen_image_tower:
                 raise FastpromptError(f"{self.method} prompts its image tower; it needs images, not cached features")
             return F.normalize(context["features"], dim=-1)  # (B, D)
-        if self.visual is None:
+        prompts = self.tower_prompts(images, context)
+        if prompts is None:
             with torch.no_grad():
                 feats = self.clip.visual(images) if self.backend == "reference" else vision.encode(
                     self.clip.visual, images, backend=self.backend)  # (B, D)
-        elif self.visual_mode == "shallow":
-            feats = vision.encode(self.clip.visual, images, shallow=self.visual.prompts[0], backend=self.backend)
         else:
-            feats = vision.encode(self.clip.visual, images, deep=self.visual.prompts,
-                                  extra=self.extra_prompts(images, context), backend=self.backend)
+            feats = vision.encode(self.clip.visual, images, backend=self.backend, **prompts)  # (B, D)
         return F.normalize(feats, dim=-1)  # (B, D)
 
     # ----------------------------------------------------------------- API
@@ -251,10 +260,13 @@ def add_coop(model: PromptModel, options) -> None:
                              ctx_init=options.ctx_init)
 
 
-def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int, layers: Optional[int] = None) -> None:
-    """Give `model` shallow (one layer, carried) or deep (every layer, or the first `layers`) visual prompts."""
+def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int, layers: Optional[int] = None,
+                       placement: str = "after-ln-pre", carry: bool = False) -> None:
+    """Give `model` shallow (one layer, carried) or deep (every layer, or the first `layers`) visual
+    prompts; `placement` and `carry` say how they enter the tower (`fastprompt.models.vision`)."""
     require_vit(model.bundle, model.method)
     if layers is None:
         layers = 1 if mode == "shallow" else model.bundle.vision_layers
-    model.visual = VisualPrompts(layers, n_prompts, model.bundle.vision_width, device=model.bundle.device)
+    model.visual = VisualPrompts(layers, n_prompts, model.bundle.vision_width, device=model.bundle.device,
+                                 placement=placement, carry=carry)
     model.visual_mode = mode

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
+from fastprompt.models.vision import PLACEMENTS
 from fastprompt.validation import is_int as _is_int
 from fastprompt.validation import require as _require
 
@@ -64,10 +65,12 @@ class VisualOptions(Options):
     flag_prefix: ClassVar[str] = "vpt"
 
     n_prompts: int = 10  # visual prompts P per layer
+    placement: str = field(default="after-ln-pre", metadata={"choices": PLACEMENTS})  # where layer 1's prompts enter: "after-ln-pre" (the CAVPT authors' code) or "before-ln-pre" (MaPLe's code: normalised by ln_pre with the image tokens)
 
     def _validate(self) -> None:
         _require(_is_int(self.n_prompts) and self.n_prompts >= 1,
                  f"n_prompts={self.n_prompts!r} must be a positive integer (the paper uses 10)")
+        _require(self.placement in PLACEMENTS, f"placement={self.placement!r} must be one of {', '.join(PLACEMENTS)}")
 
 
 AUX_TARGETS = ("eq10", "gt-only")

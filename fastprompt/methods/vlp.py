@@ -23,4 +23,4 @@ class Vlp(PromptModel):
     def __init__(self, bundle, classnames, templates, backend, config: VlpConfig):
         super().__init__(bundle, classnames, templates, backend, config)
         add_coop(self, config)
-        add_visual_prompts(self, "deep", config.n_prompts)
+        add_visual_prompts(self, "deep", config.n_prompts, placement=config.placement)

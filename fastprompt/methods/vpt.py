@@ -1,4 +1,8 @@
-"""VPT on CLIP's image tower with cached hand-crafted text features (the CAVPT paper's eqs. 4-6)."""
+"""VPT on CLIP's image tower with cached hand-crafted text features (the CAVPT paper's eqs. 4-6).
+
+`placement` says where layer 1's prompts enter: after `ln_pre` (default; fanrena/DPT, the CAVPT
+authors' code) or before it (muzairkhattak/multimodal-prompt-learning `clip/model.py`: MaPLe's
+VPT trainer); see `fastprompt.models.vision`."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ class VptShallow(PromptModel):
 
     def __init__(self, bundle, classnames, templates, backend, config: VptConfig):
         super().__init__(bundle, classnames, templates, backend, config)
-        add_visual_prompts(self, "shallow", config.n_prompts)
+        add_visual_prompts(self, "shallow", config.n_prompts, placement=config.placement)
 
 
 @register_method("vpt-deep")
@@ -37,4 +41,4 @@ class VptDeep(PromptModel):
 
     def __init__(self, bundle, classnames, templates, backend, config: VptConfig):
         super().__init__(bundle, classnames, templates, backend, config)
-        add_visual_prompts(self, "deep", config.n_prompts)
+        add_visual_prompts(self, "deep", config.n_prompts, placement=config.placement)

@@ -35,7 +35,7 @@ def _train(demo_beton, out, method, *extra):
 def test_config_holds_every_resolved_value_and_rebuilds_the_model(demo_beton, tmp_path, monkeypatch):
     out = tmp_path / "vpt"
     config = _train(demo_beton, out, "vpt-deep")
-    assert config["options"] == {"n_prompts": 10}  # the default, written out although not typed
+    assert config["options"] == {"placement": "after-ln-pre", "n_prompts": 10}  # the defaults, written out although not typed
     assert config["group_lr"] == {"visual": 0.01} and config["group_warmup_epochs"] == {"visual": 0}
     assert config["epochs"] == 2 and config["dataset"] == "demo" and len(config["classnames"]) == 10
 
