@@ -35,6 +35,9 @@ def run(step, model, images, labels, extra):
     ("vpt-shallow", {"placement": "before-ln-pre"}),
     ("vlp", {"placement": "before-ln-pre"}),
     ("cavpt", {"variant": "released", "placement": "before-ln-pre"}),
+    ("coop", {"text_depth": 2, "n_ctx": 4}),
+    ("vpt-deep", {"vision_depth": 2}),
+    ("vlp", {"text_depth": 2, "vision_depth": 2, "placement": "before-ln-pre"}),
 ])
 def test_anchor_equals_reference(method, options, tiny_clip, images, labels):
     torch.manual_seed(0)

@@ -49,10 +49,20 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def text_encoder(clip: nn.Module, prompts: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
-    """CoOp's `TextEncoder.forward`: prompt embeddings [K, 77, w] -> features [K, D] (not normalised)."""
+def text_encoder(clip: nn.Module, prompts: torch.Tensor, tokenized: torch.Tensor,
+                 deep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CoOp's `TextEncoder.forward`: prompt embeddings [K, 77, w] -> features [K, D] (not normalised).
+    With `deep` [J-1, M, w], MaPLe's IVLP text layers (`ResidualAttentionBlock_IVLP`): blocks 2..J
+    first replace positions 1..M of every prompt with their own context."""
     x = prompts + clip.positional_embedding.to(prompts.dtype)  # (K, 77, w)
-    x = clip.transformer(x, attn_mask=clip.attn_mask)  # (K, 77, w): all 77 positions, every class
+    if deep is None:
+        x = clip.transformer(x, attn_mask=clip.attn_mask)  # (K, 77, w): all 77 positions, every class
+    else:
+        for i, block in enumerate(clip.transformer.resblocks):
+            if 0 < i <= deep.shape[0]:
+                ctx = deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)  # (K, M, w)
+                x = torch.cat([x[:, :1], ctx, x[:, 1 + ctx.shape[1]:]], dim=1)  # (K, 77, w)
+            x = block(x, attn_mask=clip.attn_mask)  # (K, 77, w)
     x = clip.ln_final(x)  # (K, 77, w)
     x = x[torch.arange(x.shape[0], device=x.device), tokenized.argmax(dim=-1)]  # (K, w): EOT
     if isinstance(clip.text_projection, nn.Linear):
@@ -201,7 +211,7 @@ class Anchor:
         model = self.model
         if model.text is None:
             return self.handcrafted
-        return l2norm(text_encoder(model.clip, coop_prompts(model), model.text.tokens))  # (K, D)
+        return l2norm(text_encoder(model.clip, coop_prompts(model), model.text.tokens, model.text.deep_context))  # (K, D)
 
     def zero_shot_features(self, images: torch.Tensor) -> torch.Tensor:
         """Zero-shot CLIP's image features [B, D], normalised (the released code's extra frozen forward)."""
@@ -248,7 +258,8 @@ class Anchor:
         if model.text is None:
             text_features = self.handcrafted  # (K, D)
         else:
-            text_features = text_encoder(model.clip, coop_prompts(model), model.text.tokens)  # (K, D), unnormalised
+            text_features = text_encoder(model.clip, coop_prompts(model), model.text.tokens,
+                                         model.text.deep_context)  # (K, D), unnormalised
         x, layer_logits = image_features(model, images, topk, text_features[topk])  # (B, D), [(B, K_N, K)]
         text_norm = l2norm(text_features)  # (K, D)
         output = tau * l2norm(x) @ text_norm.t()  # (B, K)

@@ -45,7 +45,7 @@ VISUAL_GROUP = ParamGroup("visual", lr=0.01, warmup_epochs=10, imagenet_warmup_e
                           source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
 
 # options `resolved_options` fills in when the model is built (None until then)
-DERIVED_OPTIONS = frozenset({"n_ctx"})
+DERIVED_OPTIONS = frozenset({"n_ctx", "text_depth", "vision_depth"})
 
 
 class PromptModel(nn.Module):
@@ -138,10 +138,15 @@ class PromptModel(nn.Module):
 
     def resolved_options(self) -> dict:  # derives DERIVED_OPTIONS
         """Every option as this model was built, defaults and derived values filled in
-        (CoOp's `n_ctx` from `ctx_init`): what rebuilds this exact model."""
+        (CoOp's `n_ctx` from `ctx_init`, a depth left to the tower from its layers): what
+        rebuilds this exact model."""
         options = self.config.to_dict()
         if self.text is not None and "n_ctx" in options:
             options["n_ctx"] = self.text.n_ctx
+        if self.text is not None and "text_depth" in options:
+            options["text_depth"] = self.text.depth
+        if self.visual is not None and "vision_depth" in options:
+            options["vision_depth"] = self.visual.prompts.shape[0]
         return options
 
     def tower_prompts(self, images: torch.Tensor, context: dict) -> Optional[dict]:
@@ -255,9 +260,10 @@ class PromptModel(nn.Module):
 
 
 def add_coop(model: PromptModel, options) -> None:
-    """Give `model` CoOp's learnable text context."""
+    """Give `model` CoOp's learnable text context (in the first `text_depth` layers, where the
+    options have that field; else in layer 1, CoOp)."""
     model.text = CoopContext(model.bundle, model.classnames, n_ctx=options.n_ctx, csc=options.csc,
-                             ctx_init=options.ctx_init)
+                             ctx_init=options.ctx_init, depth=getattr(options, "text_depth", 1))
 
 
 def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int, layers: Optional[int] = None,
@@ -267,6 +273,9 @@ def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int, layers: Op
     require_vit(model.bundle, model.method)
     if layers is None:
         layers = 1 if mode == "shallow" else model.bundle.vision_layers
+    if not 0 <= layers <= model.bundle.vision_layers:
+        raise FastpromptError(f"vision_depth={layers} does not fit the image tower's {model.bundle.vision_layers} layers; "
+                              f"pick 1..{model.bundle.vision_layers}")
     model.visual = VisualPrompts(layers, n_prompts, model.bundle.vision_width, device=model.bundle.device,
                                  placement=placement, carry=carry)
     model.visual_mode = mode

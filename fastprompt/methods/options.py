@@ -61,6 +61,28 @@ class CoopOptions(Options):
 
 
 @dataclass
+class TextDepthOptions(Options):
+    flag_prefix: ClassVar[str] = "coop"
+
+    text_depth: Optional[int] = 1  # text layers J with their own learnable context: layer 1's is CoOp's, layers 2..J replace it with their own (MaPLe's PROMPT_DEPTH_TEXT; 1: CoOp)
+
+    def _validate(self) -> None:
+        _require(self.text_depth is None or (_is_int(self.text_depth) and self.text_depth >= 1),
+                 f"text_depth={self.text_depth!r} must be a positive integer (1: CoOp) or None (every layer of the text tower)")
+
+
+@dataclass
+class VisualDepthOptions(Options):
+    flag_prefix: ClassVar[str] = "vpt"
+
+    vision_depth: Optional[int] = None  # image layers N with their own visual prompts; what layer N writes into them is carried through the layers above (MaPLe's PROMPT_DEPTH_VISION; 1: vpt-shallow; default: every layer)
+
+    def _validate(self) -> None:
+        _require(self.vision_depth is None or (_is_int(self.vision_depth) and self.vision_depth >= 1),
+                 f"vision_depth={self.vision_depth!r} must be a positive integer (1: vpt-shallow) or None (every layer of the image tower)")
+
+
+@dataclass
 class VisualOptions(Options):
     flag_prefix: ClassVar[str] = "vpt"
 

@@ -137,8 +137,10 @@ def _check_prompts(visual: VisionTransformer, shallow: Optional[torch.Tensor], d
         raise ValueError("per-sample prompts cannot be combined with carried prompts (their slots are dropped after each layer)")
     if shallow is not None:
         deep, carry = shallow.unsqueeze(0), True  # (1, P, d)
-    if deep is not None and deep.shape[0] > len(visual.transformer.resblocks):
-        raise ValueError(f"deep prompts have {deep.shape[0]} layers, the tower has {len(visual.transformer.resblocks)}")
+    n_layers = len(visual.transformer.resblocks)
+    if deep is not None and deep.shape[0] > n_layers:
+        raise ValueError(f"deep prompts have {deep.shape[0]} layers, the tower has {n_layers}")
+    carry = carry and deep is not None and deep.shape[0] < n_layers  # prompts in every layer: nothing above to carry to
     if deep is not None and deep.shape[0] > 0 and placement == "before-ln-pre":
         # MaPLe: layer 1's prompts are appended before ln_pre, which normalises each token alone
         deep = torch.cat([visual.ln_pre(deep[:1]), deep[1:]])  # (L_d, P, d)

@@ -4,6 +4,12 @@ The prompt of class k is `[SOS, u_1..u_M, CLASS tokens, ".", EOS]`: M learnable 
 vectors shared by all classes (or one set per class with `csc=True`) followed by the
 embedding of the class name. Initialisation: N(0, 0.02), or the token embeddings of an
 init phrase such as "a photo of a" (then M is the phrase's token count).
+
+Deep context (`depth` J > 1; MaPLe's IVLP and MaPLe text layers, muzairkhattak/
+multimodal-prompt-learning `clip/model.py` `ResidualAttentionBlock_IVLP`): layers 2..J
+overwrite the M context positions with their own learnable context `deep_context`
+[J-1, M, width], N(0, 0.02) like the released `VPT_shallow` of those blocks, shared by all
+classes (`fastprompt.models.text`).
 """
 
 from __future__ import annotations
@@ -32,10 +38,15 @@ class CoopContext(nn.Module):
         csc: bool = False,
         ctx_init: Optional[str] = None,
         init_std: float = 0.02,
+        depth: Optional[int] = 1,
     ):
         super().__init__()
         clip, tokenizer = bundle.model, bundle.tokenizer
         n_cls, width = len(classnames), bundle.text_width
+        n_layers = len(clip.transformer.resblocks)
+        depth = n_layers if depth is None else depth
+        if not 1 <= depth <= n_layers:
+            raise FastpromptError(f"text_depth={depth} does not fit the text tower's {n_layers} layers; pick 1..{n_layers}")
         with torch.no_grad():
             if ctx_init:
                 phrase = tokenize(clip, tokenizer, [ctx_init])  # (1, 77)
@@ -56,8 +67,14 @@ class CoopContext(nn.Module):
             embedding = clip.token_embedding(tokens)  # (K, 77, width)
 
         self.n_ctx = n_ctx
+        self.depth = depth  # layers with their own context: 1 (CoOp) .. the tower's depth
         self.length = int(eot_positions(tokens).max()) + 1  # positions the fast path keeps (a Python int)
         self.context = nn.Parameter(context)  # (M, width) or (K, M, width)
+        if depth > 1:  # the context of layers 2..J (`VPT_shallow` of MaPLe's IVLP text blocks)
+            deep = torch.empty(depth - 1, n_ctx, width, device=context.device).normal_(0.0, init_std)
+            self.deep_context = nn.Parameter(deep)  # (J-1, M, width)
+        else:
+            self.register_parameter("deep_context", None)
         self.register_buffer("tokens", tokens, persistent=False)  # (K, 77)
         self.register_buffer("eot", eot_positions(tokens), persistent=False)  # (K,)
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # (K, 1, width): SOS
@@ -77,5 +94,5 @@ class CoopContext(nn.Module):
         if backend == "fast" and self.context.dim() == 2:
             sos = self.token_prefix[0]  # (1, width)
             prefix = torch.cat([sos, self.context.to(sos.dtype)], dim=0)  # (1+M, width)
-            return encode_shared_prefix(clip, prefix, self.token_suffix, self.eot, self.length)
-        return encode_embeddings(clip, self.embeddings(), self.eot, backend, self.length)
+            return encode_shared_prefix(clip, prefix, self.token_suffix, self.eot, self.length, deep=self.deep_context)
+        return encode_embeddings(clip, self.embeddings(), self.eot, backend, self.length, deep=self.deep_context)
