@@ -13,10 +13,24 @@ prompts are left out (fastprompt computes in fp32 / bf16, never fp16).
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def with_random_layernorms(clip, seed: int = 5):
+    """A copy of `clip` with random LayerNorm affines, so that what ln_pre does to a prompt is
+    not a plain standardisation that another placement could happen to match."""
+    clip = copy.deepcopy(clip)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in clip.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=g))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=g))
+    return clip
 
 
 def block_forward(block, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -5,6 +5,12 @@ vectors shared by all classes (or one set per class with `csc=True`) followed by
 embedding of the class name. Initialisation: N(0, 0.02), or the token embeddings of an
 init phrase such as "a photo of a" (then M is the phrase's token count).
 
+An init phrase longer than M tokens (MaPLe's, IVLP's and PromptSRC's layout,
+muzairkhattak/multimodal-prompt-learning `trainers/independentVL.py` and `maple.py`:
+`ctx_vectors = embedding[0, 1 : 1 + n_ctx]`, `prompt_prefix = ctx_init`): its first M tokens
+initialise the context and the rest of the phrase stays in every prompt as frozen words, so
+2 tokens of "a photo of a" give `[SOS, u_1, u_2, "of", "a", CLASS tokens, ".", EOS]`.
+
 Deep context (`depth` J > 1; MaPLe's IVLP and MaPLe text layers, muzairkhattak/
 multimodal-prompt-learning `clip/model.py` `ResidualAttentionBlock_IVLP`): layers 2..J
 overwrite the M context positions with their own learnable context `deep_context`
@@ -51,22 +57,32 @@ class CoopContext(nn.Module):
             if ctx_init:
                 phrase = tokenize(clip, tokenizer, [ctx_init])  # (1, 77)
                 n_phrase = int(eot_positions(phrase)[0]) - 1  # tokens between SOS and EOT
-                if n_ctx is not None and n_ctx != n_phrase:
+                if n_ctx is not None and n_ctx > n_phrase:
                     raise FastpromptError(
-                        f"n_ctx={n_ctx} disagrees with ctx_init={ctx_init!r}, which is {n_phrase} tokens; drop n_ctx or change the phrase"
+                        f"n_ctx={n_ctx} is more than the {n_phrase} tokens of ctx_init={ctx_init!r}; drop n_ctx, pick "
+                        f"n_ctx <= {n_phrase} (its first n_ctx tokens are learned, the rest stay in the prompt) or a longer phrase"
                     )
-                n_ctx = n_phrase
+                n_ctx = n_phrase if n_ctx is None else n_ctx
                 init = clip.token_embedding(phrase)[0, 1 : 1 + n_ctx].float()  # (M, width)
                 context = init.expand(n_cls, -1, -1).clone() if csc else init.clone()
             else:
                 n_ctx = DEFAULT_N_CTX if n_ctx is None else n_ctx
                 shape = (n_cls, n_ctx, width) if csc else (n_ctx, width)
                 context = torch.empty(shape, device=clip.token_embedding.weight.device).normal_(0.0, init_std)
-            placeholder = " ".join(["X"] * n_ctx)
-            tokens = tokenize(clip, tokenizer, [f"{placeholder} {name}." for name in classnames])  # (K, 77)
+            n_words = n_phrase - n_ctx if ctx_init else 0  # words of the phrase after the context, kept in the prompt
+            if n_words:  # MaPLe's layout: the whole phrase in the prompt, its first n_ctx positions learned
+                tokens = tokenize(clip, tokenizer, [f"{ctx_init} {name}." for name in classnames])  # (K, 77)
+                words = tokens[:, 1 + n_ctx : 1 + n_phrase]  # (K, n_words)
+                if not bool((words == phrase[:, 1 + n_ctx : 1 + n_phrase]).all()):
+                    raise FastpromptError(f"ctx_init={ctx_init!r} is tokenised differently before a class name; "
+                                          "end it with a whole word")
+            else:
+                placeholder = " ".join(["X"] * n_ctx)
+                tokens = tokenize(clip, tokenizer, [f"{placeholder} {name}." for name in classnames])  # (K, 77)
             embedding = clip.token_embedding(tokens)  # (K, 77, width)
 
         self.n_ctx = n_ctx
+        self.n_words = n_words  # frozen phrase words between the context and the class name (shared by every prompt)
         self.depth = depth  # layers with their own context: 1 (CoOp) .. the tower's depth
         self.length = int(eot_positions(tokens).max()) + 1  # positions the fast path keeps (a Python int)
         self.context = nn.Parameter(context)  # (M, width) or (K, M, width)
@@ -89,10 +105,12 @@ class CoopContext(nn.Module):
     def forward(self, clip, backend: str = "fast") -> torch.Tensor:
         """Text features [K, D] (not normalised) of the learnable prompts.
 
-        Fast path with shared context: SOS + context run once for all classes (exact, see
-        `encode_shared_prefix`); class-specific context only gets the EOS truncation."""
+        Fast path with shared context: SOS + context (+ the init phrase's kept words) run once
+        for all classes (exact, see `encode_shared_prefix`); class-specific context only gets
+        the EOS truncation."""
         if backend == "fast" and self.context.dim() == 2:
-            sos = self.token_prefix[0]  # (1, width)
-            prefix = torch.cat([sos, self.context.to(sos.dtype)], dim=0)  # (1+M, width)
-            return encode_shared_prefix(clip, prefix, self.token_suffix, self.eot, self.length, deep=self.deep_context)
+            sos, words = self.token_prefix[0], self.token_suffix[0, : self.n_words]  # (1, width), (W, width)
+            prefix = torch.cat([sos, self.context.to(sos.dtype), words], dim=0)  # (1+M+W, width)
+            return encode_shared_prefix(clip, prefix, self.token_suffix[:, self.n_words :], self.eot, self.length,
+                                        deep=self.deep_context)
         return encode_embeddings(clip, self.embeddings(), self.eot, backend, self.length, deep=self.deep_context)

@@ -6,8 +6,6 @@ tests/_maple.py), to 1e-5 of the largest logit; `after-ln-pre` (the default, the
 code, pinned by tests/methods/test_vpt.py) does not. Fast == reference for both placements,
 loss and gradients, the CAVPT variants included."""
 
-import copy
-
 import pytest
 import torch
 
@@ -21,16 +19,7 @@ TEMPLATE = "a photo of a {}."  # MaPLe's VPT trainer: FixedEmbeddings' "a photo 
 
 @pytest.fixture(scope="module")
 def clip(tiny_clip):
-    """The tiny CLIP with random LayerNorm affines, so that what ln_pre does to a prompt is not
-    a plain standardisation that another placement could happen to match."""
-    clip = copy.deepcopy(tiny_clip)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for module in clip.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=g))
-                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=g))
-    return clip
+    return _maple.with_random_layernorms(tiny_clip)
 
 
 def _model(method, clip, backend="fast", **options):
