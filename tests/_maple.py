@@ -1,7 +1,8 @@
 """MaPLe's prompted CLIP re-implemented from the published code, the oracle of the VPT / IVLP /
 MaPLe tests: muzairkhattak/multimodal-prompt-learning `clip/model.py` (`VisionTransformer`,
-`VisionTransformer_MaPLe`, `ResidualAttentionBlock_IVLP`, `ResidualAttentionBlock_MaPLe`) and
-`trainers/independentVL.py` (`TextEncoder`, `VLPromptLearner`, `CustomCLIP`).
+`VisionTransformer_MaPLe`, `ResidualAttentionBlock_IVLP`, `ResidualAttentionBlock_MaPLe`), `trainers/independentVL.py`
+(`TextEncoder`, `VLPromptLearner`, `CustomCLIP`) and `trainers/maple.py` (`MultiModalPromptLearner`,
+whose `TextEncoder` and `CustomCLIP` run the same functions with the compound prompts).
 
 Written as that code runs: sequence-first tensors (LND), prompts appended *after* the patch
 tokens and before `ln_pre`, the prompts of layer i > 0 replacing the last n tokens (image) or
@@ -117,3 +118,15 @@ def logits(clip, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.T
     image_feats = image_feats / image_feats.norm(dim=-1, keepdim=True)
     text_feats = text_feats / text_feats.norm(dim=-1, keepdim=True)
     return clip.logit_scale.exp() * image_feats @ text_feats.t()
+
+
+def maple_prompts(ctx: torch.Tensor, prefix: torch.Tensor, suffix: torch.Tensor, proj, compound_prompts_text,
+                  compound_prompt_projections):
+    """`MultiModalPromptLearner.forward` (trainers/maple.py): (prompts [K, 77, w], shared_ctx =
+    proj(ctx) [n, dv], compound_prompts_text, visual_deep_prompts = [layer_i(text_i)])."""
+    ctx_k = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+    prompts = torch.cat([prefix, ctx_k, suffix], dim=1)
+    visual_deep_prompts = []
+    for index, layer in enumerate(compound_prompt_projections):
+        visual_deep_prompts.append(layer(compound_prompts_text[index]))
+    return prompts, proj(ctx), compound_prompts_text, visual_deep_prompts

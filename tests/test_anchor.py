@@ -38,6 +38,7 @@ def run(step, model, images, labels, extra):
     ("coop", {"text_depth": 2, "n_ctx": 4}),
     ("vpt-deep", {"vision_depth": 2}),
     ("vlp", {"text_depth": 2, "vision_depth": 2, "placement": "before-ln-pre"}),
+    ("maple", {"prompt_depth": 1}),
 ])
 def test_anchor_equals_reference(method, options, tiny_clip, images, labels):
     torch.manual_seed(0)

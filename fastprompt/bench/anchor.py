@@ -37,6 +37,7 @@ from torch import nn
 
 from fastprompt.methods.base import PromptModel
 from fastprompt.methods.e2mim import classwise_pairs
+from fastprompt.prompts.visual import CoupledPrompts
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +143,16 @@ def released_class_aware_prompts(layer: nn.Module, tokens: torch.Tensor, text: t
     return layer.norm(output + class_prompt), logits  # lns2[i]
 
 
+def maple_visual_prompts(model: PromptModel) -> torch.Tensor:
+    """MaPLe's `MultiModalPromptLearner.forward`: `proj(ctx)` and `[layer(prompt) for each compound
+    prompt]`, stacked: [J, M, d] (muzairkhattak/multimodal-prompt-learning trainers/maple.py)."""
+    coupling, text = model.visual, model.text
+    visual_deep_prompts = []
+    for index, layer in enumerate(coupling.deep):
+        visual_deep_prompts.append(layer(text.deep_context[index]))  # (M, d)
+    return torch.stack([coupling.first(text.context), *visual_deep_prompts])  # (J, M, d)
+
+
 def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torch.Tensor] = None,
                    text: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Prompted image features [B, D] (not normalised) and CAVPT's LayerNorm outputs per layer
@@ -153,7 +164,8 @@ def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torc
     visual = model.clip.visual
     if model.visual is None:  # zeroshot, coop, e2mim: the frozen tower, as CoOp's image_encoder
         return visual(images.to(visual.conv1.weight.dtype)), []
-    prompts = model.visual.prompts  # (L, P, d)
+    coupled = isinstance(model.visual, CoupledPrompts)  # MaPLe: the prompts are maps of the text prompts
+    prompts = maple_visual_prompts(model) if coupled else model.visual.prompts  # (L, P, d)
     blocks = visual.transformer.resblocks
     first = prompts[0] if prompts.shape[0] > 0 else None  # (P, d): layer 1's prompts
     if first is not None and model.visual.placement == "before-ln-pre":

@@ -45,7 +45,7 @@ VISUAL_GROUP = ParamGroup("visual", lr=0.01, warmup_epochs=10, imagenet_warmup_e
                           source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
 
 # options `resolved_options` fills in when the model is built (None until then)
-DERIVED_OPTIONS = frozenset({"n_ctx", "text_depth", "vision_depth"})
+DERIVED_OPTIONS = frozenset({"n_ctx", "text_depth", "vision_depth", "prompt_depth"})
 
 
 class PromptModel(nn.Module):

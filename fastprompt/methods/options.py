@@ -83,16 +83,35 @@ class VisualDepthOptions(Options):
 
 
 @dataclass
-class VisualOptions(Options):
+class PlacementOptions(Options):
+    flag_prefix: ClassVar[str] = "vpt"
+
+    placement: str = field(default="after-ln-pre", metadata={"choices": PLACEMENTS})  # where layer 1's prompts enter: "after-ln-pre" (the CAVPT authors' code) or "before-ln-pre" (MaPLe's code: normalised by ln_pre with the image tokens)
+
+    def _validate(self) -> None:
+        _require(self.placement in PLACEMENTS, f"placement={self.placement!r} must be one of {', '.join(PLACEMENTS)}")
+
+
+@dataclass
+class VisualOptions(PlacementOptions):
     flag_prefix: ClassVar[str] = "vpt"
 
     n_prompts: int = 10  # visual prompts P per layer
-    placement: str = field(default="after-ln-pre", metadata={"choices": PLACEMENTS})  # where layer 1's prompts enter: "after-ln-pre" (the CAVPT authors' code) or "before-ln-pre" (MaPLe's code: normalised by ln_pre with the image tokens)
 
     def _validate(self) -> None:
         _require(_is_int(self.n_prompts) and self.n_prompts >= 1,
                  f"n_prompts={self.n_prompts!r} must be a positive integer (the paper uses 10)")
-        _require(self.placement in PLACEMENTS, f"placement={self.placement!r} must be one of {', '.join(PLACEMENTS)}")
+
+
+@dataclass
+class MapleOptions(Options):
+    flag_prefix: ClassVar[str] = "maple"
+
+    prompt_depth: Optional[int] = None  # layers J of both towers with their own prompts, the image tower's coupled to the text's (MaPLe's PROMPT_DEPTH; default: 9, or every layer of a shallower tower)
+
+    def _validate(self) -> None:
+        _require(self.prompt_depth is None or (_is_int(self.prompt_depth) and self.prompt_depth >= 1),
+                 f"prompt_depth={self.prompt_depth!r} must be a positive integer (MaPLe uses 9)")
 
 
 AUX_TARGETS = ("eq10", "gt-only")
