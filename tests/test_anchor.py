@@ -32,6 +32,13 @@ def run(step, model, images, labels, extra):
     ("cavpt", {"variant": "released"}),
     ("cavpt", {"variant": "released", "text_prompt": True, "layers": 2, "guidance_epochs": 1}),
     ("e2mim", {"mi_input": "logits"}),
+    ("vpt-shallow", {"placement": "before-ln-pre"}),
+    ("vlp", {"placement": "before-ln-pre"}),
+    ("cavpt", {"variant": "released", "placement": "before-ln-pre"}),
+    ("coop", {"text_depth": 2, "n_ctx": 4}),
+    ("vpt-deep", {"vision_depth": 2}),
+    ("vlp", {"text_depth": 2, "vision_depth": 2, "placement": "before-ln-pre"}),
+    ("maple", {"prompt_depth": 1}),
 ])
 def test_anchor_equals_reference(method, options, tiny_clip, images, labels):
     torch.manual_seed(0)

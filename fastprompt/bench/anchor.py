@@ -37,6 +37,7 @@ from torch import nn
 
 from fastprompt.methods.base import PromptModel
 from fastprompt.methods.e2mim import classwise_pairs
+from fastprompt.prompts.visual import CoupledPrompts
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -49,10 +50,20 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def text_encoder(clip: nn.Module, prompts: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
-    """CoOp's `TextEncoder.forward`: prompt embeddings [K, 77, w] -> features [K, D] (not normalised)."""
+def text_encoder(clip: nn.Module, prompts: torch.Tensor, tokenized: torch.Tensor,
+                 deep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CoOp's `TextEncoder.forward`: prompt embeddings [K, 77, w] -> features [K, D] (not normalised).
+    With `deep` [J-1, M, w], MaPLe's IVLP text layers (`ResidualAttentionBlock_IVLP`): blocks 2..J
+    first replace positions 1..M of every prompt with their own context."""
     x = prompts + clip.positional_embedding.to(prompts.dtype)  # (K, 77, w)
-    x = clip.transformer(x, attn_mask=clip.attn_mask)  # (K, 77, w): all 77 positions, every class
+    if deep is None:
+        x = clip.transformer(x, attn_mask=clip.attn_mask)  # (K, 77, w): all 77 positions, every class
+    else:
+        for i, block in enumerate(clip.transformer.resblocks):
+            if 0 < i <= deep.shape[0]:
+                ctx = deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)  # (K, M, w)
+                x = torch.cat([x[:, :1], ctx, x[:, 1 + ctx.shape[1]:]], dim=1)  # (K, 77, w)
+            x = block(x, attn_mask=clip.attn_mask)  # (K, 77, w)
     x = clip.ln_final(x)  # (K, 77, w)
     x = x[torch.arange(x.shape[0], device=x.device), tokenized.argmax(dim=-1)]  # (K, w): EOT
     if isinstance(clip.text_projection, nn.Linear):
@@ -87,13 +98,16 @@ def handcrafted_features(model: PromptModel) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """open_clip's patch/class/positional embedding and ln_pre: [B, 1 + Np, d]."""
+def embed(visual: nn.Module, images: torch.Tensor, first: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """open_clip's patch/class/positional embedding and ln_pre: [B, 1 + Np, d]; with `first`
+    [P, d], MaPLe's `VisionTransformer.forward`: the prompts appended before ln_pre, [B, 1 + Np + P, d]."""
     x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, d, g, g)
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, Np, d)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, d)
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, N, d)
-    return visual.ln_pre(x)  # (B, N, d)
+    if first is not None:
+        x = torch.cat([x, first.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)  # (B, N+P, d)
+    return visual.ln_pre(x)  # (B, N(+P), d)
 
 
 def pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +143,16 @@ def released_class_aware_prompts(layer: nn.Module, tokens: torch.Tensor, text: t
     return layer.norm(output + class_prompt), logits  # lns2[i]
 
 
+def maple_visual_prompts(model: PromptModel) -> torch.Tensor:
+    """MaPLe's `MultiModalPromptLearner.forward`: `proj(ctx)` and `[layer(prompt) for each compound
+    prompt]`, stacked: [J, M, d] (muzairkhattak/multimodal-prompt-learning trainers/maple.py)."""
+    coupling, text = model.visual, model.text
+    visual_deep_prompts = []
+    for index, layer in enumerate(coupling.deep):
+        visual_deep_prompts.append(layer(text.deep_context[index]))  # (M, d)
+    return torch.stack([coupling.first(text.context), *visual_deep_prompts])  # (J, M, d)
+
+
 def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torch.Tensor] = None,
                    text: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Prompted image features [B, D] (not normalised) and CAVPT's LayerNorm outputs per layer
@@ -140,12 +164,19 @@ def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torc
     visual = model.clip.visual
     if model.visual is None:  # zeroshot, coop, e2mim: the frozen tower, as CoOp's image_encoder
         return visual(images.to(visual.conv1.weight.dtype)), []
-    prompts = model.visual.prompts  # (L, P, d)
-    x = embed(visual, images)  # (B, N, d)
-    batch = x.shape[0]
+    coupled = isinstance(model.visual, CoupledPrompts)  # MaPLe: the prompts are maps of the text prompts
+    prompts = maple_visual_prompts(model) if coupled else model.visual.prompts  # (L, P, d)
     blocks = visual.transformer.resblocks
+    first = prompts[0] if prompts.shape[0] > 0 else None  # (P, d): layer 1's prompts
+    if first is not None and model.visual.placement == "before-ln-pre":
+        # MaPLe's VisionTransformer.forward: [cls, patches, prompts] through ln_pre together
+        x = embed(visual, images, first=first)  # (B, N+P, d)
+        x, first = x[:, : -first.shape[0]], x[:, -first.shape[0] :]  # (B, N, d), (B, P, d) normalised
+    else:
+        x = embed(visual, images)  # (B, N, d)
+        first = first.to(x.dtype).expand(x.shape[0], -1, -1) if first is not None else None  # (B, P, d)
     if model.visual_mode == "shallow":
-        x = torch.cat([x[:, :1], prompts[0].to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
+        x = torch.cat([x[:, :1], first, x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
         for block in blocks:
             x = block(x)  # (B, 1+P+Np, d)
         return pool(visual, x), []
@@ -155,8 +186,12 @@ def image_features(model: PromptModel, images: torch.Tensor, topk: Optional[torc
     normed = []
     n_slots = 0
     for layer, block in enumerate(blocks):
+        if model.visual.carry and layer >= prompts.shape[0]:  # MaPLe above its prompt depth: the slots stay
+            x = block(x)  # (B, 1+P+Np, d)
+            continue
         cls, patches = x[:, :1], x[:, 1 + n_slots:]  # (B, 1, d), (B, Np, d)
-        slots = [prompts[layer].to(x.dtype).expand(batch, -1, -1)] if layer < prompts.shape[0] else []  # [(B, P, d)]
+        slots = [first if layer == 0 else prompts[layer].to(x.dtype).expand(x.shape[0], -1, -1)
+                 ] if layer < prompts.shape[0] else []  # [(B, P, d)]
         if layer >= first_cavpt:
             extra, h = class_aware(model.cavpt[layer - first_cavpt], torch.cat([cls, patches], dim=1), text)
             slots.append(extra)  # (B, K_N, d)
@@ -188,7 +223,7 @@ class Anchor:
         model = self.model
         if model.text is None:
             return self.handcrafted
-        return l2norm(text_encoder(model.clip, coop_prompts(model), model.text.tokens))  # (K, D)
+        return l2norm(text_encoder(model.clip, coop_prompts(model), model.text.tokens, model.text.deep_context))  # (K, D)
 
     def zero_shot_features(self, images: torch.Tensor) -> torch.Tensor:
         """Zero-shot CLIP's image features [B, D], normalised (the released code's extra frozen forward)."""
@@ -235,7 +270,8 @@ class Anchor:
         if model.text is None:
             text_features = self.handcrafted  # (K, D)
         else:
-            text_features = text_encoder(model.clip, coop_prompts(model), model.text.tokens)  # (K, D), unnormalised
+            text_features = text_encoder(model.clip, coop_prompts(model), model.text.tokens,
+                                         model.text.deep_context)  # (K, D), unnormalised
         x, layer_logits = image_features(model, images, topk, text_features[topk])  # (B, D), [(B, K_N, K)]
         text_norm = l2norm(text_features)  # (K, D)
         output = tau * l2norm(x) @ text_norm.t()  # (B, K)

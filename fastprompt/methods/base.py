@@ -45,7 +45,7 @@ VISUAL_GROUP = ParamGroup("visual", lr=0.01, warmup_epochs=10, imagenet_warmup_e
                           source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
 
 # options `resolved_options` fills in when the model is built (None until then)
-DERIVED_OPTIONS = frozenset({"n_ctx"})
+DERIVED_OPTIONS = frozenset({"n_ctx", "text_depth", "vision_depth", "prompt_depth"})
 
 
 class PromptModel(nn.Module):
@@ -138,11 +138,27 @@ class PromptModel(nn.Module):
 
     def resolved_options(self) -> dict:  # derives DERIVED_OPTIONS
         """Every option as this model was built, defaults and derived values filled in
-        (CoOp's `n_ctx` from `ctx_init`): what rebuilds this exact model."""
+        (CoOp's `n_ctx` from `ctx_init`, a depth left to the tower from its layers): what
+        rebuilds this exact model."""
         options = self.config.to_dict()
         if self.text is not None and "n_ctx" in options:
             options["n_ctx"] = self.text.n_ctx
+        if self.text is not None and "text_depth" in options:
+            options["text_depth"] = self.text.depth
+        if self.visual is not None and "vision_depth" in options:
+            options["vision_depth"] = self.visual.prompts.shape[0]
         return options
+
+    def tower_prompts(self, images: torch.Tensor, context: dict) -> Optional[dict]:
+        """The image tower's prompts for `images` as keywords of `vision.encode` (and of
+        `vision.class_attention`, the figures'); None when the tower is unprompted."""
+        if self.visual is None:
+            return None
+        where = {"placement": self.visual.placement}
+        if self.visual_mode == "shallow":
+            return {"shallow": self.visual.prompts[0], **where}
+        return {"deep": self.visual.prompts, "carry": self.visual.carry, "extra": self.extra_prompts(images, context),
+                **where}
 
     def image_features(self, images: Optional[torch.Tensor], context: Optional[dict] = None) -> torch.Tensor:
         """Image features [B, D], normalised, through the (prompted) image tower; for a frozen
@@ -152,15 +168,13 @@ class PromptModel(nn.Module):
             if not self.frozen_image_tower:
                 raise FastpromptError(f"{self.method} prompts its image tower; it needs images, not cached features")
             return F.normalize(context["features"], dim=-1)  # (B, D)
-        if self.visual is None:
+        prompts = self.tower_prompts(images, context)
+        if prompts is None:
             with torch.no_grad():
                 feats = self.clip.visual(images) if self.backend == "reference" else vision.encode(
                     self.clip.visual, images, backend=self.backend)  # (B, D)
-        elif self.visual_mode == "shallow":
-            feats = vision.encode(self.clip.visual, images, shallow=self.visual.prompts[0], backend=self.backend)
         else:
-            feats = vision.encode(self.clip.visual, images, deep=self.visual.prompts,
-                                  extra=self.extra_prompts(images, context), backend=self.backend)
+            feats = vision.encode(self.clip.visual, images, backend=self.backend, **prompts)  # (B, D)
         return F.normalize(feats, dim=-1)  # (B, D)
 
     # ----------------------------------------------------------------- API
@@ -246,15 +260,22 @@ class PromptModel(nn.Module):
 
 
 def add_coop(model: PromptModel, options) -> None:
-    """Give `model` CoOp's learnable text context."""
+    """Give `model` CoOp's learnable text context (in the first `text_depth` layers, where the
+    options have that field; else in layer 1, CoOp)."""
     model.text = CoopContext(model.bundle, model.classnames, n_ctx=options.n_ctx, csc=options.csc,
-                             ctx_init=options.ctx_init)
+                             ctx_init=options.ctx_init, depth=getattr(options, "text_depth", 1))
 
 
-def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int, layers: Optional[int] = None) -> None:
-    """Give `model` shallow (one layer, carried) or deep (every layer, or the first `layers`) visual prompts."""
+def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int, layers: Optional[int] = None,
+                       placement: str = "after-ln-pre", carry: bool = False) -> None:
+    """Give `model` shallow (one layer, carried) or deep (every layer, or the first `layers`) visual
+    prompts; `placement` and `carry` say how they enter the tower (`fastprompt.models.vision`)."""
     require_vit(model.bundle, model.method)
     if layers is None:
         layers = 1 if mode == "shallow" else model.bundle.vision_layers
-    model.visual = VisualPrompts(layers, n_prompts, model.bundle.vision_width, device=model.bundle.device)
+    if not 0 <= layers <= model.bundle.vision_layers:
+        raise FastpromptError(f"vision_depth={layers} does not fit the image tower's {model.bundle.vision_layers} layers; "
+                              f"pick 1..{model.bundle.vision_layers}")
+    model.visual = VisualPrompts(layers, n_prompts, model.bundle.vision_width, device=model.bundle.device,
+                                 placement=placement, carry=carry)
     model.visual_mode = mode

@@ -198,7 +198,8 @@ class Cavpt(PromptModel):
             raise FastpromptError(f"layers={config.layers} exceeds the image tower's {depth} layers; pick 1..{depth}")
         self.first_layer = depth - config.layers
         # released: VPT-deep prompts only below the CAVPT layers (fanrena/DPT `VPTDeepPromptLearner`)
-        add_visual_prompts(self, "deep", config.n_prompts, layers=self.first_layer if self.released else depth)
+        add_visual_prompts(self, "deep", config.n_prompts, layers=self.first_layer if self.released else depth,
+                           placement=config.placement)
         if config.text_prompt:
             add_coop(self, config)
         self.k_n = min(config.topk, self.num_classes)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastprompt.methods.base import TEXT_GROUP, PromptModel, add_coop
-from fastprompt.methods.options import CoopOptions
+from fastprompt.methods.options import CoopOptions, TextDepthOptions
 from fastprompt.methods.registry import register_method
 
 
 @dataclass
-class CoopConfig(CoopOptions):
+class CoopConfig(TextDepthOptions, CoopOptions):
     pass
 
 

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
+from fastprompt.models.vision import PLACEMENTS
 from fastprompt.validation import is_int as _is_int
 from fastprompt.validation import require as _require
 
@@ -60,7 +61,39 @@ class CoopOptions(Options):
 
 
 @dataclass
-class VisualOptions(Options):
+class TextDepthOptions(Options):
+    flag_prefix: ClassVar[str] = "coop"
+
+    text_depth: Optional[int] = 1  # text layers J with their own learnable context: layer 1's is CoOp's, layers 2..J replace it with their own (MaPLe's PROMPT_DEPTH_TEXT; 1: CoOp)
+
+    def _validate(self) -> None:
+        _require(self.text_depth is None or (_is_int(self.text_depth) and self.text_depth >= 1),
+                 f"text_depth={self.text_depth!r} must be a positive integer (1: CoOp) or None (every layer of the text tower)")
+
+
+@dataclass
+class VisualDepthOptions(Options):
+    flag_prefix: ClassVar[str] = "vpt"
+
+    vision_depth: Optional[int] = None  # image layers N with their own visual prompts; what layer N writes into them is carried through the layers above (MaPLe's PROMPT_DEPTH_VISION; 1: vpt-shallow; default: every layer)
+
+    def _validate(self) -> None:
+        _require(self.vision_depth is None or (_is_int(self.vision_depth) and self.vision_depth >= 1),
+                 f"vision_depth={self.vision_depth!r} must be a positive integer (1: vpt-shallow) or None (every layer of the image tower)")
+
+
+@dataclass
+class PlacementOptions(Options):
+    flag_prefix: ClassVar[str] = "vpt"
+
+    placement: str = field(default="after-ln-pre", metadata={"choices": PLACEMENTS})  # where layer 1's prompts enter: "after-ln-pre" (the CAVPT authors' code) or "before-ln-pre" (MaPLe's code: normalised by ln_pre with the image tokens)
+
+    def _validate(self) -> None:
+        _require(self.placement in PLACEMENTS, f"placement={self.placement!r} must be one of {', '.join(PLACEMENTS)}")
+
+
+@dataclass
+class VisualOptions(PlacementOptions):
     flag_prefix: ClassVar[str] = "vpt"
 
     n_prompts: int = 10  # visual prompts P per layer
@@ -68,6 +101,17 @@ class VisualOptions(Options):
     def _validate(self) -> None:
         _require(_is_int(self.n_prompts) and self.n_prompts >= 1,
                  f"n_prompts={self.n_prompts!r} must be a positive integer (the paper uses 10)")
+
+
+@dataclass
+class MapleOptions(Options):
+    flag_prefix: ClassVar[str] = "maple"
+
+    prompt_depth: Optional[int] = None  # layers J of both towers with their own prompts, the image tower's coupled to the text's (MaPLe's PROMPT_DEPTH; default: 9, or every layer of a shallower tower)
+
+    def _validate(self) -> None:
+        _require(self.prompt_depth is None or (_is_int(self.prompt_depth) and self.prompt_depth >= 1),
+                 f"prompt_depth={self.prompt_depth!r} must be a positive integer (MaPLe uses 9)")
 
 
 AUX_TARGETS = ("eq10", "gt-only")

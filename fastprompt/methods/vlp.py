@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastprompt.methods.base import TEXT_GROUP, VISUAL_GROUP, PromptModel, add_coop, add_visual_prompts
-from fastprompt.methods.options import CoopOptions, VisualOptions
+from fastprompt.methods.options import CoopOptions, TextDepthOptions, VisualDepthOptions, VisualOptions
 from fastprompt.methods.registry import register_method
 
 
 @dataclass
-class VlpConfig(VisualOptions, CoopOptions):
+class VlpConfig(VisualDepthOptions, VisualOptions, TextDepthOptions, CoopOptions):
     pass
 
 
@@ -23,4 +23,5 @@ class Vlp(PromptModel):
     def __init__(self, bundle, classnames, templates, backend, config: VlpConfig):
         super().__init__(bundle, classnames, templates, backend, config)
         add_coop(self, config)
-        add_visual_prompts(self, "deep", config.n_prompts)
+        add_visual_prompts(self, "deep", config.n_prompts, layers=config.vision_depth, placement=config.placement,
+                           carry=True)

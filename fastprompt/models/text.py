@@ -11,6 +11,13 @@ starts with the same `[SOS, u_1..u_M]`, and causality means those positions' hid
 are the same for every class. They run once (one sequence of 1 + M positions); each class
 suffix (name, ".", EOT) attends to their keys and values through
 `prefix_attention(..., causal=True)`. Exact: equal to running every full prompt.
+
+Deep text prompts (MaPLe's `ResidualAttentionBlock_IVLP` / `_MaPLe` text layers,
+muzairkhattak/multimodal-prompt-learning `clip/model.py`): `deep` [J-1, M, width] holds the
+context of layers 2..J; before each of those layers positions 1..M of every prompt are
+overwritten with it (no positional embedding: they enter inside the tower). Above layer J
+the context positions carry what layer J wrote, as ordinary tokens. Both functions take it;
+on the shared-prefix path the overwrite touches the one shared prefix.
 """
 
 from __future__ import annotations
@@ -38,11 +45,12 @@ def eot_positions(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def encode_embeddings(clip: CLIP, x: torch.Tensor, eot: torch.Tensor, backend: str = "fast",
-                      length: Optional[int] = None) -> torch.Tensor:
+                      length: Optional[int] = None, deep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Text features [K, D] (not normalised) of prompt embeddings x [K, L, width] pooled at `eot` [K].
 
     `x` holds token embeddings *without* positional embeddings; L is CLIP's context length.
     `length` = max(eot) + 1 when the caller knows it (no tensor read inside a compiled step).
+    `deep` [J-1, M, width]: the context of layers 2..J, written over positions 1..M.
     """
     if backend == "fast":
         length = int(eot.max()) + 1 if length is None else length  # CPU-GPU sync when not given
@@ -50,10 +58,29 @@ def encode_embeddings(clip: CLIP, x: torch.Tensor, eot: torch.Tensor, backend: s
     else:
         length = x.shape[1]
     x = x + clip.positional_embedding[:length].to(x.dtype)  # (K, L, width)
-    x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])  # (K, L, width)
+    mask = clip.attn_mask[:length, :length]  # (L, L)
+    if deep is None:
+        x = clip.transformer(x, attn_mask=mask)  # (K, L, width)
+    else:
+        _check_deep(clip, deep)
+        for layer, block in enumerate(clip.transformer.resblocks):
+            if 0 < layer <= deep.shape[0]:
+                x = _overwrite_context(x, deep[layer - 1])  # (K, L, width)
+            x = block(x, attn_mask=mask)  # (K, L, width)
     x = clip.ln_final(x)  # (K, L, width)
     x = x[torch.arange(x.shape[0], device=x.device), eot]  # (K, width)
     return _project(clip, x)  # (K, D)
+
+
+def _check_deep(clip: CLIP, deep: torch.Tensor) -> None:
+    if deep.shape[0] >= len(clip.transformer.resblocks):
+        raise ValueError(f"deep text prompts for {deep.shape[0] + 1} layers, the text tower has {len(clip.transformer.resblocks)}")
+
+
+def _overwrite_context(x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """x [K, L, width] with positions 1..M replaced by `context` [M, width] (the same for every row)."""
+    m = context.shape[0]
+    return torch.cat([x[:, :1], context.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + m :]], dim=1)  # (K, L, width)
 
 
 def _project(clip: CLIP, x: torch.Tensor) -> torch.Tensor:
@@ -63,20 +90,27 @@ def _project(clip: CLIP, x: torch.Tensor) -> torch.Tensor:
 
 
 def encode_shared_prefix(clip: CLIP, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor,
-                         length: Optional[int] = None) -> torch.Tensor:
+                         length: Optional[int] = None, deep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Text features [K, D] of prompts `cat([prefix, suffix_k])` with one shared prefix.
 
-    prefix: [P, width] (SOS + context) shared by all K prompts; suffix: [K, L - P, width]
-    (class tokens, ".", EOT, padding); eot: [K] EOT positions in the full prompt (>= P);
-    length: max(eot) + 1 when the caller knows it.
+    prefix: [P, width] (SOS + context, and any words shared by every prompt) shared by all K
+    prompts; suffix: [K, L - P, width] (class tokens, ".", EOT, padding); eot: [K] EOT
+    positions in the full prompt (>= P); length: max(eot) + 1 when the caller knows it;
+    deep: [J-1, M, width] the context of layers 2..J, written over positions 1..M (M < P).
     """
     n_prefix = prefix.shape[0]
+    if deep is not None:
+        _check_deep(clip, deep)
+        if deep.shape[1] >= n_prefix:
+            raise ValueError(f"deep text prompts of {deep.shape[1]} tokens do not fit a shared prefix of {n_prefix} positions")
     length = int(eot.max()) + 1 if length is None else length  # CPU-GPU sync when not given
     pos = clip.positional_embedding.to(prefix.dtype)  # (77, width)
     xp = (prefix + pos[:n_prefix]).unsqueeze(0)  # (1, P, width)
     xs = suffix[:, : length - n_prefix] + pos[n_prefix:length]  # (K, T, width)
     n_cls, t_len, width = xs.shape
-    for block in clip.transformer.resblocks:
+    for layer, block in enumerate(clip.transformer.resblocks):
+        if deep is not None and 0 < layer <= deep.shape[0]:
+            xp = _overwrite_context(xp, deep[layer - 1])  # (1, P, width): once for every class
         attn = block.attn
         heads = attn.num_heads
         hd = width // heads

@@ -1,8 +1,14 @@
 """The frozen CLIP ViT with visual prompts: VPT-shallow, VPT-deep and per-sample prompts.
 
 Token order inside every layer is `[cls, prompt slots, patches]` (the CAVPT paper's eqs. 4-6).
-Prompts enter *after* the patch embedding, positional embedding and `ln_pre`: they are
-tokens of the residual stream, not of the input image.
+Where layer 1's prompts join the sequence is the `placement`:
+- "after-ln-pre": after the patch embedding, positional embedding and `ln_pre`: they are
+  tokens of the residual stream, not of the input image (fanrena/DPT, the CAVPT authors' code);
+- "before-ln-pre": after the positional embedding and before `ln_pre`, which normalises them
+  with the image tokens (muzairkhattak/multimodal-prompt-learning `clip/model.py`,
+  `VisionTransformer.forward`: MaPLe's VPT, IVLP and MaPLe). `ln_pre` acts on each token
+  alone, so this equals the first placement with layer 1's prompts mapped through `ln_pre`,
+  which is how both backends compute it. Prompts of the later layers never pass `ln_pre`.
 
 - shallow: P prompts are inserted before layer 1 and carried through every layer as
   ordinary tokens (eqs. 4-5).
@@ -11,9 +17,17 @@ tokens of the residual stream, not of the input image.
 - per-sample prompts (CAVPT's class-aware prompts): a callback returns extra slots for a
   layer from that layer's input tokens (cls + patches); they sit after the deep prompts
   and are discarded after the layer like them.
-- deep prompts may cover only the first L_d <= L layers: the layers after them carry only
-  the per-sample prompts the callback returns (CAVPT `released`: VPT-deep prompts in
-  layers 1..L-1, the class-aware prompts alone in the last), or none at all.
+- deep prompts may cover only the first L_d <= L layers. Above them the slots are either
+  dropped (`carry=False`): the layers after them carry only the per-sample prompts the
+  callback returns (CAVPT `released`: VPT-deep prompts in layers 1..L-1, the class-aware
+  prompts alone in the last), or none at all; or kept (`carry=True`): what layer L_d writes
+  into them is carried through the layers above as ordinary tokens (MaPLe's
+  `ResidualAttentionBlock_IVLP` above PROMPT_DEPTH_VISION). Shallow prompts are deep
+  prompts of L_d = 1 layer, carried.
+
+MaPLe appends its prompts after the patches (`[cls, patches, prompts]`); self-attention is
+permutation-equivariant and the prompts carry no positional embedding, so the class token's
+output is the same function of the same tokens.
 
 Two backends compute the same function:
 - `reference`: concatenates the slots into the sequence (`torch.cat`) and calls CLIP's own
@@ -23,7 +37,8 @@ Two backends compute the same function:
   to them through `prefix_attention`; the slots get no query rows, no output projection
   and no MLP, since their outputs are discarded. A layer with per-sample prompts only
   attends to that (B, Kn) prefix alone, through the same kernel; a layer with no slots
-  runs the ordinary block. Shallow prompts are real tokens and run the ordinary block.
+  runs the ordinary block. Carried prompts are real tokens from the last deep layer on
+  (for shallow prompts: every layer) and run the ordinary block.
 """
 
 from __future__ import annotations
@@ -38,6 +53,9 @@ from fastprompt.kernels import prefix_attention
 
 # layer index, layer input tokens (B, N, d) -> per-sample prompts (B, Kn, d) or None
 ExtraPrompts = Callable[[int, torch.Tensor], Optional[torch.Tensor]]
+
+# where layer 1's visual prompts join the sequence (see the module docstring)
+PLACEMENTS = ("after-ln-pre", "before-ln-pre")
 
 
 def embed(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
@@ -62,54 +80,77 @@ def encode(
     shallow: Optional[torch.Tensor] = None,
     deep: Optional[torch.Tensor] = None,
     extra: Optional[ExtraPrompts] = None,
+    carry: bool = False,
+    placement: str = "after-ln-pre",
     backend: str = "fast",
 ) -> torch.Tensor:
     """Image features [B, D] (not normalised) of `images` [B, 3, H, W] with visual prompts.
 
-    shallow: [P, d] carried prompts; deep: [L_d, P, d] prompts of the first L_d <= L layers
-    (L_d = L: every layer); extra: callback for per-sample prompts (needs `deep`). With none
-    of them this equals `visual(images)`; a non-ViT tower (ResNet CLIP) takes no prompts and
-    runs as `visual(images)`.
+    shallow: [P, d] carried prompts (the same as deep=shallow[None], carry=True); deep:
+    [L_d, P, d] prompts of the first L_d <= L layers (L_d = L: every layer); carry: keep the
+    slots as tokens above layer L_d instead of dropping them; extra: callback for per-sample
+    prompts (needs `deep`, not `carry`); placement: where layer 1's prompts enter (PLACEMENTS).
+    With no prompts this equals `visual(images)`; a non-ViT tower (ResNet CLIP) takes no
+    prompts and runs as `visual(images)`.
     """
     if not isinstance(visual, VisionTransformer):  # a ResNet CLIP: no prompts, no fast path of its own
         if shallow is not None or deep is not None or extra is not None:
             raise ValueError(f"visual prompts need a ViT image tower, not a {type(visual).__name__}")
         return visual(images)  # (B, D)
-    if shallow is not None and (deep is not None or extra is not None):
-        raise ValueError("shallow prompts cannot be combined with deep or per-sample prompts")
-    if extra is not None and deep is None:
-        raise ValueError("per-sample prompts need deep prompts (their slots are replaced every layer)")
-    blocks = visual.transformer.resblocks
-    if deep is not None and deep.shape[0] > len(blocks):
-        raise ValueError(f"deep prompts have {deep.shape[0]} layers, the tower has {len(blocks)}")
+    deep, carry = _check_prompts(visual, shallow, deep, extra, carry, placement)
     n_deep = deep.shape[0] if deep is not None else 0  # layers with deep prompts: the first n_deep
+    blocks = visual.transformer.resblocks
 
     x = embed(visual, images)  # (B, N, d)
     if deep is not None and backend == "fast":
         for layer, block in enumerate(blocks):
             tokens_extra = extra(layer, x) if extra is not None else None  # (B, Kn, d) or None
             shared = deep[layer] if layer < n_deep else None  # (P, d) or None
-            if shared is None and tokens_extra is None:
-                x = block(x)  # (B, N, d): a layer without prompt slots
+            if carry and layer == n_deep - 1:  # the last deep layer's slots stay: real tokens from here on
+                x = block(_insert(x, shared))  # (B, 1+P+Np, d)
+            elif shared is None and tokens_extra is None:
+                x = block(x)  # (B, N, d): a layer without prompt slots (or with carried ones)
             else:
                 x = prefix_block(block, x, shared, tokens_extra)  # (B, N, d)
         return head(visual, x)
 
-    x, n_slots = _insert_shallow(x, shallow)  # (B, 1+P+Np, d)
+    n_slots = 0
     for layer, block in enumerate(blocks):
-        if deep is not None:
+        if deep is not None and (layer < n_deep or not carry):
             x, n_slots = _replace_slots(x, n_slots, layer, deep, extra)  # (B, 1+P+Kn+Np, d)
         x = block(x)
     return head(visual, x)
 
 
-def _insert_shallow(x: torch.Tensor, shallow: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Reference path: shallow prompts [P, d] between the class token and the patches of x [B, N, d]."""
-    if shallow is None:
-        return x, 0
+def _check_prompts(visual: VisionTransformer, shallow: Optional[torch.Tensor], deep: Optional[torch.Tensor],
+                   extra: Optional[ExtraPrompts], carry: bool, placement: str) -> tuple[Optional[torch.Tensor], bool]:
+    """Validate the prompt arguments of `encode` / `class_attention`; returns (deep, carry) with
+    shallow prompts as one carried deep layer and layer 1's prompts mapped through `ln_pre`
+    when they enter before it."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r}: pick one of {', '.join(PLACEMENTS)}")
+    if shallow is not None and (deep is not None or extra is not None):
+        raise ValueError("shallow prompts cannot be combined with deep or per-sample prompts")
+    if extra is not None and deep is None:
+        raise ValueError("per-sample prompts need deep prompts (their slots are replaced every layer)")
+    if extra is not None and carry:
+        raise ValueError("per-sample prompts cannot be combined with carried prompts (their slots are dropped after each layer)")
+    if shallow is not None:
+        deep, carry = shallow.unsqueeze(0), True  # (1, P, d)
+    n_layers = len(visual.transformer.resblocks)
+    if deep is not None and deep.shape[0] > n_layers:
+        raise ValueError(f"deep prompts have {deep.shape[0]} layers, the tower has {n_layers}")
+    carry = carry and deep is not None and deep.shape[0] < n_layers  # prompts in every layer: nothing above to carry to
+    if deep is not None and deep.shape[0] > 0 and placement == "before-ln-pre":
+        # MaPLe: layer 1's prompts are appended before ln_pre, which normalises each token alone
+        deep = torch.cat([visual.ln_pre(deep[:1]), deep[1:]])  # (L_d, P, d)
+    return deep, carry
+
+
+def _insert(x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """Prompts [P, d] between the class token and the patches of x [B, N, d] (as tokens)."""
     batch = x.shape[0]
-    x = torch.cat([x[:, :1], shallow.to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
-    return x, shallow.shape[0]
+    return torch.cat([x[:, :1], prompts.to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
 
 
 def _replace_slots(x: torch.Tensor, n_slots: int, layer: int, deep: torch.Tensor,
@@ -135,6 +176,8 @@ def class_attention(
     shallow: Optional[torch.Tensor] = None,
     deep: Optional[torch.Tensor] = None,
     extra: Optional[ExtraPrompts] = None,
+    carry: bool = False,
+    placement: str = "after-ln-pre",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image features [B, D], last-layer class-token attention over patches [B, Np]).
 
@@ -144,16 +187,14 @@ def class_attention(
     the patch columns and renormalised to sum to one: prompt slots are not image regions,
     and the share of attention they take differs between models. Patches in raster order.
     """
-    if shallow is not None and (deep is not None or extra is not None):
-        raise ValueError("shallow prompts cannot be combined with deep or per-sample prompts")
-    if extra is not None and deep is None:
-        raise ValueError("per-sample prompts need deep prompts (their slots are replaced every layer)")
+    deep, carry = _check_prompts(visual, shallow, deep, extra, carry, placement)
+    n_deep = deep.shape[0] if deep is not None else 0
     blocks = visual.transformer.resblocks
     x = embed(visual, images)  # (B, N, d)
-    x, n_slots = _insert_shallow(x, shallow)  # (B, 1+P+Np, d)
+    n_slots = 0
     weights = None
     for layer, block in enumerate(blocks):
-        if deep is not None:
+        if deep is not None and (layer < n_deep or not carry):
             x, n_slots = _replace_slots(x, n_slots, layer, deep, extra)  # (B, 1+S+Np, d)
         if layer == len(blocks) - 1:
             y = block.ln_1(x)  # (B, T, d)

@@ -4,6 +4,18 @@ The prompt of class k is `[SOS, u_1..u_M, CLASS tokens, ".", EOS]`: M learnable 
 vectors shared by all classes (or one set per class with `csc=True`) followed by the
 embedding of the class name. Initialisation: N(0, 0.02), or the token embeddings of an
 init phrase such as "a photo of a" (then M is the phrase's token count).
+
+An init phrase longer than M tokens (MaPLe's, IVLP's and PromptSRC's layout,
+muzairkhattak/multimodal-prompt-learning `trainers/independentVL.py` and `maple.py`:
+`ctx_vectors = embedding[0, 1 : 1 + n_ctx]`, `prompt_prefix = ctx_init`): its first M tokens
+initialise the context and the rest of the phrase stays in every prompt as frozen words, so
+2 tokens of "a photo of a" give `[SOS, u_1, u_2, "of", "a", CLASS tokens, ".", EOS]`.
+
+Deep context (`depth` J > 1; MaPLe's IVLP and MaPLe text layers, muzairkhattak/
+multimodal-prompt-learning `clip/model.py` `ResidualAttentionBlock_IVLP`): layers 2..J
+overwrite the M context positions with their own learnable context `deep_context`
+[J-1, M, width], N(0, 0.02) like the released `VPT_shallow` of those blocks, shared by all
+classes (`fastprompt.models.text`).
 """
 
 from __future__ import annotations
@@ -32,32 +44,53 @@ class CoopContext(nn.Module):
         csc: bool = False,
         ctx_init: Optional[str] = None,
         init_std: float = 0.02,
+        depth: Optional[int] = 1,
     ):
         super().__init__()
         clip, tokenizer = bundle.model, bundle.tokenizer
         n_cls, width = len(classnames), bundle.text_width
+        n_layers = len(clip.transformer.resblocks)
+        depth = n_layers if depth is None else depth
+        if not 1 <= depth <= n_layers:
+            raise FastpromptError(f"text_depth={depth} does not fit the text tower's {n_layers} layers; pick 1..{n_layers}")
         with torch.no_grad():
             if ctx_init:
                 phrase = tokenize(clip, tokenizer, [ctx_init])  # (1, 77)
                 n_phrase = int(eot_positions(phrase)[0]) - 1  # tokens between SOS and EOT
-                if n_ctx is not None and n_ctx != n_phrase:
+                if n_ctx is not None and n_ctx > n_phrase:
                     raise FastpromptError(
-                        f"n_ctx={n_ctx} disagrees with ctx_init={ctx_init!r}, which is {n_phrase} tokens; drop n_ctx or change the phrase"
+                        f"n_ctx={n_ctx} is more than the {n_phrase} tokens of ctx_init={ctx_init!r}; drop n_ctx, pick "
+                        f"n_ctx <= {n_phrase} (its first n_ctx tokens are learned, the rest stay in the prompt) or a longer phrase"
                     )
-                n_ctx = n_phrase
+                n_ctx = n_phrase if n_ctx is None else n_ctx
                 init = clip.token_embedding(phrase)[0, 1 : 1 + n_ctx].float()  # (M, width)
                 context = init.expand(n_cls, -1, -1).clone() if csc else init.clone()
             else:
                 n_ctx = DEFAULT_N_CTX if n_ctx is None else n_ctx
                 shape = (n_cls, n_ctx, width) if csc else (n_ctx, width)
                 context = torch.empty(shape, device=clip.token_embedding.weight.device).normal_(0.0, init_std)
-            placeholder = " ".join(["X"] * n_ctx)
-            tokens = tokenize(clip, tokenizer, [f"{placeholder} {name}." for name in classnames])  # (K, 77)
+            n_words = n_phrase - n_ctx if ctx_init else 0  # words of the phrase after the context, kept in the prompt
+            if n_words:  # MaPLe's layout: the whole phrase in the prompt, its first n_ctx positions learned
+                tokens = tokenize(clip, tokenizer, [f"{ctx_init} {name}." for name in classnames])  # (K, 77)
+                words = tokens[:, 1 + n_ctx : 1 + n_phrase]  # (K, n_words)
+                if not bool((words == phrase[:, 1 + n_ctx : 1 + n_phrase]).all()):
+                    raise FastpromptError(f"ctx_init={ctx_init!r} is tokenised differently before a class name; "
+                                          "end it with a whole word")
+            else:
+                placeholder = " ".join(["X"] * n_ctx)
+                tokens = tokenize(clip, tokenizer, [f"{placeholder} {name}." for name in classnames])  # (K, 77)
             embedding = clip.token_embedding(tokens)  # (K, 77, width)
 
         self.n_ctx = n_ctx
+        self.n_words = n_words  # frozen phrase words between the context and the class name (shared by every prompt)
+        self.depth = depth  # layers with their own context: 1 (CoOp) .. the tower's depth
         self.length = int(eot_positions(tokens).max()) + 1  # positions the fast path keeps (a Python int)
         self.context = nn.Parameter(context)  # (M, width) or (K, M, width)
+        if depth > 1:  # the context of layers 2..J (`VPT_shallow` of MaPLe's IVLP text blocks)
+            deep = torch.empty(depth - 1, n_ctx, width, device=context.device).normal_(0.0, init_std)
+            self.deep_context = nn.Parameter(deep)  # (J-1, M, width)
+        else:
+            self.register_parameter("deep_context", None)
         self.register_buffer("tokens", tokens, persistent=False)  # (K, 77)
         self.register_buffer("eot", eot_positions(tokens), persistent=False)  # (K,)
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # (K, 1, width): SOS
@@ -72,10 +105,12 @@ class CoopContext(nn.Module):
     def forward(self, clip, backend: str = "fast") -> torch.Tensor:
         """Text features [K, D] (not normalised) of the learnable prompts.
 
-        Fast path with shared context: SOS + context run once for all classes (exact, see
-        `encode_shared_prefix`); class-specific context only gets the EOS truncation."""
+        Fast path with shared context: SOS + context (+ the init phrase's kept words) run once
+        for all classes (exact, see `encode_shared_prefix`); class-specific context only gets
+        the EOS truncation."""
         if backend == "fast" and self.context.dim() == 2:
-            sos = self.token_prefix[0]  # (1, width)
-            prefix = torch.cat([sos, self.context.to(sos.dtype)], dim=0)  # (1+M, width)
-            return encode_shared_prefix(clip, prefix, self.token_suffix, self.eot, self.length)
-        return encode_embeddings(clip, self.embeddings(), self.eot, backend, self.length)
+            sos, words = self.token_prefix[0], self.token_suffix[0, : self.n_words]  # (1, width), (W, width)
+            prefix = torch.cat([sos, self.context.to(sos.dtype), words], dim=0)  # (1+M+W, width)
+            return encode_shared_prefix(clip, prefix, self.token_suffix[:, self.n_words :], self.eot, self.length,
+                                        deep=self.deep_context)
+        return encode_embeddings(clip, self.embeddings(), self.eot, backend, self.length, deep=self.deep_context)

@@ -59,11 +59,7 @@ def spread_indices(labels: np.ndarray, indices: np.ndarray, n: int) -> np.ndarra
 def tower_prompts(model, images: torch.Tensor) -> Optional[dict]:
     """The image tower's prompts of `model` for `images` as `vision.encode` keywords; None when
     the method leaves the tower unprompted."""
-    if model.visual is None:
-        return None
-    if model.visual_mode == "shallow":
-        return {"shallow": model.visual.prompts[0]}
-    return {"deep": model.visual.prompts, "extra": model.extra_prompts(images, model.prompt_context())}
+    return model.tower_prompts(images, model.prompt_context())
 
 
 def run_attention(run: LoadedRun, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ class LoadedRun:
     @property
     def changes_image_tower(self) -> bool:
         """False for text-only methods: their image features and attention equal zero-shot CLIP's."""
-        return self.model.visual is not None
+        return not self.model.frozen_image_tower
 
     def zero_shot(self) -> "torch.nn.Module":
         """Zero-shot CLIP on the run's classes and template, sharing the run's frozen CLIP."""

@@ -13,7 +13,7 @@ METHODS = fastprompt.list_methods()
 
 
 def test_list_methods():
-    assert METHODS == ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "vlp", "cavpt", "e2mim"]
+    assert METHODS == ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "vlp", "cavpt", "e2mim", "ivlp", "maple"]
 
 
 def _build(method, clip, backend="fast", seed=0, **opts):
@@ -27,6 +27,9 @@ EXPECTED_NAMES = {
     "vpt-shallow": {"visual.prompts"},
     "vpt-deep": {"visual.prompts"},
     "vlp": {"text.context", "visual.prompts"},
+    "ivlp": {"text.context", "text.deep_context", "visual.prompts"},
+    "maple": {"text.context", "text.deep_context", "visual.first.weight", "visual.first.bias", "visual.deep.0.weight",
+              "visual.deep.0.bias"},
 }
 
 
@@ -105,7 +108,7 @@ def vit_b32():
 def test_vit_b32_random_init_runs_every_method(method, vit_b32):
     """The contract's `clip="ViT-B-32", pretrained=None` on CPU: a small batch, every method."""
     model = fastprompt.create_model(method, classnames=CLASSNAMES[:3], clip=vit_b32, n_ctx=4) if method in (
-        "coop", "vlp", "e2mim") else fastprompt.create_model(method, classnames=CLASSNAMES[:3], clip=vit_b32)
+        "coop", "vlp", "e2mim", "ivlp", "maple") else fastprompt.create_model(method, classnames=CLASSNAMES[:3], clip=vit_b32)
     images = torch.randn(2, 3, 224, 224)
     loss = model.loss(images, torch.tensor([0, 2]))
     assert model(images).shape == (2, 3) and torch.isfinite(loss)

@@ -6,19 +6,24 @@ import torch
 from fastprompt.models import vision
 
 
-@pytest.mark.parametrize("mode", ["plain", "shallow", "deep", "deep+extra"])
+@pytest.mark.parametrize("mode", ["plain", "shallow", "deep", "deep+extra", "shallow+before-ln-pre", "deep+before-ln-pre",
+                                  "deep+carry"])
 def test_class_attention_is_the_reference_function_and_sums_to_one(tiny_clip, images, mode):
     visual = tiny_clip.visual
     g = torch.Generator().manual_seed(0)
     width, layers = visual.class_embedding.shape[-1], len(visual.transformer.resblocks)
     kwargs = {}
-    if mode == "shallow":
+    if mode.startswith("shallow"):
         kwargs["shallow"] = torch.randn(3, width, generator=g)
     if mode.startswith("deep"):
         kwargs["deep"] = torch.randn(layers, 2, width, generator=g)
     if mode == "deep+extra":
         extra_tokens = torch.randn(images.shape[0], 2, width, generator=g)
         kwargs["extra"] = lambda layer, tokens: extra_tokens + tokens[:, :1] if layer == layers - 1 else None
+    if mode == "deep+carry":  # prompts in the first layer, carried through the others (MaPLe's depth)
+        kwargs["deep"], kwargs["carry"] = kwargs["deep"][:1], True
+    if mode.endswith("before-ln-pre"):
+        kwargs["placement"] = "before-ln-pre"
     features, attention = vision.class_attention(visual, images, **kwargs)
     with torch.no_grad():
         expected = vision.encode(visual, images, backend="reference", **kwargs)

@@ -62,8 +62,11 @@ METHODS = [
     ("cavpt", {"topk": 3, "variant": "released", "text_prompt": True, "n_ctx": 4}, {}),  # after guidance
     ("e2mim", {"n_ctx": 4}, {}),  # class-wise mixup: random pairs and λ inside the graph
     ("e2mim", {"n_ctx": 4, "mixup": False, "mi_input": "logits"}, {}),
+    ("ivlp", {}, {}),  # deep text (shared prefix) and deep visual prompts carried above their depth
+    ("maple", {"prompt_depth": 1}, {}),  # coupled prompts: layer 1 only, carried through every layer
+    ("maple", {}, {}),
 ]
-METHOD_IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items() if k in ('variant', 'aux_target', 'guidance_epochs', 'mixup')) or 'default'}"
+METHOD_IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items() if k in ('variant', 'aux_target', 'guidance_epochs', 'mixup', 'prompt_depth')) or 'default'}"
               for m, o, _ in METHODS]
 
 

@@ -19,6 +19,11 @@ import fastprompt
 from fastprompt.training import TrainConfig, train
 
 CHANCE = 100.0 / 10  # ten demo classes
+# maple's default context is "a photo of a" with coupled visual prompts: on this CLIP it is at
+# 94 % after the first epoch's 5 steps and its loss goes 0.224 -> 0.169 (-24.5 %, measured
+# 2026-12-07), too little room to tell learning from noise; from a random context (the
+# released code's other initialisation) it goes 1.42 -> 0.53, 55 % -> 92.5 %.
+OPTIONS = {"maple": {"ctx_init": None}}
 
 
 def _lines(path):
@@ -31,7 +36,7 @@ def test_every_method_learns_on_the_demo(method, demo_beton, demo_clip, tmp_path
     out = tmp_path / "run"
     config = TrainConfig(method=method, data=str(demo_beton), out=str(out), clip="fastprompt-tiny",
                          pretrained=str(demo_clip), epochs=5, warmup_epochs=0, optimizer="adamw", lr=0.01,
-                         weight_decay=0.0, num_workers=1, device="cpu", compile="off")
+                         weight_decay=0.0, num_workers=1, device="cpu", compile="off", options=OPTIONS.get(method, {}))
     train(config)
     metrics = _lines(out / "metrics.jsonl")
     first, last = metrics[0], metrics[-1]

@@ -82,7 +82,7 @@ def test_cocoop_b2n_sets_data_and_recipe_for_the_method_given():
     assert config.group_warmup_epochs == {"text": 1, "visual": 1}
     assert (config.options["n_ctx"], config.options["ctx_init"], config.options["n_prompts"]) == (4, "a photo of a", 10)
     vpt = resolved("cocoop-b2n", "vpt-deep", "dtd")  # coop options do not reach a method without them
-    assert vpt.options == {"n_prompts": 10} and vpt.group_lr == {"visual": 0.002}
+    assert "n_ctx" not in vpt.options and vpt.options["n_prompts"] == 10 and vpt.group_lr == {"visual": 0.002}
 
 
 def test_explicit_values_win_over_the_protocol():
@@ -146,8 +146,8 @@ def test_train_with_protocol_cavpt_records_the_protocol_and_every_resolved_value
         ("cavpt", "fgvc_aircraft", "fastprompt-tiny", 1, 10)
     assert saved["group_lr"] == {"visual": 0.01, "cavpt": 0.01} and saved["group_warmup_epochs"] == {"visual": 0, "cavpt": 0}
     assert saved["options"] == {"variant": "released", "topk": 20, "layers": 1, "alpha": 1.0, "aux_target": "gt-only",
-                                "topk_source": "online", "text_prompt": False, "guidance_epochs": 0, "n_prompts": 2,
-                                "n_ctx": None, "csc": False, "ctx_init": None}
+                                "topk_source": "online", "text_prompt": False, "guidance_epochs": 0, "placement": "after-ln-pre",
+                                "n_prompts": 2, "n_ctx": None, "csc": False, "ctx_init": None}
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["lr"] == {"visual": 0.01, "cavpt": 0.01}
     # the run directory alone rebuilds the model: eval gives train's own test accuracy

@@ -17,7 +17,7 @@ import fastprompt
 from fastprompt.cli import app
 from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write
-from fastprompt.methods.vpt import VptConfig, VptDeep
+from fastprompt.methods.vpt import VptDeep, VptDeepConfig
 from fastprompt.runtime import rng_state, set_rng_state
 from fastprompt.training import checkpoint, rundir
 
@@ -36,13 +36,14 @@ def _train(demo_beton, out, method, *extra):
 def test_config_holds_every_resolved_value_and_rebuilds_the_model(demo_beton, tmp_path, monkeypatch):
     out = tmp_path / "vpt"
     config = _train(demo_beton, out, "vpt-deep")
-    assert config["options"] == {"n_prompts": 10}  # the default, written out although not typed
+    # the defaults, written out although not typed; the depth as the tower resolved it
+    assert config["options"] == {"placement": "after-ln-pre", "n_prompts": 10, "vision_depth": 3}
     assert config["group_lr"] == {"visual": 0.01} and config["group_warmup_epochs"] == {"visual": 0}
     assert config["epochs"] == 2 and config["dataset"] == "demo" and len(config["classnames"]) == 10
 
     # a later default does not change the model an old run directory rebuilds
     @dataclass
-    class FewerPrompts(VptConfig):
+    class FewerPrompts(VptDeepConfig):
         n_prompts: int = 3
 
     monkeypatch.setattr(VptDeep, "options", FewerPrompts)
@@ -56,7 +57,7 @@ def test_config_holds_every_resolved_value_and_rebuilds_the_model(demo_beton, tm
 @pytest.mark.slow
 def test_coop_records_its_derived_context_length(demo_beton, tmp_path):
     config = _train(demo_beton, tmp_path / "coop", "coop", "--coop.ctx-init", "a photo of a")
-    assert config["options"] == {"n_ctx": 4, "csc": False, "ctx_init": "a photo of a"}
+    assert config["options"] == {"n_ctx": 4, "csc": False, "ctx_init": "a photo of a", "text_depth": 1}
     assert fastprompt.load_run(str(tmp_path / "coop")).text.n_ctx == 4
 
 

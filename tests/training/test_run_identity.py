@@ -90,7 +90,7 @@ def test_a_different_setting_is_refused_and_a_finished_run_is_not_evaluated_agai
     results = (out / "results.json").read_text()
     saved = json.loads(results)
     assert saved["identity"]["pretrained"] is None and saved["identity"]["options"] == {"n_ctx": 4, "csc": False,
-                                                                                       "ctx_init": None}
+                                                                                       "ctx_init": None, "text_depth": 1}
     assert saved["identity"]["template"] == "a photo of a {}." and saved["identity"]["weights_id"].startswith("params:")
     assert set(saved["versions"]) == {"fastprompt", "torch", "open_clip", "triton"} and saved["wall_seconds"] > 0
     assert len(saved.get("git_commit", "0" * 40)) == 40  # a git checkout here; absent for an installed wheel
