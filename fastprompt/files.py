@@ -1,6 +1,7 @@
-"""fastprompt's files: its cache folder, and writing so that a reader never sees half a file
-(a temporary file in the same folder, then an atomic rename), for checkpoints, run outputs,
-caches and the demo CLIP."""
+"""fastprompt's files: its cache folder, writing so that a reader never sees half a file
+(a temporary file in the same folder, then an atomic rename) for checkpoints, run outputs,
+caches and the demo CLIP, and the one check of names from file contents that become paths
+(`path_component`)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,34 @@ def write_json(path: Union[str, Path], obj: Any, kill_point: Optional[str] = Non
             f.write("\n")
 
     atomic_write(path, write, kill_point=kill_point)
+
+
+def path_component(value: Any, what: str, fix: str) -> str:
+    """`value` as one file or folder name that fastprompt builds a path from, when it comes from
+    a file's contents (a sidecar's dataset name, a results.json's dataset, a run's method).
+
+    A name that could reach outside the folder it is joined to, or hide in it, is refused with
+    FastpromptError (`what` names where it came from, `fix` says what to do), never mapped to
+    another name: a mapped name could land on another dataset's folder, and a sidecar holding
+    such a name is damaged or hostile. Refused: not a string, empty, `.` or `..`, a path
+    separator (`/`, `\\`), a leading `.`, control characters (NUL included), over 200 bytes
+    (room for the prefixes and suffixes of the files named after it). Anything else is
+    returned unchanged."""
+    from fastprompt.errors import FastpromptError
+
+    if not isinstance(value, str):
+        reason = f"a {type(value).__name__}, not a string"
+    elif not value:
+        reason = "empty"
+    elif "/" in value or "\\" in value:
+        reason = "a path, not a name"
+    elif value.startswith("."):
+        reason = "it starts with '.'"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        reason = "it holds control characters"
+    elif len(value.encode("utf-8", "surrogatepass")) > 200:
+        reason = "longer than 200 bytes"
+    else:
+        return value
+    raise FastpromptError(f"{what} {value!r} cannot name a file or folder ({reason}); {fix}")
+

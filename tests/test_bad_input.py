@@ -6,6 +6,7 @@ make) and a piece of the expected message. The run-directory cases belong to the
 work (issue 17 §1/§2/§4) and are added to the table there: see the marked block.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,15 @@ CASES = {
                                "--json {here} is a folder; pass a file name such as {here}/bench.json"),
     "bench all and methods": (["bench", "--clip", "fastprompt-tiny", "--all", "--methods", "coop"],
                               "--all measures every method and variant; drop --methods"),
+    # --- names from file contents never become paths outside --out (issue 21 §3)
+    "sidecar name is a relative path": (["sweep", "--methods", "coop", "--data", "{evil}", "--seeds", "1", "--out", "{run}",
+                                         *TINY[:4]],
+                                        'sidecar {evil_json}: "name" \'../../../../tmp/w/EVIL\' cannot name a file or folder '
+                                        '(a path, not a name); set "name" to a plain name such as "eurosat"'),
+    "sidecar name is an absolute path": (train("coop", "--data", "{evil_abs}"),
+                                         'sidecar {evil_abs_json}: "name" \'/tmp/w/EVIL\' cannot name a file or folder'),
+    "sidecar name is '..'": (train("coop", "--data", "{evil_dot}"),
+                             'sidecar {evil_dot_json}: "name" \'..\' cannot name a file or folder (it starts with \'.\')'),
     # ---- run-directory cases (issue 17 §1/§2/§4, added by the run-identity work at merge):
     # garbage config.json, garbage metrics.jsonl, garbage or hand-edited checkpoint, a run dir
     # trained on another dataset, non-finite loss (the message must not promise a checkpoint
@@ -107,8 +117,15 @@ def files(tmp_path_factory):
         (root / f"{name}.json").write_text(sidecar)
     (root / "notes.txt").write_text("not a checkpoint\n")
     torch.save({"visual.proj": torch.zeros(3, 3)}, root / "other.pt")
+    hostile = {}
+    for key, name in (("evil", "../../../../tmp/w/EVIL"), ("evil_abs", "/tmp/w/EVIL"), ("evil_dot", "..")):
+        beton = root / f"{key}.beton"  # the demo under a sidecar whose "name" is a path
+        beton.write_bytes(demo.read_bytes())
+        beton.with_suffix(".json").write_text(json.dumps({**json.loads(sidecar), "name": name}))
+        hostile.update({key: beton, f"{key}_json": beton.with_suffix(".json")})
     return {"demo": demo, "empty": root / "empty.beton", "truncated": root / "truncated.beton",
-            "missing": root / "missing.beton", "text": root / "notes.txt", "wrong_ckpt": root / "other.pt"}
+            "missing": root / "missing.beton", "text": root / "notes.txt", "wrong_ckpt": root / "other.pt",
+            **hostile}
 
 
 def _tree(folder: Path) -> set:

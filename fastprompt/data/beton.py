@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 import numpy as np
 
 from fastprompt.errors import FastpromptError
+from fastprompt.files import path_component
 from fastprompt.data.ffcv_compat import import_ffcv
 from fastprompt.data.pixels import UnusableImage
 from fastprompt.runtime import resolve_workers
@@ -567,6 +568,9 @@ def _read_sidecar(beton: Path) -> dict[str, Any]:
     missing = [k for k in required if k not in meta]
     if missing:
         raise FastpromptError(f"sidecar {side} lacks {', '.join(missing)}; re-create the dataset with `fastprompt prepare`")
+    # the name becomes part of paths (sweep cells, eval files, figures): refused when it is not a plain name
+    path_component(meta["name"], f'sidecar {side}: "name"',
+                   'set "name" to a plain name such as "eurosat", or re-create the dataset with `fastprompt prepare`')
     return meta
 
 

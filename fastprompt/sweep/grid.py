@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastprompt.errors import FastpromptError
+from fastprompt.files import path_component
 from fastprompt.validation import check_int, check_choice, require
 
 LAUNCHERS = ("local", "slurm", "submitit-local")  # submitit-local: submitit's LocalExecutor (the slurm path on one machine)
@@ -78,9 +79,11 @@ class Cell:
     def dir(self) -> Path:
         return Path(self.config.out)
 
-    def eval_file(self, dataset: str) -> Path:
-        """Where `fastprompt.training.evaluate_run` writes this cell's result on `dataset`."""
-        return self.dir / f"eval-{dataset}-all.json"
+    def eval_file(self, dataset: str, data: str) -> Path:
+        """Where `fastprompt.training.evaluate_run` writes this cell's result on `data` (dataset `dataset`)."""
+        from fastprompt.training.rundir import eval_file
+
+        return eval_file(self.dir, dataset, data, "all")
 
     def payload(self) -> dict:
         """What a worker process needs to run the cell (plain data: pickles and crosses machines)."""
@@ -95,7 +98,11 @@ class PlannedCell:
 
 
 def cell_name(dataset: str, method: str, shots: Optional[int], seed: int) -> str:
-    return f"{dataset}/{method}/shots{'all' if shots is None else shots}/seed{seed}"
+    """DATASET/METHOD/shotsK/seedS; each part one plain name (`fastprompt.files.path_component`:
+    a dataset name from a sidecar that would reach outside the sweep's folder is refused)."""
+    fix = 'set the sidecar\'s "name" to a plain name such as "eurosat"'
+    parts = (path_component(dataset, "dataset name", fix), path_component(method, "method", "use a method of `fastprompt methods`"))
+    return f"{parts[0]}/{parts[1]}/shots{'all' if shots is None else shots}/seed{seed}"
 
 
 def _absolute(path: str) -> str:
@@ -197,7 +204,7 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
                 f"use another --out or delete {cell.dir}"
             )
         if (cell.dir / "results.json").is_file():
-            missing = [name for name, _ in cell.eval_on if not cell.eval_file(name).is_file()]
+            missing = [name for name, data in cell.eval_on if not cell.eval_file(name, data).is_file()]
             planned.append(PlannedCell(cell, "evaluate", f"finished; to evaluate on {', '.join(missing)}") if missing
                            else PlannedCell(cell, "skip", "finished"))
         elif any(cell.dir.glob("checkpoint*")):

@@ -59,6 +59,7 @@ def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: f
 
     try:
         from fastprompt.training import TrainConfig, evaluate_run, train
+        from fastprompt.training.rundir import eval_file
 
         config = TrainConfig.from_dict(payload["config"])
         if not (out / "results.json").is_file():
@@ -73,7 +74,7 @@ def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: f
                 if logger is not None:
                     logger.close()
         for dataset, path in payload["eval_on"]:
-            if not (out / f"eval-{dataset}-all.json").is_file():
+            if not eval_file(out, dataset, path, "all").is_file():  # the file evaluate_run writes for this data file
                 evaluate_run(str(out), path, "all", device=config.device, precision=config.precision,
                              batch_size=config.eval_batch_size, num_workers=config.num_workers)
         (out / ERROR_FILE).unlink(missing_ok=True)

@@ -18,14 +18,16 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from fastprompt.errors import FastpromptError
+from fastprompt.files import path_component
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,24 @@ def default_run_dir(config) -> str:
     name = (f"{config.method}-{Path(config.data).stem}-{config.shots or 'all'}shot-seed{config.seed}-{config.clip}-{weights}-"
             f"{identity_hash(plan.to_dict())[:8]}")
     return str(Path("runs") / re.sub(r"[^A-Za-z0-9._+-]", "_", name))
+
+
+def eval_file(run: Path, dataset: str, data: Union[str, Path], classes: str) -> Path:
+    """Where `fastprompt.training.evaluate_run` writes a run's result on `data`:
+    `eval-DATASET-CLASSES.json`; when that file holds another data file's result,
+    `eval-DATASET-HASH-CLASSES.json` (HASH of the data path), so two data files of one dataset
+    name never overwrite each other. DATASET comes from the sidecar: a name that is not a plain
+    file name is refused (`fastprompt.files.path_component`), never mapped."""
+    safe = path_component(dataset, "dataset name", 'set the sidecar\'s "name" to a plain name such as "eurosat"')
+    path = Path(run) / f"eval-{safe}-{classes}.json"
+    data = str(Path(data).resolve())
+    try:
+        held = json.loads(path.read_text()).get("data") if path.is_file() else data
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held is not None and str(Path(held).resolve()) == data:
+        return path
+    return Path(run) / f"eval-{safe}-{hashlib.sha256(data.encode()).hexdigest()[:8]}-{classes}.json"
 
 
 def read_config(out: Path) -> Optional[dict]:

@@ -76,7 +76,10 @@ def test_plan_reads_each_cells_folder(demo_beton, tmp_path):
     # a finished cell that lacks an evaluation asked for later is only evaluated
     later = dataclasses.replace(cells[0], eval_on=(("other", "/data/other.beton"),))
     assert [(p.action, p.why) for p in plan([later])] == [("evaluate", "finished; to evaluate on other")]
-    (later.dir / "eval-other-all.json").write_text("{}")
+    # what evaluate_run wrote for another data file of that name does not count: only this file's result
+    (later.dir / "eval-other-all.json").write_text(json.dumps({"data": "/elsewhere/other.beton"}))
+    assert plan([later])[0].action == "evaluate"
+    (later.dir / "eval-other-all.json").write_text(json.dumps({"data": "/data/other.beton"}))
     assert plan([later])[0].action == "skip"
 
     config = sweep(demo_beton, tmp_path / "s", eval_on=[str(demo_beton)])

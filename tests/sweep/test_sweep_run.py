@@ -152,6 +152,20 @@ def test_shots_figure(tmp_path, make_run):
     assert result.exit_code == 2 and "no few-shot accuracy" in result.output
 
 
+def test_shots_figure_never_writes_outside_its_folder(tmp_path, make_run):
+    """A results.json whose "dataset" is a path: refused (fastprompt.files.path_component), no figure anywhere."""
+    root = tmp_path / "fig"
+    for seed in (1, 2):
+        run = make_run(root, "eurosat", "coop", seed, 40.0 + seed, shots=1)
+        results = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**results, "dataset": "../../escaped"}))
+    result = CliRunner().invoke(app, ["plot", "shots", str(root)])
+    assert result.exit_code == 2 and result.output.startswith(
+        f'error: dataset (the "dataset" of a results.json under {root}) \'../../escaped\' cannot name a file or folder '
+        "(a path, not a name); correct that run's results.json"), result.output
+    assert not list(tmp_path.rglob("*.png")) and not (root / "figures").exists()
+
+
 def test_a_cell_another_process_is_running_is_not_run_again(demo_beton, tmp_path):
     import fcntl
 
