@@ -147,10 +147,21 @@ def expand(config: SweepConfig) -> list[Cell]:
         require(ds.name not in datasets, f"--data {path} and {datasets.get(ds.name, (None,))[0]} are both dataset "
                                          f"'{ds.name}'; a sweep takes each dataset once")
         datasets[ds.name] = (_absolute(str(ds.path)), ds.template)
-    targets = []
+    # each extra test set is one dataset name (its eval-NAME-all.json and its report column): two files of
+    # one name are refused, and a target named like a --data dataset must be that same file (then a cell
+    # of that dataset skips it: results.json already holds its test accuracy)
+    targets, given = [], {name: path for name, (path, _) in datasets.items()}
     for path in config.eval_on:
         ds = open_dataset(path)
-        targets.append((ds.name, _absolute(str(ds.path))))
+        target = _absolute(str(ds.path))
+        seen = given.get(ds.name)
+        if seen is not None and seen != target:
+            flag = "--data" if ds.name in datasets else "--eval-on"
+            raise FastpromptError(f"--eval-on {path} and {flag} {seen} are both dataset '{ds.name}' but different files; "
+                                  f"a sweep evaluates each dataset once: drop one, or give one a distinct \"name\" in its sidecar")
+        given[ds.name] = target
+        if (ds.name, target) not in targets:
+            targets.append((ds.name, target))
 
     shared = dict(config.train)
     pretrained = shared.get("pretrained")
