@@ -731,13 +731,17 @@ def sweep_cmd(
         eval_on=list(_comma_list(eval_on) or ()), jobs=jobs, launcher=launcher, slurm_partition=slurm_partition,
         slurm_gpus=slurm_gpus, slurm_time=slurm_time, tensorboard=tensorboard,
     )
-    planned = prepare(config)
-    if dry_run:
-        from rich.console import Console
+    try:
+        planned = prepare(config)
+        if dry_run:
+            from rich.console import Console
 
-        Console().print(plan_table(planned))
-        return
-    outcome = run_sweep(config, console=_console(), planned=planned)
+            Console().print(plan_table(planned))
+            return
+        outcome = run_sweep(config, console=_console(), planned=planned)
+    except KeyboardInterrupt:  # Ctrl-C or kill -INT: the running cells were stopped, each resumable
+        typer.echo("interrupted; run the same command again to resume", err=True)
+        raise typer.Exit(code=130) from None
     typer.echo(f"{len(outcome.done)} done, {len(outcome.skipped)} skipped, {len(outcome.failed)} failed")
     for name, error in outcome.failed.items():
         typer.echo(f"failed: {name}: {error}", err=True)

@@ -50,6 +50,42 @@ def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path
     return build_file
 
 
+@pytest.fixture
+def failing_writes(monkeypatch) -> Callable[[Path, int], None]:
+    """`failing_writes(folder, errno)`: every file or folder created under `folder` fails with
+    OSError(errno), as on a read-only (EROFS) or full (ENOSPC) disk. Tests run as root, whom
+    chmod 555 does not stop, so the error is injected at Python's openers (builtins and io
+    `open`, `os.open` under tempfile) and `os.mkdir`, wherever fastprompt writes."""
+    import builtins
+    import io
+
+    def arm(folder: Path, code: int) -> None:
+        inside = lambda path: Path(os.fsdecode(path)).absolute().is_relative_to(Path(folder).absolute())
+        fail = lambda path: OSError(code, os.strerror(code), os.fsdecode(path))
+        real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+        def open_(file, mode="r", *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+") and inside(file):
+                raise fail(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def os_open(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(path):
+                raise fail(path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def mkdir(path, *args, **kwargs):
+            if inside(path):
+                raise fail(path)
+            return real_mkdir(path, *args, **kwargs)
+
+        for owner, name, fake in ((builtins, "open", open_), (io, "open", open_), (os, "open", os_open),
+                                  (os, "mkdir", mkdir)):
+            monkeypatch.setattr(owner, name, fake)
+
+    return arm
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     """A random-init fastprompt-tiny CLIP (64 px input), the same weights for the whole session."""

@@ -101,6 +101,30 @@ CASES = {
                                "--json {here} is a folder; pass a file name such as {here}/bench.json"),
     "bench all and methods": (["bench", "--clip", "fastprompt-tiny", "--all", "--methods", "coop"],
                               "--all measures every method and variant; drop --methods"),
+    # --- names from file contents never become paths outside --out (issue 21 §3)
+    "sidecar name is a relative path": (["sweep", "--methods", "coop", "--data", "{evil}", "--seeds", "1", "--out", "{run}",
+                                         *TINY[:4]],
+                                        'sidecar {evil_json}: "name" \'../../../../tmp/w/EVIL\' cannot name a file or folder '
+                                        '(a path, not a name); set "name" to a plain name such as "eurosat"'),
+    "sidecar name is an absolute path": (train("coop", "--data", "{evil_abs}"),
+                                         'sidecar {evil_abs_json}: "name" \'/tmp/w/EVIL\' cannot name a file or folder'),
+    "sidecar name is '..'": (train("coop", "--data", "{evil_dot}"),
+                             'sidecar {evil_dot_json}: "name" \'..\' cannot name a file or folder (it starts with \'.\')'),
+    # --- split-file labels: checked per entry, never a list of every label up to the largest (issue 21 §3)
+    "coop split label 10**12": (["prepare", "coop", "eurosat", "{coop_huge}", "--out", "{here}/e.beton"],
+                                "split_zhou_EuroSAT.json: train[1] has label 1000000000000, but EuroSAT has 10 classes "
+                                "(labels 0..9); fix the entry's label, or use the dataset's own split file"),
+    "coop split label = class count": (["prepare", "coop", "eurosat", "{coop_ten}", "--out", "{here}/e.beton"],
+                                       "test[0] has label 10, but EuroSAT has 10 classes (labels 0..9)"),
+    "coop split label negative": (["prepare", "coop", "eurosat", "{coop_negative}", "--out", "{here}/e.beton"],
+                                  "train[1] has negative label -1; labels run 0..K-1 - fix the entry's label"),
+    "coop split label not an integer": (["prepare", "coop", "eurosat", "{coop_float}", "--out", "{here}/e.beton"],
+                                        "train[1] = ['AnnualCrop/1.png', 1.5, 'AnnualCrop'] is not [relative_path, label, "
+                                        "classname]; fix the entry"),
+    "split-json label 10**12": (["prepare", "imagefolder", "{coop_huge}/eurosat/2750", "--out", "{here}/e.beton",
+                                 "--split-json", "{split_huge}"],
+                                "train[1] has label 1000000000000, but the file names 2 classes, so labels must run 0..1; "
+                                "fix the entry's label"),
     # ---- run-directory cases (issue 17 §1/§2/§4, added by the run-identity work at merge):
     # garbage config.json, garbage metrics.jsonl, garbage or hand-edited checkpoint, a run dir
     # trained on another dataset, non-finite loss (the message must not promise a checkpoint
@@ -212,9 +236,30 @@ def files(tmp_path_factory):
     other.mkdir()
     (other / "config.json").write_text('{"name": "not a run"}\n')
     (other / "results.json").write_text("{}\n")
+    hostile = {}
+    for key, name in (("evil", "../../../../tmp/w/EVIL"), ("evil_abs", "/tmp/w/EVIL"), ("evil_dot", "..")):
+        beton = root / f"{key}.beton"  # the demo under a sidecar whose "name" is a path
+        beton.write_bytes(demo.read_bytes())
+        beton.with_suffix(".json").write_text(json.dumps({**json.loads(sidecar), "name": name}))
+        hostile.update({key: beton, f"{key}_json": beton.with_suffix(".json")})
+    coop = {}
+    for key, label in (("coop_huge", 10**12), ("coop_ten", 10), ("coop_negative", -1), ("coop_float", 1.5)):
+        folder = root / key / "eurosat"  # CoOp's layout (2750/ and the split file); the check comes before any image is read
+        (folder / "2750" / "AnnualCrop").mkdir(parents=True)
+        for k in range(3):
+            (folder / "2750" / "AnnualCrop" / f"{k}.png").write_bytes(b"")
+        entries = {"train": [["AnnualCrop/0.png", 0, "AnnualCrop"], ["AnnualCrop/1.png", label, "AnnualCrop"]],
+                   "val": [], "test": [["AnnualCrop/2.png", 0, "AnnualCrop"]]}
+        if key == "coop_ten":  # the first label past EuroSAT's 10 classes, under a new class name
+            entries = {**entries, "train": entries["train"][:1], "test": [["AnnualCrop/2.png", 10, "Elsewhere"]]}
+        (folder / "split_zhou_EuroSAT.json").write_text(json.dumps(entries))
+        coop[key] = root / key
+    split_huge = root / "split_huge.json"  # two class names, one of them labelled 10**12
+    split_huge.write_text(json.dumps({"train": [["AnnualCrop/0.png", 0, "a"], ["AnnualCrop/1.png", 10**12, "b"]], "val": [],
+                                      "test": [["AnnualCrop/2.png", 0, "a"]]}))
     return {"demo": demo, "empty": root / "empty.beton", "truncated": root / "truncated.beton",
             "missing": root / "missing.beton", "text": root / "notes.txt", "wrong_ckpt": root / "other.pt",
-            "proj": proj, "other_config": other}
+            "proj": proj, "other_config": other, **hostile, **coop, "split_huge": split_huge}
 
 
 @pytest.fixture(scope="module")

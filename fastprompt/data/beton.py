@@ -19,7 +19,11 @@ A fastprompt dataset is two files side by side:
 Writing goes to hidden temporary files in the destination folder that are renamed at the
 end, the sidecar last, so a failed or interrupted write leaves no `.beton` that opens (at
 worst one without a sidecar). FFCV's writer processes are watched: one that raises or dies
-ends the write (`_watched_writer`). An existing `.beton` or sidecar is replaced only when
+ends the write (`_watched_writer`), and they die with the process that writes
+(`_die_with_parent`). One process writes an output at a time (a lock file
+`.NAME.beton.lock` beside it, inherited by the writer processes); holding it, a write first
+removes the temporary files a killed write of the same output left. A read-only or full
+disk is one line naming the path. An existing `.beton` or sidecar is replaced only when
 asked (`overwrite`). Opening checks the sidecar against the `.beton`'s header and tables
 (size, header fields, field layout, one allocation per image, each image's record, every
 label and split), so a truncated, mismatched or table-damaged pair is reported before a
@@ -35,6 +39,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 import numpy as np
 
 from fastprompt.errors import FastpromptError
+from fastprompt.files import FolderLock, path_component
 from fastprompt.data.ffcv_compat import import_ffcv
 from fastprompt.data.pixels import UnusableImage
 from fastprompt.runtime import resolve_workers
@@ -223,10 +229,48 @@ class WriterFailed(FastpromptError):
     """A writer process raised or died; the write was abandoned."""
 
 
-def _writer_process(errors: Any, slot: int, work_fn: Any, *args: Any) -> None:
-    """One FFCV writer process (`work_fn` is FFCV's `worker_job_indexed_dataset`): an
-    exception is sent to the parent as one line and ends the process with exit code 1,
-    without a traceback on stderr."""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this (forked) writer process when the process that writes the .beton dies.
+
+    FFCV's writer processes wait on a work queue that the parent's feeder thread fills: a
+    parent killed by SIGKILL or SIGTERM left them blocked for ever (re-parented to PID 1),
+    holding the temporary .beton, the output's lock and, through the resource tracker,
+    FFCV's shared memory (`/dev/shm/psm_*`). On Linux the kernel sends SIGKILL to this
+    process when the thread that forked it ends (`prctl(PR_SET_PDEATHSIG)`; the writing
+    thread waits for its processes, so it ends only by dying); the parent may already be
+    gone by the time of the call, hence the check after it. Elsewhere a daemon thread polls
+    the parent's pid twice a second."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent:
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fastprompt-writer-watchdog", daemon=True).start()
+
+
+def _writer_process(errors: Any, slot: int, parent: int, work_fn: Any, *args: Any) -> None:
+    """One FFCV writer process (`work_fn` is FFCV's `worker_job_indexed_dataset`), ended when
+    `parent` dies (`_die_with_parent`): an exception is sent to the parent as one line and
+    ends the process with exit code 1, without a traceback on stderr."""
+    _die_with_parent(parent)
     dataset = args[-1]
     dataset.slot = slot
     try:
@@ -287,8 +331,8 @@ def _watched_writer(path: Path, fields: dict, page_size: int, workers: int) -> A
                 allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
                 args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
                         *extra_worker_args)
-                processes = [Process(target=_writer_process, args=(errors, slot, work_fn, *args), daemon=True)
-                             for slot in range(self.num_workers)]
+                processes = [Process(target=_writer_process, args=(errors, slot, os.getpid(), work_fn, *args),
+                                     daemon=True) for slot in range(self.num_workers)]
                 for p in processes:
                     p.start()
                 dataset = extra_worker_args[-1]
@@ -373,6 +417,27 @@ def _first_error(data: _WriterInput, j: int) -> Exception:
     return RuntimeError("failed in a writer process")
 
 
+def _temporaries(out: Path) -> list[Path]:
+    """The temporary files writes of `out` make beside it (`.STEM.XXXXXXXX.beton.tmp` and
+    `.json.tmp`, mkstemp's 8 random characters): only this output's, never another name's."""
+    parent = out.parent if str(out.parent) else Path(".")
+    pattern = re.compile(re.escape(f".{out.stem}.") + r"[a-z0-9_]{8}\.(beton|json)\.tmp")
+    try:
+        return sorted(p for p in parent.iterdir() if pattern.fullmatch(p.name))
+    except OSError:
+        return []
+
+
+def _write_error(out: Path, err: OSError) -> FastpromptError:
+    """A failed write in this process as one line naming the path and the fix."""
+    import errno
+
+    where = f" ({err.filename})" if err.filename and str(err.filename) != str(out) else ""
+    fix = ("free space on that disk, or choose another --out" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "choose a writable folder for --out")
+    return FastpromptError(f"cannot write {out}{where}: {err.strerror or err}; nothing was kept: {fix}")
+
+
 def check_output(out: PathLike, overwrite: bool = False) -> Path:
     """`out` as a Path if a dataset may be written there: a `.beton` name, not a folder, and
     (unless `overwrite`) neither it nor its sidecar existing (either one alone counts:
@@ -441,14 +506,16 @@ def write_beton(
     workers = resolve_workers(options.workers)
     order = np.argsort(split_arr, kind="stable")  # train, val, test
 
-    created: list[Path] = []
     parent = out.parent if str(out.parent) else Path(".")
-    for d in reversed([parent, *parent.parents]):
-        if not d.exists():
-            d.mkdir()
-            created.append(d)
+    # one writer per output: the lock makes the missing folders (removed again on failure), and the writer
+    # processes inherit it, so temporary files of this output found while holding it belong to no live writer
+    lock = FolderLock(parent, f".{out.name}.lock", busy=f"another process is writing {out}", target=str(out))
+    lock.acquire()
     tmp_beton = tmp_json = None
     try:
+        for stale in _temporaries(out):
+            logger.info("removing %s, left by an interrupted write of %s", stale, out)
+            stale.unlink(missing_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".beton.tmp", dir=parent)
         os.close(fd)
         tmp_beton = Path(tmp_name)
@@ -525,16 +592,15 @@ def write_beton(
         kill_point("beton-write")  # test hook (training/hooks.py): killed between the two renames
         os.replace(tmp_json, final_json)
         tmp_beton = tmp_json = None
-    except BaseException:
+    except BaseException as err:
         for p in (tmp_beton, tmp_json):
             if p is not None:
                 p.unlink(missing_ok=True)
-        for d in reversed(created):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+        if isinstance(err, OSError):  # a read-only or full disk in this process (the writer processes: WriterFailed)
+            raise _write_error(out, err) from None
         raise
+    finally:
+        lock.release()
     return WriteSummary(
         out, final_json, name, int(len(order)), len(classnames), split_sizes, split_source, skipped
     )
@@ -567,6 +633,9 @@ def _read_sidecar(beton: Path) -> dict[str, Any]:
     missing = [k for k in required if k not in meta]
     if missing:
         raise FastpromptError(f"sidecar {side} lacks {', '.join(missing)}; re-create the dataset with `fastprompt prepare`")
+    # the name becomes part of paths (sweep cells, eval files, figures): refused when it is not a plain name
+    path_component(meta["name"], f'sidecar {side}: "name"',
+                   'set "name" to a plain name such as "eurosat", or re-create the dataset with `fastprompt prepare`')
     return meta
 
 

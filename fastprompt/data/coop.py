@@ -146,7 +146,8 @@ def _name_of(names: dict[str, str], wnid: str, path: Path) -> str:
 
 
 def _read_split_json(spec: KnownDataset, folder: Path) -> tuple[list[Sample], list[str], str, dict]:
-    samples, raw_names = read_coop_split(folder / spec.layout.split_file, folder / spec.layout.image_dir)
+    samples, raw_names = read_coop_split(folder / spec.layout.split_file, folder / spec.layout.image_dir,
+                                         num_classes=spec.num_classes, dataset=spec.coop_name)
     return samples, raw_names, spec.layout.split_file, {}
 
 

@@ -245,12 +245,17 @@ def hold_out_val(train_by_class: Sequence[Sequence[str]], classnames: Sequence[s
     return samples
 
 
-def read_coop_split(split_json: Path, root: Path) -> tuple[list[Sample], list[str]]:
+def read_coop_split(split_json: Path, root: Path, num_classes: Optional[int] = None,
+                    dataset: Optional[str] = None) -> tuple[list[Sample], list[str]]:
     """Read a CoOp split file: {"train"|"val"|"test": [[relative_path, label, classname], ...]}.
 
     Returns the samples (in file order, train then val then test) and the raw class names
     by label. Checks that every file exists under `root`, that each label has one class
-    name and each class name one label, and that labels run 0..K-1.
+    name and each class name one label, and that labels run 0..K-1: an entry's label must
+    be a non-negative integer below `num_classes` when the dataset's class count is known
+    (`dataset` names it in the message), and below the number of class names the file
+    gives otherwise. Nothing is allocated per label value, so a label of 10**12 is one
+    line of error, not a list of every unused label.
     """
     try:
         with open(split_json, encoding="utf-8") as f:
@@ -267,6 +272,7 @@ def read_coop_split(split_json: Path, root: Path) -> tuple[list[Sample], list[st
     samples: list[Sample] = []
     name_of: dict[int, str] = {}
     label_of: dict[str, int] = {}
+    first_at: dict[int, str] = {}  # label -> the first entry that has it
     missing: list[str] = []
     for split in SPLITS:
         for k, entry in enumerate(data[split]):
@@ -284,7 +290,14 @@ def read_coop_split(split_json: Path, root: Path) -> tuple[list[Sample], list[st
                 )
             rel, label, name = entry
             if label < 0:
-                raise FastpromptError(f"split file {split_json}: {split}[{k}] has negative label {label}; labels run 0..K-1")
+                raise FastpromptError(f"split file {split_json}: {split}[{k}] has negative label {label}; labels run "
+                                      "0..K-1 - fix the entry's label")
+            if num_classes is not None and label >= num_classes:
+                raise FastpromptError(
+                    f"split file {split_json}: {split}[{k}] has label {label}, but {dataset or 'the dataset'} has "
+                    f"{num_classes} classes (labels 0..{num_classes - 1}); fix the entry's label, or use the dataset's own split file"
+                )
+            first_at.setdefault(label, f"{split}[{k}]")
             if name_of.setdefault(label, name) != name:
                 raise FastpromptError(
                     f"split file {split_json}: label {label} is called both {name_of[label]!r} and {name!r} "
@@ -311,11 +324,12 @@ def read_coop_split(split_json: Path, root: Path) -> tuple[list[Sample], list[st
         )
     if not samples:
         raise FastpromptError(f"split file {split_json} lists no images; pass a non-empty split file")
-    num_classes = max(name_of) + 1
-    absent = [c for c in range(num_classes) if c not in name_of]
-    if absent:
+    # K distinct labels (one class name each) run 0..K-1 exactly when none is K or more
+    count = len(name_of)
+    beyond = min((c for c in name_of if c >= count), default=None)
+    if beyond is not None:
         raise FastpromptError(
-            f"split file {split_json}: labels must run 0..{num_classes - 1} but {len(absent)} are unused, e.g. {absent[0]}; "
-            "fix the split file"
+            f"split file {split_json}: {first_at[beyond]} has label {beyond}, but the file names {count} classes, so labels "
+            f"must run 0..{count - 1}; fix the entry's label"
         )
-    return samples, [name_of[c] for c in range(num_classes)]
+    return samples, [name_of[c] for c in range(count)]

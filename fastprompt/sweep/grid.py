@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastprompt.errors import FastpromptError
+from fastprompt.files import path_component
 from fastprompt.validation import check_int, check_choice, require
 
 LAUNCHERS = ("local", "slurm", "submitit-local")  # submitit-local: submitit's LocalExecutor (the slurm path on one machine)
@@ -77,9 +78,11 @@ class Cell:
     def dir(self) -> Path:
         return Path(self.config.out)
 
-    def eval_file(self, dataset: str) -> Path:
-        """Where `fastprompt.training.evaluate_run` writes this cell's result on `dataset`."""
-        return self.dir / f"eval-{dataset}-all.json"
+    def eval_file(self, dataset: str, data: str) -> Path:
+        """Where `fastprompt.training.evaluate_run` writes this cell's result on `data` (dataset `dataset`)."""
+        from fastprompt.training.runfiles import eval_file
+
+        return eval_file(self.dir, dataset, data, "all")
 
     def payload(self) -> dict:
         """What a worker process needs to run the cell (plain data: pickles and crosses machines)."""
@@ -94,7 +97,11 @@ class PlannedCell:
 
 
 def cell_name(dataset: str, method: str, shots: Optional[int], seed: int) -> str:
-    return f"{dataset}/{method}/shots{'all' if shots is None else shots}/seed{seed}"
+    """DATASET/METHOD/shotsK/seedS; each part one plain name (`fastprompt.files.path_component`:
+    a dataset name from a sidecar that would reach outside the sweep's folder is refused)."""
+    fix = 'set the sidecar\'s "name" to a plain name such as "eurosat"'
+    parts = (path_component(dataset, "dataset name", fix), path_component(method, "method", "use a method of `fastprompt methods`"))
+    return f"{parts[0]}/{parts[1]}/shots{'all' if shots is None else shots}/seed{seed}"
 
 
 def _absolute(path: str) -> str:
@@ -139,10 +146,21 @@ def expand(config: SweepConfig) -> list[Cell]:
         require(ds.name not in datasets, f"--data {path} and {datasets.get(ds.name, (None,))[0]} are both dataset "
                                          f"'{ds.name}'; a sweep takes each dataset once")
         datasets[ds.name] = (_absolute(str(ds.path)), ds.template)
-    targets = []
+    # each extra test set is one dataset name (its eval-NAME-all.json and its report column): two files of
+    # one name are refused, and a target named like a --data dataset must be that same file (then a cell
+    # of that dataset skips it: results.json already holds its test accuracy)
+    targets, given = [], {name: path for name, (path, _) in datasets.items()}
     for path in config.eval_on:
         ds = open_dataset(path)
-        targets.append((ds.name, _absolute(str(ds.path))))
+        target = _absolute(str(ds.path))
+        seen = given.get(ds.name)
+        if seen is not None and seen != target:
+            flag = "--data" if ds.name in datasets else "--eval-on"
+            raise FastpromptError(f"--eval-on {path} and {flag} {seen} are both dataset '{ds.name}' but different files; "
+                                  f"a sweep evaluates each dataset once: drop one, or give one a distinct \"name\" in its sidecar")
+        given[ds.name] = target
+        if (ds.name, target) not in targets:
+            targets.append((ds.name, target))
 
     shared = dict(config.train)
     pretrained = shared.get("pretrained")
@@ -196,7 +214,7 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
                 f"use another --out or delete {cell.dir}"
             )
         if (cell.dir / "results.json").is_file():
-            missing = [name for name, _ in cell.eval_on if not cell.eval_file(name).is_file()]
+            missing = [name for name, data in cell.eval_on if not cell.eval_file(name, data).is_file()]
             planned.append(PlannedCell(cell, "evaluate", f"finished; to evaluate on {', '.join(missing)}") if missing
                            else PlannedCell(cell, "skip", "finished"))
         elif any(cell.dir.glob("checkpoint*")):

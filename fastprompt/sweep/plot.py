@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastprompt.errors import FastpromptError
-from fastprompt.files import atomic_write
+from fastprompt.files import atomic_write, path_component
 
 
 def shots_curves(root) -> dict:
@@ -48,6 +48,8 @@ def plot_shots(root, out: Optional[str] = None) -> list[Path]:
     import matplotlib.pyplot as plt
 
     curves = shots_curves(root)
+    names = {d: path_component(d, f"dataset (the \"dataset\" of a results.json under {root})",
+                               "correct that run's results.json, or move the run out of the folder") for d in curves}
     folder = Path(out) if out is not None else Path(root) / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -70,7 +72,7 @@ def plot_shots(root, out: Optional[str] = None) -> list[Path]:
         ax.grid(True, linestyle=":", linewidth=0.6)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = folder / f"shots-{dataset}.png"
+        path = folder / f"shots-{names[dataset]}.png"
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
         plt.close(fig)
         paths.append(path)

@@ -9,8 +9,15 @@ Launchers:
 - `submitit-local`: submitit's LocalExecutor, the slurm path on this machine (tests).
 
 `sweep-log.jsonl` in the sweep's folder gets one line per event (`start` with its action,
-`done`, `failed` with the error, `skip`); `sweep.json` gets the last run's outcome. A failed
-cell does not stop the sweep.
+`done`, `failed` with the error, `skip`, `interrupted`); `sweep.json` gets the last run's
+outcome. A failed cell does not stop the sweep.
+
+One sweep per folder: the sweep holds the folder's lock (`fastprompt.training.rundir.RunLock`,
+`OUT/.lock`) while it runs; a second sweep on it stops at once, naming the holder's pid.
+SIGINT (Ctrl-C, or `kill -INT` of the sweep alone) stops the running cells at once: the local
+launcher's workers are told through a shared event and interrupt their cell (a worker that
+has not stopped after `STOP_GRACE_S` exits); every cell stays resumable from its last
+checkpoint, and the command exits 130.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,10 +47,16 @@ class SweepOutcome:
     done: list[str] = field(default_factory=list)
     failed: dict = field(default_factory=dict)  # cell -> error
     skipped: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)  # running when the sweep was stopped (resumable)
 
     @property
     def ok(self) -> bool:
         return not self.failed and len(self.done) + len(self.skipped) == len(self.planned)
+
+    def record(self) -> dict:
+        """sweep.json's `outcome`."""
+        done = {"done": self.done, "skipped": self.skipped, "failed": self.failed}
+        return {**done, "interrupted": self.interrupted} if self.interrupted else done
 
 
 def _cores() -> int:
@@ -68,18 +82,88 @@ def default_jobs(config: SweepConfig) -> int:
     return max(1, len(visible_gpus())) if config.train.get("device", "auto") != "cpu" else 1
 
 
+def _write_error(path: Path, err: OSError) -> FastpromptError:
+    import errno
+
+    fix = "free space on that disk" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return FastpromptError(f"cannot write {path} ({err.strerror or err}); {fix}, or use another --out, "
+                           "then run the same command again to resume")
+
+
+def _finish_partial_line(path: Path) -> None:
+    """Repair a log whose last line lacks its newline (a process killed in the middle of an
+    append), so the next event starts a line of its own: a fragment that is a whole event gets
+    its newline, any other fragment is cut off (it never was an event)."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return
+            start = data.rfind(b"\n") + 1
+            try:
+                whole = isinstance(json.loads(data[start:]), dict)
+            except ValueError:
+                whole = False
+            if whole:
+                f.write(b"\n")
+            else:
+                f.truncate(start)
+    except FileNotFoundError:
+        return
+
+
+def read_log(path) -> list[dict]:
+    """The events of a sweep's `sweep-log.jsonl`, oldest first. A partial last line (a process
+    killed while appending it, before a later sweep repaired the file) is skipped; a damaged
+    line elsewhere is a FastpromptError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")
+    partial = lines.pop()  # "" when the file ends in a newline
+    events = []
+    for k, line in enumerate(lines, 1):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            raise FastpromptError(f"{path}:{k} is not a JSON event; delete that line (the cells' folders hold their state)")
+        events.append(event)
+    try:
+        last = json.loads(partial) if partial else None
+    except ValueError:
+        last = None
+    if isinstance(last, dict):  # a whole event that lost its newline
+        events.append(last)
+    return events
+
+
 class _Log:
+    """Appends one JSON line per event; a partial last line left by a killed sweep is repaired
+    first (`_finish_partial_line`), so it never swallows the next event."""
+
     def __init__(self, path: Path):
         self.path = path
+        try:
+            _finish_partial_line(path)
+        except OSError as err:
+            raise _write_error(path, err) from None
 
     def __call__(self, **event) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+        except OSError as err:
+            raise _write_error(self.path, err) from None
 
 
 # ------------------------------------------------------------------------------ launchers
 class LocalLauncher:
-    """`jobs` single-process pools (slots), each pinned at start to its GPU and thread share."""
+    """`jobs` single-process pools (slots), each pinned at start to its GPU and thread share.
+    `interrupt()` sets an event every worker watches: a worker running a cell interrupts it."""
 
     def __init__(self, jobs: int, tensorboard: bool, device: str):
         import multiprocessing
@@ -90,13 +174,17 @@ class LocalLauncher:
         self.slot_devices = [gpus[i % len(gpus)] if gpus else None for i in range(jobs)]
         self.tensorboard = tensorboard
         self.pools: list[Optional[ProcessPoolExecutor]] = [None] * jobs
+        self.stop = self.context.Event()
 
     def _pool(self, slot: int) -> ProcessPoolExecutor:
         if self.pools[slot] is None:
             self.pools[slot] = ProcessPoolExecutor(
                 1, mp_context=self.context, initializer=init_worker,
-                initargs=(self.slot_devices[slot], self.threads, os.getpid()))
+                initargs=(self.slot_devices[slot], self.threads, os.getpid(), self.stop))
         return self.pools[slot]
+
+    def interrupt(self) -> None:
+        self.stop.set()
 
     def submit(self, slot: int, payload: dict):
         if payload["config"].get("num_workers") is None:
@@ -153,6 +241,9 @@ class SubmititLauncher:
                 return done
             time.sleep(min(0.5, timeout))
 
+    def interrupt(self) -> None:
+        pass  # submitted jobs belong to the cluster (submitit-local: they finish); a later sweep finds their results
+
     def result(self, slot: int, handle, name: str) -> dict:
         try:
             return handle.result()
@@ -208,8 +299,10 @@ def prepare(config: SweepConfig) -> list[PlannedCell]:
 
 
 def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedCell]] = None) -> SweepOutcome:
-    """Run every cell that is not finished; returns what happened (never raises for a failed cell)."""
-    from rich.live import Live
+    """Run every cell that is not finished; returns what happened (never raises for a failed cell).
+    Holds the sweep folder's lock throughout; KeyboardInterrupt (SIGINT) stops the running cells,
+    records them as interrupted and is raised again."""
+    from fastprompt.training.rundir import RunLock
 
     planned = prepare(config) if planned is None else planned
     todo = deque(p for p in planned if p.action != "skip")
@@ -217,9 +310,24 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
     launcher = (LocalLauncher(jobs, config.tensorboard, config.train.get("device", "auto")) if config.launcher == "local"
                 else SubmititLauncher(config))  # may refuse (no slurm here): before anything is written
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out).acquire()  # one sweep per folder: a second one stops here, naming this one's pid
+    try:
+        return _run_locked(config, console, planned, todo, jobs, launcher, out)
+    finally:
+        lock.release()
+
+
+def _write_record(path: Path, record: dict) -> None:
+    try:
+        write_json(path, record)
+    except OSError as err:
+        raise _write_error(path, err) from None
+
+
+def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: deque, jobs: int, launcher,
+                out: Path) -> SweepOutcome:
     record = sweep_record(config, [p.cell for p in planned])
-    write_json(out / SWEEP_FILE, record)
+    _write_record(out / SWEEP_FILE, record)
     log = _Log(out / LOG_FILE)
     outcome = SweepOutcome(planned)
     for p in planned:
@@ -229,10 +337,20 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
     view = _View(len(planned), len(outcome.skipped), jobs)
     running: dict = {}  # handle -> (slot, planned cell, start)
     free = list(range(jobs))
-    interrupted = True
+
+    def finished(result: dict, p: PlannedCell, start: float) -> None:
+        seconds = round(time.monotonic() - start, 3)
+        if result.get("status") == "done":
+            outcome.done.append(p.cell.name)
+            if p.action != "evaluate":
+                view.seconds.append(seconds)
+            log(cell=p.cell.name, event="done", seconds=seconds)
+        else:
+            outcome.failed[p.cell.name] = result.get("error", "unknown error")
+            log(cell=p.cell.name, event="failed", seconds=seconds, error=outcome.failed[p.cell.name])
+
     try:
-        with Live(view, console=console, refresh_per_second=2, transient=False,
-                  redirect_stdout=False, redirect_stderr=False) if console is not None else _nothing():
+        with _live(view, console):
             while todo or running:
                 while todo and free:
                     p, slot = todo.popleft(), free.pop(0)
@@ -242,34 +360,48 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
                     view.left -= 1
                 for handle in launcher.wait(list(running), timeout=0.5):
                     slot, p, start = running.pop(handle)
-                    result = launcher.result(slot, handle, p.cell.name)
                     free.append(slot)
                     del view.running[p.cell.name]
-                    seconds = round(time.monotonic() - start, 3)
-                    if result.get("status") == "done":
-                        outcome.done.append(p.cell.name)
-                        view.done += 1
-                        if p.action != "evaluate":
-                            view.seconds.append(seconds)
-                        log(cell=p.cell.name, event="done", seconds=seconds)
-                    else:
-                        outcome.failed[p.cell.name] = result.get("error", "unknown error")
-                        view.failed += 1
-                        log(cell=p.cell.name, event="failed", seconds=seconds, error=outcome.failed[p.cell.name])
-        interrupted = False
-    finally:
-        launcher.close(wait=not interrupted)  # Ctrl-C: do not wait for running cells (their watchdog ends them)
-    record["outcome"] = {"done": outcome.done, "skipped": outcome.skipped, "failed": outcome.failed}
-    write_json(out / SWEEP_FILE, record)
+                    finished(launcher.result(slot, handle, p.cell.name), p, start)
+                    view.done, view.failed = len(outcome.done), len(outcome.failed)
+    except BaseException:  # Ctrl-C / SIGINT, or the sweep's own files cannot be written: stop the running cells
+        launcher.interrupt()
+        launcher.close(wait=True)  # prompt: each worker interrupts its cell (or exits after STOP_GRACE_S)
+        try:
+            for handle, (slot, p, start) in running.items():
+                result = launcher.result(slot, handle, p.cell.name) if handle.done() else {}
+                if result.get("status") == "done":
+                    finished(result, p, start)  # it finished before the interrupt reached it
+                else:
+                    outcome.interrupted.append(p.cell.name)
+                    log(cell=p.cell.name, event="interrupted", seconds=round(time.monotonic() - start, 3))
+            _write_record(out / SWEEP_FILE, {**record, "outcome": outcome.record()})
+        except FastpromptError:
+            pass  # the sweep's own files cannot be written: the cells' folders still hold every state
+        raise
+    launcher.close(wait=True)
+    record["outcome"] = outcome.record()
+    _write_record(out / SWEEP_FILE, record)
     return outcome
 
 
-class _nothing:
-    def __enter__(self):
-        return self
+@contextmanager
+def _live(view: _View, console):
+    """The live view on `console` (nothing when None). Rich ends a live display that is not on a
+    terminal (a log file, a pipe) without a newline: one is added, so the next line (the summary,
+    an error) starts a line of its own."""
+    if console is None:
+        yield
+        return
+    from rich.live import Live
 
-    def __exit__(self, *exc):
-        return False
+    try:
+        with Live(view, console=console, refresh_per_second=2, transient=False, redirect_stdout=False,
+                  redirect_stderr=False):
+            yield
+    finally:
+        if not console.is_terminal:
+            console.line()
 
 
 def plan_table(planned: list[PlannedCell]):

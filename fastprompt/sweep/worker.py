@@ -7,6 +7,7 @@ and thread count in `init_worker` before torch is first imported.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import traceback
@@ -14,22 +15,48 @@ from pathlib import Path
 from typing import Optional
 
 ERROR_FILE = "error.json"  # a failed cell's error and traceback, in its folder (removed when it later succeeds)
+STOP_GRACE_S = 30.0  # after the sweep's stop event, seconds a cell has to end before its worker exits
+INTERRUPTED = "interrupted by SIGINT; run the sweep again to resume it from its last checkpoint"
+
+_cell = {"running": False, "interrupted": False}  # this worker process's cell, for the SIGINT handler
+_cell_ended = threading.Event()  # set when a cell's run_cell has released its folder
 
 
-def init_worker(cuda_device: Optional[str], threads: int, parent_pid: int) -> None:
+def _on_sigint(signum, frame) -> None:
+    """SIGINT in a worker (the terminal's Ctrl-C reaches the whole process group; the sweep's
+    stop event sends one too): the running cell stops with KeyboardInterrupt, once, so its
+    clean-up (the trainer's close, the run lock) is not interrupted again; an idle worker
+    ignores it (the sweep shuts its pool down)."""
+    if _cell["running"] and not _cell["interrupted"]:
+        _cell["interrupted"] = True
+        raise KeyboardInterrupt
+
+
+def init_worker(cuda_device: Optional[str], threads: int, parent_pid: int, stop=None) -> None:
     """Pin this worker to its device and thread share, and end it if the sweep process dies
-    (a killed sweep must not leave cells training behind it: a rerun would race them)."""
+    (a killed sweep must not leave cells training behind it: a rerun would race them). When
+    the sweep sets `stop` (a multiprocessing Event: it was interrupted), a running cell is
+    interrupted at once (SIGINT to this process) and the worker exits if the cell has not
+    ended STOP_GRACE_S later."""
     if cuda_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_device
     import torch
 
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, _on_sigint)
 
     def watch() -> None:
-        while True:
-            time.sleep(0.5)
+        while not (stop is not None and stop.wait(0.5)):
             if os.getppid() != parent_pid:
                 os._exit(1)
+        if _cell["running"]:
+            os.kill(os.getpid(), signal.SIGINT)
+            _cell_ended.wait(STOP_GRACE_S)
+        # The sweep is stopping: exit without the interpreter's teardown (seconds with torch loaded), which the
+        # sweep would wait for. The cell's result may not reach it (it logs the cell as interrupted); a cell still
+        # running after the grace period loses its current epoch, the kernel drops its run lock, and it resumes
+        # from its last checkpoint.
+        os._exit(1)
 
     threading.Thread(target=watch, name="fastprompt-sweep-watchdog", daemon=True).start()
 
@@ -48,10 +75,17 @@ def run_cell(payload: dict, tensorboard: bool = False) -> dict:
         lock.acquire()
     except FastpromptError as err:
         return {"cell": name, "status": "failed", "seconds": 0.0, "error": str(err)}
+    _cell.update(running=True, interrupted=False)
+    _cell_ended.clear()
     try:
         return _run_locked(payload, name, out, tensorboard, start)
+    except KeyboardInterrupt:  # SIGINT: the cell stops here, resumable from its last checkpoint (no error.json)
+        return {"cell": name, "status": "interrupted", "error": INTERRUPTED,
+                "seconds": round(time.perf_counter() - start, 3)}
     finally:
         lock.release()
+        _cell["running"] = False
+        _cell_ended.set()
 
 
 def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: float) -> dict:
@@ -59,6 +93,7 @@ def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: f
 
     try:
         from fastprompt.training import TrainConfig, evaluate_run, train
+        from fastprompt.training.runfiles import eval_file
 
         config = TrainConfig.from_dict(payload["config"])
         if not (out / "results.json").is_file():
@@ -73,7 +108,7 @@ def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: f
                 if logger is not None:
                     logger.close()
         for dataset, path in payload["eval_on"]:
-            if not (out / f"eval-{dataset}-all.json").is_file():
+            if not eval_file(out, dataset, path, "all").is_file():  # the file evaluate_run writes for this data file
                 evaluate_run(str(out), path, "all", device=config.device, precision=config.precision,
                              batch_size=config.eval_batch_size, num_workers=config.num_workers)
         (out / ERROR_FILE).unlink(missing_ok=True)

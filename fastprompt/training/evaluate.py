@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -20,7 +18,7 @@ from fastprompt.files import write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.runtime import autocast_for, check_precision, resolve_device, seed_everything
-from fastprompt.training.runfiles import read_run_config
+from fastprompt.training.runfiles import eval_file, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +110,6 @@ def load_run(run_dir: str, device: str = "cpu", trust_pickle: bool = False) -> P
     config.json (method, CLIP, every option, classes, template) and prompts.safetensors."""
     saved, prompts = _read_run(Path(run_dir))
     return _run_model(saved, prompts, saved["classnames"], saved["template"], resolve_device(device), trust_pickle)
-
-
-def eval_file(run: Path, dataset: str, data: Path, classes: str) -> Path:
-    """Where `evaluate_run` writes: `eval-DATASET-CLASSES.json`, the dataset name made safe for a
-    file name (a sidecar's name never reaches outside the run directory); when that file holds
-    another data file's result, `eval-DATASET-HASH-CLASSES.json` (HASH of the data path), so
-    two data files of the same dataset name never overwrite each other."""
-    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", dataset).lstrip(".") or "dataset"
-    path = run / f"eval-{safe}-{classes}.json"
-    data = str(Path(data).resolve())
-    try:
-        held = json.loads(path.read_text()).get("data") if path.is_file() else data
-    except (OSError, ValueError, AttributeError):
-        held = None
-    if held is not None and str(Path(held).resolve()) == data:
-        return path
-    return run / f"eval-{safe}-{hashlib.sha256(data.encode()).hexdigest()[:8]}-{classes}.json"
 
 
 def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str = "auto", precision: str = "auto",

@@ -28,6 +28,7 @@ Training is deterministic for a given seed on one machine (CPU, one thread count
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from dataclasses import dataclass
@@ -209,7 +210,17 @@ def pretrain_clip(out: str, config: PretrainConfig = PretrainConfig(),
     seconds = time.perf_counter() - start
 
     model.eval()
-    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: a full disk raises OSError (a path gives a bare RuntimeError)
+            torch.save(model.state_dict(), f)
+
+    try:
+        atomic_write(path, save)
+    except OSError as err:  # a full or read-only disk at the end: one line naming the path (nothing is left there)
+        fix = "free space on that disk" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make its folder writable"
+        raise FastpromptError(f"cannot write {out} ({err.strerror or err}); {fix} or choose another --out, and run "
+                              "`fastprompt prepare demo-clip` again") from None
     tail = slice(-min(20, len(losses)), None)
     return PretrainSummary(out=str(path), steps=config.steps, seconds=round(seconds, 1),
                            final_loss=float(np.mean(losses[tail])), retrieval_accuracy=100.0 * float(np.mean(hits[tail])))

@@ -25,16 +25,16 @@
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from fastprompt.errors import FastpromptError
+from fastprompt.files import FolderLock, path_component
 
 log = logging.getLogger(__name__)
 
@@ -214,76 +214,15 @@ def finished_results(out: Path) -> Optional[dict]:
     return results if isinstance(results, dict) else None
 
 
-class RunLock:
-    """An exclusive OS lock on `DIR/.lock` for as long as the run works on DIR. Re-entrant in
-    one process (a sweep cell holds it around training and its evaluations); a second
-    process gets FastpromptError at once. The kernel releases it when the process ends,
-    however it ends; a clean release also removes the lock file (and DIR, if the lock made
-    it and nothing else was written), after checking at acquire time that the locked file
-    is still the one at the path (so removing it never lets two processes in)."""
-
-    _held: dict[str, list] = {}  # resolved dir -> [open file, count, folders this lock created]
+class RunLock(FolderLock):
+    """The run directory's lock: `DIR/.lock` for as long as the run works on DIR (`FolderLock`).
+    Re-entrant in one process (a sweep cell holds it around training and its evaluations); a
+    second process gets FastpromptError at once, naming the holder's pid. A sweep holds the same
+    lock on its own folder."""
 
     def __init__(self, out: Path):
+        super().__init__(out, LOCK_FILE, busy=f"another process is running in {out}")
         self.out = Path(out)
-        self.key: Optional[str] = None
-
-    def acquire(self) -> "RunLock":
-        key = str(self.out.resolve())
-        if key in self._held:
-            self._held[key][1] += 1
-            self.key = key
-            return self
-        created = [d for d in [self.out, *self.out.parents] if not d.exists()]
-        path = self.out / LOCK_FILE
-        while True:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                handle = open(path, "a")
-            except OSError as err:
-                raise FastpromptError(f"cannot write to --out {self.out} ({err.strerror}); pick a writable directory") from None
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                raise FastpromptError(f"another process is running in {self.out} ({path} is locked); "
-                                      "wait for it to end, or use another --out") from None
-            try:
-                same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            handle.close()  # the holder removed the file between our open and our lock: lock the new one
-        self._held[key] = [handle, 1, created]
-        self.key = key
-        return self
-
-    def release(self) -> None:
-        if self.key is None:
-            return
-        entry = self._held[self.key]
-        entry[1] -= 1
-        self.key = None
-        if entry[1] > 0:
-            return
-        handle, _, created = self._held.pop(str(self.out.resolve()))
-        try:
-            (self.out / LOCK_FILE).unlink(missing_ok=True)  # still holding the lock: see acquire
-        except OSError:
-            pass
-        handle.close()  # closing the descriptor drops the flock
-        for folder in created:  # innermost first
-            try:
-                folder.rmdir()
-            except OSError:
-                break  # not empty: the run wrote something
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def provenance() -> dict:

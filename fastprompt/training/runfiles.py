@@ -5,14 +5,34 @@ line naming the file, the field and the fix, never a traceback further on."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from fastprompt.errors import FastpromptError
+from fastprompt.files import path_component
 from fastprompt.validation import json_type
 
 CONFIG = "config.json"
+
+def eval_file(run: Path, dataset: str, data: Union[str, Path], classes: str) -> Path:
+    """Where `fastprompt.training.evaluate_run` writes a run's result on `data`:
+    `eval-DATASET-CLASSES.json`; when that file holds another data file's result,
+    `eval-DATASET-HASH-CLASSES.json` (HASH of the data path), so two data files of one dataset
+    name never overwrite each other. DATASET comes from the sidecar: a name that is not a plain
+    file name is refused (`fastprompt.files.path_component`), never mapped."""
+    safe = path_component(dataset, "dataset name", 'set the sidecar\'s "name" to a plain name such as "eurosat"')
+    path = Path(run) / f"eval-{safe}-{classes}.json"
+    data = str(Path(data).resolve())
+    try:
+        held = json.loads(path.read_text()).get("data") if path.is_file() else data
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held is not None and str(Path(held).resolve()) == data:
+        return path
+    return Path(run) / f"eval-{safe}-{hashlib.sha256(data.encode()).hexdigest()[:8]}-{classes}.json"
+
 
 def harmonic_mean(a: float, b: float) -> float:
     """results.json's `harmonic_mean` of the base and new accuracies (base-to-new), and report's H."""

@@ -320,3 +320,137 @@ def test_checksum_is_of_the_whole_file(small_demo):
     meta = json.loads(small_demo.with_suffix(".json").read_text())
     assert meta["checksum"] == "sha256:" + hashlib.sha256(small_demo.read_bytes()).hexdigest()
     assert meta["beton_bytes"] == small_demo.stat().st_size
+
+
+# ----------------------------------------------------------------------------------------
+# a read-only or full disk, a killed prepare: one line, nothing left behind (issue 21 §3, §4)
+
+
+def test_read_only_output_folder_is_one_line(tmp_path, failing_writes, list_files):
+    import errno
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    failing_writes(ro, errno.EROFS)
+    out = ro / "sub" / "d.beton"
+    line = error_line(cli("prepare", "demo", "--out", out, "--images-per-class", 4, "--size", 32, "--workers", 1))
+    assert line == f"error: cannot write to --out {out} (Read-only file system); pick a writable directory"
+    assert list_files(ro) == []  # not even the folder it would have made
+
+
+def test_full_disk_while_writing_is_one_line(tmp_path, monkeypatch, list_files):
+    """The disk fills after the image data is written (the sidecar's temporary file): one line
+    naming the path, the temporary .beton, the lock and the new folder removed."""
+    import errno
+    import tempfile
+
+    import fastprompt.data.beton as beton
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, suffix=None, **kwargs):
+        if suffix == ".json.tmp":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(kwargs["dir"]))
+        return real(*args, suffix=suffix, **kwargs)
+
+    monkeypatch.setattr(beton.tempfile, "mkstemp", mkstemp)
+    out = tmp_path / "new" / "d.beton"
+    line = error_line(cli("prepare", "demo", "--out", out, "--images-per-class", 4, "--size", 32, "--workers", 1))
+    assert line == (f"error: cannot write {out} ({out.parent}): No space left on device; nothing was kept: free space on "
+                    "that disk, or choose another --out")
+    assert list_files(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_demo_clip_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """`prepare demo-clip` writes its checkpoint at the end: a full disk there is one line naming it
+    (the QUICK pretraining of tests/training/test_pretrain.py, through the command line)."""
+    import errno
+    import functools
+
+    import torch
+
+    import fastprompt.training.pretrain as pretrain
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pretrain, "PretrainConfig", functools.partial(pretrain.PretrainConfig, warmup_steps=1, batch_size=8,
+                                                                       images_per_concept=2))
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "clip.pt"
+    line = error_line(cli("prepare", "demo-clip", "--out", out, "--steps", 3))
+    assert line == (f"error: cannot write {out} (No space left on device); free space on that disk or choose another --out, "
+                    "and run `fastprompt prepare demo-clip` again")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_another_prepare_is_writing_is_left_alone(tmp_path):
+    """The lock beside the output says a live writer (or a writer process it left) still works on it:
+    a second prepare of that output stops, its temporary file untouched."""
+    import fcntl
+
+    out = tmp_path / "d.beton"
+    working = tmp_path / ".d.k2x9q_0a.beton.tmp"  # the other writer's temporary file
+    working.write_bytes(b"being written")
+    with open(tmp_path / ".d.beton.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        line = error_line(cli("prepare", "demo", "--out", out, "--images-per-class", 4, "--size", 32, "--workers", 1))
+    assert line == (f"error: another process is writing {out} (pid 4242 holds {tmp_path / '.d.beton.lock'}); wait for it to "
+                    "end, or use another --out")
+    assert working.read_bytes() == b"being written" and not out.exists()
+
+
+def _children(pid: int) -> set[int]:
+    """The processes `pid` started (Linux /proc)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed writer is reaped by PID 1, which a container may not do)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_killed_prepare_leaves_no_writer_and_a_rerun_no_temporary_file(tmp_path, list_files):
+    """SIGKILL of `prepare demo --workers 2` while its writer processes run: they die with it (they
+    used to block for ever, re-parented to PID 1, holding the temporary .beton and FFCV's shared
+    memory), and a rerun removes the temporary files of that output before writing it."""
+    import time
+
+    out = tmp_path / "d.beton"
+    neighbour = tmp_path / ".d.x.abcdefgh.beton.tmp"  # output d.x.beton's temporary name pattern: not d.beton's
+    neighbour.write_bytes(b"")
+    fastprompt = str(Path(sys.executable).parent / "fastprompt")
+    proc = subprocess.Popen([fastprompt, "prepare", "demo", "--out", str(out), "--images-per-class", "300", "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        writers: set[int] = set()
+        while len(writers) < 2:  # the two writer processes (and the resource tracker) started
+            assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before its writers started"
+            writers = {p for p in _children(proc.pid) if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()}
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    left = [p.name for p in tmp_path.iterdir() if p.name.endswith(".beton.tmp") and p != neighbour]
+    assert left, "the kill came after the write"
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in writers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in writers), "a writer process outlived its parent"
+
+    result = cli("prepare", "demo", "--out", out, "--images-per-class", 4, "--size", 32, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert list_files(tmp_path) == [neighbour.name, "d.beton", "d.json"]

@@ -159,7 +159,9 @@ def test_read_coop_split_checks(tmp_path):
         "missing": ({**good, "test": [["a/9.png", 0, "apple"]]}, "missing under .* a/9.png"),
         "label two names": ({**good, "test": [["a/2.png", 0, "apples"]]}, "label 0 is called both 'apple' and 'apples'"),
         "name two labels": ({**good, "test": [["a/2.png", 2, "apple"]]}, "class 'apple' has labels 0 and 2"),
-        "gap": ({**good, "val": [["a/1.png", 2, "pear"]]}, "labels must run 0..2"),
+        "gap": ({**good, "val": [["a/1.png", 2, "pear"]]}, r"val\[0\] has label 2, but the file names 2 classes, so labels must run 0..1"),
+        "label 10**12": ({**good, "val": [["a/1.png", 10**12, "pear"]]}, r"val\[0\] has label 1000000000000, but the file "
+                                                                        r"names 2 classes"),  # one line, no list of 10**12 labels
         "shape": ({**good, "val": [["a/1.png", 1]]}, r"val\[0\]"),
         "no test": ({"train": good["train"], "val": good["val"]}, "lists 'train', 'val' and 'test'"),
     }

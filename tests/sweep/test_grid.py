@@ -53,6 +53,35 @@ def test_bad_grids_fail_before_anything_is_written(demo_beton, tmp_path):
     assert not out.exists()
 
 
+def test_eval_on_takes_each_dataset_name_once(demo_beton, tmp_path):
+    """Two --eval-on files of one dataset name would share eval-NAME-all.json (the second was never
+    evaluated, exit 0): refused naming both files; a target that is a --data file is skipped by
+    that dataset's cells only."""
+    import shutil
+
+    copy = tmp_path / "copy" / "demo.beton"  # another file of dataset 'demo'
+    copy.parent.mkdir()
+    shutil.copy(demo_beton, copy)
+    shutil.copy(demo_beton.with_suffix(".json"), copy.with_suffix(".json"))
+    other = tmp_path / "other" / "demo.beton"
+    shutil.copytree(copy.parent, other.parent)
+    source = tmp_path / "src" / "src.beton"  # dataset 'src'
+    shutil.copytree(copy.parent, source.parent)
+    (source.parent / "demo.beton").rename(source)
+    meta = json.loads((source.parent / "demo.json").read_text())
+    source.with_suffix(".json").write_text(json.dumps({**meta, "name": "src"}))
+    out = tmp_path / "s"
+    with pytest.raises(FastpromptError, match=f"--eval-on {other} and --eval-on {copy.resolve()} are both dataset 'demo' but "
+                                              "different files; a sweep evaluates each dataset once: drop one, or give one "
+                                              "a distinct \"name\" in its sidecar"):
+        expand(sweep(demo_beton, out, data=[str(source)], eval_on=[str(copy), str(other)]))
+    with pytest.raises(FastpromptError, match=f"--eval-on {other} and --data {Path(demo_beton).resolve()} are both "
+                                              "dataset 'demo' but different files"):
+        expand(sweep(demo_beton, out, eval_on=[str(other)]))
+    assert not out.exists()
+    assert all(c.eval_on == () for c in expand(sweep(demo_beton, out, eval_on=[str(demo_beton), str(demo_beton)])))
+
+
 def _fake_run(cell, *files, **changes):
     """A run folder as the trainer leaves it: the cell's config resolved (epochs, every group's lr
     and warm-up, every option, the template, absolute paths), run facts, then `changes`."""
@@ -76,7 +105,10 @@ def test_plan_reads_each_cells_folder(demo_beton, tmp_path):
     # a finished cell that lacks an evaluation asked for later is only evaluated
     later = dataclasses.replace(cells[0], eval_on=(("other", "/data/other.beton"),))
     assert [(p.action, p.why) for p in plan([later])] == [("evaluate", "finished; to evaluate on other")]
-    (later.dir / "eval-other-all.json").write_text("{}")
+    # what evaluate_run wrote for another data file of that name does not count: only this file's result
+    (later.dir / "eval-other-all.json").write_text(json.dumps({"data": "/elsewhere/other.beton"}))
+    assert plan([later])[0].action == "evaluate"
+    (later.dir / "eval-other-all.json").write_text(json.dumps({"data": "/data/other.beton"}))
     assert plan([later])[0].action == "skip"
 
     config = sweep(demo_beton, tmp_path / "s", eval_on=[str(demo_beton)])

@@ -15,10 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from fastprompt.cli import app
+from fastprompt.errors import FastpromptError
 
 from fastprompt.sweep import SweepConfig, run_sweep
 from fastprompt.sweep.plot import plot_shots, shots_curves
 from fastprompt.sweep.report import report
+from fastprompt.sweep.runner import read_log
 
 # no warm-up: the groups' defaults (text 1, visual 10 epochs) leave no cosine epochs in 2 (refused)
 TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--epochs", "2", "--batch-size", "8", "--lr", "0.05",
@@ -28,8 +30,7 @@ TRAIN = {"clip": "fastprompt-tiny", "pretrained": "none", "epochs": 2, "batch_si
 
 
 def _events(out: Path) -> list[dict]:
-    path = out / "sweep-log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return read_log(out / "sweep-log.jsonl")
 
 
 def _sweep_cmd(demo_beton, out, *extra):
@@ -153,6 +154,20 @@ def test_shots_figure(tmp_path, make_run):
     assert result.exit_code == 2 and "no few-shot accuracy" in result.output
 
 
+def test_shots_figure_never_writes_outside_its_folder(tmp_path, make_run):
+    """A results.json whose "dataset" is a path: refused (fastprompt.files.path_component), no figure anywhere."""
+    root = tmp_path / "fig"
+    for seed in (1, 2):
+        run = make_run(root, "eurosat", "coop", seed, 40.0 + seed, shots=1)
+        results = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**results, "dataset": "../../escaped"}))
+    result = CliRunner().invoke(app, ["plot", "shots", str(root)])
+    assert result.exit_code == 2 and result.output.startswith(
+        f'error: dataset (the "dataset" of a results.json under {root}) \'../../escaped\' cannot name a file or folder '
+        "(a path, not a name); correct that run's results.json"), result.output
+    assert not list(tmp_path.rglob("*.png")) and not (root / "figures").exists()
+
+
 def test_a_cell_another_process_is_running_is_not_run_again(demo_beton, tmp_path):
     import fcntl
 
@@ -189,6 +204,111 @@ def test_train_tensorboard_flag(demo_beton, tmp_path):
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     (event,) = acc.Scalars("train/loss")
     assert event.step == 1 and event.value == pytest.approx(line["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sigint_stops_the_running_cell_at_once_and_leaves_it_resumable(demo_beton, tmp_path):
+    """`kill -INT` of the sweep process alone (not its group, as a terminal's Ctrl-C would): the
+    running cell stops at once instead of training to its end, exit 130 with one line, the
+    cell's folder unlocked and resumable."""
+    from fastprompt.training.rundir import RunLock
+
+    out = tmp_path / "int"
+    cell = out / "demo/coop/shots2/seed1"
+    cmd = _sweep_cmd(demo_beton, out, "--seeds", "1", "--epochs", "100000", "--jobs", "1")  # hours, unless stopped
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr_file, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (cell / "checkpoint.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint in 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)  # before the fix: the sweep waited for the cell to end
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers
+            proc.wait()
+    stderr = err.read_text()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.rstrip("\n").splitlines()[-1] == "interrupted; run the same command again to resume"
+    assert "Traceback" not in stderr
+    assert [e["event"] for e in _events(out)] == ["start", "interrupted"]
+    assert json.loads((out / "sweep.json").read_text())["outcome"]["interrupted"] == ["demo/coop/shots2/seed1"]
+    assert not (cell / "results.json").exists() and not (cell / "error.json").exists()
+    assert len((cell / "metrics.jsonl").read_text().splitlines()) < 100000
+    RunLock(cell).acquire().release()  # no worker holds the cell any more
+    RunLock(out).acquire().release()  # nor the sweep's folder
+    result = CliRunner().invoke(app, [*cmd[3:], "--dry-run"])
+    assert result.exit_code == 0 and "1 cells: 0 skip, 0 evaluate, 1 resume, 0 start" in result.output, result.output
+
+
+def test_a_second_sweep_on_the_folder_stops_naming_the_first(demo_beton, tmp_path):
+    """Two sweeps on one --out both ran (the second's cells found the first's running cells
+    locked and were recorded as failed): the sweep holds the folder's lock, the second stops
+    before writing anything, naming the first's pid."""
+    import fcntl
+
+    out = tmp_path / "s"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # what the running sweep (pid 4242) holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        result = CliRunner().invoke(app, _sweep_cmd(demo_beton, out)[3:])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: another process is running in {out} (pid 4242 holds {out / '.lock'}); wait for it "
+                             "to end, or use another --out\n")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_unwritable_sweep_folder_is_one_line(demo_beton, tmp_path, failing_writes, monkeypatch):
+    import errno
+
+    import fastprompt.sweep.runner as runner
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    failing_writes(ro, errno.EROFS)
+    result = CliRunner().invoke(app, _sweep_cmd(demo_beton, ro / "s")[3:])
+    assert result.exit_code == 2 and result.stderr == (f"error: cannot write to --out {ro / 's'} (Read-only file system); "
+                                                       "pick a writable directory\n"), result.output
+    assert list(ro.iterdir()) == []
+
+    def full(path, obj, kill_point=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(runner, "write_json", full)
+    out = tmp_path / "full"
+    result = CliRunner().invoke(app, _sweep_cmd(demo_beton, out)[3:])
+    assert result.exit_code == 2 and result.stderr == (f"error: cannot write {out / 'sweep.json'} (No space left on device); "
+                                                       "free space on that disk, or use another --out, then run the same "
+                                                       "command again to resume\n"), result.output
+    assert not out.exists()  # the folder the sweep's lock made is removed again
+
+
+def test_partial_last_log_line_is_repaired_before_the_next_event(tmp_path):
+    """A sweep killed while appending to sweep-log.jsonl leaves half a line: the next sweep's first
+    event used to be appended to it (one unreadable line). Readers skip a partial last line; the
+    next sweep cuts it off (or, when it is a whole event, only adds its newline) before appending."""
+    from fastprompt.sweep.runner import _Log
+
+    path = tmp_path / "sweep-log.jsonl"
+    whole = '{"time": 1.0, "cell": "a", "event": "start", "action": "start"}\n'
+    path.write_text(whole + '{"time": 2.0, "cell": "a", "ev')  # killed mid-append
+    assert [e["time"] for e in read_log(path)] == [1.0]  # the partial line is skipped
+    _Log(path)(cell="b", event="skip")
+    lines = path.read_text().splitlines(keepends=True)
+    assert lines[0] == whole and len(lines) == 2 and lines[1].endswith("\n")
+    assert [(e["cell"], e["event"]) for e in read_log(path)] == [("a", "start"), ("b", "skip")]
+
+    path.write_text(whole.rstrip("\n"))  # a whole event that lost only its newline: kept
+    _Log(path)(cell="b", event="skip")
+    assert [(e["cell"], e["event"]) for e in read_log(path)] == [("a", "start"), ("b", "skip")]
+    path.write_text(whole + "garbage\n" + whole)
+    with pytest.raises(FastpromptError, match=f"{path}:2 is not a JSON event; delete that line"):
+        read_log(path)
 
 
 def test_live_view_eta_from_measured_cell_times():
