@@ -16,12 +16,26 @@ import torch.nn.functional as F
 from fastprompt.kernels import cosine_cross_entropy, cosine_cross_entropy_reference
 
 
-def cosine_ce(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, scale, backend: str) -> torch.Tensor:
-    """Mean cross-entropy of `scale · normalize(x) @ normalize(w).T` [B, C] against target.
+def loss_dtype(backend: str, *tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a loss computes in: fp32, or float64 on the reference backend where an input
+    is float64.
 
-    Computed in fp32: under bf16 autocast image features arrive in bf16 while cached text
-    features are fp32, and the loss of a few-shot batch is too small to be worth less precision."""
-    x, w = x.float(), w.float()  # (B, D), (C, D)
+    Under bf16 autocast image features arrive in bf16 while cached text features are fp32, and
+    the loss of a few-shot batch is too small to be worth less precision: never below fp32, the
+    fused kernel's precision. A float64 reference model (the tests' oracle, `tests/_util.py`)
+    computes its loss in float64, as the rest of its step."""
+    dtype = torch.float32
+    if backend == "reference":
+        for t in tensors:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def cosine_ce(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, scale, backend: str) -> torch.Tensor:
+    """Mean cross-entropy of `scale · normalize(x) @ normalize(w).T` [B, C] against target,
+    computed in `loss_dtype` (fp32; float64 for a float64 reference)."""
+    dtype = loss_dtype(backend, x, w)
+    x, w = x.to(dtype), w.to(dtype)  # (B, D), (C, D)
     if backend == "fast":
         return cosine_cross_entropy(x, w, target, scale)
     return cosine_cross_entropy_reference(x, w, target, scale)
@@ -38,7 +52,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale, backend: str, valid: Optio
         target = torch.arange(a.shape[0], device=a.device)  # (B,)
         return cosine_ce(a, b, target, scale, backend)
     with torch.autocast(a.device.type, enabled=False):  # fp32 throughout, as the fused kernel computes
-        logits = scale * (F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T)  # (B, B)
+        dtype = loss_dtype(backend, a, b)
+        logits = scale * (F.normalize(a.to(dtype), dim=-1) @ F.normalize(b.to(dtype), dim=-1).T)  # (B, B)
         logits = logits.masked_fill(~valid[None, :], float("-inf"))  # (B, B): invalid rows are no negatives
         picked = logits.log_softmax(dim=-1).diagonal()  # (B,): -inf on invalid rows
         picked = torch.where(valid, picked, torch.zeros_like(picked))  # (B,)

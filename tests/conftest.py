@@ -4,15 +4,31 @@ Without CUDA, Triton kernels run in interpreter mode: TRITON_INTERPRET must be s
 any `@triton.jit` function is defined, so it is set here, before fastprompt is imported.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Keep the hand-crafted feature cache of the test run out of the user's cache dir.
-os.environ.setdefault("FASTPROMPT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "fastprompt"))
+# fastprompt's caches (hand-crafted text features, image features) start empty in every test
+# session, out of the user's cache dir: a cached value is whatever the run that first computed it
+# got, and fp32 results depend on the thread count (reduction order), so a folder filled by an
+# earlier run (under `-n 0`: 2 threads a process; `-n 2`: 1) fed other numbers to this one
+# (issue 21: a fresh clone failed where an older folder passed). The first process makes the
+# folder; xdist workers and the subprocesses tests start inherit it; its maker removes it at exit.
+if "FASTPROMPT_TEST_SESSION_CACHE" not in os.environ:
+    os.environ["FASTPROMPT_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="fastprompt-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FASTPROMPT_TEST_SESSION_CACHE"], ignore_errors=True)
+os.environ["FASTPROMPT_CACHE"] = os.environ["FASTPROMPT_TEST_SESSION_CACHE"]
+# torch.compile's cache stays across sessions (a cold compile costs minutes): inductor keys an
+# entry by the graph, its inputs, torch's version and config, and a hit is the code a fresh
+# compile would make, so no number of an earlier run comes back through it.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "fastprompt", "inductor"))
 # Under pytest-xdist (scripts/test.sh runs one worker per core) each worker keeps to its share of the cores.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastprompt.errors import FastpromptError
-from fastprompt.losses import cosine_ce
+from fastprompt.losses import cosine_ce, loss_dtype
 from fastprompt.methods.base import TEXT_GROUP, VISUAL_GROUP, PromptModel, add_coop, add_visual_prompts
 from fastprompt.methods.options import CavptOptions, CoopOptions, VisualOptions
 from fastprompt.methods.registry import ParamGroup, register_method
@@ -341,8 +341,8 @@ class Cavpt(PromptModel):
         logits = torch.stack([layer.aux_logits(a) for layer, a in zip(self.cavpt, attended)], dim=1)  # (B, Lc, K_N, K)
         rows = (topk == labels[:, None])[:, None, :].expand(-1, logits.shape[1], -1)  # (B, Lc, K_N)
         targets = labels[:, None, None].expand_as(rows)  # (B, Lc, K_N)
-        ce = F.cross_entropy(logits.float().reshape(-1, self.num_classes), targets.reshape(-1),
-                             reduction="none")  # (B·Lc·K_N,)
+        logits = logits.to(loss_dtype(self.backend, logits))  # fp32 (float64 for a float64 reference)
+        ce = F.cross_entropy(logits.reshape(-1, self.num_classes), targets.reshape(-1), reduction="none")  # (B·Lc·K_N,)
         mask = rows.reshape(-1).to(ce.dtype)  # (B·Lc·K_N,): 1 on ground-truth rows
         return (ce * mask).sum() / mask.sum().clamp_min(1.0)  # no CPU-GPU sync
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import fastprompt
 
-from _util import CLASSNAMES, module_relative_errors, relative_error
+from _util import CLASSNAMES, assert_within_reference_noise, oracle_outcome, step_outcome
 
 METHODS = fastprompt.list_methods()
 
@@ -69,24 +69,21 @@ def test_shapes_loss_gradients_and_state(method, tiny_clip, images, labels, tmp_
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fast_equals_reference(method, tiny_clip, images, labels):
-    """Same prompt state -> same logits, loss and gradients (fp32, 1e-4 relative)."""
-    results = {}
-    for backend in ("reference", "fast"):
-        model = _build(method, tiny_clip, backend=backend)
-        torch.manual_seed(7)  # the same mixup draws for e2mim
+    """Same prompt state -> the same loss, logits and gradients: each of the fast backend's
+    (fp32) within the float noise of the fp32 reference, both measured against a float64 run
+    of the reference (`assert_within_reference_noise`)."""
+
+    def step(model, images):
         loss = model.loss(images, labels)
-        grads = {}
-        if model.prompt_state_dict():
-            loss.backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         with torch.no_grad():
-            results[backend] = (model(images), loss.detach(), grads)
-    (lr, sr, gr), (lf, sf, gf) = results["reference"], results["fast"]
-    assert relative_error(lf, lr) < 1e-4
-    assert relative_error(sf, sr) < 1e-4
-    assert gf.keys() == gr.keys()
-    for module, error in module_relative_errors(gf, gr).items():  # a bias with its weight: see the helper
-        assert error < 1e-4, module
+            return loss, model(images)
+
+    reference, fast = _build(method, tiny_clip, backend="reference"), _build(method, tiny_clip, backend="fast")
+    oracle = oracle_outcome(reference, lambda m: step(m, images.double()))
+    want = step_outcome(reference, lambda: step(reference, images))
+    got = step_outcome(fast, lambda: step(fast, images))
+    assert (len(got) > 2) == (method != "zeroshot")  # every method but zero-shot has gradients
+    assert_within_reference_noise({"fast": got}, want, oracle)
 
 
 def test_load_prompt_state_dict_rejects_mismatches(tiny_clip):
