@@ -138,3 +138,24 @@ def assert_within_reference_noise(paths: Mapping[str, Mapping[str, torch.Tensor]
                 bad.append(f"{path} {key}: {error:.3g} from the float64 oracle > {bound:.3g} "
                            f"({factor:g} x the fp32 reference's {noise[key]:.3g} + {floor:g})")
     assert not bad, "; ".join(bad)
+
+
+def assert_fast_equals_reference(build: Callable[[str], torch.nn.Module], images: torch.Tensor,
+                                 labels: torch.Tensor) -> torch.nn.Module:
+    """A PromptModel's fast backend against its reference, both measured against a float64 run
+    of the reference (`assert_within_reference_noise`): loss, logits and every gradient of one
+    `loss(images, labels)` step. `build(backend)` makes the model (the same prompts for both).
+    Returns the fp32 reference model with its gradients, for a test's own checks on them."""
+
+    def step(model, x):
+        loss = model.loss(x, labels)
+        with torch.no_grad():
+            return loss, model(x)
+
+    reference, fast = build("reference"), build("fast")
+    oracle = oracle_outcome(reference, lambda m: step(m, images.double()))
+    want = step_outcome(reference, lambda: step(reference, images))
+    got = step_outcome(fast, lambda: step(fast, images))
+    assert any(k.startswith("grad ") for k in want), "the step trains nothing"
+    assert_within_reference_noise({"fast": got}, want, oracle)
+    return reference

@@ -11,7 +11,7 @@ import torch
 import _maple
 import fastprompt
 
-from _util import CLASSNAMES, module_relative_errors, relative_error
+from _util import CLASSNAMES, assert_fast_equals_reference, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +72,7 @@ def test_logits_equal_the_released_module(backend, clip, images):
     ("coop", {"n_ctx": 2, "ctx_init": "a photo of a", "csc": True}),
 ])
 def test_fast_equals_reference(method, options, clip, images, labels):
-    out = {}
-    for backend in ("reference", "fast"):
-        model = _model(clip, backend, method, **options)
-        loss = model.loss(images, labels)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            out[backend] = model(images), loss.detach(), grads
-    (lr, sr, gr), (lf, sf, gf) = out["reference"], out["fast"]
-    assert relative_error(lf, lr) < 1e-4 and relative_error(sf, sr) < 1e-4
-    assert gf.keys() == gr.keys()
-    for module, error in module_relative_errors(gf, gr).items():
-        assert error < 1e-4, module
+    assert_fast_equals_reference(lambda backend: _model(clip, backend, method, **options), images, labels)
 
 
 def test_coop_keeps_its_layout_where_the_phrase_fits(tiny_clip):

@@ -14,7 +14,7 @@ import torch
 import _maple
 import fastprompt
 
-from _util import CLASSNAMES, module_relative_errors, relative_error
+from _util import CLASSNAMES, assert_fast_equals_reference, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -84,19 +84,8 @@ def test_logits_equal_the_released_module(depth, backend, clip3, images):
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_fast_equals_reference(depth, clip3, images, labels):
-    out = {}
-    for backend in ("reference", "fast"):
-        model = _model(clip3, backend, prompt_depth=depth)
-        loss = model.loss(images, labels)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            out[backend] = model(images), loss.detach(), grads
-    (lr, sr, gr), (lf, sf, gf) = out["reference"], out["fast"]
-    assert relative_error(lf, lr) < 1e-4 and relative_error(sf, sr) < 1e-4
-    assert gf.keys() == gr.keys() and all(g.abs().sum() > 0 for g in gr.values())
-    for module, error in module_relative_errors(gf, gr).items():
-        assert error < 1e-4, module
+    reference = assert_fast_equals_reference(lambda backend: _model(clip3, backend, prompt_depth=depth), images, labels)
+    assert all(p.grad.abs().sum() > 0 for p in reference.parameters() if p.requires_grad)
 
 
 def test_options_are_validated(tiny_clip):

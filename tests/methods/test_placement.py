@@ -12,7 +12,7 @@ import torch
 import _maple
 import fastprompt
 
-from _util import CLASSNAMES, module_relative_errors, relative_error
+from _util import CLASSNAMES, assert_fast_equals_reference, relative_error
 
 TEMPLATE = "a photo of a {}."  # MaPLe's VPT trainer: FixedEmbeddings' "a photo of a {name}."
 
@@ -66,20 +66,9 @@ def test_vlp_before_ln_pre_equals_maple_ivlp_with_text_depth_one(backend, clip, 
     ("cavpt", {"topk": 3, "variant": "released", "layers": 2}),
 ])
 def test_fast_equals_reference_before_ln_pre(method, options, clip, images, labels):
-    out = {}
-    for backend in ("reference", "fast"):
-        model = _model(method, clip, backend, placement="before-ln-pre", **options)
-        loss = model.loss(images, labels)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            out[backend] = model(images), loss.detach(), grads
-    (lr, sr, gr), (lf, sf, gf) = out["reference"], out["fast"]
-    assert relative_error(lf, lr) < 1e-4 and relative_error(sf, sr) < 1e-4
-    assert gf.keys() == gr.keys() and "visual.prompts" in gr
-    assert gr["visual.prompts"][0].abs().sum() > 0  # layer 1's prompts learn through ln_pre
-    for module, error in module_relative_errors(gf, gr).items():
-        assert error < 1e-4, module
+    reference = assert_fast_equals_reference(
+        lambda backend: _model(method, clip, backend, placement="before-ln-pre", **options), images, labels)
+    assert reference.visual.prompts.grad[0].abs().sum() > 0  # layer 1's prompts learn through ln_pre
 
 
 def test_placement_is_validated(clip):
