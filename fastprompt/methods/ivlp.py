@@ -33,9 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fastprompt.methods.base import PromptModel, add_coop, add_visual_prompts
 from fastprompt.methods.options import CoopOptions, TextDepthOptions, VisualDepthOptions, VisualOptions
 from fastprompt.methods.registry import ParamGroup, register_method
+from fastprompt.methods.vlp import Vlp
 from fastprompt.models.vision import PLACEMENTS
 
 _YAML = "muzairkhattak/multimodal-prompt-learning configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml"
@@ -54,13 +54,8 @@ class IvlpConfig(VisualDepthOptions, VisualOptions, TextDepthOptions, CoopOption
 
 
 @register_method("ivlp")
-class Ivlp(PromptModel):
+class Ivlp(Vlp):
+    """`vlp`'s composition (CoOp context + carried deep visual prompts) with MaPLe's defaults and recipe."""
+
     options = IvlpConfig
     groups = (IVLP_TEXT_GROUP, IVLP_VISUAL_GROUP)
-    frozen_image_tower = False
-
-    def __init__(self, bundle, classnames, templates, backend, config: IvlpConfig):
-        super().__init__(bundle, classnames, templates, backend, config)
-        add_coop(self, config)
-        add_visual_prompts(self, "deep", config.n_prompts, layers=config.vision_depth, placement=config.placement,
-                           carry=True)
