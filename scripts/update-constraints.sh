@@ -18,7 +18,7 @@ echo "[update-constraints] newest allowed versions into $scratch/venv"
 echo "[update-constraints] what would change:"
 diff <(grep -v '^#' constraints.txt) "$scratch/freeze.txt" || true
 echo "[update-constraints] running the suite on them"
-"$scratch/venv/bin/python" -m pytest -q -n auto --maxprocesses 8 --dist loadfile "$@"
+"$scratch/venv/bin/python" -m pytest -q -n auto --maxprocesses 8 --dist worksteal "$@"
 {
     echo "# The dependency versions the test suite last passed with ($("$scratch/venv/bin/python" -c 'import platform; print(f"Python {platform.python_version()}, {platform.system()} {platform.machine()}")'), $(date -u +%F))."
     echo "# scripts/setup.sh installs exactly these (pip -c); upgrade them deliberately with"
