@@ -191,7 +191,7 @@ def expand(config: SweepConfig) -> list[Cell]:
 def plan(cells: list[Cell]) -> list[PlannedCell]:
     """What each cell's folder asks for; FastpromptError naming the cell if one holds another run."""
     from fastprompt.data import open_dataset
-    from fastprompt.training.identity import data_id, first_difference, planned as resolved
+    from fastprompt.training.identity import expected_run, first_difference
     from fastprompt.training.runfiles import read_run_config
 
     planned, datasets = [], {}
@@ -203,9 +203,8 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
         saved = read_run_config(cell.dir, needed=(), fix=f"delete the folder of cell {cell.name} to rerun it")
         if cell.config.data not in datasets:  # opened once per dataset, not per cell
             datasets[cell.config.data] = open_dataset(cell.config.data)
-        dataset = datasets[cell.config.data]
         # resolved as the trainer resolves it, with the data's content id (a .beton prepared again is other data)
-        expected = {**resolved(cell.config, dataset).to_dict(), "data_id": data_id(dataset)}
+        expected = expected_run(cell.config, datasets[cell.config.data])
         diff = first_difference(expected, saved)
         if diff is not None:
             key, mine, theirs = diff

@@ -71,6 +71,12 @@ def planned(config, dataset=None):
                                data=str(Path(ds.path).expanduser().resolve()))
 
 
+def expected_run(config, dataset) -> dict:
+    """What a run directory of `config` on the opened `dataset` must hold, to compare with its
+    config.json: `planned(config, dataset)` with the data's content id (`data_id`)."""
+    return {**planned(config, dataset).to_dict(), "data_id": data_id(dataset)}
+
+
 def identity_hash(resolved: dict) -> str:
     """A short hash (12 hex digits) of the identity of a resolved config's `TrainConfig` fields:
     equal settings give equal hashes (run names, config.json's `identity_hash`)."""

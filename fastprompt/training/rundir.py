@@ -31,10 +31,10 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from fastprompt.errors import FastpromptError
-from fastprompt.files import FolderLock, path_component
+from fastprompt.files import FolderLock
 
 log = logging.getLogger(__name__)
 

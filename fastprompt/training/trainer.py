@@ -34,7 +34,6 @@ only rank 0 writes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -62,7 +61,7 @@ from fastprompt.training.evaluate import evaluate, model_for_classes
 from fastprompt.training.runfiles import harmonic_mean
 from fastprompt.training.feature_cache import FeatureCache
 from fastprompt.training.hooks import exit_after_step, kill_point
-from fastprompt.training.identity import data_id, first_difference, identity, identity_hash, planned
+from fastprompt.training.identity import data_id, expected_run, first_difference, identity, identity_hash, planned
 from fastprompt.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
@@ -552,7 +551,7 @@ def finished_run(config: TrainConfig) -> Optional[dict]:
     if saved is None:
         return None
     dataset = open_dataset(config.data)
-    rundir.check_same_run(out, {**planned(config, dataset).to_dict(), "data_id": data_id(dataset)}, saved)
+    rundir.check_same_run(out, expected_run(config, dataset), saved)
     return results
 
 
