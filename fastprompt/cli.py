@@ -230,9 +230,12 @@ def _root(
 
 @command(app, "methods")
 def methods_cmd() -> None:
-    """List the prompt-tuning methods this engine implements."""
-    for name in fastprompt.list_methods():
-        typer.echo(name)
+    """List the prompt-tuning methods this engine implements: name, what it learns, its paper."""
+    from fastprompt.methods import METHODS
+
+    width = max(map(len, METHODS))
+    for name, spec in METHODS.items():
+        typer.echo(f"{name:<{width}}  {spec.summary}. {spec.paper}")
 
 
 @command(app, "protocols")
@@ -396,8 +399,7 @@ Precision = Annotated[str, typer.Option("--precision", help="bf16 or fp32 (auto:
 
 def _run_choices() -> dict[str, tuple]:
     """The choices of the run flags that train, eval, zeroshot and sweep share, from their owners."""
-    from fastprompt.models.text import BACKENDS
-    from fastprompt.runtime import PRECISIONS
+    from fastprompt.settings import BACKENDS, PRECISIONS
     from fastprompt.training.config import CLASS_CHOICES, COMPILE_CHOICES, OPTIMIZERS
 
     return {"classes": CLASS_CHOICES, "precision": PRECISIONS, "optimizer": OPTIMIZERS, "backend": BACKENDS,
@@ -408,7 +410,7 @@ def _train_choices() -> dict[str, tuple]:
     from fastprompt.methods import METHODS
     from fastprompt.training.config import TRAIN_CLASSES
 
-    trainable = tuple(name for name, cls in METHODS.items() if cls.groups)
+    trainable = tuple(name for name, spec in METHODS.items() if spec.groups)
     return {**_run_choices(), "classes": TRAIN_CLASSES, "method": trainable}
 
 
@@ -436,7 +438,7 @@ class TrainCommand(Command):
             decls = (f"{fl.flag}/{fl.off_flag}",) if fl.type is bool else (fl.flag,)
             kind = choice(fl.choices) if fl.choices else fl.type
             flags.append(_flag(f"option__{fl.field}", Optional[kind], *decls, help=text, panel="Method options"))
-        groups = {g.name: g for cls in reversed(list(METHODS.values())) for g in cls.groups}
+        groups = {g.name: g for spec in reversed(list(METHODS.values())) for g in spec.groups}
         for name in group_names():
             g = groups[name]
             imagenet = f", {g.imagenet_warmup_epochs} on ImageNet" if g.imagenet_warmup_epochs is not None else ""
@@ -489,7 +491,7 @@ def train_cmd(
     from pathlib import Path
 
     from fastprompt.methods.registry import check_option_flags
-    from fastprompt.training import TrainConfig, train
+    from fastprompt.training.config import TrainConfig
     from fastprompt.training.rundir import default_run_dir
 
     flags = {name: value for name, value in ctx.meta["flags"].items() if value is not None}
@@ -516,6 +518,8 @@ def train_cmd(
         config = TrainConfig.from_protocol(protocol, **given)
     if out is None:
         config.out = default_run_dir(config)
+    from fastprompt.training import train  # torch from here on: the command line is checked
+
     logger = None
     if tensorboard:
         from fastprompt.training.tensorboard import TensorBoardLogger
@@ -544,6 +548,9 @@ def eval_cmd(
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Evaluate a run's prompts on the test split of a dataset (cross-dataset, base-to-new, domains)."""
+    from fastprompt.training.runfiles import check_evaluation
+
+    check_evaluation(run, data, classes, device, precision)  # bad input answers before torch loads
     from fastprompt.training import evaluate_run
     from fastprompt.training.evaluate import ResultNotSaved
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from contextlib import nullcontext
 from typing import Callable, Optional, Union
 
@@ -14,14 +13,13 @@ import logging
 import numpy as np
 import torch
 
+# torch-free homes (the CLI checks a command line with them before torch loads), re-exported here
+from fastprompt.settings import (DEVICES, PRECISIONS, SEED_MAX, available_cores, check_device_name,  # noqa: F401
+                                 check_precision, resolve_workers)
 from fastprompt.errors import FastpromptError
-from fastprompt.validation import check_int, is_int
+from fastprompt.validation import check_int
 
 log = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "cuda")  # plus cuda:N
-PRECISIONS = ("auto", "fp32", "bf16")
-SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -30,10 +28,9 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     Under torchrun, plain `cuda` is this process's GPU (LOCAL_RANK)."""
     if isinstance(device, torch.device):
         device = str(device)
+    check_device_name(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise FastpromptError(f"device={device!r} is not known; use auto, cpu, cuda or cuda:N")
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -43,11 +40,6 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise FastpromptError(f"device={device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise FastpromptError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
 def effective_precision(precision: str, device: torch.device) -> str:
@@ -92,21 +84,3 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def resolve_workers(workers: Optional[int], what: str = "workers") -> int:
-    """`workers` clamped to the available cores; None means all of them."""
-    cores = available_cores()
-    if workers is None:
-        return cores
-    if not is_int(workers) or workers < 1:
-        raise FastpromptError(f"{what}={workers!r} must be a positive integer (or left out to use all {cores} cores)")
-    if workers > cores:
-        log.info("%s=%d clamped to the %d available cores", what, workers, cores)
-    return min(int(workers), cores)

@@ -22,8 +22,14 @@ def test_version_and_help():
 
 
 def test_methods_command():
+    """One line per method: its name first, then what it learns and its paper (from its declaration)."""
+    from fastprompt.methods import METHODS
+
     result = CliRunner().invoke(app, ["methods"])
-    assert result.exit_code == 0 and result.stdout.split() == fastprompt.list_methods()
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0 and [line.split()[0] for line in lines] == fastprompt.list_methods()
+    for line, spec in zip(lines, METHODS.values()):
+        assert spec.summary and spec.paper and line.endswith(f"{spec.summary}. {spec.paper}")
 
 
 def _commands(group, path=()):

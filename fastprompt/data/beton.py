@@ -51,7 +51,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.files import FolderLock, path_component
 from fastprompt.data.ffcv_compat import import_ffcv
 from fastprompt.data.pixels import UnusableImage
-from fastprompt.runtime import resolve_workers
+from fastprompt.settings import resolve_workers
 from fastprompt.validation import check_int, require
 from fastprompt.data.splits import (
     SPLIT_CODE,

@@ -24,7 +24,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from fastprompt.runtime import resolve_workers
+from fastprompt.settings import resolve_workers
 from fastprompt.validation import check_int, require
 
 # CLIP's normalisation (open_clip.constants.OPENAI_DATASET_MEAN / OPENAI_DATASET_STD; a test

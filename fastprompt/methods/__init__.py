@@ -1,27 +1,38 @@
-"""The method registry and `create_model`, the library's front door."""
+"""The method registry and `create_model`, the library's front door.
+
+Importing this package does not import torch: the registry and every method's declaration
+(`specs`) are torch-free, so the CLI checks a command line first. `create_model` and
+`PromptModel` load torch (and the method's module) on first use.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional, Sequence, Union
-
-import torch
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from fastprompt.errors import FastpromptError
-from fastprompt.methods.base import PromptModel
-from fastprompt.methods.registry import METHODS, ParamGroup, method_class, register_method, unregister_method
-from fastprompt.models.clip import load_clip
-from fastprompt.models.text import BACKENDS
-from fastprompt.prompts.templates import resolve_templates, validate_classnames
+from fastprompt.methods import specs  # noqa: F401  declares the built-in methods (list_methods' order)
+from fastprompt.methods.registry import (METHODS, MethodSpec, ParamGroup, method_class, method_spec, register_method,
+                                         unregister_method)
 
-# The built-in methods register themselves on import; this order is list_methods()'s.
-from fastprompt.methods import zeroshot, coop, vpt, vlp, cavpt, e2mim, ivlp, maple  # noqa: E402,F401  isort: skip
+if TYPE_CHECKING:
+    import torch
+
+    from fastprompt.methods.base import PromptModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "ParamGroup", "PromptModel", "create_model", "list_methods", "method_class", "method_config",
-           "register_method", "unregister_method"]
+__all__ = ["METHODS", "MethodSpec", "ParamGroup", "PromptModel", "create_model", "list_methods", "method_class",
+           "method_config", "method_spec", "register_method", "unregister_method"]
+
+
+def __getattr__(name):  # PEP 562: the torch half on first use
+    if name == "PromptModel":
+        from fastprompt.methods.base import PromptModel
+
+        return PromptModel
+    raise AttributeError(f"module 'fastprompt.methods' has no attribute {name!r}")
 
 
 def list_methods() -> list[str]:
@@ -30,7 +41,7 @@ def list_methods() -> list[str]:
 
 def method_config(method: str, **options):
     """The validated options dataclass of `method` (unknown names are errors)."""
-    config_cls = method_class(method).options
+    config_cls = method_spec(method).options
     valid = [f.name for f in dataclasses.fields(config_cls)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -44,14 +55,14 @@ def method_config(method: str, **options):
 def create_model(
     method: str,
     classnames: Sequence[str],
-    clip: Union[str, torch.nn.Module] = "ViT-B-32",
+    clip: Union[str, "torch.nn.Module"] = "ViT-B-32",
     pretrained: Optional[str] = "openai",
     template: Union[str, Sequence[str], None] = None,
     backend: str = "fast",
-    device: Union[str, torch.device] = "cpu",
+    device: Union[str, "torch.device"] = "cpu",
     trust_pickle: bool = False,
     **options,
-) -> PromptModel:
+) -> "PromptModel":
     """Build a prompt-tuning model around a frozen CLIP.
 
     method: a name from `list_methods()`; classnames: the K class names; clip: an open_clip
@@ -61,6 +72,10 @@ def create_model(
     trust_pickle: let a checkpoint file that needs a full unpickle load (it can run code);
     options: the method's options (see `fastprompt.methods.options`).
     """
+    from fastprompt.settings import BACKENDS
+    from fastprompt.models.clip import load_clip
+    from fastprompt.prompts.templates import resolve_templates, validate_classnames
+
     config = method_config(method, **options)
     names = validate_classnames(classnames)
     templates = resolve_templates(template)

@@ -1,11 +1,13 @@
 """`PromptModel`: the frozen CLIP plus the prompt parts a method composes.
 
-A method is a subclass, registered with `@register_method(name)`, that declares its facts
-(read by the trainer, bench and CLI; nobody keeps a list of method names):
+A method is a subclass, registered with `@register_method(name)`, bound to its torch-free
+declaration (`fastprompt.methods.specs`, a `MethodSpec`: read by the trainer, bench and CLI),
+which gives the class these facts:
 - `options`: its options dataclass (the keywords of `create_model`, the `--prefix.option` flags);
 - `groups`: the `ParamGroup`s it may train (`text`, `visual`, ...), each with its default lr
   and warm-up; a trainable tensor `NAME.rest` belongs to group `NAME`;
-- `frozen_image_tower`: images pass an unprompted frozen tower, so their features can be cached;
+- `frozen_image_tower`: images pass an unprompted frozen tower, so their features can be cached.
+The class itself says:
 - `wants_topk_table()`: the trainer should supply per-image zero-shot top-K (CAVPT, cached);
 - what it saves: `prompt_state_dict()` (its trainable tensors) of which `training_only_names()`
   stay with the training classes.
@@ -27,7 +29,9 @@ from torch import nn
 
 from fastprompt.errors import FastpromptError
 from fastprompt.losses import cosine_ce
-from fastprompt.methods.registry import ParamGroup
+from fastprompt.methods.options import DERIVED_OPTIONS
+from fastprompt.methods.registry import MethodSpec, ParamGroup
+from fastprompt.methods.specs import TEXT_GROUP, VISUAL_GROUP  # noqa: F401  (the shared groups; methods import them here)
 from fastprompt.models import vision
 from fastprompt.models.clip import ClipBundle, require_vit
 from fastprompt.prompts.coop import CoopContext
@@ -36,22 +40,13 @@ from fastprompt.prompts.visual import VisualPrompts
 
 log = logging.getLogger(__name__)
 
-# CoOp's recipe for the learnable text context (CoOp configs/trainers/CoOp/*.yaml).
-TEXT_GROUP = ParamGroup("text", lr=0.002, warmup_epochs=1,
-                        source="CoOp configs/trainers/CoOp/rn50.yaml: OPTIM.LR 0.002, WARMUP_EPOCH 1, WARMUP_CONS_LR 1e-5")
-# The CAVPT authors' recipe for VPT prompts (fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml),
-# with 1 warm-up epoch on ImageNet as in their ImageNet runs.
-VISUAL_GROUP = ParamGroup("visual", lr=0.01, warmup_epochs=10, imagenet_warmup_epochs=1,
-                          source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
-
-# options `resolved_options` fills in when the model is built (None until then)
-DERIVED_OPTIONS = frozenset({"n_ctx", "text_depth", "vision_depth", "prompt_depth"})
 
 
 class PromptModel(nn.Module):
     """Base of every method: `model(images) -> logits [B, K]`, `model.loss(images, labels)`."""
 
     method: ClassVar[str] = ""  # set by @register_method
+    spec: ClassVar[Optional[MethodSpec]] = None  # its declaration, set by @register_method
     options: ClassVar[Optional[type]] = None  # the options dataclass
     groups: ClassVar[Optional[tuple[ParamGroup, ...]]] = None  # the parameter groups it may train
     frozen_image_tower: ClassVar[Optional[bool]] = None  # True: features of the unprompted tower can be cached
@@ -112,10 +107,9 @@ class PromptModel(nn.Module):
 
     @classmethod
     def trained_groups(cls, config) -> tuple[ParamGroup, ...]:
-        """The groups a model built with options `config` trains, known without building it (a
-        planned run's identity resolves every group's recipe from these; the trainer checks
-        they are the groups `param_groups()` finds). Every declared group unless overridden."""
-        return tuple(cls.groups)
+        """The groups a model built with options `config` trains (its declaration's
+        `MethodSpec.trained_groups`); `param_groups()` checks the model agrees."""
+        return cls.spec.trained_groups(config)
 
     def param_groups(self) -> list[tuple[ParamGroup, list[tuple[str, nn.Parameter]]]]:
         """The declared groups that hold trainable tensors here, with their (name, tensor) pairs;

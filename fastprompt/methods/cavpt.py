@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -77,9 +76,9 @@ from torch import nn
 
 from fastprompt.errors import FastpromptError
 from fastprompt.losses import cosine_ce, loss_dtype
-from fastprompt.methods.base import TEXT_GROUP, VISUAL_GROUP, PromptModel, add_coop, add_visual_prompts
-from fastprompt.methods.options import CavptOptions, CoopOptions, VisualOptions
-from fastprompt.methods.registry import ParamGroup, register_method
+from fastprompt.methods.base import PromptModel, add_coop, add_visual_prompts
+from fastprompt.methods.registry import register_method
+from fastprompt.methods.specs import CavptConfig
 from fastprompt.models import vision
 from fastprompt.models.clip import require_vit
 
@@ -88,21 +87,6 @@ log = logging.getLogger(__name__)
 RELEASED_EXTRA_TOKENS = 10  # learnable key/value tokens per layer (fanrena/DPT trainers/DPT.py `CAVPT.ctx`)
 RELEASED_ATTN_DIM = 32  # q/k width (fanrena/DPT trainers/DPT.py `Attention.qmlp` / `kmlp`)
 GUIDANCE_MAIN_WEIGHT = 0.1  # weight of the main CE during guidance (fanrena/DPT trainers/DPT.py `forward_backward`)
-
-
-@dataclass
-class CavptConfig(CavptOptions, VisualOptions, CoopOptions):
-    def _validate(self) -> None:
-        if not self.text_prompt:
-            for name in ("n_ctx", "ctx_init"):
-                if getattr(self, name) is not None:
-                    raise FastpromptError(f"{name} needs text_prompt=True (CAVPT's text side is hand-crafted otherwise)")
-            if self.csc:
-                raise FastpromptError("csc needs text_prompt=True (CAVPT's text side is hand-crafted otherwise)")
-
-    @classmethod
-    def unused_fields(cls, options: dict) -> set[str]:
-        return set() if options.get("text_prompt") else set(CoopOptions.field_names())
 
 
 class ClassAwarePromptLayer(nn.Module):
@@ -170,22 +154,8 @@ def aux_targets(topk: torch.Tensor, labels: torch.Tensor, num_classes: int) -> t
     return torch.where(is_gt, onehot[:, None, :], uniform[:, None, :])  # (B, K_N, K)
 
 
-# The class-aware module and its auxiliary classifier: the VPT prompts' recipe in the authors'
-# code (one optimiser over the whole prompt learner; fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml).
-CAVPT_GROUP = ParamGroup("cavpt", lr=0.01, warmup_epochs=10, imagenet_warmup_epochs=1,
-                         source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
-
-
-@register_method("cavpt")
+@register_method("cavpt")  # options, groups (text only with text_prompt=True), frozen image tower: fastprompt.methods.specs
 class Cavpt(PromptModel):
-    options = CavptConfig
-    groups = (TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP)  # text: only with text_prompt=True
-    frozen_image_tower = False
-
-    @classmethod
-    def trained_groups(cls, config: CavptConfig) -> tuple:
-        return tuple(g for g in cls.groups if g is not TEXT_GROUP or config.text_prompt)
-
     def wants_topk_table(self) -> bool:
         return self.config.topk_source == "cached"
 

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fastprompt.methods.base import TEXT_GROUP, PromptModel, add_coop
-from fastprompt.methods.options import CoopOptions, TextDepthOptions
+from fastprompt.methods.base import PromptModel, add_coop
 from fastprompt.methods.registry import register_method
+from fastprompt.methods.specs import CoopConfig
 
 
-@dataclass
-class CoopConfig(TextDepthOptions, CoopOptions):
-    pass
-
-
-@register_method("coop")
+@register_method("coop")  # options, groups, frozen image tower: fastprompt.methods.specs
 class Coop(PromptModel):
-    options = CoopConfig
-    groups = (TEXT_GROUP,)
-    frozen_image_tower = True
 
     def __init__(self, bundle, classnames, templates, backend, config: CoopConfig):
         super().__init__(bundle, classnames, templates, backend, config)

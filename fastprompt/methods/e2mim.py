@@ -26,7 +26,6 @@ reading, the paper's code being unpublished; CoOp's `n_ctx` / `csc` / `ctx_init`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,14 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastprompt.losses import cosine_ce, info_nce
-from fastprompt.methods.base import TEXT_GROUP, PromptModel, add_coop
-from fastprompt.methods.options import CoopOptions, E2mimOptions
-from fastprompt.methods.registry import ParamGroup, register_method
-
-
-@dataclass
-class E2mimConfig(E2mimOptions, CoopOptions):
-    pass
+from fastprompt.methods.base import PromptModel, add_coop
+from fastprompt.methods.registry import register_method
+from fastprompt.methods.specs import E2mimConfig
 
 
 def _mlp(inp: int, out: int, device=None) -> nn.Sequential:
@@ -88,18 +82,8 @@ def classwise_pairs(labels: torch.Tensor, generator: Optional[torch.Generator] =
     return order, partner, keep
 
 
-# The MI critic (heads h_s, h_h and the InfoNCE temperature). No E2MIM code is public; the critic
-# is trained jointly with the CoOp context on one objective from the first step, so it takes
-# CoOp's text recipe (lr 0.002, 1 warm-up epoch) rather than the visual prompts' larger one:
-# one recipe for the whole E2MIM objective, as CoOp-family code trains its prompt learner.
-E2MIM_GROUP = ParamGroup("e2mim", lr=0.002, warmup_epochs=1, source="our choice: CoOp's text recipe (no E2MIM code is public)")
-
-
-@register_method("e2mim")
+@register_method("e2mim")  # options, groups, frozen image tower: fastprompt.methods.specs
 class E2mim(PromptModel):
-    options = E2mimConfig
-    groups = (TEXT_GROUP, E2MIM_GROUP)
-    frozen_image_tower = True
 
     def __init__(self, bundle, classnames, templates, backend, config: E2mimConfig):
         super().__init__(bundle, classnames, templates, backend, config)

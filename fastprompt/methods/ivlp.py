@@ -30,32 +30,10 @@ fastprompt refuses an n_ctx longer than the phrase instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
-
-from fastprompt.methods.options import CoopOptions, TextDepthOptions, VisualDepthOptions, VisualOptions
-from fastprompt.methods.registry import ParamGroup, register_method
+from fastprompt.methods.registry import register_method
 from fastprompt.methods.vlp import Vlp
-from fastprompt.models.vision import PLACEMENTS
-
-_YAML = "muzairkhattak/multimodal-prompt-learning configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml"
-IVLP_TEXT_GROUP = ParamGroup("text", lr=0.0035, warmup_epochs=1, source=f"{_YAML}: OPTIM.LR 0.0035, WARMUP_EPOCH 1")
-IVLP_VISUAL_GROUP = ParamGroup("visual", lr=0.0035, warmup_epochs=1, source=f"{_YAML}: OPTIM.LR 0.0035, WARMUP_EPOCH 1")
 
 
-@dataclass
-class IvlpConfig(VisualDepthOptions, VisualOptions, TextDepthOptions, CoopOptions):
-    n_ctx: Optional[int] = 2  # N_CTX_TEXT
-    ctx_init: Optional[str] = "a photo of a"  # CTX_INIT
-    text_depth: Optional[int] = None  # PROMPT_DEPTH_TEXT 12: every layer
-    n_prompts: int = 2  # N_CTX_VISION
-    placement: str = field(default="before-ln-pre", metadata={"choices": PLACEMENTS})  # clip/model.py VisionTransformer
-    vision_depth: Optional[int] = None  # PROMPT_DEPTH_VISION 12: every layer
-
-
-@register_method("ivlp")
+@register_method("ivlp")  # options (IvlpConfig), groups, frozen image tower: fastprompt.methods.specs
 class Ivlp(Vlp):
     """`vlp`'s composition (CoOp context + carried deep visual prompts) with MaPLe's defaults and recipe."""
-
-    options = IvlpConfig
-    groups = (IVLP_TEXT_GROUP, IVLP_VISUAL_GROUP)

@@ -30,44 +30,23 @@ patches]` instead of `[cls, patches, prompts]`: the same function (`fastprompt.m
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Optional
 
 from fastprompt.errors import FastpromptError
 from fastprompt.methods.base import PromptModel
-from fastprompt.methods.options import CoopOptions, MapleOptions, PlacementOptions
-from fastprompt.methods.registry import ParamGroup, register_method
+from fastprompt.methods.registry import register_method
+from fastprompt.methods.specs import MapleConfig
 from fastprompt.models.clip import require_vit
-from fastprompt.models.vision import PLACEMENTS
 from fastprompt.prompts.coop import CoopContext
 from fastprompt.prompts.visual import CoupledPrompts
 
 log = logging.getLogger(__name__)
 
 PROMPT_DEPTH = 9  # configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml TRAINER.MAPLE.PROMPT_DEPTH
-_YAML = "muzairkhattak/multimodal-prompt-learning configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml"
-MAPLE_TEXT_GROUP = ParamGroup("text", lr=0.0035, warmup_epochs=1, source=f"{_YAML}: OPTIM.LR 0.0035, WARMUP_EPOCH 1")
-MAPLE_VISUAL_GROUP = ParamGroup("visual", lr=0.0035, warmup_epochs=1,
-                                source=f"{_YAML}: OPTIM.LR 0.0035, WARMUP_EPOCH 1 (the coupling functions)")
 
 
-@dataclass
-class MapleConfig(PlacementOptions, MapleOptions, CoopOptions):
-    n_ctx: Optional[int] = 2  # N_CTX
-    ctx_init: Optional[str] = "a photo of a"  # CTX_INIT
-    placement: str = field(default="before-ln-pre", metadata={"choices": PLACEMENTS})  # VisionTransformer_MaPLe
-
-    def _validate(self) -> None:
-        if self.csc:
-            raise FastpromptError("csc=True: MaPLe couples one context shared by every class to the image tower; "
-                                  "drop csc (--coop.shared)")
-
-
-@register_method("maple")
+@register_method("maple")  # options, groups (visual: the coupling functions), frozen image tower: fastprompt.methods.specs
 class Maple(PromptModel):
-    options = MapleConfig
-    groups = (MAPLE_TEXT_GROUP, MAPLE_VISUAL_GROUP)  # visual: the coupling functions
-    frozen_image_tower = False
 
     def __init__(self, bundle, classnames, templates, backend, config: MapleConfig):
         super().__init__(bundle, classnames, templates, backend, config)

@@ -13,9 +13,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-from fastprompt.models.vision import PLACEMENTS
+from fastprompt.settings import PLACEMENTS
 from fastprompt.validation import is_int as _is_int
 from fastprompt.validation import require as _require
+
+
+# options `resolved_options` fills in when the model is built (None until then)
+DERIVED_OPTIONS = frozenset({"n_ctx", "text_depth", "vision_depth", "prompt_depth"})
 
 
 @dataclass

@@ -1,21 +1,33 @@
-"""The method registry (timm style): a method is one module whose class registers itself.
+"""The method registry (timm style), readable without torch.
 
-    @register_method("coop")
-    class Coop(PromptModel):
-        options = CoopConfig        # its options dataclass (keywords of create_model)
-        groups = (TEXT_GROUP,)      # the parameter groups it trains, with their default recipe
-        frozen_image_tower = True   # images pass an unprompted tower: features can be cached
+A method has two halves:
+- its *declaration*, a `MethodSpec` (torch-free): name, options dataclass (the keywords of
+  `create_model` and the `--prefix.option` flags), the parameter groups it trains with their
+  default recipe, whether its image tower stays frozen, a one-line summary and its paper.
+  The built-in methods are declared in `fastprompt.methods.specs`, so that `fastprompt train`
+  parses and checks a command line (method names, generated flags, option values, the
+  config) before torch is imported;
+- its *model*, a `PromptModel` subclass in its own module, bound to its declaration by
 
-The trainer, bench and CLI ask the class for these facts; no list of method names exists
-outside the method's own module. The CLI's `--<prefix>.<option>` flags are generated from
-the options dataclasses by `option_flags()` (name, type, default, choices from the field's
-metadata, and help from the field's comment), and its `--lr.<group>` / `--warmup-epochs.<group>` flags from `group_names()`.
+    @register_method("coop")     # options, groups, frozen tower: the spec declared as "coop"
+    class Coop(PromptModel): ...
+
+  and imported on first use (`method_class`). A method defined outside fastprompt (a test's
+  toy method, a user's own) declares the facts on its class instead (`options = ...`,
+  `groups = (...)`, `frozen_image_tower = ...`); registering it declares its spec.
+
+The trainer, bench and CLI ask the registry for these facts; no list of method names exists
+outside `specs` (the built-ins' declarations) and a registering module. The CLI's
+`--<prefix>.<option>` flags are generated from the options dataclasses by `option_flags()`
+(name, type, default, choices from the field's metadata, and help from the field's comment),
+and its `--lr.<group>` / `--warmup-epochs.<group>` flags from `group_names()`.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
 import io
 import textwrap
@@ -23,11 +35,11 @@ import tokenize
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fastprompt.errors import FastpromptError
 
-METHODS: dict[str, type] = {}  # name -> PromptModel subclass, in registration order (list_methods' order)
+METHODS: dict[str, "MethodSpec"] = {}  # name -> declaration, in declaration order (list_methods' order)
 
 
 @dataclass(frozen=True)
@@ -49,20 +61,72 @@ class ParamGroup:
         return self.warmup_epochs
 
 
+@dataclass
+class MethodSpec:
+    """What a method is, known without torch (see the module docstring). The facts a model class
+    carries as class attributes (`options`, `groups`, `frozen_image_tower`) come from here."""
+
+    name: str  # the --method name
+    options: type  # its options dataclass (a fastprompt.methods.options.Options subclass)
+    groups: tuple  # the ParamGroups it may train, with their default recipe (empty: trains nothing)
+    frozen_image_tower: bool  # images pass an unprompted frozen tower, so their features can be cached
+    module: str = ""  # the module whose import registers the model class (built-ins: fastprompt.methods.NAME)
+    summary: str = ""  # one line for `fastprompt methods`
+    paper: str = ""  # the paper (and released code) it computes
+    trains: Optional[Callable[[Any], tuple]] = None  # options -> the groups a run trains (None: every group)
+    model: Optional[type] = None  # the PromptModel subclass, once its module is imported
+
+    @property
+    def method(self) -> str:
+        return self.name
+
+    def trained_groups(self, config) -> tuple:
+        """The groups a model built with options `config` trains, known without building it (a
+        planned run's identity resolves every group's recipe from these; the trainer checks
+        they are the groups the model's `param_groups()` finds)."""
+        return tuple(self.groups) if self.trains is None else tuple(self.trains(config))
+
+
+def declare(spec: MethodSpec) -> MethodSpec:
+    """Declare a method (its model class registers later, on import of `spec.module`)."""
+    if spec.name in METHODS and METHODS[spec.name] is not spec:
+        raise ValueError(f"method name {spec.name!r} is already declared")
+    if not dataclasses.is_dataclass(spec.options):
+        raise TypeError(f"method {spec.name!r}: `options` must be a dataclass, got {spec.options!r}")
+    METHODS[spec.name] = spec
+    option_flags.cache_clear()
+    return spec
+
+
+_FACTS = ("options", "groups", "frozen_image_tower")
+
+
 def register_method(name: str):
-    """Class decorator: register a `PromptModel` subclass under `name` (its `--method` name)."""
+    """Class decorator: bind a `PromptModel` subclass to the method declared as `name` (its
+    `--method` name), or, for a method not declared in `specs`, declare it from the facts the
+    class states (`options`, `groups`, `frozen_image_tower`)."""
 
     def add(cls):
-        if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"method name {name!r} is already registered by {METHODS[name].__qualname__}")
-        for attr in ("options", "groups", "frozen_image_tower"):
-            if getattr(cls, attr, None) is None:  # PromptModel leaves them None
-                raise TypeError(f"method {name!r} ({cls.__qualname__}) must declare `{attr}` (see fastprompt.methods.registry)")
-        if not dataclasses.is_dataclass(cls.options):
-            raise TypeError(f"method {name!r}: `options` must be a dataclass, got {cls.options!r}")
+        spec = METHODS.get(name)
+        if spec is not None and spec.model is not None and spec.model is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {spec.model.__qualname__}")
+        if spec is None:
+            for attr in _FACTS:
+                if getattr(cls, attr, None) is None:  # PromptModel leaves them None
+                    raise TypeError(f"method {name!r} ({cls.__qualname__}) must declare `{attr}` (see fastprompt.methods.registry)")
+            spec = declare(MethodSpec(name, options=cls.options, groups=tuple(cls.groups),
+                                      frozen_image_tower=bool(cls.frozen_image_tower), module=cls.__module__,
+                                      summary=(cls.__doc__ or "").strip().split("\n")[0]))
+        else:
+            stated = [attr for attr in _FACTS if attr in vars(cls)]
+            if stated:
+                raise TypeError(f"method {name!r} ({cls.__qualname__}) states {', '.join(stated)}, which its declaration in "
+                                f"fastprompt.methods.specs holds; state them in one place")
+            for attr in _FACTS:
+                setattr(cls, attr, getattr(spec, attr))
         cls.method = name
-        METHODS[name] = cls
-        option_flags.cache_clear()
+        cls.spec = spec
+        spec.model = cls
         return cls
 
     return add
@@ -74,17 +138,29 @@ def unregister_method(name: str) -> None:
     option_flags.cache_clear()
 
 
-def method_class(name: str):
+def method_spec(name: str) -> MethodSpec:
+    """The declaration of method `name` (torch-free); an unknown name is an error naming the choices."""
     if name not in METHODS:
         raise FastpromptError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
     return METHODS[name]
 
 
+def method_class(name: str):
+    """The `PromptModel` subclass of method `name`, its module imported on first use."""
+    spec = method_spec(name)
+    if spec.model is None:
+        importlib.import_module(spec.module)
+        if spec.model is None:
+            raise TypeError(f"importing {spec.module} registered no model for method {name!r}; "
+                            f"decorate its class with @register_method({name!r})")
+    return spec.model
+
+
 def group_names() -> list[str]:
     """Every parameter-group name any registered method trains, in first-seen order."""
     names: dict[str, None] = {}
-    for cls in METHODS.values():
-        for group in cls.groups:
+    for spec in METHODS.values():
+        for group in spec.groups:
             names.setdefault(group.name)
     return list(names)
 
@@ -139,8 +215,8 @@ def option_flags() -> tuple[OptionFlag, ...]:
     """The flags of every registered method's options, one per (prefix, field); a field shared
     by several methods (CoOp's `n_ctx` in coop, vlp, cavpt, e2mim) is one flag."""
     flags: dict[str, OptionFlag] = {}
-    for method_cls in METHODS.values():
-        options = method_cls.options
+    for spec in METHODS.values():
+        options = spec.options
         hints = typing.get_type_hints(options)
         for f in dataclasses.fields(options):
             if f.name in flags:
@@ -167,11 +243,11 @@ def option_flags() -> tuple[OptionFlag, ...]:
 def check_option_flags(method: str, options: dict) -> None:
     """Every option in `options` (given as flags) belongs to `method`; else a FastpromptError that
     names the flag as typed (`--cavpt.topk`), the methods that take it and the fix."""
-    accepted = {f.name for f in dataclasses.fields(method_class(method).options)}
+    accepted = {f.name for f in dataclasses.fields(method_spec(method).options)}
     for fl in option_flags():
         if fl.field not in options or fl.field in accepted:
             continue
         flag = fl.off_flag if fl.type is bool and options[fl.field] is False else fl.flag
-        owners = [name for name, cls in METHODS.items() if fl.field in {f.name for f in dataclasses.fields(cls.options)}]
+        owners = [name for name, spec in METHODS.items() if fl.field in {f.name for f in dataclasses.fields(spec.options)}]
         raise FastpromptError(f"{flag} is an option of {', '.join(owners)}, not of {method}; drop {flag} or use "
                               f"--method {owners[0]}")

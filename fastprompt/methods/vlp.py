@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fastprompt.methods.base import TEXT_GROUP, VISUAL_GROUP, PromptModel, add_coop, add_visual_prompts
-from fastprompt.methods.options import CoopOptions, TextDepthOptions, VisualDepthOptions, VisualOptions
+from fastprompt.methods.base import PromptModel, add_coop, add_visual_prompts
 from fastprompt.methods.registry import register_method
+from fastprompt.methods.specs import VlpConfig
 
 
-@dataclass
-class VlpConfig(VisualDepthOptions, VisualOptions, TextDepthOptions, CoopOptions):
-    pass
-
-
-@register_method("vlp")
+@register_method("vlp")  # options, groups, frozen image tower: fastprompt.methods.specs
 class Vlp(PromptModel):
-    options = VlpConfig
-    groups = (TEXT_GROUP, VISUAL_GROUP)
-    frozen_image_tower = False
-
     def __init__(self, bundle, classnames, templates, backend, config: VlpConfig):
         super().__init__(bundle, classnames, templates, backend, config)
         add_coop(self, config)

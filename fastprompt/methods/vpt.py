@@ -6,44 +6,24 @@ VPT trainer); see `fastprompt.models.vision`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fastprompt.methods.base import VISUAL_GROUP, PromptModel, add_visual_prompts
-from fastprompt.methods.options import VisualDepthOptions, VisualOptions
+from fastprompt.methods.base import PromptModel, add_visual_prompts
 from fastprompt.methods.registry import register_method
+from fastprompt.methods.specs import VptConfig, VptDeepConfig
 
 
-@dataclass
-class VptConfig(VisualOptions):
-    pass
-
-
-@dataclass
-class VptDeepConfig(VisualDepthOptions, VisualOptions):
-    pass
-
-
-@register_method("vpt-shallow")
+@register_method("vpt-shallow")  # options, groups, frozen image tower: fastprompt.methods.specs
 class VptShallow(PromptModel):
     """P prompts inserted after the embedding and carried through every layer."""
-
-    options = VptConfig
-    groups = (VISUAL_GROUP,)
-    frozen_image_tower = False
 
     def __init__(self, bundle, classnames, templates, backend, config: VptConfig):
         super().__init__(bundle, classnames, templates, backend, config)
         add_visual_prompts(self, "shallow", config.n_prompts, placement=config.placement)
 
 
-@register_method("vpt-deep")
+@register_method("vpt-deep")  # options, groups, frozen image tower: fastprompt.methods.specs
 class VptDeep(PromptModel):
     """P learnable prompts per layer, replaced at every layer (eq. 6); with `vision_depth` N < L
     in the first N layers only, what layer N writes into them carried above (MaPLe's VPT)."""
-
-    options = VptDeepConfig
-    groups = (VISUAL_GROUP,)
-    frozen_image_tower = False
 
     def __init__(self, bundle, classnames, templates, backend, config: VptDeepConfig):
         super().__init__(bundle, classnames, templates, backend, config)

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fastprompt.methods.base import PromptModel
-from fastprompt.methods.options import Options
 from fastprompt.methods.registry import register_method
+from fastprompt.methods.specs import ZeroShotConfig  # noqa: F401  (its options; trains nothing)
 
 
-@dataclass
-class ZeroShotConfig(Options):
-    """Zero-shot CLIP has no options."""
-
-
-@register_method("zeroshot")
+@register_method("zeroshot")  # options, groups, frozen image tower: fastprompt.methods.specs
 class ZeroShot(PromptModel):
-    options = ZeroShotConfig
-    groups = ()  # trains nothing
-    frozen_image_tower = True
+    """Logits against the cached hand-crafted class features: `PromptModel` without prompt parts."""

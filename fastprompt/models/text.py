@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from open_clip import CLIP
 
+from fastprompt.settings import BACKENDS  # noqa: F401  (torch-free home: the CLI checks it first)
 from fastprompt.kernels import prefix_attention
-
-BACKENDS = ("fast", "reference")
 
 
 def tokenize(clip: CLIP, tokenizer, texts: list[str]) -> torch.Tensor:

@@ -49,13 +49,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
+from fastprompt.settings import PLACEMENTS  # noqa: F401  where layer 1's visual prompts join the sequence (module docstring)
 from fastprompt.kernels import prefix_attention
 
 # layer index, layer input tokens (B, N, d) -> per-sample prompts (B, Kn, d) or None
 ExtraPrompts = Callable[[int, torch.Tensor], Optional[torch.Tensor]]
-
-# where layer 1's visual prompts join the sequence (see the module docstring)
-PLACEMENTS = ("after-ln-pre", "before-ln-pre")
 
 
 def embed(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

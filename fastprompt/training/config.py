@@ -25,7 +25,7 @@ import numpy as np
 
 from fastprompt.errors import FastpromptError
 from fastprompt.methods.registry import METHODS, ParamGroup
-from fastprompt.runtime import DEVICES, PRECISIONS, SEED_MAX
+from fastprompt.settings import BACKENDS, DEVICES, PRECISIONS, SEED_MAX
 from fastprompt.validation import check_int, check_number, require
 
 CLASS_CHOICES = ("all", "base", "new")
@@ -111,8 +111,7 @@ class TrainConfig:
     nan_policy: str = "stop"  # non-finite loss: "stop" (exit 2 naming epoch and step) or "skip" the step
 
     def __post_init__(self) -> None:
-        from fastprompt.methods import method_class, method_config
-        from fastprompt.models.text import BACKENDS
+        from fastprompt.methods import method_config, method_spec
 
         # types first: a config.json read back (`runfiles.read_run_config`) is checked by this same code
         for name in ("method", "clip"):
@@ -126,7 +125,7 @@ class TrainConfig:
             require(value is None or isinstance(value, str), f"{name}={value!r} must be a string or null")
         require(isinstance(self.options, dict) and all(isinstance(k, str) for k in self.options),
                 f"options={self.options!r} must be a dict of option name -> value, e.g. {{\"n_ctx\": 4}}")
-        method_cls = method_class(self.method)
+        method_cls = method_spec(self.method)
         if not method_cls.groups:
             raise FastpromptError(f"{self.method} has nothing to train; evaluate it with `fastprompt zeroshot --data ...`")
         method_config(self.method, **self.options)  # unknown or bad method options fail here, before any file is written
@@ -164,7 +163,7 @@ class TrainConfig:
         check_int("num_workers", self.num_workers, allow_none=True)
         check_int("feature_cache", self.feature_cache, minimum=0)
         if self.feature_cache and not method_cls.frozen_image_tower:
-            frozen = [name for name, cls in METHODS.items() if cls.frozen_image_tower and cls.groups]
+            frozen = [name for name, spec in METHODS.items() if spec.frozen_image_tower and spec.groups]
             raise FastpromptError(
                 f"feature_cache needs a frozen image tower ({', '.join(frozen)}); {self.method} prompts it, drop --feature-cache"
             )
@@ -195,12 +194,12 @@ class TrainConfig:
         field it sets, for `dataset` (default: the name in the sidecar of `given["data"]`), except
         the fields in `given`, which win; its method options for the method's fields, under the
         options in `given`. Its per-group lr and warm-up are taken by `resolve()`."""
-        from fastprompt.methods import method_class
+        from fastprompt.methods import method_spec
         from fastprompt.training.protocols import get_protocol
 
         proto = get_protocol(protocol)
         require("method" in given and "data" in given, "from_protocol needs method= and data=")
-        option_cls = method_class(given["method"]).options
+        option_cls = method_spec(given["method"]).options
         if dataset is None:
             from fastprompt.data import open_dataset
 

@@ -16,8 +16,8 @@ from fastprompt.errors import FastpromptError
 from fastprompt.files import write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
-from fastprompt.runtime import autocast_for, check_precision, resolve_device, seed_everything
-from fastprompt.training.runfiles import eval_file, read_run_config
+from fastprompt.runtime import autocast_for, resolve_device, seed_everything
+from fastprompt.training.runfiles import check_evaluation, eval_file, finished_run_config
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,8 @@ def model_for_classes(model: PromptModel, classnames: list[str], template=None) 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict]:
     """A finished run's config.json (checked, `runfiles.read_run_config`) and prompts (every tensor finite)."""
-    config_path, prompts_path = run_dir / "config.json", run_dir / "prompts.safetensors"
-    if not config_path.is_file() or not prompts_path.is_file():
-        raise FastpromptError(
-            f"{run_dir} is not a finished run (needs config.json and prompts.safetensors); pass the --out of a completed `fastprompt train`"
-        )
-    saved = read_run_config(run_dir)
+    prompts_path = run_dir / "prompts.safetensors"
+    saved = finished_run_config(run_dir)
     try:
         prompts = load_file(str(prompts_path))
     except Exception as err:
@@ -116,8 +112,8 @@ def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str =
                  trust_pickle: bool = False) -> dict:
     """Evaluate a finished run's prompts on the test split of `data` (any dataset, any classes)."""
 
-    dev = resolve_device(device)  # the arguments first: a bad --device or --precision reads nothing
-    check_precision(precision)
+    check_evaluation(run_dir, data, classes, device, precision)  # the bad-input checks, torch-free (the CLI's first)
+    dev = resolve_device(device)
     run = Path(run_dir)
     saved, prompts = _read_run(run)
     ds = open_dataset(data)

@@ -58,11 +58,11 @@ def planned(config, dataset=None):
     and a `pretrained` file as absolute paths. `dataset`: the opened `config.data` if the
     caller has it."""
     from fastprompt.data import open_dataset
-    from fastprompt.methods import method_class, method_config
+    from fastprompt.methods import method_config, method_spec
 
     ds = open_dataset(config.data) if dataset is None else dataset
     options = method_config(config.method, **config.options)
-    groups = method_class(config.method).trained_groups(options)
+    groups = method_spec(config.method).trained_groups(options)
     resolved = config.resolve(ds.name, groups, options.to_dict())
     pretrained = resolved.pretrained
     if isinstance(pretrained, str) and os.path.isfile(pretrained):
@@ -124,7 +124,7 @@ def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), 
             continue
         value, other = mine.get(key, "<missing>"), theirs.get(key, "<missing>")
         if key == "options" and isinstance(value, dict) and isinstance(other, dict):
-            from fastprompt.methods.base import DERIVED_OPTIONS
+            from fastprompt.methods.options import DERIVED_OPTIONS
 
             value = {k: other.get(k, v) if v is None and k in DERIVED_OPTIONS else v for k, v in value.items()}
         if other != value:
@@ -178,7 +178,7 @@ def resolved_defaults(saved: dict, dataset: str) -> dict:
     lacks, settings it refuses): its values then count as set explicitly."""
     from fastprompt.data.datasets import default_template
     from fastprompt.errors import FastpromptError
-    from fastprompt.methods import method_class, method_config
+    from fastprompt.methods import method_config, method_spec
     from fastprompt.training.config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -187,7 +187,7 @@ def resolved_defaults(saved: dict, dataset: str) -> dict:
         request = (TrainConfig.from_protocol(saved["protocol"], dataset=dataset, **asked) if saved.get("protocol")
                    else TrainConfig(**asked))
         options = method_config(request.method, **request.options)
-        resolved = request.resolve(dataset, method_class(request.method).trained_groups(options), options.to_dict())
+        resolved = request.resolve(dataset, method_spec(request.method).trained_groups(options), options.to_dict())
     except (FastpromptError, TypeError):
         return {}
     return {"epochs": resolved.epochs, "template": resolved.template or default_template(dataset),

@@ -87,3 +87,28 @@ def read_run_config(run: Path, needed: tuple[str, ...] = MODEL_KEYS, fix: Option
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def finished_run_config(run_dir: Path) -> dict:
+    """A finished run's config.json, checked (`read_run_config`); a folder without config.json
+    and prompts.safetensors is refused with the fix."""
+    if not (run_dir / CONFIG).is_file() or not (run_dir / "prompts.safetensors").is_file():
+        raise FastpromptError(
+            f"{run_dir} is not a finished run (needs config.json and prompts.safetensors); pass the --out of a completed `fastprompt train`"
+        )
+    return read_run_config(run_dir)
+
+
+def check_evaluation(run_dir: Union[str, Path], data: Union[str, Path], classes: str, device: str, precision: str):
+    """`fastprompt.training.evaluate_run`'s bad-input checks, torch-free (the CLI runs them
+    before importing torch): the device's name, the precision, the finished run, the data and
+    its classes. Returns (the run's config, the opened dataset)."""
+    from fastprompt.data.beton import open_dataset
+    from fastprompt.settings import check_device_name, check_precision
+
+    check_device_name(device)  # the arguments first: a bad --device or --precision reads nothing
+    check_precision(precision)
+    saved = finished_run_config(Path(run_dir))
+    ds = open_dataset(data)
+    ds.classnames_for(classes)
+    return saved, ds

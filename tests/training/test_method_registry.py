@@ -17,7 +17,7 @@ import fastprompt
 from fastprompt.cli import app
 from fastprompt.methods import PromptModel, register_method, unregister_method
 from fastprompt.methods.options import Options
-from fastprompt.methods.registry import METHODS, ParamGroup, option_flags
+from fastprompt.methods.registry import METHODS, MethodSpec, ParamGroup, declare, option_flags
 
 from _util import CLASSNAMES
 
@@ -108,6 +108,34 @@ def test_a_method_must_declare_its_facts():
     with pytest.raises(TypeError, match="must declare `groups`"):
         register_method("incomplete")(Incomplete)
     assert "incomplete" not in METHODS
+
+
+def test_a_declared_method_states_its_facts_once():
+    """A built-in method's facts live in its declaration (fastprompt.methods.specs, torch-free):
+    its model class gets them from there and may not state them again."""
+    from fastprompt.methods.registry import method_class, method_spec
+
+    spec = method_spec("coop")
+    cls = method_class("coop")
+    assert spec.model is cls and cls.spec is spec and cls.method == "coop"
+    assert (cls.options, cls.groups, cls.frozen_image_tower) == (spec.options, spec.groups, spec.frozen_image_tower)
+    assert spec.module == cls.__module__ == "fastprompt.methods.coop"
+
+    with pytest.raises(ValueError, match="already registered by Coop"):
+        register_method("coop")(type("Other", (PromptModel,), {}))
+    assert method_class("coop") is cls
+
+    declare(MethodSpec("declared-toy", ToyOptions, groups=(), frozen_image_tower=True, module="nowhere"))
+    try:
+        class Restating(PromptModel):
+            options = ToyOptions
+
+        with pytest.raises(TypeError, match="states options, which its declaration"):
+            register_method("declared-toy")(Restating)
+        with pytest.raises(ModuleNotFoundError):
+            method_class("declared-toy")  # the model's module is imported on first use
+    finally:
+        unregister_method("declared-toy")
 
 
 @pytest.mark.parametrize("method", ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "vlp", "cavpt", "e2mim", "ivlp", "maple"])

@@ -1,0 +1,153 @@
+"""The built-in methods' declarations: what each method is, without torch.
+
+One `MethodSpec` per method (`fastprompt.methods.registry`): its options dataclass, the
+parameter groups it trains with their default recipe and its source, whether its image tower
+stays frozen, a one-line summary and the paper (`fastprompt methods` prints them). The model
+of each method lives in its own module (`fastprompt.methods.NAME`), bound to its spec by
+`@register_method(NAME)` and imported on first use. Kept torch-free so that a command line is
+parsed and checked (names, flags, values, the whole `TrainConfig`) before torch loads; the
+order here is `fastprompt.list_methods()`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fastprompt.settings import PLACEMENTS
+from fastprompt.errors import FastpromptError
+from fastprompt.methods.options import (CavptOptions, CoopOptions, E2mimOptions, MapleOptions, Options,
+                                        PlacementOptions, TextDepthOptions, VisualDepthOptions, VisualOptions)
+from fastprompt.methods.registry import MethodSpec, ParamGroup, declare
+
+# ------------------------------------------------------------------ parameter groups
+# CoOp's recipe for the learnable text context (CoOp configs/trainers/CoOp/*.yaml).
+TEXT_GROUP = ParamGroup("text", lr=0.002, warmup_epochs=1,
+                        source="CoOp configs/trainers/CoOp/rn50.yaml: OPTIM.LR 0.002, WARMUP_EPOCH 1, WARMUP_CONS_LR 1e-5")
+# The CAVPT authors' recipe for VPT prompts (fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml),
+# with 1 warm-up epoch on ImageNet as in their ImageNet runs.
+VISUAL_GROUP = ParamGroup("visual", lr=0.01, warmup_epochs=10, imagenet_warmup_epochs=1,
+                          source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
+# The class-aware module and its auxiliary classifier: the VPT prompts' recipe in the authors'
+# code (one optimiser over the whole prompt learner; fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml).
+CAVPT_GROUP = ParamGroup("cavpt", lr=0.01, warmup_epochs=10, imagenet_warmup_epochs=1,
+                         source="fanrena/DPT configs/trainers/VPT/vit_b32_deep.yaml: OPTIM.LR 0.01, WARMUP_EPOCH 10")
+# The MI critic (heads h_s, h_h and the InfoNCE temperature). No E2MIM code is public; the critic
+# is trained jointly with the CoOp context on one objective from the first step, so it takes
+# CoOp's text recipe (lr 0.002, 1 warm-up epoch) rather than the visual prompts' larger one:
+# one recipe for the whole E2MIM objective, as CoOp-family code trains its prompt learner.
+E2MIM_GROUP = ParamGroup("e2mim", lr=0.002, warmup_epochs=1, source="our choice: CoOp's text recipe (no E2MIM code is public)")
+_IVLP_YAML = "muzairkhattak/multimodal-prompt-learning configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml"
+IVLP_TEXT_GROUP = ParamGroup("text", lr=0.0035, warmup_epochs=1, source=f"{_IVLP_YAML}: OPTIM.LR 0.0035, WARMUP_EPOCH 1")
+IVLP_VISUAL_GROUP = ParamGroup("visual", lr=0.0035, warmup_epochs=1, source=f"{_IVLP_YAML}: OPTIM.LR 0.0035, WARMUP_EPOCH 1")
+_MAPLE_YAML = "muzairkhattak/multimodal-prompt-learning configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml"
+MAPLE_TEXT_GROUP = ParamGroup("text", lr=0.0035, warmup_epochs=1, source=f"{_MAPLE_YAML}: OPTIM.LR 0.0035, WARMUP_EPOCH 1")
+MAPLE_VISUAL_GROUP = ParamGroup("visual", lr=0.0035, warmup_epochs=1,
+                                source=f"{_MAPLE_YAML}: OPTIM.LR 0.0035, WARMUP_EPOCH 1 (the coupling functions)")
+
+
+# ------------------------------------------------------------------ options of each method
+@dataclass
+class ZeroShotConfig(Options):
+    """Zero-shot CLIP has no options."""
+
+
+@dataclass
+class CoopConfig(TextDepthOptions, CoopOptions):
+    pass
+
+
+@dataclass
+class VptConfig(VisualOptions):
+    pass
+
+
+@dataclass
+class VptDeepConfig(VisualDepthOptions, VisualOptions):
+    pass
+
+
+@dataclass
+class VlpConfig(VisualDepthOptions, VisualOptions, TextDepthOptions, CoopOptions):
+    pass
+
+
+@dataclass
+class CavptConfig(CavptOptions, VisualOptions, CoopOptions):
+    def _validate(self) -> None:
+        if not self.text_prompt:
+            for name in ("n_ctx", "ctx_init"):
+                if getattr(self, name) is not None:
+                    raise FastpromptError(f"{name} needs text_prompt=True (CAVPT's text side is hand-crafted otherwise)")
+            if self.csc:
+                raise FastpromptError("csc needs text_prompt=True (CAVPT's text side is hand-crafted otherwise)")
+
+    @classmethod
+    def unused_fields(cls, options: dict) -> set[str]:
+        return set() if options.get("text_prompt") else set(CoopOptions.field_names())
+
+
+@dataclass
+class E2mimConfig(E2mimOptions, CoopOptions):
+    pass
+
+
+@dataclass
+class IvlpConfig(VisualDepthOptions, VisualOptions, TextDepthOptions, CoopOptions):
+    n_ctx: Optional[int] = 2  # N_CTX_TEXT
+    ctx_init: Optional[str] = "a photo of a"  # CTX_INIT
+    text_depth: Optional[int] = None  # PROMPT_DEPTH_TEXT 12: every layer
+    n_prompts: int = 2  # N_CTX_VISION
+    placement: str = field(default="before-ln-pre", metadata={"choices": PLACEMENTS})  # clip/model.py VisionTransformer
+    vision_depth: Optional[int] = None  # PROMPT_DEPTH_VISION 12: every layer
+
+
+@dataclass
+class MapleConfig(PlacementOptions, MapleOptions, CoopOptions):
+    n_ctx: Optional[int] = 2  # N_CTX
+    ctx_init: Optional[str] = "a photo of a"  # CTX_INIT
+    placement: str = field(default="before-ln-pre", metadata={"choices": PLACEMENTS})  # VisionTransformer_MaPLe
+
+    def _validate(self) -> None:
+        if self.csc:
+            raise FastpromptError("csc=True: MaPLe couples one context shared by every class to the image tower; "
+                                  "drop csc (--coop.shared)")
+
+
+def _cavpt_trains(config: CavptConfig) -> tuple:
+    """CAVPT trains the text context only with text_prompt=True."""
+    return tuple(g for g in (TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP) if g is not TEXT_GROUP or config.text_prompt)
+
+
+# ------------------------------------------------------------------ the methods, in list_methods() order
+_M = "fastprompt.methods."
+declare(MethodSpec("zeroshot", ZeroShotConfig, groups=(), frozen_image_tower=True, module=_M + "zeroshot",
+                   summary="hand-crafted prompts, nothing trained",
+                   paper="Radford et al., ICML 2021 (CLIP)"))
+declare(MethodSpec("coop", CoopConfig, groups=(TEXT_GROUP,), frozen_image_tower=True, module=_M + "coop",
+                   summary="learnable text context, frozen image tower",
+                   paper="Zhou et al., IJCV 2022 (CoOp; KaiyangZhou/CoOp trainers/coop.py)"))
+declare(MethodSpec("vpt-shallow", VptConfig, groups=(VISUAL_GROUP,), frozen_image_tower=False, module=_M + "vpt",
+                   summary="visual prompts at the image tower's input, carried through every layer",
+                   paper="Jia et al., ECCV 2022 (VPT) on CLIP, as in the CAVPT and MaPLe code"))
+declare(MethodSpec("vpt-deep", VptDeepConfig, groups=(VISUAL_GROUP,), frozen_image_tower=False, module=_M + "vpt",
+                   summary="visual prompts replaced in every layer of the image tower",
+                   paper="Jia et al., ECCV 2022 (VPT) on CLIP, as in fanrena/DPT trainers/VPT.py"))
+declare(MethodSpec("vlp", VlpConfig, groups=(TEXT_GROUP, VISUAL_GROUP), frozen_image_tower=False, module=_M + "vlp",
+                   summary="CoOp text context and VPT-deep visual prompts learned together",
+                   paper="Xing et al., IEEE TMM 2023 (the CAVPT paper's VLP-CLIP)"))
+declare(MethodSpec("cavpt", CavptConfig, groups=(TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP), frozen_image_tower=False,
+                   module=_M + "cavpt", trains=_cavpt_trains,
+                   summary="class-aware visual prompts from the zero-shot top-K classes' text features",
+                   paper="Xing et al., IEEE TMM 2023 (Dual Modality Prompt Tuning; fanrena/DPT trainers/DPT.py)"))
+declare(MethodSpec("e2mim", E2mimConfig, groups=(TEXT_GROUP, E2MIM_GROUP), frozen_image_tower=True, module=_M + "e2mim",
+                   summary="CoOp context with class-wise mixup and an InfoNCE bound between soft and hand-crafted views",
+                   paper="Zhang, Generalizable Prompt Tuning for VLMs (E2MIM; our reading of the abstract)"))
+declare(MethodSpec("ivlp", IvlpConfig, groups=(IVLP_TEXT_GROUP, IVLP_VISUAL_GROUP), frozen_image_tower=False,
+                   module=_M + "ivlp",
+                   summary="deep text and deep visual prompts learned independently",
+                   paper="Khattak et al., CVPR 2023 (MaPLe's IVLP baseline; trainers/independentVL.py)"))
+declare(MethodSpec("maple", MapleConfig, groups=(MAPLE_TEXT_GROUP, MAPLE_VISUAL_GROUP), frozen_image_tower=False,
+                   module=_M + "maple",
+                   summary="deep text prompts, the visual prompts coupled to them by a linear map per layer",
+                   paper="Khattak et al., CVPR 2023 (MaPLe; muzairkhattak/multimodal-prompt-learning trainers/maple.py)"))
