@@ -75,18 +75,21 @@ def user_errors(fn):
 
 
 def _setup_logging(verbose: bool) -> None:
-    """fastprompt's log records on stderr through rich: INFO and up with --verbose, else
-    warnings and errors only. Replaces the handler a previous command in this process set."""
+    """Log records on stderr through rich, each once: fastprompt's at INFO and up with --verbose
+    (else warnings and errors), other libraries' warnings and errors. The handler sits on the
+    root logger, so a library's bare `logging.info(...)` (open_clip's `create_model` calls one)
+    finds it there and does not `basicConfig` a second, plain stderr handler that would print
+    every record again. Replaces the handler a previous command in this process set."""
     from rich.console import Console
     from rich.logging import RichHandler
 
-    logger = logging.getLogger("fastprompt")
-    for handler in [h for h in logger.handlers if getattr(h, "_fastprompt", False)]:
-        logger.removeHandler(handler)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_fastprompt", False)]:
+        root.removeHandler(handler)
     handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
     handler._fastprompt = True
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbose and _main_rank() else logging.WARNING)  # torchrun: rank 0 says more
+    root.addHandler(handler)
+    logging.getLogger("fastprompt").setLevel(logging.INFO if verbose and _main_rank() else logging.WARNING)  # torchrun: rank 0 says more
 
 
 def _main_rank() -> bool:
@@ -492,7 +495,7 @@ def train_cmd(
 
     from fastprompt.methods.registry import check_option_flags
     from fastprompt.training.config import TrainConfig
-    from fastprompt.training.rundir import default_run_dir
+    from fastprompt.training.rundir import check_request, default_run_dir
 
     flags = {name: value for name, value in ctx.meta["flags"].items() if value is not None}
     options = {name.removeprefix("option__"): v for name, v in flags.items() if name.startswith("option__")}
@@ -518,7 +521,8 @@ def train_cmd(
         config = TrainConfig.from_protocol(protocol, **given)
     if out is None:
         config.out = default_run_dir(config)
-    from fastprompt.training import train  # torch from here on: the command line is checked
+    check_request(config)  # planned and its folder checked: bad input answers before torch loads
+    from fastprompt.training import train
 
     logger = None
     if tensorboard:

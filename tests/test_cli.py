@@ -1,7 +1,9 @@
 """The installed `fastprompt` command: version, help, methods."""
 
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,26 @@ def test_help_of_every_command():
     assert "--classes <all|base|new>" in _help(("eval",)) and "--precision <auto|fp32|bf16>" in _help(("zeroshot",))
     assert "CoOp split file split_zhou_<Name>.json ([relative_path, label, classname] lists)." in _help(
         ("prepare", "imagefolder"))
+
+
+def test_each_warning_is_printed_once():
+    """A library's bare `logging.info` (open_clip's `create_model` calls one) used to
+    `basicConfig` a plain stderr handler beside ours: every warning printed twice (issue 25 §10)."""
+    script = textwrap.dedent("""
+        import logging
+        from fastprompt.cli import _setup_logging
+        _setup_logging(verbose=False)
+        logging.info("a library's message at the root")  # basicConfig()s when the root has no handler
+        logging.getLogger("fastprompt.methods.maple").warning("prompt depth capped")
+        logging.getLogger("fastprompt.methods.maple").info("hidden without -v")
+        logging.getLogger("somelib").warning("a library warning")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("prompt depth capped") == 1 and run.stderr.count("a library warning") == 1, run.stderr
+    assert "hidden without -v" not in run.stderr and "a library's message" not in run.stderr
+    assert "WARNING:fastprompt" not in run.stderr
 
 
 @pytest.mark.parametrize("rank, level", [("0", "INFO"), ("1", "WARNING")])

@@ -292,7 +292,13 @@ def test_train_sweep_eval_refuse_bad_input_without_importing_torch(tmp_path):
     """A typo or a bad value in train / sweep / eval is refused before torch loads (issue 21 §4,
     issue 25 §12: each such error cost ~6 s and 1.15 GB): the methods' declarations, the
     generated flags, `TrainConfig`, the sidecar and the run folder are all torch-free."""
-    missing = str(tmp_path / "missing.beton")
+    from fastprompt.data import write_demo
+
+    missing, demo = str(tmp_path / "missing.beton"), str(tmp_path / "demo.beton")
+    write_demo(demo, images_per_class=3, image_size=32, seed=0)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.json").write_text("{}")  # a user's folder, not a run
+    tiny = ["--clip", "fastprompt-tiny", "--pretrained", "none"]
     cases = [
         ["methods"],
         ["train", "--method", "cop", "--data", missing],  # unknown method (a click choice)
@@ -303,6 +309,9 @@ def test_train_sweep_eval_refuse_bad_input_without_importing_torch(tmp_path):
         ["train", "--method", "coop", "--data", missing],  # no such data
         ["train", "--method", "coop", "--protocol", "coop", "--data", missing],  # a protocol reads the sidecar
         ["train", "--method", "coop", "--protocol", "nope", "--data", missing],
+        ["train", "--method", "coop", "--data", demo, "--epochs", "1", *tiny],  # the plan: warm-up leaves no epoch
+        ["train", "--method", "cavpt", "--protocol", "cavpt", "--data", demo, "--lr.text", "1", *tiny],  # a group it does not train
+        ["train", "--method", "coop", "--data", demo, "--out", str(tmp_path / "mine"), *tiny],  # not a run folder
         ["sweep", "--methods", "cop", "--data", missing, "--out", str(tmp_path / "s")],
         ["sweep", "--methods", "coop", "--data", missing, "--out", str(tmp_path / "s")],
         ["eval", str(tmp_path), "--data", missing],  # not a finished run

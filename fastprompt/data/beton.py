@@ -639,6 +639,17 @@ def _read_sidecar(beton: Path) -> dict[str, Any]:
     return meta
 
 
+def _check_size(path: Path, meta: dict[str, Any], shown: Path) -> int:
+    """The .beton's size in bytes, which must be the sidecar's (a file cut short, or another
+    file under the name); torch-free."""
+    size = path.stat().st_size
+    if size != meta["beton_bytes"]:
+        what = "truncated" if size < meta["beton_bytes"] else "not the file its sidecar describes"
+        raise FastpromptError(f"{shown} is {what} ({size} bytes, the sidecar says {meta['beton_bytes']}); "
+                              "re-create it with `fastprompt prepare`")
+    return size
+
+
 def _check_beton(path: Path, meta: dict[str, Any], shown: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
     """Check `path` against its sidecar; return the (labels, splits) stored in the .beton.
 
@@ -649,18 +660,15 @@ def _check_beton(path: Path, meta: dict[str, Any], shown: Optional[Path] = None)
     Reads only the header and tables (milliseconds per 10,000 images); damage inside the
     image data is what `verify_dataset` (the sidecar's checksum) finds.
     """
+    shown = shown or path
+    fix = "re-create it with `fastprompt prepare`"
+    size = _check_size(path, meta, shown)
     import_ffcv()
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.reader import Reader
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
     from ffcv.writer import MIN_PAGE_SIZE
 
-    shown = shown or path
-    fix = "re-create it with `fastprompt prepare`"
-    size = path.stat().st_size
-    if size != meta["beton_bytes"]:
-        what = "truncated" if size < meta["beton_bytes"] else "not the file its sidecar describes"
-        raise FastpromptError(f"{shown} is {what} ({size} bytes, the sidecar says {meta['beton_bytes']}); {fix}")
     if size < HeaderType.itemsize:
         raise FastpromptError(f"{shown} is truncated ({size} bytes, shorter than an FFCV header); {fix}")
     header = np.fromfile(path, dtype=HeaderType, count=1)[0]
@@ -775,8 +783,8 @@ class BetonDataset:
     template: str  # default hand-crafted template, e.g. "a photo of a {}."
     classnames: list[str]  # all classes; index = label
     split_sizes: dict[str, int]  # split -> number of samples
-    labels: np.ndarray  # (N,) int64, label of every sample
-    splits: np.ndarray  # (N,) int64, split code of every sample (0 train, 1 val, 2 test)
+    labels: Optional[np.ndarray]  # (N,) int64, label of every sample (None: opened with tables=False)
+    splits: Optional[np.ndarray]  # (N,) int64, split code of every sample (0 train, 1 val, 2 test; None: tables=False)
     meta: dict[str, Any] = field(repr=False)  # the whole sidecar
     _draws: dict[tuple[int, int], FewShotDraw] = field(default_factory=dict, init=False, repr=False)  # (shots, seed) -> draw
 
@@ -926,8 +934,13 @@ class BetonDataset:
         return make_loader(self, self.indices(split, shots=shots, seed=seed, classes=classes), split, classes, config)
 
 
-def open_dataset(path: PathLike) -> BetonDataset:
-    """Open `path` (a .beton) and its sidecar; FastpromptError if either is missing or damaged."""
+def open_dataset(path: PathLike, *, tables: bool = True) -> BetonDataset:
+    """Open `path` (a .beton) and its sidecar; FastpromptError if either is missing or damaged.
+
+    tables=False: the sidecar alone (name, template, class names, splits' sizes; `labels` and
+    `splits` None) and the file's size against it, without reading the .beton's header and
+    tables, which imports FFCV and torch: what planning a run needs (`identity.planned`), so a command line is checked
+    before torch loads. A loader needs the full open."""
     beton = Path(path)
     if beton.suffix == ".json" and beton.with_suffix(".beton").is_file():
         beton = beton.with_suffix(".beton")  # the user pointed at the sidecar
@@ -937,7 +950,11 @@ def open_dataset(path: PathLike) -> BetonDataset:
             f"or `fastprompt prepare demo --out {beton}`"
         )
     meta = _read_sidecar(beton)
-    labels, splits = _check_beton(beton, meta)
+    if tables:
+        labels, splits = _check_beton(beton, meta)
+    else:
+        _check_size(beton, meta, beton)
+        labels = splits = None
     dataset = BetonDataset(
         path=beton,
         name=str(meta["name"]),

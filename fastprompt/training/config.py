@@ -203,7 +203,7 @@ class TrainConfig:
         if dataset is None:
             from fastprompt.data import open_dataset
 
-            dataset = open_dataset(given["data"]).name
+            dataset = open_dataset(given["data"], tables=False).name  # the sidecar: torch-free
         given_options = given.pop("options", None) or {}
         options = {k: v for k, v in proto.options(dataset).items() if k in option_cls.field_names()}
         unused = option_cls.unused_fields({**options, **given_options})  # e.g. CAVPT's text side without text_prompt

@@ -60,7 +60,7 @@ def planned(config, dataset=None):
     from fastprompt.data import open_dataset
     from fastprompt.methods import method_config, method_spec
 
-    ds = open_dataset(config.data) if dataset is None else dataset
+    ds = open_dataset(config.data, tables=False) if dataset is None else dataset  # the sidecar: torch-free
     options = method_config(config.method, **config.options)
     groups = method_spec(config.method).trained_groups(options)
     resolved = config.resolve(ds.name, groups, options.to_dict())

@@ -55,6 +55,17 @@ CHECKPOINT_KEYS = ("format", "tensors", "checkpoint_id", "config", "epoch")
 ERROR_KEYS = ("cell", "error")
 
 
+def check_request(config) -> None:
+    """What a run of `config` can be refused for, checked torch-free (so `fastprompt train`
+    answers bad input before torch loads): its folder (`check_out`) and its plan (every
+    default resolved and checked: epochs, each group's recipe, the options, the data's
+    sidecar and size: `identity.planned`)."""
+    from fastprompt.training.identity import planned
+
+    check_out(config.out)
+    planned(config)
+
+
 def default_run_dir(config) -> str:
     """`runs/METHOD-DATA-Kshot-seedS-CLIP-WEIGHTS-HASH` for a `TrainConfig`: the weights (tag,
     file name, or `random`) and the short hash of the resolved identity, so another setting

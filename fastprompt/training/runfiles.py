@@ -99,16 +99,14 @@ def finished_run_config(run_dir: Path) -> dict:
     return read_run_config(run_dir)
 
 
-def check_evaluation(run_dir: Union[str, Path], data: Union[str, Path], classes: str, device: str, precision: str):
+def check_evaluation(run_dir: Union[str, Path], data: Union[str, Path], classes: str, device: str, precision: str) -> None:
     """`fastprompt.training.evaluate_run`'s bad-input checks, torch-free (the CLI runs them
-    before importing torch): the device's name, the precision, the finished run, the data and
-    its classes. Returns (the run's config, the opened dataset)."""
+    before importing torch): the device's name, the precision, the finished run, the data's
+    sidecar and its classes."""
     from fastprompt.data.beton import open_dataset
     from fastprompt.settings import check_device_name, check_precision
 
     check_device_name(device)  # the arguments first: a bad --device or --precision reads nothing
     check_precision(precision)
-    saved = finished_run_config(Path(run_dir))
-    ds = open_dataset(data)
-    ds.classnames_for(classes)
-    return saved, ds
+    finished_run_config(Path(run_dir))
+    open_dataset(data, tables=False).classnames_for(classes)  # the sidecar: torch-free (evaluate_run opens it whole)
