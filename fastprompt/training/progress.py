@@ -1,6 +1,7 @@
 """Training progress, shown in one place: a rich bar on a terminal, one line per epoch otherwise.
 
-On a terminal the bar shows `epoch k/N` (from 1), the epoch's running mean loss, the last
+On a terminal the bar shows `epoch k/N` (from 1), the epoch's running mean loss (`-` until
+the run's first step; at an epoch's start, the last one read until the epoch's first step), the last
 epoch's accuracy and images/s, elapsed time and an ETA. When stderr is not a terminal (a
 Slurm log, a pipe) the bar is off and every epoch prints one line a log reader can grep:
 
@@ -30,6 +31,13 @@ def epoch_line(line: dict, epochs: int, eta_s: Optional[float]) -> str:
             f"{line['images_per_s']:.0f} img/s{eta}")
 
 
+def _loss(value: Optional[float]) -> dict:
+    """The bar's loss fields: the value, and its text: `-` until a first running mean exists
+    (a bar that showed `nan` there, most frames of a run with few steps per epoch, looked
+    like a diverged run)."""
+    return {"loss": value, "loss_text": "-" if value is None else f"{value:.4f}"}
+
+
 class TrainProgress:
     """Progress of `epochs` epochs of `steps_per_epoch` steps, starting after `done` epochs."""
 
@@ -46,7 +54,7 @@ class TrainProgress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             columns = [TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-                       TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
+                       TextColumn("loss {task.fields[loss_text]}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
             self._bar = Progress(*columns, console=self.console, transient=False)
 
@@ -54,7 +62,7 @@ class TrainProgress:
         if self._bar is not None:
             self._bar.__enter__()
             self._task = self._bar.add_task("train", total=self.steps_per_epoch * (self.epochs - self.done),
-                                            epoch=self.done + 1, epochs=self.epochs, loss=float("nan"), acc=0.0, ips=0.0)
+                                            epoch=self.done + 1, epochs=self.epochs, acc=0.0, ips=0.0, **_loss(None))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -69,8 +77,8 @@ class TrainProgress:
     def start_epoch(self, epoch: int) -> None:
         """`epoch` is 0-based (the trainer's count of finished epochs)."""
         self._step = 0
-        if self._bar is not None:
-            self._bar.update(self._task, epoch=epoch + 1, loss=float("nan"))
+        if self._bar is not None:  # the loss shown stays the last one read until this epoch's first step
+            self._bar.update(self._task, epoch=epoch + 1)
 
     def step(self, running_mean: Callable[[], float]) -> None:
         """After a step: `running_mean()` reads the epoch's mean loss so far from the trainer's
@@ -80,7 +88,7 @@ class TrainProgress:
             return
         fields = {}
         if self._step == 1 or self._step % self.refresh_every == 0:
-            fields["loss"] = running_mean()
+            fields = _loss(running_mean())
         self._bar.update(self._task, advance=1, **fields)
 
     def end_epoch(self, line: dict) -> None:
@@ -89,6 +97,6 @@ class TrainProgress:
         elapsed = time.perf_counter() - self._start
         eta = elapsed / finished * (self.epochs - line["epoch"]) if finished > 0 else None
         if self._bar is not None:
-            self._bar.update(self._task, loss=line["loss"], acc=line["train_accuracy"], ips=line["images_per_s"])
+            self._bar.update(self._task, acc=line["train_accuracy"], ips=line["images_per_s"], **_loss(line["loss"]))
         elif self.console is not None:
             self.say(epoch_line(line, self.epochs, eta))

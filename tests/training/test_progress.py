@@ -62,6 +62,26 @@ def test_bar_reads_the_running_mean_every_few_steps():
     assert "epoch 1/1" in out and "eta" in out
 
 
+def test_bar_never_shows_nan_while_no_mean_exists():
+    """The bar showed `loss nan` from each epoch's start to its first step (~40 % of frames with
+    CAVPT's few steps per epoch; issue 25 §7): `-` before the first step, then the last mean read."""
+    console = _console(terminal=True)
+    loss = Running()
+    with TrainProgress(console, epochs=2, steps_per_epoch=1) as progress:
+        progress._bar.refresh()
+        assert progress._bar.tasks[0].fields["loss_text"] == "-"
+        for epoch in (0, 1):
+            progress.start_epoch(epoch)
+            progress._bar.refresh()
+            assert progress._bar.tasks[0].fields["loss_text"] == ("-" if epoch == 0 else "0.5000")
+            loss.loss, loss.seen = 4.0, 8
+            progress.step(loss.mean)
+            progress._bar.refresh()
+            progress.end_epoch({**LINE, "epoch": epoch + 1, "loss": 0.5})
+    out = console.file.getvalue()
+    assert "nan" not in out and "loss -" in out and "loss 0.5000" in out
+
+
 def test_disabled_shows_nothing():
     console = _console(terminal=True)
     with TrainProgress(console, epochs=1, steps_per_epoch=2, enabled=False) as progress:
