@@ -16,7 +16,7 @@
 #                                               # interpreter, fastprompt-tiny; no fast+compile)
 # Wheels: open_clip, typer, pytest, ... are installed from .whl/ (scripts/gpu-wheels.sh
 # downloads them where PyPI is reachable) into /tmp/site; torch is never reinstalled.
-# PYTHON picks the interpreter (default python3).
+# PYTHON picks the interpreter (default: .venv/bin/python where it exists, else python3).
 set -uo pipefail
 
 usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
@@ -33,8 +33,10 @@ done
 [ -n "$OUT" ] || { echo "gpu-check: give the output FOLDER" >&2; usage; }
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called from
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# the project's interpreter when a checkout has one (scripts/setup.sh's .venv), else python3
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3)}
 COMMAND="scripts/gpu-check.sh $*"
+echo "[gpu-check] python: $PY"
 
 if [ "$MODE" = gpu ]; then
     if compgen -G ".whl/*.whl" >/dev/null; then

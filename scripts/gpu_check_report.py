@@ -26,7 +26,16 @@ TEST_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b
 
 
 def read_json(path: Path, default):
-    return json.loads(path.read_text()) if path.is_file() else default
+    """A step's JSON output, or `default` when the step wrote none, an empty file or a cut one
+    (a step killed at its time limit): the step's exit status already says it failed, and the
+    report of every other step must still be written (a note on stderr names the file)."""
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(errors="replace"))
+    except ValueError as err:
+        print(f"gpu-check report: {path.name} is not JSON ({err}); reported as missing", file=sys.stderr)
+        return default
 
 
 def read_steps(folder: Path) -> list[dict]:

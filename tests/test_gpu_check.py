@@ -19,11 +19,12 @@ report_module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(report_module)
 
 
-def run_script(*args, timeout=1500):
+def run_script(*args, timeout=1500, python=sys.executable):
     # the script's pytest steps are runs of their own, not part of this one (under pytest-xdist a
     # worker's PYTEST_XDIST_* variables would turn pytest-benchmark off in them)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["PYTHON"] = sys.executable
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "PYTHON"}
+    if python is not None:
+        env["PYTHON"] = python
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -36,9 +37,28 @@ def test_usage_errors_exit_2(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole check")
 def test_gpu_mode_without_cuda_exits_2_and_writes_nothing(tmp_path):
-    proc = run_script(str(tmp_path / "out"), timeout=300)
+    """Also: without PYTHON the script runs the checkout's .venv (it once ran the system python3,
+    which has no torch, and ended in a traceback; issue 25 §13)."""
+    proc = run_script(str(tmp_path / "out"), timeout=300, python=None)
     assert proc.returncode == 2 and "torch sees no CUDA device; run with --cpu-dry-run" in proc.stderr
     assert not (tmp_path / "out").exists()
+    venv = ROOT / ".venv" / "bin" / "python"
+    assert f"[gpu-check] python: {venv if venv.exists() else 'python3'}\n" in proc.stdout, proc.stdout
+
+
+def test_report_survives_empty_and_cut_step_outputs(tmp_path, capsys):
+    """A step killed at its limit leaves an empty or cut JSON file: the report names it and is
+    written all the same, the failed step failing the check (issue 25 §13)."""
+    (tmp_path / "steps.tsv").write_text("machine\t0\t1\t60\tpython machine\nbench-ViT-B-32\t124\t90\t90\tbench\n"
+                                        "micro\t124\t80\t80\tpytest\n")
+    (tmp_path / "bench-ViT-B-32.json").write_text("")
+    (tmp_path / "micro.json").write_text('{"benchmarks": [{"name": "test_prefix')
+    assert report_module.main(["report", str(tmp_path), "--mode", "gpu"]) == 1
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert report["bench"] == [] and report["micro"] == []
+    assert [s["status"] for s in report["steps"]] == ["ok", "timed out", "timed out"]
+    err = capsys.readouterr().err
+    assert "bench-ViT-B-32.json is not JSON" in err and "micro.json is not JSON" in err
 
 
 def bench_record(clip, method, variant, images_per_s, classes=1000):
