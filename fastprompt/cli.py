@@ -34,7 +34,14 @@ def _usage_error(ctx, err: Exception) -> None:
 
 
 class Group(TyperGroup):
-    """A fastprompt command group: an unknown command or flag is a one-line error (exit 2)."""
+    """A fastprompt command group: an unknown command or flag is a one-line error (exit 2); its
+    help polished as a command's (`_polish`: no `<bool>` after --version or --help)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            _polish(p)
+        return params
 
     def parse_args(self, ctx, args):
         try:
@@ -51,7 +58,7 @@ class Group(TyperGroup):
 
 app = typer.Typer(
     name="fastprompt",
-    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, VPT, VLP, CAVPT, E2MIM. "
+    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, CoCoOp, VPT, VLP, IVLP, MaPLe, CAVPT, E2MIM. "
          "What each method computes, every default and its source, and the named protocols: docs/methods.md.",
     no_args_is_help=True,
     add_completion=True,
@@ -760,13 +767,19 @@ def sweep_cmd(
         raise typer.Exit(code=1)
 
 
-@command(app, "report", cls=BaseCommand)
+def _report_choices() -> dict[str, tuple]:
+    from fastprompt.sweep.report import AXES, FORMATS
+
+    return {"format": FORMATS, "rows": AXES, "cols": AXES}
+
+
+@command(app, "report", cls=BaseCommand, choices=_report_choices)
 @user_errors
 def report_cmd(
     folder: Annotated[str, typer.Argument(help="A sweep's --out, or any folder of runs.")],
-    format: Annotated[str, typer.Option("--format", help="md | csv | json | latex.")] = "md",
-    rows: Annotated[str, typer.Option("--rows", help="method | dataset | shots.")] = "method",
-    cols: Annotated[str, typer.Option("--cols", help="method | dataset | shots.")] = "dataset",
+    format: Annotated[str, typer.Option("--format", help="Table format.")] = "md",
+    rows: Annotated[str, typer.Option("--rows", help="What the table's rows are.")] = "method",
+    cols: Annotated[str, typer.Option("--cols", help="What the table's columns are.")] = "dataset",
     compare: Annotated[Optional[str], typer.Option("--compare", help="A reference: another folder of runs, or a CSV (e.g. a paper table typed in).")] = None,
 ) -> None:
     """Mean ± std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset. One folder is one
@@ -801,11 +814,18 @@ def plot_shots_cmd(
 
 Run = Annotated[str, typer.Argument(help="The --out directory of a finished `fastprompt train`.")]
 FigureOut = Annotated[Optional[str], typer.Option("--out", help="Folder for the figure (default RUN/figures).")]
-FigureFormat = Annotated[str, typer.Option("--format", help="png | pdf.")]
-PlotDevice = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
+FigureFormat = Annotated[str, typer.Option("--format", help="Figure file format.")]
+PlotDevice = Annotated[str, typer.Option("--device", metavar="<auto|cpu|cuda|cuda:N>", autocompletion=_complete_device,
+                                         help="Where to run the model (auto: cuda when available).")]
 
 
-@command(plot_app, "attention", cls=BaseCommand)
+def _figure_choices() -> dict[str, tuple]:
+    from fastprompt.viz.figures import FORMATS
+
+    return {"fmt": FORMATS}
+
+
+@command(plot_app, "attention", cls=BaseCommand, choices=_figure_choices)
 @user_errors
 def plot_attention_cmd(run: Run, images: Annotated[int, typer.Option("--images", help="Test images (rows), spread over the classes.")] = 8,
                        out: FigureOut = None, fmt: FigureFormat = "png", device: PlotDevice = "cpu",
@@ -816,7 +836,7 @@ def plot_attention_cmd(run: Run, images: Annotated[int, typer.Option("--images",
     typer.echo(plot_attention(run, images=images, out=out, fmt=fmt, device=device, num_workers=workers))
 
 
-@command(plot_app, "tsne", cls=BaseCommand)
+@command(plot_app, "tsne", cls=BaseCommand, choices=_figure_choices)
 @user_errors
 def plot_tsne_cmd(run: Run, max_images: Annotated[int, typer.Option("--max-images", help="Test images embedded, spread over the classes.")] = 1000,
                   out: FigureOut = None, fmt: FigureFormat = "png", device: PlotDevice = "cpu",
@@ -827,7 +847,7 @@ def plot_tsne_cmd(run: Run, max_images: Annotated[int, typer.Option("--max-image
     typer.echo(plot_tsne(run, max_images=max_images, out=out, fmt=fmt, device=device, num_workers=workers))
 
 
-@command(plot_app, "curves", cls=BaseCommand)
+@command(plot_app, "curves", cls=BaseCommand, choices=_figure_choices)
 @user_errors
 def plot_curves_cmd(run_or_sweep: Annotated[str, typer.Argument(help="A run directory, or a folder of runs (a sweep).")],
                     out: Annotated[Optional[str], typer.Option("--out", help="Folder for the figure (default RUN_OR_SWEEP/figures).")] = None,

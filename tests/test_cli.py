@@ -71,7 +71,7 @@ def test_help_of_every_command():
         undocumented = [p.name for p in params if not p.help]
         assert not undocumented, (path, undocumented)
         assert "<bool>" not in _help(path), path
-    assert "--install-completion" in _help(())  # shell completion on
+    assert "--install-completion" in _help(()) and "<bool>" not in _help(()) + _help(("plot",))  # the groups too
 
     train = _help(("train",))
     for shown in ("--method <coop|vpt-shallow|vpt-deep|vlp|cavpt|e2mim|ivlp|maple>", "--classes <all|base>",
@@ -82,6 +82,12 @@ def test_help_of_every_command():
     assert "--classes <all|base|new>" in _help(("eval",)) and "--precision <auto|fp32|bf16>" in _help(("zeroshot",))
     assert "CoOp split file split_zhou_<Name>.json ([relative_path, label, classname] lists)." in _help(
         ("prepare", "imagefolder"))
+    report = _help(("report",))  # choices once only in prose (issue 25 §12)
+    assert all(shown in report for shown in ("--format <md|csv|json|latex>", "--rows <method|dataset|shots>",
+                                             "--cols <method|dataset|shots>")), report
+    for figure in (("plot", "attention"), ("plot", "tsne"), ("plot", "curves")):
+        assert "--format <png|pdf>" in _help(figure), figure
+    assert "--device <auto|cpu|cuda|cuda:N>" in _help(("plot", "attention"))
 
 
 def test_each_warning_is_printed_once():
