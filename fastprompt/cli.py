@@ -571,6 +571,8 @@ def eval_cmd(
     except ResultNotSaved as err:  # the result on stdout all the same; the error line and exit 2 say it is not on disk
         typer.echo(json.dumps(err.result))
         raise
+    _console().print(f"test accuracy {result['test_accuracy']:.2f}% ({result['dataset']}, classes {classes}); "
+                     f"saved beside the run", highlight=False, soft_wrap=True)  # the human line; JSON on stdout
     typer.echo(json.dumps(result))
 
 

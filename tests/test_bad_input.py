@@ -84,6 +84,9 @@ CASES = {
     "beton empty": (train("coop", "--data", "{empty}"), "is truncated (0 bytes"),
     "beton truncated": (train("coop", "--data", "{truncated}"), "is truncated ("),
     "beton missing": (train("coop", "--data", "{missing}"), "does not exist; create it with `fastprompt prepare"),
+    "data is an image folder": (train("coop", "--data", "{coop_ten}"),  # issue 25 §12
+                                "is a folder, not a .beton; if it holds one folder of images per class, turn it into one "
+                                "with `fastprompt prepare imagefolder"),
     # --- eval / zeroshot
     "eval device": (["eval", "{run}", "--data", "{demo}", "--device", "tpu"], "device='tpu' is not known; use auto, cpu"),
     "eval precision": (["eval", "{run}", "--data", "{demo}", "--precision", "fp16"], "Invalid value for '--precision'"),

@@ -944,6 +944,11 @@ def open_dataset(path: PathLike, *, tables: bool = True) -> BetonDataset:
     beton = Path(path)
     if beton.suffix == ".json" and beton.with_suffix(".beton").is_file():
         beton = beton.with_suffix(".beton")  # the user pointed at the sidecar
+    if beton.is_dir():
+        raise FastpromptError(
+            f"{beton} is a folder, not a .beton; if it holds one folder of images per class, turn it into one with "
+            f"`fastprompt prepare imagefolder {beton} --out {beton.name or 'data'}.beton` and pass that file"
+        )
     if not beton.is_file():
         raise FastpromptError(
             f"dataset {beton} does not exist; create it with `fastprompt prepare imagefolder ROOT --out {beton}` "

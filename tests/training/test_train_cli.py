@@ -58,7 +58,9 @@ def test_train_then_eval_every_method(method, demo_beton, tmp_path):
     # the same run evaluated again gives the same accuracy; base classes only is another number
     result = runner.invoke(app, ["eval", str(out), "--data", str(demo_beton), "--workers", "1"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1])["test_accuracy"] == pytest.approx(results["test_accuracy"])
+    evaluated = json.loads(result.stdout.strip())  # stdout: the JSON alone; the human line on stderr (issue 25 §12)
+    assert evaluated["test_accuracy"] == pytest.approx(results["test_accuracy"])
+    assert f"test accuracy {evaluated['test_accuracy']:.2f}% (demo, classes all)" in result.stderr
 
 
 @pytest.mark.slow
