@@ -100,6 +100,12 @@ class PromptModel(nn.Module):
         """Per-sample prompt callback for the image tower (CAVPT overrides it)."""
         return None
 
+    def may_skip_parameters(self) -> bool:
+        """Whether a training step can leave a trainable tensor out of the loss (DDP must then
+        look for such tensors every step, `find_unused_parameters`, an extra pass over the
+        graph, and warns from every rank when it finds none). False: every step uses all."""
+        return False
+
     def wants_topk_table(self) -> bool:
         """True when training wants the per-image zero-shot top-K table from the trainer
         (then the model has `k_n` and `zero_shot_topk(images)`, and its loss takes `topk`)."""

@@ -156,6 +156,9 @@ def aux_targets(topk: torch.Tensor, labels: torch.Tensor, num_classes: int) -> t
 
 @register_method("cavpt")  # options, groups (text only with text_prompt=True), frozen image tower: fastprompt.methods.specs
 class Cavpt(PromptModel):
+    def may_skip_parameters(self) -> bool:
+        return self.released  # its auxiliary classifier sees only ground-truth rows: a batch may have none
+
     def wants_topk_table(self) -> bool:
         return self.config.topk_source == "cached"
 

@@ -84,12 +84,14 @@ def classwise_pairs(labels: torch.Tensor, generator: Optional[torch.Generator] =
 
 @register_method("e2mim")  # options, groups, frozen image tower: fastprompt.methods.specs
 class E2mim(PromptModel):
-
     def __init__(self, bundle, classnames, templates, backend, config: E2mimConfig):
         super().__init__(bundle, classnames, templates, backend, config)
         add_coop(self, config)
         self.e2mim = MutualInformationCritic(self.num_classes, config.mi_dim,
                                              device=self.bundle.device)
+
+    def may_skip_parameters(self) -> bool:
+        return self.config.mi_weight == 0  # the critic takes no part in the loss then
 
     def training_only_names(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.startswith("e2mim.")}

@@ -166,7 +166,7 @@ class Trainer:
         if self.distributed:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,  # e.g. E2MIM's critic when mi_weight=0
+                find_unused_parameters=self.model.may_skip_parameters(),  # e.g. E2MIM's critic when mi_weight=0
             )
         # the (optionally compiled) training step: forward and, through AOTAutograd, backward;
         # static shapes: the loader drops the ragged last batch (or has one batch when the subset is smaller)

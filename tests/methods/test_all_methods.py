@@ -55,6 +55,7 @@ def test_shapes_loss_gradients_and_state(method, tiny_clip, images, labels, tmp_
         params = dict(model.named_parameters())
         for name in names:
             assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+        assert model.may_skip_parameters() == (method == "cavpt" and model.released)  # DDP's find_unused_parameters
         for name, p in model.clip.named_parameters():
             assert p.grad is None and not p.requires_grad, name
 
@@ -139,3 +140,15 @@ def test_class_specific_context_does_not_transfer(tiny_clip):
     other = fastprompt.create_model("coop", classnames=["forest", "river"], clip=tiny_clip, csc=True, n_ctx=2)
     with pytest.raises(fastprompt.FastpromptError, match="class-specific context"):
         other.load_prompt_state_dict(model.prompt_state_dict(), other_classes=True)
+
+
+def test_a_method_that_may_skip_parameters_says_so(tiny_clip, images, labels):
+    """E2MIM without its MI term leaves the critic out of the loss: it says so, and DDP looks for
+    unused tensors only then (`find_unused_parameters`; issue 25 §14: the flag on every method
+    made DDP warn from every rank)."""
+    model = _build("e2mim", tiny_clip, mi_weight=0.0)
+    assert model.may_skip_parameters()
+    model.loss(images, labels).backward()
+    unused = {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert unused and all(name.startswith("e2mim.") for name in unused)
+    assert not _build("e2mim", tiny_clip).may_skip_parameters() and _build("cavpt", tiny_clip, variant="released").may_skip_parameters()
