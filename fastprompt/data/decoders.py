@@ -42,7 +42,7 @@ import_ffcv()  # before the first FFCV import (ffcv_compat, workaround 0)
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
-from fastprompt.data.resample import resample
+from fastprompt.data.resample import resample, resample_normalised
 
 # ----------------------------------------------------------------------------------------
 # FFCV's native JPEG decode, by symbol name (see fastprompt.data.ffcv_compat).
@@ -185,6 +185,19 @@ def _resize_center_crop(image, short, out):
 
 
 @numba.njit(cache=True, nogil=True)
+def _resize_center_crop_normalised(image, short, lut, out_f):
+    """out_f (3, S, S) float32 <- lut[c, `_resize_center_crop` of image] (the last pass writes it)."""
+    height, width = image.shape[0], image.shape[1]
+    size = out_f.shape[1]
+    if width <= height:
+        new_h, new_w = int(short * height / width), short
+    else:
+        new_h, new_w = short, int(short * width / height)
+    resample_normalised(image, 0, height, new_h, _center_offset(new_h, size), 0, width, new_w,
+                        _center_offset(new_w, size), False, lut, out_f)
+
+
+@numba.njit(cache=True, nogil=True)
 def _flip_in_place(out):
     """Mirror an (H, W, 3) image left-right."""
     rows, cols = out.shape[0], out.shape[1]
@@ -208,14 +221,20 @@ def _normalise_chw(image, lut, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob, resized):
-    """resized (S, S, 3) <- flip?(resize(crop(image))): the random resized crop and flip of one
-    sample, drawn from its stream `state`. Both training paths (decode every epoch, or read the
-    decoded cache) call this one function, so their pixels are the same bit for bit."""
+def _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob, resized, normalise, lut, out_f, k):
+    """The random resized crop and flip of one sample, drawn from its stream `state`:
+    out_f[k] (3, S, S) float32 normalised with `normalise`, else resized (S, S, 3) uint8. Both
+    training paths (decode every epoch, or read the decoded cache) call this one function, so
+    their pixels are the same bit for bit."""
     i, j, h, w = _random_crop(state, image.shape[0], image.shape[1], scale_lo, scale_hi, log_ratio_lo, log_ratio_hi)
-    _resize_crop(image, i, j, h, w, resized)
-    if _uniform(state, _FLIP_COUNTER) < flip_prob:
-        _flip_in_place(resized)
+    flip = _uniform(state, _FLIP_COUNTER) < flip_prob
+    size_h, size_w = resized.shape[0], resized.shape[1]
+    if normalise:  # flip and normalisation in the resize's last pass (fastprompt.data.resample)
+        resample_normalised(image, i, h, size_h, 0, j, w, size_w, 0, flip, lut, out_f[k])
+    else:
+        _resize_crop(image, i, j, h, w, resized)
+        if flip:
+            _flip_in_place(resized)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -226,7 +245,7 @@ def _decode_random_resized_crop(batch_indices, out, scratch, lut, normalise, chu
     Returns, with `normalise`, a new (B, 3, S, S) float32 array of the normalised images
     (new memory: the caller owns the batch, no copy out of FFCV's reused buffers), else an
     empty one. Work is split in `chunks` interleaved chunks (a few per decode thread): chunk
-    c takes samples c, c + chunks, ... and reuses row c of the intermediates, which stays in
+    c takes samples c, c + chunks, ... and decodes into row c of `scratch`, which stays in
     cache (a row per sample would stream ~0.4 MB per image through memory).
     """
     key = _load_u64(key_address)  # this epoch's key, set from Python before the epoch starts
@@ -239,10 +258,9 @@ def _decode_random_resized_crop(batch_indices, out, scratch, lut, normalise, chu
             sample = batch_indices[k]
             state = _mix64(key + (np.uint64(sample) + np.uint64(1)) * _GOLDEN)  # this sample's stream
             image = _decode_to(metadata[sample], mm, ptrs, sizes, scratch[c])  # (H, W, 3)
-            resized = out[c] if normalise else out[k]  # (S, S, 3): an intermediate, or the output
-            _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob, resized)
-            if normalise:
-                _normalise_chw(resized, lut, out_f[k])
+            resized = out[c] if normalise else out[k]  # (S, S, 3): unused, or the output
+            _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob, resized, normalise, lut,
+                     out_f, k)
     return out_f
 
 
@@ -263,10 +281,9 @@ def _crop_decoded(batch_indices, out, lut, normalise, chunks, row_of, pixels, of
             state = _mix64(key + (np.uint64(sample) + np.uint64(1)) * _GOLDEN)  # this sample's stream
             r = row_of[sample]
             image = pixels[offsets[r] : offsets[r + 1]].reshape(heights[r], widths[r], 3)  # (H, W, 3)
-            resized = out[c] if normalise else out[k]  # (S, S, 3): an intermediate, or the output
-            _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob, resized)
-            if normalise:
-                _normalise_chw(resized, lut, out_f[k])
+            resized = out[c] if normalise else out[k]  # (S, S, 3): unused, or the output
+            _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob, resized, normalise, lut,
+                     out_f, k)
     return out_f
 
 
@@ -299,11 +316,10 @@ def _decode_center_crop(batch_indices, out, scratch, lut, normalise, chunks, met
                 _normalise_chw(image, lut, out_f[k])
             elif ready:
                 out[k] = image
+            elif normalise:
+                _resize_center_crop_normalised(image, short, lut, out_f[k])
             else:
-                resized = out[c] if normalise else out[k]  # (S, S, 3): an intermediate, or the output
-                _resize_center_crop(image, short, resized)
-                if normalise:
-                    _normalise_chw(resized, lut, out_f[k])
+                _resize_center_crop(image, short, out[k])
     return out_f
 
 
