@@ -305,3 +305,27 @@ def test_decoded_cache_ranks_decode_only_their_shard(demo, demo_path, tmp_path):
     assert sorted(got) == sorted(reference)
     assert all(torch.equal(got[i], reference[i]) for i in reference)
     assert _shared_files() == before
+
+
+def test_decoded_cache_setting_and_plan(demo, monkeypatch):
+    """The setting's forms, the budget rule (auto: a quarter of the available memory) and the
+    log line; evaluation loaders refuse it."""
+    import fastprompt.data.decoded as decoded
+
+    parse = decoded.parse_cache_setting
+    assert [parse("x", v) for v in ("Auto", "off", "512M", "1.5GiB", "2000000", 4096)] == \
+        ["auto", "off", 512 * 2**20, int(1.5 * 2**30), 2_000_000, 4096]
+    heights, widths = np.array([320, 427]), np.array([427, 320])  # 2 x 409,920 bytes
+    assert decoded.plan_cache("off", heights, widths).use is False
+    fits = decoded.plan_cache(819_840, heights, widths)
+    assert fits.use and fits.nbytes == 819_840 and fits.line().startswith("decoded once: 2 training images, 800.6 KB held")
+    over = decoded.plan_cache(819_839, heights, widths)
+    assert not over.use and over.line() == "decoding every epoch: 2 training images (the decoded 800.6 KB exceed decoded_cache 800.6 KB)"
+    monkeypatch.setattr(decoded, "available_memory", lambda: 4 * 819_840)
+    assert decoded.plan_cache("auto", heights, widths).use
+    monkeypatch.setattr(decoded, "available_memory", lambda: 4 * 819_840 - 4)
+    assert not decoded.plan_cache("auto", heights, widths).use
+    with pytest.raises(FastpromptError, match="decoded_cache='auto' applies to the training pipeline; leave it 'off'"):
+        demo.loader("test", image_size=32, decoded_cache="auto")
+    with pytest.raises(FastpromptError, match="decoded_cache='lots' must be auto, off, or a memory size above 0"):
+        demo.loader("train", decoded_cache="lots")
