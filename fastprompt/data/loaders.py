@@ -137,6 +137,8 @@ class BetonLoader:
                 raise FastpromptError(f"decoded_cache={config.decoded_cache!r} applies to the training pipeline; "
                                       "leave it 'off' for evaluation loaders")
             return CachePlan(False, 0, len(self.indices), "evaluation pipeline")
+        if setting == "off":
+            return CachePlan(False, 0, len(self.indices), "decoded_cache off")  # the same on every rank
         from ffcv.reader import Reader
 
         records = Reader(str(dataset.path)).metadata["f0"][self.indices]  # (n,) the subset's image records
