@@ -9,8 +9,11 @@ workers (torchvision: worker processes; FFCV: decode threads):
   training images (shorter side at most `--train-short-side`);
 - eval (`--split test`): CLIP's eval transform, Resize(224, bicubic) + CenterCrop(224);
   torchvision computes it from the originals, FFCV reads it stored evaluation-ready.
-The first epoch (worker start-up / numba JIT) and the steady state (the mean of the
-following epochs) are reported separately, as JSON lines, with the CPU seconds spent per
+The FFCV train loader decodes the training images once, in its first epoch, and crops every
+epoch from them (`--decoded-cache auto`, the training default; `off` decodes every epoch).
+The first epoch (worker start-up / numba JIT / the decode-once) and the steady state (the
+mean of the following epochs) are reported separately, with the memory the decoded images
+hold and the resident memory of the loader's processes, as JSON lines, with the CPU seconds spent per
 1000 images (all processes of the loader: a figure that a busy machine disturbs less than
 wall-clock throughput), and the .beton's bytes per stored image of each split. Each loader
 runs in its own process.
@@ -18,6 +21,7 @@ runs in its own process.
     python benchmarks/bench_loader.py                       # 1500 + 500 JPEGs of 375-500 px, 2 workers, both splits
     python benchmarks/bench_loader.py --min-side 240 --max-side 320 --split train
     python benchmarks/bench_loader.py --cold-jit            # first epoch including numba compilation
+    python benchmarks/bench_loader.py --split train --decoded-cache off   # decoding every epoch
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--split", choices=["train", "test", "both"], default="both")
     p.add_argument("--workdir", type=str, default=None, help="keep the data here (default: a temporary folder)")
     p.add_argument("--cold-jit", action="store_true", help="use an empty numba cache: the first epoch compiles the kernels")
+    p.add_argument("--decoded-cache", default="auto",
+                   help="the FFCV train loader's decoded cache (auto|off|SIZE): auto decodes the training images once")
     p.add_argument("--only", choices=["ffcv", "torchvision"], default=None)
     return p.parse_args()
 
@@ -93,6 +99,20 @@ def cpu_seconds() -> float:
     return total
 
 
+def resident_mb() -> float:
+    """Resident memory (MB) of this process and its live children (torchvision's workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return round(total / 2**20, 1)
+
+
 def time_epochs(make_iter, epochs: int) -> dict:
     """Wall seconds, CPU seconds and images of the first epoch and of each later epoch."""
     times, cpus, counts = [], [], []
@@ -113,6 +133,7 @@ def time_epochs(make_iter, epochs: int) -> dict:
         "steady_epoch_s": round(steady_s / epochs, 3),
         "steady_cpu_s_per_1000_images": round(1000 * sum(cpus[1:]) / steady_n, 2),
         "images_per_epoch": counts[1],
+        "resident_mb_after": resident_mb(),
     }
 
 
@@ -141,9 +162,13 @@ def bench_ffcv(beton: Path, args) -> dict:
 
     ds = open_dataset(beton)
     train = args.split == "train"
+    cache = {"decoded_cache": args.decoded_cache} if train else {}
     loader = ds.loader(args.split, train=train, image_size=args.image_size, batch_size=args.batch_size,
-                       num_workers=args.workers, drop_last=train)
-    return time_epochs(lambda: iter(loader), args.epochs)
+                       num_workers=args.workers, drop_last=train, **cache)
+    result = time_epochs(lambda: iter(loader), args.epochs)
+    held = loader.decoded.nbytes if loader.decoded is not None else 0
+    return {**result, "decoded_cache": args.decoded_cache if train else "n/a", "decoded_once": loader.cache_plan.use,
+            "decoded_mb_held": round(held / 2**20, 1)}
 
 
 def stored_bytes_per_image(beton: Path) -> dict:

@@ -489,6 +489,7 @@ def train_cmd(
     workers: Workers = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints (0: only at the end).")] = 1,
     feature_cache: Annotated[int, typer.Option("--feature-cache", help="Methods with a frozen image tower (coop, e2mim): cache V augmented views of the image features (0: off).")] = 0,
+    decoded_cache: Annotated[str, typer.Option("--decoded-cache", metavar="<auto|off|SIZE>", help="Decode the few-shot training images once into memory (H x W x 3 bytes each as stored, e.g. 410 KB at 320 x 427) and crop every epoch from them: the same batches as decoding every epoch. auto: when they fit in a quarter of the memory available at the start; off: decode every epoch; SIZE (8G, 512M): when they fit in SIZE. Under torchrun the ranks of a machine share one copy.")] = "auto",
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write per-epoch scalars to OUT/tensorboard (torch.utils.tensorboard).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint; fail if it has none.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Remove the run in --out (any setting) and train from the start.")] = False,
@@ -518,7 +519,7 @@ def train_cmd(
         momentum=momentum, weight_decay=weight_decay,
         device=device, precision=precision, backend=backend, compile=compile, num_workers=workers,
         checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options, nan_policy=nan_policy,
-        trust_pickle=trust_pickle,
+        trust_pickle=trust_pickle, decoded_cache=decoded_cache,
     )
     if protocol is None:
         config = TrainConfig(**settings)
@@ -717,6 +718,7 @@ def sweep_cmd(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Loader threads per cell (default: its share of the cores).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="As in `fastprompt train`; shared by every cell.")] = None,
     feature_cache: Annotated[Optional[int], typer.Option("--feature-cache", help="As in `fastprompt train`; shared by every cell.")] = None,
+    decoded_cache: Annotated[Optional[str], typer.Option("--decoded-cache", metavar="<auto|off|SIZE>", help="As in `fastprompt train`; per cell (each cell decodes its training images once).")] = None,
     protocol: Annotated[Optional[str], typer.Option("--protocol", help="As in `fastprompt train` (`fastprompt protocols`); the flags given here win.")] = None,
 ) -> None:
     """Run a grid of datasets x methods x shots x seeds, one run folder per cell; resumable."""
@@ -730,7 +732,7 @@ def sweep_cmd(
     group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
     train_fields = ("clip", "pretrained", "template", "classes", "epochs", "batch_size", "optimizer", "lr",
                     "warmup_epochs", "warmup_lr", "momentum", "weight_decay", "device", "precision", "backend",
-                    "compile", "checkpoint_every", "feature_cache", "protocol")
+                    "compile", "checkpoint_every", "feature_cache", "decoded_cache", "protocol")
     shared = {k: given[k] for k in train_fields if given[k] is not None}
     if workers is not None:
         shared["num_workers"] = workers

@@ -153,6 +153,11 @@ CASES = {
     "checkpoint every negative": (train("coop", "--checkpoint-every", "-1"), "checkpoint_every=-1 must be an integer >= 0"),
     "workers zero": (train("coop", "--workers", "0"), "num_workers=0 must be an integer >= 1"),
     "feature cache negative": (train("coop", "--feature-cache", "-1"), "feature_cache=-1 must be an integer >= 0"),
+    "decoded cache word": (train("coop", "--decoded-cache", "sometimes"),
+                           "decoded_cache='sometimes' must be auto, off, or a memory size above 0 such as 8G or 512M"),
+    "decoded cache zero": (train("coop", "--decoded-cache", "0G"), "decoded_cache='0G' must be auto, off, or a memory size"),
+    "sweep decoded cache unit": (["sweep", "--methods", "coop", "--data", "{demo}", "--seeds", "1", "--out", "{run}",
+                                  *TINY[:4], "--decoded-cache", "8X"], "decoded_cache='8X' must be auto, off, or a memory size"),
     "warmup epochs not below epochs": (train("coop", "--warmup-epochs", "1"),
                                        "group text: warm-up of 1 epochs (--warmup-epochs) leaves none of the 1 epochs"),
     # ---- end of run-directory cases

@@ -42,7 +42,7 @@ import_ffcv()  # before the first FFCV import (ffcv_compat, workaround 0)
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
-from fastprompt.data.resample import resample
+from fastprompt.data.resample import resample, resample_normalised
 
 # ----------------------------------------------------------------------------------------
 # FFCV's native JPEG decode, by symbol name (see fastprompt.data.ffcv_compat).
@@ -185,6 +185,19 @@ def _resize_center_crop(image, short, out):
 
 
 @numba.njit(cache=True, nogil=True)
+def _resize_center_crop_normalised(image, short, lut, out_f):
+    """out_f (3, S, S) float32 <- lut[c, `_resize_center_crop` of image] (the last pass writes it)."""
+    height, width = image.shape[0], image.shape[1]
+    size = out_f.shape[1]
+    if width <= height:
+        new_h, new_w = int(short * height / width), short
+    else:
+        new_h, new_w = short, int(short * width / height)
+    resample_normalised(image, 0, height, new_h, _center_offset(new_h, size), 0, width, new_w,
+                        _center_offset(new_w, size), False, lut, out_f)
+
+
+@numba.njit(cache=True, nogil=True)
 def _flip_in_place(out):
     """Mirror an (H, W, 3) image left-right."""
     rows, cols = out.shape[0], out.shape[1]
@@ -207,6 +220,23 @@ def _normalise_chw(image, lut, out):
                 out[c, y, x] = lut[c, image[y, x, c]]
 
 
+@numba.njit(cache=True, nogil=True)
+def _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob, resized, normalise, lut, out_f, k):
+    """The random resized crop and flip of one sample, drawn from its stream `state`:
+    out_f[k] (3, S, S) float32 normalised with `normalise`, else resized (S, S, 3) uint8. Both
+    training paths (decode every epoch, or read the decoded cache) call this one function, so
+    their pixels are the same bit for bit."""
+    i, j, h, w = _random_crop(state, image.shape[0], image.shape[1], scale_lo, scale_hi, log_ratio_lo, log_ratio_hi)
+    flip = _uniform(state, _FLIP_COUNTER) < flip_prob
+    size_h, size_w = resized.shape[0], resized.shape[1]
+    if normalise:  # flip and normalisation in the resize's last pass (fastprompt.data.resample)
+        resample_normalised(image, i, h, size_h, 0, j, w, size_w, 0, flip, lut, out_f[k])
+    else:
+        _resize_crop(image, i, j, h, w, resized)
+        if flip:
+            _flip_in_place(resized)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _decode_random_resized_crop(batch_indices, out, scratch, lut, normalise, chunks, metadata, mm, ptrs, sizes,
                                 key_address, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob):
@@ -215,7 +245,7 @@ def _decode_random_resized_crop(batch_indices, out, scratch, lut, normalise, chu
     Returns, with `normalise`, a new (B, 3, S, S) float32 array of the normalised images
     (new memory: the caller owns the batch, no copy out of FFCV's reused buffers), else an
     empty one. Work is split in `chunks` interleaved chunks (a few per decode thread): chunk
-    c takes samples c, c + chunks, ... and reuses row c of the intermediates, which stays in
+    c takes samples c, c + chunks, ... and decodes into row c of `scratch`, which stays in
     cache (a row per sample would stream ~0.4 MB per image through memory).
     """
     key = _load_u64(key_address)  # this epoch's key, set from Python before the epoch starts
@@ -228,14 +258,42 @@ def _decode_random_resized_crop(batch_indices, out, scratch, lut, normalise, chu
             sample = batch_indices[k]
             state = _mix64(key + (np.uint64(sample) + np.uint64(1)) * _GOLDEN)  # this sample's stream
             image = _decode_to(metadata[sample], mm, ptrs, sizes, scratch[c])  # (H, W, 3)
-            i, j, h, w = _random_crop(state, image.shape[0], image.shape[1], scale_lo, scale_hi, log_ratio_lo, log_ratio_hi)
-            resized = out[c] if normalise else out[k]  # (S, S, 3): an intermediate, or the output
-            _resize_crop(image, i, j, h, w, resized)
-            if _uniform(state, _FLIP_COUNTER) < flip_prob:
-                _flip_in_place(resized)
-            if normalise:
-                _normalise_chw(resized, lut, out_f[k])
+            resized = out[c] if normalise else out[k]  # (S, S, 3): unused, or the output
+            _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob, resized, normalise, lut,
+                     out_f, k)
     return out_f
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _crop_decoded(batch_indices, out, lut, normalise, chunks, row_of, pixels, offsets, heights, widths,
+                  key_address, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob):
+    """`_decode_random_resized_crop` reading the decoded cache (`fastprompt.data.decoded`)
+    instead of decoding: sample s is row r = row_of[s], pixels[offsets[r]:offsets[r + 1]] an
+    (heights[r], widths[r], 3) image. Same streams, same `_augment`, same output."""
+    key = _load_u64(key_address)
+    n = len(batch_indices)
+    size = out.shape[1]
+    out_f = np.empty((n if normalise else 0, 3, size, size), dtype=np.float32)  # (B, 3, S, S)
+    chunks = max(1, min(chunks, n))
+    for c in prange(chunks):
+        for k in range(c, n, chunks):
+            sample = batch_indices[k]
+            state = _mix64(key + (np.uint64(sample) + np.uint64(1)) * _GOLDEN)  # this sample's stream
+            r = row_of[sample]
+            image = pixels[offsets[r] : offsets[r + 1]].reshape(heights[r], widths[r], 3)  # (H, W, 3)
+            resized = out[c] if normalise else out[k]  # (S, S, 3): unused, or the output
+            _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_prob, resized, normalise, lut,
+                     out_f, k)
+    return out_f
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def decode_rows(samples, rows, offsets, metadata, mm, ptrs, sizes, pixels):
+    """pixels[offsets[r]:offsets[r + 1]] <- the decoded image of samples[k], r = rows[k], for
+    every k (in parallel): what `_decode_to` gives the per-epoch path, decoded in place."""
+    for k in prange(len(samples)):
+        r = rows[k]
+        _decode_to(metadata[samples[k]], mm, ptrs, sizes, pixels[offsets[r] : offsets[r + 1]])
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -258,11 +316,10 @@ def _decode_center_crop(batch_indices, out, scratch, lut, normalise, chunks, met
                 _normalise_chw(image, lut, out_f[k])
             elif ready:
                 out[k] = image
+            elif normalise:
+                _resize_center_crop_normalised(image, short, lut, out_f[k])
             else:
-                resized = out[c] if normalise else out[k]  # (S, S, 3): an intermediate, or the output
-                _resize_center_crop(image, short, resized)
-                if normalise:
-                    _normalise_chw(resized, lut, out_f[k])
+                _resize_center_crop(image, short, out[k])
     return out_f
 
 
@@ -288,8 +345,11 @@ class _CropDecoder(Operation):
         self.lut = lut  # (3, 256) float32 or None
         self.chunks = chunks  # the kernels split a batch in this many interleaved chunks
 
+    def _scratch_bytes(self) -> int:
+        """Bytes of the per-chunk buffer a stored image is decoded into: the largest image."""
+        return int(self.metadata["height"].astype(np.int64).max()) * int(self.metadata["width"].astype(np.int64).max()) * 3
+
     def declare_state_and_memory(self, previous_state: State):
-        max_pixels = int(self.metadata["height"].astype(np.int64).max()) * int(self.metadata["width"].astype(np.int64).max())
         size = self.image_size
         u8 = np.dtype("<u1")
         if self.lut is not None:
@@ -298,7 +358,7 @@ class _CropDecoder(Operation):
             state = replace(previous_state, jit_mode=True, shape=(size, size, 3), dtype=u8)
         return state, (
             AllocationQuery((size, size, 3), u8),  # resized image
-            AllocationQuery((max_pixels * 3,), u8),  # decoded full image
+            AllocationQuery((self._scratch_bytes(),), u8),  # decoded full image
         )
 
     def _table(self) -> np.ndarray:
@@ -309,17 +369,30 @@ class SeededRandomResizedCrop(_CropDecoder):
     """Random resized crop + horizontal flip whose randomness is a function of (key, sample index).
 
     `set_key` before an epoch (the compiled code reads the key from this object's buffer
-    at every batch, so no recompilation is needed).
+    at every batch, so no recompilation is needed). With `decoded`, the images are read from
+    a `fastprompt.data.decoded.DecodedImages` given to `attach` before the first batch,
+    instead of being decoded from the .beton: the same pixels (`_augment` in both kernels).
     """
 
     def __init__(self, image_size: int, scale: tuple[float, float], ratio: tuple[float, float], flip_prob: float,
-                 lut: Optional[np.ndarray] = None, chunks: int = 1):
+                 lut: Optional[np.ndarray] = None, chunks: int = 1, decoded: bool = False):
         super().__init__(image_size, lut, chunks)
         self.scale, self.ratio, self.flip_prob = scale, ratio, flip_prob
+        self.decoded = decoded
+        self.cache = None  # the DecodedImages the decoded path reads (`attach`)
         self._key = np.zeros(1, dtype=np.uint64)  # read by the compiled decoder through its address
 
     def set_key(self, key: int) -> None:
         self._key[0] = np.uint64(key)
+
+    def attach(self, cache) -> None:
+        """The decoded images the `decoded` path reads from the next batch on."""
+        if not self.decoded:
+            raise ValueError("attach() needs a decoder built with decoded=True")
+        self.cache = cache
+
+    def _scratch_bytes(self) -> int:
+        return 1 if self.decoded else super()._scratch_bytes()  # the decoded path decodes nothing
 
     def generate_code(self):
         # The returned function runs as Python (ffcv_compat, workaround 4): it only unpacks FFCV's
@@ -330,6 +403,9 @@ class SeededRandomResizedCrop(_CropDecoder):
         scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         flip_prob = float(self.flip_prob)
+        if self.decoded:
+            return self._decoded_code(lut, np.uint64(address), np.int64(chunks), scale_lo, scale_hi, log_lo, log_hi,
+                                      flip_prob)
         if self.lut is not None:
             def decode(batch_indices, storage, metadata, storage_state):
                 out, scratch = storage
@@ -343,6 +419,19 @@ class SeededRandomResizedCrop(_CropDecoder):
                 kernel(batch_indices, out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes,
                        np.uint64(address), scale_lo, scale_hi, log_lo, log_hi, flip_prob)
                 return out[: len(batch_indices)]  # (B, S, S, 3) uint8
+        return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 4)
+
+
+    def _decoded_code(self, lut, address, chunks, scale_lo, scale_hi, log_lo, log_hi, flip_prob):
+        kernel, normalise, holder = _crop_decoded, self.lut is not None, self
+
+        def decode(batch_indices, storage, metadata, storage_state):
+            out, _ = storage
+            c = holder.cache  # attached by the loader before its first epoch
+            out_f = kernel(batch_indices, out, lut, normalise, chunks, c.row_of, c.pixels, c.offsets, c.heights,
+                           c.widths, address, scale_lo, scale_hi, log_lo, log_hi, flip_prob)
+            return out_f if normalise else out[: len(batch_indices)]  # (B, 3, S, S) f32 / (B, S, S, 3) u8
+
         return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 4)
 
 

@@ -15,6 +15,9 @@ Determinism and resume. Epoch `e` of a loader is a pure function of (order_seed,
 - Augmentation: the crop and flip of sample i in epoch e are a counter-based hash of
   (order_seed, e, i) (`fastprompt.data.decoders`), independent of threads, batch
   composition, rank and world size.
+Decode once (`LoaderConfig.decoded_cache`, train only; `fastprompt.data.decoded`): the subset
+is decoded into one uint8 array before the first epoch (`decode()`, or the first iteration)
+and every epoch crops from it with the same kernel code and streams: the same batches.
 So `loader.set_epoch(e)` before iterating reproduces epoch e exactly (same batches, same
 pixels) in a fresh process and with any number of decode threads: a trainer resumes at an
 epoch boundary. Across machines the crops and flips are the same (up to a last-bit libm
@@ -25,7 +28,8 @@ is the same version (the resize is fastprompt's own numba code, `fastprompt.data
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterator
+import time
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
@@ -35,6 +39,15 @@ from fastprompt.data.ffcv_compat import apply_ffcv_compat, import_ffcv, keep_tor
 import_ffcv()  # before the first FFCV import (ffcv_compat, workaround 0)
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 
+from fastprompt.data.decoded import (  # noqa: E402
+    CachePlan,
+    DecodedImages,
+    decode_once,
+    decode_once_shared,
+    format_bytes,
+    parse_cache_setting,
+    plan_cache,
+)
 from fastprompt.data.decoders import SeededRandomResizedCrop, augment_key  # noqa: E402
 from fastprompt.data.order import EpochOrder
 from fastprompt.data.pipelines import LoaderConfig, image_pipelines
@@ -86,7 +99,10 @@ class BetonLoader:
             std = torch.tensor(config.std, dtype=torch.float32, device=self.device) * 255.0  # (3,)
             self._shift = mean.view(1, 3, 1, 1)  # (1, 3, 1, 1)
             self._scale = (1.0 / std).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        self._decoder, pipelines = image_pipelines(config, train, self.device, self.num_workers)
+        self.cache_plan = self._plan_cache(dataset, train, config)
+        self.decoded: Optional[DecodedImages] = None  # the decoded subset, once `decode()` ran (cache_plan.use)
+        self._decoder, pipelines = image_pipelines(config, train, self.device, self.num_workers,
+                                                   decoded=self.cache_plan.use)
         apply_ffcv_compat()  # the process-wide FFCV workarounds, before FFCV compiles our pipeline
         with keep_torch_threads():  # FFCV sets torch's thread count to num_workers
             self._ffcv = Loader(
@@ -106,10 +122,49 @@ class BetonLoader:
         self._ffcv.traversal_order = self._order  # FFCV's Loader asks it for each epoch's samples
         self._ffcv.first_traversal_order = self._order.sample_order(0)  # what FFCV's len() counts
         logger.info(
-            "%s loader: %d samples of %s (classes=%s), %s pipeline at %d px, batch %d, %d workers%s",
+            "%s loader: %d samples of %s (classes=%s), %s pipeline at %d px, batch %d, %d workers%s%s",
             split, len(self.indices), dataset.path, classes, "train" if train else "eval", config.image_size,
             config.batch_size, self.num_workers, f", rank {self.rank} of {self.world_size}" if self.distributed else "",
+            f"; {self.cache_plan.line()}" if train else "",
         )
+
+    def _plan_cache(self, dataset: "BetonDataset", train: bool, config: LoaderConfig) -> CachePlan:
+        """Whether this loader decodes its subset once (`fastprompt.data.decoded`); under
+        torch.distributed rank 0's decision (the available memory differs between ranks)."""
+        setting = parse_cache_setting("decoded_cache", config.decoded_cache)
+        if not train:
+            if setting != "off":
+                raise FastpromptError(f"decoded_cache={config.decoded_cache!r} applies to the training pipeline; "
+                                      "leave it 'off' for evaluation loaders")
+            return CachePlan(False, 0, len(self.indices), "evaluation pipeline")
+        if setting == "off":
+            return CachePlan(False, 0, len(self.indices), "decoded_cache off")  # the same on every rank
+        from ffcv.reader import Reader
+
+        records = Reader(str(dataset.path)).metadata["f0"][self.indices]  # (n,) the subset's image records
+        plan = plan_cache(setting, records["height"], records["width"])
+        if self.distributed:
+            shared = [plan]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            plan = shared[0]
+        return plan
+
+    def decode(self) -> float:
+        """Decode the subset into memory if the plan says so and it is not done yet (the first
+        iteration calls it); returns the seconds it took (0 when nothing was done)."""
+        if not self.cache_plan.use or self.decoded is not None:
+            return 0.0
+        start = time.perf_counter()
+        manager = self._ffcv.memory_manager
+        mm = np.memmap(str(self.dataset.path), dtype=np.uint8, mode="r")
+        metadata = self._ffcv.reader.metadata["f0"]
+        build = decode_once_shared if self.distributed else decode_once
+        self.decoded = build(metadata, mm, manager.ptrs, manager.sizes, self.indices)
+        self._decoder.attach(self.decoded)
+        seconds = time.perf_counter() - start
+        logger.info("decoded %d training images (%s) in %.2f s", len(self.indices), format_bytes(self.decoded.nbytes),
+                    seconds)
+        return seconds
 
     @property
     def epoch(self) -> int:
@@ -144,6 +199,7 @@ class BetonLoader:
         return out.sub_(self._shift).mul_(self._scale)  # (B, 3, S, S) normalised
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        self.decode()
         if isinstance(self._decoder, SeededRandomResizedCrop):
             self._decoder.set_key(augment_key(self.config.order_seed, self.epoch))
         with keep_torch_threads():

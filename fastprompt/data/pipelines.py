@@ -24,6 +24,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from fastprompt.data.decoded import parse_cache_setting
 from fastprompt.settings import resolve_workers
 from fastprompt.validation import check_int, require
 
@@ -55,6 +56,7 @@ class LoaderConfig:
     center_crop_ratio: float = 1.0  # eval crop side / shorter image side (CLIP: 1.0; ImageNet-style: 224/256)
     batches_ahead: int = 3  # batches FFCV prepares ahead
     return_indices: bool = False  # also yield the (B,) .beton indices of the batch
+    decoded_cache: Union[str, int] = "off"  # train: decode the subset once ("auto", "off", or a memory budget: 8G, bytes)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "batch_size", "batches_ahead"):
@@ -69,10 +71,12 @@ class LoaderConfig:
         require(0 < lo <= hi, f"crop_ratio={self.crop_ratio!r} must satisfy 0 < low <= high")
         require(0 <= self.flip_prob <= 1, f"flip_prob={self.flip_prob!r} must be in [0, 1]")
         require(0 < self.center_crop_ratio <= 1, f"center_crop_ratio={self.center_crop_ratio!r} must be in (0, 1]")
+        parse_cache_setting("decoded_cache", self.decoded_cache)
 
 
-def image_pipelines(config: LoaderConfig, train: bool, device: torch.device, num_workers: int):
-    """(image decoder, FFCV pipelines of the fields) for a loader delivering to `device`.
+def image_pipelines(config: LoaderConfig, train: bool, device: torch.device, num_workers: int, decoded: bool = False):
+    """(image decoder, FFCV pipelines of the fields) for a loader delivering to `device`;
+    `decoded`: the train decoder reads a decoded cache (`fastprompt.data.decoded`) it is given.
 
     CPU: the decode threads normalise into float32 (B, 3, S, S) through a lookup table.
     CUDA: uint8 (B, S, S, 3) crosses to the GPU (4x fewer bytes) and the loader normalises
@@ -94,7 +98,7 @@ def image_pipelines(config: LoaderConfig, train: bool, device: torch.device, num
     chunks = CHUNKS_PER_THREAD * num_workers
     if train:
         decoder = SeededRandomResizedCrop(config.image_size, config.crop_scale, config.crop_ratio, config.flip_prob,
-                                          lut, chunks)
+                                          lut, chunks, decoded=decoded)
     else:
         decoder = CenterCrop(config.image_size, config.center_crop_ratio, lut, chunks)
     image_ops = [ToTensor()]

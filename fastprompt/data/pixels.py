@@ -16,7 +16,10 @@ Training images are stored whole, shrunk only when large (shorter side at most
 loader crops them as Dassl does (`fastprompt.data.decoders`). The default cap, 320 px, is
 where the median random-resized crop (area scale ~0.54 of U(0.08, 1)) still spans >= 224
 source pixels, so it is shrunk, as Dassl's crop of a larger original is, not enlarged;
-decoding cost grows with the stored pixels (BENCHMARKS.md: 448 px costs ~1.5x).
+decoding cost grows with the stored pixels (BENCHMARKS.md: 448 px costs ~1.5x), paid once per
+run with the decoded cache (`fastprompt.data.decoded`), which holds H x W x 3 bytes per image
+(1.65x more at 448 px); benchmarks/bench_train_storage.py measures what each cap costs in
+pixels against Dassl's crop of the original.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from fastprompt.data.decoded import parse_cache_setting
 from fastprompt.errors import FastpromptError
 from fastprompt.methods.registry import METHODS, ParamGroup
 from fastprompt.settings import BACKENDS, DEVICES, PRECISIONS, SEED_MAX
@@ -104,6 +105,7 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (0: only at the end)
     eval_batch_size: int = 128
     feature_cache: int = 0  # coop / e2mim: cache V augmented views of the frozen image features (0: off)
+    decoded_cache: str = "auto"  # decode the training subset once: auto (fits a quarter of free RAM), off, or a size (8G)
     compile: str = "auto"  # torch.compile of the training step: auto (default mode on cuda, off on cpu), off, or a mode
     compile_backend: str = "inductor"  # dynamo backend; aot_eager skips code generation (tests)
     options: dict = field(default_factory=dict)  # method options, e.g. {"topk": 5, "n_prompts": 10}
@@ -162,6 +164,7 @@ class TrainConfig:
         check_int("checkpoint_every", self.checkpoint_every, minimum=0)
         check_int("num_workers", self.num_workers, allow_none=True)
         check_int("feature_cache", self.feature_cache, minimum=0)
+        parse_cache_setting("decoded_cache", self.decoded_cache)
         if self.feature_cache and not method_cls.frozen_image_tower:
             frozen = [name for name, spec in METHODS.items() if spec.frozen_image_tower and spec.groups]
             raise FastpromptError(

@@ -5,7 +5,7 @@ A run's identity is its resolved config (`config.json`: every `TrainConfig` fiel
 run facts the trainer adds, such as class names, the CLIP weights id and the data's content
 id, `data_id`) minus the fields
 that choose *how* it executes and not *what* it computes: the output folder, the device,
-loader workers, checkpoint frequency, compilation, the eval batch size, the fast/reference
+loader workers, the decoded cache (the same batches), checkpoint frequency, compilation, the eval batch size, the fast/reference
 backend (the same function by contract, docs/methods.md) and the process count (DDP gives the
 result of one process). `fastprompt sweep` uses it to decide whether a cell's folder holds
 this cell; `fastprompt report` to refuse averaging runs that differ in more than the seed.
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Fields that change how a run executes, not its result: the one list.
 EXECUTION_FIELDS = frozenset({
     "out", "device", "num_workers", "checkpoint_every", "compile", "compile_backend", "eval_batch_size",
-    "backend", "world_size", "trust_pickle", "nan_policy",
+    "backend", "world_size", "trust_pickle", "nan_policy", "decoded_cache",
 })
 # derived from the identity (the hash of it), never compared itself
 DERIVED_FIELDS = ("identity_hash",)

@@ -161,6 +161,7 @@ class Trainer:
             device=self.device, num_workers=config.num_workers, order_seed=config.seed,
             return_indices=self.cached_topk,
             drop_last=n_train >= config.batch_size,  # Dassl's rule on the global batch; else one smaller batch
+            decoded_cache=config.decoded_cache,  # decode the subset once, before the first epoch (data/decoded.py)
         )
         self.step_module: nn.Module = _Step(self.model)
         if self.distributed:
@@ -471,6 +472,9 @@ class Trainer:
             if cfg.feature_cache < cfg.epochs:
                 self._say(f"feature cache: {cfg.feature_cache} augmented views for {cfg.epochs} epochs; epoch e reuses "
                           f"view e mod {cfg.feature_cache} (a deliberate approximation of fresh augmentation)")
+        if self.feature_cache is None and self.epoch < cfg.epochs:
+            seconds = self.loader.decode()  # before the first epoch, so its images/s is the loader's steady state
+            self._say(f"train loader: {self.loader.cache_plan.line()}" + (f"; decoded in {seconds:.1f} s" if seconds else ""))
         mode = cfg.compile_mode(self.device.type)
         if mode is not None and self.epoch < cfg.epochs:
             progress.say("compiling the training step (first time on this machine: 1-2 minutes)" if not compile_cache_is_warm()

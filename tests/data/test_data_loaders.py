@@ -199,3 +199,133 @@ def test_ffcv_compiles_none_of_our_decoders(demo, monkeypatch):
         assert images.shape == (4, 3, 32, 32) and labels.shape == (4,)
     assert not any("decode" in name for name in wrapped), list(wrapped)
     assert {name: len(d.overloads) for name, d in wrapped.items() if d.overloads} == {}  # nothing compiled
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decoded_cache_gives_the_batches_of_decoding_every_epoch(demo, workers):
+    """Decode once (`decoded_cache`): the subset is decoded into memory before the first epoch
+    and every epoch crops from it; two epochs' batches equal, bit for bit, those of the loader
+    that decodes every epoch (same seed), and a resumed cached loader's too."""
+    config = dict(shots=4, seed=1, image_size=40, batch_size=8, return_indices=True, order_seed=3, num_workers=workers)
+    every_epoch = demo.loader("train", **config)
+    once = demo.loader("train", **config, decoded_cache="auto")
+    assert not every_epoch.cache_plan.use and every_epoch.decoded is None
+    assert once.cache_plan.use and once.decoded is None  # decoded at the first iteration, not when built
+    reference = [run_epoch(every_epoch) for _ in range(2)]
+    got = [run_epoch(once) for _ in range(2)]
+    held = once.decoded
+    assert held is not None and held.nbytes == once.cache_plan.nbytes
+    from ffcv.reader import Reader
+
+    records = Reader(str(demo.path)).metadata["f0"][demo.indices("train", shots=4, seed=1)]
+    assert held.nbytes == int(np.sum(records["height"].astype(np.int64) * records["width"] * 3))  # as stored, H x W x 3
+    for ref_epoch, got_epoch in zip(reference, got):
+        for a, b in zip(ref_epoch, got_epoch):
+            assert len(a) == len(b) == 5 and all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not all(torch.equal(u, v) for u, v in zip(got[0][0], got[1][0]))  # new crops every epoch
+    resumed = demo.loader("train", **config, decoded_cache="64M")
+    resumed.set_epoch(1)
+    assert all(torch.equal(u, v) for u, v in zip(run_epoch(resumed)[0], reference[1][0]))
+
+
+def _shared_files() -> set:
+    from fastprompt.data.decoded import _shared_folder
+
+    return set(_shared_folder().glob("fastprompt-decoded-*"))
+
+
+def test_decoded_cache_under_torch_distributed(demo, tmp_path):
+    """Under torch.distributed (world size 1 here) the decoded subset lives in shared memory
+    (one copy per machine), whose file is gone once the ranks have mapped it; same batches."""
+    import torch.distributed as dist
+
+    config = dict(shots=2, seed=1, image_size=32, batch_size=4, return_indices=True, order_seed=5)
+    single = demo.loader("train", **config)
+    single.set_epoch(2)
+    reference = run_epoch(single)
+    before = _shared_files()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        sharded = demo.loader("train", **config, decoded_cache="auto")
+        sharded.set_epoch(2)
+        got = run_epoch(sharded)
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(sharded.decoded.pixels, np.memmap) and _shared_files() == before
+    for a, b in zip(reference, got):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+_RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+import fastprompt.data.decoders as decoders
+from fastprompt.data import open_dataset
+
+decoded = []
+decode_rows = decoders.decode_rows
+def counting(samples, *args):
+    decoded.extend(int(s) for s in samples)
+    return decode_rows(samples, *args)
+decoders.decode_rows = counting
+dist.init_process_group("gloo")
+loader = open_dataset(sys.argv[1]).loader("train", shots=4, seed=1, image_size=32, batch_size=4, return_indices=True,
+                                          order_seed=5, num_workers=1, decoded_cache="auto")
+loader.set_epoch(1)
+images = {int(i): x for xs, _, ids in loader for x, i in zip(xs, ids)}
+torch.save({"images": images, "decoded": decoded}, f"{sys.argv[2]}/rank{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_decoded_cache_ranks_decode_only_their_shard(demo, demo_path, tmp_path):
+    """torchrun, 2 ranks: each decodes half of the subset into the shared copy, and every
+    sample's pixels equal the one-process loader's (decoding every epoch)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANK_SCRIPT)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = _shared_files()
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), str(demo_path),
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    subset = demo.indices("train", shots=4, seed=1)
+    decoded = [sorted(r["decoded"]) for r in ranks]
+    assert sorted(decoded[0] + decoded[1]) == sorted(subset.tolist()) and len(decoded[0]) == len(subset) // 2
+    single = demo.loader("train", shots=4, seed=1, image_size=32, batch_size=8, return_indices=True, order_seed=5)
+    single.set_epoch(1)
+    reference = {int(i): x for xs, _, ids in single for x, i in zip(xs, ids)}
+    got = {**ranks[0]["images"], **ranks[1]["images"]}
+    assert sorted(got) == sorted(reference)
+    assert all(torch.equal(got[i], reference[i]) for i in reference)
+    assert _shared_files() == before
+
+
+def test_decoded_cache_setting_and_plan(demo, monkeypatch):
+    """The setting's forms, the budget rule (auto: a quarter of the available memory) and the
+    log line; evaluation loaders refuse it."""
+    import fastprompt.data.decoded as decoded
+
+    parse = decoded.parse_cache_setting
+    assert [parse("x", v) for v in ("Auto", "off", "512M", "1.5GiB", "2000000", 4096)] == \
+        ["auto", "off", 512 * 2**20, int(1.5 * 2**30), 2_000_000, 4096]
+    heights, widths = np.array([320, 427]), np.array([427, 320])  # 2 x 409,920 bytes
+    assert decoded.plan_cache("off", heights, widths).use is False
+    fits = decoded.plan_cache(819_840, heights, widths)
+    assert fits.use and fits.nbytes == 819_840 and fits.line().startswith("decoded once: 2 training images, 800.6 KB held")
+    over = decoded.plan_cache(819_839, heights, widths)
+    assert not over.use and over.line() == "decoding every epoch: 2 training images (the decoded 800.6 KB exceed decoded_cache 800.6 KB)"
+    monkeypatch.setattr(decoded, "available_memory", lambda: 4 * 819_840)
+    assert decoded.plan_cache("auto", heights, widths).use
+    monkeypatch.setattr(decoded, "available_memory", lambda: 4 * 819_840 - 4)
+    assert not decoded.plan_cache("auto", heights, widths).use
+    with pytest.raises(FastpromptError, match="decoded_cache='auto' applies to the training pipeline; leave it 'off'"):
+        demo.loader("test", image_size=32, decoded_cache="auto")
+    with pytest.raises(FastpromptError, match="decoded_cache='lots' must be auto, off, or a memory size above 0"):
+        demo.loader("train", decoded_cache="lots")

@@ -187,3 +187,40 @@ def test_a_run_whose_model_takes_another_size_stops_before_training(photo_beton,
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "takes 64 px" in lines[0] and lines[0].endswith("--eval-size 64`"), lines
     assert not out.exists()
+
+
+def _photo_crops(seed: int, count: int):
+    """Every photo (RGB, as Dassl reads it) with random crops of it, up- and down-sampling."""
+    rng = np.random.default_rng(seed)
+    for name in PHOTO_FILES:
+        with Image.open(PHOTOS / name) as im:
+            pixels = np.ascontiguousarray(np.asarray(im.convert("RGB")))  # (H, W, 3)
+        height, width = pixels.shape[:2]
+        for _ in range(count):
+            h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+            yield name, pixels, int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+
+
+def test_fast_resample_equals_the_reference_bit_for_bit():
+    """The vectorised passes (`resample`, `resample_normalised`) give the values of the
+    one-value-at-a-time reference on every photo, for crops and for CLIP's eval geometry;
+    the fused flip and normalisation equal flipping and normalising the uint8 image."""
+    from fastprompt.data.decoders import normalisation_table
+    from fastprompt.data.resample import resample, resample_normalised, resample_reference
+
+    lut = normalisation_table(CLIP_MEAN, CLIP_STD)  # (3, 256)
+    fast, reference = np.empty((224, 224, 3), dtype=np.uint8), np.empty((224, 224, 3), dtype=np.uint8)
+    normalised = np.empty((3, 224, 224), dtype=np.float32)
+    for k, (name, pixels, i, j, h, w) in enumerate(_photo_crops(seed=1, count=12)):
+        resample(pixels, i, h, 224, 0, j, w, 224, 0, fast)
+        resample_reference(pixels, i, h, 224, 0, j, w, 224, 0, reference)
+        assert np.array_equal(fast, reference), (name, i, j, h, w)
+        flip = k % 2 == 1
+        resample_normalised(pixels, i, h, 224, 0, j, w, 224, 0, flip, lut, normalised)
+        image = reference[:, ::-1] if flip else reference  # (224, 224, 3)
+        expected = lut[np.arange(3)[:, None, None], image.transpose(2, 0, 1)]  # (3, 224, 224)
+        assert np.array_equal(normalised, expected), (name, flip)
+    pixels = np.ascontiguousarray(np.asarray(Image.open(PHOTOS / "hopper.jpg").convert("RGB")))  # (450, 384, 3)
+    resample(pixels, 0, 450, 262, 19, 0, 384, 224, 0, fast)  # Resize(224) -> (262, 224), rows 19..243
+    resample_reference(pixels, 0, 450, 262, 19, 0, 384, 224, 0, reference)
+    assert np.array_equal(fast, reference)

@@ -44,6 +44,7 @@ def test_train_then_eval_every_method(method, demo_beton, tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("config.json", "metrics.jsonl", "prompts.safetensors", "results.json", "checkpoint.json"):
         assert (out / name).is_file(), name
+    assert "train loader: decoded once: 160 training images" in result.output  # --decoded-cache auto
     metrics = _lines(out / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2] and all(m["images"] == 160 for m in metrics)
     results = json.loads((out / "results.json").read_text())
@@ -61,6 +62,21 @@ def test_train_then_eval_every_method(method, demo_beton, tmp_path):
     evaluated = json.loads(result.stdout.strip())  # stdout: the JSON alone; the human line on stderr (issue 25 §12)
     assert evaluated["test_accuracy"] == pytest.approx(results["test_accuracy"])
     assert f"test accuracy {evaluated['test_accuracy']:.2f}% (demo, classes all)" in result.stderr
+
+
+@pytest.mark.slow
+def test_decoded_cache_trains_the_same_prompts(demo_beton, tmp_path):
+    """--decoded-cache auto (decode once) and off (decode every epoch) train the same prompts, bit for bit."""
+    prompts = {}
+    for setting in ("auto", "off"):
+        out = tmp_path / setting
+        result = runner.invoke(app, train_args(demo_beton, out, "vpt-deep", "--decoded-cache", setting))
+        assert result.exit_code == 0, result.output
+        said = "decoded once: 160 training images" if setting == "auto" else "decoding every epoch: 160 training images"
+        assert f"train loader: {said}" in result.output
+        prompts[setting] = load_file(str(out / "prompts.safetensors"))
+    assert prompts["auto"].keys() == prompts["off"].keys()
+    assert all(torch.equal(prompts["auto"][k], prompts["off"][k]) for k in prompts["auto"])
 
 
 @pytest.mark.slow
