@@ -74,9 +74,9 @@ CASES = {
     "missing required flag": (["train", "--method", "coop"], "Missing option '--data'"),
     "no method and no protocol": (["train", "--data", "{demo}", "--out", "{run}", *TINY],
                                   "--method is missing; pass --method NAME (`fastprompt methods`), or a --protocol that "
-                                  "names its method (ivlp-b2n, maple-b2n, maple-xd)"),
-    "protocol without a default method": (["train", "--protocol", "cocoop-b2n", "--data", "{demo}", "--out", "{run}", *TINY],
-                                          "--protocol cocoop-b2n names no default method (it sets the recipe for the "
+                                  "names its method (ivlp-b2n, maple-b2n"),
+    "protocol without a default method": (["train", "--protocol", "cavpt", "--data", "{demo}", "--out", "{run}", *TINY],
+                                          "--protocol cavpt names no default method (it sets the recipe for the "
                                           "method given); pass --method NAME"),
     "sweep without methods": (["sweep", "--data", "{demo}", "--seeds", "1", "--out", "{run}", *TINY[:4], "--protocol", "cavpt"],
                               "--protocol cavpt names no default method (it sets the recipe for the method given); pass "
