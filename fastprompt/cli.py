@@ -465,8 +465,8 @@ class TrainCommand(Command):
 @user_errors
 def train_cmd(
     ctx: typer.Context,
-    method: Annotated[str, typer.Option("--method", help="A method from `fastprompt methods` that trains something (zeroshot is `fastprompt zeroshot`).")],
     data: Annotated[str, typer.Option("--data", help="A .beton from `fastprompt prepare` (its .json sidecar beside it).")],
+    method: Annotated[Optional[str], typer.Option("--method", help="A method from `fastprompt methods` that trains something (zeroshot is `fastprompt zeroshot`); default: the --protocol's method, where it names one.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/METHOD-DATA-Sshot-seedN-CLIP-WEIGHTS-HASH). The same setting resumes; another is refused.")] = None,
     clip: Annotated[str, typer.Option("--clip", help="open_clip model name, or fastprompt-tiny.")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip tag, a checkpoint file, or none (random weights).")] = "openai",
@@ -496,15 +496,17 @@ def train_cmd(
     force_eval: Annotated[bool, typer.Option("--force-eval", help="Evaluate a finished run in --out again (default: print where its results are).")] = False,
     nan_policy: Annotated[str, typer.Option("--nan-policy", help="Non-finite loss: stop (exit 2 naming epoch and step) | skip (skip the step, count it in metrics).")] = "stop",
     trust_pickle: TrustPickle = False,
-    protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (coop, cocoop-b2n, cavpt, cavpt-paper; `fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used; flags given explicitly win.")] = None,
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (coop, cocoop-b2n, cavpt, cavpt-paper, ivlp-b2n, maple-b2n, maple-xd; `fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used, the method too where it names one; flags given explicitly win.")] = None,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
     from pathlib import Path
 
     from fastprompt.methods.registry import check_option_flags
     from fastprompt.training.config import TrainConfig
+    from fastprompt.training.protocols import resolve_method
     from fastprompt.training.rundir import check_request, default_run_dir
 
+    method = resolve_method(method, protocol)  # --method, else the protocol's default method
     flags = {name: value for name, value in ctx.meta["flags"].items() if value is not None}
     options = {name.removeprefix("option__"): v for name, v in flags.items() if name.startswith("option__")}
     check_option_flags(method, options)
@@ -524,7 +526,7 @@ def train_cmd(
     if protocol is None:
         config = TrainConfig(**settings)
     else:  # the protocol fills what the command line left at its default; the generated flags hold only given values
-        given = {k: v for k, v in settings.items() if k in ("out", "options", "group_lr", "group_warmup_epochs")
+        given = {k: v for k, v in settings.items() if k in ("method", "out", "options", "group_lr", "group_warmup_epochs")
                  or _given(ctx, "workers" if k == "num_workers" else k)}
         config = TrainConfig.from_protocol(protocol, **given)
     if out is None:
@@ -685,9 +687,9 @@ class SweepCommand(TrainCommand):
 @user_errors
 def sweep_cmd(
     ctx: typer.Context,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, e.g. coop,cavpt.")],
     data: Annotated[str, typer.Option("--data", help="Comma-separated .beton files.")],
     out: Annotated[str, typer.Option("--out", help="Sweep folder: sweep.json, sweep-log.jsonl, DATASET/METHOD/shotsK/seedS/.")],
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated methods, e.g. coop,cavpt; default: the --protocol's method, where it names one.")] = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "1,2,3",
     shots: Annotated[str, typer.Option("--shots", help="Comma-separated shots per class (0: all).")] = "16",
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Cells at once (default: 1 per visible GPU, 1 on CPU).")] = None,
@@ -724,6 +726,7 @@ def sweep_cmd(
     """Run a grid of datasets x methods x shots x seeds, one run folder per cell; resumable."""
     from fastprompt.sweep import SweepConfig, prepare, run_sweep
     from fastprompt.sweep.runner import plan_table
+    from fastprompt.training.protocols import resolve_method
 
     given = dict(locals())
     flags = {name: value for name, value in ctx.meta["flags"].items() if value is not None}
@@ -748,7 +751,7 @@ def sweep_cmd(
             raise FastpromptError(f"--{flag} {text!r} must be comma-separated integers, e.g. 1,2,3") from None
 
     config = SweepConfig(
-        methods=list(_comma_list(methods)), data=list(_comma_list(data)), seeds=ints("seeds", seeds),
+        methods=list(_comma_list(methods) if methods is not None else [resolve_method(None, protocol, "--methods")]), data=list(_comma_list(data)), seeds=ints("seeds", seeds),
         shots=[s or None for s in ints("shots", shots)], out=out, train=shared, options={**method_options, **_set_options(set_options)},
         eval_on=list(_comma_list(eval_on) or ()), jobs=jobs, launcher=launcher, slurm_partition=slurm_partition,
         slurm_gpus=slurm_gpus, slurm_time=slurm_time, tensorboard=tensorboard,

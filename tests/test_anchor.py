@@ -29,6 +29,8 @@ TOPK = torch.tensor([[0, 1, 2], [1, 2, 3], [4, 3, 2], [0, 4, 1]])  # (B, K_N)
     ("vpt-deep", {"vision_depth": 2}),
     ("vlp", {"text_depth": 2, "vision_depth": 2, "placement": "before-ln-pre"}),
     ("maple", {"prompt_depth": 1}),
+    ("ivlp", {"n_ctx": 4, "n_prompts": 4, "vision_depth": 2}),  # PromptSRC's IVLP layout: 4 + 4, the slots carried above
+    ("maple", {"n_ctx": 3, "placement": "after-ln-pre"}),
 ])
 def test_anchor_equals_reference(method, options, tiny_clip, images, labels):
     torch.manual_seed(0)

@@ -71,7 +71,16 @@ CASES = {
     "unknown flag": (train("coop", "--lrr", "0.1"), "No such option: --lrr"),
     "unknown command": (["trian"], "No such command 'trian'. Did you mean 'train'?; see `fastprompt --help`"),
     "unknown root flag": (["--verbose", "train"], "No such option: --verbose (Possible options: --version); see `fastprompt --help`"),
-    "missing required flag": (["train", "--data", "{demo}"], "Missing option '--method'. Choose from: coop, vpt-shallow, vpt-deep"),
+    "missing required flag": (["train", "--method", "coop"], "Missing option '--data'"),
+    "no method and no protocol": (["train", "--data", "{demo}", "--out", "{run}", *TINY],
+                                  "--method is missing; pass --method NAME (`fastprompt methods`), or a --protocol that "
+                                  "names its method (ivlp-b2n, maple-b2n"),
+    "protocol without a default method": (["train", "--protocol", "cavpt", "--data", "{demo}", "--out", "{run}", *TINY],
+                                          "--protocol cavpt names no default method (it sets the recipe for the "
+                                          "method given); pass --method NAME"),
+    "sweep without methods": (["sweep", "--data", "{demo}", "--seeds", "1", "--out", "{run}", *TINY[:4], "--protocol", "cavpt"],
+                              "--protocol cavpt names no default method (it sets the recipe for the method given); pass "
+                              "--methods NAME"),
     # --- weights
     "unknown clip": (["train", "--method", "coop", "--data", "{demo}", "--out", "{run}", "--clip", "ViT-B-3",
                       "--pretrained", "none"], "unknown CLIP model 'ViT-B-3' (did you mean ViT-B-32"),

@@ -195,13 +195,15 @@ class TrainConfig:
     def from_protocol(cls, protocol: str, *, dataset: Optional[str] = None, **given: Any) -> "TrainConfig":
         """A config that follows the named protocol (`fastprompt.training.protocols`): every
         field it sets, for `dataset` (default: the name in the sidecar of `given["data"]`), except
-        the fields in `given`, which win; its method options for the method's fields, under the
-        options in `given`. Its per-group lr and warm-up are taken by `resolve()`."""
+        the fields in `given`, which win; its default method where `given` names none; its method
+        options for the method's fields, under the options in `given`. Its per-group lr and
+        warm-up are taken by `resolve()`."""
         from fastprompt.methods import method_spec
-        from fastprompt.training.protocols import get_protocol
+        from fastprompt.training.protocols import get_protocol, resolve_method
 
         proto = get_protocol(protocol)
-        require("method" in given and "data" in given, "from_protocol needs method= and data=")
+        require("data" in given, "from_protocol needs data=")
+        given["method"] = resolve_method(given.get("method"), protocol)
         option_cls = method_spec(given["method"]).options
         if dataset is None:
             from fastprompt.data import open_dataset

@@ -5,14 +5,17 @@ A protocol is one table of settings, each with the file or paper section it come
 - `lr.GROUP` / `warmup_epochs.GROUP`: one parameter group's recipe (applied in
   `TrainConfig.resolve` to the groups the run trains; a group it does not name keeps its
   own default);
-- `options.NAME`: a method option (applied to the methods that have it).
+- `options.NAME`: a method option (applied to the methods that have it);
+- `method`: the default method, used when the command line gives no `--method` (`--methods`).
 A setting may differ per dataset (`by_dataset`, keyed by the sidecar's dataset name, e.g.
 CAVPT's K_N or the ImageNet warm-up); `TrainConfig.from_protocol` resolves it from the
 dataset's name. A flag given explicitly always wins over the protocol.
 
-A protocol sets the data and the recipe of a published table, not the method: `--protocol
-cocoop-b2n --method coop` trains CoOp on CoCoOp's base-to-new recipe (CoCoOp's meta-net is
-not a method here), `--protocol cavpt --method vpt-deep` trains VPT-deep on CAVPT's recipe.
+A protocol sets the data and the recipe of a published table; the `--method` given decides
+what trains under it: `--protocol cocoop-b2n --method coop` trains CoOp on CoCoOp's
+base-to-new recipe, `--protocol cavpt --method vpt-deep` VPT-deep on CAVPT's. A protocol whose
+table is one method's names it as its default method (`method`: `--protocol maple-b2n` alone
+trains MaPLe); `--method` (sweep's `--methods`) given explicitly wins, as every other flag.
 `fastprompt protocols` prints these tables; docs/methods.md explains them.
 """
 
@@ -23,6 +26,7 @@ from typing import Any, Mapping, Optional
 
 from fastprompt.errors import FastpromptError
 
+METHOD_KEY = "method"  # the default method: trains when the command line names none
 GROUP_KEYS = ("lr", "warmup_epochs")  # "lr.GROUP", "warmup_epochs.GROUP"
 # TrainConfig fields a protocol may set (what a published recipe fixes; not how a run executes)
 TRAIN_FIELDS = ("clip", "pretrained", "template", "shots", "classes", "epochs", "batch_size", "optimizer", "lr",
@@ -53,6 +57,12 @@ class Protocol:
     settings: Mapping[str, Setting]  # key -> setting (keys: see the module docstring)
     notes: tuple[str, ...] = ()  # where fastprompt or the published code differ, what is left to the user
 
+    @property
+    def method(self) -> Optional[str]:
+        """The method this protocol trains when the command line names none, or None."""
+        setting = self.settings.get(METHOD_KEY)
+        return None if setting is None else setting.value
+
     def train_fields(self, dataset: str) -> dict[str, Any]:
         """The `TrainConfig` fields this protocol sets on `dataset`."""
         return {k: s.at(dataset) for k, s in self.settings.items() if k in TRAIN_FIELDS}
@@ -71,9 +81,11 @@ class Protocol:
 def _check(protocol: Protocol) -> Protocol:
     for key in protocol.settings:
         head, _, tail = key.partition(".")
-        ok = (key in TRAIN_FIELDS) or (head == "options" and tail) or (head in GROUP_KEYS and tail)
+        ok = key in (*TRAIN_FIELDS, METHOD_KEY) or (head == "options" and tail) or (head in GROUP_KEYS and tail)
         if not ok:
             raise ValueError(f"protocol {protocol.name}: unknown setting {key!r}")
+        if key == METHOD_KEY and protocol.settings[key].by_dataset:
+            raise ValueError(f"protocol {protocol.name}: the default method is one method on every dataset")
         if head in GROUP_KEYS and tail and head in protocol.settings:
             raise ValueError(f"protocol {protocol.name}: {key} and {head} both set; give one group recipe or every group's")
     return protocol
@@ -207,13 +219,124 @@ CAVPT_PAPER = _check(Protocol(
     notes=_CAVPT_NOTES,
 ))
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (COOP, COCOOP_B2N, CAVPT, CAVPT_PAPER)}
+_MAPLE_REPO = "muzairkhattak/multimodal-prompt-learning"
+_IVLP_YAML = f"{_MAPLE_REPO} configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml"
+_IVLP_SH = f"{_MAPLE_REPO} scripts/independent-vlp/base2new_train_ivlp.sh"
+_MAPLE_YAML = f"{_MAPLE_REPO} configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml"
+_MAPLE_SH = f"{_MAPLE_REPO} scripts/maple/base2new_train_maple.sh"
+_MAPLE_XD_YAML = f"{_MAPLE_REPO} configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml"
+_MAPLE_XD_SH = f"{_MAPLE_REPO} scripts/maple/xd_train_maple.sh"
+_MAPLE_XD_TEST = f"{_MAPLE_REPO} scripts/maple/xd_test_maple.sh"
+
+
+def _maple_recipe(yaml: str, script: str, *, classes: str, classes_source: str, lr: float, epochs: int, n_ctx: str) -> dict:
+    """The settings MaPLe's repository shares between its trainers' configs and scripts
+    (Dassl's SGD, ViT-B/16, 16 shots, batch 4, 1 constant warm-up epoch, MaPLe's placement)."""
+    return {
+        "clip": Setting("ViT-B-16", f"{yaml} MODEL.BACKBONE.NAME"),
+        "pretrained": Setting("openai", "CLIP's released weights"),
+        "shots": Setting(16, f"{script} SHOTS=16"),
+        "classes": Setting(classes, classes_source),
+        "epochs": Setting(epochs, f"{yaml} OPTIM.MAX_EPOCH"),
+        "batch_size": Setting(4, f"{yaml} DATALOADER.TRAIN_X.BATCH_SIZE"),
+        "lr": Setting(lr, f"{yaml} OPTIM.LR (every group: one optimiser)"),
+        "warmup_epochs": Setting(1, f"{yaml} OPTIM.WARMUP_EPOCH (every group)"),
+        **_SGD,
+        "options.n_ctx": Setting(2, f"{yaml} {n_ctx}"),
+        "options.ctx_init": Setting("a photo of a", f"{yaml} CTX_INIT (the first n_ctx words learned, the rest kept)"),
+        "options.csc": Setting(False, f"{_MAPLE_REPO} train.py (no class-specific context: one shared context)"),
+        "options.placement": Setting("before-ln-pre", f"{_MAPLE_REPO} clip/model.py (VisionTransformer*.forward: layer 1's "
+                                                      "visual prompts appended before ln_pre)"),
+    }
+
+
+_B2N_CLASSES = "DATASET.SUBSAMPLE_CLASSES base (new: `fastprompt eval --classes new`, done at the end of training)"
+_MAPLE_FP16 = "MaPLe's repository trains in fp16 (PREC fp16); fastprompt's --precision auto is bf16 autocast on CUDA."
+
+IVLP_B2N = _check(Protocol(
+    "ivlp-b2n",
+    "Independent V-L prompting base-to-new generalisation (MaPLe, Khattak et al., CVPR 2023: its IVLP baseline), "
+    "ViT-B/16, train on base, test base and new",
+    {
+        "method": Setting("ivlp", f"{_IVLP_SH} TRAINER=IVLP (trainers/independentVL.py)"),
+        **_maple_recipe(_IVLP_YAML, _IVLP_SH, classes="base", classes_source=f"{_IVLP_SH} {_B2N_CLASSES}",
+                        lr=0.0035, epochs=5, n_ctx="TRAINER.IVLP.N_CTX_TEXT"),
+        "options.text_depth": Setting(12, f"{_IVLP_YAML} TRAINER.IVLP.PROMPT_DEPTH_TEXT"),
+        "options.n_prompts": Setting(2, f"{_IVLP_YAML} TRAINER.IVLP.N_CTX_VISION"),
+        "options.vision_depth": Setting(12, f"{_IVLP_YAML} TRAINER.IVLP.PROMPT_DEPTH_VISION"),
+    },
+    notes=(
+        "Depth 12 is every layer of ViT-B/16; a tower with fewer layers refuses it: pass --coop.text-depth and "
+        "--vpt.vision-depth (e.g. with --clip fastprompt-tiny).",
+        "PromptSRC's IVLP baseline (4 + 4 tokens, depth 9): add --coop.n-ctx 4 --vpt.n-prompts 4 --coop.text-depth 9 "
+        "--vpt.vision-depth 9.",
+        _MAPLE_FP16,
+    ),
+))
+
+MAPLE_B2N = _check(Protocol(
+    "maple-b2n",
+    "MaPLe base-to-novel generalisation (Khattak et al., CVPR 2023), ViT-B/16, train on base, test base and new",
+    {
+        "method": Setting("maple", f"{_MAPLE_SH} TRAINER=MaPLe (trainers/maple.py)"),
+        **_maple_recipe(_MAPLE_YAML, _MAPLE_SH, classes="base", classes_source=f"{_MAPLE_SH} {_B2N_CLASSES}",
+                        lr=0.0035, epochs=5, n_ctx="TRAINER.MAPLE.N_CTX"),
+        "options.prompt_depth": Setting(9, f"{_MAPLE_YAML} TRAINER.MAPLE.PROMPT_DEPTH"),
+    },
+    notes=(
+        "One recipe on every dataset, ImageNet included (5 epochs: MaPLe's docs/RUN.md).",
+        "Depth 9 needs 9 layers in each tower; with a smaller one (--clip fastprompt-tiny) pass --maple.prompt-depth.",
+        "Under this recipe --method ivlp, vlp or vpt-deep take MaPLe's placement, 2 context tokens and its init phrase "
+        "where they have those options.",
+        _MAPLE_FP16,
+    ),
+))
+
+MAPLE_XD = _check(Protocol(
+    "maple-xd",
+    "MaPLe cross-dataset transfer and domain generalisation (Khattak et al., CVPR 2023), ViT-B/16: train on "
+    "ImageNet (16 shots, all classes), evaluate on other datasets and on ImageNet's variants",
+    {
+        "method": Setting("maple", f"{_MAPLE_XD_SH} TRAINER=MaPLe (trainers/maple.py)"),
+        **_maple_recipe(_MAPLE_XD_YAML, _MAPLE_XD_SH, classes="all",
+                        classes_source=f"{_MAPLE_XD_SH} (no DATASET.SUBSAMPLE_CLASSES: train.py's 'all')",
+                        lr=0.0026, epochs=2, n_ctx="TRAINER.MAPLE.N_CTX"),
+        "options.prompt_depth": Setting(3, f"{_MAPLE_XD_YAML} TRAINER.MAPLE.PROMPT_DEPTH"),
+    },
+    notes=(
+        "The source dataset is ImageNet (`xd_train_maple.sh imagenet SEED`): pass ImageNet's .beton as --data; the "
+        "protocol trains on the --data given.",
+        f"Targets ({_MAPLE_XD_TEST}, the model of the last epoch): `fastprompt eval RUN --data TARGET.beton` (or "
+        "`fastprompt sweep --eval-on`) on caltech101, oxford_pets, stanford_cars, ... (cross-dataset) and imagenetv2, "
+        "imagenet_sketch, imagenet_a, imagenet_r (domain generalisation).",
+        "Depth 3 needs 3 layers in each tower; with a smaller one (--clip fastprompt-tiny) pass --maple.prompt-depth.",
+        _MAPLE_FP16,
+    ),
+))
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (COOP, COCOOP_B2N, CAVPT, CAVPT_PAPER, IVLP_B2N, MAPLE_B2N, MAPLE_XD)}
 
 
 def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise FastpromptError(f"unknown protocol '{name}'; choose one of: {', '.join(PROTOCOLS)} (`fastprompt protocols` lists them)")
     return PROTOCOLS[name]
+
+
+def resolve_method(given: Optional[str], protocol: Optional[str], flag: str = "--method") -> str:
+    """The method a command line trains: `given` (`--method`), else the default method of
+    `protocol`; FastpromptError naming the fix where there is neither."""
+    if given is not None:
+        return given
+    with_method = ", ".join(p.name for p in PROTOCOLS.values() if p.method is not None)
+    if protocol is None:
+        raise FastpromptError(f"{flag} is missing; pass {flag} NAME (`fastprompt methods`), or a --protocol that names "
+                              f"its method ({with_method})")
+    method = get_protocol(protocol).method
+    if method is None:
+        raise FastpromptError(f"--protocol {protocol} names no default method (it sets the recipe for the method given); "
+                              f"pass {flag} NAME (`fastprompt methods`)")
+    return method
 
 
 def flag_of(key: str) -> str:

@@ -85,6 +85,46 @@ def test_cocoop_b2n_sets_data_and_recipe_for_the_method_given():
     assert "n_ctx" not in vpt.options and vpt.options["n_prompts"] == 10 and vpt.group_lr == {"visual": 0.002}
 
 
+@pytest.mark.parametrize("protocol,method,dataset", [("maple-b2n", "maple", "dtd"), ("maple-b2n", "maple", "imagenet"),
+                                                     ("maple-xd", "maple", "imagenet"), ("ivlp-b2n", "ivlp", "dtd")])
+def test_maple_protocols_are_the_released_configs(protocol, method, dataset):
+    """The values of MaPLe's configs and scripts (muzairkhattak/multimodal-prompt-learning): base-to-new
+    vit_b16_c2_ep5_batch4_2ctx.yaml (IVLP: its 2+2ctx twin) on base classes, cross-dataset
+    *_cross_datasets.yaml on all classes; 16 shots, ViT-B/16, batch 4, one lr for both groups."""
+    config = resolved(protocol, method, dataset)
+    xd = protocol == "maple-xd"
+    lr, epochs = (0.0026, 2) if xd else (0.0035, 5)
+    assert (config.method, config.clip, config.pretrained, config.shots, config.batch_size) == (method, "ViT-B-16", "openai", 16, 4)
+    assert (config.classes, config.epochs, config.optimizer, config.warmup_lr) == ("all" if xd else "base", epochs, "sgd", 1e-5)
+    assert config.group_lr == {"text": lr, "visual": lr} and config.group_warmup_epochs == {"text": 1, "visual": 1}
+    opts = config.options
+    assert (opts["n_ctx"], opts["ctx_init"], opts["csc"], opts["placement"]) == (2, "a photo of a", False, "before-ln-pre")
+    if method == "maple":
+        assert opts["prompt_depth"] == (3 if xd else 9)
+    else:
+        assert (opts["n_prompts"], opts["text_depth"], opts["vision_depth"]) == (2, 12, 12)
+
+
+def test_a_protocol_names_its_default_method_and_an_explicit_method_wins():
+    config = TrainConfig.from_protocol("maple-xd", dataset="imagenet", data="x.beton", out="o")
+    assert (config.method, config.options["prompt_depth"]) == ("maple", 3)
+    ivlp = TrainConfig.from_protocol("ivlp-b2n", dataset="dtd", data="x.beton", out="o")
+    assert (ivlp.method, ivlp.options["text_depth"], ivlp.options["vision_depth"]) == ("ivlp", 12, 12)
+    vlp = TrainConfig.from_protocol("maple-b2n", dataset="dtd", method="vlp", data="x.beton", out="o")
+    assert vlp.method == "vlp" and vlp.options["placement"] == "before-ln-pre" and "prompt_depth" not in vlp.options
+    with pytest.raises(FastpromptError, match="--protocol cavpt names no default method.*pass --method NAME"):
+        TrainConfig.from_protocol("cavpt", dataset="dtd", data="x.beton", out="o")
+    named = {p.name: p.method for p in PROTOCOLS.values() if p.method}
+    assert {"ivlp-b2n": "ivlp", "maple-b2n": "maple", "maple-xd": "maple"}.items() <= named.items()
+
+
+def test_a_default_method_is_one_method_on_every_dataset():
+    from fastprompt.training.protocols import Protocol, Setting, _check
+
+    with pytest.raises(ValueError, match="the default method is one method on every dataset"):
+        _check(Protocol("p", "t", {"method": Setting("maple", "s", by_dataset={"imagenet": "ivlp"})}))
+
+
 def test_explicit_values_win_over_the_protocol():
     config = resolved("cavpt", "cavpt", "caltech101", clip="fastprompt-tiny", epochs=3, batch_size=8, lr=0.05,
                       options={"topk": 7, "variant": "paper"}, group_warmup_epochs={"cavpt": 2}, warmup_epochs=0)
@@ -124,6 +164,10 @@ def test_protocols_command_prints_every_setting_with_its_source():
     assert "caltech101 50" in text and "stanford_cars 100" in text and "oxford_pets 37" in text
     assert "--warmup-epochs.visual" in text and "imagenet 1" in text and "--cavpt.topk" in text
     assert "vit_b16_c4_ep10_batch1_ctxv1.yaml" in text and "rn50.yaml" in text
+    maple = " ".join(text.split("--protocol maple-b2n:")[1].replace("│", " ").split())  # maple-b2n's table on
+    first = "--method maple muzairkhattak/multimodal-prompt-learning scripts/maple/base2new_train_maple.sh TRAINER=MaPLe"
+    assert first in maple and maple.index(first) < maple.index("--clip ViT-B-16")  # the default method, first
+    assert "--maple.prompt-depth 9 muzairkhattak/multimodal-prompt-learning configs/trainers/MaPLe/" in maple
     one = CliRunner().invoke(app, ["protocols", "coop"])
     assert one.exit_code == 0 and "--protocol coop:" in one.output and "--protocol cavpt" not in one.output
     bad = CliRunner().invoke(app, ["protocols", "nope"])
@@ -207,6 +251,19 @@ def test_sweep_command_passes_protocol_and_refuses_an_unknown_one(named_beton, t
     assert bad.exit_code == 2 and "unknown protocol 'cavpt2'" in bad.output and not (tmp_path / "t").exists()
 
 
+def test_sweep_protocol_alone_sweeps_its_default_method_and_methods_given_win(named_beton, tmp_path):
+    beton = str(named_beton("dtd"))
+    base = ["sweep", "--data", beton, "--seeds", "1", "--shots", "2", "--clip", "fastprompt-tiny", "--pretrained", "none",
+            "--dry-run", "--protocol", "maple-b2n"]
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "s"), "--maple.prompt-depth", "2"])
+    assert result.exit_code == 0, result.output
+    assert "dtd/maple/shots2/seed1" in result.output
+    given = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "t"), "--methods", "ivlp,coop"])
+    assert given.exit_code == 0, given.output
+    assert "dtd/ivlp/shots2/seed1" in given.output and "dtd/coop/shots2/seed1" in given.output
+    assert "/maple/" not in given.output and not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
 def test_every_protocol_setting_names_a_real_field_option_or_group():
     import dataclasses
 
@@ -218,7 +275,9 @@ def test_every_protocol_setting_names_a_real_field_option_or_group():
     for protocol in PROTOCOLS.values():
         for key in protocol.settings:
             head, _, tail = key.partition(".")
-            if head == "options":
+            if key == "method":
+                assert protocol.method in METHODS and METHODS[protocol.method].groups, protocol.name
+            elif head == "options":
                 assert tail in options, (protocol.name, key)
             elif tail:
                 assert head in ("lr", "warmup_epochs") and tail in group_names(), (protocol.name, key)
@@ -228,37 +287,54 @@ def test_every_protocol_setting_names_a_real_field_option_or_group():
 
 # Every protocol through the real command line with nothing but --protocol, --method, --data and the tiny CLIP
 # (issue 21 §1: a click mismatch once made every default look given, so --protocol applied nothing but options).
+# A method of None: no --method, the protocol's default method trains. MaPLe's depths do not fit the tiny CLIP's
+# 2 text and 3 image layers: those runs also pass the depths that fit (TINY_DEPTHS), and the check skips them.
 PROTOCOL_RUNS = [("coop", "coop"), ("coop", "vpt-deep"), ("cocoop-b2n", "coop"), ("cocoop-b2n", "vlp"),
-                 ("cavpt", "cavpt"), ("cavpt", "vlp"), ("cavpt-paper", "cavpt")]
+                 ("cavpt", "cavpt"), ("cavpt", "vlp"), ("cavpt-paper", "cavpt"),
+                 ("ivlp-b2n", None), ("ivlp-b2n", "vlp"), ("maple-b2n", None), ("maple-b2n", "maple"),
+                 ("maple-b2n", "ivlp"), ("maple-xd", None)]
+_IVLP_TINY, _MAPLE_TINY = ["--coop.text-depth", "2", "--vpt.vision-depth", "3"], ["--maple.prompt-depth", "2"]
+TINY_DEPTHS = {("ivlp-b2n", None): _IVLP_TINY, ("ivlp-b2n", "vlp"): _IVLP_TINY, ("maple-b2n", None): _MAPLE_TINY,
+               ("maple-b2n", "maple"): _MAPLE_TINY, ("maple-xd", None): _MAPLE_TINY}
 
 
 @pytest.mark.parametrize("protocol,method", PROTOCOL_RUNS)
 def test_train_protocol_alone_applies_every_setting(protocol, method, named_beton, tmp_path, monkeypatch):
     """config.json holds, for each setting of the protocol (the table `fastprompt protocols`
-    prints), the protocol's value: train fields, the lr and warm-up of every group the run
-    trains, and each option the method has. The trainer is built (config.json written) and
-    its training loop replaced, so nothing trains."""
+    prints), the protocol's value: the method where none is given (an explicit --method wins),
+    train fields, the lr and warm-up of every group the run trains, and each option the method
+    has. The trainer is built (config.json written) and its training loop replaced, so nothing
+    trains."""
     from fastprompt.methods import method_class
     from fastprompt.training.config import default_epochs
-    from fastprompt.training.protocols import TRAIN_FIELDS
+    from fastprompt.training.protocols import TRAIN_FIELDS, flag_of
     from fastprompt.training.trainer import Trainer
 
     dataset = "eurosat"
     beton = named_beton(dataset)
     monkeypatch.setattr(Trainer, "train", lambda self: {"trained": False})
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--protocol", protocol, "--method", method, "--data", str(beton),
-                                      "--out", str(out), "--clip", "fastprompt-tiny", "--pretrained", "none"])
+    proto = PROTOCOLS[protocol]
+    depths = TINY_DEPTHS.get((protocol, method), [])
+    given = ["--clip", "--pretrained", *depths[::2]] + (["--method"] if method is not None else [])
+    result = CliRunner().invoke(app, ["train", "--protocol", protocol, *(["--method", method] if method else []),
+                                      "--data", str(beton), "--out", str(out), "--clip", "fastprompt-tiny",
+                                      "--pretrained", "none", *depths])
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "config.json").read_text())
-    proto = PROTOCOLS[protocol]
+    assert saved["method"] == (method or proto.method)
+    method = saved["method"]
     groups = set(saved["group_lr"])
     assert groups and groups == set(saved["group_warmup_epochs"])
     checked = 0
     for key, setting in proto.settings.items():
         value = setting.at(dataset)
         head, _, tail = key.partition(".")
-        if key in ("clip", "pretrained"):  # the two flags given
+        if flag_of(key) in given:  # the flags given win (tested elsewhere)
+            continue
+        if key == "method":
+            assert saved["method"] == value, (saved["method"], value)
+            checked += 1
             continue
         if key in TRAIN_FIELDS:
             if key == "template" and value is None:
