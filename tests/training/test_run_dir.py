@@ -17,7 +17,8 @@ import fastprompt
 from fastprompt.cli import app
 from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write
-from fastprompt.methods.vpt import VptDeep, VptDeepConfig
+from fastprompt.methods.registry import method_spec
+from fastprompt.methods.vpt import VptDeepConfig
 from fastprompt.runtime import rng_state, set_rng_state
 from fastprompt.training import checkpoint, rundir
 
@@ -46,7 +47,7 @@ def test_config_holds_every_resolved_value_and_rebuilds_the_model(demo_beton, tm
     class FewerPrompts(VptDeepConfig):
         n_prompts: int = 3
 
-    monkeypatch.setattr(VptDeep, "options", FewerPrompts)
+    monkeypatch.setattr(method_spec("vpt-deep"), "options", FewerPrompts)  # the declaration every reader asks
     model = fastprompt.load_run(str(out))
     saved = load_file(str(out / "prompts.safetensors"))
     assert model.visual.prompts.shape[1] == 10 and torch.equal(model.visual.prompts, saved["visual.prompts"])
