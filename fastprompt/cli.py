@@ -418,10 +418,18 @@ def _run_choices() -> dict[str, tuple]:
 
 def _train_choices() -> dict[str, tuple]:
     from fastprompt.methods import METHODS
-    from fastprompt.training.config import TRAIN_CLASSES
+    from fastprompt.training.config import NAN_POLICIES, TRAIN_CLASSES
+    from fastprompt.training.protocols import PROTOCOLS
 
     trainable = tuple(name for name, spec in METHODS.items() if spec.groups)
-    return {**_run_choices(), "classes": TRAIN_CLASSES, "method": trainable}
+    return {**_run_choices(), "classes": TRAIN_CLASSES, "method": trainable, "nan_policy": NAN_POLICIES,
+            "protocol": tuple(PROTOCOLS)}
+
+
+def _sweep_choices() -> dict[str, tuple]:
+    from fastprompt.sweep.grid import LAUNCHERS
+
+    return {**_train_choices(), "launcher": LAUNCHERS}
 
 
 def _bench_choices() -> dict[str, tuple]:
@@ -467,7 +475,7 @@ def train_cmd(
     ctx: typer.Context,
     data: Annotated[str, typer.Option("--data", help="A .beton from `fastprompt prepare` (its .json sidecar beside it).")],
     method: Annotated[Optional[str], typer.Option("--method", help="A method from `fastprompt methods` that trains something (zeroshot is `fastprompt zeroshot`); default: the --protocol's method, where it names one.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default runs/METHOD-DATA-Sshot-seedN-CLIP-WEIGHTS-HASH). The same setting resumes; another is refused.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default: a folder in runs/ named by method, data, shots, seed, CLIP, weights and a hash of the setting). The same setting resumes; another is refused.")] = None,
     clip: Annotated[str, typer.Option("--clip", help="open_clip model name, or fastprompt-tiny.")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip tag, a checkpoint file, or none (random weights).")] = "openai",
     template: Annotated[Optional[str], typer.Option("--template", help="Hand-crafted template with {} (default: the dataset's); 'ensemble' for CLIP's 7.")] = None,
@@ -494,9 +502,9 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint; fail if it has none.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Remove the run in --out (any setting) and train from the start.")] = False,
     force_eval: Annotated[bool, typer.Option("--force-eval", help="Evaluate a finished run in --out again (default: print where its results are).")] = False,
-    nan_policy: Annotated[str, typer.Option("--nan-policy", help="Non-finite loss: stop (exit 2 naming epoch and step) | skip (skip the step, count it in metrics).")] = "stop",
+    nan_policy: Annotated[str, typer.Option("--nan-policy", help="Non-finite loss: stop (exit 2 naming epoch and step) or skip (skip the step, count it in metrics).")] = "stop",
     trust_pickle: TrustPickle = False,
-    protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (coop, cocoop-b2n, cavpt, cavpt-paper, ivlp-b2n, maple-b2n, maple-xd; `fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used, the method too where it names one; flags given explicitly win.")] = None,
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (`fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used, the method too where it names one; flags given explicitly win.")] = None,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
     from pathlib import Path
@@ -683,7 +691,7 @@ class SweepCommand(TrainCommand):
     methods that train that group)."""
 
 
-@command(app, "sweep", cls=SweepCommand, choices=_train_choices)
+@command(app, "sweep", cls=SweepCommand, choices=_sweep_choices)
 @user_errors
 def sweep_cmd(
     ctx: typer.Context,
@@ -695,7 +703,7 @@ def sweep_cmd(
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Cells at once (default: 1 per visible GPU, 1 on CPU).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and what would be skipped, resumed and started.")] = False,
     eval_on: Annotated[Optional[str], typer.Option("--eval-on", help="Comma-separated .beton files every cell is also evaluated on (cross-dataset).")] = None,
-    launcher: Annotated[str, typer.Option("--launcher", help="local | slurm | submitit-local (submitit's local executor).")] = "local",
+    launcher: Annotated[str, typer.Option("--launcher", help="Where cells run: here, on Slurm, or through submitit's local executor.")] = "local",
     slurm_partition: Annotated[Optional[str], typer.Option("--slurm-partition", help="Slurm partition of the jobs (default: the cluster's).")] = None,
     slurm_gpus: Annotated[int, typer.Option("--slurm-gpus", help="GPUs per cell.")] = 1,
     slurm_time: Annotated[int, typer.Option("--slurm-time", help="Minutes per cell; a cell that runs out is requeued and resumes.")] = 240,
@@ -713,7 +721,8 @@ def sweep_cmd(
     warmup_lr: Annotated[Optional[float], typer.Option("--warmup-lr", help="As in `fastprompt train`; shared by every cell.")] = None,
     momentum: Annotated[Optional[float], typer.Option("--momentum", help="As in `fastprompt train`; shared by every cell.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="As in `fastprompt train`; shared by every cell.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="As in `fastprompt train`; shared by every cell.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="<auto|cpu|cuda|cuda:N>", autocompletion=_complete_device,
+                                                  help="As in `fastprompt train`; shared by every cell.")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="As in `fastprompt train`; shared by every cell.")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="As in `fastprompt train`; shared by every cell.")] = None,
     compile: Annotated[Optional[str], typer.Option("--compile", help="As in `fastprompt train`; shared by every cell.")] = None,

@@ -168,7 +168,7 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(demo_beton, tmp_path):
     (["--seeds", "1,x"], "--seeds '1,x' must be comma-separated integers"),
     (["--set", "n_ctx"], "--set 'n_ctx' is not key=value"),
     (["--methods", "coop,nope"], "unknown method 'nope'"),
-    (["--launcher", "pbs"], "launcher='pbs' must be one of local, slurm, submitit-local"),
+    (["--launcher", "pbs"], "Invalid value for '--launcher': 'pbs' is not one of 'local', 'slurm', 'submitit-local'"),
 ])
 def test_cli_bad_input_exits_2(demo_beton, tmp_path, extra, match):
     out = tmp_path / "s"
