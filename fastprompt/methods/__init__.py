@@ -16,7 +16,7 @@ from fastprompt.models.text import BACKENDS
 from fastprompt.prompts.templates import resolve_templates, validate_classnames
 
 # The built-in methods register themselves on import; this order is list_methods()'s.
-from fastprompt.methods import zeroshot, coop, vpt, vlp, cavpt, e2mim, ivlp, maple  # noqa: E402,F401  isort: skip
+from fastprompt.methods import zeroshot, coop, vpt, vlp, cavpt, e2mim, cocoop, ivlp, maple  # noqa: E402,F401  isort: skip
 
 log = logging.getLogger(__name__)
 
