@@ -4,8 +4,8 @@
 #   1. runs the kernel tests on the GPU and the bf16 fast-vs-reference parity test of every
 #      method (tests/kernels, tests/methods/test_bf16_parity.py);
 #   2. runs `fastprompt bench` on synthetic images for ViT-B/32 and ViT-B/16 at batch 128,
-#      variants reference, fast, fast+compile and anchor (images/s, peak memory, useful
-#      TFLOP/s, fraction of the GPU's bf16 peak);
+#      and cocoop on ViT-B/16 at batch 32, 100 classes, variants reference, fast, fast+compile
+#      and anchor (images/s, peak memory, useful TFLOP/s, fraction of the GPU's bf16 peak);
 #   3. runs the prefix-attention and cosine-CE microbenchmarks against SDPA / eager;
 #   4. writes gpu-check.json and gpu-check.md (plus each step's log) into FOLDER.
 # Every step runs under its own time limit and is recorded even when an earlier one failed;
@@ -78,6 +78,10 @@ if [ "$MODE" = gpu ]; then
             --classes 1000 --methods "$methods" --variants reference,fast,fast+compile,anchor --steps 5 --warmup 2 \
             --device cuda --json "$OUT/bench-$clip.json"
     done
+    # CoCoOp: B x K prompts through the text tower each step (its anchor: one 77-token pass of K prompts per image)
+    step bench-cocoop 90 "$PY" -m fastprompt.cli bench --clip ViT-B-16 --pretrained none --batch-size 32 \
+        --classes 100 --methods cocoop --variants reference,fast,fast+compile,anchor --steps 5 --warmup 2 \
+        --device cuda --json "$OUT/bench-cocoop.json"
     step micro 80 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_prefix_attention.py benchmarks/bench_cosine_ce.py \
         --benchmark-only --benchmark-json="$OUT/micro.json" -k "bf16 and fwd_bwd and not large and not sdpa-math and not compiled"
     # --compile reduce-overhead: each method's step as CUDA graphs, none skipped, equal to eager (issue 15 §3)
@@ -87,7 +91,7 @@ else
     step tests 300 "$PY" -m pytest -v -p no:cacheprovider tests/methods/test_bf16_parity.py tests/kernels/test_compile.py \
         -k "vpt-deep or fullgraph"
     step bench-fastprompt-tiny 300 "$PY" -m fastprompt.cli bench --clip fastprompt-tiny --pretrained none --batch-size 4 \
-        --classes 5 --methods vpt-deep,coop-text --variants reference,fast,anchor --steps 1 --warmup 0 --device cpu \
+        --classes 5 --methods vpt-deep,coop-text,cocoop --variants reference,fast,anchor --steps 1 --warmup 0 --device cpu \
         --json "$OUT/bench-fastprompt-tiny.json"
     step micro 300 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_prefix_attention.py benchmarks/bench_cosine_ce.py \
         --benchmark-only --benchmark-json="$OUT/micro.json" -k "fwd_bwd and not compiled and not text and not wgrad and (triton or math or eager)"
