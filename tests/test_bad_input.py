@@ -64,6 +64,10 @@ CASES = {
     "maple depth beyond the towers": (train("maple", "--maple.prompt-depth", "3", "--warmup-epochs", "0"),
                                       "prompt_depth=3 does not fit the towers (2 text and 3 image layers); pick 1..2"),
     "maple class-specific context": (train("maple", "--coop.csc"), "csc=True: MaPLe couples one context shared by every class"),
+    "cocoop n_ctx against ctx_init": (train("cocoop", "--coop.n-ctx", "8"),
+                                      "n_ctx=8 contradicts ctx_init='a photo of a' (4 words): CoCoOp's ctx_init sets the "
+                                      "context length, one token per word; drop n_ctx or give a phrase of 8 words"),
+    "cocoop class-specific context": (train("cocoop", "--coop.csc"), "csc=True: CoCoOp's context is shared by every class"),
     "train precision": (train("coop", "--precision", "fp16"), "Invalid value for '--precision': 'fp16'"),
     "train optimizer": (train("coop", "--optimizer", "adam"), "Invalid value for '--optimizer': 'adam'"),
     "train classes new": (train("coop", "--classes", "new"), "Invalid value for '--classes': 'new'"),

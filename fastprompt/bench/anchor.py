@@ -11,6 +11,9 @@ the way the public codebases are written, which is what users of those codebases
 - learnable text (CoOp context): CoOp's `PromptLearner` + `TextEncoder`: the full 77-token
   prompts `cat([SOS, ctx, class tokens + EOS + padding])` through the text transformer for
   every class, every batch, pooled at the argmax token;
+- CoCoOp (the meta-net's image-conditioned context): CoCoOp's `CustomCLIP.forward`, a loop
+  over the images of the batch, each running its K full 77-token prompts through the text
+  transformer (the released code trains at batch 1: one image a step);
 - hand-crafted text features: computed once when the anchor is built, with
   `clip.encode_text` on the 77-token templates (normalised, averaged over templates),
   like CoOp's `ZeroshotCLIP.__init__` and the VPT/CAVPT code's frozen text side. They are
@@ -241,6 +244,8 @@ class Anchor:
         tau = model.clip.logit_scale.exp()  # ()
         if getattr(model, "released", False):
             return self._released_cavpt(images, labels, topk, tau)
+        if self.method == "cocoop":
+            return self._cocoop(images, labels, tau)
         if self.method == "cavpt":
             topk = self.zero_shot_topk(images) if topk is None else topk  # (B, K_N)
             x, normed = image_features(model, images, topk, self.handcrafted[topk])  # (B, D)
@@ -258,6 +263,26 @@ class Anchor:
                                for layer, h in zip(model.cavpt, normed)]).mean()
             loss = loss + model.config.alpha * aux
         return loss, logits.detach()
+
+    def _cocoop(self, images: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CoCoOp as KaiyangZhou/CoOp trainers/cocoop.py `PromptLearner.forward` and `CustomCLIP.forward`
+        write it: the prompts of every image stacked [B, K, 77, w], then one text-tower pass of
+        K full prompts per image, each image scored against its own class features."""
+        model = self.model
+        learner = model.text
+        visual = model.clip.visual
+        image_features = l2norm(visual(images.to(visual.conv1.weight.dtype)))  # (B, D)
+        bias = model.meta(image_features).unsqueeze(1)  # (B, 1, w)
+        ctx_shifted = learner.context.unsqueeze(0) + bias  # (B, M, w)
+        n_cls = learner.token_prefix.shape[0]
+        prompts = torch.stack([torch.cat([learner.token_prefix, ctx_i.unsqueeze(0).expand(n_cls, -1, -1),
+                                          learner.token_suffix], dim=1) for ctx_i in ctx_shifted])  # (B, K, 77, w)
+        logits = []
+        for pts_i, imf_i in zip(prompts, image_features):
+            text_features = l2norm(text_encoder(model.clip, pts_i, learner.tokens))  # (K, D): 77 tokens, every class
+            logits.append(tau * imf_i @ text_features.t())  # (K,)
+        logits = torch.stack(logits)  # (B, K)
+        return F.cross_entropy(logits, labels), logits.detach()
 
     def _released_cavpt(self, images: torch.Tensor, labels: torch.Tensor, topk: Optional[torch.Tensor],
                         tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

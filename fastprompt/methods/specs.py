@@ -19,6 +19,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.methods.options import (CavptOptions, CoopOptions, E2mimOptions, MapleOptions, Options,
                                         PlacementOptions, TextDepthOptions, VisualDepthOptions, VisualOptions)
 from fastprompt.methods.registry import MethodSpec, ParamGroup, declare
+from fastprompt.validation import require
 
 # ------------------------------------------------------------------ parameter groups
 # CoOp's recipe for the learnable text context (CoOp configs/trainers/CoOp/*.yaml).
@@ -114,6 +115,39 @@ class MapleConfig(PlacementOptions, MapleOptions, CoopOptions):
                                   "drop csc (--coop.shared)")
 
 
+N_CTX = 4  # CoCoOp: vit_b16_c4_ep10_batch1_ctxv1.yaml TRAINER.COCOOP.N_CTX
+_COCOOP_YAML = "KaiyangZhou/CoOp configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"
+COCOOP_TEXT_GROUP = ParamGroup("text", lr=0.002, warmup_epochs=1,
+                               source=f"{_COCOOP_YAML}: OPTIM.LR 0.002, WARMUP_EPOCH 1 (constant 1e-5)")
+COCOOP_META_GROUP = ParamGroup("meta", lr=0.002, warmup_epochs=1,
+                               source=f"{_COCOOP_YAML}: OPTIM.LR 0.002, WARMUP_EPOCH 1 (constant 1e-5; the meta-net, "
+                                      "in the context's optimiser)")
+
+
+def context_words(ctx_init: str) -> list[str]:
+    """The words CoCoOp counts in `ctx_init` (`ctx_init.replace("_", " ").split(" ")`)."""
+    return ctx_init.replace("_", " ").split(" ")
+
+
+@dataclass
+class CocoopConfig(CoopOptions):
+    n_ctx: Optional[int] = None  # N_CTX: 4 without ctx_init; with it the phrase's word count
+    ctx_init: Optional[str] = "a photo of a"  # CTX_INIT
+
+    def _validate(self) -> None:
+        if self.csc is True:
+            raise FastpromptError("csc=True: CoCoOp's context is shared by every class (the meta-net shifts it per "
+                                  "image); drop csc (--coop.shared)")
+        if isinstance(self.ctx_init, str) and self.ctx_init.strip():
+            words = context_words(self.ctx_init)
+            require(all(words), f"ctx_init={self.ctx_init!r}: CoCoOp learns one context token per word of "
+                                "ctx_init.split(' '); separate its words by single spaces")
+            require(self.n_ctx is None or self.n_ctx == len(words),
+                    f"n_ctx={self.n_ctx!r} contradicts ctx_init={self.ctx_init!r} ({len(words)} words): CoCoOp's "
+                    "ctx_init sets the context length, one token per word; drop n_ctx or give a phrase of "
+                    f"{self.n_ctx!r} words")
+
+
 def _cavpt_trains(config: CavptConfig) -> tuple:
     """CAVPT trains the text context only with text_prompt=True."""
     return tuple(g for g in (TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP) if g is not TEXT_GROUP or config.text_prompt)
@@ -143,6 +177,10 @@ declare(MethodSpec("cavpt", CavptConfig, groups=(TEXT_GROUP, VISUAL_GROUP, CAVPT
 declare(MethodSpec("e2mim", E2mimConfig, groups=(TEXT_GROUP, E2MIM_GROUP), frozen_image_tower=True, module=_M + "e2mim",
                    summary="CoOp context with class-wise mixup and an InfoNCE bound between soft and hand-crafted views",
                    paper="Zhang, Generalizable Prompt Tuning for VLMs (E2MIM; our reading of the abstract)"))
+declare(MethodSpec("cocoop", CocoopConfig, groups=(COCOOP_TEXT_GROUP, COCOOP_META_GROUP), frozen_image_tower=True,
+                   module=_M + "cocoop",
+                   summary="CoOp context shifted per image by a meta-net of the image feature",
+                   paper="Zhou et al., CVPR 2022 (CoCoOp; KaiyangZhou/CoOp trainers/cocoop.py)"))
 declare(MethodSpec("ivlp", IvlpConfig, groups=(IVLP_TEXT_GROUP, IVLP_VISUAL_GROUP), frozen_image_tower=False,
                    module=_M + "ivlp",
                    summary="deep text and deep visual prompts learned independently",

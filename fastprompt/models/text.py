@@ -12,6 +12,9 @@ are the same for every class. They run once (one sequence of 1 + M positions); e
 suffix (name, ".", EOT) attends to their keys and values through
 `prefix_attention(..., causal=True)`. Exact: equal to running every full prompt.
 
+`encode_prefix_groups` generalises it to G prefixes, each shared by the K prompts of its
+group: CoCoOp's instance-conditioned context, one prefix `[SOS, u + π(x_b)]` per image.
+
 Deep text prompts (MaPLe's `ResidualAttentionBlock_IVLP` / `_MaPLe` text layers,
 muzairkhattak/multimodal-prompt-learning `clip/model.py`): `deep` [J-1, M, width] holds the
 context of layers 2..J; before each of those layers positions 1..M of every prompt are
@@ -97,33 +100,52 @@ def encode_shared_prefix(clip: CLIP, prefix: torch.Tensor, suffix: torch.Tensor,
     positions in the full prompt (>= P); length: max(eot) + 1 when the caller knows it;
     deep: [J-1, M, width] the context of layers 2..J, written over positions 1..M (M < P).
     """
-    n_prefix = prefix.shape[0]
+    return encode_prefix_groups(clip, prefix.unsqueeze(0), suffix, eot, length, deep)[0]  # (K, D)
+
+
+def encode_prefix_groups(clip: CLIP, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor,
+                         length: Optional[int] = None, deep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Text features [G, K, D] of the G·K prompts `cat([prefix_g, suffix_k])`: G prefixes, each
+    shared by the K prompts of its group (G = 1: `encode_shared_prefix`; CoCoOp: one prefix
+    `[SOS, u + π(x_b)]` per image b).
+
+    prefix: [G, P, width]; suffix: [K, L - P, width]; eot, length, deep as in
+    `encode_shared_prefix`. Each group's prefix runs once (G sequences of P positions); the
+    G·K suffixes attend to their group's prefix keys and values through
+    `prefix_attention(..., causal=True)` (a per-sample prefix: the group's repeated K times
+    when G > 1, broadcast when G = 1). Exact: equal to running every full prompt.
+    """
+    n_groups, n_prefix, width = prefix.shape
     if deep is not None:
         _check_deep(clip, deep)
         if deep.shape[1] >= n_prefix:
             raise ValueError(f"deep text prompts of {deep.shape[1]} tokens do not fit a shared prefix of {n_prefix} positions")
     length = int(eot.max()) + 1 if length is None else length  # CPU-GPU sync when not given
     pos = clip.positional_embedding.to(prefix.dtype)  # (77, width)
-    xp = (prefix + pos[:n_prefix]).unsqueeze(0)  # (1, P, width)
+    xp = prefix + pos[:n_prefix]  # (G, P, width)
     xs = suffix[:, : length - n_prefix] + pos[n_prefix:length]  # (K, T, width)
-    n_cls, t_len, width = xs.shape
+    n_cls, t_len, _ = xs.shape
+    xs = xs.repeat(n_groups, 1, 1)  # (G·K, T, width): row g·K + k is prompt (g, k)
+    n_rows = n_groups * n_cls
     for layer, block in enumerate(clip.transformer.resblocks):
         if deep is not None and 0 < layer <= deep.shape[0]:
-            xp = _overwrite_context(xp, deep[layer - 1])  # (1, P, width): once for every class
+            xp = _overwrite_context(xp, deep[layer - 1])  # (G, P, width): once per group
         attn = block.attn
         heads = attn.num_heads
         hd = width // heads
         w, b = attn.in_proj_weight, attn.in_proj_bias  # (3w, w), (3w,)
-        qp, kp, vp = F.linear(block.ln_1(xp), w, b).view(1, n_prefix, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (1, H, P, hd) each
-        qs, ks, vs = F.linear(block.ln_1(xs), w, b).view(n_cls, t_len, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (K, H, T, hd) each
-        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (1, H, P, hd): the prefix, once
-        os_ = prefix_attention(qs, ks, vs, kp, vp, causal=True)  # (K, H, T, hd): every suffix over the shared prefix
-        xp = xp + block.ls_1(attn.out_proj(op.transpose(1, 2).reshape(1, n_prefix, width)))  # (1, P, width)
-        xs = xs + block.ls_1(attn.out_proj(os_.transpose(1, 2).reshape(n_cls, t_len, width)))  # (K, T, width)
+        qp, kp, vp = F.linear(block.ln_1(xp), w, b).view(n_groups, n_prefix, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (G, H, P, hd) each
+        qs, ks, vs = F.linear(block.ln_1(xs), w, b).view(n_rows, t_len, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (G·K, H, T, hd) each
+        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (G, H, P, hd): each prefix, once
+        if n_groups > 1:  # each prompt's own prefix: its group's
+            kp, vp = kp.repeat_interleave(n_cls, dim=0), vp.repeat_interleave(n_cls, dim=0)  # (G·K, H, P, hd)
+        os_ = prefix_attention(qs, ks, vs, kp, vp, causal=True)  # (G·K, H, T, hd): every suffix over its prefix
+        xp = xp + block.ls_1(attn.out_proj(op.transpose(1, 2).reshape(n_groups, n_prefix, width)))  # (G, P, width)
+        xs = xs + block.ls_1(attn.out_proj(os_.transpose(1, 2).reshape(n_rows, t_len, width)))  # (G·K, T, width)
         xp = xp + block.ls_2(block.mlp(block.ln_2(xp)))
         xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
-    pooled = xs[torch.arange(n_cls, device=xs.device), eot - n_prefix]  # (K, width): EOT lies in the suffix
-    return _project(clip, clip.ln_final(pooled))  # (K, D)
+    pooled = xs[torch.arange(n_rows, device=xs.device), (eot - n_prefix).repeat(n_groups)]  # (G·K, width): EOT lies in the suffix
+    return _project(clip, clip.ln_final(pooled)).view(n_groups, n_cls, -1)  # (G, K, D)
 
 
 def encode_tokens(clip: CLIP, tokens: torch.Tensor, backend: str = "fast") -> torch.Tensor:

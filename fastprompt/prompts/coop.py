@@ -16,6 +16,10 @@ multimodal-prompt-learning `clip/model.py` `ResidualAttentionBlock_IVLP`): layer
 overwrite the M context positions with their own learnable context `deep_context`
 [J-1, M, width], N(0, 0.02) like the released `VPT_shallow` of those blocks, shared by all
 classes (`fastprompt.models.text`).
+
+Conditioned context (CoCoOp, KaiyangZhou/CoOp `trainers/cocoop.py` `PromptLearner.forward`):
+`conditioned(clip, shift)` gives the features of every class's prompt with context
+`u + shift_b` for each row b of `shift` [B, width] (one vector added to every context token).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 
 from fastprompt.errors import FastpromptError
 from fastprompt.models.clip import ClipBundle
-from fastprompt.models.text import encode_embeddings, encode_shared_prefix, eot_positions, tokenize
+from fastprompt.models.text import encode_embeddings, encode_prefix_groups, encode_shared_prefix, eot_positions, tokenize
 
 DEFAULT_N_CTX = 16
 
@@ -114,3 +118,28 @@ class CoopContext(nn.Module):
             return encode_shared_prefix(clip, prefix, self.token_suffix[:, self.n_words :], self.eot, self.length,
                                         deep=self.deep_context)
         return encode_embeddings(clip, self.embeddings(), self.eot, backend, self.length, deep=self.deep_context)
+
+    def conditioned(self, clip, shift: torch.Tensor, backend: str = "fast") -> torch.Tensor:
+        """Text features [B, K, D] (not normalised) of every class's prompt with the context
+        `u + shift_b` for each of the B rows of `shift` [B, width] (CoCoOp's `ctx_shifted`).
+
+        Fast path: the B prefixes `[SOS, u + shift_b]` (+ the init phrase's kept words) run
+        once each and the B·K class suffixes attend to their own image's prefix
+        (`encode_prefix_groups`), EOS-truncated; reference: each row's K full prompts through
+        the full-length tower, as `encode_text`."""
+        if self.context.dim() != 2:
+            raise FastpromptError("conditioned context needs one context shared by every class; drop csc")
+        dtype = self.token_prefix.dtype
+        n_rows, n_cls = shift.shape[0], self.token_prefix.shape[0]
+        ctx = (self.context + shift[:, None, :]).to(dtype)  # (B, M, width): one shift for every context token
+        if backend == "fast":
+            sos = self.token_prefix[:1].expand(n_rows, -1, -1)  # (B, 1, width)
+            words = self.token_suffix[:1, : self.n_words].expand(n_rows, -1, -1)  # (B, W, width)
+            prefix = torch.cat([sos, ctx, words], dim=1)  # (B, 1+M+W, width)
+            return encode_prefix_groups(clip, prefix, self.token_suffix[:, self.n_words :], self.eot, self.length,
+                                        deep=self.deep_context)  # (B, K, D)
+        feats = []
+        for row in ctx:  # (M, width): one image's context, all K classes' full prompts
+            prompts = torch.cat([self.token_prefix, row.expand(n_cls, -1, -1), self.token_suffix], dim=1)  # (K, 77, width)
+            feats.append(encode_embeddings(clip, prompts, self.eot, backend, deep=self.deep_context))  # (K, D)
+        return torch.stack(feats)  # (B, K, D)

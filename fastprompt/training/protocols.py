@@ -145,6 +145,7 @@ COCOOP_B2N = _check(Protocol(
     "cocoop-b2n",
     "CoCoOp base-to-new generalisation (Zhou et al., CVPR 2022): Table 1, ViT-B/16, train on base, test base and new",
     {
+        "method": Setting("cocoop", f"{_COCOOP_SH} TRAINER=CoCoOp (trainers/cocoop.py)"),
         "clip": Setting("ViT-B-16", f"{_COCOOP} MODEL.BACKBONE.NAME"),
         "pretrained": Setting("openai", "CLIP's released weights"),
         "template": Setting(None, "the sidecar's template (CoOp's CUSTOM_TEMPLATES)", shown="the dataset's (CoOp's CUSTOM_TEMPLATES)"),
@@ -161,8 +162,8 @@ COCOOP_B2N = _check(Protocol(
         "options.csc": Setting(False, "CoCoOp's context is shared"),
     },
     notes=(
-        "CoCoOp's meta-net (instance-conditional context) is not a method here: the protocol sets the data and recipe "
-        "for the --method given (coop gives CoOp's row of CoCoOp's Table 1; vlp, vpt-deep, cavpt their own).",
+        "CoCoOp's own row trains the cocoop method (the default); --method coop gives CoOp's row of CoCoOp's Table 1, "
+        "vlp, vpt-deep, cavpt their own on the same recipe.",
         "One learning rate (0.002) and warm-up (1 epoch) for every group, as CoCoOp's single optimiser.",
         "CoCoOp trains in fp16; fastprompt's --precision auto is bf16 autocast on CUDA.",
     ),

@@ -56,6 +56,7 @@ METHODS = [
     ("cavpt", {"topk": 3, "variant": "released", "text_prompt": True, "n_ctx": 4}, {}),  # after guidance
     ("e2mim", {"n_ctx": 4}, {}),  # class-wise mixup: random pairs and λ inside the graph
     ("e2mim", {"n_ctx": 4, "mixup": False, "mi_input": "logits"}, {}),
+    ("cocoop", {}, {}),  # per-image prefixes of the text tower, one pass for every (image, class)
     ("ivlp", {}, {}),  # deep text (shared prefix) and deep visual prompts carried above their depth
     ("maple", {"prompt_depth": 1}, {}),  # coupled prompts: layer 1 only, carried through every layer
     ("maple", {}, {}),

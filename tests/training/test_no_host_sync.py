@@ -32,6 +32,7 @@ METHODS = [
     ("cavpt", {"n_prompts": 2, "topk": 3, "aux_target": "gt-only", "topk_source": "online"}),
     ("cavpt", {"n_prompts": 2, "topk": 3, "variant": "released", "text_prompt": True, "n_ctx": 4, "guidance_epochs": 1}),
     ("e2mim", {"n_ctx": 4}),
+    ("cocoop", {}),
     ("ivlp", {}),
     ("maple", {}),
 ]

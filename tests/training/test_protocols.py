@@ -289,7 +289,7 @@ def test_every_protocol_setting_names_a_real_field_option_or_group():
 # (issue 21 §1: a click mismatch once made every default look given, so --protocol applied nothing but options).
 # A method of None: no --method, the protocol's default method trains. MaPLe's depths do not fit the tiny CLIP's
 # 2 text and 3 image layers: those runs also pass the depths that fit (TINY_DEPTHS), and the check skips them.
-PROTOCOL_RUNS = [("coop", "coop"), ("coop", "vpt-deep"), ("cocoop-b2n", "coop"), ("cocoop-b2n", "vlp"),
+PROTOCOL_RUNS = [("coop", "coop"), ("coop", "vpt-deep"), ("cocoop-b2n", None), ("cocoop-b2n", "coop"), ("cocoop-b2n", "vlp"),
                  ("cavpt", "cavpt"), ("cavpt", "vlp"), ("cavpt-paper", "cavpt"),
                  ("ivlp-b2n", None), ("ivlp-b2n", "vlp"), ("maple-b2n", None), ("maple-b2n", "maple"),
                  ("maple-b2n", "ivlp"), ("maple-xd", None)]
