@@ -97,6 +97,8 @@ CASES = {
     "beton empty": (train("coop", "--data", "{empty}"), "is truncated (0 bytes"),
     "beton truncated": (train("coop", "--data", "{truncated}"), "is truncated ("),
     "beton missing": (train("coop", "--data", "{missing}"), "does not exist; create it with `fastprompt prepare"),
+    "class position with a deep context": (train("coop", "--coop.class-position", "middle", "--coop.text-depth", "2"),
+                                           "class_position='middle' needs text_depth=1"),
     "data is an image folder": (train("coop", "--data", "{coop_ten}"),  # issue 25 §12
                                 "is a folder, not a .beton; if it holds one folder of images per class, turn it into one "
                                 "with `fastprompt prepare imagefolder"),

@@ -263,7 +263,8 @@ def add_coop(model: PromptModel, options) -> None:
     """Give `model` CoOp's learnable text context (in the first `text_depth` layers, where the
     options have that field; else in layer 1, CoOp)."""
     model.text = CoopContext(model.bundle, model.classnames, n_ctx=options.n_ctx, csc=options.csc,
-                             ctx_init=options.ctx_init, depth=getattr(options, "text_depth", 1))
+                             ctx_init=options.ctx_init, depth=getattr(options, "text_depth", 1),
+                             class_position=getattr(options, "class_position", "end"))
 
 
 def add_visual_prompts(model: PromptModel, mode: str, n_prompts: int, layers: Optional[int] = None,

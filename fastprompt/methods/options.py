@@ -64,6 +64,20 @@ class CoopOptions(Options):
                  f"ctx_init={self.ctx_init!r} must be a non-empty phrase such as 'a photo of a', or None")
 
 
+CLASS_POSITIONS = ("end", "middle", "front")
+
+
+@dataclass
+class ClassPositionOptions(Options):
+    flag_prefix: ClassVar[str] = "coop"
+
+    class_position: str = field(default="end", metadata={"choices": CLASS_POSITIONS})  # where the class name sits among the context tokens: "end" (after them), "middle" (after the first half), "front" (before them); CoOp's CLASS_TOKEN_POSITION
+
+    def _validate(self) -> None:
+        _require(self.class_position in CLASS_POSITIONS,
+                 f"class_position={self.class_position!r} must be one of {', '.join(CLASS_POSITIONS)}")
+
+
 @dataclass
 class TextDepthOptions(Options):
     flag_prefix: ClassVar[str] = "coop"

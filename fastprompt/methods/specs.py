@@ -16,8 +16,8 @@ from typing import Optional
 
 from fastprompt.settings import PLACEMENTS
 from fastprompt.errors import FastpromptError
-from fastprompt.methods.options import (CavptOptions, CoopOptions, E2mimOptions, MapleOptions, Options,
-                                        PlacementOptions, TextDepthOptions, VisualDepthOptions, VisualOptions)
+from fastprompt.methods.options import (CavptOptions, ClassPositionOptions, CoopOptions, E2mimOptions, MapleOptions,
+                                        Options, PlacementOptions, TextDepthOptions, VisualDepthOptions, VisualOptions)
 from fastprompt.methods.registry import MethodSpec, ParamGroup, declare
 from fastprompt.validation import require
 
@@ -54,8 +54,11 @@ class ZeroShotConfig(Options):
 
 
 @dataclass
-class CoopConfig(TextDepthOptions, CoopOptions):
-    pass
+class CoopConfig(ClassPositionOptions, TextDepthOptions, CoopOptions):
+    def _validate(self) -> None:
+        if self.class_position != "end" and self.text_depth != 1:
+            raise FastpromptError(f"class_position={self.class_position!r} needs text_depth=1 (deeper layers replace the "
+                                  "context at CoOp's positions); drop --coop.text-depth or use class_position='end'")
 
 
 @dataclass

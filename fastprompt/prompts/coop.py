@@ -17,6 +17,13 @@ overwrite the M context positions with their own learnable context `deep_context
 [J-1, M, width], N(0, 0.02) like the released `VPT_shallow` of those blocks, shared by all
 classes (`fastprompt.models.text`).
 
+Class position (CoOp's CLASS_TOKEN_POSITION, KaiyangZhou/CoOp `trainers/coop.py`
+`PromptLearner.forward`): "end" `[SOS, u_1..u_M, CLASS, ".", EOS]`; "middle"
+`[SOS, u_1..u_{M//2}, CLASS, u_{M//2+1}..u_M, ".", EOS]`; "front" `[SOS, CLASS, u_1..u_M, ".",
+EOS]`. The class name's tokens move, the EOS stays where it was: a fixed permutation `order`
+[K, 77] of the "end" layout's positions (one gather). No shared prefix beyond SOS then, so the
+fast path is the EOS-truncated tower alone.
+
 Conditioned context (CoCoOp, KaiyangZhou/CoOp `trainers/cocoop.py` `PromptLearner.forward`):
 `conditioned(clip, shift)` gives the features of every class's prompt with context
 `u + shift_b` for each row b of `shift` [B, width] (one vector added to every context token).
@@ -49,6 +56,7 @@ class CoopContext(nn.Module):
         ctx_init: Optional[str] = None,
         init_std: float = 0.02,
         depth: Optional[int] = 1,
+        class_position: str = "end",
     ):
         super().__init__()
         clip, tokenizer = bundle.model, bundle.tokenizer
@@ -99,12 +107,24 @@ class CoopContext(nn.Module):
         self.register_buffer("eot", eot_positions(tokens), persistent=False)  # (K,)
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # (K, 1, width): SOS
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # (K, 77-1-M, width)
+        self.class_position = class_position
+        if class_position == "end":
+            self.register_buffer("order", None, persistent=False)
+        else:
+            if n_words or depth > 1:
+                raise FastpromptError(f"class_position={class_position!r} needs a context of the whole init phrase and "
+                                      "text_depth=1 (CoOp's layout); drop n_ctx / text_depth or use class_position='end'")
+            self.register_buffer("order", _class_position_order(self.eot, n_ctx, class_position, tokens.shape[1]),
+                                 persistent=False)  # (K, 77)
 
     def embeddings(self) -> torch.Tensor:
         """Prompt embeddings [K, 77, width] of every class."""
         n_cls = self.token_prefix.shape[0]
         ctx = self.context if self.context.dim() == 3 else self.context.expand(n_cls, -1, -1)  # (K, M, width)
-        return torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)  # (K, 77, width)
+        x = torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)  # (K, 77, width)
+        if self.order is not None:  # the class name among the context tokens
+            x = torch.gather(x, 1, self.order[:, :, None].expand(-1, -1, x.shape[-1]))  # (K, 77, width)
+        return x
 
     def forward(self, clip, backend: str = "fast") -> torch.Tensor:
         """Text features [K, D] (not normalised) of the learnable prompts.
@@ -112,7 +132,7 @@ class CoopContext(nn.Module):
         Fast path with shared context: SOS + context (+ the init phrase's kept words) run once
         for all classes (exact, see `encode_shared_prefix`); class-specific context only gets
         the EOS truncation."""
-        if backend == "fast" and self.context.dim() == 2:
+        if backend == "fast" and self.context.dim() == 2 and self.order is None:
             sos, words = self.token_prefix[0], self.token_suffix[0, : self.n_words]  # (1, width), (W, width)
             prefix = torch.cat([sos, self.context.to(sos.dtype), words], dim=0)  # (1+M+W, width)
             return encode_shared_prefix(clip, prefix, self.token_suffix[:, self.n_words :], self.eot, self.length,
@@ -127,8 +147,9 @@ class CoopContext(nn.Module):
         once each and the B·K class suffixes attend to their own image's prefix
         (`encode_prefix_groups`), EOS-truncated; reference: each row's K full prompts through
         the full-length tower, as `encode_text`."""
-        if self.context.dim() != 2:
-            raise FastpromptError("conditioned context needs one context shared by every class; drop csc")
+        if self.context.dim() != 2 or self.order is not None:
+            raise FastpromptError("conditioned context needs one context shared by every class, the class name at the "
+                                  "end; drop csc and class_position")
         dtype = self.token_prefix.dtype
         n_rows, n_cls = shift.shape[0], self.token_prefix.shape[0]
         ctx = (self.context + shift[:, None, :]).to(dtype)  # (B, M, width): one shift for every context token
@@ -143,3 +164,18 @@ class CoopContext(nn.Module):
             prompts = torch.cat([self.token_prefix, row.expand(n_cls, -1, -1), self.token_suffix], dim=1)  # (K, 77, width)
             feats.append(encode_embeddings(clip, prompts, self.eot, backend, deep=self.deep_context))  # (K, D)
         return torch.stack(feats)  # (B, K, D)
+
+
+def _class_position_order(eot: torch.Tensor, n_ctx: int, position: str, total: int) -> torch.Tensor:
+    """Positions [K, 77] of the "end" layout `[SOS, ctx (M), CLASS (L_k), ".", EOS, ...]` that make
+    the `position` layout: front `[SOS, CLASS, ctx, ...]`, middle `[SOS, ctx[:M//2], CLASS,
+    ctx[M//2:], ...]` (CoOp's `half_n_ctx = n_ctx // 2`); L_k = eot_k - 2 - M (the tokens
+    between the context and the "."), the rest in place."""
+    rows = []
+    for e in eot.tolist():
+        length = e - 2 - n_ctx  # the class name's tokens
+        ctx, name = list(range(1, 1 + n_ctx)), list(range(1 + n_ctx, 1 + n_ctx + length))
+        half = n_ctx // 2
+        moved = name + ctx if position == "front" else ctx[:half] + name + ctx[half:]
+        rows.append([0] + moved + list(range(1 + n_ctx + length, total)))
+    return torch.tensor(rows, device=eot.device)

@@ -134,7 +134,8 @@ COOP = _check(Protocol(
         "options.ctx_init": Setting(None, f"{_COOP_RN50} (no CTX_INIT: random N(0, 0.02) context)", shown="none"),
     },
     notes=(
-        "Class token at the end (CoOp's CLASS_TOKEN_POSITION end); fastprompt has no 'middle' position.",
+        "Class token at the end (CoOp's CLASS_TOKEN_POSITION end, its main results); --coop.class-position middle or "
+        "front for the paper's other rows.",
         "RN50 has no ViT tower: with a method that prompts the image tower (vpt-*, vlp, cavpt) add --clip ViT-B-16 "
         "(CoOp's vit_b16 configs share this recipe).",
         "CoOp trains in fp16 (CLIP's half weights); fastprompt's --precision auto is bf16 autocast on CUDA.",

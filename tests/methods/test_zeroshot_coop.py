@@ -67,3 +67,33 @@ def test_eval_text_features_are_computed_once(tiny_clip, images):
     model.train()
     model.loss(images, torch.tensor([0, 1, 2, 0]))
     assert len(calls) == 2
+
+
+def test_coop_class_positions_equal_clip_on_the_texts_they_spell(tiny_clip):
+    """CoOp's CLASS_TOKEN_POSITION (KaiyangZhou/CoOp trainers/coop.py `PromptLearner.forward`):
+    with the context set to "a photo of a", "middle" spells "a photo {class} of a." (the class
+    after `n_ctx // 2` context tokens) and "front" "{class} a photo of a."; CLIP's own encoding of
+    those texts, fast and reference, shared and class-specific context, gradients equal (issue 25 §5)."""
+    bundle = load_clip(tiny_clip)
+    phrase = tokenize(tiny_clip, bundle.tokenizer, ["a photo of a"])
+    embedding = tiny_clip.token_embedding(phrase)[0, 1:5].detach()  # (4, width)
+    names = [*CLASSNAMES, "a rather long and winding class name"]
+    texts = {"middle": [f"a photo {c} of a." for c in names], "front": [f"{c} a photo of a." for c in names]}
+    for position, spelled in texts.items():
+        want = _clip_text(tiny_clip, spelled)
+        grads = []
+        for backend in ("reference", "fast"):
+            for csc in (False, True):
+                model = fastprompt.create_model("coop", classnames=names, clip=tiny_clip, backend=backend, n_ctx=4,
+                                                csc=csc, class_position=position)
+                model.load_prompt_state_dict({"text.context": embedding.expand(len(names), -1, -1) if csc else embedding})
+                got = model.text_features()
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                if not csc:
+                    (got * torch.linspace(-1, 1, got.numel()).view_as(got)).sum().backward()
+                    grads.append(model.text.context.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-4 * float(grads[0].abs().max()))  # fp32 reordering
+    end = fastprompt.create_model("coop", classnames=names, clip=tiny_clip, n_ctx=4, class_position="end")
+    end.load_prompt_state_dict({"text.context": embedding})
+    torch.testing.assert_close(end.text_features(), _clip_text(tiny_clip, [f"a photo of a {c}." for c in names]),
+                               rtol=1e-5, atol=1e-5)
