@@ -777,7 +777,7 @@ def sweep_cmd(
 def _report_choices() -> dict[str, tuple]:
     from fastprompt.sweep.report import AXES, FORMATS
 
-    return {"format": FORMATS, "rows": AXES, "cols": AXES}
+    return {"format": FORMATS, "cols": AXES}  # --rows: an axis, then method options (report.parse_rows checks it)
 
 
 @command(app, "report", cls=BaseCommand, choices=_report_choices)
@@ -785,15 +785,19 @@ def _report_choices() -> dict[str, tuple]:
 def report_cmd(
     folder: Annotated[str, typer.Argument(help="A sweep's --out, or any folder of runs.")],
     format: Annotated[str, typer.Option("--format", help="Table format.")] = "md",
-    rows: Annotated[str, typer.Option("--rows", help="What the table's rows are.")] = "method",
+    rows: Annotated[str, typer.Option("--rows", metavar="<method|dataset|shots>[,...]",
+                                      help="What the table's rows are; method options after it split them, one row per "
+                                           "value (method,cavpt.variant).")] = "method",
     cols: Annotated[str, typer.Option("--cols", help="What the table's columns are.")] = "dataset",
     compare: Annotated[Optional[str], typer.Option("--compare", help="A reference: another folder of runs, or a CSV (e.g. a paper table typed in).")] = None,
+    ci: Annotated[Optional[float], typer.Option("--ci", metavar="LEVEL", help="Make the ± the LEVEL% confidence interval of the mean over seeds (Student's t), e.g. 95, instead of the population std.")] = None,
 ) -> None:
-    """Mean ± std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset. One folder is one
-    recipe: its runs may differ only in the seed and in what their method, dataset, shots and classes set."""
+    """Mean ± population std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset. One
+    folder is one recipe: its runs may differ only in the seed, in what their method, dataset, shots and classes
+    set, and in the method options --rows names."""
     from fastprompt.sweep.report import report
 
-    typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare), nl=False)
+    typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare, ci=ci), nl=False)
 
 
 plot_app = typer.Typer(cls=Group, help="Figures of a finished run or a sweep (PNG, or PDF with --format pdf), written to RUN/figures by default.",
