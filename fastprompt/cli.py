@@ -885,17 +885,19 @@ def interpret_cmd(run: Run, topk: Annotated[int, typer.Option("--topk", help="Ne
 def compare_cmd(runs: Annotated[list[str], typer.Argument(help="Run directories of finished `fastprompt train` runs.")],
                 device: PlotDevice = "cpu", workers: Workers = None,
                 json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows (a JSON list) to this file.")] = None) -> None:
-    """Zero-shot vs trained test accuracy per run: method, zero-shot %, trained %, gain, train time, images/s."""
+    """Zero-shot vs trained test accuracy per run: zero-shot %, trained %, gain, train time, images/s (base / new / H
+    for base-to-new runs); each row is the method and what sets the run apart (cavpt (variant=released))."""
     from rich.console import Console
 
     from fastprompt.files import write_json
-    from fastprompt.viz.compare import compare_runs, comparison_table
+    from fastprompt.viz.compare import compare_runs, comparison_tables
 
     rows = compare_runs(runs, device=device, num_workers=workers)
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 100)
-    console.print(comparison_table(rows))
+        console.width = max(console.width, 100 if all(r.classes != "base" for r in rows) else 160)
+    for table in comparison_tables(rows):
+        console.print(table)
     if json_out:
         write_json(json_out, [r.to_dict() for r in rows])
 

@@ -165,6 +165,49 @@ def test_compare_rows(runs, viz_beton, tmp_path):
         assert row.trained_accuracy == pytest.approx(results["test_accuracy"])
         assert row.gain == pytest.approx(row.trained_accuracy - row.zero_shot_accuracy)
         assert row.train_seconds == pytest.approx(sum(m["seconds"] for m in metrics))
+    assert [row.label for row in rows] == ["coop", "cavpt"]  # one seed, one recipe: nothing else sets them apart
     out = invoke("compare", runs["coop"], "--workers", 1, "--json", tmp_path / "rows.json")
     assert "zero-shot" in out and "%" in out
     assert json.loads((tmp_path / "rows.json").read_text())[0]["method"] == "coop"
+
+
+def test_compare_labels_each_row_by_what_sets_it_apart():
+    """Two cavpt runs that differ in the variant are not look-alike rows (issue 25 §3): the label
+    names the option (not what it decides itself, aux_target), and a setting that differs across
+    all runs; an option counts only among the runs of its method."""
+    from fastprompt.viz.compare import row_labels
+
+    base = {"data": "/d/eurosat.beton", "lr": 0.002, "seed": 1, "shots": 16, "classes": "all", "pretrained": None,
+            "weights_id": "params:1", "device": "cpu", "out": "a"}
+    configs = [{**base, "method": "coop", "options": {}, "group_lr": {"text": 0.002}},
+               {**base, "method": "cavpt", "options": {}, "group_lr": {"visual": 0.002}, "out": "b"},
+               {**base, "method": "cavpt", "options": {"variant": "released"}, "group_lr": {"visual": 0.002}, "out": "c"}]
+    assert row_labels(configs) == ["coop", "cavpt (variant=paper)", "cavpt (variant=released)"]
+    configs[2]["options"]["topk"] = 3
+    configs[0].update(lr=0.01, seed=2, weights_id="params:2", data="/d/dtd.beton")
+    assert row_labels(configs) == ["coop (data=dtd.beton, lr=0.01, seed=2)",
+                                   "cavpt (variant=paper, data=eurosat.beton, lr=0.002, seed=1)",  # topk 5: the default
+                                   "cavpt (variant=released, topk=3, data=eurosat.beton, lr=0.002, seed=1)"]
+
+
+@pytest.mark.slow
+def test_compare_a_base_to_new_run_shows_base_new_and_h(b2n_run, runs, viz_beton, tmp_path):
+    from fastprompt.training import zeroshot_eval
+    from fastprompt.training.runfiles import harmonic_mean
+    from fastprompt.viz.compare import compare_runs
+
+    (row,) = compare_runs([str(b2n_run)], num_workers=1)
+    results = json.loads((b2n_run / "results.json").read_text())
+    seed = json.loads((b2n_run / "config.json").read_text())["seed"]
+    zs = {cls: zeroshot_eval(str(viz_beton), clip="fastprompt-tiny", pretrained="none", seed=seed, classes=cls,
+                             device="cpu", num_workers=1)["test_accuracy"] for cls in ("base", "new")}
+    assert row.classes == "base" and row.trained_accuracy is None
+    assert row.trained == pytest.approx({"base": results["base_accuracy"], "new": results["new_accuracy"],
+                                         "H": results["harmonic_mean"]})
+    assert row.zero_shot == pytest.approx({**zs, "H": harmonic_mean(zs["base"], zs["new"])})
+    assert row.gain == pytest.approx(row.trained["H"] - row.zero_shot["H"])
+    out = invoke("compare", runs["coop"], b2n_run, "--workers", 1, "--json", tmp_path / "rows.json")
+    assert "base-to-new" in out and "zero-shot new" in out and "trained H" in out
+    coop, b2n = json.loads((tmp_path / "rows.json").read_text())
+    assert coop["label"] == "coop (classes=all)" and b2n["label"] == "coop (classes=base)"
+    assert b2n["trained_new"] == pytest.approx(results["new_accuracy"]) and "trained_accuracy" not in b2n
