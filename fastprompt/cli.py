@@ -805,16 +805,18 @@ plot_app = typer.Typer(cls=Group, help="Figures of a finished run or a sweep (PN
 app.add_typer(plot_app, name="plot")
 
 
-@command(plot_app, "shots", cls=BaseCommand)
+@command(plot_app, "shots", cls=BaseCommand, choices=lambda: _figure_choices())
 @user_errors
 def plot_shots_cmd(
     sweep: Annotated[str, typer.Argument(help="A sweep's --out (or any folder of runs with several shots).")],
     out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: SWEEP/figures).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Figure file format.")] = "png",
 ) -> None:
-    """Accuracy against shots per method with the seed spread, one figure per dataset (CoOp Figure 3 style)."""
+    """Accuracy against shots per method with the seed spread, one figure per dataset (CoOp Figure 3 style); zero-shot
+    CLIP at 0 shots from the `fastprompt zeroshot` JSON saved under SWEEP as zeroshot*.json."""
     from fastprompt.sweep.plot import plot_shots
 
-    for path in plot_shots(sweep, out):
+    for path in plot_shots(sweep, out, fmt):
         typer.echo(str(path))
 
 
