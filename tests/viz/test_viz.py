@@ -52,6 +52,29 @@ def test_attention_maps_sum_to_one_and_text_only_equals_zero_shot(runs):
             assert not np.allclose(maps.trained, maps.zero_shot)  # the prompts change where the class token looks
 
 
+@pytest.mark.parametrize("method, changes_tower, n", [("coop", False, 1), ("coop", False, 3), ("cavpt", True, 1),
+                                                      ("vpt-shallow", True, 2)])
+def test_attention_caption_and_titles_fit_the_figure(method, changes_tower, n):
+    """A CoOp run's two-column figure clipped its caption at both edges (issue 25 §4): every text
+    lies inside the figure, and the caption above the panel titles."""
+    from fastprompt.viz.attention import AttentionMaps
+
+    rng = np.random.default_rng(0)
+    heat = rng.random((n, 4, 4))
+    maps = AttentionMaps(images=rng.random((n, 64, 64, 3)), labels=np.arange(n), zero_shot=heat, trained=heat[::-1],
+                         zero_shot_pred=np.arange(n), trained_pred=np.arange(n))
+    fig = draw_attention(maps, ["annual crop land", "herbaceous vegetation land", "permanent crop land"], method,
+                         changes_tower)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    caption = fig._suptitle.get_window_extent(renderer)
+    titles = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    for box in [caption, *titles]:
+        assert 0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height, (box, width, height)
+    assert all(caption.y0 >= t.y1 for t in titles)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, cols", [("cavpt", 3), ("coop", 2)])
 def test_plot_attention_writes_a_png_of_the_panel_grid(runs, method, cols, tmp_path):
