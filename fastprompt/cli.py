@@ -542,6 +542,8 @@ def train_cmd(
     try:
         results = train(config, console=_console(), on_epoch=logger,
                         mode="resume" if resume else "restart" if restart else "auto", force_eval=force_eval)
+        if logger is not None and _main_rank():
+            logger.final(results)
     finally:
         if logger is not None:
             logger.close()

@@ -249,6 +249,9 @@ def test_train_tensorboard_flag(demo_beton, tmp_path):
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     (event,) = acc.Scalars("train/loss")
     assert event.step == 1 and event.value == pytest.approx(line["loss"], rel=1e-6)
+    (final,) = acc.Scalars("test/accuracy")  # the final test accuracy at the last epoch (issue 25 §4)
+    results = json.loads((out / "results.json").read_text())
+    assert final.step == 1 and final.value == pytest.approx(results["test_accuracy"], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -126,6 +126,36 @@ def test_plot_curves_of_a_run_and_a_sweep_with_lr_per_group(runs, tmp_path):
     np.testing.assert_allclose(lr_axis.lines[0].get_ydata(), [0.01, 0.005, 0.01 / 3])
 
 
+def _finished(folder, **accuracies):
+    folder.mkdir(parents=True)
+    classes = "base" if "base_accuracy" in accuracies else "all"
+    results = {"method": "coop", "dataset": "eurosat", "shots": 4, "seed": 1, "classes": classes, **accuracies}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_curves_draw_val_accuracy_where_logged_and_the_final_test_accuracy(tmp_path):
+    """val_accuracy every E epochs (--eval-every) at those epochs only; results.json's test
+    accuracy a star at the last epoch; base/new for a base-to-new run (issue 25 §4)."""
+    from fastprompt.viz.curves import draw_curves, find_finals, find_runs
+
+    run = _finished(tmp_path / "sweep" / "a", test_accuracy=71.5)
+    lines = [{"epoch": e, "loss": 2.0 / e, "train_accuracy": 10.0 * e, "lr": 0.01, **({"val_accuracy": 5.0 * e} if e % 2 == 0 else {})}
+             for e in (1, 2, 3, 4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    fig = draw_curves(find_runs(str(run)), find_finals(str(run)))
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[1].lines}
+    assert drawn == {"train_accuracy": ([1, 2, 3, 4], [10.0, 20.0, 30.0, 40.0]), "val_accuracy": ([2, 4], [10.0, 20.0]),
+                     "test_accuracy (final)": ([4], [71.5])}
+    b2n = _finished(tmp_path / "sweep" / "b", base_accuracy=80.0, new_accuracy=60.0)
+    (b2n / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines[:3]))
+    fig = draw_curves(find_runs(str(tmp_path / "sweep")), find_finals(str(tmp_path / "sweep")))
+    finals = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[1].lines
+              if "final" in line.get_label()}
+    assert finals == {"a: test_accuracy (final)": ([4], [71.5]), "b: base_accuracy (final)": ([3], [80.0]),
+                      "b: new_accuracy (final)": ([3], [60.0])}
+
+
 # ------------------------------------------------------------------ interpret, compare
 def test_nearest_words_match_coop_interpret_prompt():
     """KaiyangZhou/CoOp interpret_prompt.py: torch.cdist to the token embeddings, argsort, top-k."""
