@@ -550,6 +550,8 @@ def train_cmd(
     try:
         results = train(config, console=_console(), on_epoch=logger,
                         mode="resume" if resume else "restart" if restart else "auto", force_eval=force_eval)
+        if logger is not None and _main_rank():
+            logger.final(results)
     finally:
         if logger is not None:
             logger.close()
@@ -786,7 +788,7 @@ def sweep_cmd(
 def _report_choices() -> dict[str, tuple]:
     from fastprompt.sweep.report import AXES, FORMATS
 
-    return {"format": FORMATS, "rows": AXES, "cols": AXES}
+    return {"format": FORMATS, "cols": AXES}  # --rows: an axis, then method options (report.parse_rows checks it)
 
 
 @command(app, "report", cls=BaseCommand, choices=_report_choices)
@@ -794,15 +796,19 @@ def _report_choices() -> dict[str, tuple]:
 def report_cmd(
     folder: Annotated[str, typer.Argument(help="A sweep's --out, or any folder of runs.")],
     format: Annotated[str, typer.Option("--format", help="Table format.")] = "md",
-    rows: Annotated[str, typer.Option("--rows", help="What the table's rows are.")] = "method",
+    rows: Annotated[str, typer.Option("--rows", metavar="<method|dataset|shots>[,...]",
+                                      help="What the table's rows are; method options after it split them, one row per "
+                                           "value (method,cavpt.variant).")] = "method",
     cols: Annotated[str, typer.Option("--cols", help="What the table's columns are.")] = "dataset",
     compare: Annotated[Optional[str], typer.Option("--compare", help="A reference: another folder of runs, or a CSV (e.g. a paper table typed in).")] = None,
+    ci: Annotated[Optional[float], typer.Option("--ci", metavar="LEVEL", help="Make the ± the LEVEL% confidence interval of the mean over seeds (Student's t), e.g. 95, instead of the population std.")] = None,
 ) -> None:
-    """Mean ± std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset. One folder is one
-    recipe: its runs may differ only in the seed and in what their method, dataset, shots and classes set."""
+    """Mean ± population std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset. One
+    folder is one recipe: its runs may differ only in the seed, in what their method, dataset, shots and classes
+    set, and in the method options --rows names."""
     from fastprompt.sweep.report import report
 
-    typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare), nl=False)
+    typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare, ci=ci), nl=False)
 
 
 plot_app = typer.Typer(cls=Group, help="Figures of a finished run or a sweep (PNG, or PDF with --format pdf), written to RUN/figures by default.",
@@ -810,16 +816,18 @@ plot_app = typer.Typer(cls=Group, help="Figures of a finished run or a sweep (PN
 app.add_typer(plot_app, name="plot")
 
 
-@command(plot_app, "shots", cls=BaseCommand)
+@command(plot_app, "shots", cls=BaseCommand, choices=lambda: _figure_choices())
 @user_errors
 def plot_shots_cmd(
     sweep: Annotated[str, typer.Argument(help="A sweep's --out (or any folder of runs with several shots).")],
     out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: SWEEP/figures).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Figure file format.")] = "png",
 ) -> None:
-    """Accuracy against shots per method with the seed spread, one figure per dataset (CoOp Figure 3 style)."""
+    """Accuracy against shots per method with the seed spread, one figure per dataset (CoOp Figure 3 style); zero-shot
+    CLIP at 0 shots from the `fastprompt zeroshot` JSON saved under SWEEP as zeroshot*.json."""
     from fastprompt.sweep.plot import plot_shots
 
-    for path in plot_shots(sweep, out):
+    for path in plot_shots(sweep, out, fmt):
         typer.echo(str(path))
 
 
@@ -890,17 +898,19 @@ def interpret_cmd(run: Run, topk: Annotated[int, typer.Option("--topk", help="Ne
 def compare_cmd(runs: Annotated[list[str], typer.Argument(help="Run directories of finished `fastprompt train` runs.")],
                 device: PlotDevice = "cpu", workers: Workers = None,
                 json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows (a JSON list) to this file.")] = None) -> None:
-    """Zero-shot vs trained test accuracy per run: method, zero-shot %, trained %, gain, train time, images/s."""
+    """Zero-shot vs trained test accuracy per run: zero-shot %, trained %, gain, train time, images/s (base / new / H
+    for base-to-new runs); each row is the method and what sets the run apart (cavpt (variant=released))."""
     from rich.console import Console
 
     from fastprompt.files import write_json
-    from fastprompt.viz.compare import compare_runs, comparison_table
+    from fastprompt.viz.compare import compare_runs, comparison_tables
 
     rows = compare_runs(runs, device=device, num_workers=workers)
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 100)
-    console.print(comparison_table(rows))
+        console.width = max(console.width, 100 if all(r.classes != "base" for r in rows) else 160)
+    for table in comparison_tables(rows):
+        console.print(table)
     if json_out:
         write_json(json_out, [r.to_dict() for r in rows])
 

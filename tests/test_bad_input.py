@@ -206,6 +206,12 @@ CASES = {
                                      "{damaged[grid_array]}/sweep.json: grid=[] must be an object; delete it"),
     "report sweep.json seeds nan": (["report", "{damaged[grid_nan]}"],
                                     "{damaged[grid_nan]}/sweep.json: grid.seeds=[1, nan] must be a list of integers >= 0"),
+    # issue 25 §3: report's rows name an axis, then method options; --ci a level in percent
+    "report rows not an option": (["report", "{here}", "--rows", "method,cavpt.variantt"],
+                                  "rows='method,cavpt.variantt': 'cavpt.variantt' is not a method option; name one as "
+                                  "its flag without the dashes, e.g. method,cavpt.variant"),
+    "report ci 100": (["report", "{here}", "--ci", "100"],
+                      "ci=100.0 must be a confidence level in percent between 0 and 100, e.g. 95"),
     "compare results nan": (["compare", "{damaged[results_nan]}"],
                             "{damaged[results_nan]}/results.json: test_accuracy=nan must be a number in 0..100"),
     "train on a config of the wrong type": (

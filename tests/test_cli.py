@@ -83,7 +83,7 @@ def test_help_of_every_command():
     assert "CoOp split file split_zhou_<Name>.json ([relative_path, label, classname] lists)." in _help(
         ("prepare", "imagefolder"))
     report = _help(("report",))  # choices once only in prose (issue 25 §12)
-    assert all(shown in report for shown in ("--format <md|csv|json|latex>", "--rows <method|dataset|shots>",
+    assert all(shown in report for shown in ("--format <md|csv|json|latex>", "--rows <method|dataset|shots>[,...]",
                                              "--cols <method|dataset|shots>")), report
     for figure in (("plot", "attention"), ("plot", "tsne"), ("plot", "curves")):
         assert "--format <png|pdf>" in _help(figure), figure

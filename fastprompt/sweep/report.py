@@ -9,13 +9,19 @@ everything but the seed and printed as mean ± std (n) per cell, with an Average
   tables);
 - cross-dataset: one table per source dataset, the source column first, then the targets;
   the Average is over the targets (CoCoOp Table 2).
-The std is numpy's default (population, ddof=0), as Dassl's `tools/parse_test_res.py`
-(`np.std(res)`), which CoOp and CoCoOp report. One report shows one recipe: runs that differ in
-anything but the seed and what the axes set (`fastprompt.training.identity.recipe_difference`:
-each dataset's file, classes and template, each method's options, and what the protocol or the
-defaults resolve per dataset and shots, such as ImageNet's 50 epochs) are refused with the field,
-both values and both runs named; seeds missing against the grid (`sweep.json`, else every seed
-found) are shown.
+The ± is the population standard deviation (ddof=0, `statistics.pstdev`), as Dassl's
+`tools/parse_test_res.py` (`np.std(res)`), which CoOp and CoCoOp report; every format says so.
+With `ci` (e.g. 95) it is instead the half-width of that confidence interval of the mean over
+seeds from Student's t with n - 1 degrees of freedom and the sample std (ddof=1); Dassl's
+`--ci95` is the normal approximation 1.96 * pstd / sqrt(n), narrower for few seeds.
+One report shows one recipe: runs that differ in anything but the seed and what the axes set
+(`fastprompt.training.identity.recipe_difference`: each dataset's file, classes and template,
+each method's options, and what the protocol or the defaults resolve per dataset and shots, such
+as ImageNet's 50 epochs) are refused with the field, both values and both runs named, and for a
+method option the fix `--rows ...,OPTION`: rows may name method options after their axis
+(`method,cavpt.variant`), one row per value (`cavpt (variant=released)`). Seeds missing against
+the grid (`sweep.json`, else every seed found) are shown; rows of a `--compare` reference without
+runs here are shown, marked `(no runs)`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -32,7 +39,7 @@ from typing import Optional
 from fastprompt.errors import FastpromptError
 from fastprompt.validation import check_choice, is_number, json_type, require
 
-AXES = ("method", "dataset", "shots")  # what --rows / --cols may name
+AXES = ("method", "dataset", "shots")  # what --cols may name, and --rows first (then method options)
 SPLIT_AXES = ("method", "dataset", "shots", "classes", "source")  # one table per value of those not on rows/cols
 FORMATS = ("md", "csv", "json", "latex")
 B2N_METRICS = ("base", "new", "H")
@@ -48,14 +55,56 @@ class Measurement:
     classes: str  # "all" or "base" (base-to-new)
     seed: int
     metrics: dict  # {"acc": x} or {"base": x, "new": y}
+    options: dict = field(default_factory=dict)  # the run's method options, resolved (`identity`)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What a table's rows are: an axis, then method options that split its values
+    (`--rows method,cavpt.variant`: a row per method and, for cavpt, per variant)."""
+
+    axis: str  # one of AXES
+    options: tuple[str, ...] = ()  # option fields (create_model keywords), e.g. ("variant",)
+    names: tuple[str, ...] = ()  # the same as typed on the command line, e.g. ("cavpt.variant",)
+
+    @property
+    def text(self) -> str:
+        return ",".join((self.axis, *self.names))
+
+    def label(self, m: Measurement) -> str:
+        """The row of `m`: its axis value, with the named options its method has (`cavpt (variant=released)`)."""
+        value = str(getattr(m, self.axis))
+        named = [f"{name}={m.options[name]}" for name in self.options if name in m.options]
+        return f"{value} ({', '.join(named)})" if named else value
+
+
+def parse_rows(text: str) -> Rows:
+    """`method`, or an axis followed by method options as their flags name them without the
+    dashes (`method,cavpt.variant`); FastpromptError naming the bad part and the fix."""
+    from fastprompt.methods.registry import option_flags
+
+    parts = [p.strip() for p in str(text).split(",")]
+    require(parts[0] in AXES, f"rows={text!r} must start with one of {', '.join(AXES)}, optionally followed by "
+                              "method options (e.g. method,cavpt.variant)")
+    flags = {fl.flag[2:]: fl for fl in option_flags()}  # "cavpt.variant" -> its OptionFlag
+    fields, names = [], []
+    for part in parts[1:]:
+        fl = flags.get(part.replace("_", "-"))
+        require(fl is not None, f"rows={text!r}: {part!r} is not a method option; name one as its flag without the "
+                                f"dashes, e.g. method,cavpt.variant (the options: `fastprompt train --help`)")
+        require(fl.field not in fields, f"rows={text!r} names {part!r} twice; name each option once")
+        fields.append(fl.field)
+        names.append(fl.flag[2:])
+    return Rows(parts[0], tuple(fields), tuple(names))
 
 
 @dataclass
 class Stat:
     mean: float
-    std: Optional[float]  # None for H (a function of two means)
+    std: Optional[float]  # population std (ddof=0); None for H (a function of two means)
     n: int
     missing: list = field(default_factory=list)  # seeds of the grid without a run
+    ci: Optional[float] = None  # half-width of the confidence interval of the mean (with --ci; None for n < 2 and H)
 
 
 @dataclass
@@ -70,6 +119,9 @@ class Table:
     average: dict  # (row, metric) -> float or None (a cell missing)
     targets: list[str] = field(default_factory=list)  # cross-dataset: the target columns (the others are the source)
     reference: dict = field(default_factory=dict)  # (row, label) -> number from --compare
+    row_options: tuple[str, ...] = ()  # the method options that split the rows, as named (`cavpt.variant`)
+    ci: Optional[float] = None  # the confidence level (%) of the ± (None: the ± is the population std)
+    no_runs: list[str] = field(default_factory=list)  # rows of the --compare reference without a run here
 
     def labels(self) -> list[tuple[str, str, str]]:
         """(column, metric, header) of every printed column but the row label and the Average."""
@@ -144,6 +196,7 @@ def read_results(path: Path) -> dict:
 
 def load_runs(root: Path) -> tuple[list[Measurement], dict]:
     """Every measurement under `root` and each run's config (by run folder)."""
+    from fastprompt.training.identity import identity
     from fastprompt.training.runfiles import read_run_config
 
     if not root.is_dir():
@@ -156,8 +209,9 @@ def load_runs(root: Path) -> tuple[list[Measurement], dict]:
         results = read_results(results_path)
         configs[str(run)] = read_run_config(run, needed=("method", "data"))
         shots = "all" if results["shots"] is None else str(results["shots"])
+        options = identity({"method": results["method"], "options": configs[str(run)].get("options") or {}})["options"]
         common = dict(run=str(run), method=results["method"], shots=shots, classes=results["classes"],
-                      seed=results["seed"], source=results["dataset"])
+                      seed=results["seed"], source=results["dataset"], options=options)
         if results["classes"] == "base":
             metrics = {"base": results["base_accuracy"], "new": results["new_accuracy"]}
         else:
@@ -186,23 +240,30 @@ def _grid(root: Path) -> dict:
     return _checked(path, record.get("grid", {}), GRID_FIELDS, fix, required=False, within="grid.")
 
 
-def check_one_recipe(measurements: list[Measurement], configs: dict) -> None:
+def check_one_recipe(measurements: list[Measurement], configs: dict, rows: Rows = Rows("method")) -> None:
     """FastpromptError naming the field, both values and both runs if the runs under one report
     differ in more than the seed and what the table's axes set (`identity.recipe_difference`:
     the dataset's file, classes and template, each method's options and groups, epochs and group
-    recipes as the protocol or the defaults resolve them per dataset and shots)."""
+    recipes as the protocol or the defaults resolve them per dataset and shots); the method
+    options `rows` names are axes too. A method option's difference names `--rows ...,OPTION`."""
+    from fastprompt.methods.registry import option_flags
     from fastprompt.training.identity import recipe_difference
 
     runs = {m.run: (m.run, {"method": m.method, "dataset": m.source, "shots": m.shots, "classes": m.classes},
                     configs[m.run]) for m in measurements if m.dataset == m.source}
-    diff = recipe_difference(list(runs.values()))
+    diff = recipe_difference(list(runs.values()), axes_options=rows.options)
     if diff is not None:
         name, a, b, va, vb = diff
+        fix = "report them from separate folders"
+        option = name.split(".", 1)[1] if name.startswith("options.") else None
+        flag = next((fl.flag[2:] for fl in option_flags() if fl.field == option), None)
+        if flag is not None:
+            fix += f", or give each value its own row: --rows {rows.text},{flag}"
         raise FastpromptError(
             f"runs {a} and {b} differ in {name} ({va!r} vs {vb!r}): one report holds one recipe, its runs may differ only "
             "in the seed and in what the method, dataset, shots and classes set (data, class names, and the template, "
-            "epochs, group lr and warm-up and method options the protocol or the defaults resolve there); "
-            "report them from separate folders"
+            "epochs, group lr and warm-up and method options the protocol or the defaults resolve there) and in the "
+            f"method options --rows names; {fix}"
         )
 
 
@@ -219,26 +280,71 @@ def _order(values, preferred: list) -> list[str]:
     return known + sorted((v for v in values if v not in known), key=_natural)
 
 
-def _stat(values: list[float], missing: list) -> Stat:
-    return Stat(mean=statistics.fmean(values), std=statistics.pstdev(values), n=len(values), missing=missing)
+def _stat(values: list[float], missing: list, ci: Optional[float] = None) -> Stat:
+    n = len(values)
+    half = None
+    if ci is not None and n >= 2:  # Student's t with n - 1 degrees of freedom, the sample std
+        half = t_quantile(0.5 + ci / 200, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return Stat(mean=statistics.fmean(values), std=statistics.pstdev(values), n=n, missing=missing, ci=half)
 
 
-def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Table]:
-    """The tables of the runs under `root`: one per value of the axes not on rows or cols."""
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b) (its continued fraction, modified Lentz)."""
+    if x <= 0.0 or x >= 1.0:
+        return max(0.0, min(1.0, x))
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
+        return 1.0 - _incomplete_beta(b, a, 1.0 - x)
+    tiny = 1e-300
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * h
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (0.5 <= p < 1) of Student's t with `df` degrees of freedom, by bisection on
+    its CDF: P(T <= t) = 1 - I_{df / (df + t^2)}(df / 2, 1 / 2) / 2 for t >= 0."""
+    cdf = lambda t: 1.0 - 0.5 * _incomplete_beta(df / 2, 0.5, df / (df + t * t))
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def build_tables(root, rows="method", cols: str = "dataset", ci: Optional[float] = None) -> list[Table]:
+    """The tables of the runs under `root`: one per value of the axes not on rows or cols. `rows`:
+    an axis, optionally followed by method options (`method,cavpt.variant`; see `parse_rows`);
+    `ci`: a confidence level in percent for the ± (None: the population std)."""
     from fastprompt.training.runfiles import harmonic_mean
 
     root = Path(root)
-    check_choice("rows", rows, AXES)
+    spec = rows if isinstance(rows, Rows) else parse_rows(rows)
     check_choice("cols", cols, AXES)
-    require(rows != cols, f"rows and cols are both {rows!r}; pick two different axes of {', '.join(AXES)}")
+    require(spec.axis != cols, f"rows and cols are both {cols!r}; pick two different axes of {', '.join(AXES)}")
+    require(ci is None or (is_number(ci) and 0 < ci < 100),
+            f"ci={ci!r} must be a confidence level in percent between 0 and 100, e.g. 95")
     measurements, configs = load_runs(root)
-    check_one_recipe(measurements, configs)
+    check_one_recipe(measurements, configs, spec)
     grid = _grid(root)
     expected_seeds = sorted(set(grid.get("seeds", [])) or {m.seed for m in measurements})
     preferred = {"method": grid.get("methods", []), "dataset": grid.get("datasets", []),
                  "shots": ["all" if s is None else s for s in grid.get("shots", [])]}
     cross = any(m.dataset != m.source for m in measurements)
-    split = [a for a in SPLIT_AXES if a not in (rows, cols) and (a != "source" or cross)]
+    split = [a for a in SPLIT_AXES if a not in (spec.axis, cols) and (a != "source" or cross)]
 
     groups: dict = {}
     for m in measurements:
@@ -249,7 +355,9 @@ def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Tabl
         keys = dict(zip(split, key))
         classes = keys.get("classes", ms[0].classes)
         metrics = B2N_METRICS if classes == "base" else ("acc",)
-        row_labels = _order({getattr(m, rows) for m in ms}, preferred.get(rows, []))
+        axis_order = _order({getattr(m, spec.axis) for m in ms}, preferred.get(spec.axis, []))
+        axis_of = {spec.label(m): str(getattr(m, spec.axis)) for m in ms}
+        row_labels = sorted(axis_of, key=lambda r: (axis_order.index(axis_of[r]), _natural(r)))
         col_labels = _order({getattr(m, cols) for m in ms}, preferred.get(cols, []))
         targets = []
         if cross and cols == "dataset":
@@ -258,19 +366,19 @@ def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Tabl
             targets = [c for c in col_labels if c != source]
         by_cell: dict = {}
         for m in ms:
-            by_cell.setdefault((getattr(m, rows), getattr(m, cols)), []).append(m)
+            by_cell.setdefault((spec.label(m), getattr(m, cols)), []).append(m)
         cells: dict = {}
         for (r, c), runs in by_cell.items():
             seeds = sorted(m.seed for m in runs)
             require(len(set(seeds)) == len(seeds),
-                    f"cell {rows}={r}, {cols}={c} of {keys} has seed(s) twice ({', '.join(m.run for m in runs)}); "
+                    f"cell {spec.axis}={r}, {cols}={c} of {keys} has seed(s) twice ({', '.join(m.run for m in runs)}); "
                     "report them from separate folders")
             missing = [s for s in expected_seeds if s not in seeds]
             if metrics == ("acc",):
-                cells[(r, c, "acc")] = _stat([m.metrics["acc"] for m in runs], missing)
+                cells[(r, c, "acc")] = _stat([m.metrics["acc"] for m in runs], missing, ci)
             else:
-                base = _stat([m.metrics["base"] for m in runs], missing)
-                new = _stat([m.metrics["new"] for m in runs], missing)
+                base = _stat([m.metrics["base"] for m in runs], missing, ci)
+                new = _stat([m.metrics["new"] for m in runs], missing, ci)
                 cells[(r, c, "base")], cells[(r, c, "new")] = base, new
                 cells[(r, c, "H")] = Stat(harmonic_mean(base.mean, new.mean), None, min(base.n, new.n), missing)
         average = {}
@@ -284,21 +392,25 @@ def build_tables(root, rows: str = "method", cols: str = "dataset") -> list[Tabl
             if metrics == B2N_METRICS:
                 b, n = average[(r, "base")], average[(r, "new")]
                 average[(r, "H")] = None if b is None or n is None else harmonic_mean(b, n)
-        tables.append(Table(keys, rows, cols, row_labels, col_labels, metrics, cells, average, targets))
+        tables.append(Table(keys, spec.axis, cols, row_labels, col_labels, metrics, cells, average, targets,
+                            row_options=spec.names, ci=ci))
     return tables
 
 
 # ------------------------------------------------------------------------------ --compare
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_NOT_A_MEAN = re.compile(r" (std|n|ref|ci[\d.]+)$")  # our CSV's columns beside each mean
 
 
-def load_reference(other, rows: str, cols: str) -> list[tuple[dict, dict]]:
+def load_reference(other, rows, cols: str) -> list[tuple[dict, dict]]:
     """A reference table: another folder of runs, or a CSV (a paper table typed in: a column named
     as the rows axis holding row labels, optional key columns such as shots, and one column per
     printed header, e.g. `method,eurosat,dtd,Average`); as (keys, {(row, header): number})."""
+    spec = rows if isinstance(rows, Rows) else parse_rows(rows)
+    rows = spec.axis
     path = Path(other)
     if path.is_dir():
-        return [(t.keys, _table_means(t)) for t in build_tables(path, rows, cols)]
+        return [(t.keys, _table_means(t)) for t in build_tables(path, spec, cols)]
     if not path.is_file():
         raise FastpromptError(f"--compare {other} is neither a folder of runs nor a CSV file; check the path")
     with open(path, newline="") as f:
@@ -306,7 +418,7 @@ def load_reference(other, rows: str, cols: str) -> list[tuple[dict, dict]]:
         header = reader.fieldnames or []
         require(rows in header, f"--compare {other}: the CSV needs a '{rows}' column with the row labels (its header: {','.join(header)})")
         key_cols = [h for h in header if h in SPLIT_AXES and h not in (rows, cols)]
-        value_cols = [h for h in header if h != rows and h not in key_cols and not h.endswith((" std", " n"))]
+        value_cols = [h for h in header if h != rows and h not in key_cols and not _NOT_A_MEAN.search(h)]
         out: dict = {}
         for line in reader:
             keys = tuple((k, str(line[k]).strip()) for k in key_cols)
@@ -331,23 +443,43 @@ def _table_means(table: Table) -> dict:
 
 
 def attach_reference(tables: list[Table], reference: list[tuple[dict, dict]]) -> None:
-    """Give each table the reference numbers whose keys it matches (a key the reference lacks matches all)."""
+    """Give each table the reference numbers whose keys it matches (a key the reference lacks
+    matches all); a reference row without runs here becomes a row of its own, marked `no_runs`."""
     for table in tables:
         for keys, values in reference:
             if all(str(table.keys.get(k)) == v for k, v in keys.items() if k in table.keys):
                 table.reference.update(values)
+        extra = list(dict.fromkeys(r for r, _ in table.reference if r not in table.rows))
+        table.rows += extra
+        table.no_runs += extra
+        for r in extra:
+            for metric, _ in table.average_labels():
+                table.average[(r, metric)] = None
 
 
 # ------------------------------------------------------------------------------ rendering
-def _cell_text(stat: Optional[Stat], latex: bool = False) -> str:
+def _cell_text(stat: Optional[Stat], latex: bool = False, ci: Optional[float] = None) -> str:
     if stat is None:
         return "missing"
     pm = "$\\pm$" if latex else "±"
-    text = f"{stat.mean:.2f}" if stat.std is None else f"{stat.mean:.2f} {pm} {stat.std:.2f}"
+    spread = stat.std if ci is None else stat.ci
+    if stat.std is None:  # H: no spread of its own
+        text = f"{stat.mean:.2f}"
+    else:
+        text = f"{stat.mean:.2f} {pm} " + ("—" if spread is None else f"{spread:.2f}")
     note = f"n={stat.n}"
     if stat.missing:
         note += f"; seed{'s' if len(stat.missing) > 1 else ''} {', '.join(map(str, stat.missing))} missing"
     return f"{text} ({note})"
+
+
+def spread_note(ci: Optional[float]) -> str:
+    """What the ± of a table is, in words (its footer, and its JSON)."""
+    if ci is None:
+        return ("± is the population standard deviation over seeds (ddof=0, as Dassl's tools/parse_test_res.py); "
+                "n: seeds per cell")
+    return (f"± is the half-width of the {ci:g}% confidence interval of the mean over seeds (Student's t with n-1 "
+            "degrees of freedom and the sample standard deviation, ddof=1; — for one seed); n: seeds per cell")
 
 
 def _with_ref(text: str, mean: Optional[float], ref: Optional[float]) -> str:
@@ -362,15 +494,20 @@ def _grid_rows(table: Table, latex: bool = False) -> tuple[list[str], list[list[
     header = [table.rows_axis] + [h for _, _, h in labels] + [h for _, h in avg_labels]
     body = []
     for r in table.rows:
-        line = [r]
+        line = [_row_label(table, r)]
         for col, metric, head in labels:
             stat = table.cells.get((r, col, metric))
-            line.append(_with_ref(_cell_text(stat, latex), None if stat is None else stat.mean, table.reference.get((r, head))))
+            text = "no runs" if r in table.no_runs else _cell_text(stat, latex, table.ci)
+            line.append(_with_ref(text, None if stat is None else stat.mean, table.reference.get((r, head))))
         for metric, head in avg_labels:
             value = table.average.get((r, metric))
             line.append(_with_ref("—" if value is None else f"{value:.2f}", value, table.reference.get((r, head))))
         body.append(line)
     return header, body
+
+
+def _row_label(table: Table, r: str) -> str:
+    return f"{r} (no runs)" if r in table.no_runs else r
 
 
 def _title(table: Table) -> str:
@@ -386,6 +523,7 @@ def to_markdown(tables: list[Table]) -> str:
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         lines += ["| " + " | ".join(row) + " |" for row in body]
         parts.append("\n".join(lines))
+    parts.append(f"_{spread_note(tables[0].ci)}._")
     return "\n\n".join(parts) + "\n"
 
 
@@ -401,14 +539,17 @@ def to_latex(tables: list[Table]) -> str:
         lines += ["\\begin{tabular}{l" + "c" * (len(header) - 1) + "}", "\\toprule",
                   " & ".join(_latex_escape(h) for h in header) + " \\\\", "\\midrule"]
         lines += [" & ".join(_latex_escape(c) if i == 0 else c for i, c in enumerate(row)) + " \\\\" for row in body]
-        lines += ["\\bottomrule", "\\end{tabular}"]
+        note = _latex_escape(spread_note(table.ci)).replace("±", "$\\pm$")
+        lines += ["\\bottomrule", f"\\multicolumn{{{len(header)}}}{{l}}{{\\footnotesize {note}.}} \\\\",
+                  "\\end{tabular}"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
 def to_csv(tables: list[Table]) -> str:
     """One line per table row: the split keys, the row label, then for each column its mean,
-    std and n (`HEAD`, `HEAD std`, `HEAD n`), the Average, and `HEAD ref` with --compare."""
+    population std and n (`HEAD`, `HEAD std`, `HEAD n`), the Average, `HEAD ciLEVEL` (the
+    interval's half-width) with --ci and `HEAD ref` with --compare."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     last_header = None
@@ -416,17 +557,20 @@ def to_csv(tables: list[Table]) -> str:
         keys = list(table.keys)
         header = keys + [table.rows_axis]
         for _, _, head in table.labels():
-            header += [head, f"{head} std", f"{head} n"] + ([f"{head} ref"] if table.reference else [])
+            header += [head, f"{head} std", f"{head} n"] + ([f"{head} ci{table.ci:g}"] if table.ci is not None else []) \
+                + ([f"{head} ref"] if table.reference else [])
         header += [h for _, h in table.average_labels()]
         if header != last_header:
             writer.writerow(header)
             last_header = header
         for r in table.rows:
-            line = [table.keys[k] for k in keys] + [r]
+            line = [table.keys[k] for k in keys] + [_row_label(table, r)]
             for col, metric, head in table.labels():
                 stat = table.cells.get((r, col, metric))
                 line += ["" if stat is None else f"{stat.mean:.4f}", "" if stat is None or stat.std is None else f"{stat.std:.4f}",
                          "" if stat is None else stat.n]
+                if table.ci is not None:
+                    line.append("" if stat is None or stat.ci is None else f"{stat.ci:.4f}")
                 if table.reference:
                     ref = table.reference.get((r, head))
                     line.append("" if ref is None else f"{ref:.4f}")
@@ -445,23 +589,36 @@ def to_json(tables: list[Table]) -> str:
                 entry = {table.rows_axis: r, table.cols_axis: col, "metric": metric}
                 entry.update({"mean": None, "std": None, "n": 0, "missing_seeds": None} if stat is None else
                              {"mean": stat.mean, "std": stat.std, "n": stat.n, "missing_seeds": stat.missing})
+                if table.ci is not None:
+                    entry["ci_half_width"] = None if stat is None else stat.ci
                 if table.reference:
                     entry["reference"] = table.reference.get((r, head))
                 cells.append(entry)
         average = [{table.rows_axis: r, "metric": m, "mean": table.average.get((r, m))}
                    for r in table.rows for m, _ in table.average_labels()]
-        out.append({"keys": table.keys, "rows": table.rows_axis, "cols": table.cols_axis, "targets": table.targets,
-                    "cells": cells, "average": average})
+        record = {"keys": table.keys, "rows": table.rows_axis, "cols": table.cols_axis, "targets": table.targets,
+                  "cells": cells, "average": average, "spread": spread_note(table.ci)}
+        if table.row_options:
+            record["row_options"] = list(table.row_options)
+        if table.ci is not None:
+            record["ci"] = table.ci
+        if table.no_runs:
+            record["no_runs"] = table.no_runs
+        out.append(record)
     return json.dumps(out, indent=2) + "\n"
 
 
 RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json, "latex": to_latex}
 
 
-def report(root, fmt: str = "md", rows: str = "method", cols: str = "dataset", compare: Optional[str] = None) -> str:
-    """The report of the runs under `root` in format `fmt` (md, csv, json, latex)."""
+def report(root, fmt: str = "md", rows: str = "method", cols: str = "dataset", compare: Optional[str] = None,
+           ci: Optional[float] = None) -> str:
+    """The report of the runs under `root` in format `fmt` (md, csv, json, latex); `rows` may name
+    method options after the axis (`method,cavpt.variant`); `ci` (e.g. 95) makes the ± that
+    confidence interval of the mean instead of the population std."""
     check_choice("format", fmt, FORMATS)
-    tables = build_tables(root, rows, cols)
+    spec = parse_rows(rows)
+    tables = build_tables(root, spec, cols, ci=ci)
     if compare is not None:
-        attach_reference(tables, load_reference(compare, rows, cols))
+        attach_reference(tables, load_reference(compare, spec, cols))
     return RENDERERS[fmt](tables)

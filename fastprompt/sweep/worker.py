@@ -103,7 +103,9 @@ def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: f
 
                 logger = TensorBoardLogger(out / "tensorboard")
             try:
-                train(config, on_epoch=logger)
+                results = train(config, on_epoch=logger)
+                if logger is not None:
+                    logger.final(results)
             finally:
                 if logger is not None:
                     logger.close()

@@ -171,11 +171,13 @@ RESOLVED = ("epochs", "template", "group_lr", "group_warmup_epochs", "options")
 _UNSET = "<unset>"
 
 
-def resolved_defaults(saved: dict, dataset: str) -> dict:
+def resolved_defaults(saved: dict, dataset: str, axes_options: tuple[str, ...] = ()) -> dict:
     """The `RESOLVED` fields of a saved run as resolution gives them on its own method, dataset
     (the sidecar's name) and shots when the run leaves them unset: its protocol's values there,
-    else the defaults. {} when this version cannot resolve the run (a method or protocol it
-    lacks, settings it refuses): its values then count as set explicitly."""
+    else the defaults; the method options `axes_options` (a report's rows) are taken as the run
+    set them, so what they decide (CAVPT's variant: its aux_target) resolves on them too. {}
+    when this version cannot resolve the run (a method or protocol it lacks, settings it
+    refuses): its values then count as set explicitly."""
     from fastprompt.data.datasets import default_template
     from fastprompt.errors import FastpromptError
     from fastprompt.methods import method_config, method_spec
@@ -183,6 +185,8 @@ def resolved_defaults(saved: dict, dataset: str) -> dict:
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     asked = {"out": "", **{k: v for k, v in saved.items() if k in names and k not in RESOLVED and k != "protocol"}}
+    saved_options = saved.get("options") if isinstance(saved.get("options"), dict) else {}
+    asked["options"] = {k: saved_options[k] for k in axes_options if k in saved_options}
     try:
         request = (TrainConfig.from_protocol(saved["protocol"], dataset=dataset, **asked) if saved.get("protocol")
                    else TrainConfig(**asked))
@@ -194,14 +198,18 @@ def resolved_defaults(saved: dict, dataset: str) -> dict:
             "group_lr": resolved.group_lr, "group_warmup_epochs": resolved.group_warmup_epochs, "options": resolved.options}
 
 
-def recipe_difference(runs: list[tuple[str, dict, dict]]) -> Optional[tuple[str, str, str, Any, Any]]:
+def recipe_difference(runs: list[tuple[str, dict, dict]], axes_options: tuple[str, ...] = ()
+                      ) -> Optional[tuple[str, str, str, Any, Any]]:
     """The first identity field in which runs of one report differ beyond the seed, `FOLLOWS` and
     `RESOLVED`, as (field, run, other run, its value, the other's); None when they are one recipe.
     `runs`: (name, axes {TABLE_AXES: value}, saved config). Options and group recipes are compared
-    one by one (`options.topk`, `group_lr.visual`)."""
+    one by one (`options.topk`, `group_lr.visual`). The method options `axes_options` are axes of
+    the report as well (`--rows method,cavpt.variant`): they may differ, and so may what
+    resolution derives from them."""
     entries: dict[tuple, list] = {}  # (field, axis values it follows) -> [(run, value, resolved default)]
     views = [(name, axes, json.loads(json.dumps(without_seed(config))),
-              json.loads(json.dumps(resolved_defaults(config, axes["dataset"])))) for name, axes, config in runs]
+              json.loads(json.dumps(resolved_defaults(config, axes["dataset"], axes_options))))
+             for name, axes, config in runs]
     fields = list(dict.fromkeys(k for _, _, ident, _ in views for k in ident if k not in DERIVED_FIELDS))
     for field in fields:
         for name, axes, ident, defaults in views:

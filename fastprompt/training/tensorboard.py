@@ -1,6 +1,9 @@
 """`--tensorboard`: every numeric field of each epoch's metrics line (loss, accuracies, every
-learning-rate field, images/s) as a TensorBoard scalar `train/<field>` at step = epoch,
-through `torch.utils.tensorboard`. The trainer calls the logger with each metrics line."""
+learning-rate field, images/s) as a TensorBoard scalar `train/<field>` at step = epoch, and the
+run's final test accuracy (`results.json`: `test/accuracy`, or `test/base_accuracy`,
+`test/new_accuracy` and `test/harmonic_mean`) at step = its last epoch, through
+`torch.utils.tensorboard`. The trainer calls the logger with each metrics line; the command
+that trained hands it the results (`final`)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from typing import Union
 from fastprompt.errors import FastpromptError
 
 SKIP = ("epoch",)  # the step, not a scalar
+FINAL = {"test_accuracy": "test/accuracy", "base_accuracy": "test/base_accuracy", "new_accuracy": "test/new_accuracy",
+         "harmonic_mean": "test/harmonic_mean"}  # results.json key -> scalar tag
 
 
 class TensorBoardLogger:
@@ -31,6 +36,15 @@ class TensorBoardLogger:
         for key, value in _scalars(line):
             if key not in SKIP:
                 self.writer.add_scalar(f"train/{key}", value, step)
+        self.writer.flush()
+
+    def final(self, results: dict) -> None:
+        """The final test accuracies of `results` (results.json) at step = the run's epochs."""
+        if self.writer is None:
+            self.writer = self._make()
+        for key, tag in FINAL.items():
+            if isinstance(results.get(key), (int, float)):
+                self.writer.add_scalar(tag, float(results[key]), int(results.get("epochs") or 0))
         self.writer.flush()
 
     def close(self) -> None:

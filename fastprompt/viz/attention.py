@@ -12,6 +12,7 @@ equals zero-shot's; the figure then draws it once and says so.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,8 @@ from fastprompt.viz.figures import check_format, figures_dir, pyplot, save_figur
 from fastprompt.viz.runs import LoadedRun, load_run
 
 PANEL_INCHES = 2.0  # every panel is a square of this side: the PNG is (cols x rows) x 200 px
+FONT_PT = 8  # captions and panel titles
+LINE_INCHES = FONT_PT * 1.3 / 72  # one line of that text
 
 
 @dataclass
@@ -99,13 +102,25 @@ def _denormalise(images: torch.Tensor) -> np.ndarray:
     return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (N, S, S, 3)
 
 
+def _wrap(text: str, inches: float) -> str:
+    """`text` wrapped to lines that fit `inches` at FONT_PT (a character of DejaVu Sans is at most
+    about 0.6 em wide on average: a line of n characters takes n * 0.6 * FONT_PT points)."""
+    chars = max(8, int(inches * 72 / (0.6 * FONT_PT)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
+
 def draw_attention(maps: AttentionMaps, classnames: list[str], method: str, changes_tower: bool):
     """The figure: one row per image; columns image | zero-shot attention | run attention (the
-    last column is left out for text-only methods, whose attention equals zero-shot's)."""
+    last column is left out for text-only methods, whose attention equals zero-shot's). The
+    caption and the panel titles are wrapped to the figure's and the panels' width, and the
+    space above each row is as tall as its titles (a two-column CoOp figure once clipped its
+    caption at both edges)."""
     plt = pyplot()
     n, size = len(maps.labels), maps.images.shape[1]
     cols = 3 if changes_tower else 2
-    fig, axes = plt.subplots(n, cols, figsize=(cols * PANEL_INCHES, n * PANEL_INCHES), squeeze=False)
+    width, height = cols * PANEL_INCHES, n * PANEL_INCHES
+    fig, axes = plt.subplots(n, cols, figsize=(width, height), squeeze=False)
+    title_lines = 1
     for i in range(n):
         truth = classnames[maps.labels[i]]
         zs, tr = classnames[maps.zero_shot_pred[i]], classnames[maps.trained_pred[i]]
@@ -120,14 +135,22 @@ def draw_attention(maps: AttentionMaps, classnames: list[str], method: str, chan
             if heat is not None:  # one block per patch: the attention is over patches, not pixels
                 ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=top, interpolation="nearest",
                           extent=(0, size, size, 0))
-            ax.set_title(title, fontsize=8)
+            title = _wrap(title, 0.95 * PANEL_INCHES)
+            title_lines = max(title_lines, title.count("\n") + 1)
+            ax.set_title(title, fontsize=FONT_PT)
             ax.axis("off")
     if changes_tower:
         caption = f"last-layer class-token attention over patches: zero-shot CLIP | {method}"
     else:
         caption = f"{method} leaves the image tower unchanged: its attention equals zero-shot CLIP's"
-    fig.suptitle(caption, fontsize=8)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=1 - 0.7 / (n * PANEL_INCHES), wspace=0.05, hspace=0.3)
+    caption = _wrap(caption, 0.96 * width)
+    margin = 0.05  # inches above the caption
+    fig.suptitle(caption, fontsize=FONT_PT, y=1 - margin / height, va="top")
+    titles = title_lines * LINE_INCHES + 0.08  # inches a row's titles take above its panels
+    top = 1 - (margin + (caption.count("\n") + 1) * LINE_INCHES + titles) / height
+    rows_inches = top * height - 0.01 * height  # the panels and the gaps between them
+    gap = titles / ((rows_inches - (n - 1) * titles) / n)  # hspace: a fraction of a panel's height
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=top, wspace=0.05, hspace=gap)
     return fig
 
 

@@ -4,12 +4,16 @@ For every run: the zero-shot accuracy of the CLIP it started from (its --clip/--
 template and classes, on its dataset's test split; computed once per distinct setting), its
 trained test accuracy (`results.json`), the gain in points, its training time (the epochs'
 seconds in `metrics.jsonl`, evaluation and set-up excluded) and its training throughput
-(images over those seconds). The demo's last step; it works for any runs.
+(images over those seconds). A base-to-new run gets base / new / H for both (zero-shot CLIP
+on the base and on the new classes, as CoCoOp's tables), in a table of its own. Each row is
+labelled by its method and what sets it apart from the other runs compared (`row_labels`:
+`cavpt (variant=released)`), so an ablation's rows are never look-alikes. The demo's last
+step; it works for any runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,70 +21,177 @@ from fastprompt.errors import FastpromptError
 from fastprompt.viz.curves import read_metrics
 from fastprompt.viz.runs import load_run
 
+B2N = ("base", "new", "H")
+# identity fields never shown in a label: the method (always shown), and facts that follow from the
+# others (class names from data and classes, weights from clip/pretrained/seed, the data's content
+# id, the identity hash)
+_UNLABELLED = ("method", "classnames", "weights_id", "data_id", "identity_hash")
+
 
 @dataclass(frozen=True)
 class Comparison:
     run: str
     method: str
-    zero_shot_accuracy: float  # %
-    trained_accuracy: float  # %
+    label: str  # the method and what differs from the other runs compared
+    classes: str  # "all", or "base" (base-to-new)
+    zero_shot: dict  # %: {"acc": x}, or {"base": x, "new": y, "H": z}
+    trained: dict  # %: the same keys
     train_seconds: float
     images_per_s: float
 
     @property
+    def zero_shot_accuracy(self) -> Optional[float]:
+        return self.zero_shot.get("acc")
+
+    @property
+    def trained_accuracy(self) -> Optional[float]:
+        return self.trained.get("acc")
+
+    @property
     def gain(self) -> float:
-        """Trained minus zero-shot accuracy, in points."""
-        return self.trained_accuracy - self.zero_shot_accuracy
+        """Trained minus zero-shot accuracy in points (of H for base-to-new)."""
+        key = "H" if self.classes == "base" else "acc"
+        return self.trained[key] - self.zero_shot[key]
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "gain": self.gain}
+        out = {"run": self.run, "method": self.method, "label": self.label, "classes": self.classes}
+        if self.classes == "base":
+            out.update({f"zero_shot_{k}": v for k, v in self.zero_shot.items()})
+            out.update({f"trained_{k}": v for k, v in self.trained.items()})
+        else:
+            out.update(zero_shot_accuracy=self.zero_shot_accuracy, trained_accuracy=self.trained_accuracy)
+        return {**out, "gain": self.gain, "train_seconds": self.train_seconds, "images_per_s": self.images_per_s}
 
 
-def _trained_accuracy(run: Path) -> float:
+def _flat(ident: dict) -> dict:
+    """Identity fields with one level of nesting spelled out (`group_lr.visual`), lists as text."""
+    out = {}
+    for key, value in ident.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _shown(key: str, value) -> str:
+    if key == "data" and isinstance(value, str):
+        return f"{key}={Path(value).name}"
+    if isinstance(value, (list, tuple)):
+        value = " | ".join(map(str, value))
+    return f"{key}={value}"
+
+
+def row_labels(configs: list[dict]) -> list[str]:
+    """A label per run config: its method, then each identity field whose value is not the same in
+    every run compared; a field that belongs to the method (its options, its groups' lr and
+    warm-up: `identity.FOLLOWS`) counts only among the runs of that method
+    (`cavpt (variant=released)`, `coop (lr=0.01, seed=2)`)."""
+    from fastprompt.training.identity import FOLLOWS, identity
+
+    idents = [identity({**c, "options": c.get("options") or {}}) for c in configs]
+    flat = [_flat({k: v for k, v in i.items() if k not in _UNLABELLED}) for i in idents]
+    keys = sorted(dict.fromkeys(k for f in flat for k in f), key=lambda k: not k.startswith("options."))
+    labels = []
+    for ident, fields in zip(idents, flat):
+        parts, shown = [], {}
+        for key in keys:
+            per_method = "method" in FOLLOWS.get(key.split(".")[0], ())
+            peers = [f for f, i in zip(flat, idents) if not per_method or i["method"] == ident["method"]]
+            if key not in fields or len({repr(f.get(key, "<unset>")) for f in peers}) == 1:
+                continue
+            if key.startswith("options."):
+                option = key.removeprefix("options.")
+                if shown and _resolves_to(ident["method"], shown, option, fields[key]):
+                    continue  # what the options shown already decide (CAVPT's variant: its aux_target)
+                shown[option] = fields[key]
+            parts.append(_shown(key.removeprefix("options."), fields[key]))
+        labels.append(f"{ident['method']} ({', '.join(parts)})" if parts else str(ident["method"]))
+    return labels
+
+
+def _resolves_to(method: str, given: dict, option: str, value) -> bool:
+    """Whether `method`'s options resolve `option` to `value` from `given` alone."""
+    from fastprompt.methods import method_config
+
+    try:
+        return method_config(method, **given).to_dict().get(option, "<unset>") == value
+    except (FastpromptError, TypeError):  # a method or option this version lacks: show it
+        return False
+
+
+def _trained(run: Path) -> tuple[str, dict]:
+    """(classes, {metric: %}) of a finished run's results.json."""
     from fastprompt.sweep.report import read_results
+    from fastprompt.training.runfiles import harmonic_mean
 
     path = run / "results.json"
     if not path.is_file():
         raise FastpromptError(f"{run} has no results.json; pass the --out of a finished `fastprompt train`")
     results = read_results(path)
     if results["classes"] == "base":
-        raise FastpromptError(f"{run} is a base-to-new run (no single test accuracy); compare runs trained on all classes")
-    return float(results["test_accuracy"])
+        base, new = float(results["base_accuracy"]), float(results["new_accuracy"])
+        return "base", {"base": base, "new": new, "H": harmonic_mean(base, new)}
+    return "all", {"acc": float(results["test_accuracy"])}
 
 
 def compare_runs(run_dirs: list[str], *, device: str = "cpu", num_workers: Optional[int] = None) -> list[Comparison]:
     """One `Comparison` per run, in the order given."""
-    from fastprompt.training.evaluate import evaluate
+    from fastprompt.training.evaluate import evaluate, model_for_classes
+    from fastprompt.training.runfiles import harmonic_mean
 
     if not run_dirs:
         raise FastpromptError("give at least one run directory")
-    zero_shot: dict[tuple, float] = {}
-    rows = []
-    for run_dir in run_dirs:
+    trained = [_trained(Path(r)) for r in run_dirs]  # every results.json checked before a model loads
+    zero_shot: dict[tuple, dict] = {}
+    runs = []
+    for run_dir, (classes, accuracy) in zip(run_dirs, trained):
         path = Path(run_dir)
-        trained = _trained_accuracy(path)
         run = load_run(run_dir, device=device)
         c = run.config
         key = (c["data"], c["clip"], c["pretrained"], tuple(run.model.templates), run.classes, c["weights_id"])
         if key not in zero_shot:
-            zero_shot[key] = evaluate(run.zero_shot(), run.data, "test", run.classes, device=run.device,
-                                      num_workers=num_workers)
+            model = run.zero_shot()
+            score = lambda m, cls: evaluate(m, run.data, "test", cls, device=run.device, num_workers=num_workers)
+            if classes == "base":  # zero-shot CLIP on the base classes, and on the new ones (CoCoOp Table 1)
+                base = score(model, "base")
+                new = score(model_for_classes(model, run.data.classnames_for("new")), "new")
+                zero_shot[key] = {"base": base, "new": new, "H": harmonic_mean(base, new)}
+            else:
+                zero_shot[key] = {"acc": score(model, "all")}
         lines = read_metrics(path / "metrics.jsonl")
         seconds = sum(float(line["seconds"]) for line in lines)
         images = sum(int(line["images"]) for line in lines)
-        rows.append(Comparison(run=str(path), method=run.method, zero_shot_accuracy=zero_shot[key], trained_accuracy=trained,
-                               train_seconds=seconds, images_per_s=images / seconds if seconds > 0 else 0.0))
-    return rows
+        runs.append((str(path), run.method, run.config, classes, zero_shot[key], accuracy, seconds,
+                     images / seconds if seconds > 0 else 0.0))
+    labels = row_labels([r[2] for r in runs])
+    return [Comparison(run=p, method=m, label=label, classes=cls, zero_shot=zs, trained=tr, train_seconds=s,
+                       images_per_s=ips) for (p, m, _, cls, zs, tr, s, ips), label in zip(runs, labels)]
 
 
-def comparison_table(rows: list[Comparison]):
-    """A rich Table: method, zero-shot %, trained %, gain, train time, images/s."""
+def comparison_tables(rows: list[Comparison]) -> list:
+    """Rich Tables: the runs on all classes (zero-shot %, trained %, gain, train time, images/s),
+    then the base-to-new runs (zero-shot and trained base / new / H, the gain in H, ...)."""
     from rich.table import Table
 
-    table = Table(title="zero-shot CLIP -> prompt-tuned, test accuracy")
-    for name in ("method", "zero-shot", "trained", "gain", "train time", "images/s"):
-        table.add_column(name, justify="left" if name == "method" else "right")
-    for r in rows:
-        table.add_row(r.method, f"{r.zero_shot_accuracy:.1f} %", f"{r.trained_accuracy:.1f} %", f"{r.gain:+.1f} pts",
-                      f"{r.train_seconds:.1f} s", f"{r.images_per_s:.0f}")
-    return table
+    tables = []
+    plain = [r for r in rows if r.classes != "base"]
+    if plain:
+        table = Table(title="zero-shot CLIP -> prompt-tuned, test accuracy")
+        for name in ("method", "zero-shot", "trained", "gain", "train time", "images/s"):
+            table.add_column(name, justify="left" if name == "method" else "right")
+        for r in plain:
+            table.add_row(r.label, f"{r.zero_shot_accuracy:.1f} %", f"{r.trained_accuracy:.1f} %", f"{r.gain:+.1f} pts",
+                          f"{r.train_seconds:.1f} s", f"{r.images_per_s:.0f}")
+        tables.append(table)
+    b2n = [r for r in rows if r.classes == "base"]
+    if b2n:
+        table = Table(title="zero-shot CLIP -> prompt-tuned, base-to-new test accuracy (H: harmonic mean)")
+        heads = ["method", *(f"zero-shot {m}" for m in B2N), *(f"trained {m}" for m in B2N), "gain H", "train time", "images/s"]
+        for name in heads:
+            table.add_column(name, justify="left" if name == "method" else "right")
+        for r in b2n:
+            table.add_row(r.label, *(f"{r.zero_shot[m]:.1f} %" for m in B2N), *(f"{r.trained[m]:.1f} %" for m in B2N),
+                          f"{r.gain:+.1f} pts", f"{r.train_seconds:.1f} s", f"{r.images_per_s:.0f}")
+        tables.append(table)
+    return tables

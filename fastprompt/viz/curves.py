@@ -1,9 +1,12 @@
 """`fastprompt plot curves`: training curves of a run, or of every run of a sweep, from `metrics.jsonl`.
 
 Three panels against the epoch: the training loss, every `*accuracy*` key (training
-accuracy, and validation accuracy where a line has it), and every `lr*` key (one learning
-rate per parameter group where the trainer logs them, e.g. `lr` or `lr/text`). A sweep is
-a folder whose sub-folders hold runs: each run is one line per key, labelled by its folder.
+accuracy, and validation accuracy at the epochs whose line has it: `val_accuracy` every E
+epochs with --eval-every E), and every `lr*` key (one learning rate per parameter group where
+the trainer logs them, e.g. `lr` or `lr/text`). The final test accuracy of a finished run
+(`results.json` beside its metrics: `test_accuracy`, or `base_accuracy` and `new_accuracy`) is a
+star on the accuracy panel at its last epoch. A sweep is a folder whose sub-folders hold runs:
+each run is one line per key, labelled by its folder.
 """
 
 from __future__ import annotations
@@ -42,15 +45,35 @@ def _flat(line: dict) -> dict:
     return flat
 
 
-def find_runs(run_or_sweep: str) -> dict[str, list[dict]]:
-    """{label: epoch lines} of the run at `run_or_sweep`, or of every run below it (a sweep)."""
+FINAL_KEYS = ("test_accuracy", "base_accuracy", "new_accuracy")  # results.json's accuracies drawn as final points
+
+
+def _metrics_files(run_or_sweep: str) -> dict[str, Path]:
     root = Path(run_or_sweep)
     if not root.is_dir():
         raise FastpromptError(f"{root} is not a directory; pass a run's --out or a folder of runs")
     if (root / "metrics.jsonl").is_file():
-        files = {root.name: root / "metrics.jsonl"}
-    else:
-        files = {str(p.parent.relative_to(root)): p for p in sorted(root.rglob("metrics.jsonl"))}
+        return {root.name: root / "metrics.jsonl"}
+    return {str(p.parent.relative_to(root)): p for p in sorted(root.rglob("metrics.jsonl"))}
+
+
+def find_finals(run_or_sweep: str) -> dict[str, dict]:
+    """{label: {key: final test accuracy %}} of the finished runs (`results.json`, checked) of
+    `run_or_sweep`, labelled as `find_runs` labels them."""
+    from fastprompt.sweep.report import read_results
+
+    finals = {}
+    for label, path in _metrics_files(run_or_sweep).items():
+        if (path.parent / "results.json").is_file():
+            results = read_results(path.parent / "results.json")
+            finals[label] = {k: float(results[k]) for k in FINAL_KEYS if k in results}
+    return finals
+
+
+def find_runs(run_or_sweep: str) -> dict[str, list[dict]]:
+    """{label: epoch lines} of the run at `run_or_sweep`, or of every run below it (a sweep)."""
+    root = Path(run_or_sweep)
+    files = _metrics_files(run_or_sweep)
     runs = {label: read_metrics(path) for label, path in files.items()}
     runs = {label: lines for label, lines in runs.items() if lines}
     if not runs:
@@ -58,7 +81,9 @@ def find_runs(run_or_sweep: str) -> dict[str, list[dict]]:
     return runs
 
 
-def draw_curves(runs: dict[str, list[dict]]):
+def draw_curves(runs: dict[str, list[dict]], finals: Optional[dict[str, dict]] = None):
+    """The figure of `runs` ({label: epoch lines}), with each run's `finals` ({label: {key: %}})
+    as stars at its last epoch on the accuracy panel."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=FIGSIZE)
     panels = (("loss", lambda k: k == "loss"), ("accuracy (%)", lambda k: "accuracy" in k),
@@ -73,6 +98,11 @@ def draw_curves(runs: dict[str, list[dict]]):
                     xs, ys = zip(*points)
                     name = key if single else f"{label}: {key}"
                     ax.plot(xs, ys, marker="o", markersize=2.5, label=name)
+            if title.startswith("accuracy") and (finals or {}).get(label):
+                last = max((line["epoch"] for line in lines if "epoch" in line), default=0)
+                for key, value in finals[label].items():
+                    name = f"{key} (final)" if single else f"{label}: {key} (final)"
+                    ax.plot([last], [value], marker="*", markersize=9, linestyle="none", label=name)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -87,4 +117,5 @@ def plot_curves(run_or_sweep: str, *, out: Optional[str] = None, fmt: str = "png
     check_format(fmt)
     runs = find_runs(run_or_sweep)
     stem = "curves-loss-accuracy-lr" if len(runs) == 1 else f"curves-loss-accuracy-lr-{len(runs)}-runs"
-    return save_figure(draw_curves(runs), figures_dir(Path(run_or_sweep), out), stem, fmt)
+    finals = {label: f for label, f in find_finals(run_or_sweep).items() if label in runs}
+    return save_figure(draw_curves(runs, finals), figures_dir(Path(run_or_sweep), out), stem, fmt)

@@ -37,6 +37,8 @@ MD = """\
 |---|---:|---:|---:|
 | coop | 72.00 ± 1.63 (n=3) | 51.00 ± 1.00 (n=2; seed 3 missing) | 61.50 |
 | cavpt | 81.00 ± 1.41 (n=3) | 61.00 ± 0.82 (n=3) | 71.00 |
+
+_± is the population standard deviation over seeds (ddof=0, as Dassl's tools/parse_test_res.py); n: seeds per cell._
 """
 
 CSV = """\
@@ -44,6 +46,8 @@ shots,classes,method,eurosat,eurosat std,eurosat n,dtd,dtd std,dtd n,Average
 16,all,coop,72.0000,1.6330,3,51.0000,1.0000,2,61.5000
 16,all,cavpt,81.0000,1.4142,3,61.0000,0.8165,3,71.0000
 """
+
+POP = "_± is the population standard deviation over seeds (ddof=0, as Dassl's tools/parse_test_res.py); n: seeds per cell._"
 
 LATEX = r"""% shots=16, classes=all
 \begin{tabular}{lccc}
@@ -53,6 +57,7 @@ method & eurosat & dtd & Average \\
 coop & 72.00 $\pm$ 1.63 (n=3) & 51.00 $\pm$ 1.00 (n=2; seed 3 missing) & 61.50 \\
 cavpt & 81.00 $\pm$ 1.41 (n=3) & 61.00 $\pm$ 0.82 (n=3) & 71.00 \\
 \bottomrule
+\multicolumn{4}{l}{\footnotesize $\pm$ is the population standard deviation over seeds (ddof=0, as Dassl's tools/parse\_test\_res.py); n: seeds per cell.} \\
 \end{tabular}
 """
 
@@ -72,6 +77,8 @@ def test_json(table1):
         "cells": [cell("coop", "eurosat", 72.0, (8 / 3) ** 0.5, 3, []), cell("coop", "dtd", 51.0, 1.0, 2, [3]),
                   cell("cavpt", "eurosat", 81.0, 2 ** 0.5, 3, []), cell("cavpt", "dtd", 61.0, (2 / 3) ** 0.5, 3, [])],
         "average": [{"method": "coop", "metric": "acc", "mean": 61.5}, {"method": "cavpt", "metric": "acc", "mean": 71.0}],
+        "spread": "± is the population standard deviation over seeds (ddof=0, as Dassl's tools/parse_test_res.py); "
+                  "n: seeds per cell",
     }]
     assert _approx_equal(got, want)
 
@@ -113,6 +120,8 @@ def test_base_to_new_prints_base_new_and_harmonic_mean(tmp_path, make_run):
 | method | eurosat base | eurosat new | eurosat H | Average base | Average new | Average H |
 |---|---:|---:|---:|---:|---:|---:|
 | coop | 91.00 ± 1.00 (n=2) | 62.00 ± 2.00 (n=2) | {h:.2f} (n=2) | 91.00 | 62.00 | {h:.2f} |
+
+{POP}
 """
 
 
@@ -126,6 +135,8 @@ def test_cross_dataset_prints_source_then_targets(tmp_path, make_run):
 | method | imagenet (source) | dtd | eurosat | Average (targets) |
 |---|---:|---:|---:|---:|
 | coop | 71.00 ± 1.00 (n=2) | 41.00 ± 1.00 (n=2) | 32.00 ± 2.00 (n=2) | 36.50 |
+
+_± is the population standard deviation over seeds (ddof=0, as Dassl's tools/parse_test_res.py); n: seeds per cell._
 """
 
 
@@ -354,3 +365,103 @@ def test_a_dataset_file_is_one_file_in_every_column(tmp_path, make_run):
     with pytest.raises(FastpromptError, match=r"cavpt\S+ and \S+coop\S+ differ in data \('/other/eurosat.beton' vs "
                                               r"'/data/eurosat.beton'\)"):
         report(root)
+
+
+# ------------------------------------------------------------------ ablation tables (issue 25 §3)
+@pytest.fixture
+def variants(tmp_path, make_run):
+    """coop, and cavpt in both variants (the released one with what it resolves: aux_target gt-only), seeds 1-2."""
+    root = tmp_path / "variants"
+    released = {"variant": "released", "aux_target": "gt-only", "topk_source": "online"}
+    for seed, (c, p, r) in zip((1, 2), ((60, 70, 74), (62, 72, 78))):
+        make_run(root, "eurosat", "coop", seed, c, options={})
+        make_run(root, "eurosat", "cavpt", seed, p, options={})
+        make_run(root / "released", "eurosat", "cavpt", seed, r, options=released)
+    return root
+
+
+def test_rows_may_name_a_method_option(variants):
+    with pytest.raises(FastpromptError, match=r"differ in options.variant \('released' vs 'paper'\).* report them from "
+                                              r"separate folders, or give each value its own row: "
+                                              r"--rows method,cavpt.variant$"):
+        report(variants)
+    text = report(variants, rows="method,cavpt.variant")
+    assert "| method | eurosat | Average |" in text
+    assert "| coop | 61.00 ± 1.00 (n=2) | 61.00 |" in text
+    assert "| cavpt (variant=paper) | 71.00 ± 1.00 (n=2) | 71.00 |" in text
+    assert "| cavpt (variant=released) | 76.00 ± 2.00 (n=2) | 76.00 |" in text
+    (table,) = json.loads(report(variants, "json", rows="method,cavpt.variant"))
+    assert table["row_options"] == ["cavpt.variant"]
+    assert [c["method"] for c in table["cells"]] == ["cavpt (variant=paper)", "cavpt (variant=released)", "coop"]
+    result = runner.invoke(app, ["report", str(variants), "--rows", "method,cavpt.variant", "--format", "csv"])
+    assert result.exit_code == 0 and "16,all,cavpt (variant=released),76.0000,1.0000" not in result.output
+    assert "16,all,cavpt (variant=released),76.0000,2.0000,2,76.0000" in result.output
+
+
+def test_rows_naming_an_option_still_refuse_a_mix_they_do_not_name(variants, make_run):
+    """The variant may differ, and what it resolves (aux_target); another option may not."""
+    make_run(variants / "topk", "eurosat", "cavpt", 3, 75.0, options={"variant": "released", "topk": 3})
+    with pytest.raises(FastpromptError, match=r"differ in options.topk \(3 vs 5\).*--rows method,cavpt.variant,cavpt.topk$"):
+        report(variants, rows="method,cavpt.variant")
+    assert "| cavpt (variant=released, topk=3) | 75.00 ± 0.00 (n=1; seeds 1, 2 missing) |" in report(
+        variants, rows="method,cavpt.variant,cavpt.topk")
+
+
+def test_student_t_quantile():
+    """Values of scipy.stats.t.ppf(0.975, df), and the CDF against scipy where it is installed."""
+    from fastprompt.sweep.report import t_quantile
+
+    for df, want in ((1, 12.706204736174698), (2, 4.302652729749464), (4, 2.7764451051977934), (9, 2.2621571628540993)):
+        assert t_quantile(0.975, df) == pytest.approx(want, rel=1e-9)
+    stats = pytest.importorskip("scipy.stats")
+    for p in (0.6, 0.9, 0.95, 0.995):
+        for df in (1, 2, 3, 7, 30, 200):
+            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9)
+
+
+def test_ci_is_a_student_t_interval_of_the_mean(table1):
+    """70, 72, 74: mean 72, sample std 2, 95 %: t(0.975, 2) * 2 / sqrt(3) = 4.97 (the ± std would be 1.63)."""
+    text = report(table1, "md", ci=95)
+    assert "| coop | 72.00 ± 4.97 (n=3) | 51.00 ± 12.71 (n=2; seed 3 missing) | 61.50 |" in text
+    assert text.endswith("_± is the half-width of the 95% confidence interval of the mean over seeds (Student's t with "
+                         "n-1 degrees of freedom and the sample standard deviation, ddof=1; — for one seed); "
+                         "n: seeds per cell._\n")
+    (table,) = json.loads(report(table1, "json", ci=95))
+    assert table["ci"] == 95 and table["cells"][0]["ci_half_width"] == pytest.approx(4.302652729749464 * 2 / 3 ** 0.5)
+    assert table["cells"][0]["std"] == pytest.approx((8 / 3) ** 0.5)  # the population std stays in the JSON
+    assert report(table1, "csv", ci=90).splitlines()[0].startswith("shots,classes,method,eurosat,eurosat std,eurosat n,"
+                                                                   "eurosat ci90,dtd,")
+    result = runner.invoke(app, ["report", str(table1), "--ci", "95"])
+    assert result.exit_code == 0 and "72.00 ± 4.97 (n=3)" in result.output
+    one = report(table1, "md", ci=95, rows="dataset", cols="method")
+    assert "± 0.82" not in one  # the std is not shown as the interval
+
+
+def test_ci_of_one_seed_is_a_dash(tmp_path, make_run):
+    make_run(tmp_path / "one", "eurosat", "coop", 1, 70.0)
+    assert "| coop | 70.00 ± — (n=1) | 70.00 |" in report(tmp_path / "one", ci=95)
+
+
+def test_a_reference_row_without_runs_is_shown_marked(table1, tmp_path):
+    ref = tmp_path / "paper.csv"
+    ref.write_text("method,eurosat,dtd,Average\ncoop,70.5,50,60.25\nkgcoop,75.0,55.5,65.25\n")
+    text = report(table1, "md", compare=str(ref))
+    assert "| kgcoop (no runs) | no runs [ref 75.00] | no runs [ref 55.50] | — [ref 65.25] |" in text
+    (table,) = json.loads(report(table1, "json", compare=str(ref)))
+    assert table["no_runs"] == ["kgcoop"]
+    assert [c["reference"] for c in table["cells"] if c["method"] == "kgcoop"] == [75.0, 55.5]
+    assert "16,all,kgcoop (no runs),,,,75.0000,,,,55.5000," in report(table1, "csv", compare=str(ref))
+
+
+@pytest.mark.parametrize("rows, ci, message", [
+    ("variant", None, "rows='variant' must start with one of method, dataset, shots, optionally followed by method "
+                      "options (e.g. method,cavpt.variant)"),
+    ("method,cavpt.variantt", None, "rows='method,cavpt.variantt': 'cavpt.variantt' is not a method option; name one "
+                                    "as its flag without the dashes"),
+    ("method,cavpt.topk,cavpt.topk", None, "names 'cavpt.topk' twice"),
+    ("method", 100, "ci=100 must be a confidence level in percent between 0 and 100, e.g. 95"),
+    ("method", 0, "ci=0 must be a confidence level"),
+])
+def test_bad_rows_and_ci(table1, rows, ci, message):
+    with pytest.raises(FastpromptError, match=re.escape(message)):
+        report(table1, rows=rows, ci=ci)

@@ -3,6 +3,7 @@ runs twice, the report equals mean ± std computed from the runs), failures, cro
 evaluations, TensorBoard scalars, submitit's local executor, and the shots figure."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -154,6 +155,50 @@ def test_shots_figure(tmp_path, make_run):
     assert result.exit_code == 2 and "no few-shot accuracy" in result.output
 
 
+def test_shots_figure_has_zero_shot_clip_at_0_shots(tmp_path, make_run, caplog):
+    """CoOp Fig. 3: zero-shot CLIP (the runs' CLIP, from a saved `fastprompt zeroshot` JSON) as a
+    star at 0 shots; a figure without one says so in one log line; --format pdf (issue 25 §4)."""
+    from fastprompt.sweep.plot import draw_shots, zero_shot_points
+
+    root = tmp_path / "fig"
+    for shots, accs in ((1, (40, 44)), (4, (60, 62))):
+        for seed, acc in zip((1, 2), accs):
+            make_run(root, "eurosat", "coop", seed, acc, shots=shots, clip="ViT-B-32", pretrained="openai", weights_id="openai")
+            make_run(root, "dtd", "coop", seed, acc, shots=shots, clip="ViT-B-32", pretrained="openai", weights_id="openai")
+    zs = lambda dataset, acc, clip="ViT-B-32", classes="all": json.dumps(
+        {"method": "zeroshot", "dataset": dataset, "classes": classes, "clip": clip, "pretrained": "openai",
+         "test_accuracy": acc})
+    (root / "zeroshot-eurosat.json").write_text(zs("eurosat", 35.5))
+    (root / "zeroshot-dtd-b16.json").write_text(zs("dtd", 50.0, clip="ViT-B-16"))  # another CLIP than the runs'
+    (root / "zeroshot-dtd-base.json").write_text(zs("dtd", 51.0, classes="base"))  # not all classes
+    assert zero_shot_points(root) == {"eurosat": 35.5}
+
+    fig = draw_shots("eurosat", {"coop": [(1, 42.0, 2.0, 2), (4, 61.0, 1.0, 2)]}, 35.5)
+    (ax,) = fig.axes
+    star = next(line for line in ax.lines if line.get_label() == "Zero-shot CLIP")
+    assert list(star.get_xdata()) == [0] and list(star.get_ydata()) == [35.5] and star.get_marker() == "*"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "4"] and ax.get_xscale() == "symlog"
+    to_px = lambda x: ax.transData.transform((x, 0))[0]
+    assert to_px(1) - to_px(0) == pytest.approx(to_px(2) - to_px(1))  # 0 to 1 as wide as 1 to 2 (log2 above 1)
+
+    with caplog.at_level(logging.WARNING, logger="fastprompt.sweep.plot"):
+        paths = plot_shots(root, str(tmp_path / "pdf"), "pdf")
+    assert [p.name for p in paths] == ["shots-dtd.pdf", "shots-eurosat.pdf"]
+    assert all(p.read_bytes()[:5] == b"%PDF-" for p in paths)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"{tmp_path / 'pdf' / 'shots-dtd.pdf'} has no zero-shot point: no zeroshot*.json under {root} "
+                           "for dtd with the runs' CLIP; add one with `fastprompt zeroshot")
+
+    (root / "zeroshot-eurosat-again.json").write_text(zs("eurosat", 36.0))
+    result = CliRunner().invoke(app, ["plot", "shots", str(root)])
+    assert result.exit_code == 2 and "are two zero-shot results for eurosat with ViT-B-32 (openai) that differ " \
+                                      "(36.00 vs 35.50); keep one" in result.output
+    (root / "zeroshot-eurosat-again.json").write_text(json.dumps({"dataset": "eurosat"}))
+    result = CliRunner().invoke(app, ["plot", "shots", str(root)])
+    assert result.exit_code == 2 and "zeroshot-eurosat-again.json lacks method; replace it with what " \
+                                      "`fastprompt zeroshot" in result.output
+
+
 def test_shots_figure_never_writes_outside_its_folder(tmp_path, make_run):
     """A results.json whose "dataset" is a path: refused (fastprompt.files.path_component), no figure anywhere."""
     root = tmp_path / "fig"
@@ -204,6 +249,9 @@ def test_train_tensorboard_flag(demo_beton, tmp_path):
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     (event,) = acc.Scalars("train/loss")
     assert event.step == 1 and event.value == pytest.approx(line["loss"], rel=1e-6)
+    (final,) = acc.Scalars("test/accuracy")  # the final test accuracy at the last epoch (issue 25 §4)
+    results = json.loads((out / "results.json").read_text())
+    assert final.step == 1 and final.value == pytest.approx(results["test_accuracy"], rel=1e-6)
 
 
 @pytest.mark.slow

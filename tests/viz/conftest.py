@@ -15,11 +15,11 @@ def viz_beton(tmp_path_factory):
     return path
 
 
-def _train(root, method, beton, name=None, **options):
+def _train(root, method, beton, name=None, classes="all", **options):
     out = root / (name or method)
     train(TrainConfig(method=method, data=str(beton), out=str(out), clip="fastprompt-tiny", pretrained="none",
                       shots=4, epochs=2, warmup_epochs=0, batch_size=8, optimizer="adamw", lr=0.01, weight_decay=0.0,
-                      num_workers=1, device="cpu", compile="off", options=options))
+                      num_workers=1, device="cpu", compile="off", classes=classes, options=options))
     return out
 
 
@@ -34,3 +34,9 @@ def runs(tmp_path_factory, viz_beton):
 def csc_run(tmp_path_factory, viz_beton):
     """A CoOp run with class-specific context (one context per class)."""
     return _train(tmp_path_factory.mktemp("viz-csc"), "coop", viz_beton, name="coop-csc", csc=True, n_ctx=2)
+
+
+@pytest.fixture(scope="session")
+def b2n_run(tmp_path_factory, viz_beton):
+    """A base-to-new CoOp run (trained on the base half of the classes)."""
+    return _train(tmp_path_factory.mktemp("viz-b2n"), "coop", viz_beton, name="coop-b2n", classes="base")

@@ -52,6 +52,29 @@ def test_attention_maps_sum_to_one_and_text_only_equals_zero_shot(runs):
             assert not np.allclose(maps.trained, maps.zero_shot)  # the prompts change where the class token looks
 
 
+@pytest.mark.parametrize("method, changes_tower, n", [("coop", False, 1), ("coop", False, 3), ("cavpt", True, 1),
+                                                      ("vpt-shallow", True, 2)])
+def test_attention_caption_and_titles_fit_the_figure(method, changes_tower, n):
+    """A CoOp run's two-column figure clipped its caption at both edges (issue 25 §4): every text
+    lies inside the figure, and the caption above the panel titles."""
+    from fastprompt.viz.attention import AttentionMaps
+
+    rng = np.random.default_rng(0)
+    heat = rng.random((n, 4, 4))
+    maps = AttentionMaps(images=rng.random((n, 64, 64, 3)), labels=np.arange(n), zero_shot=heat, trained=heat[::-1],
+                         zero_shot_pred=np.arange(n), trained_pred=np.arange(n))
+    fig = draw_attention(maps, ["annual crop land", "herbaceous vegetation land", "permanent crop land"], method,
+                         changes_tower)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    caption = fig._suptitle.get_window_extent(renderer)
+    titles = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    for box in [caption, *titles]:
+        assert 0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height, (box, width, height)
+    assert all(caption.y0 >= t.y1 for t in titles)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, cols", [("cavpt", 3), ("coop", 2)])
 def test_plot_attention_writes_a_png_of_the_panel_grid(runs, method, cols, tmp_path):
@@ -66,7 +89,7 @@ def test_plot_pdf_and_bad_format(runs, tmp_path):
     invoke("plot", "curves", runs["coop"], "--format", "pdf", "--out", tmp_path / "pdf")
     assert (tmp_path / "pdf" / "curves-loss-accuracy-lr.pdf").read_bytes()[:5] == b"%PDF-"
     result = runner.invoke(app, ["plot", "attention", str(runs["coop"]), "--format", "svg", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "--format 'svg'" in result.output
+    assert result.exit_code == 2 and "'--format': 'svg' is not one of 'png', 'pdf'" in result.output
     assert not (tmp_path / "x").exists()
     result = runner.invoke(app, ["plot", "tsne", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not a finished run" in result.output
@@ -101,6 +124,36 @@ def test_plot_curves_of_a_run_and_a_sweep_with_lr_per_group(runs, tmp_path):
     lr_axis = fig.axes[2]
     assert sorted(line.get_label() for line in lr_axis.lines) == ["lr/text", "lr/visual"]
     np.testing.assert_allclose(lr_axis.lines[0].get_ydata(), [0.01, 0.005, 0.01 / 3])
+
+
+def _finished(folder, **accuracies):
+    folder.mkdir(parents=True)
+    classes = "base" if "base_accuracy" in accuracies else "all"
+    results = {"method": "coop", "dataset": "eurosat", "shots": 4, "seed": 1, "classes": classes, **accuracies}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_curves_draw_val_accuracy_where_logged_and_the_final_test_accuracy(tmp_path):
+    """val_accuracy every E epochs (--eval-every) at those epochs only; results.json's test
+    accuracy a star at the last epoch; base/new for a base-to-new run (issue 25 §4)."""
+    from fastprompt.viz.curves import draw_curves, find_finals, find_runs
+
+    run = _finished(tmp_path / "sweep" / "a", test_accuracy=71.5)
+    lines = [{"epoch": e, "loss": 2.0 / e, "train_accuracy": 10.0 * e, "lr": 0.01, **({"val_accuracy": 5.0 * e} if e % 2 == 0 else {})}
+             for e in (1, 2, 3, 4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    fig = draw_curves(find_runs(str(run)), find_finals(str(run)))
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[1].lines}
+    assert drawn == {"train_accuracy": ([1, 2, 3, 4], [10.0, 20.0, 30.0, 40.0]), "val_accuracy": ([2, 4], [10.0, 20.0]),
+                     "test_accuracy (final)": ([4], [71.5])}
+    b2n = _finished(tmp_path / "sweep" / "b", base_accuracy=80.0, new_accuracy=60.0)
+    (b2n / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines[:3]))
+    fig = draw_curves(find_runs(str(tmp_path / "sweep")), find_finals(str(tmp_path / "sweep")))
+    finals = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[1].lines
+              if "final" in line.get_label()}
+    assert finals == {"a: test_accuracy (final)": ([4], [71.5]), "b: base_accuracy (final)": ([3], [80.0]),
+                      "b: new_accuracy (final)": ([3], [60.0])}
 
 
 # ------------------------------------------------------------------ interpret, compare
@@ -165,6 +218,49 @@ def test_compare_rows(runs, viz_beton, tmp_path):
         assert row.trained_accuracy == pytest.approx(results["test_accuracy"])
         assert row.gain == pytest.approx(row.trained_accuracy - row.zero_shot_accuracy)
         assert row.train_seconds == pytest.approx(sum(m["seconds"] for m in metrics))
+    assert [row.label for row in rows] == ["coop", "cavpt"]  # one seed, one recipe: nothing else sets them apart
     out = invoke("compare", runs["coop"], "--workers", 1, "--json", tmp_path / "rows.json")
     assert "zero-shot" in out and "%" in out
     assert json.loads((tmp_path / "rows.json").read_text())[0]["method"] == "coop"
+
+
+def test_compare_labels_each_row_by_what_sets_it_apart():
+    """Two cavpt runs that differ in the variant are not look-alike rows (issue 25 §3): the label
+    names the option (not what it decides itself, aux_target), and a setting that differs across
+    all runs; an option counts only among the runs of its method."""
+    from fastprompt.viz.compare import row_labels
+
+    base = {"data": "/d/eurosat.beton", "lr": 0.002, "seed": 1, "shots": 16, "classes": "all", "pretrained": None,
+            "weights_id": "params:1", "device": "cpu", "out": "a"}
+    configs = [{**base, "method": "coop", "options": {}, "group_lr": {"text": 0.002}},
+               {**base, "method": "cavpt", "options": {}, "group_lr": {"visual": 0.002}, "out": "b"},
+               {**base, "method": "cavpt", "options": {"variant": "released"}, "group_lr": {"visual": 0.002}, "out": "c"}]
+    assert row_labels(configs) == ["coop", "cavpt (variant=paper)", "cavpt (variant=released)"]
+    configs[2]["options"]["topk"] = 3
+    configs[0].update(lr=0.01, seed=2, weights_id="params:2", data="/d/dtd.beton")
+    assert row_labels(configs) == ["coop (data=dtd.beton, lr=0.01, seed=2)",
+                                   "cavpt (variant=paper, data=eurosat.beton, lr=0.002, seed=1)",  # topk 5: the default
+                                   "cavpt (variant=released, topk=3, data=eurosat.beton, lr=0.002, seed=1)"]
+
+
+@pytest.mark.slow
+def test_compare_a_base_to_new_run_shows_base_new_and_h(b2n_run, runs, viz_beton, tmp_path):
+    from fastprompt.training import zeroshot_eval
+    from fastprompt.training.runfiles import harmonic_mean
+    from fastprompt.viz.compare import compare_runs
+
+    (row,) = compare_runs([str(b2n_run)], num_workers=1)
+    results = json.loads((b2n_run / "results.json").read_text())
+    seed = json.loads((b2n_run / "config.json").read_text())["seed"]
+    zs = {cls: zeroshot_eval(str(viz_beton), clip="fastprompt-tiny", pretrained="none", seed=seed, classes=cls,
+                             device="cpu", num_workers=1)["test_accuracy"] for cls in ("base", "new")}
+    assert row.classes == "base" and row.trained_accuracy is None
+    assert row.trained == pytest.approx({"base": results["base_accuracy"], "new": results["new_accuracy"],
+                                         "H": results["harmonic_mean"]})
+    assert row.zero_shot == pytest.approx({**zs, "H": harmonic_mean(zs["base"], zs["new"])})
+    assert row.gain == pytest.approx(row.trained["H"] - row.zero_shot["H"])
+    out = invoke("compare", runs["coop"], b2n_run, "--workers", 1, "--json", tmp_path / "rows.json")
+    assert "base-to-new" in out and "zero-shot new" in out and "trained H" in out
+    coop, b2n = json.loads((tmp_path / "rows.json").read_text())
+    assert coop["label"] == "coop (classes=all)" and b2n["label"] == "coop (classes=base)"
+    assert b2n["trained_new"] == pytest.approx(results["new_accuracy"]) and "trained_accuracy" not in b2n
