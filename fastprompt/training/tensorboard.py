@@ -1,6 +1,7 @@
 """`--tensorboard`: every numeric field of each epoch's metrics line (loss, accuracies, every
-learning-rate field, images/s) as a TensorBoard scalar `train/<field>` at step = epoch,
-through `torch.utils.tensorboard`. The trainer calls the logger with each metrics line."""
+learning-rate field, images/s) as a TensorBoard scalar `train/<field>` at step = epoch, but the
+val accuracy of `--eval-every`'s epochs, `val/accuracy` (Dassl's tag), through
+`torch.utils.tensorboard`. The trainer calls the logger with each metrics line."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Union
 from fastprompt.errors import FastpromptError
 
 SKIP = ("epoch",)  # the step, not a scalar
+TAGS = {"val_accuracy": "val/accuracy"}  # fields that are not training scalars: their own tag
 
 
 class TensorBoardLogger:
@@ -30,7 +32,7 @@ class TensorBoardLogger:
         step = int(line["epoch"])
         for key, value in _scalars(line):
             if key not in SKIP:
-                self.writer.add_scalar(f"train/{key}", value, step)
+                self.writer.add_scalar(TAGS.get(key, f"train/{key}"), value, step)
         self.writer.flush()
 
     def close(self) -> None:
