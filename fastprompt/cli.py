@@ -789,9 +789,9 @@ def sweep_cmd(
 
 
 def _report_choices() -> dict[str, tuple]:
-    from fastprompt.sweep.report import AXES, FORMATS
+    from fastprompt.sweep.report import AXES, FORMATS, METRICS
 
-    return {"format": FORMATS, "rows": AXES, "cols": AXES}
+    return {"format": FORMATS, "rows": AXES, "cols": AXES, "metric": tuple(METRICS)}
 
 
 @command(app, "report", cls=BaseCommand, choices=_report_choices)
@@ -802,12 +802,13 @@ def report_cmd(
     rows: Annotated[str, typer.Option("--rows", help="What the table's rows are.")] = "method",
     cols: Annotated[str, typer.Option("--cols", help="What the table's columns are.")] = "dataset",
     compare: Annotated[Optional[str], typer.Option("--compare", help="A reference: another folder of runs, or a CSV (e.g. a paper table typed in).")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="What each cell averages: acc (test accuracy) or per-class-acc (the mean of the per-class accuracies, Dassl's per-class result).")] = "acc",
 ) -> None:
     """Mean ± std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset. One folder is one
     recipe: its runs may differ only in the seed and in what their method, dataset, shots and classes set."""
     from fastprompt.sweep.report import report
 
-    typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare), nl=False)
+    typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare, metric=metric), nl=False)
 
 
 plot_app = typer.Typer(cls=Group, help="Figures of a finished run or a sweep (PNG, or PDF with --format pdf), written to RUN/figures by default.",
@@ -878,6 +879,14 @@ def plot_curves_cmd(run_or_sweep: Annotated[str, typer.Argument(help="A run dire
 
     typer.echo(plot_curves(run_or_sweep, out=out, fmt=fmt))
 
+
+@command(plot_app, "confusion", cls=BaseCommand, choices=_figure_choices)
+@user_errors
+def plot_confusion_cmd(run: Run, out: FigureOut = None, fmt: FigureFormat = "png") -> None:
+    """The confusion matrix of the run's reported model on its test split (rows: true class), from results.json."""
+    from fastprompt.viz.confusion import plot_confusion
+
+    typer.echo(plot_confusion(run, out=out, fmt=fmt))
 
 
 @command(app, "interpret", cls=BaseCommand)
