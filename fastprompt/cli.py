@@ -410,10 +410,10 @@ Precision = Annotated[str, typer.Option("--precision", help="bf16 or fp32 (auto:
 def _run_choices() -> dict[str, tuple]:
     """The choices of the run flags that train, eval, zeroshot and sweep share, from their owners."""
     from fastprompt.settings import BACKENDS, PRECISIONS
-    from fastprompt.training.config import CLASS_CHOICES, COMPILE_CHOICES, OPTIMIZERS
+    from fastprompt.training.config import CLASS_CHOICES, COMPILE_CHOICES, FINAL_MODELS, OPTIMIZERS
 
     return {"classes": CLASS_CHOICES, "precision": PRECISIONS, "optimizer": OPTIMIZERS, "backend": BACKENDS,
-            "compile": COMPILE_CHOICES}
+            "compile": COMPILE_CHOICES, "final_model": FINAL_MODELS}
 
 
 def _train_choices() -> dict[str, tuple]:
@@ -436,7 +436,17 @@ def _bench_choices() -> dict[str, tuple]:
     from fastprompt.training.compiled import COMPILE_MODES
 
     return {"compile_mode": COMPILE_MODES}
+def _printed(result: dict) -> dict:
+    """A result as train and eval print it on stdout: the saved file's content without the
+    confusion matrices (K x K counts: a million numbers on ImageNet), which stay in the file."""
+    return {k: v for k, v in result.items() if not k.endswith("confusion")}
+
+
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Loader threads (default: the available cores).")]
+EVAL_EVERY_HELP = ("Score the run's few-shot val subset (min(shots, 4) per class) every E epochs and after the last: "
+                   "val_accuracy in metrics.jsonl and TensorBoard (0: never). Changes nothing trained.")
+FINAL_MODEL_HELP = ("The model results.json and prompts.safetensors report: last (the last epoch's, as CoOp's configs) or "
+                    "best-val (the epoch with the best val accuracy, Dassl's TEST.FINAL_MODEL best_val; needs --eval-every).")
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Let a --pretrained file that needs a full unpickle load (it can run code).")]
 
 
@@ -503,6 +513,8 @@ def train_cmd(
     restart: Annotated[bool, typer.Option("--restart", help="Remove the run in --out (any setting) and train from the start.")] = False,
     force_eval: Annotated[bool, typer.Option("--force-eval", help="Evaluate a finished run in --out again (default: print where its results are).")] = False,
     nan_policy: Annotated[str, typer.Option("--nan-policy", help="Non-finite loss: stop (exit 2 naming epoch and step) or skip (skip the step, count it in metrics).")] = "stop",
+    eval_every: Annotated[int, typer.Option("--eval-every", help=EVAL_EVERY_HELP)] = 0,
+    final_model: Annotated[str, typer.Option("--final-model", help=FINAL_MODEL_HELP)] = "last",
     trust_pickle: TrustPickle = False,
     protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (`fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used, the method too where it names one; flags given explicitly win.")] = None,
 ) -> None:
@@ -529,7 +541,7 @@ def train_cmd(
         momentum=momentum, weight_decay=weight_decay,
         device=device, precision=precision, backend=backend, compile=compile, num_workers=workers,
         checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options, nan_policy=nan_policy,
-        trust_pickle=trust_pickle, decoded_cache=decoded_cache,
+        trust_pickle=trust_pickle, decoded_cache=decoded_cache, eval_every=eval_every, final_model=final_model,
     )
     if protocol is None:
         config = TrainConfig(**settings)
@@ -556,7 +568,7 @@ def train_cmd(
         if logger is not None:
             logger.close()
     if _main_rank():
-        typer.echo(json.dumps(results))
+        typer.echo(json.dumps(_printed(results)))
 
 
 @command(app, "eval", choices=_run_choices)
@@ -582,11 +594,11 @@ def eval_cmd(
         result = evaluate_run(run, data, classes, device=device, precision=precision, batch_size=batch_size,
                               num_workers=workers, trust_pickle=trust_pickle)
     except ResultNotSaved as err:  # the result on stdout all the same; the error line and exit 2 say it is not on disk
-        typer.echo(json.dumps(err.result))
+        typer.echo(json.dumps(_printed(err.result)))
         raise
     _console().print(f"test accuracy {result['test_accuracy']:.2f}% ({result['dataset']}, classes {classes}); "
                      f"saved beside the run", highlight=False, soft_wrap=True)  # the human line; JSON on stdout
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(_printed(result)))
 
 
 @command(app, "zeroshot", choices=_run_choices)
@@ -732,6 +744,8 @@ def sweep_cmd(
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="As in `fastprompt train`; shared by every cell.")] = None,
     feature_cache: Annotated[Optional[int], typer.Option("--feature-cache", help="As in `fastprompt train`; shared by every cell.")] = None,
     decoded_cache: Annotated[Optional[str], typer.Option("--decoded-cache", metavar="<auto|off|SIZE>", help="As in `fastprompt train`; per cell (each cell decodes its training images once).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="As in `fastprompt train`; shared by every cell.")] = None,
+    final_model: Annotated[Optional[str], typer.Option("--final-model", help="As in `fastprompt train`; shared by every cell.")] = None,
     protocol: Annotated[Optional[str], typer.Option("--protocol", help="As in `fastprompt train` (`fastprompt protocols`); the flags given here win.")] = None,
 ) -> None:
     """Run a grid of datasets x methods x shots x seeds, one run folder per cell; resumable."""
@@ -746,7 +760,7 @@ def sweep_cmd(
     group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
     train_fields = ("clip", "pretrained", "template", "classes", "epochs", "batch_size", "optimizer", "lr",
                     "warmup_epochs", "warmup_lr", "momentum", "weight_decay", "device", "precision", "backend",
-                    "compile", "checkpoint_every", "feature_cache", "decoded_cache", "protocol")
+                    "compile", "checkpoint_every", "feature_cache", "decoded_cache", "eval_every", "final_model", "protocol")
     shared = {k: given[k] for k in train_fields if given[k] is not None}
     if workers is not None:
         shared["num_workers"] = workers
@@ -786,9 +800,9 @@ def sweep_cmd(
 
 
 def _report_choices() -> dict[str, tuple]:
-    from fastprompt.sweep.report import AXES, FORMATS
+    from fastprompt.sweep.report import AXES, FORMATS, METRICS
 
-    return {"format": FORMATS, "cols": AXES}  # --rows: an axis, then method options (report.parse_rows checks it)
+    return {"format": FORMATS, "cols": AXES, "metric": tuple(METRICS)}  # --rows: an axis, then method options (report.parse_rows checks it)
 
 
 @command(app, "report", cls=BaseCommand, choices=_report_choices)
@@ -802,13 +816,14 @@ def report_cmd(
     cols: Annotated[str, typer.Option("--cols", help="What the table's columns are.")] = "dataset",
     compare: Annotated[Optional[str], typer.Option("--compare", help="A reference: another folder of runs, or a CSV (e.g. a paper table typed in).")] = None,
     ci: Annotated[Optional[float], typer.Option("--ci", metavar="LEVEL", help="Make the ± the LEVEL% confidence interval of the mean over seeds (Student's t), e.g. 95, instead of the population std.")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="What each cell averages: acc (test accuracy) or per-class-acc (the mean of the per-class accuracies, Dassl's per-class result).")] = "acc",
 ) -> None:
     """Mean ± population std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset. One
     folder is one recipe: its runs may differ only in the seed, in what their method, dataset, shots and classes
     set, and in the method options --rows names."""
     from fastprompt.sweep.report import report
 
-    typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare, ci=ci), nl=False)
+    typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare, ci=ci, metric=metric), nl=False)
 
 
 plot_app = typer.Typer(cls=Group, help="Figures of a finished run or a sweep (PNG, or PDF with --format pdf), written to RUN/figures by default.",
@@ -880,6 +895,15 @@ def plot_curves_cmd(run_or_sweep: Annotated[str, typer.Argument(help="A run dire
     from fastprompt.viz.curves import plot_curves
 
     typer.echo(plot_curves(run_or_sweep, out=out, fmt=fmt))
+
+
+@command(plot_app, "confusion", cls=BaseCommand, choices=_figure_choices)
+@user_errors
+def plot_confusion_cmd(run: Run, out: FigureOut = None, fmt: FigureFormat = "png") -> None:
+    """The confusion matrix of the run's reported model on its test split (rows: true class), from results.json."""
+    from fastprompt.viz.confusion import plot_confusion
+
+    typer.echo(plot_confusion(run, out=out, fmt=fmt))
 
 
 @command(app, "interpret", cls=BaseCommand)

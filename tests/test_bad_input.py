@@ -218,6 +218,31 @@ CASES = {
         train("coop", "--out", "{damaged[stopped]}", "--warmup-epochs", "0", "--shots", "1"),
         "{damaged[stopped]}/config.json: method=['coop'] must be a non-empty string; pass --restart to train this run "
         "again from the start, or use another --out"),
+    # ---- validation, the reported model and per-class results (issue 25 §1-2)
+    "final model best-val without eval-every": (train("coop", "--final-model", "best-val"),
+                                                "final_model='best-val' reports the epoch with the best val accuracy, so it "
+                                                "needs validation: pass --eval-every E (1: every epoch, as Dassl), or "
+                                                "--final-model last"),
+    "final model choice": (train("coop", "--final-model", "best"),
+                           "Invalid value for '--final-model': 'best' is not one of 'last', 'best-val'"),
+    "eval every negative": (train("coop", "--eval-every", "-1"), "eval_every=-1 must be an integer >= 0"),
+    "sweep final model best-val without eval-every": (["sweep", "--methods", "coop", "--data", "{demo}", "--seeds", "1",
+                                                       "--out", "{run}", *TINY[:4], "--final-model", "best-val"],
+                                                      "final_model='best-val' reports the epoch with the best val accuracy"),
+    "report metric choice": (["report", "{here}", "--metric", "mean"],
+                             "Invalid value for '--metric': 'mean' is not one of 'acc', 'per-class-acc'"),
+    "plot confusion of a run without per-class results": (
+        ["plot", "confusion", "{damaged[results_unscored]}"],
+        "{damaged[results_unscored]}/results.json holds no confusion and per_class (written before fastprompt kept "
+        "per-class results); evaluate the run again with its train command and --force-eval"),
+    "plot confusion of a matrix of another size": (
+        ["plot", "confusion", "{damaged[results_ragged]}"],
+        "{damaged[results_ragged]}/results.json: confusion is not a 10 x 10 matrix of counts (one row and column per "
+        "class of per_class)"),
+    "report per-class of an eval file without it": (
+        ["report", "{damaged[eval_unscored]}", "--metric", "per-class-acc"],
+        "{damaged[eval_unscored]}/eval-other-all.json lacks mean_per_class_accuracy (written before fastprompt kept "
+        "per-class results); delete it and evaluate again"),
 }
 
 # the edits of `damaged`: config.json fields, a prompts tensor, results.json, eval-*.json or sweep.json (None: deleted)
@@ -237,6 +262,9 @@ DAMAGE = {
     "grid_array": {"sweep.json": {"grid": []}},
     "grid_nan": {"sweep.json": {"grid": {"seeds": [1, float("nan")]}}},
     "stopped": {"config.json": {"method": ["coop"]}, "results.json": None, "checkpoint.json": None},  # before a checkpoint
+    "results_unscored": {"results.json": {"confusion": "<drop>", "per_class": "<drop>"}},  # before per-class results
+    "results_ragged": {"results.json": {"confusion": [[1, 0], [0, 1]]}},
+    "eval_unscored": {"eval-other-all.json": {"dataset": "other", "test_accuracy": 50.0}},
 }
 
 

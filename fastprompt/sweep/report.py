@@ -22,6 +22,9 @@ method option the fix `--rows ...,OPTION`: rows may name method options after th
 (`method,cavpt.variant`), one row per value (`cavpt (variant=released)`). Seeds missing against
 the grid (`sweep.json`, else every seed found) are shown; rows of a `--compare` reference without
 runs here are shown, marked `(no runs)`.
+`--metric per-class-acc` puts each run's mean per-class accuracy (results.json's
+`mean_per_class_accuracy`, base's and new's for base-to-new) in place of the accuracy, with the same
+layout, means and H.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from fastprompt.validation import check_choice, is_number, json_type, require
 AXES = ("method", "dataset", "shots")  # what --cols may name, and --rows first (then method options)
 SPLIT_AXES = ("method", "dataset", "shots", "classes", "source")  # one table per value of those not on rows/cols
 FORMATS = ("md", "csv", "json", "latex")
+# --metric: the accuracy every cell holds, and the results.json / eval-*.json key it reads (base-to-new: `base_` and
+# `new_` before it, but for acc: base_accuracy, new_accuracy); per-class-acc is Dassl's TEST.PER_CLASS_RESULT average
+METRICS = {"acc": "test_accuracy", "per-class-acc": "mean_per_class_accuracy"}
 B2N_METRICS = ("base", "new", "H")
 
 
@@ -122,6 +128,7 @@ class Table:
     row_options: tuple[str, ...] = ()  # the method options that split the rows, as named (`cavpt.variant`)
     ci: Optional[float] = None  # the confidence level (%) of the ± (None: the ± is the population std)
     no_runs: list[str] = field(default_factory=list)  # rows of the --compare reference without a run here
+    measure: str = "acc"  # --metric: what every cell averages (`METRICS`)
 
     def labels(self) -> list[tuple[str, str, str]]:
         """(column, metric, header) of every printed column but the row label and the Average."""
@@ -161,6 +168,13 @@ RESULTS_FIELDS = {
     "seed": ("an integer >= 0", lambda v: _is_count(v, 0)),
 }
 RESULTS_METRICS = {"all": ("test_accuracy",), "base": ("base_accuracy", "new_accuracy")}
+
+
+def _metric_keys(metric: str, classes: str) -> tuple[str, ...]:
+    """The results.json keys of `metric` for a run on `classes` (all: one; base: base's and new's)."""
+    if metric == "acc":
+        return RESULTS_METRICS[classes]
+    return (METRICS[metric],) if classes == "all" else (f"base_{METRICS[metric]}", f"new_{METRICS[metric]}")
 EVAL_FIELDS = {"dataset": _TEXT, "test_accuracy": _ACCURACY}
 GRID_FIELDS = {  # sweep.json's "grid" (each key optional: the report orders by them and counts missing seeds)
     "datasets": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
@@ -186,16 +200,22 @@ def _checked(path: Path, value, fields: dict, fix: str, required: bool = True, w
     return value
 
 
-def read_results(path: Path) -> dict:
+def read_results(path: Path, metric: str = "acc") -> dict:
     """A finished run's results.json, checked: method, dataset, shots, classes, seed and the
-    accuracies of its classes (finite numbers in 0..100)."""
+    accuracies of its classes (finite numbers in 0..100) that `metric` reads."""
     fix = "delete it and train that run again (a sweep reruns the cell: `fastprompt sweep` with its --out)"
     results = _checked(path, _read_json(path, fix), RESULTS_FIELDS, fix)
-    return _checked(path, results, {m: _ACCURACY for m in RESULTS_METRICS[results["classes"]]}, fix)
+    results = _checked(path, results, {m: _ACCURACY for m in RESULTS_METRICS[results["classes"]]}, fix)
+    keys = _metric_keys(metric, results["classes"])
+    lacking = [k for k in keys if k not in results]
+    if lacking:
+        raise FastpromptError(f"{path} lacks {', '.join(lacking)} (written before fastprompt kept per-class results); "
+                              f"evaluate that run again (its train command with --force-eval), or report --metric acc")
+    return _checked(path, results, {m: _ACCURACY for m in keys}, fix)
 
 
-def load_runs(root: Path) -> tuple[list[Measurement], dict]:
-    """Every measurement under `root` and each run's config (by run folder)."""
+def load_runs(root: Path, metric: str = "acc") -> tuple[list[Measurement], dict]:
+    """Every measurement of `metric` under `root` and each run's config (by run folder)."""
     from fastprompt.training.identity import identity
     from fastprompt.training.runfiles import read_run_config
 
@@ -206,24 +226,26 @@ def load_runs(root: Path) -> tuple[list[Measurement], dict]:
         run = results_path.parent
         if not (run / "config.json").is_file():
             raise FastpromptError(f"{run} has results.json but no config.json; it is not a fastprompt run, move it out of {root}")
-        results = read_results(results_path)
+        results = read_results(results_path, metric)
         configs[str(run)] = read_run_config(run, needed=("method", "data"))
         shots = "all" if results["shots"] is None else str(results["shots"])
         options = identity({"method": results["method"], "options": configs[str(run)].get("options") or {}})["options"]
         common = dict(run=str(run), method=results["method"], shots=shots, classes=results["classes"],
                       seed=results["seed"], source=results["dataset"], options=options)
-        if results["classes"] == "base":
-            metrics = {"base": results["base_accuracy"], "new": results["new_accuracy"]}
-        else:
-            metrics = {"acc": results["test_accuracy"]}
+        values = [results[k] for k in _metric_keys(metric, results["classes"])]
+        metrics = dict(zip(("base", "new"), values)) if results["classes"] == "base" else {"acc": values[0]}
         measurements.append(Measurement(dataset=results["dataset"], metrics=metrics, **common))
         for eval_path in sorted(run.glob("eval-*-all.json")):
             fix = f"delete it and evaluate again (`fastprompt eval {run} --data ...`; a sweep does it for its --eval-on)"
             ev = _checked(eval_path, _read_json(eval_path, fix), EVAL_FIELDS, fix)
             if ev["dataset"] == results["dataset"]:
                 continue  # the source's own test split: already results.json
+            if METRICS[metric] not in ev:
+                raise FastpromptError(f"{eval_path} lacks {METRICS[metric]} (written before fastprompt kept per-class "
+                                      f"results); {fix}, or report --metric acc")
+            ev = _checked(eval_path, ev, {METRICS[metric]: _ACCURACY}, fix)
             # a target is scored on all its classes, whatever the source trained on (base-to-new too)
-            measurements.append(Measurement(dataset=ev["dataset"], metrics={"acc": ev["test_accuracy"]},
+            measurements.append(Measurement(dataset=ev["dataset"], metrics={"acc": ev[METRICS[metric]]},
                                             **{**common, "classes": "all"}))
     if not measurements:
         raise FastpromptError(f"no results.json under {root}; run `fastprompt sweep --out {root}` (or train) first")
@@ -325,8 +347,10 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def build_tables(root, rows="method", cols: str = "dataset", ci: Optional[float] = None) -> list[Table]:
-    """The tables of the runs under `root`: one per value of the axes not on rows or cols. `rows`:
+def build_tables(root, rows="method", cols: str = "dataset", ci: Optional[float] = None,
+                 metric: str = "acc") -> list[Table]:
+    """The tables of `metric` (`METRICS`) of the runs under `root`: one per value of the axes not on
+    rows or cols. `rows`:
     an axis, optionally followed by method options (`method,cavpt.variant`; see `parse_rows`);
     `ci`: a confidence level in percent for the ± (None: the population std)."""
     from fastprompt.training.runfiles import harmonic_mean
@@ -337,7 +361,9 @@ def build_tables(root, rows="method", cols: str = "dataset", ci: Optional[float]
     require(spec.axis != cols, f"rows and cols are both {cols!r}; pick two different axes of {', '.join(AXES)}")
     require(ci is None or (is_number(ci) and 0 < ci < 100),
             f"ci={ci!r} must be a confidence level in percent between 0 and 100, e.g. 95")
-    measurements, configs = load_runs(root)
+    check_choice("metric", metric, METRICS)
+    measure = metric  # (`metric` below names a table's columns: acc, base, new, H)
+    measurements, configs = load_runs(root, measure)
     check_one_recipe(measurements, configs, spec)
     grid = _grid(root)
     expected_seeds = sorted(set(grid.get("seeds", [])) or {m.seed for m in measurements})
@@ -393,7 +419,7 @@ def build_tables(root, rows="method", cols: str = "dataset", ci: Optional[float]
                 b, n = average[(r, "base")], average[(r, "new")]
                 average[(r, "H")] = None if b is None or n is None else harmonic_mean(b, n)
         tables.append(Table(keys, spec.axis, cols, row_labels, col_labels, metrics, cells, average, targets,
-                            row_options=spec.names, ci=ci))
+                            row_options=spec.names, ci=ci, measure=measure))
     return tables
 
 
@@ -402,7 +428,7 @@ _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _NOT_A_MEAN = re.compile(r" (std|n|ref|ci[\d.]+)$")  # our CSV's columns beside each mean
 
 
-def load_reference(other, rows, cols: str) -> list[tuple[dict, dict]]:
+def load_reference(other, rows, cols: str, metric: str = "acc") -> list[tuple[dict, dict]]:
     """A reference table: another folder of runs, or a CSV (a paper table typed in: a column named
     as the rows axis holding row labels, optional key columns such as shots, and one column per
     printed header, e.g. `method,eurosat,dtd,Average`); as (keys, {(row, header): number})."""
@@ -410,7 +436,7 @@ def load_reference(other, rows, cols: str) -> list[tuple[dict, dict]]:
     rows = spec.axis
     path = Path(other)
     if path.is_dir():
-        return [(t.keys, _table_means(t)) for t in build_tables(path, spec, cols)]
+        return [(t.keys, _table_means(t)) for t in build_tables(path, spec, cols, metric=metric)]
     if not path.is_file():
         raise FastpromptError(f"--compare {other} is neither a folder of runs nor a CSV file; check the path")
     with open(path, newline="") as f:
@@ -511,7 +537,8 @@ def _row_label(table: Table, r: str) -> str:
 
 
 def _title(table: Table) -> str:
-    return ", ".join(f"{k}={v}" for k, v in table.keys.items())
+    title = ", ".join(f"{k}={v}" for k, v in table.keys.items())
+    return title if table.measure == "acc" else f"{title}; mean per-class accuracy"
 
 
 def to_markdown(tables: list[Table]) -> str:
@@ -612,13 +639,13 @@ RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json, "latex": to_late
 
 
 def report(root, fmt: str = "md", rows: str = "method", cols: str = "dataset", compare: Optional[str] = None,
-           ci: Optional[float] = None) -> str:
-    """The report of the runs under `root` in format `fmt` (md, csv, json, latex); `rows` may name
-    method options after the axis (`method,cavpt.variant`); `ci` (e.g. 95) makes the ± that
-    confidence interval of the mean instead of the population std."""
+           ci: Optional[float] = None, metric: str = "acc") -> str:
+    """The report of `metric` (acc, per-class-acc) of the runs under `root` in format `fmt` (md,
+    csv, json, latex); `rows` may name method options after the axis (`method,cavpt.variant`);
+    `ci` (e.g. 95) makes the ± that confidence interval of the mean instead of the population std."""
     check_choice("format", fmt, FORMATS)
     spec = parse_rows(rows)
-    tables = build_tables(root, spec, cols, ci=ci)
+    tables = build_tables(root, spec, cols, ci=ci, metric=metric)
     if compare is not None:
-        attach_reference(tables, load_reference(compare, spec, cols))
+        attach_reference(tables, load_reference(compare, spec, cols, metric))
     return RENDERERS[fmt](tables)

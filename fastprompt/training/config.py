@@ -34,6 +34,7 @@ TRAIN_CLASSES = ("all", "base")  # training: every class, or the base half (base
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # the last three: inductor modes
 NAN_POLICIES = ("stop", "skip")
+FINAL_MODELS = ("last", "best-val")  # the model results.json reports (Dassl's TEST.FINAL_MODEL last_step | best_val)
 COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo + AOTAutograd without code generation (tests, debugging)
 # The largest batch: 2**21 images, more than ImageNet-1k's 1.28 M training images, so no dataset's whole training split
 # is refused; a larger number is a typo. (A batch larger than the run's training subset is the subset: the Trainer's
@@ -111,6 +112,8 @@ class TrainConfig:
     options: dict = field(default_factory=dict)  # method options, e.g. {"topk": 5, "n_prompts": 10}
     trust_pickle: bool = False  # let a --pretrained file that needs a full unpickle load (it can run code)
     nan_policy: str = "stop"  # non-finite loss: "stop" (exit 2 naming epoch and step) or "skip" the step
+    final_model: str = "last"  # the model results.json reports: "last" epoch's, or "best-val" (best val accuracy)
+    eval_every: int = 0  # val accuracy every E epochs and after the last (metrics.jsonl `val_accuracy`); 0: never
 
     def __post_init__(self) -> None:
         from fastprompt.methods import method_config, method_spec
@@ -178,6 +181,12 @@ class TrainConfig:
             raise FastpromptError(f"compile={self.compile!r} is an inductor mode; compile_backend={self.compile_backend!r} takes 'default'")
         if self.nan_policy not in NAN_POLICIES:
             raise FastpromptError(f"nan_policy={self.nan_policy!r} must be one of {', '.join(NAN_POLICIES)}")
+        check_int("eval_every", self.eval_every, minimum=0)
+        if self.final_model not in FINAL_MODELS:
+            raise FastpromptError(f"final_model={self.final_model!r} must be one of {', '.join(FINAL_MODELS)}")
+        if self.final_model == "best-val" and not self.eval_every:
+            raise FastpromptError("final_model='best-val' reports the epoch with the best val accuracy, so it needs "
+                                  "validation: pass --eval-every E (1: every epoch, as Dassl), or --final-model last")
         if not isinstance(self.trust_pickle, bool):
             raise FastpromptError(f"trust_pickle={self.trust_pickle!r} must be True or False")
         if self.optimizer not in OPTIMIZERS:
@@ -265,6 +274,11 @@ class TrainConfig:
         if self.compile == "off" or (self.compile == "auto" and device_type != "cuda"):
             return None
         return "default" if self.compile == "auto" else self.compile
+
+    def validates_after(self, epoch: int) -> bool:
+        """Whether the val split is scored after 1-based `epoch`: every `eval_every` epochs and
+        after the last (so --final-model best-val always weighs the last epoch too)."""
+        return bool(self.eval_every) and (epoch % self.eval_every == 0 or epoch == self.epochs)
 
     def lr_at(self, group: str, epoch: int) -> float:
         """Learning rate of `group` in 0-based `epoch` (a resolved config): Dassl's schedule."""

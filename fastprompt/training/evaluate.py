@@ -17,7 +17,7 @@ from fastprompt.files import write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
 from fastprompt.runtime import autocast_for, resolve_device, seed_everything
-from fastprompt.training.runfiles import check_evaluation, eval_file, finished_run_config
+from fastprompt.training.runfiles import check_evaluation, class_results, eval_file, finished_run_config
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,36 @@ class ResultNotSaved(FastpromptError):
 
 
 @torch.no_grad()
+def confusion(model: PromptModel, loader, num_classes: int, *, autocast=nullcontext) -> torch.Tensor:
+    """The confusion matrix [K, K] (int64, on the CPU; rows: true class, columns: predicted) of
+    `model` over the (images, labels) batches of `loader`, in eval mode.
+
+    Counted on the device (one bincount a batch) and read once at the end; under
+    torch.distributed each rank counts its shard and the matrices are summed."""
+    model.eval()
+    device = model.clip.logit_scale.device
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)  # (K*K,)
+    with autocast():
+        for images, labels in loader:
+            predicted = model(images).argmax(-1)  # (B,)
+            counts += torch.bincount(labels.to(device) * num_classes + predicted, minlength=num_classes * num_classes)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return counts.view(num_classes, num_classes).cpu()  # (K, K): the one CPU-GPU sync
+
+
+def evaluate_confusion(model: PromptModel, data, split: str, classes: str, *, device, batch_size: int = 128,
+                       num_workers: Optional[int] = None, autocast=nullcontext, shots: Optional[int] = None,
+                       seed: int = 1) -> torch.Tensor:
+    """The confusion matrix [K, K] of `model` on `split` of `data` restricted to `classes`
+    (centre crop; the model's class list, in its order). `shots`/`seed`: the few-shot subset of
+    train or val a run with them draws (val: min(shots, 4) per class, Dassl's); None: the whole split."""
+    loader = data.loader(split, shots=shots, seed=seed, classes=classes, train=False,
+                         image_size=model.bundle.image_size, batch_size=batch_size, device=device,
+                         num_workers=num_workers, drop_last=False)
+    return confusion(model, loader, len(model.classnames), autocast=autocast)
+
+
 def evaluate(model: PromptModel, data, split: str, classes: str, *, device, batch_size: int = 128,
              num_workers: Optional[int] = None, autocast=nullcontext) -> float:
     """Top-1 accuracy (%) of `model` on `split` of `data` restricted to `classes` (centre crop).
@@ -39,21 +69,9 @@ def evaluate(model: PromptModel, data, split: str, classes: str, *, device, batc
     The model's text features are computed once for the whole evaluation (eval mode, no grad).
     Under torch.distributed each rank scores its shard and the counts are summed.
     """
-    model.eval()
-    loader = data.loader(split, classes=classes, train=False, image_size=model.bundle.image_size,
-                         batch_size=batch_size, device=device, num_workers=num_workers, drop_last=False)
-    correct = torch.zeros((), dtype=torch.float64)
-    seen = torch.zeros((), dtype=torch.float64)
-    with autocast():
-        for images, labels in loader:
-            logits = model(images)  # (B, K)
-            correct += float((logits.argmax(-1) == labels).sum())  # CPU-GPU sync per batch
-            seen += labels.shape[0]
-    if dist.is_available() and dist.is_initialized():
-        stats = torch.stack([correct, seen])
-        dist.all_reduce(stats)
-        correct, seen = stats[0], stats[1]
-    return 100.0 * float(correct) / max(float(seen), 1.0)
+    counts = evaluate_confusion(model, data, split, classes, device=device, batch_size=batch_size,
+                                num_workers=num_workers, autocast=autocast)
+    return class_results(counts.tolist(), list(model.classnames))["accuracy"]
 
 
 def model_for_classes(model: PromptModel, classnames: list[str], template=None) -> PromptModel:
@@ -121,10 +139,11 @@ def evaluate_run(run_dir: str, data: str, classes: str = "all", *, device: str =
     template = template or (saved["template"] if saved.get("template") and saved["classnames"] == classnames
                             else ds.template)
     model = _run_model(saved, prompts, classnames, template, dev, trust_pickle)
-    acc = evaluate(model, ds, "test", classes, device=dev, batch_size=batch_size, num_workers=num_workers,
-                   autocast=autocast_for(precision, dev))
+    counts = evaluate_confusion(model, ds, "test", classes, device=dev, batch_size=batch_size, num_workers=num_workers,
+                                autocast=autocast_for(precision, dev))
+    scores = class_results(counts.tolist(), classnames)
     result = {"run": str(run), "method": saved["method"], "dataset": ds.name, "data": str(Path(ds.path).resolve()),
-              "classes": classes, "test_accuracy": acc}
+              "classes": classes, "test_accuracy": scores.pop("accuracy"), **scores}
     path = eval_file(run, ds.name, ds.path, classes)
     try:
         write_json(path, result)

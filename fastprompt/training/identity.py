@@ -7,7 +7,9 @@ id, `data_id`) minus the fields
 that choose *how* it executes and not *what* it computes: the output folder, the device,
 loader workers, the decoded cache (the same batches), checkpoint frequency, compilation, the eval batch size, the fast/reference
 backend (the same function by contract, docs/methods.md) and the process count (DDP gives the
-result of one process). `fastprompt sweep` uses it to decide whether a cell's folder holds
+result of one process). Validation (`eval_every`) only adds val accuracies to metrics.jsonl, so it
+is an execution setting too, but under `final_model` best-val, where its epochs are the candidates
+for the reported model; `final_model` itself is identity (another model is reported). `fastprompt sweep` uses it to decide whether a cell's folder holds
 this cell; `fastprompt report` to refuse averaging runs that differ in more than the seed.
 """
 
@@ -28,6 +30,12 @@ EXECUTION_FIELDS = frozenset({
     "out", "device", "num_workers", "checkpoint_every", "compile", "compile_backend", "eval_batch_size",
     "backend", "world_size", "trust_pickle", "nan_policy", "decoded_cache",
 })
+# Identity fields left out at the value every run had before the field existed, so those runs, and
+# their hashes and run names, stay the same run; where one side lacks the field it reads as that value
+NEUTRAL = {"final_model": "last"}
+# Fields that identify a result only under another field's value, (field, value): validation's epochs
+# are the candidates of --final-model best-val; under last they change no reported number
+IDENTITY_UNDER = {"eval_every": ("final_model", "best-val")}
 # derived from the identity (the hash of it), never compared itself
 DERIVED_FIELDS = ("identity_hash",)
 # run facts that run directories of earlier versions lack: compared only where both configs have them
@@ -91,6 +99,12 @@ def identity(resolved: dict) -> dict:
     """The result-identifying part of a resolved config dict (a copy). Method options count
     as resolved values: an option left at its default equals the default written out."""
     ident = {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS and k not in DERIVED_FIELDS}
+    for name, (other, value) in IDENTITY_UNDER.items():
+        if ident.get(other, NEUTRAL.get(other)) != value:
+            ident.pop(name, None)
+    for name, neutral in NEUTRAL.items():
+        if ident.get(name, neutral) == neutral:
+            ident.pop(name, None)
     if isinstance(ident.get("options"), dict):
         ident["options"] = _resolved_options(ident.get("method"), ident["options"])
     return ident
@@ -118,11 +132,11 @@ def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), 
     An option the model derives when it is built (`DERIVED_OPTIONS`: n_ctx from ctx_init) that
     the expected config leaves None takes the saved value: the trainer compares it."""
     mine, theirs = (json.loads(json.dumps(identity(d))) for d in (expected, saved))
-    keys = list(mine) + ([k for k in theirs if k not in mine] if both else [])
+    keys = list(mine) + [k for k in theirs if k not in mine and (both or k in NEUTRAL or k in IDENTITY_UNDER)]
     for key in keys:
         if key in ignore or key in DERIVED_FIELDS or (key in LATER_FACTS and not (key in mine and key in theirs)):
             continue
-        value, other = mine.get(key, "<missing>"), theirs.get(key, "<missing>")
+        value, other = mine.get(key, NEUTRAL.get(key, "<missing>")), theirs.get(key, NEUTRAL.get(key, "<missing>"))
         if key == "options" and isinstance(value, dict) and isinstance(other, dict):
             from fastprompt.methods.options import DERIVED_OPTIONS
 
@@ -216,7 +230,7 @@ def recipe_difference(runs: list[tuple[str, dict, dict]], axes_options: tuple[st
             if field in LATER_FACTS and field not in ident:
                 continue  # an earlier version's run does not record it
             key = tuple(axes[a] for a in FOLLOWS.get(field, ()))
-            value, default = ident.get(field, "<missing>"), defaults.get(field, _UNSET)
+            value, default = ident.get(field, NEUTRAL.get(field, "<missing>")), defaults.get(field, _UNSET)
             if field in RESOLVED and isinstance(value, dict):
                 for sub, v in value.items():
                     d = default.get(sub, _UNSET) if isinstance(default, dict) else _UNSET

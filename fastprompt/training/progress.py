@@ -27,7 +27,8 @@ def epoch_line(line: dict, epochs: int, eta_s: Optional[float]) -> str:
     """The one-line log of a finished epoch (a metrics.jsonl line: 1-based `epoch`)."""
     lrs = " ".join(f"lr.{group} {lr:.4g}" for group, lr in line["lr"].items())
     eta = f" eta {_clock(eta_s)}" if eta_s is not None else ""
-    return (f"epoch {line['epoch']}/{epochs} loss {line['loss']:.4f} acc {line['train_accuracy']:.1f}% {lrs} "
+    val = f" val {line['val_accuracy']:.1f}%" if "val_accuracy" in line else ""  # --eval-every's epochs
+    return (f"epoch {line['epoch']}/{epochs} loss {line['loss']:.4f} acc {line['train_accuracy']:.1f}%{val} {lrs} "
             f"{line['images_per_s']:.0f} img/s{eta}")
 
 

@@ -39,6 +39,22 @@ def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
+def class_results(confusion: list[list[int]], classnames: list[str]) -> dict:
+    """An evaluation's numbers from its confusion matrix (K x K counts, rows: true class,
+    columns: predicted; `classnames` in the same order): `accuracy` (%, every image),
+    `mean_per_class_accuracy` (the mean over the classes with images, as Dassl's
+    `TEST.PER_CLASS_RESULT` average in dassl/evaluation/evaluator.py), `per_class` (class name
+    -> accuracy %, null for a class without images) and `confusion` itself."""
+    totals = [sum(row) for row in confusion]
+    per_class = {name: (100.0 * row[k] / total if total else None)
+                 for k, (name, row, total) in enumerate(zip(classnames, confusion, totals))}
+    scored = [acc for acc in per_class.values() if acc is not None]
+    correct = sum(row[k] for k, row in enumerate(confusion))
+    return {"accuracy": 100.0 * correct / max(sum(totals), 1),
+            "mean_per_class_accuracy": sum(scored) / len(scored) if scored else 0.0,
+            "per_class": per_class, "confusion": confusion}
+
+
 # The run facts the trainer writes into config.json beside the TrainConfig fields
 # (`Trainer._run_facts`), each with what it must be; `read_run_config` checks those present.
 RUN_FACTS = {

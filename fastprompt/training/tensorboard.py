@@ -1,9 +1,9 @@
 """`--tensorboard`: every numeric field of each epoch's metrics line (loss, accuracies, every
-learning-rate field, images/s) as a TensorBoard scalar `train/<field>` at step = epoch, and the
-run's final test accuracy (`results.json`: `test/accuracy`, or `test/base_accuracy`,
-`test/new_accuracy` and `test/harmonic_mean`) at step = its last epoch, through
-`torch.utils.tensorboard`. The trainer calls the logger with each metrics line; the command
-that trained hands it the results (`final`)."""
+learning-rate field, images/s) as a TensorBoard scalar `train/<field>` at step = epoch, but the
+val accuracy of `--eval-every`'s epochs, `val/accuracy` (Dassl's tag); and the run's final test
+accuracy (`results.json`: `test/accuracy`, or `test/base_accuracy`, `test/new_accuracy` and
+`test/harmonic_mean`) at step = its last epoch, through `torch.utils.tensorboard`. The trainer
+calls the logger with each metrics line; the command that trained hands it the results (`final`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from fastprompt.errors import FastpromptError
 SKIP = ("epoch",)  # the step, not a scalar
 FINAL = {"test_accuracy": "test/accuracy", "base_accuracy": "test/base_accuracy", "new_accuracy": "test/new_accuracy",
          "harmonic_mean": "test/harmonic_mean"}  # results.json key -> scalar tag
+TAGS = {"val_accuracy": "val/accuracy"}  # fields that are not training scalars: their own tag
 
 
 class TensorBoardLogger:
@@ -35,7 +36,7 @@ class TensorBoardLogger:
         step = int(line["epoch"])
         for key, value in _scalars(line):
             if key not in SKIP:
-                self.writer.add_scalar(f"train/{key}", value, step)
+                self.writer.add_scalar(TAGS.get(key, f"train/{key}"), value, step)
         self.writer.flush()
 
     def final(self, results: dict) -> None:

@@ -4,14 +4,17 @@ One run = one `--out` directory:
 - `config.json`: the resolved `TrainConfig` (every group's lr and warm-up, every method
   option, epochs) plus run facts (class names, template, dataset, weights, the data's checksum,
   bf16 or fp32), written at the start: `load_run` / `fastprompt eval` rebuild the model from it alone;
-- `metrics.jsonl`: one JSON line per epoch (loss, accuracy, every group's lr, images/s);
+- `metrics.jsonl`: one JSON line per epoch (loss, accuracy, every group's lr, images/s; `val_accuracy`
+  on the epochs `--eval-every` scores the run's few-shot val subset);
 - `checkpoint.json` + `checkpoint-*.safetensors` (`fastprompt.training.checkpoint`): prompts,
   optimiser, RNG states, epoch and metrics, and the weights and data ids (`CHECKPOINT_FACTS`),
   committed atomically every `checkpoint_every` epochs; a run started again with the same
   `--out` resumes from it (on the same weights and data, whether config.json is there or not);
-- `prompts.safetensors`: the trainable tensors only, at the end;
-- `results.json`: test accuracies at the end (base, new and harmonic mean for base-to-new),
-  the run's identity, wall time, package versions and the git commit when there is one.
+- `prompts.safetensors`: the trainable tensors of the reported model only, at the end;
+- `results.json`: the reported model (`final_model`: the last epoch's, or best-val: the epoch with the
+  best val accuracy, the first of equals, as Dassl's `TEST.FINAL_MODEL best_val`; `reported_epoch`),
+  its test accuracies (base, new and harmonic mean for base-to-new), per-class accuracies, their mean and
+  the confusion matrix, the run's identity, wall time, package versions and the git commit when there is one.
 The directory holds one run of one setting, written by one process: `fastprompt.training.rundir`.
 
 Optimisation: one optimiser with a param group per trained `ParamGroup` of the method
@@ -57,8 +60,8 @@ from fastprompt.training import checkpoint, rundir
 from fastprompt.training.compiled import compile_cache_is_warm, compile_fn
 from fastprompt.training.progress import TrainProgress
 from fastprompt.training.config import TrainConfig
-from fastprompt.training.evaluate import evaluate, model_for_classes
-from fastprompt.training.runfiles import harmonic_mean
+from fastprompt.training.evaluate import confusion, evaluate_confusion, model_for_classes
+from fastprompt.training.runfiles import class_results, harmonic_mean
 from fastprompt.training.feature_cache import FeatureCache
 from fastprompt.training.hooks import exit_after_step, kill_point
 from fastprompt.training.identity import data_id, expected_run, first_difference, identity, identity_hash, planned
@@ -150,6 +153,11 @@ class Trainer:
         self.optimizer = self._make_optimizer([(g.name, [p for _, p in members]) for g, members in groups])
         # fewshot.json: the files this run trains and validates on (Dassl's draw); a class without images fails here
         self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
+        if config.eval_every and not self.fewshot["val"]:
+            raise FastpromptError(
+                f"eval_every={config.eval_every}: {config.data} holds no val images of the run's classes to validate on; "
+                "prepare it again with a val split (`fastprompt prepare`), or drop --eval-every and --final-model best-val"
+            )
         n_train = len(self.fewshot["train"])
         self.cached_topk = self.model.wants_topk_table()
         # a batch larger than the subset is the subset (one batch a rank: its share, ceil(n / W)), so the loader's
@@ -176,6 +184,10 @@ class Trainer:
         self.cuda_graphs = mode == "reduce-overhead" and self.device.type == "cuda"  # see training/compiled.py
         self.epoch = 0  # epochs completed
         self.metrics: list[dict] = []
+        # --final-model best-val: {"epoch", "val_accuracy", "prompts"} of the best-on-val epoch so far (Dassl's
+        # model-best.pth.tar), in every checkpoint; None before the first validation
+        self.best: Optional[dict] = None
+        self._val_loader = None  # the few-shot val subset's loader, made at the first validation
         self._topk_table: Optional[torch.Tensor] = None
         self.feature_cache: Optional[FeatureCache] = None
         self.train_subset = self.loader.indices  # the draw the loader holds (sorted .beton indices), not drawn again
@@ -299,6 +311,7 @@ class Trainer:
                 state = self.optimizer.state.get(p, {})
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        self.best = self._resumed_best(record, tensors, epoch, path, fix)
         set_rng_state(rng)
         self.epoch = epoch
         self.metrics = list(metrics)
@@ -310,6 +323,23 @@ class Trainer:
                     for line in self.metrics:
                         f.write(json.dumps(line) + "\n")
         self._say(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
+
+    def _resumed_best(self, record: dict, tensors: dict[str, torch.Tensor], epoch: int, path: Path, fix: str
+                      ) -> Optional[dict]:
+        """--final-model best-val: the best-on-val epoch a checkpoint after `epoch` holds (record
+        `best_val`, tensors `best.NAME`), checked; None for a last-model run or before any validation."""
+        if self.config.final_model != "best-val":
+            return None
+        validated = [e for e in range(1, epoch + 1) if self.config.validates_after(e)]
+        best = record.get("best_val")
+        if best is None and not validated:
+            return None
+        prompts = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+        if not isinstance(best, dict) or best.get("epoch") not in validated or \
+                not isinstance(best.get("val_accuracy"), (int, float)) or set(prompts) != set(self.model.prompt_state_dict()):
+            raise FastpromptError(f"{path} lacks the best-on-val prompts of a --final-model best-val run validated after "
+                                  f"epochs {', '.join(map(str, validated))}; {fix}")
+        return {"epoch": best["epoch"], "val_accuracy": float(best["val_accuracy"]), "prompts": prompts}
 
     def _last_checkpoint(self) -> str:
         """What a failed run leaves to resume from, for its error message."""
@@ -342,6 +372,9 @@ class Trainer:
             "metrics": self.metrics,
             "facts": {key: value for key, value in self._run_facts().items() if key in CHECKPOINT_FACTS},
         }
+        if self.best is not None:  # --final-model best-val
+            record["best_val"] = {"epoch": self.best["epoch"], "val_accuracy": self.best["val_accuracy"]}
+            tensors.update({f"best.{k}": v for k, v in self.best["prompts"].items()})
         return record, tensors
 
     def _optimizer_state(self) -> dict:
@@ -454,6 +487,28 @@ class Trainer:
         zeros = lambda dtype: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731
         return {"loss": zeros(torch.float64), "correct": zeros(torch.long), "seen": zeros(torch.long)}
 
+    def validate(self) -> float:
+        """Top-1 accuracy (%) of the prompts now on the run's few-shot val subset (Dassl's draw:
+        min(shots, 4) per class), at centre crop; on every rank (each scores its shard)."""
+        cfg = self.config
+        if self._val_loader is None:
+            self._val_loader = self.data.loader("val", shots=cfg.shots, seed=cfg.seed, classes=cfg.classes, train=False,
+                                                image_size=self.model.bundle.image_size, batch_size=cfg.eval_batch_size,
+                                                device=self.device, num_workers=cfg.num_workers, drop_last=False)
+        counts = confusion(self.model, self._val_loader, len(self.classnames), autocast=self.autocast)  # (K, K)
+        return class_results(counts.tolist(), list(self.classnames))["accuracy"]
+
+    def _after_epoch_validation(self, line: dict) -> None:
+        """--eval-every: the epoch's val accuracy into its metrics line; under --final-model best-val
+        the prompts kept when it beats every earlier one (strictly, so the first of equals stays:
+        Dassl's `curr_result > self.best_result`, dassl/engine/trainer.py after_epoch)."""
+        if not self.config.validates_after(self.epoch):
+            return
+        accuracy = line["val_accuracy"] = self.validate()
+        if self.config.final_model == "best-val" and (self.best is None or accuracy > self.best["val_accuracy"]):
+            prompts = {k: v.detach().cpu().clone() for k, v in self.model.prompt_state_dict().items()}
+            self.best = {"epoch": self.epoch, "val_accuracy": accuracy, "prompts": prompts}
+
     def train(self) -> dict:
         """Train the remaining epochs, then evaluate on the test split; returns results.json's content."""
         cfg = self.config
@@ -484,6 +539,7 @@ class Trainer:
                 progress.start_epoch(self.epoch)
                 line = self.train_epoch(progress)
                 self.epoch += 1
+                self._after_epoch_validation(line)
                 self.metrics.append(line)
                 progress.end_epoch(line)
                 if self.is_main:
@@ -498,6 +554,7 @@ class Trainer:
                 if (cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0) or self.epoch == cfg.epochs:
                     self.save_checkpoint()
         kill_point("before-results")  # test hook: trained and checkpointed, no results yet
+        self._deploy_final_model()
         results = self.final_evaluation()
         if self.is_main:
             results.update(self.provenance())
@@ -517,22 +574,51 @@ class Trainer:
                 "train_seconds": round(sum(m.get("seconds", 0.0) for m in self.metrics), 3),  # every epoch's, over restarts
                 **rundir.provenance()}
 
-    def final_evaluation(self) -> dict:
+    def _deploy_final_model(self) -> None:
+        """The model results.json reports into `self.model`: the last epoch's prompts (already
+        there), or the best-on-val epoch's (Dassl's after_train: "Deploy the model with the best val
+        performance"); `self.reported` says which epoch and its val accuracy."""
         cfg = self.config
-        evaluate_on = lambda model, classes: evaluate(model, self.data, "test", classes, device=self.device,
-                                                     batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-                                                     autocast=self.autocast)
-        results = {"method": cfg.method, "dataset": self.data.name, "shots": cfg.shots, "seed": cfg.seed,
-                   "epochs": cfg.epochs, "classes": cfg.classes}
-        if cfg.classes == "base":
-            base = evaluate_on(self.model, "base")
-            new_model = model_for_classes(self.model, self.data.classnames_for("new"))
-            new = evaluate_on(new_model, "new")
-            results.update(base_accuracy=base, new_accuracy=new, harmonic_mean=harmonic_mean(base, new))
-            self._say(f"base {base:.2f}%  new {new:.2f}%  harmonic mean {results['harmonic_mean']:.2f}%")
+        if cfg.final_model == "best-val":
+            if self.best is None:  # the last epoch is always validated (`validates_after`): a checkpoint without it
+                raise FastpromptError(f"{self.out} holds no best-on-val prompts; pass --restart to train the run again")
+            self.model.load_prompt_state_dict({k: v.to(self.device) for k, v in self.best["prompts"].items()})
+            self.reported = {"epoch": self.best["epoch"], "val_accuracy": self.best["val_accuracy"]}
         else:
-            results["test_accuracy"] = evaluate_on(self.model, "all")
-            self._say(f"test accuracy {results['test_accuracy']:.2f}%")
+            last = self.metrics[-1] if self.metrics else {}
+            self.reported = {"epoch": cfg.epochs, "val_accuracy": last.get("val_accuracy")}
+
+    def final_evaluation(self) -> dict:
+        """results.json's evaluation of the deployed model on the test split: accuracy, per-class
+        accuracies, their mean and the confusion matrix (base and new apart for base-to-new)."""
+        cfg = self.config
+
+        def scores(model, classes: str) -> dict:
+            counts = evaluate_confusion(model, self.data, "test", classes, device=self.device,
+                                        batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, autocast=self.autocast)
+            return class_results(counts.tolist(), list(model.classnames))
+
+        results = {"method": cfg.method, "dataset": self.data.name, "shots": cfg.shots, "seed": cfg.seed,
+                   "epochs": cfg.epochs, "classes": cfg.classes, "final_model": cfg.final_model,
+                   "reported_epoch": self.reported["epoch"]}
+        if self.reported["val_accuracy"] is not None:
+            results["val_accuracy"] = self.reported["val_accuracy"]
+        model_line = "" if cfg.final_model == "last" else f" (best-val model of epoch {self.reported['epoch']})"
+        if cfg.classes == "base":
+            base = scores(self.model, "base")
+            new = scores(model_for_classes(self.model, self.data.classnames_for("new")), "new")
+            results.update(base_accuracy=base["accuracy"], new_accuracy=new["accuracy"],
+                           harmonic_mean=harmonic_mean(base["accuracy"], new["accuracy"]))
+            for half, numbers in (("base", base), ("new", new)):
+                results.update({f"{half}_{key}": numbers[key] for key in ("mean_per_class_accuracy", "per_class", "confusion")})
+            self._say(f"base {base['accuracy']:.2f}%  new {new['accuracy']:.2f}%  harmonic mean "
+                      f"{results['harmonic_mean']:.2f}%{model_line}")
+        else:
+            numbers = scores(self.model, "all")
+            results["test_accuracy"] = numbers.pop("accuracy")
+            results.update(numbers)
+            self._say(f"test accuracy {results['test_accuracy']:.2f}% (mean per class "
+                      f"{results['mean_per_class_accuracy']:.2f}%){model_line}")
         return results
 
     def close(self) -> None:

@@ -129,6 +129,32 @@ def test_a_run_killed_at_every_kill_point_resumes_to_an_uninterrupted_runs_resul
 
 
 @pytest.mark.slow
+def test_a_killed_best_val_run_reports_the_uninterrupted_runs_model(demo_beton, tmp_path):
+    """--final-model best-val (issue 25 §1): the best-on-val prompts and their epoch are part of every
+    checkpoint, so a killed run reports the model and epoch of a run that never stopped."""
+    args = lambda out: [FASTPROMPT, *_args(demo_beton, out, "--eval-every", "1", "--final-model", "best-val",
+                                           epochs=5, method="e2mim")]
+    full, part = tmp_path / "full", tmp_path / "part"
+    subprocess.run(args(full), check=True, env=_env(), capture_output=True)
+    # epoch 2's tensors (its best-on-val prompts among them) written and not committed; then trained to the end
+    for value, checkpointed in (("checkpoint-tensors:2", 1), ("before-results", 5)):
+        killed = subprocess.run(args(part), env=_env(**{KILL_AT: value}), capture_output=True, text=True)
+        assert killed.returncode == EXIT_CODE, (value, killed.stderr[-3000:])
+        assert checkpoint.load(part)[0]["epoch"] == checkpointed, value
+    resumed = subprocess.run(args(part), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    val = lambda out: [json.loads(l)["val_accuracy"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert _metrics(part) == _metrics(full) and val(part) == val(full)
+    a, b = load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    results = [json.loads((run / "results.json").read_text()) for run in (full, part)]
+    reported = ("final_model", "reported_epoch", "val_accuracy", "test_accuracy", "per_class", "confusion")
+    assert [{k: r[k] for k in reported} for r in results][0] == {k: results[1][k] for k in reported}
+    assert results[0]["final_model"] == "best-val"
+    assert results[0]["reported_epoch"] == 1 + val(full).index(max(val(full)))  # the first of the best
+
+
+@pytest.mark.slow
 def test_prepare_killed_between_its_renames_leaves_no_finished_beton(tmp_path):
     from fastprompt.data import open_dataset
 

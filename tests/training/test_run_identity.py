@@ -39,10 +39,14 @@ def test_the_identity_fields_are_listed_once():
     result_fields = {"method", "data", "clip", "pretrained", "template", "shots", "seed", "classes", "epochs",
                      "batch_size", "optimizer", "lr", "warmup_epochs", "group_lr", "group_warmup_epochs", "warmup_lr",
                      "momentum", "weight_decay", "precision", "feature_cache", "options", "protocol"}
+    # the reported model (identity, left out at "last", every earlier run's) and validation's epochs (identity
+    # only where they choose the reported model: --final-model best-val)
+    selection = {"final_model", "eval_every"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert fields - EXECUTION_FIELDS == result_fields
+    assert fields - EXECUTION_FIELDS == result_fields | selection
     config = dict.fromkeys(fields, 1) | {"method": "nope", "options": {}}
-    assert set(identity(config)) == result_fields
+    assert set(identity(config | {"final_model": "best-val"})) == result_fields | selection
+    assert set(identity(config | {"final_model": "last"})) == result_fields
 
 
 def test_every_identity_field_has_its_report_rule():
@@ -53,7 +57,8 @@ def test_every_identity_field_has_its_report_rule():
     from fastprompt.training.runfiles import RUN_FACTS
 
     recipe = {"protocol", "clip", "pretrained", "batch_size", "optimizer", "lr", "warmup_epochs", "warmup_lr", "momentum",
-              "weight_decay", "precision", "feature_cache", "weights_id", "image_size", "autocast"}
+              "weight_decay", "precision", "feature_cache", "weights_id", "image_size", "autocast", "final_model",
+              "eval_every"}
     fields = ({f.name for f in dataclasses.fields(TrainConfig)} | set(RUN_FACTS)) - EXECUTION_FIELDS - set(DERIVED_FIELDS)
     assert fields - {"seed"} - set(FOLLOWS) - set(RESOLVED) == recipe
 
