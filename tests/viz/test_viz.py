@@ -168,3 +168,29 @@ def test_compare_rows(runs, viz_beton, tmp_path):
     out = invoke("compare", runs["coop"], "--workers", 1, "--json", tmp_path / "rows.json")
     assert "zero-shot" in out and "%" in out
     assert json.loads((tmp_path / "rows.json").read_text())[0]["method"] == "coop"
+
+
+def test_compare_reports_the_first_epoch_apart_from_the_steady_rate():
+    """The demo table counted CoOp's cold first epoch (22.6 of 24.2 s) in its images/s: the
+    first epoch's seconds are a column of their own and images/s is over epochs 2..N (issue 25 §8)."""
+    from rich.console import Console
+
+    from fastprompt.viz.compare import Comparison, comparison_table, training_speed
+
+    lines = [{"epoch": 1, "images": 160, "seconds": 22.6}, {"epoch": 2, "images": 160, "seconds": 0.1},
+             {"epoch": 3, "images": 160, "seconds": 0.3}]
+    speed = training_speed(lines)
+    assert speed == pytest.approx({"train_seconds": 23.0, "images_per_s": 480 / 23.0, "first_epoch_seconds": 22.6,
+                                   "steady_images_per_s": 320 / 0.4})
+    assert training_speed(lines[:1])["steady_images_per_s"] is None  # one epoch: no steady rate to report
+    rows = [Comparison(run="r", method="coop", zero_shot_accuracy=42.0, trained_accuracy=76.0, **speed),
+            Comparison(run="s", method="cavpt", zero_shot_accuracy=42.0, trained_accuracy=70.0, **training_speed(lines[:1]))]
+    console = Console(width=120, record=True)
+    console.print(comparison_table(rows))
+    text = console.export_text()
+    assert "first epoch" in text and "epochs 2..N" in text
+    coop = next(line for line in text.splitlines() if "coop" in line).split("│")
+    assert [c.strip() for c in coop[5:8]] == ["23.0 s", "22.6 s", "800"]
+    cavpt = next(line for line in text.splitlines() if "cavpt" in line).split("│")
+    assert [c.strip() for c in cavpt[5:8]] == ["22.6 s", "22.6 s", "-"]
+    assert rows[0].to_dict()["steady_images_per_s"] == pytest.approx(800.0)
