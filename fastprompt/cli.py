@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import time
 from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
@@ -357,7 +358,7 @@ def prepare_demo_cmd(
 @user_errors
 def prepare_demo_clip_cmd(
     out: Annotated[str, typer.Option("--out", help="Output checkpoint NAME.pt; use it as --clip fastprompt-tiny --pretrained NAME.pt.")] = "demo-clip.pt",
-    steps: Annotated[int, typer.Option("--steps", help="Contrastive training steps (about 0.06-0.13 s each on 2 CPU cores).")] = 300,
+    steps: Annotated[int, typer.Option("--steps", help="Contrastive training steps (0.06-0.13 s each measured on 2 idle AMD EPYC cores, no GPU; about 1 s with other jobs on them).")] = 300,
     seed: Annotated[int, typer.Option("--seed", help="Weights, images and sampling are functions of the seed.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing checkpoint at --out (refused without it).")] = False,
 ) -> None:
@@ -644,7 +645,7 @@ def bench_cmd(
     device: Device = "auto",
     methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated methods and coop-text (the CoOp text step alone); default: coop-text, vpt-deep.")] = None,
     variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated: reference, fast, fast+compile, anchor (default: reference, fast).")] = None,
-    every: Annotated[bool, typer.Option("--all", help="Every method and variant (compilation and the anchor baselines too); the default grid takes about 2 minutes on 2 CPU cores.")] = False,
+    every: Annotated[bool, typer.Option("--all", help="Every method and variant (compilation and the anchor baselines too). The default grid took 42 s on 2 idle CPU cores (AMD EPYC, no GPU) and 3-4 min with other jobs on them (BENCHMARKS.md).")] = False,
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per variant (the median is reported; use 5 or more on a busy machine).")] = 2,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before them (compilation gets its own).")] = 1,
     compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode of fast+compile.")] = "default",
@@ -665,19 +666,46 @@ def bench_cmd(
     if json_out:
         check_records_path(json_out)
     records: list[dict] = []
+    console = _console()
+    # On a terminal a spinner shows what is measured now (cleared before each line of the table is
+    # printed); elsewhere (a log file, a pipe) each step is a line on stderr, with the time so far.
+    status = console.status("bench") if console.is_terminal else None
+    started, titled = time.monotonic(), []  # titled: [True] once the title and header are printed
+
+    def table(lines: list[str]) -> None:
+        if status is not None:
+            status.stop()  # transient: the spinner's line is erased, not left in front of the table
+        if not titled:  # the title once the model loaded: a bad --clip stays a one-line error
+            titled.append(True)
+            lines = [f"fastprompt bench: {clip}, batch {batch_size}, {classes} classes, {device}",
+                     header_line(resolve_device(device).type), *lines]
+        for line in lines:
+            typer.echo(line)
+        if status is not None:
+            status.start()
+
+    def progress(what: str) -> None:
+        if not titled:
+            table([])
+        if status is not None:
+            status.update(f"bench: {what}")
+        else:
+            elapsed = int(time.monotonic() - started)
+            typer.echo(f"bench {elapsed // 60}m{elapsed % 60:02d}s: {what}", err=True)
 
     def show(done: list[dict]) -> None:  # each method's records as soon as they are measured
-        if not records:  # the title once the model loaded: a bad --clip stays a one-line error
-            typer.echo(f"fastprompt bench: {clip}, batch {batch_size}, {classes} classes, {device}")
-            typer.echo(header_line(resolve_device(device).type))
         records.extend(done)
-        for record in done:
-            typer.echo(record_line(record))
+        table([record_line(record) for record in done])
         if json_out:
             write_records(records, json_out)
 
-    with _console().status("bench") as status:
-        run_bench(config, progress=lambda what: status.update(f"bench: {what}"), on_records=show)
+    try:
+        if status is not None:
+            status.start()
+        run_bench(config, progress=progress, on_records=show)
+    finally:
+        if status is not None:
+            status.stop()
 
 
 # ----------------------------------------------------------------------------------------
@@ -922,8 +950,9 @@ def interpret_cmd(run: Run, topk: Annotated[int, typer.Option("--topk", help="Ne
 def compare_cmd(runs: Annotated[list[str], typer.Argument(help="Run directories of finished `fastprompt train` runs.")],
                 device: PlotDevice = "cpu", workers: Workers = None,
                 json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows (a JSON list) to this file.")] = None) -> None:
-    """Zero-shot vs trained test accuracy per run: zero-shot %, trained %, gain, train time, images/s (base / new / H
-    for base-to-new runs); each row is the method and what sets the run apart (cavpt (variant=released))."""
+    """Zero-shot vs trained test accuracy per run: zero-shot %, trained %, gain, train time, first epoch, steady
+    images/s (base / new / H for base-to-new runs); each row is the method and what sets the run apart
+    (cavpt (variant=released))."""
     from rich.console import Console
 
     from fastprompt.files import write_json

@@ -55,6 +55,40 @@ def test_bench_json_is_valid_after_every_method(tmp_path, monkeypatch):
         [("coop-text", "fast")], [("coop-text", "fast"), ("vpt-shallow", "fast")]]
 
 
+def test_a_log_file_gets_each_step_as_it_happens():
+    """Not on a terminal (a log file): each variant's build, each timed round and each method's
+    records are lines in the order they happen, not 140 s of silence (issue 25 §9)."""
+    result = runner.invoke(app, [*TINY, "--methods", "coop-text,vpt-shallow", "--variants", "reference,fast"])
+    assert result.exit_code == 0, result.output
+    lines = [line.split(": ", 1)[1] if line.startswith("bench ") else " ".join(line.split()[:2])
+             for line in result.output.splitlines()]  # stdout and stderr, interleaved as written
+    assert lines == ["fastprompt bench:", "method variant",
+                     "coop-text / reference: build and warm up", "coop-text / fast: build and warm up",
+                     "coop-text: timed round 1/1", "coop-text reference", "coop-text fast",
+                     "vpt-shallow / reference: build and warm up", "vpt-shallow / fast: build and warm up",
+                     "vpt-shallow: timed round 1/1", "vpt-shallow reference", "vpt-shallow fast"], result.output
+    assert all(line.startswith("bench 0m") for line in result.stderr.splitlines())  # the time so far
+    assert len(result.stdout.splitlines()) == 2 + 4  # the table alone on stdout
+
+
+def test_the_spinner_is_cleared_before_each_line_of_the_table(monkeypatch):
+    """On a terminal the spinner's text is erased before the table's lines are printed
+    (`timed round 2/2fastprompt bench:` was glued), and the table reads as on a file."""
+    from rich.console import Console
+
+    import fastprompt.cli as cli
+
+    monkeypatch.setattr(cli, "_console", lambda: Console(stderr=True, force_terminal=True, width=100))
+    result = runner.invoke(app, [*TINY, "--methods", "coop-text", "--variants", "fast"])
+    assert result.exit_code == 0, result.output
+    output = result.output  # what the terminal received, both streams in order
+    assert "bench: coop-text" in output and "\nbench " not in output  # the spinner, no log lines
+    for line in result.stdout.splitlines():  # the title, the header, the record
+        before = output[:output.index(line)]
+        assert before == "" or before.endswith(("\n", "\x1b[2K")), repr(before[-40:])  # a new or erased line
+    assert result.stdout.splitlines()[0] == "fastprompt bench: fastprompt-tiny, batch 4, 5 classes, cpu"
+
+
 def test_default_grid_and_all():
     from fastprompt.bench import VARIANTS, BenchConfig, bench_methods
 

@@ -324,3 +324,19 @@ def test_train_sweep_eval_refuse_bad_input_without_importing_torch(tmp_path):
     assert [code for code, _, _ in results] == [0] + [2] * (len(cases) - 1), results
     assert all(line.startswith("error: ") for _, line, _ in results[1:]), results
     assert [imported for _, _, imported in results] == [False] * len(cases), results
+
+
+def test_dir_lists_the_public_api_without_importing_torch():
+    """`dir(fastprompt)` names what `__all__` and the lazy attributes offer (issue 25 §6), and
+    asking for it imports nothing heavy."""
+    probe = "import fastprompt, json, sys; print(json.dumps([dir(fastprompt), 'torch' in sys.modules]))"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names, torch_loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    public = [n for n in names if not n.startswith("_")]
+    assert public == ["FastpromptError", "create_model", "create_model_and_transforms", "data", "list_methods",
+                      "load_run", "methods", "models"]
+    assert "__version__" in names and not torch_loaded
+    import fastprompt
+
+    assert all(getattr(fastprompt, n) is not None for n in fastprompt.__all__)  # each listed name resolves

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Optional
 
 import numba
 import numpy as np
@@ -42,6 +42,7 @@ import_ffcv()  # before the first FFCV import (ffcv_compat, workaround 0)
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
+from fastprompt.data.pixels import normalisation_table  # noqa: F401  (the decoders' table; pipelines imports it here)
 from fastprompt.data.resample import resample, resample_normalised
 
 # ----------------------------------------------------------------------------------------
@@ -321,13 +322,6 @@ def _decode_center_crop(batch_indices, out, scratch, lut, normalise, chunks, met
             else:
                 _resize_center_crop(image, short, out[k])
     return out_f
-
-
-def normalisation_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(3, 256) float32: the normalised value of every uint8 level per channel."""
-    levels = np.arange(256, dtype=np.float64)  # (256,)
-    table = (levels[None, :] - 255.0 * np.asarray(mean)[:, None]) / (255.0 * np.asarray(std)[:, None])  # (3, 256)
-    return np.ascontiguousarray(table, dtype=np.float32)
 
 
 class _CropDecoder(Operation):

@@ -24,7 +24,7 @@ pixels against Dassl's crop of the original.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
@@ -114,3 +114,11 @@ def train_storage_pixels(image: "Image.Image", short_cap: int, long_cap: int) ->
     if (new_h, new_w) != (height, width):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+
+
+def normalisation_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(3, 256) float32: the normalised value of every uint8 level per channel (ToTensor's
+    level / 255 then Normalize(mean, std), as one lookup; the decoders and the transforms use it)."""
+    levels = np.arange(256, dtype=np.float64)  # (256,)
+    table = (levels[None, :] - 255.0 * np.asarray(mean)[:, None]) / (255.0 * np.asarray(std)[:, None])  # (3, 256)
+    return np.ascontiguousarray(table, dtype=np.float32)

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "MethodSpec", "ParamGroup", "PromptModel", "create_model", "list_methods", "method_class",
-           "method_config", "method_spec", "register_method", "unregister_method"]
+__all__ = ["METHODS", "MethodSpec", "ParamGroup", "PromptModel", "create_model", "create_model_and_transforms",
+           "list_methods", "method_class", "method_config", "method_spec", "register_method", "unregister_method"]
 
 
 def __getattr__(name):  # PEP 562: the torch half on first use
@@ -83,3 +83,25 @@ def create_model(
         raise FastpromptError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
     bundle = load_clip(clip, pretrained, device=device, trust_pickle=trust_pickle)
     return method_class(method)(bundle, names, templates, backend, config)
+
+
+def create_model_and_transforms(
+    method: str,
+    classnames: Sequence[str],
+    clip: Union[str, "torch.nn.Module"] = "ViT-B-32",
+    pretrained: Optional[str] = "openai",
+    **options,
+):
+    """(model, train transform, eval transform), in open_clip's `create_model_and_transforms` order.
+
+    The model is `create_model(method, classnames, clip, pretrained, **options)` (every keyword
+    of `create_model` is accepted); each transform takes a PIL image and returns a float32
+    tensor (3, S, S) at the model's input size S, with the pixels the loaders feed it
+    (`fastprompt.data.transforms`: eval is CLIP's eval transform as `prepare` stores val/test;
+    train is Dassl's random resized crop + flip of the image as `prepare` stores it).
+    """
+    from fastprompt.data.transforms import EvalTransform, TrainTransform
+
+    model = create_model(method, classnames, clip=clip, pretrained=pretrained, **options)
+    size = model.bundle.image_size
+    return model, TrainTransform(size), EvalTransform(size)

@@ -168,6 +168,7 @@ class PromptModel(nn.Module):
             if not self.frozen_image_tower:
                 raise FastpromptError(f"{self.method} prompts its image tower; it needs images, not cached features")
             return F.normalize(context["features"], dim=-1)  # (B, D)
+        self._check_images(images)
         prompts = self.tower_prompts(images, context)
         if prompts is None:
             with torch.no_grad():
@@ -200,6 +201,15 @@ class PromptModel(nn.Module):
     def _detached_logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.logit_scale() * F.normalize(x, dim=-1) @ w.t()  # (B, K)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        """Images must be (B, 3, S, S) at the image tower's input size S (a shape check: no sync)."""
+        size = self.bundle.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise FastpromptError(
+                f"images of shape {tuple(images.shape)} do not fit this model, which takes (B, 3, {size}, {size}); "
+                f"resize them to {size} px (the eval transform of fastprompt.create_model_and_transforms does)"
+            )
 
     def _check_labels(self, labels: torch.Tensor, images: torch.Tensor) -> None:
         if labels.dtype != torch.long or labels.dim() != 1 or labels.shape[0] != images.shape[0]:

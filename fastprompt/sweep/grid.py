@@ -94,6 +94,13 @@ class PlannedCell:
     cell: Cell
     action: str  # skip | evaluate | resume | start
     why: str = ""  # what the folder holds
+    epochs_done: int = 0  # epochs its checkpoint holds: training goes on at epoch epochs_done + 1 (1-based)
+
+    def from_epoch(self) -> str:
+        """Where training goes on, `K/N` (1-based); `-` for a cell that does not train."""
+        if self.action in ("skip", "evaluate"):
+            return "-"
+        return f"{self.epochs_done + 1}/{self.cell.config.epochs}"
 
 
 def cell_name(dataset: str, method: str, shots: Optional[int], seed: int) -> str:
@@ -192,7 +199,7 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
     """What each cell's folder asks for; FastpromptError naming the cell if one holds another run."""
     from fastprompt.data import open_dataset
     from fastprompt.training.identity import expected_run, first_difference
-    from fastprompt.training.runfiles import read_run_config
+    from fastprompt.training.runfiles import checkpoint_epoch, read_run_config
 
     planned, datasets = [], {}
     for cell in cells:
@@ -216,8 +223,10 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
             missing = [name for name, data in cell.eval_on if not cell.eval_file(name, data).is_file()]
             planned.append(PlannedCell(cell, "evaluate", f"finished; to evaluate on {', '.join(missing)}") if missing
                            else PlannedCell(cell, "skip", "finished"))
-        elif any(cell.dir.glob("checkpoint*")):
-            planned.append(PlannedCell(cell, "resume", "has a checkpoint"))
+        elif (done := checkpoint_epoch(cell.dir)) is not None:
+            planned.append(PlannedCell(cell, "resume", f"a checkpoint after epoch {done}/{cell.config.epochs}", done))
+        elif any(cell.dir.glob("checkpoint*")):  # a damaged record or an older format: the trainer names the fix
+            planned.append(PlannedCell(cell, "resume", "a checkpoint without a readable epoch (training names the fix)"))
         else:
             planned.append(PlannedCell(cell, "start", "stopped before its first checkpoint"))
     return planned

@@ -10,7 +10,9 @@ Launchers:
 
 `sweep-log.jsonl` in the sweep's folder gets one line per event (`start` with its action,
 `done`, `failed` with the error, `skip`, `interrupted`); `sweep.json` gets the last run's
-outcome. A failed cell does not stop the sweep.
+outcome. A failed cell does not stop the sweep. On a terminal the console shows a live view;
+elsewhere (a log file, a pipe) it gets the same events as they happen, one line each (with
+the counts and the ETA after each finished cell).
 
 One sweep per folder: the sweep holds the folder's lock (`fastprompt.training.rundir.RunLock`,
 `OUT/.lock`) while it runs; a second sweep on it stops at once, naming the holder's pid.
@@ -273,15 +275,18 @@ class _View:
         work = self.left * mean + sum(max(mean - (now - t), 0.0) for t in self.running.values())
         return work / max(1, min(self.slots, self.left + len(self.running)))
 
+    def summary(self) -> str:
+        eta = self.eta()
+        return (f"done {self.done + self.skipped}/{self.total} ({self.skipped} skipped)  running {len(self.running)}  "
+                f"failed {self.failed}  left {self.left}  ETA {'after the first cell' if eta is None else _duration(eta)}")
+
     def __rich__(self):
         from rich.console import Group
         from rich.text import Text
 
-        eta = self.eta()
-        summary = Text.from_markup(
-            f"[bold]sweep[/bold] done {self.done + self.skipped}/{self.total} ({self.skipped} skipped)  "
-            f"running {len(self.running)}  [red]failed {self.failed}[/red]  left {self.left}  "
-            f"ETA {'after the first cell' if eta is None else _duration(eta)}")
+        summary = Text.from_markup("[bold]sweep[/bold] ")
+        summary.append(self.summary())
+        summary.highlight_regex(r"failed \d+", "red")
         now = time.monotonic()
         return Group(summary, *(Text(f"  {name}  {_duration(now - start)}") for name, start in self.running.items()))
 
@@ -330,16 +335,18 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
     _write_record(out / SWEEP_FILE, record)
     log = _Log(out / LOG_FILE)
     outcome = SweepOutcome(planned)
-    for p in planned:
-        if p.action == "skip":
-            outcome.skipped.append(p.cell.name)
-            log(cell=p.cell.name, event="skip")
+    skipped = [p for p in planned if p.action == "skip"]
+    for p in skipped:
+        outcome.skipped.append(p.cell.name)
+        log(cell=p.cell.name, event="skip")
     view = _View(len(planned), len(outcome.skipped), jobs)
     running: dict = {}  # handle -> (slot, planned cell, start)
     free = list(range(jobs))
+    say = _no_lines
 
     def finished(result: dict, p: PlannedCell, start: float) -> None:
         seconds = round(time.monotonic() - start, 3)
+        view.running.pop(p.cell.name, None)
         if result.get("status") == "done":
             outcome.done.append(p.cell.name)
             if p.action != "evaluate":
@@ -348,22 +355,27 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
         else:
             outcome.failed[p.cell.name] = result.get("error", "unknown error")
             log(cell=p.cell.name, event="failed", seconds=seconds, error=outcome.failed[p.cell.name])
+        view.done, view.failed = len(outcome.done), len(outcome.failed)
+        said = "done" if result.get("status") == "done" else f"failed ({outcome.failed[p.cell.name]})"
+        say(f"{said} {p.cell.name} in {_duration(seconds)}; {view.summary()}")
 
     try:
-        with _live(view, console):
+        with _live(view, console) as say:
+            for p in skipped:
+                say(f"skip {p.cell.name} ({p.why})")
             while todo or running:
                 while todo and free:
                     p, slot = todo.popleft(), free.pop(0)
                     log(cell=p.cell.name, event="start", action=p.action)
+                    say(f"{p.action} {p.cell.name}" + ("" if p.action == "evaluate" else f" at epoch {p.from_epoch()}")
+                        + f" ({p.why})")
                     running[launcher.submit(slot, p.cell.payload())] = (slot, p, time.monotonic())
                     view.running[p.cell.name] = time.monotonic()
                     view.left -= 1
                 for handle in launcher.wait(list(running), timeout=0.5):
                     slot, p, start = running.pop(handle)
                     free.append(slot)
-                    del view.running[p.cell.name]
                     finished(launcher.result(slot, handle, p.cell.name), p, start)
-                    view.done, view.failed = len(outcome.done), len(outcome.failed)
     except BaseException:  # Ctrl-C / SIGINT, or the sweep's own files cannot be written: stop the running cells
         launcher.interrupt()
         launcher.close(wait=True)  # prompt: each worker interrupts its cell (or exits after STOP_GRACE_S)
@@ -375,6 +387,7 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
                 else:
                     outcome.interrupted.append(p.cell.name)
                     log(cell=p.cell.name, event="interrupted", seconds=round(time.monotonic() - start, 3))
+                    say(f"interrupted {p.cell.name} after {_duration(time.monotonic() - start)} (resumable)")
             _write_record(out / SWEEP_FILE, {**record, "outcome": outcome.record()})
         except FastpromptError:
             pass  # the sweep's own files cannot be written: the cells' folders still hold every state
@@ -385,33 +398,38 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
     return outcome
 
 
+def _no_lines(line: str) -> None:
+    pass
+
+
 @contextmanager
 def _live(view: _View, console):
-    """The live view on `console` (nothing when None). Rich ends a live display that is not on a
-    terminal (a log file, a pipe) without a newline: one is added, so the next line (the summary,
-    an error) starts a line of its own."""
+    """What `console` shows while the sweep runs; yields `say(line)` for its events. On a
+    terminal: the live view (`say` prints nothing, the view shows it). Elsewhere (a log file, a
+    pipe): `say` prints each event's line at once, each ending in a newline (rich's live display
+    there printed only its last frame, when the sweep ended, without a newline). Nothing when None."""
     if console is None:
-        yield
+        yield _no_lines
+        return
+    if not console.is_terminal:
+        yield lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
         return
     from rich.live import Live
 
-    try:
-        with Live(view, console=console, refresh_per_second=2, transient=False, redirect_stdout=False,
-                  redirect_stderr=False):
-            yield
-    finally:
-        if not console.is_terminal:
-            console.line()
+    with Live(view, console=console, refresh_per_second=2, transient=False, redirect_stdout=False,
+              redirect_stderr=False):
+        yield _no_lines
 
 
 def plan_table(planned: list[PlannedCell]):
-    """`--dry-run`: every cell with what would happen to it, and the counts."""
+    """`--dry-run`: every cell with what would happen to it (where its training goes on, from its
+    checkpoint's record), and the counts."""
     from rich.table import Table
 
     counts = {a: sum(p.action == a for p in planned) for a in ("skip", "evaluate", "resume", "start")}
     table = Table(title=f"{len(planned)} cells: " + ", ".join(f"{n} {a}" for a, n in counts.items()), title_justify="left")
-    for column in ("cell", "action", "folder holds"):
+    for column in ("cell", "action", "from epoch", "folder holds"):
         table.add_column(column)
     for p in planned:
-        table.add_row(p.cell.name, p.action, p.why)
+        table.add_row(p.cell.name, p.action, p.from_epoch(), p.why)
     return table

@@ -32,11 +32,12 @@ from safetensors.torch import save_file
 from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write, write_json
 from fastprompt.training.hooks import kill_point
+from fastprompt.training.runfiles import CHECKPOINT
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # 1: checkpoint.pt (torch.save pickle), no longer read
-RECORD = "checkpoint.json"
+RECORD = CHECKPOINT  # checkpoint.json (named in runfiles, where torch-free readers find it)
 LEGACY = "checkpoint.pt"
 
 

@@ -15,6 +15,7 @@ from fastprompt.files import path_component
 from fastprompt.validation import json_type
 
 CONFIG = "config.json"
+CHECKPOINT = "checkpoint.json"  # a checkpoint's JSON record (`fastprompt.training.checkpoint`)
 
 def eval_file(run: Path, dataset: str, data: Union[str, Path], classes: str) -> Path:
     """Where `fastprompt.training.evaluate_run` writes a run's result on `data`:
@@ -126,3 +127,14 @@ def check_evaluation(run_dir: Union[str, Path], data: Union[str, Path], classes:
     check_precision(precision)
     finished_run_config(Path(run_dir))
     open_dataset(data, tables=False).classnames_for(classes)  # the sidecar: torch-free (evaluate_run opens it whole)
+
+
+def checkpoint_epoch(run: Path) -> Optional[int]:
+    """The epochs a run's committed checkpoint holds (checkpoint.json's `epoch`), read from the
+    JSON record alone (torch-free: a sweep's plan says where each cell resumes); None when
+    there is no record or it is unreadable (the trainer's own check then names the problem)."""
+    try:
+        epoch = json.loads((Path(run) / CHECKPOINT).read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None

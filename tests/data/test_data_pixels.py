@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -224,3 +225,77 @@ def test_fast_resample_equals_the_reference_bit_for_bit():
     resample(pixels, 0, 450, 262, 19, 0, 384, 224, 0, fast)  # Resize(224) -> (262, 224), rows 19..243
     resample_reference(pixels, 0, 450, 262, 19, 0, 384, 224, 0, reference)
     assert np.array_equal(fast, reference)
+
+
+def test_eval_transform_gives_the_loaders_test_pixels_bit_for_bit(photo_beton):
+    """`create_model_and_transforms`' eval transform on the original files equals the loader's
+    test batch of the prepared file, value for value (issue 25 §6)."""
+    from fastprompt.data.transforms import EvalTransform
+
+    ds = open_dataset(photo_beton)
+    transform = EvalTransform(224)
+    seen = []
+    for images, _, index in ds.loader("test", image_size=224, batch_size=4, return_indices=True):
+        for image, i in zip(images, index.tolist()):  # image (3, 224, 224)
+            path = ds.meta["paths"][i]
+            with Image.open(photo_beton.parent / "root" / path) as original:
+                assert torch.equal(transform(original), image), path
+            seen.append(path)
+    assert sorted(seen) == [f"test/photo/{name}" for name in PHOTO_FILES]
+
+
+def test_train_transform_is_the_loaders_kernel_for_the_same_crop():
+    """For the crop and flip the training loader draws from a sample's stream, the train
+    transform's `crop` of the stored image equals the loader's kernel (`decoders._augment`) bit
+    for bit, through its fused path and through its uint8 resize-then-flip path."""
+    from fastprompt.data.decoders import _FLIP_COUNTER, _augment, _random_crop, _uniform, augment_key
+    from fastprompt.data.transforms import TrainTransform
+
+    transform = TrainTransform(224)
+    log_lo, log_hi = np.log(transform.ratio)
+    lo, hi = transform.scale
+    fused = np.empty((1, 3, 224, 224), dtype=np.float32)
+    resized = np.empty((224, 224, 3), dtype=np.uint8)
+    flips = set()
+    for n, name in enumerate(PHOTO_FILES):
+        with Image.open(PHOTOS / name) as original:
+            stored = transform.stored(original)  # (H, W, 3)
+        assert min(stored.shape[:2]) <= 320 and max(stored.shape[:2]) <= 1024
+        for sample in range(3):
+            state = np.uint64(augment_key(n, sample))
+            i, j, h, w = _random_crop(state, stored.shape[0], stored.shape[1], lo, hi, log_lo, log_hi)
+            flip = bool(_uniform(state, _FLIP_COUNTER) < transform.flip_prob)
+            flips.add(flip)
+            got = transform.crop(stored, i, j, h, w, flip).numpy()  # (3, 224, 224)
+            _augment(stored, state, lo, hi, log_lo, log_hi, transform.flip_prob, resized, True, transform.lut, fused, 0)
+            assert np.array_equal(got, fused[0]), (name, sample)
+            _augment(stored, state, lo, hi, log_lo, log_hi, transform.flip_prob, resized, False, transform.lut, fused, 0)
+            assert np.array_equal(got, transform.lut[np.arange(3)[:, None, None], resized.transpose(2, 0, 1)]), name
+    assert flips == {False, True}
+
+
+def test_train_transform_is_dassls_transform_of_the_stored_image():
+    """On an original photo (1400 px: shrunk to 320 px on its shorter side first, as `prepare`
+    stores it) the train transform draws torchvision's crop and flip from torch's generator
+    (Dassl's RandomResizedCrop(224, bicubic) + RandomHorizontalFlip + ToTensor + CLIP's Normalize
+    under the same seed) and resizes with PIL's filter: Pillow's pass order only."""
+    from torchvision import transforms as T
+
+    from fastprompt.data.transforms import TrainTransform
+
+    transform = TrainTransform(224)
+    dassl = T.Compose([T.RandomResizedCrop(224, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    std = torch.tensor(CLIP_STD)[:, None, None] * 255  # (3, 1, 1): one level in normalised units
+    for name in ("china_large.jpg", "hopper_rgba.png"):
+        with Image.open(PHOTOS / name) as original:
+            stored = transform.stored(original)
+            if name == "china_large.jpg":
+                assert min(original.size) > 320 and min(stored.shape[:2]) == 320  # shrunk as prepare stores it
+            for seed in range(4):
+                torch.manual_seed(seed)
+                got = transform(original)  # (3, 224, 224)
+                torch.manual_seed(seed)
+                reference = dassl(Image.fromarray(stored))
+                levels = ((got - reference) * std).abs()  # (3, 224, 224)
+                assert levels.mean() < 0.35 and torch.quantile(levels.flatten(), 0.99) <= 1.0 + 1e-3, (name, seed)

@@ -96,11 +96,17 @@ def test_plan_reads_each_cells_folder(demo_beton, tmp_path):
     config = sweep(demo_beton, tmp_path / "s", eval_on=[])
     cells = expand(config)
     _fake_run(cells[0], "results.json")
-    _fake_run(cells[1], "checkpoint.pt", device="cuda", num_workers=7, compile="default")  # execution only
+    _fake_run(cells[1], device="cuda", num_workers=7, compile="default")  # execution only
+    (cells[1].dir / "checkpoint.json").write_text(json.dumps({"format": 2, "epoch": 1, "tensors": "checkpoint-0001-x"}))
     _fake_run(cells[2])  # killed before its first checkpoint
+    _fake_run(cells[3], "checkpoint.pt")  # an older fastprompt's checkpoint: the trainer refuses it, naming the fix
     actions = [(p.action, p.why) for p in plan(cells)]
-    assert actions[:4] == [("skip", "finished"), ("resume", "has a checkpoint"),
-                           ("start", "stopped before its first checkpoint"), ("start", "new")]
+    assert actions[:5] == [("skip", "finished"), ("resume", "a checkpoint after epoch 1/2"),
+                           ("start", "stopped before its first checkpoint"),
+                           ("resume", "a checkpoint without a readable epoch (training names the fix)"), ("start", "new")]
+    assert [p.from_epoch() for p in plan(cells)][:5] == ["-", "2/2", "1/2", "1/2", "1/2"]
+    (cells[1].dir / "checkpoint.json").write_text("{")  # damaged: the plan does not guess an epoch
+    assert plan(cells)[1].why == "a checkpoint without a readable epoch (training names the fix)"
 
     # a finished cell that lacks an evaluation asked for later is only evaluated
     later = dataclasses.replace(cells[0], eval_on=(("other", "/data/other.beton"),))
@@ -154,14 +160,19 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(demo_beton, tmp_path):
     out = tmp_path / "s"
     cells = expand(sweep(demo_beton, out, methods=["coop"], seeds=[1], shots=[2, 4]))
     _fake_run(cells[0], "results.json")
+    _fake_run(cells[1])
+    (cells[1].dir / "checkpoint.json").write_text(json.dumps({"format": 2, "epoch": 1}))  # killed after epoch 1
     args = ["sweep", "--methods", "coop", "--data", str(demo_beton), "--seeds", "1", "--shots", "2,4", "--out", str(out),
             "--clip", "fastprompt-tiny", "--pretrained", "none", "--epochs", "2", "--batch-size", "8",
             "--set", "n_ctx=4", "--dry-run"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, args, terminal_width=120)
     assert result.exit_code == 0, result.output
-    assert "2 cells: 1 skip, 0 evaluate, 0 resume, 1 start" in result.output
-    assert "demo/coop/shots4/seed1" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["demo"] and not (out / "demo" / "coop" / "shots4").exists()
+    assert "2 cells: 1 skip, 0 evaluate, 1 resume, 0 start" in result.output
+    rows = {line.split()[1]: line.split("│")[2:-1] for line in result.output.splitlines() if "demo/coop" in line}
+    assert [c.strip() for c in rows["demo/coop/shots4/seed1"]] == ["resume", "2/2", "a checkpoint after epoch 1/2"]
+    assert [c.strip() for c in rows["demo/coop/shots2/seed1"]] == ["skip", "-", "finished"]
+    assert sorted(p.name for p in out.iterdir()) == ["demo"]
+    assert sorted(p.name for p in cells[1].dir.iterdir()) == ["checkpoint.json", "config.json"]  # nothing written
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -372,3 +372,60 @@ def test_live_view_eta_from_measured_cell_times():
     console = Console(width=120, record=True)
     console.print(view)
     assert "done 3/6 (2 skipped)  running 1  failed 0  left 2  ETA 0m13s" in console.export_text()
+
+
+class _OneAtATime:
+    """A launcher whose cells end one per `wait`, in order, as `outcomes` says ("done" or an
+    error); it records what the sweep's console held when each cell was submitted."""
+
+    def __init__(self, outcomes: dict, console_text):
+        self.outcomes, self.console_text = outcomes, console_text
+        self.pending, self.seen_at_submit = [], {}
+
+    def submit(self, slot, payload):
+        self.seen_at_submit[payload["name"]] = self.console_text()
+        self.pending.append(payload["name"])
+        return payload["name"]
+
+    def wait(self, handles, timeout):
+        return [self.pending.pop(0)] if self.pending else []
+
+    def result(self, slot, handle, name):
+        outcome = self.outcomes[name]
+        return {"cell": name, "status": "done"} if outcome == "done" else {"cell": name, "status": "failed", "error": outcome}
+
+    def interrupt(self):
+        pass
+
+    def close(self, wait=True):
+        pass
+
+
+def test_a_log_file_gets_a_line_per_event_as_it_happens(demo_beton, tmp_path, monkeypatch):
+    """stderr sent to a file (not a terminal): each event is a line of its own when it happens,
+    not one frame of the live view at the end (issue 25 §11); each line ends in a newline, the
+    last included, and a start says from which epoch the cell trains."""
+    import io
+
+    from rich.console import Console
+
+    import fastprompt.sweep.runner as runner
+
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=False, width=60)
+    first, second = "demo/coop/shots2/seed1", "demo/coop/shots2/seed2"
+    launcher = _OneAtATime({first: "done", second: "boom"}, stream.getvalue)
+    monkeypatch.setattr(runner, "LocalLauncher", lambda *args: launcher)
+    config = SweepConfig(methods=["coop"], data=[str(demo_beton)], seeds=[1, 2], shots=[2], out=str(tmp_path / "s"),
+                         train=dict(TRAIN), options={"n_ctx": 4})
+    outcome = run_sweep(config, console=console)
+    assert outcome.done == [first] and outcome.failed == {second: "boom"}
+    assert launcher.seen_at_submit[first] == f"start {first} at epoch 1/2 (new)\n"  # written before the cell runs
+    assert launcher.seen_at_submit[second].startswith(  # the first cell's lines were written before the second began
+        f"start {first} at epoch 1/2 (new)\ndone {first} in 0m00s; done 1/2 (0 skipped)  running 0  failed 0  left 1  ETA ")
+    text = stream.getvalue()
+    assert text.endswith("\n") and "\x1b" not in text
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[2] == f"start {second} at epoch 1/2 (new)"  # long lines are not wrapped at 60
+    assert lines[3].startswith(f"failed (boom) {second} in 0m00s; done 1/2 (0 skipped)  running 0  failed 1  left 0")
+

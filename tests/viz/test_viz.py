@@ -264,3 +264,32 @@ def test_compare_a_base_to_new_run_shows_base_new_and_h(b2n_run, runs, viz_beton
     coop, b2n = json.loads((tmp_path / "rows.json").read_text())
     assert coop["label"] == "coop (classes=all)" and b2n["label"] == "coop (classes=base)"
     assert b2n["trained_new"] == pytest.approx(results["new_accuracy"]) and "trained_accuracy" not in b2n
+
+
+def test_compare_reports_the_first_epoch_apart_from_the_steady_rate():
+    """The demo table counted CoOp's cold first epoch (22.6 of 24.2 s) in its images/s: the
+    first epoch's seconds are a column of their own and images/s is over epochs 2..N (issue 25 §8)."""
+    from rich.console import Console
+
+    from fastprompt.viz.compare import Comparison, comparison_tables, training_speed
+
+    lines = [{"epoch": 1, "images": 160, "seconds": 22.6}, {"epoch": 2, "images": 160, "seconds": 0.1},
+             {"epoch": 3, "images": 160, "seconds": 0.3}]
+    speed = training_speed(lines)
+    assert speed == pytest.approx({"train_seconds": 23.0, "images_per_s": 480 / 23.0, "first_epoch_seconds": 22.6,
+                                   "steady_images_per_s": 320 / 0.4})
+    assert training_speed(lines[:1])["steady_images_per_s"] is None  # one epoch: no steady rate to report
+    rows = [Comparison(run="r", method="coop", label="coop", classes="all", zero_shot={"acc": 42.0}, trained={"acc": 76.0},
+                       **speed),
+            Comparison(run="s", method="cavpt", label="cavpt", classes="all", zero_shot={"acc": 42.0},
+                       trained={"acc": 70.0}, **training_speed(lines[:1]))]
+    console = Console(width=120, record=True)
+    (table,) = comparison_tables(rows)
+    console.print(table)
+    text = console.export_text()
+    assert "first epoch" in text and "epochs 2..N" in text
+    coop = next(line for line in text.splitlines() if "coop" in line).split("│")
+    assert [c.strip() for c in coop[5:8]] == ["23.0 s", "22.6 s", "800"]
+    cavpt = next(line for line in text.splitlines() if "cavpt" in line).split("│")
+    assert [c.strip() for c in cavpt[5:8]] == ["22.6 s", "22.6 s", "-"]
+    assert rows[0].to_dict()["steady_images_per_s"] == pytest.approx(800.0)
