@@ -33,6 +33,8 @@ EXECUTION_FIELDS = frozenset({
 # Identity fields left out at the value every run had before the field existed, so those runs, and
 # their hashes and run names, stay the same run; where one side lacks the field it reads as that value
 NEUTRAL = {"final_model": "last"}
+# The same for method options added later: at this value the option is left out of the identity
+NEUTRAL_OPTIONS = {"class_position": "end"}
 # Fields that identify a result only under another field's value, (field, value): validation's epochs
 # are the candidates of --final-model best-val; under last they change no reported number
 IDENTITY_UNDER = {"eval_every": ("final_model", "best-val")}
@@ -115,7 +117,8 @@ def _resolved_options(method, options: dict) -> dict:
 
     if method not in METHODS:
         return dict(options)  # not a method of this version: compared as written
-    return method_config(method, **options).to_dict()
+    resolved = method_config(method, **options).to_dict()
+    return {k: v for k, v in resolved.items() if k not in NEUTRAL_OPTIONS or v != NEUTRAL_OPTIONS[k]}
 
 
 def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), both: bool = False
@@ -141,6 +144,8 @@ def first_difference(expected: dict, saved: dict, ignore: tuple[str, ...] = (), 
             from fastprompt.methods.options import DERIVED_OPTIONS
 
             value = {k: other.get(k, v) if v is None and k in DERIVED_OPTIONS else v for k, v in value.items()}
+            neutral = lambda d, o: {**{k: v for k, v in NEUTRAL_OPTIONS.items() if k in o}, **d}  # left out: neutral
+            value, other = neutral(value, other), neutral(other, value)
         if other != value:
             if isinstance(value, dict) and isinstance(other, dict):  # name the option: options.n_ctx
                 inner = first_difference(value, other, both=True)

@@ -58,7 +58,7 @@ def test_config_holds_every_resolved_value_and_rebuilds_the_model(demo_beton, tm
 @pytest.mark.slow
 def test_coop_records_its_derived_context_length(demo_beton, tmp_path):
     config = _train(demo_beton, tmp_path / "coop", "coop", "--coop.ctx-init", "a photo of a")
-    assert config["options"] == {"n_ctx": 4, "csc": False, "ctx_init": "a photo of a", "text_depth": 1}
+    assert config["options"] == {"n_ctx": 4, "csc": False, "ctx_init": "a photo of a", "text_depth": 1, "class_position": "end"}
     assert fastprompt.load_run(str(tmp_path / "coop")).text.n_ctx == 4
 
 

@@ -247,3 +247,16 @@ def test_a_hand_edited_checkpoint_is_refused(demo_beton, tmp_path, edit, match):
                                  "--epochs", "1"])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output  # one line
     assert match in result.output and "pass --restart" in result.output
+
+
+def test_an_option_added_later_leaves_earlier_runs_the_same_run():
+    """coop's class_position (issue 25 §5) at its default 'end' is what every earlier coop run
+    was: left out of the identity (`NEUTRAL_OPTIONS`), so their hashes and run names stay, and an
+    earlier config.json without it is this setting; another position is another setting."""
+    old = {"method": "coop", "options": {"n_ctx": 4, "csc": False, "ctx_init": None, "text_depth": 1}}
+    new = {**old, "options": {**old["options"], "class_position": "end"}}
+    assert identity(new) == identity(old) and "class_position" not in identity(new)["options"]
+    assert identity_hash(new) == identity_hash(old) and first_difference(new, old) is None
+    middle = {**old, "options": {**old["options"], "class_position": "middle"}}
+    assert identity(middle)["options"]["class_position"] == "middle"
+    assert first_difference(middle, old) == ("options.class_position", "middle", "end")
