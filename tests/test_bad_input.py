@@ -87,7 +87,7 @@ CASES = {
     "missing required flag": (["train", "--method", "coop"], "Missing option '--data'"),
     "no method and no protocol": (["train", "--data", "{demo}", "--out", "{run}", *TINY],
                                   "--method is missing; pass --method NAME (`fastprompt methods`), or a --protocol that "
-                                  "names its method (cocoop-b2n, ivlp-b2n, maple-b2n"),
+                                  "names its method (cocoop-b2n, kgcoop-b2n, ivlp-b2n, maple-b2n"),
     "protocol without a default method": (["train", "--protocol", "cavpt", "--data", "{demo}", "--out", "{run}", *TINY],
                                           "--protocol cavpt names no default method (it sets the recipe for the "
                                           "method given); pass --method NAME"),

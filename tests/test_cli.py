@@ -89,7 +89,7 @@ def test_help_of_every_command():
         assert "--format <png|pdf>" in _help(figure), figure
     assert "--device <auto|cpu|cuda|cuda:N>" in _help(("plot", "attention"))
     sweep = _help(("sweep",))
-    protocols = "--protocol <coop|cocoop-b2n|cavpt|cavpt-paper|ivlp-b2n|maple-b2n|maple-xd>"
+    protocols = "--protocol <coop|cocoop-b2n|kgcoop-b2n|cavpt|cavpt-paper|ivlp-b2n|maple-b2n|maple-xd>"
     for shown in ("--launcher <local|slurm|submitit-local>", "--device <auto|cpu|cuda|cuda:N>", protocols):
         assert shown in sweep, shown
     assert protocols in train and "--nan-policy <stop|skip>" in train
