@@ -14,7 +14,7 @@ dtype: the released fp16 casts (PREC "fp16", its second fp16 CLIP) are left out.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import _kgcoop
+import _maple
 import fastprompt
 from fastprompt.losses import knowledge_gap
 from fastprompt.methods.specs import KGCOOP_N_CTX
@@ -30,7 +31,6 @@ LAYOUT_IDS = ["ctxv1", "random", "random-csc"]
 @pytest.fixture(scope="module")
 def clip():
     """A tiny CLIP whose output dimension D = 80 differs from its text width 96, random LayerNorm affines."""
-    import _maple
     torch.manual_seed(0)
     model = open_clip.CLIP(80, vision_cfg={"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
                            text_cfg={"context_length": 77, "vocab_size": 49408, "width": 96, "heads": 2, "layers": 2})
@@ -115,11 +115,7 @@ def test_equals_the_released_trainer(ctx_init, n_ctx, csc, backend, clip, images
     gap = knowledge_gap(model.text_features().detach(), model.template_features, "reference")
     assert 1e-3 < float(gap) < 1  # the term is live, and it is 1 - a mean cosine
 
-    def step():
-        loss, logits = model.loss_and_logits(images, labels)
-        return loss, logits
-
-    got = step_outcome(model.train(), step)
+    got = step_outcome(model.train(), lambda: model.loss_and_logits(images, labels))
     for key in ("loss", "grad text.context"):
         assert relative_error(got[key], released[key]) <= 1e-5, key
     clip64, learner64 = copy.deepcopy(clip).double(), copy.deepcopy(learner).double()
