@@ -59,7 +59,7 @@ class Group(TyperGroup):
 
 app = typer.Typer(
     name="fastprompt",
-    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, CoCoOp, VPT, VLP, IVLP, MaPLe, CAVPT, E2MIM. "
+    help="Fast, exact prompt tuning for CLIP: zero-shot, CoOp, CoCoOp, KgCoOp, VPT, VLP, IVLP, MaPLe, CAVPT, E2MIM. "
          "What each method computes, every default and its source, and the named protocols: docs/methods.md.",
     no_args_is_help=True,
     add_completion=True,

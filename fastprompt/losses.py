@@ -58,3 +58,14 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale, backend: str, valid: Optio
         picked = logits.log_softmax(dim=-1).diagonal()  # (B,): -inf on invalid rows
         picked = torch.where(valid, picked, torch.zeros_like(picked))  # (B,)
         return -picked.sum() / valid.sum().to(picked.dtype)
+
+
+def knowledge_gap(w: torch.Tensor, w_clip: torch.Tensor, backend: str) -> torch.Tensor:
+    """KgCoOp's `1 - mean_k cos(w_k, w_clip_k)` over the K class features w [K, D] and their frozen
+    hand-crafted counterparts w_clip [K, D] (htyao89/KgCoOp trainers/kgcoop.py `CustomCLIP.forward`:
+    `CosineSimilarity(dim=1, eps=1e-07)` of the normalised features, `1.0 - torch.mean(score)`),
+    computed in `loss_dtype` (fp32; float64 for a float64 reference)."""
+    with torch.autocast(w.device.type, enabled=False):
+        dtype = loss_dtype(backend, w, w_clip)
+        score = F.cosine_similarity(w.to(dtype), w_clip.to(dtype), dim=1, eps=1e-7)  # (K,)
+        return 1.0 - score.mean()

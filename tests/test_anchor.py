@@ -18,6 +18,7 @@ TOPK = torch.tensor([[0, 1, 2], [1, 2, 3], [4, 3, 2], [0, 4, 1]])  # (B, K_N)
 @pytest.mark.parametrize("method, options", [
     *[(m, {}) for m in fastprompt.list_methods()],
     ("coop", {"csc": True}),
+    ("kgcoop", {"ctx_init": None, "csc": True}),  # random class-specific context: cos(t_k, t_k^clip) far from 1
     ("cavpt", {"topk": 3, "aux_target": "gt-only", "text_prompt": True}),
     ("cavpt", {"variant": "released"}),
     ("cavpt", {"variant": "released", "text_prompt": True, "layers": 2, "guidance_epochs": 1}),

@@ -68,6 +68,15 @@ CASES = {
                                       "n_ctx=8 contradicts ctx_init='a photo of a' (4 words): CoCoOp's ctx_init sets the "
                                       "context length, one token per word; drop n_ctx or give a phrase of 8 words"),
     "cocoop class-specific context": (train("cocoop", "--coop.csc"), "csc=True: CoCoOp's context is shared by every class"),
+    "kgcoop another ctx_init": (train("kgcoop", "--coop.ctx-init", "itap of a"),
+                                "ctx_init='itap of a': KgCoOp's released code initialises its context from 'a photo of a' "
+                                "whatever CTX_INIT says; drop --coop.ctx-init"),
+    "kgcoop n_ctx against ctx_init": (train("kgcoop", "--coop.n-ctx", "16"),
+                                      "n_ctx=16 contradicts ctx_init='a photo of a' (4 tokens): KgCoOp's phrase sets the "
+                                      "context length"),
+    "kgcoop class-specific context": (train("kgcoop", "--coop.csc"), "csc=True with ctx_init: KgCoOp's phrase initialises "
+                                                                     "one context shared by every class"),
+    "kgcoop negative weight": (train("kgcoop", "--kgcoop.weight", "-1"), "weight=-1.0 must be a number >= 0 (--kgcoop.weight"),
     "train precision": (train("coop", "--precision", "fp16"), "Invalid value for '--precision': 'fp16'"),
     "train optimizer": (train("coop", "--optimizer", "adam"), "Invalid value for '--optimizer': 'adam'"),
     "train classes new": (train("coop", "--classes", "new"), "Invalid value for '--classes': 'new'"),
@@ -78,7 +87,7 @@ CASES = {
     "missing required flag": (["train", "--method", "coop"], "Missing option '--data'"),
     "no method and no protocol": (["train", "--data", "{demo}", "--out", "{run}", *TINY],
                                   "--method is missing; pass --method NAME (`fastprompt methods`), or a --protocol that "
-                                  "names its method (cocoop-b2n, ivlp-b2n, maple-b2n"),
+                                  "names its method (cocoop-b2n, kgcoop-b2n, ivlp-b2n, maple-b2n"),
     "protocol without a default method": (["train", "--protocol", "cavpt", "--data", "{demo}", "--out", "{run}", *TINY],
                                           "--protocol cavpt names no default method (it sets the recipe for the "
                                           "method given); pass --method NAME"),

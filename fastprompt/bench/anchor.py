@@ -14,6 +14,8 @@ the way the public codebases are written, which is what users of those codebases
 - CoCoOp (the meta-net's image-conditioned context): CoCoOp's `CustomCLIP.forward`, a loop
   over the images of the batch, each running its K full 77-token prompts through the text
   transformer (the released code trains at batch 1: one image a step);
+- KgCoOp: CoOp's step plus `1 - mean(CosineSimilarity(dim=1)(text_features, ori_embedding))`
+  against the template features computed once at init (`CustomCLIP.forward`);
 - hand-crafted text features: computed once when the anchor is built, with
   `clip.encode_text` on the 77-token templates (normalised, averaged over templates),
   like CoOp's `ZeroshotCLIP.__init__` and the VPT/CAVPT code's frozen text side. They are
@@ -258,11 +260,21 @@ class Anchor:
             loss = self._e2mim_loss(xn, w, labels, tau)
         else:
             loss = F.cross_entropy(logits, labels)
+        if self.method == "kgcoop":
+            loss = loss + model.config.weight * self._kgcoop_score(w)
         if self.method == "cavpt":
             aux = torch.stack([self._cavpt_aux(layer, h, topk, labels, tau)
                                for layer, h in zip(model.cavpt, normed)]).mean()
             loss = loss + model.config.alpha * aux
         return loss, logits.detach()
+
+    def _kgcoop_score(self, text_features: torch.Tensor) -> torch.Tensor:
+        """KgCoOp's `score` as htyao89/KgCoOp trainers/kgcoop.py `CustomCLIP.forward` writes it: the
+        learned features [K, D] against `ori_embedding`, the template features computed once at init."""
+        cos = torch.nn.CosineSimilarity(dim=1, eps=1e-07)
+        text_features_old = l2norm(self.handcrafted)  # (K, D)
+        score = cos(text_features, text_features_old)  # (K,)
+        return 1.0 - torch.mean(score)
 
     def _cocoop(self, images: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CoCoOp as KaiyangZhou/CoOp trainers/cocoop.py `PromptLearner.forward` and `CustomCLIP.forward`

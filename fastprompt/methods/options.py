@@ -207,3 +207,14 @@ class E2mimOptions(Options):
         _require(self.infer in INFER_MODES, f"infer={self.infer!r} must be one of {', '.join(INFER_MODES)}")
         _require(_is_int(self.mi_dim) and self.mi_dim >= 1, f"mi_dim={self.mi_dim!r} must be a positive integer")
         _require(self.mi_input in MI_INPUTS, f"mi_input={self.mi_input!r} must be one of {', '.join(MI_INPUTS)}")
+
+
+@dataclass
+class KgcoopOptions(Options):
+    flag_prefix: ClassVar[str] = "kgcoop"
+
+    weight: float = 8.0  # w of w·(1 - mean_k cos(t_k, t_k^clip)), the pull toward the hand-crafted class features (8.0: the released scripts' WEIGHT)
+
+    def _validate(self) -> None:
+        _require(isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and self.weight >= 0,
+                 f"weight={self.weight!r} must be a number >= 0 (--kgcoop.weight; 0 trains plain CoOp)")

@@ -16,8 +16,8 @@ from typing import Optional
 
 from fastprompt.settings import PLACEMENTS
 from fastprompt.errors import FastpromptError
-from fastprompt.methods.options import (CavptOptions, ClassPositionOptions, CoopOptions, E2mimOptions, MapleOptions,
-                                        Options, PlacementOptions, TextDepthOptions, VisualDepthOptions, VisualOptions)
+from fastprompt.methods.options import (CavptOptions, ClassPositionOptions, CoopOptions, E2mimOptions, KgcoopOptions,
+                                        MapleOptions, Options, PlacementOptions, TextDepthOptions, VisualDepthOptions, VisualOptions)
 from fastprompt.methods.registry import MethodSpec, ParamGroup, declare
 from fastprompt.validation import require
 
@@ -151,6 +151,31 @@ class CocoopConfig(CoopOptions):
                     f"{self.n_ctx!r} words")
 
 
+KGCOOP_PHRASE = "a photo of a"  # KgCoOp trainers/kgcoop.py PromptLearner: `temp = 'a photo of a'` whatever CTX_INIT says
+KGCOOP_N_CTX = 4  # KgCoOp scripts/base2new_train.sh NCTX=4 (the context length without ctx_init)
+_KGCOOP_YAML = "htyao89/KgCoOp KgCoOp/configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml"
+KGCOOP_TEXT_GROUP = ParamGroup("text", lr=0.002, warmup_epochs=1,
+                               source=f"{_KGCOOP_YAML}: OPTIM.LR 0.002, WARMUP_EPOCH 1 (constant 1e-5)")
+
+
+@dataclass
+class KgcoopConfig(KgcoopOptions, CoopOptions):
+    n_ctx: Optional[int] = None  # N_CTX: 4 (the script's NCTX; "a photo of a" is 4 tokens)
+    ctx_init: Optional[str] = KGCOOP_PHRASE  # CTX_INIT True: the released code's fixed phrase
+
+    def _validate(self) -> None:
+        if self.ctx_init is None:
+            return
+        require(self.ctx_init.replace("_", " ") == KGCOOP_PHRASE,
+                f"ctx_init={self.ctx_init!r}: KgCoOp's released code initialises its context from {KGCOOP_PHRASE!r} "
+                f"whatever CTX_INIT says; drop --coop.ctx-init (or pass ctx_init=None for N(0, 0.02) context)")
+        require(self.n_ctx is None or self.n_ctx == KGCOOP_N_CTX,
+                f"n_ctx={self.n_ctx!r} contradicts ctx_init={self.ctx_init!r} ({KGCOOP_N_CTX} tokens): KgCoOp's phrase sets "
+                "the context length; drop n_ctx, or pass ctx_init=None for n_ctx random tokens")
+        require(not self.csc, "csc=True with ctx_init: KgCoOp's phrase initialises one context shared by every class "
+                              "(the released code ignores CSC then); drop csc (--coop.shared), or pass ctx_init=None")
+
+
 def _cavpt_trains(config: CavptConfig) -> tuple:
     """CAVPT trains the text context only with text_prompt=True."""
     return tuple(g for g in (TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP) if g is not TEXT_GROUP or config.text_prompt)
@@ -184,6 +209,9 @@ declare(MethodSpec("cocoop", CocoopConfig, groups=(COCOOP_TEXT_GROUP, COCOOP_MET
                    module=_M + "cocoop",
                    summary="CoOp context shifted per image by a meta-net of the image feature",
                    paper="Zhou et al., CVPR 2022 (CoCoOp; KaiyangZhou/CoOp trainers/cocoop.py)"))
+declare(MethodSpec("kgcoop", KgcoopConfig, groups=(KGCOOP_TEXT_GROUP,), frozen_image_tower=True, module=_M + "kgcoop",
+                   summary="CoOp context pulled toward the hand-crafted class features: CE + w (1 - mean_k cos(t_k, t_k^clip))",
+                   paper="Yao et al., CVPR 2023 (KgCoOp; htyao89/KgCoOp KgCoOp/trainers/kgcoop.py)"))
 declare(MethodSpec("ivlp", IvlpConfig, groups=(IVLP_TEXT_GROUP, IVLP_VISUAL_GROUP), frozen_image_tower=False,
                    module=_M + "ivlp",
                    summary="deep text and deep visual prompts learned independently",

@@ -170,6 +170,46 @@ COCOOP_B2N = _check(Protocol(
     ),
 ))
 
+_KGCOOP = "htyao89/KgCoOp KgCoOp/configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml"
+_KGCOOP_SH = "htyao89/KgCoOp KgCoOp/scripts/base2new_train.sh"
+_KGCOOP_DASSL = "htyao89/KgCoOp Dassl.ProGrad.pytorch/dassl/config/defaults.py"
+
+KGCOOP_B2N = _check(Protocol(
+    "kgcoop-b2n",
+    "KgCoOp base-to-new generalisation (Yao et al., CVPR 2023): Table 1, ViT-B/16, train on base, test base and new",
+    {
+        "method": Setting("kgcoop", f"{_KGCOOP_SH} TRAINER=KgCoOp (trainers/kgcoop.py)"),
+        "clip": Setting("ViT-B-16", f"{_KGCOOP} MODEL.BACKBONE.NAME (the script's CFG=vit_b16_ep100_ctxv1)"),
+        "pretrained": Setting("openai", "CLIP's released weights"),
+        "template": Setting(None, "htyao89/KgCoOp KgCoOp/trainers/kgcoop.py CUSTOM_TEMPLATES (the sidecar's template)",
+                            shown="the dataset's (CoOp's CUSTOM_TEMPLATES)"),
+        "shots": Setting(16, f"{_KGCOOP_SH} SHOTS=16"),
+        "classes": Setting("base", f"{_KGCOOP_SH} DATASET.SUBSAMPLE_CLASSES base (new: `fastprompt eval --classes new`, "
+                                   "done at the end of training)"),
+        "epochs": Setting(100, f"{_KGCOOP} OPTIM.MAX_EPOCH"),
+        "batch_size": Setting(128, f"{_KGCOOP} DATALOADER.TRAIN_X.BATCH_SIZE"),
+        "lr": Setting(0.002, f"{_KGCOOP} OPTIM.LR"),
+        "warmup_epochs": Setting(1, f"{_KGCOOP} OPTIM.WARMUP_EPOCH (constant)"),
+        "optimizer": Setting("sgd", f"{_KGCOOP} OPTIM.NAME"),
+        "momentum": Setting(0.9, f"{_KGCOOP_DASSL} OPTIM.MOMENTUM"),
+        "weight_decay": Setting(5e-4, f"{_KGCOOP_DASSL} OPTIM.WEIGHT_DECAY"),
+        "warmup_lr": Setting(1e-5, f"{_KGCOOP} OPTIM.WARMUP_CONS_LR"),
+        "options.n_ctx": Setting(4, f"{_KGCOOP_SH} NCTX=4 (TRAINER.COOP.N_CTX; CTX_INIT's 'a photo of a' is 4 tokens)"),
+        "options.ctx_init": Setting("a photo of a", f"{_KGCOOP} TRAINER.COOP.CTX_INIT True (trainers/kgcoop.py then "
+                                                    "always uses 'a photo of a')"),
+        "options.csc": Setting(False, f"{_KGCOOP_SH} CSC=False"),
+        "options.weight": Setting(8.0, "htyao89/KgCoOp KgCoOp/README.md and scripts/run.sh: `bash base2new_train.sh "
+                                       "DATASET 8.0` (the script's WEIGHT=$2, TRAINER.COOP.W)"),
+    },
+    notes=(
+        "KgCoOp's own row trains the kgcoop method (the default); --method coop gives CoOp on KgCoOp's recipe.",
+        "The reported model is the last epoch's (htyao89/KgCoOp scripts/base2new_test.sh --load-epoch 100): "
+        "--final-model last, the default.",
+        "KgCoOp trains in fp16 (PREC's default; its hand-crafted features from a second fp16 CLIP); fastprompt's "
+        "--precision auto is bf16 autocast on CUDA.",
+    ),
+))
+
 _CAVPT_SETTINGS = {
     "clip": Setting("ViT-B-32", f"{_CAVPT} §Implementation ('ViT-Base/32'); {_DPT_YAML} MODEL.BACKBONE.NAME"),
     "pretrained": Setting("openai", "CLIP's released weights"),
@@ -316,7 +356,7 @@ MAPLE_XD = _check(Protocol(
     ),
 ))
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (COOP, COCOOP_B2N, CAVPT, CAVPT_PAPER, IVLP_B2N, MAPLE_B2N, MAPLE_XD)}
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (COOP, COCOOP_B2N, KGCOOP_B2N, CAVPT, CAVPT_PAPER, IVLP_B2N, MAPLE_B2N, MAPLE_XD)}
 
 
 def get_protocol(name: str) -> Protocol:

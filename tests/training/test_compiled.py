@@ -57,6 +57,7 @@ METHODS = [
     ("e2mim", {"n_ctx": 4}, {}),  # class-wise mixup: random pairs and λ inside the graph
     ("e2mim", {"n_ctx": 4, "mixup": False, "mi_input": "logits"}, {}),
     ("cocoop", {}, {}),  # per-image prefixes of the text tower, one pass for every (image, class)
+    ("kgcoop", {}, {}),  # CoOp plus the cached hand-crafted features' cosine term
     ("ivlp", {}, {}),  # deep text (shared prefix) and deep visual prompts carried above their depth
     ("maple", {"prompt_depth": 1}, {}),  # coupled prompts: layer 1 only, carried through every layer
     ("maple", {}, {}),

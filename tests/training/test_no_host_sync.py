@@ -33,6 +33,7 @@ METHODS = [
     ("cavpt", {"n_prompts": 2, "topk": 3, "variant": "released", "text_prompt": True, "n_ctx": 4, "guidance_epochs": 1}),
     ("e2mim", {"n_ctx": 4}),
     ("cocoop", {}),
+    ("kgcoop", {}),
     ("ivlp", {}),
     ("maple", {}),
 ]

@@ -85,6 +85,20 @@ def test_cocoop_b2n_sets_data_and_recipe_for_the_method_given():
     assert "n_ctx" not in vpt.options and vpt.options["n_prompts"] == 10 and vpt.group_lr == {"visual": 0.002}
 
 
+def test_kgcoop_b2n_is_the_released_config():
+    """htyao89/KgCoOp vit_b16_ep100_ctxv1.yaml + scripts/base2new_train.sh with the README's weight
+    8.0: ViT-B/16, 16 shots of the base classes, 100 epochs at batch 128, lr 0.002, "a photo of a"."""
+    config = resolved("kgcoop-b2n", "kgcoop", "dtd")
+    assert (config.method, config.clip, config.pretrained, config.shots, config.classes) == (
+        "kgcoop", "ViT-B-16", "openai", 16, "base")
+    assert (config.epochs, config.batch_size, config.optimizer, config.warmup_lr) == (100, 128, "sgd", 1e-5)
+    assert (config.momentum, config.weight_decay, config.template) == (0.9, 5e-4, None)
+    assert config.group_lr == {"text": 0.002} and config.group_warmup_epochs == {"text": 1}
+    assert config.options == {"n_ctx": 4, "csc": False, "ctx_init": "a photo of a", "weight": 8.0}
+    coop = resolved("kgcoop-b2n", "coop", "dtd")  # the weight does not reach a method without it
+    assert "weight" not in coop.options and coop.options["ctx_init"] == "a photo of a"
+
+
 @pytest.mark.parametrize("protocol,method,dataset", [("maple-b2n", "maple", "dtd"), ("maple-b2n", "maple", "imagenet"),
                                                      ("maple-xd", "maple", "imagenet"), ("ivlp-b2n", "ivlp", "dtd")])
 def test_maple_protocols_are_the_released_configs(protocol, method, dataset):
@@ -142,7 +156,7 @@ def test_resolved_protocol_config_round_trips_and_unknown_names_fail():
     assert again == config
     assert again.resolve("oxford_pets", [g for g in method_class("cavpt").groups if g.name != "text"],
                          config.options) == config
-    with pytest.raises(FastpromptError, match="unknown protocol 'cavtp'.*coop, cocoop-b2n, cavpt, cavpt-paper"):
+    with pytest.raises(FastpromptError, match="unknown protocol 'cavtp'.*coop, cocoop-b2n, kgcoop-b2n, cavpt, cavpt-paper"):
         TrainConfig.from_protocol("cavtp", dataset="eurosat", method="cavpt", data="x.beton", out="o")
     with pytest.raises(FastpromptError, match="unknown protocol"):
         TrainConfig(method="coop", data="x.beton", out="o", protocol="nope")
@@ -290,6 +304,7 @@ def test_every_protocol_setting_names_a_real_field_option_or_group():
 # A method of None: no --method, the protocol's default method trains. MaPLe's depths do not fit the tiny CLIP's
 # 2 text and 3 image layers: those runs also pass the depths that fit (TINY_DEPTHS), and the check skips them.
 PROTOCOL_RUNS = [("coop", "coop"), ("coop", "vpt-deep"), ("cocoop-b2n", None), ("cocoop-b2n", "coop"), ("cocoop-b2n", "vlp"),
+                 ("kgcoop-b2n", None), ("kgcoop-b2n", "coop"),
                  ("cavpt", "cavpt"), ("cavpt", "vlp"), ("cavpt-paper", "cavpt"),
                  ("ivlp-b2n", None), ("ivlp-b2n", "vlp"), ("maple-b2n", None), ("maple-b2n", "maple"),
                  ("maple-b2n", "ivlp"), ("maple-xd", None)]
