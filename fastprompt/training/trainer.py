@@ -160,6 +160,12 @@ class Trainer:
             f"{g.name} ({sum(p.numel() for _, p in members)} values) lr {config.group_lr[g.name]} warm-up "
             f"{config.group_warmup_epochs[g.name]}" for g, members in groups), config.epochs)
         self.optimizer = self._make_optimizer([(g.name, [p for _, p in members]) for g, members in groups])
+        self.rule = self.model.gradient_rule()  # None: loss.backward(); else the method's gradients (see above)
+        self.trained = [p for _, members in groups for _, p in members]  # the tensors a gradient rule writes
+        mode = config.compile_mode(self.device.type)
+        if self.rule is not None and mode == "reduce-overhead":
+            raise FastpromptError(f"compile={config.compile!r}: {config.method} steps by a gradient rule (one backward per "
+                                  "loss term), which CUDA graphs do not replay; use --compile default or --compile off")
         # fewshot.json: the files this run trains and validates on (Dassl's draw); a class without images fails here
         self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
         if config.eval_every and not self.fewshot["val"]:
@@ -181,12 +187,6 @@ class Trainer:
             decoded_cache=config.decoded_cache,  # decode the subset once, before the first epoch (data/decoded.py)
         )
         self.step_module: nn.Module = _Step(self.model)
-        self.rule = self.model.gradient_rule()  # None: loss.backward(); else the method's gradients (see above)
-        self.trained = [p for _, members in groups for _, p in members]  # the tensors a gradient rule writes
-        mode = config.compile_mode(self.device.type)
-        if self.rule is not None and mode == "reduce-overhead":
-            raise FastpromptError(f"compile={config.compile!r}: {config.method} steps by a gradient rule (one backward per "
-                                  "loss term), which CUDA graphs do not replay; use --compile default or --compile off")
         if self.distributed and self.rule is None:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
