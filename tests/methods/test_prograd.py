@@ -127,3 +127,19 @@ def test_template_init_needs_a_template_ending_in_the_class():
     with pytest.raises(fastprompt.FastpromptError, match="template_init needs one template ending in"):
         fastprompt.create_model("prograd", CLASSNAMES, clip="fastprompt-tiny", pretrained=None,
                                 template="a photo of a {}, a type of pet.")
+
+
+@pytest.mark.parametrize("conflict", [True, False], ids=["projected", "not-projected"])
+def test_bench_anchor_steps_as_released(conflict):
+    """The bench's anchor (`Anchor.loss_terms`, `rule_backward`: a second image pass, the released
+    backward order and branches) writes the released step's gradient, and the fast step's."""
+    from fastprompt.bench.anchor import Anchor
+
+    model = _moved(_model("reference"))
+    images, labels = _batch(model, conflict)
+    *_, grads, _ = _prograd.released_step(_moved(_model("reference")), images, labels, 1.0, 1.0)
+    anchor = Anchor(model)
+    terms, _ = anchor.loss_terms(images, labels)
+    anchor.rule_backward(terms, [model.text.context])
+    assert relative_error(model.text.context.grad, grads[0]) < 1e-5
+    assert relative_error(_ours(_moved(_model()), images, labels)[2][0], grads[0]) < 1e-5
