@@ -6,7 +6,7 @@
 #   2. runs `fastprompt bench` on synthetic images for ViT-B/32 and ViT-B/16 at batch 128,
 #      variants reference, fast, fast+compile and anchor (images/s, peak memory, useful
 #      TFLOP/s, fraction of the GPU's bf16 peak); ivlp and maple on ViT-B/16, MaPLe's backbone;
-#      cocoop and kgcoop on ViT-B/16 at batch 32, 100 classes;
+#      cocoop and kgcoop on ViT-B/16 at batch 32, 100 classes; prograd on ViT-B/32 at batch 32, 100 classes;
 #   3. runs the prefix-attention and cosine-CE microbenchmarks against SDPA / eager;
 #   4. writes gpu-check.json and gpu-check.md (plus each step's log) into FOLDER.
 # Every step runs under its own time limit and is recorded even when an earlier one failed;
@@ -90,6 +90,10 @@ if [ "$MODE" = gpu ]; then
     step bench-cocoop 120 "$PY" -m fastprompt.cli bench --clip ViT-B-16 --pretrained none --batch-size 32 \
         --classes 100 --methods cocoop,kgcoop --variants reference,fast,fast+compile,anchor --steps 5 --warmup 2 \
         --device cuda --json "$OUT/bench-cocoop.json"
+    # ProGrad: two loss terms from one forward, a backward each and the projection (its anchor: a second image pass)
+    step bench-prograd 90 "$PY" -m fastprompt.cli bench --clip ViT-B-32 --pretrained none --batch-size 32 \
+        --classes 100 --methods prograd --variants reference,fast,fast+compile,anchor --steps 5 --warmup 2 \
+        --device cuda --json "$OUT/bench-prograd.json"
     step micro 80 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_prefix_attention.py benchmarks/bench_cosine_ce.py \
         --benchmark-only --benchmark-json="$OUT/micro.json" -k "bf16 and fwd_bwd and not large and not sdpa-math and not compiled"
     # --compile reduce-overhead: each method's step as CUDA graphs, none skipped, equal to eager (issue 15 §3)
@@ -99,7 +103,7 @@ else
     step tests 300 "$PY" -m pytest -v -p no:cacheprovider tests/methods/test_bf16_parity.py tests/kernels/test_compile.py \
         -k "vpt-deep or fullgraph"
     step bench-fastprompt-tiny 300 "$PY" -m fastprompt.cli bench --clip fastprompt-tiny --pretrained none --batch-size 4 \
-        --classes 5 --methods vpt-deep,coop-text,ivlp,maple,cocoop,kgcoop --variants reference,fast,anchor --steps 1 --warmup 0 --device cpu \
+        --classes 5 --methods vpt-deep,coop-text,ivlp,maple,cocoop,kgcoop,prograd --variants reference,fast,anchor --steps 1 --warmup 0 --device cpu \
         --json "$OUT/bench-fastprompt-tiny.json"
     step micro 300 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_prefix_attention.py benchmarks/bench_cosine_ce.py \
         --benchmark-only --benchmark-json="$OUT/micro.json" -k "fwd_bwd and not compiled and not text and not wgrad and (triton or math or eager)"

@@ -77,6 +77,16 @@ CASES = {
     "kgcoop class-specific context": (train("kgcoop", "--coop.csc"), "csc=True with ctx_init: KgCoOp's phrase initialises "
                                                                      "one context shared by every class"),
     "kgcoop negative weight": (train("kgcoop", "--kgcoop.weight", "-1"), "weight=-1.0 must be a number >= 0 (--kgcoop.weight"),
+    "prograd two init phrases": (train("prograd", "--coop.ctx-init", "a photo of a"),
+                                 "ctx_init='a photo of a' and template_init=True both set ProGrad's init phrase; drop "
+                                 "--coop.ctx-init (the dataset template's words) or pass --prograd.no-template-init"),
+    "prograd temperature zero": (train("prograd", "--prograd.temperature", "0"), "temperature=0.0 must be > 0"),
+    "prograd short context": (train("prograd", "--coop.n-ctx", "2", "--warmup-epochs", "0"), "n_ctx=2 is fewer than the"),
+    "prograd template with words after the class": (train("prograd", "--template", "a photo of a {{}}, a type of pet.", "--warmup-epochs", "0"),
+                                                    "template_init needs one template ending in ' {{}}.'"),
+    "prograd under CUDA graphs": (train("prograd", "--compile", "reduce-overhead", "--warmup-epochs", "0"),
+                                  "compile='reduce-overhead': prograd steps by a gradient rule (one backward per loss "
+                                  "term), which CUDA graphs do not replay; use --compile default or --compile off"),
     "train precision": (train("coop", "--precision", "fp16"), "Invalid value for '--precision': 'fp16'"),
     "train optimizer": (train("coop", "--optimizer", "adam"), "Invalid value for '--optimizer': 'adam'"),
     "train classes new": (train("coop", "--classes", "new"), "Invalid value for '--classes': 'new'"),
@@ -87,7 +97,7 @@ CASES = {
     "missing required flag": (["train", "--method", "coop"], "Missing option '--data'"),
     "no method and no protocol": (["train", "--data", "{demo}", "--out", "{run}", *TINY],
                                   "--method is missing; pass --method NAME (`fastprompt methods`), or a --protocol that "
-                                  "names its method (cocoop-b2n, kgcoop-b2n, ivlp-b2n, maple-b2n"),
+                                  "names its method (cocoop-b2n, kgcoop-b2n, prograd-b2n, ivlp-b2n, maple-b2n"),
     "protocol without a default method": (["train", "--protocol", "cavpt", "--data", "{demo}", "--out", "{run}", *TINY],
                                           "--protocol cavpt names no default method (it sets the recipe for the "
                                           "method given); pass --method NAME"),

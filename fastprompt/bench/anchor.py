@@ -20,6 +20,11 @@ the way the public codebases are written, which is what users of those codebases
   `clip.encode_text` on the 77-token templates (normalised, averaged over templates),
   like CoOp's `ZeroshotCLIP.__init__` and the VPT/CAVPT code's frozen text side. They are
   never recomputed per batch here (what those codebases do for a frozen text side);
+- ProGrad (BeierZhu/Prompt-align `ProGrad.public/trainers/prograd.py`): CoOp's student, the
+  zero-shot `CLIP.forward` as a second frozen image pass against its text features (computed
+  at init), `ProGradLoss`, and `prograd_backward_and_update`'s step: the distillation
+  backward (graph retained), its gradients cloned, the cross-entropy backward, the projection
+  per tensor with Python branches;
 - losses: `F.cross_entropy` on materialised logits `τ · x̂ ŵᵀ` (soft targets for mixup and
   CAVPT's eq. 10), L2 normalisation as `x / x.norm()`, as CLIP/CoOp write it;
 - precision: on GPU the bench runs an fp16 copy of the whole model (`model.half()`, CoOp's
@@ -275,6 +280,48 @@ class Anchor:
         text_features_old = l2norm(self.handcrafted)  # (K, D)
         score = cos(text_features, text_features_old)  # (K,)
         return 1.0 - torch.mean(score)
+
+    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor,
+                   topk: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The terms a gradient rule combines ({"loss": ...} alone for other methods), logits [B, K]."""
+        if self.method == "prograd":
+            return self._prograd(images, labels)
+        loss, logits = self.loss_and_logits(images, labels, topk)
+        return {"loss": loss}, logits
+
+    def _prograd(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """ProGrad's `forward_backward` up to the losses: `CustomCLIP.forward`, `zs_clip(image)`
+        (the frozen image tower again) and `ProGradLoss` (xe, soft cross-entropy · T²)."""
+        model = self.model
+        tau = model.clip.logit_scale.exp()  # ()
+        visual = model.clip.visual
+        image_features = l2norm(visual(images.to(visual.conv1.weight.dtype)))  # (B, D)
+        output = tau * image_features @ self.text_features().t()  # (B, K)
+        with torch.no_grad():
+            zs_clip_output = tau * self.zero_shot_features(images) @ self.handcrafted.t()  # (B, K): a second image pass
+        t = model.config.temperature
+        xe_loss = F.cross_entropy(output, labels)
+        tea_prob = F.softmax(zs_clip_output / t, dim=-1)  # (B, K)
+        kl_loss = (-tea_prob * F.log_softmax(output / t, -1) * t * t).sum(1).mean()
+        return {"loss": xe_loss, "kl": kl_loss}, output.detach()
+
+    def rule_backward(self, terms: dict[str, torch.Tensor], params: list) -> None:
+        """`prograd_backward_and_update` (Dassl.ProGrad.pytorch dassl/engine/trainer.py) up to the
+        optimiser step, as written there."""
+        lambda_ = self.model.config.projection_weight
+        for p in params:
+            p.grad = None
+        terms["kl"].backward(retain_graph=True)
+        b_grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        terms["loss"].backward()
+        for p, b_grad in zip(params, b_grads):
+            b_grad_norm = b_grad / torch.linalg.norm(b_grad)
+            a_grad = p.grad.clone()
+            a_grad_norm = a_grad / torch.linalg.norm(a_grad)
+            if torch.dot(a_grad_norm.flatten(), b_grad_norm.flatten()) < 0:
+                p.grad = a_grad - lambda_ * torch.dot(a_grad.flatten(), b_grad_norm.flatten()) * b_grad_norm
 
     def _cocoop(self, images: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CoCoOp as KaiyangZhou/CoOp trainers/cocoop.py `PromptLearner.forward` and `CustomCLIP.forward`

@@ -1,6 +1,8 @@
 """The workload of one (method, variant): its model on the shared frozen CLIP, its inputs
 (random images or cached text-side features, random labels, CAVPT's top-K) and the step
-function that computes (loss, logits); `train_step` runs forward, backward and SGD."""
+function that computes (loss, logits); `train_step` runs forward, backward and SGD. A method
+with a gradient rule (ProGrad) steps as the trainer does: its step computes (loss terms,
+logits) and `backward` writes the rule's gradients (the anchor: the released arithmetic)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from fastprompt.bench.anchor import Anchor
 from fastprompt.bench.config import TEXT_STEP, BenchConfig
 from fastprompt.losses import cosine_ce
 from fastprompt.methods import create_model
+from fastprompt.methods.base import term_gradients
 from fastprompt.training.compiled import compile_fn, compile_step
 
 
@@ -27,6 +30,7 @@ class Workload:
     autocast: Callable  # () -> context manager
     precision: str
     model: torch.nn.Module
+    backward: Optional[Callable] = None  # (loss terms) -> None, writes .grad; None: loss.backward()
 
 
 def build(method: str, variant: str, master, cfg: BenchConfig, device: torch.device) -> Workload:
@@ -79,6 +83,19 @@ def build(method: str, variant: str, master, cfg: BenchConfig, device: torch.dev
         with torch.no_grad(), autocast():
             topk = model.zero_shot_topk(images)  # (B, K_N): what topk_source="cached" supplies
         inputs = (images, labels, topk)
+    rule = model.gradient_rule()
+    if rule is not None:  # the step gives the loss terms; backward writes the rule's gradients, as the trainer
+        if anchor:
+            runner = Anchor(model)
+            step, backward = runner.loss_terms, (lambda terms: runner.rule_backward(terms, params))
+        else:
+            step = compile_fn(model.loss_terms, cfg.compile_mode, device=device) if variant == "fast+compile" \
+                else model.loss_terms
+
+            def backward(terms):
+                for p, g in zip(params, rule.combine(term_gradients(terms, rule.terms, params))):
+                    p.grad = g
+        return Workload(step, inputs, params, autocast, precision, model, backward)
     if anchor:
         step = Anchor(model).loss_and_logits
     elif variant == "fast+compile":
@@ -92,9 +109,12 @@ def build(method: str, variant: str, master, cfg: BenchConfig, device: torch.dev
 def train_step(work: Workload, optimizer: Optional[torch.optim.Optimizer]) -> None:
     """One training step of `work`: forward, and with an optimiser backward and its step."""
     with work.autocast():
-        loss, _logits = work.step(*work.inputs)
+        loss, _logits = work.step(*work.inputs)  # loss terms with a gradient rule
     if optimizer is not None:
-        loss.backward()
+        if work.backward is not None:
+            work.backward(loss)
+        else:
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

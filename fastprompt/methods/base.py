@@ -9,6 +9,10 @@ which gives the class these facts:
 - `frozen_image_tower`: images pass an unprompted frozen tower, so their features can be cached.
 The class itself says:
 - `wants_topk_table()`: the trainer should supply per-image zero-shot top-K (CAVPT, cached);
+- `gradient_rule()`: None (training backpropagates `loss_and_logits`' loss), or a `GradientRule`:
+  the trainer then takes the named terms of one `loss_terms` forward, one gradient per term
+  (`term_gradients`, averaged over ranks as DDP would) and writes the rule's combination of them
+  as the trained tensors' gradients (ProGrad's projection);
 - what it saves: `prompt_state_dict()` (its trainable tensors) of which `training_only_names()`
   stay with the training classes.
 Its constructor picks parts:
@@ -21,7 +25,8 @@ Logits are always `τ · cos(x, w)` with CLIP's own frozen τ.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,27 @@ from fastprompt.prompts.visual import VisualPrompts
 
 log = logging.getLogger(__name__)
 
+
+
+@dataclass(frozen=True)
+class GradientRule:
+    """How a method turns its loss terms into the trained tensors' gradients, in place of
+    `loss.backward()`: `combine({term: [grad of each trained tensor]})` -> [gradient of each
+    trained tensor], given the gradient of each of `terms` (names of `loss_terms`' dict)."""
+
+    terms: tuple[str, ...]  # the loss terms whose gradients it combines
+    combine: Callable[[dict[str, list[torch.Tensor]]], list[torch.Tensor]]
+
+
+def term_gradients(terms: dict[str, torch.Tensor], names: Sequence[str],
+                   params: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """The gradient of each named term w.r.t. `params`, from the one forward that made them (the
+    graph is kept until the last term's backward); a tensor a term does not reach gets zeros."""
+    grads = {}
+    for i, name in enumerate(names):
+        got = torch.autograd.grad(terms[name], list(params), retain_graph=i < len(names) - 1, allow_unused=True)
+        grads[name] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, got)]
+    return grads
 
 
 class PromptModel(nn.Module):
@@ -110,6 +136,18 @@ class PromptModel(nn.Module):
         """True when training wants the per-image zero-shot top-K table from the trainer
         (then the model has `k_n` and `zero_shot_topk(images)`, and its loss takes `topk`)."""
         return False
+
+    def gradient_rule(self) -> Optional[GradientRule]:
+        """None: training backpropagates the loss of `loss_and_logits`. A rule: training takes the
+        terms of `loss_terms` and writes `rule.combine` of their gradients (see `GradientRule`)."""
+        return None
+
+    def loss_terms(self, images: Optional[torch.Tensor], labels: torch.Tensor,
+                   **extra) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({name: 0-d loss term}, detached logits [B, K]) of one forward; "loss" is the value the
+        trainer reports (and, without a gradient rule, backpropagates)."""
+        loss, logits = self.loss_and_logits(images, labels, **extra)
+        return {"loss": loss}, logits
 
     @classmethod
     def trained_groups(cls, config) -> tuple[ParamGroup, ...]:

@@ -218,3 +218,20 @@ class KgcoopOptions(Options):
     def _validate(self) -> None:
         _require(isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and self.weight >= 0,
                  f"weight={self.weight!r} must be a number >= 0 (--kgcoop.weight; 0 trains plain CoOp)")
+
+
+@dataclass
+class ProgradOptions(Options):
+    flag_prefix: ClassVar[str] = "prograd"
+
+    projection_weight: float = 1.0  # λ: how much of the cross-entropy gradient's component against the distillation gradient is removed when they conflict (ProGrad's LOSS.LAMBDA)
+    temperature: float = 1.0  # T of the distillation term, a soft cross-entropy to zero-shot CLIP's logits, times T² (ProGrad's LOSS.T)
+    template_init: bool = True  # the dataset template's words before "{}" fill the last context slots, the rest zeros (ProGrad's CTX_INIT True); False: N(0, 0.02), or --coop.ctx-init's phrase in the last slots
+
+    def _validate(self) -> None:
+        for name in ("projection_weight", "temperature"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                     f"{name}={value!r} must be a number >= 0 (ProGrad uses 1.0)")
+        _require(self.temperature > 0, f"temperature={self.temperature!r} must be > 0 (ProGrad uses 1.0)")
+        _require(isinstance(self.template_init, bool), f"template_init={self.template_init!r} must be True or False")

@@ -219,10 +219,13 @@ def option_flags() -> tuple[OptionFlag, ...]:
         options = spec.options
         hints = typing.get_type_hints(options)
         for f in dataclasses.fields(options):
-            if f.name in flags:
-                continue
             owner = next(c for c in reversed(options.__mro__) if f.name in vars(c).get("__annotations__", {}))
             prefix = vars(owner).get("flag_prefix")
+            if f.name in flags:
+                if flags[f.name].prefix != prefix:  # one keyword, two meanings: create_model could not tell them apart
+                    raise TypeError(f"option {f.name!r} is declared by --{flags[f.name].prefix}.* and --{prefix}.* options; "
+                                    "give one of them another name")
+                continue
             if not prefix:
                 raise TypeError(f"{owner.__qualname__} defines option {f.name!r} but no `flag_prefix` (its CLI flags' prefix)")
             flags[f.name] = OptionFlag(

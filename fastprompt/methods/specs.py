@@ -17,7 +17,8 @@ from typing import Optional
 from fastprompt.settings import PLACEMENTS
 from fastprompt.errors import FastpromptError
 from fastprompt.methods.options import (CavptOptions, ClassPositionOptions, CoopOptions, E2mimOptions, KgcoopOptions,
-                                        MapleOptions, Options, PlacementOptions, TextDepthOptions, VisualDepthOptions, VisualOptions)
+                                        MapleOptions, Options, PlacementOptions, ProgradOptions, TextDepthOptions,
+                                        VisualDepthOptions, VisualOptions)
 from fastprompt.methods.registry import MethodSpec, ParamGroup, declare
 from fastprompt.validation import require
 
@@ -176,6 +177,24 @@ class KgcoopConfig(KgcoopOptions, CoopOptions):
                               "(the released code ignores CSC then); drop csc (--coop.shared), or pass ctx_init=None")
 
 
+_PROGRAD_YAML = "BeierZhu/Prompt-align ProGrad.public/configs/trainers/ProGrad/rn50_ep100.yaml"
+PROGRAD_TEXT_GROUP = ParamGroup("text", lr=0.002, warmup_epochs=1,
+                                source=f"{_PROGRAD_YAML}: OPTIM.LR 0.002, WARMUP_EPOCH 1 (constant 1e-5)")
+
+
+@dataclass
+class ProgradConfig(ProgradOptions, CoopOptions):
+    n_ctx: Optional[int] = 16  # N_CTX (scripts/base2new_train_prograd.sh NCTX=16); an init phrase fills its last slots
+
+    def _validate(self) -> None:
+        if self.template_init and self.ctx_init is not None:
+            raise FastpromptError(f"ctx_init={self.ctx_init!r} and template_init=True both set ProGrad's init phrase; "
+                                  "drop --coop.ctx-init (the dataset template's words) or pass --prograd.no-template-init")
+        if self.csc and (self.template_init or self.ctx_init is not None):
+            raise FastpromptError("csc=True with an init phrase: ProGrad's phrase init is one context shared by every "
+                                  "class; drop csc (--coop.shared) or pass --prograd.no-template-init without ctx_init")
+
+
 def _cavpt_trains(config: CavptConfig) -> tuple:
     """CAVPT trains the text context only with text_prompt=True."""
     return tuple(g for g in (TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP) if g is not TEXT_GROUP or config.text_prompt)
@@ -212,6 +231,10 @@ declare(MethodSpec("cocoop", CocoopConfig, groups=(COCOOP_TEXT_GROUP, COCOOP_MET
 declare(MethodSpec("kgcoop", KgcoopConfig, groups=(KGCOOP_TEXT_GROUP,), frozen_image_tower=True, module=_M + "kgcoop",
                    summary="CoOp context pulled toward the hand-crafted class features: CE + w (1 - mean_k cos(t_k, t_k^clip))",
                    paper="Yao et al., CVPR 2023 (KgCoOp; htyao89/KgCoOp KgCoOp/trainers/kgcoop.py)"))
+declare(MethodSpec("prograd", ProgradConfig, groups=(PROGRAD_TEXT_GROUP,), frozen_image_tower=True,
+                   module=_M + "prograd",
+                   summary="CoOp context stepped along the cross-entropy gradient less its part against distillation to zero-shot CLIP",
+                   paper="Zhu et al., ICCV 2023 (ProGrad; BeierZhu/Prompt-align ProGrad.public/trainers/prograd.py)"))
 declare(MethodSpec("ivlp", IvlpConfig, groups=(IVLP_TEXT_GROUP, IVLP_VISUAL_GROUP), frozen_image_tower=False,
                    module=_M + "ivlp",
                    summary="deep text and deep visual prompts learned independently",

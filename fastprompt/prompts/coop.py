@@ -17,6 +17,13 @@ overwrite the M context positions with their own learnable context `deep_context
 [J-1, M, width], N(0, 0.02) like the released `VPT_shallow` of those blocks, shared by all
 classes (`fastprompt.models.text`).
 
+Init in the last slots (`fill="last"`; ProGrad, BeierZhu/Prompt-align `ProGrad.public/trainers/
+prograd.py` `PromptLearner.__init__`): the phrase's `w = len(ctx_init.split(" "))` words count, the
+M context vectors are zeros but for the last w, which take the phrase's first w token
+embeddings; the prompt is the tokenised `"X .. X {ctx_init} {name}."` (M - w X's) from position
+1 + M on, so a phrase with more tokens than words ("pet," is two) keeps its last tokens frozen
+before the class name, as released.
+
 Class position (CoOp's CLASS_TOKEN_POSITION, KaiyangZhou/CoOp `trainers/coop.py`
 `PromptLearner.forward`): "end" `[SOS, u_1..u_M, CLASS, ".", EOS]`; "middle"
 `[SOS, u_1..u_{M//2}, CLASS, u_{M//2+1}..u_M, ".", EOS]`; "front" `[SOS, CLASS, u_1..u_M, ".",
@@ -57,6 +64,7 @@ class CoopContext(nn.Module):
         init_std: float = 0.02,
         depth: Optional[int] = 1,
         class_position: str = "end",
+        fill: str = "first",
     ):
         super().__init__()
         clip, tokenizer = bundle.model, bundle.tokenizer
@@ -65,7 +73,11 @@ class CoopContext(nn.Module):
         depth = n_layers if depth is None else depth
         if not 1 <= depth <= n_layers:
             raise FastpromptError(f"text_depth={depth} does not fit the text tower's {n_layers} layers; pick 1..{n_layers}")
+        if fill not in ("first", "last"):
+            raise FastpromptError(f"fill={fill!r} must be 'first' (the phrase is the context) or 'last' (ProGrad's layout)")
         with torch.no_grad():
+            if ctx_init and fill == "last":
+                return self._init_last(bundle, classnames, n_ctx, ctx_init, depth, class_position)
             if ctx_init:
                 phrase = tokenize(clip, tokenizer, [ctx_init])  # (1, 77)
                 n_phrase = int(eot_positions(phrase)[0]) - 1  # tokens between SOS and EOT
@@ -116,6 +128,38 @@ class CoopContext(nn.Module):
                                       "text_depth=1 (CoOp's layout); drop n_ctx / text_depth or use class_position='end'")
             self.register_buffer("order", _class_position_order(self.eot, n_ctx, class_position, tokens.shape[1]),
                                  persistent=False)  # (K, 77)
+
+    def _init_last(self, bundle: ClipBundle, classnames: Sequence[str], n_ctx: Optional[int], ctx_init: str,
+                   depth: int, class_position: str) -> None:
+        """ProGrad's context init (`fill="last"`): zeros, the phrase's first w tokens in the last w slots."""
+        if depth != 1 or class_position != "end":
+            raise FastpromptError("fill='last' (ProGrad's init) takes text_depth=1 and the class name at the end")
+        clip, tokenizer = bundle.model, bundle.tokenizer
+        phrase_text = ctx_init.replace("_", " ")
+        n_words = len(phrase_text.split(" "))  # the released code counts words, not tokens
+        n_ctx = DEFAULT_N_CTX if n_ctx is None else n_ctx
+        if n_ctx < n_words:
+            raise FastpromptError(f"n_ctx={n_ctx} is fewer than the {n_words} words of the init phrase {phrase_text!r}; "
+                                  f"ProGrad fills the last slots with it: pick n_ctx >= {n_words}")
+        phrase = tokenize(clip, tokenizer, [phrase_text])  # (1, 77)
+        width = bundle.text_width
+        context = torch.zeros(n_ctx, width, device=clip.token_embedding.weight.device)  # (M, width)
+        context[n_ctx - n_words:] = clip.token_embedding(phrase)[0, 1 : 1 + n_words].float()  # (w, width)
+        prefix = " ".join(["X"] * (n_ctx - n_words) + [phrase_text])
+        tokens = tokenize(clip, tokenizer, [f"{prefix} {name}." for name in classnames])  # (K, 77)
+        embedding = clip.token_embedding(tokens)  # (K, 77, width)
+        self.n_ctx = n_ctx
+        self.n_words = 0  # what follows the context is per-class suffix (a phrase's extra tokens included)
+        self.depth = 1
+        self.length = int(eot_positions(tokens).max()) + 1
+        self.context = nn.Parameter(context)  # (M, width)
+        self.register_parameter("deep_context", None)
+        self.register_buffer("tokens", tokens, persistent=False)  # (K, 77)
+        self.register_buffer("eot", eot_positions(tokens), persistent=False)  # (K,)
+        self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # (K, 1, width): SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # (K, 77-1-M, width)
+        self.class_position = "end"
+        self.register_buffer("order", None, persistent=False)
 
     def embeddings(self) -> torch.Tensor:
         """Prompt embeddings [K, 77, width] of every class."""

@@ -40,7 +40,11 @@ Limits:
 - data-dependent Python control flow in a method splits the region into several graphs
   (allowed unless `fullgraph=True`); `graph_breaks()` lists where. See the test
   `tests/training/test_compiled.py`: every method compiles as one graph;
-- under DistributedDataParallel dynamo splits the graph at gradient buckets by design.
+- under DistributedDataParallel dynamo splits the graph at gradient buckets by design;
+- a method with a gradient rule (ProGrad, `PromptModel.gradient_rule`): the trainer compiles
+  its `loss_terms` forward and runs one AOTAutograd backward per term (`torch.autograd.grad`,
+  the graph retained in between); `reduce-overhead` is refused for it (CUDA graphs replay one
+  backward per step).
 """
 
 from __future__ import annotations

@@ -210,6 +210,41 @@ KGCOOP_B2N = _check(Protocol(
     ),
 ))
 
+_PROGRAD = "BeierZhu/Prompt-align ProGrad.public/configs/trainers/ProGrad/rn50_ep100.yaml"
+_PROGRAD_SH = "BeierZhu/Prompt-align ProGrad.public/scripts/base2new_train_prograd.sh"
+
+PROGRAD_B2N = _check(Protocol(
+    "prograd-b2n",
+    "ProGrad base-to-new generalisation (Zhu et al., ICCV 2023): RN50, train on base, test base and new",
+    {
+        "method": Setting("prograd", f"{_PROGRAD_SH} TRAINER=ProGrad (trainers/prograd.py)"),
+        "clip": Setting("RN50", f"{_PROGRAD} MODEL.BACKBONE.NAME"),
+        "pretrained": Setting("openai", "CLIP's released weights"),
+        "template": Setting(None, "the sidecar's template (CoOp's CUSTOM_TEMPLATES)", shown="the dataset's (CoOp's CUSTOM_TEMPLATES)"),
+        "shots": Setting(4, f"{_PROGRAD_SH} SHOTS=4"),
+        "classes": Setting("base", f"{_PROGRAD_SH} DATASET.SUBSAMPLE_CLASSES base (new: `fastprompt eval --classes new`, "
+                                   "done at the end of training)"),
+        "epochs": Setting(100, f"{_PROGRAD} OPTIM.MAX_EPOCH (CFG=rn50_ep100; ImageNet: rn50_ep50, the README)",
+                          by_dataset={"imagenet": 50}),
+        "batch_size": Setting(32, f"{_PROGRAD} DATALOADER.TRAIN_X.BATCH_SIZE"),
+        "lr": Setting(0.002, f"{_PROGRAD} OPTIM.LR"),
+        "warmup_epochs": Setting(1, f"{_PROGRAD} OPTIM.WARMUP_EPOCH"),
+        **_SGD,
+        "options.n_ctx": Setting(16, f"{_PROGRAD_SH} NCTX=16"),
+        "options.csc": Setting(False, f"{_PROGRAD_SH} CSC=False"),
+        "options.template_init": Setting(True, f"{_PROGRAD} TRAINER.COOP.CTX_INIT True (the template's words in the last slots)"),
+    },
+    notes=(
+        "ProGrad's own options keep their defaults, the script's: --prograd.projection-weight 1.0 (LAMBDA=1.0; the README's "
+        "8- and 16-shot Flowers102, DTD and EuroSAT use 0.8) and --prograd.temperature 1.0 (LOSS.T).",
+        "The released code rewrote some templates to end in the class ('a type of pet, a photo of a {}.'); fastprompt "
+        "keeps the dataset's (CoOp's): where it has words after the class, template_init refuses and names the fix.",
+        "--method coop gives CoOp's row on the same recipe (base2new_train_main.sh).",
+        "ProGrad trains in fp16 (train.py TRAINER.COOP.PREC fp16: CLIP's half weights, the zero-shot teacher in fp32); "
+        "fastprompt's --precision auto is bf16 autocast on CUDA, its loss terms in fp32.",
+    ),
+))
+
 _CAVPT_SETTINGS = {
     "clip": Setting("ViT-B-32", f"{_CAVPT} §Implementation ('ViT-Base/32'); {_DPT_YAML} MODEL.BACKBONE.NAME"),
     "pretrained": Setting("openai", "CLIP's released weights"),
@@ -356,7 +391,7 @@ MAPLE_XD = _check(Protocol(
     ),
 ))
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (COOP, COCOOP_B2N, KGCOOP_B2N, CAVPT, CAVPT_PAPER, IVLP_B2N, MAPLE_B2N, MAPLE_XD)}
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (COOP, COCOOP_B2N, KGCOOP_B2N, PROGRAD_B2N, CAVPT, CAVPT_PAPER, IVLP_B2N, MAPLE_B2N, MAPLE_XD)}
 
 
 def get_protocol(name: str) -> Protocol:

@@ -33,6 +33,14 @@ the prompts and metrics of a run that never stopped.
 Under `torchrun --nproc-per-node N` every rank reads its shard of each global batch
 (`batch_size / N` images), gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and
 only rank 0 writes.
+
+A method with a gradient rule (`PromptModel.gradient_rule()`, ProGrad) steps by it instead of
+`loss.backward()`: the step's one forward returns named loss terms (`loss_terms`), the trainer
+takes each term's gradient (`term_gradients`: one backward each, the graph kept in between),
+averages them over ranks itself (such a step is not wrapped in DDP, whose hooks fire only
+on `.backward()`) and writes the rule's combination into the tensors' `.grad`. Compiled, the
+forward and each term's backward run AOTAutograd's graphs; `--compile reduce-overhead` (CUDA
+graphs, one backward replay a step) is refused for such a method.
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ from fastprompt.data import open_dataset
 from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write, write_json
 from fastprompt.methods import create_model
-from fastprompt.methods.base import PromptModel
+from fastprompt.methods.base import PromptModel, term_gradients
 from fastprompt.runtime import autocast_for, effective_precision, resolve_device, rng_state, seed_everything, set_rng_state
 from fastprompt.training import checkpoint, rundir
 from fastprompt.training.compiled import compile_cache_is_warm, compile_fn
@@ -77,7 +85,8 @@ CHECKPOINT_FACTS = ("weights_id", "data_id")
 
 
 class _Step(nn.Module):
-    """The training objective as a module's forward, so DistributedDataParallel can wrap it."""
+    """The training objective as a module's forward, so DistributedDataParallel can wrap it:
+    ({name: loss term}, detached logits), `PromptModel.loss_terms`."""
 
     def __init__(self, model: PromptModel):
         super().__init__()
@@ -87,7 +96,7 @@ class _Step(nn.Module):
         extra = {"topk": topk} if topk is not None else {}
         if features is not None:
             extra["features"] = features
-        return self.model.loss_and_logits(images, labels, **extra)
+        return self.model.loss_terms(images, labels, **extra)
 
 
 class Trainer:
@@ -151,6 +160,12 @@ class Trainer:
             f"{g.name} ({sum(p.numel() for _, p in members)} values) lr {config.group_lr[g.name]} warm-up "
             f"{config.group_warmup_epochs[g.name]}" for g, members in groups), config.epochs)
         self.optimizer = self._make_optimizer([(g.name, [p for _, p in members]) for g, members in groups])
+        self.rule = self.model.gradient_rule()  # None: loss.backward(); else the method's gradients (see above)
+        self.trained = [p for _, members in groups for _, p in members]  # the tensors a gradient rule writes
+        mode = config.compile_mode(self.device.type)
+        if self.rule is not None and mode == "reduce-overhead":
+            raise FastpromptError(f"compile={config.compile!r}: {config.method} steps by a gradient rule (one backward per "
+                                  "loss term), which CUDA graphs do not replay; use --compile default or --compile off")
         # fewshot.json: the files this run trains and validates on (Dassl's draw); a class without images fails here
         self.fewshot = self.data.fewshot_record(config.shots, config.seed, config.classes)
         if config.eval_every and not self.fewshot["val"]:
@@ -172,14 +187,13 @@ class Trainer:
             decoded_cache=config.decoded_cache,  # decode the subset once, before the first epoch (data/decoded.py)
         )
         self.step_module: nn.Module = _Step(self.model)
-        if self.distributed:
+        if self.distributed and self.rule is None:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.model.may_skip_parameters(),  # e.g. E2MIM's critic when mi_weight=0
             )
         # the (optionally compiled) training step: forward and, through AOTAutograd, backward;
         # static shapes: the loader drops the ragged last batch (or has one batch when the subset is smaller)
-        mode = config.compile_mode(self.device.type)
         self.step_fn = compile_fn(self.step_module, mode, device=self.device, backend=config.compile_backend)
         self.cuda_graphs = mode == "reduce-overhead" and self.device.type == "cuda"  # see training/compiled.py
         self.epoch = 0  # epochs completed
@@ -441,13 +455,18 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's outputs may be overwritten
             with self.autocast():
                 if self.feature_cache is not None:
-                    loss, logits = self.step_fn(None, labels, features=images)
+                    terms, logits = self.step_fn(None, labels, features=images)
                 else:
-                    loss, logits = self.step_fn(images, labels, topk)
-            if not self.guard.step_ok(loss, step):  # --nan-policy (training/nonfinite.py): stop reads nothing here
+                    terms, logits = self.step_fn(images, labels, topk)
+            loss = terms["loss"]
+            checked = loss if len(terms) == 1 else torch.stack([t.detach() for t in terms.values()]).sum()  # NaN in any
+            if not self.guard.step_ok(checked, step):  # --nan-policy (training/nonfinite.py): stop reads nothing here
                 continue
             loss_value = loss.detach()  # 0-d, on the device: nothing here reads a value back to the host
-            loss.backward()
+            if self.rule is None:
+                loss.backward()
+            else:
+                self._rule_backward(terms)
             self.optimizer.step()
             exit_after_step(self.epoch * len(self.loader) + step + 1)  # test hook: see training/hooks.py
             running["loss"] += loss_value.double() * labels.shape[0]
@@ -479,6 +498,18 @@ class Trainer:
         if cfg.nan_policy == "skip":
             line["skipped_steps"] = self.guard.skipped
         return line
+
+    def _rule_backward(self, terms: dict[str, torch.Tensor]) -> None:
+        """The gradient rule's step: each term's gradient, averaged over ranks, combined by the rule."""
+        grads = term_gradients(terms, self.rule.terms, self.trained)
+        if self.distributed:  # what DDP does for loss.backward(): the mean over ranks, one flat buffer
+            for name, tensors in grads.items():
+                flat = torch.cat([g.reshape(-1) for g in tensors])
+                dist.all_reduce(flat)
+                flat /= self.world
+                grads[name] = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in tensors]), tensors)]
+        for p, g in zip(self.trained, self.rule.combine(grads)):
+            p.grad = g.to(p.dtype)
 
     def _new_running(self) -> dict[str, torch.Tensor]:
         """The epoch's running sums, kept on the device (0-d each) and read once at its end:

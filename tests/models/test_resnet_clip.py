@@ -31,7 +31,7 @@ def test_zeroshot_on_rn50_equals_clip(rn50):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["coop", "e2mim", "cocoop"])
+@pytest.mark.parametrize("method", ["coop", "e2mim", "cocoop", "prograd"])
 def test_frozen_tower_methods_train_on_rn50(rn50, method):
     """Loss and gradients on both backends agree; only the prompts train."""
     images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))

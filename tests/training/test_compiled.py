@@ -58,6 +58,7 @@ METHODS = [
     ("e2mim", {"n_ctx": 4, "mixup": False, "mi_input": "logits"}, {}),
     ("cocoop", {}, {}),  # per-image prefixes of the text tower, one pass for every (image, class)
     ("kgcoop", {}, {}),  # CoOp plus the cached hand-crafted features' cosine term
+    ("prograd", {}, {}),  # its reported loss (the cross-entropy); the rule's step: test_training_run_compiled_equals_eager
     ("ivlp", {}, {}),  # deep text (shared prefix) and deep visual prompts carried above their depth
     ("maple", {"prompt_depth": 1}, {}),  # coupled prompts: layer 1 only, carried through every layer
     ("maple", {}, {}),
@@ -149,7 +150,8 @@ def test_compile_cache_location(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_run_compiled_equals_eager(demo_beton, tmp_path):
+@pytest.mark.parametrize("method", ["vpt-deep", "prograd"])  # prograd: the gradient rule's backward per term
+def test_training_run_compiled_equals_eager(method, demo_beton, tmp_path):
     """`fastprompt train --compile default` (here through aot_eager) trains to the same metrics and
     prompts as `--compile off`: the trainer's compiled step is the eager step."""
     from safetensors.torch import load_file
@@ -160,7 +162,7 @@ def test_training_run_compiled_equals_eager(demo_beton, tmp_path):
     for compile_mode in ("off", "default"):
         torch._dynamo.reset()
         out = tmp_path / compile_mode
-        trainer = Trainer(TrainConfig(method="vpt-deep", data=str(demo_beton), out=str(out), clip="fastprompt-tiny",
+        trainer = Trainer(TrainConfig(method=method, data=str(demo_beton), out=str(out), clip="fastprompt-tiny",
                                       pretrained=None, epochs=2, warmup_epochs=0, lr=0.05, num_workers=1, device="cpu",
                                       compile=compile_mode, compile_backend="aot_eager"))
         assert isinstance(trainer.step_fn, torch._dynamo.eval_frame.OptimizedModule) == (compile_mode != "off")

@@ -39,17 +39,21 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(demo_beton, tmp_path):
+@pytest.mark.parametrize("method, options", [
+    ("vlp", ["--coop.n-ctx", "4"]),
+    ("prograd", []),  # a gradient rule: no DDP wrap, the trainer averages each term's gradient over ranks
+])
+def test_ddp_two_processes_match_one(method, options, demo_beton, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # no warm-up: the visual group's default of 10 epochs does not fit in 3
-    single = subprocess.run([FASTPROMPT, *_args(demo_beton, one, "vlp", 3, "--coop.n-ctx", "4", "--device", "cpu",
+    single = subprocess.run([FASTPROMPT, *_args(demo_beton, one, method, 3, *options, "--device", "cpu",
                                                 "--warmup-epochs", "0")],
                             env=_env(), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
          "--master-port", str(_free_port()), FASTPROMPT,
-         *_args(demo_beton, two, "vlp", 3, "--coop.n-ctx", "4", "--device", "cpu", "--warmup-epochs", "0")],
+         *_args(demo_beton, two, method, 3, *options, "--device", "cpu", "--warmup-epochs", "0")],
         env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]

@@ -34,6 +34,7 @@ METHODS = [
     ("e2mim", {"n_ctx": 4}),
     ("cocoop", {}),
     ("kgcoop", {}),
+    ("prograd", {}),
     ("ivlp", {}),
     ("maple", {}),
 ]
@@ -105,9 +106,9 @@ def test_counting_sees_a_per_step_read(demo_beton, tmp_path, monkeypatch):
     step_fn = trainer.step_fn
 
     def reading_step(*args, **kwargs):
-        loss, logits = step_fn(*args, **kwargs)
-        float(loss.detach())
-        return loss, logits
+        terms, logits = step_fn(*args, **kwargs)
+        float(terms["loss"].detach())
+        return terms, logits
 
     trainer.step_fn = reading_step
     few, many = reads_in_epoch(trainer, 2, monkeypatch), reads_in_epoch(trainer, 6, monkeypatch)
@@ -121,11 +122,11 @@ def test_first_non_finite_step_is_reported_at_epoch_end(demo_beton, tmp_path, mo
     step_fn, calls = trainer.step_fn, []
 
     def poisoned_step(*args, **kwargs):
-        loss, logits = step_fn(*args, **kwargs)
+        terms, logits = step_fn(*args, **kwargs)
         calls.append(None)
         if len(calls) in (3, 5):  # steps 3 and 5 of 6
-            loss = loss * float("inf")
-        return loss, logits
+            terms = {**terms, "loss": terms["loss"] * float("inf")}
+        return terms, logits
 
     trainer.step_fn = poisoned_step
     with pytest.raises(FastpromptError, match=r"loss became non-finite \(NaN or inf\) at epoch 1 step 3; no checkpoint was written yet"):
@@ -162,7 +163,7 @@ def test_lr_is_a_device_tensor_changed_in_place_and_kept_by_resume(demo_beton, t
             assert torch.equal(resumed.optimizer.state[p]["momentum_buffer"], momentum[name]), name
 
 
-@pytest.mark.parametrize("method", ["coop", "e2mim"])
+@pytest.mark.parametrize("method", ["coop", "e2mim", "prograd"])
 def test_feature_cache_steps_read_nothing_either(method, demo_beton, tmp_path, monkeypatch):
     """The cached-features step (`--feature-cache`): batches of frozen features [B, D] in place of images."""
     trainer = make_trainer(demo_beton, tmp_path, method, {"n_ctx": 4})

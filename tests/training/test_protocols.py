@@ -156,7 +156,7 @@ def test_resolved_protocol_config_round_trips_and_unknown_names_fail():
     assert again == config
     assert again.resolve("oxford_pets", [g for g in method_class("cavpt").groups if g.name != "text"],
                          config.options) == config
-    with pytest.raises(FastpromptError, match="unknown protocol 'cavtp'.*coop, cocoop-b2n, kgcoop-b2n, cavpt, cavpt-paper"):
+    with pytest.raises(FastpromptError, match="unknown protocol 'cavtp'.*coop, cocoop-b2n, kgcoop-b2n, prograd-b2n, cavpt, cavpt-paper"):
         TrainConfig.from_protocol("cavtp", dataset="eurosat", method="cavpt", data="x.beton", out="o")
     with pytest.raises(FastpromptError, match="unknown protocol"):
         TrainConfig(method="coop", data="x.beton", out="o", protocol="nope")
@@ -305,6 +305,7 @@ def test_every_protocol_setting_names_a_real_field_option_or_group():
 # 2 text and 3 image layers: those runs also pass the depths that fit (TINY_DEPTHS), and the check skips them.
 PROTOCOL_RUNS = [("coop", "coop"), ("coop", "vpt-deep"), ("cocoop-b2n", None), ("cocoop-b2n", "coop"), ("cocoop-b2n", "vlp"),
                  ("kgcoop-b2n", None), ("kgcoop-b2n", "coop"),
+                 ("prograd-b2n", None), ("prograd-b2n", "coop"),
                  ("cavpt", "cavpt"), ("cavpt", "vlp"), ("cavpt-paper", "cavpt"),
                  ("ivlp-b2n", None), ("ivlp-b2n", "vlp"), ("maple-b2n", None), ("maple-b2n", "maple"),
                  ("maple-b2n", "ivlp"), ("maple-xd", None)]
