@@ -157,3 +157,23 @@ def test_cavpt_text_group_only_with_text_prompt(tiny_clip):
     groups = lambda **kw: [g.name for g, _ in fastprompt.create_model("cavpt", CLASSNAMES, clip=tiny_clip, **kw).param_groups()]
     assert groups() == ["visual", "cavpt"]
     assert groups(text_prompt=True) == ["text", "visual", "cavpt"]
+
+
+def test_one_option_keyword_in_two_option_groups_is_refused():
+    """kgcoop's `weight` and prograd's λ once shared the keyword `weight`: one flag would have been
+    generated and the other silently lost. Two groups that declare one keyword are refused."""
+
+    @dataclass
+    class Clash(Options):
+        flag_prefix: ClassVar[str] = "clash"
+
+        n_ctx: int = 3  # the same keyword as CoOp's --coop.n-ctx
+
+    declare(MethodSpec("clash", Clash, groups=(), frozen_image_tower=True, module="nowhere"))
+    try:
+        with pytest.raises(TypeError, match="option 'n_ctx' is declared by --coop.* and --clash.* options"):
+            option_flags()
+    finally:
+        unregister_method("clash")
+    assert any(fl.flag == "--prograd.projection-weight" for fl in option_flags())
+    assert any(fl.flag == "--kgcoop.weight" for fl in option_flags())
