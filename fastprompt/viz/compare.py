@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastprompt.errors import FastpromptError
-from fastprompt.viz.curves import read_metrics
+from fastprompt.viz.curves import flatten, read_metrics
 from fastprompt.viz.runs import load_run
 
 B2N = ("base", "new", "H")
@@ -68,17 +68,6 @@ class Comparison:
                 "first_epoch_seconds": self.first_epoch_seconds, "steady_images_per_s": self.steady_images_per_s}
 
 
-def _flat(ident: dict) -> dict:
-    """Identity fields with one level of nesting spelled out (`group_lr.visual`), lists as text."""
-    out = {}
-    for key, value in ident.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
 def _shown(key: str, value) -> str:
     if key == "data" and isinstance(value, str):
         return f"{key}={Path(value).name}"
@@ -95,7 +84,7 @@ def row_labels(configs: list[dict]) -> list[str]:
     from fastprompt.training.identity import FOLLOWS, identity
 
     idents = [identity({**c, "options": c.get("options") or {}}) for c in configs]
-    flat = [_flat({k: v for k, v in i.items() if k not in _UNLABELLED}) for i in idents]
+    flat = [flatten({k: v for k, v in i.items() if k not in _UNLABELLED}, ".") for i in idents]
     keys = sorted(dict.fromkeys(k for f in flat for k in f), key=lambda k: not k.startswith("options."))
     labels = []
     for ident, fields in zip(idents, flat):

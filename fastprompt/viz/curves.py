@@ -28,18 +28,19 @@ def read_metrics(path: Path) -> list[dict]:
         if not text.strip():
             continue
         try:
-            lines.append(_flat(json.loads(text)))
+            lines.append(flatten(json.loads(text)))
         except json.JSONDecodeError:
             raise FastpromptError(f"{path} line {number} is not JSON; the run's log is damaged (retrain, or delete the line)") from None
     return lines
 
 
-def _flat(line: dict) -> dict:
-    """A metrics line with nested values spelled out: {"lr": {"text": x}} -> {"lr/text": x}."""
+def flatten(mapping: dict, sep: str = "/") -> dict:
+    """One level of nesting spelled out: {"lr": {"text": x}} -> {"lr/text": x} (a metrics line;
+    `compare` labels identity fields with sep ".": `group_lr.visual`)."""
     flat = {}
-    for key, value in line.items():
+    for key, value in mapping.items():
         if isinstance(value, dict):
-            flat.update({f"{key}/{inner}": v for inner, v in value.items()})
+            flat.update({f"{key}{sep}{inner}": v for inner, v in value.items()})
         else:
             flat[key] = value
     return flat
