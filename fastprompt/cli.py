@@ -486,12 +486,13 @@ def train_cmd(
     ctx: typer.Context,
     data: Annotated[str, typer.Option("--data", help="A .beton from `fastprompt prepare` (its .json sidecar beside it).")],
     method: Annotated[Optional[str], typer.Option("--method", help="A method from `fastprompt methods` that trains something (zeroshot is `fastprompt zeroshot`); default: the --protocol's method, where it names one.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default: a folder in runs/ named by method, data, shots, seed, CLIP, weights and a hash of the setting). The same setting resumes; another is refused.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Run directory (default: a folder in runs/ named by method, data, shots, seed, CLIP, weights and a hash of the setting). The same setting resumes; another is refused. With --seeds: the folder of the seeds' runs, OUT/seedS.")] = None,
     clip: Annotated[str, typer.Option("--clip", help="open_clip model name, or fastprompt-tiny.")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip tag, a checkpoint file, or none (random weights).")] = "openai",
     template: Annotated[Optional[str], typer.Option("--template", help="Hand-crafted template with {} (default: the dataset's); 'ensemble' for CLIP's 7.")] = None,
     shots: Annotated[int, typer.Option("--shots", help="Training images per class (0: all).")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Few-shot sample, init, order and augmentation.")] = 1,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds, e.g. 1,2,3: one run per seed, one after another, each its own run directory: OUT/seedS under --out (a folder of runs, not a run), else each seed's default folder in runs/. Instead of --seed.")] = None,
     classes: Annotated[str, typer.Option("--classes", help="base: train on the base half of the classes, evaluate base and new (base-to-new).")] = "all",
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Default (CoOp): 50 for 1 shot, 100 for 2-4, 200 for 8-16; 50 on ImageNet.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 32,
@@ -520,13 +521,13 @@ def train_cmd(
     protocol: Annotated[Optional[str], typer.Option("--protocol", help="A published recipe by name (`fastprompt protocols` shows each, docs/methods.md explains them): sets every default that table used, the method too where it names one; flags given explicitly win.")] = None,
 ) -> None:
     """Train prompts on a .beton and evaluate them on its test split."""
-    from pathlib import Path
-
     from fastprompt.methods.registry import check_option_flags
     from fastprompt.training.config import TrainConfig
+    from fastprompt.training.plan import check_request, plan_run, plan_seeds
     from fastprompt.training.protocols import resolve_method
-    from fastprompt.training.rundir import check_request, default_run_dir
+    from fastprompt.training.rundir import check_out
 
+    method_given = method is not None
     method = resolve_method(method, protocol)  # --method, else the protocol's default method
     flags = {name: value for name, value in ctx.meta["flags"].items() if value is not None}
     options = {name.removeprefix("option__"): v for name, v in flags.items() if name.startswith("option__")}
@@ -535,41 +536,64 @@ def train_cmd(
     group_warmup = {name.removeprefix("warmup__"): v for name, v in flags.items() if name.startswith("warmup__")}
     if resume and restart:
         raise FastpromptError("--resume and --restart contradict each other; pass one")
+    seed_list = None
+    if seeds is not None:
+        if _given(ctx, "seed"):
+            raise FastpromptError("--seed and --seeds both given; pass --seed S for one run or --seeds S1,S2,... for one "
+                                  "run per seed")
+        try:
+            seed_list = [int(v) for v in _comma_list(seeds) or ()]
+        except ValueError:
+            raise FastpromptError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 1,2,3") from None
     settings = dict(
         method=method, data=data, out=out or "", clip=clip, pretrained=pretrained, template=template,
-        shots=shots or None, seed=seed, classes=classes, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+        shots=shots or None, seed=seed_list[0] if seed_list else seed, classes=classes, epochs=epochs,
+        batch_size=batch_size, optimizer=optimizer, lr=lr,
         warmup_epochs=warmup_epochs, group_lr=group_lr, group_warmup_epochs=group_warmup, warmup_lr=warmup_lr,
         momentum=momentum, weight_decay=weight_decay,
         device=device, precision=precision, backend=backend, compile=compile, num_workers=workers,
         checkpoint_every=checkpoint_every, feature_cache=feature_cache, options=options, nan_policy=nan_policy,
         trust_pickle=trust_pickle, decoded_cache=decoded_cache, eval_every=eval_every, final_model=final_model,
     )
+    # the names the command line set (a plan's "cli" source); the generated flags hold only given values
+    given = {k for k in settings if _given(ctx, "workers" if k == "num_workers" else k)} | {"data"}
+    given |= {"method"} if method_given else set()
+    given |= {"out"} if out is not None else set()
+    given |= {f"options.{k}" for k in options}
     if protocol is None:
-        config = TrainConfig(**settings)
-    else:  # the protocol fills what the command line left at its default; the generated flags hold only given values
-        given = {k: v for k, v in settings.items() if k in ("method", "out", "options", "group_lr", "group_warmup_epochs")
-                 or _given(ctx, "workers" if k == "num_workers" else k)}
-        config = TrainConfig.from_protocol(protocol, **given)
-    if out is None:
-        config.out = default_run_dir(config)
-    check_request(config)  # planned and its folder checked: bad input answers before torch loads
-    from fastprompt.training import train
+        request = TrainConfig(**settings)
+    else:  # the protocol fills what the command line left at its default
+        request = TrainConfig.from_protocol(protocol, **{k: v for k, v in settings.items() if k in given or k in (
+            "method", "out", "options", "group_lr", "group_warmup_epochs")})
+    mode = "resume" if resume else "restart" if restart else "auto"
+    if out is not None and (seed_list is None or not out.strip()):
+        check_out(out)  # the folder first, as the trainer checks it: a refused --out says so before the recipe is resolved
+    plans = ([plan_run(request, given=given, mode=mode)] if seed_list is None
+             else plan_seeds(request, seed_list, given=given, mode=mode))
+    for plan in plans:
+        check_request(plan)  # planned and its folder checked: bad input answers before torch loads
+    from fastprompt.training import execute
 
-    logger = None
-    if tensorboard:
+    loggers = {}
+
+    def tensorboard_of(plan):
         from fastprompt.training.tensorboard import TensorBoardLogger
 
-        logger = TensorBoardLogger(Path(config.out) / "tensorboard")
+        loggers[plan.out] = TensorBoardLogger(plan.out / "tensorboard")
+        return loggers[plan.out]
+
+    def show(plan, results: dict) -> None:
+        if _main_rank():
+            if plan.out in loggers:
+                loggers[plan.out].final(results)
+            typer.echo(json.dumps(_printed(results)))
+
     try:
-        results = train(config, console=_console(), on_epoch=logger,
-                        mode="resume" if resume else "restart" if restart else "auto", force_eval=force_eval)
-        if logger is not None and _main_rank():
-            logger.final(results)
+        execute(plans, console=_console(), on_epoch=tensorboard_of if tensorboard else None, on_result=show,
+                force_eval=force_eval)
     finally:
-        if logger is not None:
+        for logger in loggers.values():
             logger.close()
-    if _main_rank():
-        typer.echo(json.dumps(_printed(results)))
 
 
 @command(app, "eval", choices=_run_choices)

@@ -258,6 +258,16 @@ CASES = {
         ["plot", "confusion", "{damaged[results_ragged]}"],
         "{damaged[results_ragged]}/results.json: confusion is not a 10 x 10 matrix of counts (one row and column per "
         "class of per_class)"),
+    # ---- train --seeds (issue 24 §2): one run directory per seed
+    "seeds with seed": (train("coop", "--seeds", "1,2", "--seed", "3"),
+                        "--seed and --seeds both given; pass --seed S for one run or --seeds S1,S2,... for one run per seed"),
+    "seeds not integers": (train("coop", "--seeds", "1,x"), "--seeds '1,x' must be comma-separated integers, e.g. 1,2,3"),
+    "seeds twice": (train("coop", "--seeds", "1,2,1"), "--seeds 1,2,1 lists a seed twice; give each once"),
+    "seeds negative": (train("coop", "--seeds", "1,-1"), "seed=-1 must be an integer in 0..4294967295"),
+    "seeds into a run folder": (train_into("{damaged[results_nan]}", "--seeds", "1,2"),
+                                "--out {damaged[results_nan]} holds a run; with --seeds, --out is the folder of the "
+                                "seeds' runs ({damaged[results_nan]}/seed1, ...): pass a new folder, or --seed S to "
+                                "continue that run"),
     "report per-class of an eval file without it": (
         ["report", "{damaged[eval_unscored]}", "--metric", "per-class-acc"],
         "{damaged[eval_unscored]}/eval-other-all.json lacks mean_per_class_accuracy (written before fastprompt kept "

@@ -939,7 +939,7 @@ def open_dataset(path: PathLike, *, tables: bool = True) -> BetonDataset:
 
     tables=False: the sidecar alone (name, template, class names, splits' sizes; `labels` and
     `splits` None) and the file's size against it, without reading the .beton's header and
-    tables, which imports FFCV and torch: what planning a run needs (`identity.planned`), so a command line is checked
+    tables, which imports FFCV and torch: what planning a run needs (`training.plan.plan_run`), so a command line is checked
     before torch loads. A loader needs the full open."""
     beton = Path(path)
     if beton.suffix == ".json" and beton.with_suffix(".beton").is_file():

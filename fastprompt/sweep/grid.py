@@ -71,7 +71,8 @@ def _train_config_cls():
 @dataclass
 class Cell:
     name: str  # DATASET/METHOD/shotsK/seedS, the folder under the sweep's out
-    config: Any  # its TrainConfig (out = the cell's folder)
+    config: Any  # its TrainConfig as the sweep asks for it (out = the cell's folder)
+    plan: Any  # its RunPlan (`fastprompt.training.plan.plan_run`): what the worker executes
     eval_on: tuple[tuple[str, str], ...] = ()  # (dataset name, .beton path) of each extra test set
 
     @property
@@ -85,8 +86,9 @@ class Cell:
         return eval_file(self.dir, dataset, data, "all")
 
     def payload(self) -> dict:
-        """What a worker process needs to run the cell (plain data: pickles and crosses machines)."""
-        return {"name": self.name, "config": self.config.to_dict(), "eval_on": [list(e) for e in self.eval_on]}
+        """What a worker process needs to run the cell (plain data: pickles and crosses machines): its
+        plan, resolved here once (the worker resolves nothing)."""
+        return {"name": self.name, "plan": self.plan.to_dict(), "eval_on": [list(e) for e in self.eval_on]}
 
 
 @dataclass
@@ -100,7 +102,7 @@ class PlannedCell:
         """Where training goes on, `K/N` (1-based); `-` for a cell that does not train."""
         if self.action in ("skip", "evaluate"):
             return "-"
-        return f"{self.epochs_done + 1}/{self.cell.config.epochs}"
+        return f"{self.epochs_done + 1}/{self.cell.plan.config.epochs}"
 
 
 def cell_name(dataset: str, method: str, shots: Optional[int], seed: int) -> str:
@@ -131,9 +133,10 @@ def _groups_for(method: str, values: dict) -> dict:
 
 def expand(config: SweepConfig) -> list[Cell]:
     """The grid's cells in sweep order (dataset, method, shots, seed), each with a validated
-    TrainConfig; bad settings fail here, before anything is written."""
+    TrainConfig and its plan; bad settings fail here, before anything is written."""
     from fastprompt.data import open_dataset
     from fastprompt.methods import METHODS
+    from fastprompt.training.plan import plan_run
 
     TrainConfig = _train_config_cls()
     for method in config.methods:
@@ -152,11 +155,11 @@ def expand(config: SweepConfig) -> list[Cell]:
         ds = open_dataset(path)
         require(ds.name not in datasets, f"--data {path} and {datasets.get(ds.name, (None,))[0]} are both dataset "
                                          f"'{ds.name}'; a sweep takes each dataset once")
-        datasets[ds.name] = (_absolute(str(ds.path)), ds.template)
+        datasets[ds.name] = (_absolute(str(ds.path)), ds.template, ds)
     # each extra test set is one dataset name (its eval-NAME-all.json and its report column): two files of
     # one name are refused, and a target named like a --data dataset must be that same file (then a cell
     # of that dataset skips it: results.json already holds its test accuracy)
-    targets, given = [], {name: path for name, (path, _) in datasets.items()}
+    targets, given = [], {name: path for name, (path, _, _) in datasets.items()}
     for path in config.eval_on:
         ds = open_dataset(path)
         target = _absolute(str(ds.path))
@@ -175,7 +178,7 @@ def expand(config: SweepConfig) -> list[Cell]:
         shared["pretrained"] = _absolute(pretrained)  # a cell's identity does not depend on the working folder
     out = Path(config.out)
     cells = []
-    for name, (path, template) in datasets.items():
+    for name, (path, template, ds) in datasets.items():
         for method in config.methods:
             for shots in config.shots:
                 for seed in config.seeds:
@@ -191,28 +194,30 @@ def expand(config: SweepConfig) -> list[Cell]:
                     # --protocol: its settings for this dataset, under the sweep's given ones
                     cfg = (TrainConfig(**cell) if protocol is None
                            else TrainConfig.from_protocol(protocol, dataset=name, **cell))
-                    cells.append(Cell(cname, cfg, tuple(t for t in targets if t[0] != name)))
+                    # the sweep's settings are its cells' given values (a plan's "cli" source); the rest resolves
+                    given = {*cell, *(f"options.{k}" for k in cell["options"])} - ({"template"} if shared.get("template") is None else set())
+                    try:
+                        planned = plan_run(cfg, given=given, dataset=ds)
+                    except FastpromptError as err:  # e.g. a group's warm-up that leaves no epochs: named by its cell
+                        raise FastpromptError(f"cell {cname}: {err}") from None
+                    cells.append(Cell(cname, cfg, planned, tuple(t for t in targets if t[0] != name)))
     return cells
 
 
 def plan(cells: list[Cell]) -> list[PlannedCell]:
     """What each cell's folder asks for; FastpromptError naming the cell if one holds another run."""
-    from fastprompt.data import open_dataset
-    from fastprompt.training.identity import expected_run, first_difference
+    from fastprompt.training.identity import first_difference
     from fastprompt.training.runfiles import checkpoint_epoch, read_run_config
 
-    planned, datasets = [], {}
+    planned = []
     for cell in cells:
         config_path = cell.dir / "config.json"
         if not config_path.is_file():
             planned.append(PlannedCell(cell, "start", "new"))
             continue
         saved = read_run_config(cell.dir, needed=(), fix=f"delete the folder of cell {cell.name} to rerun it")
-        if cell.config.data not in datasets:  # opened once per dataset, not per cell
-            datasets[cell.config.data] = open_dataset(cell.config.data)
-        # resolved as the trainer resolves it, with the data's content id (a .beton prepared again is other data)
-        expected = expected_run(cell.config, datasets[cell.config.data])
-        diff = first_difference(expected, saved)
+        # the cell's plan, with the data's content id (a .beton prepared again is other data)
+        diff = first_difference(cell.plan.expected(), saved)
         if diff is not None:
             key, mine, theirs = diff
             raise FastpromptError(
@@ -224,7 +229,7 @@ def plan(cells: list[Cell]) -> list[PlannedCell]:
             planned.append(PlannedCell(cell, "evaluate", f"finished; to evaluate on {', '.join(missing)}") if missing
                            else PlannedCell(cell, "skip", "finished"))
         elif (done := checkpoint_epoch(cell.dir)) is not None:
-            planned.append(PlannedCell(cell, "resume", f"a checkpoint after epoch {done}/{cell.config.epochs}", done))
+            planned.append(PlannedCell(cell, "resume", f"a checkpoint after epoch {done}/{cell.plan.config.epochs}", done))
         elif any(cell.dir.glob("checkpoint*")):  # a damaged record or an older format: the trainer names the fix
             planned.append(PlannedCell(cell, "resume", "a checkpoint without a readable epoch (training names the fix)"))
         else:

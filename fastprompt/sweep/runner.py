@@ -189,8 +189,8 @@ class LocalLauncher:
         self.stop.set()
 
     def submit(self, slot: int, payload: dict):
-        if payload["config"].get("num_workers") is None:
-            payload["config"]["num_workers"] = self.threads  # loader threads: this slot's share of the cores
+        if payload["plan"]["config"].get("num_workers") is None:
+            payload["plan"]["config"]["num_workers"] = self.threads  # loader threads: this slot's share of the cores
         return self._pool(slot).submit(run_cell, payload, self.tensorboard)
 
     def wait(self, handles: list, timeout: float) -> list:

@@ -68,7 +68,7 @@ def run_cell(payload: dict, tensorboard: bool = False) -> dict:
     from fastprompt.errors import FastpromptError
     from fastprompt.training.rundir import RunLock
 
-    name, out = payload["name"], Path(payload["config"]["out"])
+    name, out = payload["name"], Path(payload["plan"]["config"]["out"])
     start = time.perf_counter()
     lock = RunLock(out)  # the run directory's lock (training/rundir.py), held around training and evaluations
     try:
@@ -92,10 +92,11 @@ def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: f
     from fastprompt.files import write_json
 
     try:
-        from fastprompt.training import TrainConfig, evaluate_run, train
+        from fastprompt.training import RunPlan, evaluate_run, execute
         from fastprompt.training.runfiles import eval_file
 
-        config = TrainConfig.from_dict(payload["config"])
+        plan = RunPlan.from_dict(payload["plan"])  # resolved by the sweep: nothing is resolved again
+        config = plan.config
         if not (out / "results.json").is_file():
             logger = None
             if tensorboard:
@@ -103,7 +104,7 @@ def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: f
 
                 logger = TensorBoardLogger(out / "tensorboard")
             try:
-                results = train(config, on_epoch=logger)
+                results = execute([plan], on_epoch=lambda _: logger)[0]
                 if logger is not None:
                     logger.final(results)
             finally:

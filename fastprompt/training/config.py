@@ -6,9 +6,10 @@ defaults: text 0.002 / 1 epoch as CoOp; visual prompts and the CAVPT module 0.01
 epochs, 1 on ImageNet, as the CAVPT authors), Dassl's schedule (`dassl_lr`), batch 32, and
 CoOp's epochs by shots (`default_epochs`).
 
-A `TrainConfig` holds what the user asked for; `resolve()` fills in what depends on the
-dataset and the model (epochs, every group's lr and warm-up, every method option) and is
-what a run directory's config.json holds. `TrainConfig.from_protocol(NAME, ...)` (the
+A `TrainConfig` holds what the user asked for; `resolve_recipe` fills in what depends on the
+dataset and the method (epochs, every group's lr and warm-up, every method option), once per
+run, called by `fastprompt.training.plan.plan_run`; the result is what a run directory's
+config.json holds. `TrainConfig.from_protocol(NAME, ...)` (the
 CLI's `--protocol NAME`) starts from a published recipe (`fastprompt.training.protocols`)
 instead of these defaults; what is given explicitly wins. docs/methods.md lists the sources.
 """
@@ -82,7 +83,7 @@ class TrainConfig:
     method: str  # a name from fastprompt.list_methods()
     data: str  # path of a .beton (its sidecar .json beside it)
     out: str  # run directory: config.json, metrics.jsonl, checkpoint.json (+ tensors), prompts.safetensors, results.json
-    protocol: Optional[str] = None  # the named recipe the settings come from (`from_protocol`); resolve() takes its group recipe
+    protocol: Optional[str] = None  # the named recipe the settings come from (`from_protocol`); resolve_recipe takes its group recipe
     clip: str = "ViT-B-32"  # open_clip model name, or fastprompt-tiny
     pretrained: Optional[str] = "openai"  # open_clip tag, checkpoint file, or None / "none" (random weights)
     template: Optional[str] = None  # hand-crafted template; None: the dataset's; "ensemble": CLIP's 7 templates
@@ -206,7 +207,7 @@ class TrainConfig:
         field it sets, for `dataset` (default: the name in the sidecar of `given["data"]`), except
         the fields in `given`, which win; its default method where `given` names none; its method
         options for the method's fields, under the options in `given`. Its per-group lr and
-        warm-up are taken by `resolve()`."""
+        warm-up are taken by `resolve_recipe`."""
         from fastprompt.methods import method_spec
         from fastprompt.training.protocols import get_protocol, resolve_method
 
@@ -226,45 +227,8 @@ class TrainConfig:
         return cls(**settings, **given, options=options, protocol=protocol)
 
     def resolve(self, dataset: str, groups: Sequence[ParamGroup], options: dict) -> "TrainConfig":
-        """This config with every default filled in: `epochs` by shots and dataset, every trained
-        group's lr and warm-up (flag for the group > flag for all groups > the protocol's value
-        for the group > the group's default), and the method's full `options`. Idempotent: a
-        resolved config resolves to itself.
-
-        A warm-up of E or more epochs is an error: under Dassl's schedule the whole run would
-        train at warmup_lr and the cosine would never start (Dassl runs it; we refuse it)."""
-        epochs = self.epochs if self.epochs is not None else default_epochs(self.shots, dataset)
-        trained = {g.name for g in groups}
-        for what, values in (("lr", self.group_lr), ("warmup-epochs", self.group_warmup_epochs)):
-            for name in values:
-                require(name in trained, f"{what}.{name}: this {self.method} run trains no '{name}' group with these "
-                                         f"options (it trains: {', '.join(sorted(trained))}); drop --{what}.{name}")
-        proto = None
-        if self.protocol is not None:
-            from fastprompt.training.protocols import get_protocol
-
-            proto = get_protocol(self.protocol)
-        group_lr, group_warmup = {}, {}
-        for g in groups:
-            lr = self.group_lr.get(g.name, self.lr)
-            if lr is None and proto is not None:
-                lr = proto.group_value("lr", g.name, dataset)
-            group_lr[g.name] = float(g.lr if lr is None else lr)
-            warmup = self.group_warmup_epochs.get(g.name, self.warmup_epochs)
-            source = (f"--warmup-epochs.{g.name}" if g.name in self.group_warmup_epochs else
-                      "--warmup-epochs" if self.warmup_epochs is not None else f"the {g.name} group's default")
-            if warmup is None and proto is not None and proto.group_value("warmup_epochs", g.name, dataset) is not None:
-                warmup = proto.group_value("warmup_epochs", g.name, dataset)
-                source = f"--protocol {self.protocol}"
-            warmup = g.default_warmup(dataset) if warmup is None else int(warmup)
-            if warmup >= epochs:
-                raise FastpromptError(
-                    f"group {g.name}: warm-up of {warmup} epochs ({source}) leaves none of the {epochs} epochs for the cosine "
-                    f"schedule; pass --warmup-epochs.{g.name} (or --warmup-epochs) below {epochs}, or more --epochs"
-                )
-            group_warmup[g.name] = warmup
-        return dataclasses.replace(self, epochs=epochs, group_lr=group_lr, group_warmup_epochs=group_warmup,
-                                   options=dict(options))
+        """This config with every default filled in (`resolve_recipe`, without the sources)."""
+        return resolve_recipe(self, dataset, groups, options)[0]
 
     def compile_mode(self, device_type: str) -> Optional[str]:
         """The torch.compile mode of the training step on this device, or None for eager.
@@ -292,3 +256,70 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def resolve_recipe(request: TrainConfig, dataset: str, groups: Sequence[ParamGroup], options: dict,
+                   sources: Optional[dict] = None) -> tuple[TrainConfig, dict[str, str]]:
+    """`request` with every default filled in, and where each filled value came from: `epochs`
+    by shots and dataset, every trained group's lr and warm-up (flag for the group > flag for
+    all groups > the protocol's value for the group > the group's default), and the method's
+    full `options`. Idempotent: a resolved config resolves to itself. The one resolution of a
+    run's recipe; `fastprompt.training.plan.plan_run` calls it once per run.
+
+    `sources`: where the request's own fields came from (field -> "cli" | "protocol" |
+    "default"); a value derived from `lr`, `warmup_epochs` or `epochs` takes its source. The
+    returned sources name `epochs`, `lr.GROUP` and `warmup_epochs.GROUP` for every trained group.
+
+    A warm-up of E or more epochs is an error: under Dassl's schedule the whole run would
+    train at warmup_lr and the cosine would never start (Dassl runs it; we refuse it)."""
+    sources = dict(sources or {})
+    given = lambda name: sources.get(name, "cli")  # noqa: E731  (a field set without a recorded source: given)
+    out: dict[str, str] = {}
+    if request.epochs is not None:
+        epochs, out["epochs"] = request.epochs, given("epochs")
+    else:  # CoOp's by shots; ImageNet's 50 is the dataset's
+        epochs = default_epochs(request.shots, dataset)
+        out["epochs"] = "dataset" if epochs != default_epochs(request.shots, "") else "default"
+    trained = {g.name for g in groups}
+    for what, values in (("lr", request.group_lr), ("warmup-epochs", request.group_warmup_epochs)):
+        for name in values:
+            require(name in trained, f"{what}.{name}: this {request.method} run trains no '{name}' group with these "
+                                     f"options (it trains: {', '.join(sorted(trained))}); drop --{what}.{name}")
+    proto = None
+    if request.protocol is not None:
+        from fastprompt.training.protocols import get_protocol
+
+        proto = get_protocol(request.protocol)
+    group_lr, group_warmup = {}, {}
+    for g in groups:
+        if g.name in request.group_lr:
+            lr, source = request.group_lr[g.name], given(f"lr.{g.name}")
+        elif request.lr is not None:
+            lr, source = request.lr, given("lr")
+        elif proto is not None and proto.group_value("lr", g.name, dataset) is not None:
+            lr, source = proto.group_value("lr", g.name, dataset), "protocol"
+        else:
+            lr, source = g.lr, "default"
+        group_lr[g.name], out[f"lr.{g.name}"] = float(lr), source
+        if g.name in request.group_warmup_epochs:
+            warmup, source, flag = request.group_warmup_epochs[g.name], given(f"warmup_epochs.{g.name}"), \
+                f"--warmup-epochs.{g.name}"
+        elif request.warmup_epochs is not None:
+            warmup, source, flag = request.warmup_epochs, given("warmup_epochs"), "--warmup-epochs"
+        elif proto is not None and proto.group_value("warmup_epochs", g.name, dataset) is not None:
+            warmup, source, flag = proto.group_value("warmup_epochs", g.name, dataset), "protocol", \
+                f"--protocol {request.protocol}"
+        else:
+            warmup = g.default_warmup(dataset)
+            source = "dataset" if warmup != g.warmup_epochs else "default"
+            flag = f"the {g.name} group's default"
+        warmup = int(warmup)
+        if warmup >= epochs:
+            raise FastpromptError(
+                f"group {g.name}: warm-up of {warmup} epochs ({flag}) leaves none of the {epochs} epochs for the cosine "
+                f"schedule; pass --warmup-epochs.{g.name} (or --warmup-epochs) below {epochs}, or more --epochs"
+            )
+        group_warmup[g.name], out[f"warmup_epochs.{g.name}"] = warmup, source
+    resolved = dataclasses.replace(request, epochs=epochs, group_lr=group_lr, group_warmup_epochs=group_warmup,
+                                   options=dict(options))
+    return resolved, out

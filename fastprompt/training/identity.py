@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,32 +58,6 @@ def data_id(dataset) -> Optional[str]:
                         "changes; re-create it with `%s` to record one", dataset.path, dataset.prepare_command())
         return None
     return str(recorded)
-
-
-def planned(config, dataset=None):
-    """`config` (a `TrainConfig`) resolved as the trainer will resolve it, without building CLIP:
-    epochs, every trained group's lr and warm-up (the groups from the method class's
-    `trained_groups`), every method option at its value, the dataset's template, and `data`
-    and a `pretrained` file as absolute paths. `dataset`: the opened `config.data` if the
-    caller has it."""
-    from fastprompt.data import open_dataset
-    from fastprompt.methods import method_config, method_spec
-
-    ds = open_dataset(config.data, tables=False) if dataset is None else dataset  # the sidecar: torch-free
-    options = method_config(config.method, **config.options)
-    groups = method_spec(config.method).trained_groups(options)
-    resolved = config.resolve(ds.name, groups, options.to_dict())
-    pretrained = resolved.pretrained
-    if isinstance(pretrained, str) and os.path.isfile(pretrained):
-        pretrained = str(Path(pretrained).expanduser().resolve())
-    return dataclasses.replace(resolved, template=resolved.template or ds.template, pretrained=pretrained,
-                               data=str(Path(ds.path).expanduser().resolve()))
-
-
-def expected_run(config, dataset) -> dict:
-    """What a run directory of `config` on the opened `dataset` must hold, to compare with its
-    config.json: `planned(config, dataset)` with the data's content id (`data_id`)."""
-    return {**planned(config, dataset).to_dict(), "data_id": data_id(dataset)}
 
 
 def identity_hash(resolved: dict) -> str:
@@ -179,7 +152,7 @@ FOLLOWS = {
     "options": ("method",), "group_lr": ("method",), "group_warmup_epochs": ("method",),
 }
 # Identity fields that resolution fills in from the axes when a run leaves them unset
-# (`TrainConfig.from_protocol` and `resolve`, `planned`): CoOp's epochs by shots (ImageNet 50) or
+# (`TrainConfig.from_protocol` and `fastprompt.training.plan.plan_run`): CoOp's epochs by shots (ImageNet 50) or
 # the protocol's, the dataset's template, each group's lr and warm-up (ImageNet's 1 epoch) and each
 # method option (CAVPT's K_N) at the protocol's value for the dataset or the default. Across axis
 # values they agree when every run holds one value, or when every run holds what resolution gives

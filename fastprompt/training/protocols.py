@@ -3,7 +3,7 @@
 A protocol is one table of settings, each with the file or paper section it comes from:
 - `TrainConfig` fields (`clip`, `shots`, `classes`, `epochs`, `batch_size`, `lr`, ...);
 - `lr.GROUP` / `warmup_epochs.GROUP`: one parameter group's recipe (applied in
-  `TrainConfig.resolve` to the groups the run trains; a group it does not name keeps its
+  `config.resolve_recipe` to the groups the run trains; a group it does not name keeps its
   own default);
 - `options.NAME`: a method option (applied to the methods that have it);
 - `method`: the default method, used when the command line gives no `--method` (`--methods`).

@@ -55,33 +55,6 @@ CHECKPOINT_KEYS = ("format", "tensors", "checkpoint_id", "config", "epoch")
 ERROR_KEYS = ("cell", "error")
 
 
-def check_request(config) -> None:
-    """What a run of `config` can be refused for, checked torch-free (so `fastprompt train`
-    answers bad input before torch loads): its folder (`check_out`) and its plan (every
-    default resolved and checked: epochs, each group's recipe, the options, the data's
-    sidecar and size: `identity.planned`)."""
-    from fastprompt.training.identity import planned
-
-    check_out(config.out)
-    planned(config)
-
-
-def default_run_dir(config) -> str:
-    """`runs/METHOD-DATA-Kshot-seedS-CLIP-WEIGHTS-HASH` for a `TrainConfig`: the weights (tag,
-    file name, or `random`) and the short hash of the resolved identity, so another setting
-    never lands in this one's directory."""
-    import re
-
-    from fastprompt.training.identity import identity_hash, planned
-
-    plan = planned(config)
-    weights = "random" if plan.pretrained is None else Path(plan.pretrained).stem if os.path.isfile(plan.pretrained) \
-        else plan.pretrained
-    name = (f"{config.method}-{Path(config.data).stem}-{config.shots or 'all'}shot-seed{config.seed}-{config.clip}-{weights}-"
-            f"{identity_hash(plan.to_dict())[:8]}")
-    return str(Path("runs") / re.sub(r"[^A-Za-z0-9._+-]", "_", name))
-
-
 def read_config(out: Path) -> Optional[dict]:
     """`out/config.json` checked (`read_run_config`); None when absent; FastpromptError saying what
     to do when garbage."""

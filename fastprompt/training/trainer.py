@@ -45,13 +45,14 @@ graphs, one backward replay a step) is refused for such a method.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -72,7 +73,8 @@ from fastprompt.training.evaluate import confusion, evaluate_confusion, model_fo
 from fastprompt.training.runfiles import class_results, harmonic_mean
 from fastprompt.training.feature_cache import FeatureCache
 from fastprompt.training.hooks import exit_after_step, kill_point
-from fastprompt.training.identity import data_id, expected_run, first_difference, identity, identity_hash, planned
+from fastprompt.training.identity import first_difference, identity
+from fastprompt.training.plan import RunPlan, plan_run
 from fastprompt.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
@@ -100,15 +102,16 @@ class _Step(nn.Module):
 
 
 class Trainer:
-    """Owns the model, data, optimiser and run directory of one `fastprompt train`."""
+    """Executes one `RunPlan`: owns its model, data, optimiser and run directory. Resolves
+    nothing: every setting is the plan's (`fastprompt.training.plan`)."""
 
-    def __init__(self, config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None,
-                 mode: str = "auto"):
-        if mode not in rundir.MODES:
-            raise FastpromptError(f"mode={mode!r} must be one of {', '.join(rundir.MODES)}")
-        self.mode = mode
+    def __init__(self, run, console=None, on_epoch: Optional[Callable[[dict], None]] = None, mode: Optional[str] = None):
+        """run: a `RunPlan` (a `TrainConfig` is planned first: `as_plan`); mode: the plan's, unless given."""
+        self.plan = plan = as_plan(run, mode)
+        self.mode = plan.mode
         self.started = time.time()
-        self.config = config
+        self.config = config = plan.config
+        log.info("plan of %s: %s", plan.out, "; ".join(plan.lines()))  # each resolved value and its source
         self.console = console
         self.on_epoch = on_epoch  # called on the main rank with each metrics.jsonl line (e.g. TensorBoard)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -126,36 +129,36 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.precision = effective_precision(config.precision, self.device)  # bf16 | fp32 (config.json's autocast)
         self.autocast = autocast_for(self.precision, self.device)
-        self.out = Path(config.out)
+        self.out = plan.out
 
         # everything that can fail on bad input happens before anything is written (the lock file and a folder
         # it made are removed again on failure)
-        self.data = open_dataset(config.data)
-        self.data_id = data_id(self.data)  # the sidecar's checksum: the data's content, not its path
-        self.classnames = self.data.classnames_for(config.classes)
-        plan = planned(config, self.data)  # template, absolute paths, every group's recipe: what config.json records
-        self.identity_hash = identity_hash(plan.to_dict())
+        self.data = open_dataset(config.data)  # the tables: the few-shot draw and the loaders read them
+        self.data_id = plan.data_id
+        self.classnames = list(plan.classnames)
+        self.identity_hash = plan.identity_hash
         rundir.check_out(self.out)  # a folder of a run or of none, before the lock writes into it (again under it)
         self.lock = rundir.RunLock(self.out)  # taken first: a second process stops before loading anything
         if self.is_main:
             self.lock.acquire()
         try:
-            self._build(config, plan)
+            self._build(config)
             self._prepare_out()
         except BaseException:
             self.lock.release()
             raise
 
-    def _build(self, config: TrainConfig, plan: TrainConfig) -> None:
+    def _build(self, config: TrainConfig) -> None:
         """The model, optimiser and loaders (after the run directory's lock is held)."""
-        self.template = plan.template
+        self.template = config.template
         seed_everything(config.seed)  # random CLIP weights (--pretrained none) and prompt init follow the seed
-        self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=plan.pretrained,
+        self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=config.pretrained,
                                   template=self.template, backend=config.backend, device=self.device,
                                   trust_pickle=config.trust_pickle, **config.options)
         self.data.check_image_size(self.model.bundle.image_size)  # val/test are stored at one size (prepare --eval-size)
-        groups = self.model.param_groups()
-        self.config = config = plan.resolve(self.data.name, [g for g, _ in groups], self.model.resolved_options())
+        groups = self.model.param_groups()  # the planned groups (checked against the method's trained_groups)
+        # config.json records the options as the model was built: those it derives (n_ctx from ctx_init) filled in
+        self.config = config = dataclasses.replace(config, options=self.model.resolved_options())
         log.info("parameter groups: %s; %d epochs", ", ".join(
             f"{g.name} ({sum(p.numel() for _, p in members)} values) lr {config.group_lr[g.name]} warm-up "
             f"{config.group_warmup_epochs[g.name]}" for g, members in groups), config.epochs)
@@ -658,43 +661,68 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def finished_run(config: TrainConfig) -> Optional[dict]:
-    """results.json of `config.out` when it holds this run finished (identity checked, without
-    building the model); None when it holds no finished run. FastpromptError when it holds another."""
-    out = Path(config.out)
-    results = rundir.finished_results(out)
+def finished_run(plan: RunPlan) -> Optional[dict]:
+    """results.json of the plan's run directory when it holds this run finished (identity
+    checked, without building the model); None when it holds no finished run. FastpromptError
+    when it holds another."""
+    results = rundir.finished_results(plan.out)
     if results is None:
         return None
     try:
-        saved = rundir.read_config(out)
+        saved = rundir.read_config(plan.out)
     except FastpromptError:
         return None  # the trainer decides (a checkpoint may hold the run)
     if saved is None:
         return None
-    dataset = open_dataset(config.data)
-    rundir.check_same_run(out, expected_run(config, dataset), saved)
+    rundir.check_same_run(plan.out, plan.expected(), saved)
     return results
 
 
-def train(config: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None, *,
-          mode: str = "auto", force_eval: bool = False) -> dict:
-    """Train `config.out` to the end and evaluate it; returns results.json's content.
+def as_plan(run, mode: Optional[str] = None) -> RunPlan:
+    """`run` as a plan: a `RunPlan` as it is (its mode replaced by `mode` when given), a
+    `TrainConfig` planned (`plan_run`: a library caller's request)."""
+    if isinstance(run, RunPlan):
+        return run if mode is None else run.with_(mode=mode)
+    if isinstance(run, TrainConfig):
+        return plan_run(run, mode=mode or "auto")
+    raise TypeError(f"train takes a RunPlan or a TrainConfig, got {type(run).__name__}")
 
-    mode: "auto" continues the run the directory holds if it is this setting (a finished one is
-    not evaluated again: its results are returned, unless `force_eval`), "resume" insists on a
-    checkpoint to continue, "restart" removes the directory's run first. A directory holding
-    another setting is refused in every mode but "restart"; one that holds other files and no
-    run, in every mode (`rundir.check_out`)."""
-    rundir.check_out(config.out)
-    if mode != "restart":
-        results = finished_run(config)
+
+def train(run, console=None, on_epoch: Optional[Callable[[dict], None]] = None, *,
+          mode: Optional[str] = None, force_eval: bool = False) -> dict:
+    """Train one planned run (`run`: a `RunPlan`, or a `TrainConfig` to plan) to the end and
+    evaluate it; returns results.json's content.
+
+    mode (default: the plan's): "auto" continues the run the directory holds if it is this
+    setting (a finished one is not evaluated again: its results are returned, unless
+    `force_eval`), "resume" insists on a checkpoint to continue, "restart" removes the
+    directory's run first. A directory holding another setting is refused in every mode but
+    "restart"; one that holds other files and no run, in every mode (`rundir.check_out`)."""
+    plan = as_plan(run, mode)
+    rundir.check_out(plan.out)
+    if plan.mode != "restart":
+        results = finished_run(plan)
         if results is not None and not force_eval:
             if console is not None and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 speaks
-                console.print(f"done, results in {Path(config.out) / rundir.RESULTS} (--force-eval evaluates again, "
+                console.print(f"done, results in {plan.out / rundir.RESULTS} (--force-eval evaluates again, "
                               "--restart trains again)", soft_wrap=True)  # a path is never broken
             return results
-    trainer = Trainer(config, console=console, on_epoch=on_epoch, mode=mode)
+    trainer = Trainer(plan, console=console, on_epoch=on_epoch)
     try:
         return trainer.train()
     finally:
         trainer.close()
+
+
+def execute(plans: Sequence[RunPlan], console=None, *,
+            on_epoch: Optional[Callable[[RunPlan], Optional[Callable[[dict], None]]]] = None,
+            on_result: Optional[Callable[[RunPlan, dict], None]] = None, force_eval: bool = False) -> list[dict]:
+    """Execute planned runs, each to the end (`train`), in order; returns their results.json
+    contents. `on_epoch(plan)`: the metrics callback of that plan's run, or None; `on_result(plan,
+    results)`: called as each run ends. A failing run raises (the runs before it are done)."""
+    done = []
+    for plan in plans:
+        done.append(train(plan, console, None if on_epoch is None else on_epoch(plan), force_eval=force_eval))
+        if on_result is not None:
+            on_result(plan, done[-1])
+    return done

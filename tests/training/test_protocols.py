@@ -243,12 +243,12 @@ def test_sweep_protocol_resolves_per_dataset_under_the_sweeps_settings(named_bet
 
     data = [str(named_beton("stanford_cars")), str(named_beton("caltech101"))]
     config = SweepConfig(methods=["cavpt", "coop"], data=data, seeds=[1], shots=[2], out=str(tmp_path / "s"),
-                         train={"protocol": "cavpt", "clip": "fastprompt-tiny", "epochs": 3}, options={"alpha": 0.3})
+                         train={"protocol": "cavpt", "clip": "fastprompt-tiny", "epochs": 12}, options={"alpha": 0.3})
     cells = {c.name: c.config for c in expand(config)}
     cars, caltech = cells["stanford_cars/cavpt/shots2/seed1"], cells["caltech101/cavpt/shots2/seed1"]
     assert (cars.options["topk"], caltech.options["topk"]) == (100, 50)
     assert cars.options["alpha"] == 0.3 and cars.options["variant"] == "released"  # --set wins
-    assert (cars.protocol, cars.clip, cars.epochs, cars.shots, cars.batch_size) == ("cavpt", "fastprompt-tiny", 3, 2, 32)
+    assert (cars.protocol, cars.clip, cars.epochs, cars.shots, cars.batch_size) == ("cavpt", "fastprompt-tiny", 12, 2, 32)
     coop = cells["caltech101/coop/shots2/seed1"]
     assert coop.options == {"n_ctx": 16, "csc": False, "ctx_init": None} and coop.protocol == "cavpt"
 

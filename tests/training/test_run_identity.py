@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from fastprompt.cli import app
 from fastprompt.training import TrainConfig, Trainer
 from fastprompt.runtime import effective_precision
-from fastprompt.training.identity import EXECUTION_FIELDS, first_difference, identity, identity_hash, planned
-from fastprompt.training.rundir import default_run_dir
+from fastprompt.training.identity import EXECUTION_FIELDS, first_difference, identity, identity_hash
+from fastprompt.training.plan import plan_run
 
 runner = CliRunner()
 TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--workers", "1", "--shots", "2", "--batch-size", "10",
@@ -100,7 +100,7 @@ def test_a_different_setting_is_refused_and_a_finished_run_is_not_evaluated_agai
     assert set(saved["versions"]) == {"fastprompt", "torch", "open_clip", "triton"} and saved["wall_seconds"] > 0
     assert len(saved.get("git_commit", "0" * 40)) == 40  # a git checkout here; absent for an installed wheel
     config = json.loads((out / "config.json").read_text())
-    assert config["identity_hash"] == saved["identity_hash"] == identity_hash(planned(_config(demo_beton, out)).to_dict())
+    assert config["identity_hash"] == saved["identity_hash"] == identity_hash(plan_run(_config(demo_beton, out)).config.to_dict())
 
     # any resolved setting that changes the result: refused, naming the field and both values; nothing written
     said = _train(demo_beton, out, "--lr", "0.5", code=2)
@@ -125,6 +125,10 @@ def test_a_different_setting_is_refused_and_a_finished_run_is_not_evaluated_agai
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert config["lr"] == 0.5 and [l["lr"]["text"] for l in lines] == [0.5, 0.25]
     assert _train(demo_beton, out, "--resume", "--restart", code=2).startswith("error: --resume and --restart contradict")
+
+
+def default_run_dir(config):
+    return str(plan_run(config).out)
 
 
 def test_default_run_names_hold_the_weights_and_a_hash(demo_beton, tmp_path):
