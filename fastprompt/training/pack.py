@@ -344,6 +344,26 @@ def step_memory(probe: Callable[[int], None], runs: int, device: torch.device) -
     return sum(seen.values())
 
 
+def probe_step(models: Sequence[PromptModel], images: Optional[torch.Tensor], labels: torch.Tensor,
+               features: Optional[torch.Tensor] = None, autocast: Callable = nullcontext) -> Callable[[int], None]:
+    """`probe(n)` for `auto_pack_size`: the forward and backward of a packed step of n runs on one
+    run's batch (images [B, 3, S, S] or features [B, D], labels [B]) repeated, the models taken in
+    turn from `models` (two are enough: the probe measures, it trains nothing; gradients are
+    dropped, no optimiser steps)."""
+
+    def probe(n: int) -> None:
+        runs = [models[i % len(models)] for i in range(n)]
+        with autocast():
+            losses, _ = packed_loss(runs, None if images is None else images.expand(n, *images.shape),
+                                    labels.expand(n, -1),
+                                    None if features is None else features.expand(n, *features.shape))
+        losses.sum().backward()
+        for model in models:
+            model.zero_grad(set_to_none=True)
+
+    return probe
+
+
 def auto_pack_size(probe: Callable[[int], None], runs: int, device: torch.device, *,
                    available: Optional[int] = None, headroom: float = 0.8, min_gain: float = 1.1, repeats: int = 3,
                    clock: Callable[[], float] = time.perf_counter) -> AutoPack:

@@ -12,7 +12,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.methods import create_model, list_methods, method_class, method_spec
 from fastprompt.methods.base import PromptModel
 from fastprompt.methods.coop import Coop
-from fastprompt.training.pack import OBJECTIVE_HOOKS, Pack, auto_pack_size, packed_loss, step_memory
+from fastprompt.training.pack import OBJECTIVE_HOOKS, Pack, auto_pack_size, packed_loss, probe_step, step_memory
 
 RUNS, BATCH, STEPS = 3, 4, 3
 PACKED_METHODS = {"coop", "vpt-shallow", "vpt-deep", "vlp", "ivlp"}
@@ -232,13 +232,30 @@ def test_auto_pack_size_follows_memory_and_gain(seconds, runs, available, want):
 
 def test_step_memory_grows_with_the_runs_of_a_prompted_tower(tiny_clip):
     """On CPU the measured memory of a packed vpt-deep step is its saved activations: more runs,
-    more bytes (what `auto` divides the available memory by)."""
+    more bytes (what `auto` divides the available memory by); a machine with room for one run
+    gets packs of one, without a timing."""
     models = _runs(tiny_clip, "vpt-deep", runs=2)
-    images, labels = _batches(steps=1, runs=2)[0]
+    images, labels = _batches(steps=1, runs=1)[0]
+    probe = probe_step(models, images[0], labels[0])
+    cpu = torch.device("cpu")
+    one, two, four = (step_memory(probe, n, cpu) for n in (1, 2, 4))
+    assert 0 < one < two < four and four - two == pytest.approx(2 * (two - one), rel=0.1)
+    assert all(p.grad is None for m in models for p in m.parameters())  # the probe trains nothing
+    choice = auto_pack_size(probe, 8, cpu, available=int((one + (two - one) // 2) / 0.8))
+    assert choice.size == 1 and choice.reason.startswith("memory:") and "fits one run" in choice.reason
 
-    def probe(n):
-        losses, _ = packed_loss(models[:n], torch.stack(images[:n]), torch.stack(labels[:n]))
-        losses.sum().backward()
 
-    one, two = step_memory(probe, 1, torch.device("cpu")), step_memory(probe, 2, torch.device("cpu"))
-    assert 0 < one < two <= 2 * one
+def test_cached_features_pack_as_images_do(tiny_clip):
+    """A frozen tower's cached features (the feature cache) in place of images: each run's loss
+    is its solo `loss_and_logits(None, labels, features=...)`."""
+    models = _runs(tiny_clip, "coop")
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(RUNS, BATCH, models[0].bundle.embed_dim, generator=g)  # (N, B, D)
+    labels = torch.randint(0, len(CLASSNAMES), (RUNS, BATCH), generator=g)
+    losses, logits = packed_loss(models, None, labels, features=features)
+    for n, model in enumerate(models):
+        loss, solo_logits = model.loss_and_logits(None, labels[n], features=features[n])
+        assert losses[n].item() == pytest.approx(loss.item(), rel=1e-6)
+        assert torch.allclose(logits[n], solo_logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FastpromptError, match="vpt-deep prompts its image tower; it needs images"):
+        packed_loss(_runs(tiny_clip, "vpt-deep", runs=2), None, labels[:2], features=features[:2])
