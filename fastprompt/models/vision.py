@@ -229,9 +229,9 @@ def prefix_block(
     """One CLIP block for the kept tokens x [B, N, d] with discarded prompt slots as a K/V prefix.
 
     shared: [P, d] prompts of every image, [G, P, d] prompts of G packed runs (each of B/G
-    consecutive images), or None; per_sample: [B, Kn, d] or None (not both None). Equals running the block on `cat([x[:, :1], shared, per_sample, x[:, 1:]])` and
-    dropping the slot outputs (self-attention is permutation-equivariant; the slots' rows
-    are never used).
+    consecutive images), or None; per_sample: [B, Kn, d] or None (not both None). Equals
+    running the block on `cat([x[:, :1], shared, per_sample, x[:, 1:]])` and dropping the slot
+    outputs (self-attention is permutation-equivariant; the slots' rows are never used).
     """
     if shared is None and per_sample is None:
         raise ValueError("prefix_block needs shared or per-sample prompts; run the block itself without them")
