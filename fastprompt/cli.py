@@ -659,6 +659,15 @@ def _comma_list(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _pack_sizes(value: Optional[str]) -> tuple[int, ...]:
+    """--pack 1,2,4,8 -> (1, 2, 4, 8); None -> () (no pack dimension)."""
+    sizes = _comma_list(value) or ()
+    bad = [v for v in sizes if not v.isdigit()]
+    if bad or (value is not None and not sizes):
+        raise FastpromptError(f"--pack {value!r}: give numbers of runs separated by commas, such as 1,2,4,8")
+    return tuple(int(v) for v in sizes)
+
+
 @command(app, "bench", choices=_bench_choices)
 @user_errors
 def bench_cmd(
@@ -675,6 +684,7 @@ def bench_cmd(
     compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode of fast+compile.")] = "default",
     seed: Annotated[int, typer.Option("--seed", help="Random weights, prompts, images and labels.")] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the records (a JSON list, rewritten after each method) to this file.")] = None,
+    pack: Annotated[Optional[str], typer.Option("--pack", help="Comma-separated runs per packed step, e.g. 1,2,4,8: each packing method's reference/fast/fast+compile step with N runs of --batch-size images (1: the solo step); reports images/s in all and per run.")] = None,
 ) -> None:
     """Training-step images/s and peak memory: reference vs fast vs fast+compile vs an anchor-style baseline."""
     from fastprompt.bench import VARIANTS, BenchConfig, bench_methods, check_records_path, header_line, record_line, run_bench, write_records
@@ -685,7 +695,7 @@ def bench_cmd(
     options = {"methods": tuple(bench_methods()) if every else _comma_list(methods),
                "variants": VARIANTS if every else _comma_list(variants)}
     config = BenchConfig(clip=clip, pretrained=pretrained, batch_size=batch_size, classes=classes, device=device,
-                         steps=steps, warmup=warmup, compile_mode=compile_mode, seed=seed,
+                         steps=steps, warmup=warmup, compile_mode=compile_mode, seed=seed, packs=_pack_sizes(pack),
                          **{k: v for k, v in options.items() if v is not None})
     if json_out:
         check_records_path(json_out)
@@ -702,7 +712,7 @@ def bench_cmd(
         if not titled:  # the title once the model loaded: a bad --clip stays a one-line error
             titled.append(True)
             lines = [f"fastprompt bench: {clip}, batch {batch_size}, {classes} classes, {device}",
-                     header_line(resolve_device(device).type), *lines]
+                     header_line(resolve_device(device).type, packs=bool(config.packs)), *lines]
         for line in lines:
             typer.echo(line)
         if status is not None:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine (CUDA, torch >= 2.11 and Triton >= 3.6 installed, no
-# internet, no FFCV): in about 8 minutes (each step has a time limit; the limits sum to 12.5 min) it
+# internet, no FFCV): in about 9 minutes (each step has a time limit; the limits sum to 14.8 min) it
 #   1. runs the kernel tests on the GPU and the bf16 fast-vs-reference parity test of every
 #      method (tests/kernels, tests/methods/test_bf16_parity.py);
 #   2. runs `fastprompt bench` on synthetic images for ViT-B/32 and ViT-B/16 at batch 128,
 #      variants reference, fast, fast+compile and anchor (images/s, peak memory, useful
 #      TFLOP/s, fraction of the GPU's bf16 peak); the baselines ivlp, maple, cocoop, kgcoop and
 #      prograd on ViT-B/16 at batch 32, 100 classes, fast against their released-style anchors;
+#      packed steps (`bench --pack 1,8`): coop and vpt-deep, 8 runs of batch 32 on ViT-B/16 against 1;
 #   3. runs the prefix-attention and cosine-CE microbenchmarks against SDPA / eager;
 #   4. writes gpu-check.json and gpu-check.md (plus each step's log) into FOLDER.
 # Every step runs under its own time limit and is recorded even when an earlier one failed;
@@ -87,6 +88,10 @@ if [ "$MODE" = gpu ]; then
     step bench-baselines 150 "$PY" -m fastprompt.cli bench --clip ViT-B-16 --pretrained none --batch-size 32 \
         --classes 100 --methods ivlp,maple,cocoop,kgcoop,prograd --variants fast,anchor --steps 5 --warmup 2 \
         --device cuda --json "$OUT/bench-baselines.json"
+    # Packed runs (issue 24): 8 runs of batch 32 in one step against 1 run (goal: >= 4x the total images/s)
+    step bench-pack 60 "$PY" -m fastprompt.cli bench --clip ViT-B-16 --pretrained none --batch-size 32 \
+        --classes 100 --methods coop,vpt-deep --variants fast --pack 1,8 --steps 3 --warmup 1 \
+        --device cuda --json "$OUT/bench-pack.json"
     step micro 80 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_prefix_attention.py benchmarks/bench_cosine_ce.py \
         --benchmark-only --benchmark-json="$OUT/micro.json" -k "bf16 and fwd_bwd and not large and not sdpa-math and not compiled"
     # --compile reduce-overhead: each method's step as CUDA graphs, none skipped, equal to eager (issue 15 §3)
@@ -98,6 +103,9 @@ else
     step bench-fastprompt-tiny 300 "$PY" -m fastprompt.cli bench --clip fastprompt-tiny --pretrained none --batch-size 4 \
         --classes 5 --methods vpt-deep,coop-text,ivlp,maple,cocoop,kgcoop,prograd --variants reference,fast,anchor --steps 1 --warmup 0 --device cpu \
         --json "$OUT/bench-fastprompt-tiny.json"
+    step bench-pack 120 "$PY" -m fastprompt.cli bench --clip fastprompt-tiny --pretrained none --batch-size 4 \
+        --classes 5 --methods coop,vpt-deep --variants fast --pack 1,2 --steps 1 --warmup 0 --device cpu \
+        --json "$OUT/bench-pack.json"
     step micro 300 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_prefix_attention.py benchmarks/bench_cosine_ce.py \
         --benchmark-only --benchmark-json="$OUT/micro.json" -k "fwd_bwd and not compiled and not text and not wgrad and (triton or math or eager)"
 fi

@@ -76,8 +76,10 @@ def read_micro(folder: Path) -> list[dict]:
 
 
 def best_fast(records, clip, method):
-    """The faster of fast and fast+compile, and the anchor, of one method on one model."""
-    rows = [r for r in records if r.get("clip") == clip and r["method"] == method and not r.get("error")]
+    """The faster of fast and fast+compile, and the anchor, of one method on one model (solo
+    steps: the records of `bench --pack` are the packing goal's)."""
+    rows = [r for r in records if r.get("clip") == clip and r["method"] == method and not r.get("error")
+            and "pack" not in r]
     fast = [r for r in rows if r["variant"] in ("fast", "fast+compile") and r.get("images_per_s")]
     anchor = next((r for r in rows if r["variant"] == "anchor" and r.get("images_per_s")), None)
     return (max(fast, key=lambda r: r["images_per_s"]) if fast else None), anchor
@@ -112,6 +114,14 @@ def goals(bench: list[dict], micro: list[dict]) -> list[dict]:
                 ratios.append((best["median_ms"] / r["median_ms"], f"{r['shape']} {r['dtype']} {r['mode']} vs {best['impl']}"))
         return ratios
 
+    packed = {r["method"]: r for r in bench if r.get("pack") == 8 and r.get("clip") == "ViT-B-16"
+              and r.get("batch_size") == 32 and r["variant"] == "fast" and r.get("speedup_vs_pack1") is not None}
+    measured = all(m in packed for m in ("coop", "vpt-deep"))
+    out.append(dict(goal="packed step, ViT-B/16 batch 32 a run: 8 runs >= 4x the total images/s of 1 (coop, vpt-deep)",
+                    measured=", ".join(f"{m} {packed[m]['speedup_vs_pack1']:.2f}x ({packed[m]['images_per_s']:.0f} images/s)"
+                                       for m in ("coop", "vpt-deep")) if measured else None,
+                    met=all(packed[m]["speedup_vs_pack1"] >= 4 for m in ("coop", "vpt-deep")) if measured else None))
+
     for op, baseline, want, goal in (
         ("prefix_attention", lambda impl: impl.startswith("sdpa"), 1.3, "prefix attention >= 1.3x the fastest SDPA on the concatenation"),
         ("cosine_ce", lambda impl: impl == "eager", 2.0, "fused cosine CE >= 2x eager"),
@@ -121,6 +131,13 @@ def goals(bench: list[dict], micro: list[dict]) -> list[dict]:
         out.append(dict(goal=goal, measured=f"worst {worst[0]:.2f}x ({worst[1]}), best {max(ratios)[0]:.2f}x" if worst else None,
                         met=worst[0] >= want if worst else None))
     return out
+
+
+def variant(record: dict) -> str:
+    """A record's variant, with its runs and batch for a `bench --pack` record (images/s: all runs')."""
+    if "pack" not in record:
+        return record["variant"]
+    return f"{record['variant']}, {record['pack']} x batch {record.get('batch_size')}"
 
 
 def markdown(report: dict) -> str:
@@ -138,13 +155,13 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for r in report["bench"]:
             if r.get("error"):
-                lines.append(f"| {r.get('clip')} | {r['method']} | {r['variant']} | failed: {r['error'][:80]} | | | | |")
+                lines.append(f"| {r.get('clip')} | {r['method']} | {variant(r)} | failed: {r['error'][:80]} | | | | |")
                 continue
             frac = r.get("peak_fraction")
             frac = "-" if frac is None else (frac if isinstance(frac, str) else f"{100 * frac:.1f}%")
             tflops = r.get("useful_tflops_per_s")
             anchor = r.get("speedup_vs_anchor")
-            lines.append(f"| {r.get('clip')} | {r['method']} | {r['variant']} | {r['images_per_s']:.1f} | "
+            lines.append(f"| {r.get('clip')} | {r['method']} | {variant(r)} | {r['images_per_s']:.1f} | "
                          f"{'-' if anchor is None else f'{anchor:.2f}'} | {r['peak_memory_bytes'] / 2**20:.0f} | "
                          f"{'-' if tflops is None else f'{tflops:.1f}'} | {frac} |")
         lines.append("")

@@ -138,6 +138,10 @@ CASES = {
                                "--json {here} is a folder; pass a file name such as {here}/bench.json"),
     "bench all and methods": (["bench", "--clip", "fastprompt-tiny", "--all", "--methods", "coop"],
                               "--all measures every method and variant; drop --methods"),
+    "bench pack zero": (["bench", "--clip", "fastprompt-tiny", "--pack", "1,0"], "pack=0 must be an integer in 1..256"),
+    "bench pack word": (["bench", "--clip", "fastprompt-tiny", "--pack", "1,many"],
+                        "--pack '1,many': give numbers of runs separated by commas, such as 1,2,4,8"),
+    "bench pack twice": (["bench", "--clip", "fastprompt-tiny", "--pack", "1,2,2"], "pack=1,2,2 names a size twice"),
     # --- names from file contents never become paths outside --out (issue 21 §3)
     "sidecar name is a relative path": (["sweep", "--methods", "coop", "--data", "{evil}", "--seeds", "1", "--out", "{run}",
                                          *TINY[:4]],

@@ -78,6 +78,12 @@ def test_report_counts_failures_and_computes_goals(tmp_path):
              bench_record("ViT-B-16", "cavpt", "fast", 4000.0), bench_record("ViT-B-16", "cavpt", "anchor", 1000.0),
              bench_record("ViT-B-32", "coop-text", "fast", 900.0), bench_record("ViT-B-32", "coop-text", "anchor", 100.0)]
     (tmp_path / "bench-ViT-B-16.json").write_text(json.dumps(bench))
+    # bench --pack 1,8: coop 5x, vpt-deep 3.5x the solo step's total images/s (a packed row of 9000 images/s is
+    # not the vpt-deep solo goal's fast step)
+    pack = [dict(bench_record("ViT-B-16", m, "fast", solo * ratio), pack=runs, batch_size=32, speedup_vs_pack1=ratio)
+            for m, solo, speedup in (("coop", 1000.0, 5.0), ("vpt-deep", 2600.0, 3.5))
+            for runs, ratio in ((1, 1.0), (8, speedup))]
+    (tmp_path / "bench-pack.json").write_text(json.dumps(pack))
 
     def micro(name, impl, ms, shape):
         return dict(name=f"test_{name}[{impl}]", stats=dict(median=ms / 1e3),
@@ -94,11 +100,15 @@ def test_report_counts_failures_and_computes_goals(tmp_path):
     assert report["tests"]["counts"]["passed"] == 1 and report["tests"]["not_passed"] == ["tests/kernels/test_a.py::test_y"]
     met = {g["goal"].split(" ")[0]: g["met"] for g in report["goals"]}
     # vpt-deep: 7000/s, 3.5x; cavpt: 4x but 4000/s; coop-text 9x; attention 1.2x the best SDPA; CE 1.5x
-    assert met == {"vpt-deep": True, "cavpt": False, "CoOp": True, "prefix": False, "fused": False}
+    assert met == {"vpt-deep": True, "cavpt": False, "CoOp": True, "packed": False, "prefix": False, "fused": False}
+    assert next(g for g in report["goals"] if g["goal"].startswith("packed"))["measured"] == \
+        "coop 5.00x (5000 images/s), vpt-deep 3.50x (9100 images/s)"
+    assert report["goals"][0]["measured"].startswith("7000 images/s (fast+compile)")  # not the pack's 9100
     text = (tmp_path / "gpu-check.md").read_text()
     assert "| micro | timed out | 100 (100) |" in text
     assert "worst 1.20x ([1] bf16 fwd_bwd vs sdpa-efficient)" in text
     assert "| ViT-B-16 | vpt-deep | fast+compile | 7000.0 |" in text
+    assert "| ViT-B-16 | coop | fast, 8 x batch 32 | 5000.0 |" in text
 
     # nothing measured: every goal says so instead of guessing
     empty = tmp_path / "empty"
@@ -116,9 +126,11 @@ def test_cpu_dry_run_writes_json_and_markdown(tmp_path):
     report = json.loads((out / "gpu-check.json").read_text())
     assert report["mode"] == "cpu-dry-run" and report["machine"]["gpu"].startswith("cpu")
     assert [(s["name"], s["status"]) for s in report["steps"]] == [
-        ("machine", "ok"), ("tests", "ok"), ("bench-fastprompt-tiny", "ok"), ("micro", "ok")]
+        ("machine", "ok"), ("tests", "ok"), ("bench-fastprompt-tiny", "ok"), ("bench-pack", "ok"), ("micro", "ok")]
     assert report["tests"]["counts"]["passed"] >= 3 and report["tests"]["not_passed"] == []
-    variants = {(r["method"], r["variant"]) for r in report["bench"] if r["images_per_s"] > 0}
+    packed = {(r["method"], r["variant"], r["pack"]) for r in report["bench"] if "pack" in r and r["images_per_s"] > 0}
+    assert packed == {(m, "fast", n) for m in ("coop", "vpt-deep") for n in (1, 2)}
+    variants = {(r["method"], r["variant"]) for r in report["bench"] if r["images_per_s"] > 0 and "pack" not in r}
     assert variants == {(m, v) for m in ("vpt-deep", "coop-text", "ivlp", "maple", "cocoop", "kgcoop", "prograd") for v in ("reference", "fast", "anchor")}
     impls = {(r["op"], r["impl"]) for r in report["micro"] if r["median_ms"] > 0}
     assert impls == {("prefix_attention", "triton"), ("prefix_attention", "sdpa-math"), ("cosine_ce", "triton"), ("cosine_ce", "eager")}

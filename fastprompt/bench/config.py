@@ -41,6 +41,9 @@ class BenchConfig:
     warmup: int = 1  # untimed steps before them
     compile_mode: str = "default"  # torch.compile mode of the fast+compile variant
     seed: int = 0
+    # runs per packed step (fastprompt.training.pack), e.g. (1, 2, 4, 8): each packing method's reference / fast /
+    # fast+compile variant at each N, N runs of batch_size images a step; 1 is the solo step. (): no pack dimension
+    packs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -58,6 +61,11 @@ class BenchConfig:
         check_int("warmup", self.warmup, minimum=0)
         check_int("seed", self.seed, minimum=0, maximum=SEED_MAX)
         check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        self.packs = tuple(self.packs)
+        for n in self.packs:
+            check_int("pack", n, maximum=256)
+        if len(set(self.packs)) != len(self.packs):
+            raise FastpromptError(f"pack={','.join(map(str, self.packs))} names a size twice; list each number of runs once")
         if isinstance(self.pretrained, str) and self.pretrained.lower() == "none":
             self.pretrained = None
         resolve_device(self.device)

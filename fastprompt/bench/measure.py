@@ -17,6 +17,12 @@ of a step (all threads), the steadier figure on a shared CPU. Memory, per varian
   (the frozen CLIP; fp16 for the GPU anchor), optimiser state and batch;
 - `peak_memory_bytes = state_bytes + step_memory_bytes`: what a run of this variant alone
   would peak at (on CUDA, what `max_memory_allocated` would report for it alone).
+With `packs` (`--pack 1,2,4,8`) each packing method (`MethodSpec.packs`) is measured at each
+number of runs N in its reference, fast and fast+compile variants: N runs of `batch_size` images
+a step through `fastprompt.training.pack.Pack` (N = 1: the solo step itself); `pack` is N,
+`images_per_s` the images of all runs a second and `images_per_s_per_run` one run's,
+`speedup_vs_pack1` the total against the solo step's and `per_run_vs_solo` one run's against it.
+A method that does not pack, and the anchor, have the solo rows only.
 On CUDA each record also has the step's useful FLOPs (`fastprompt.bench.flops`, counted on
 one step of every variant but the compiled one; the fast variant's count is the useful work
 of the method), the achieved rate and its fraction of the GPU's dense bf16 peak
@@ -41,8 +47,9 @@ from fastprompt.bench.config import BenchConfig
 from fastprompt.bench.environment import environment
 from fastprompt.bench.flops import count_flops
 from fastprompt.bench.report import add_ratios
-from fastprompt.bench.workloads import Workload, build, state_bytes, train_step
+from fastprompt.bench.workloads import Workload, build, build_pack, state_bytes, train_step
 from fastprompt.errors import FastpromptError
+from fastprompt.methods import list_methods, method_spec
 from fastprompt.models.clip import load_clip
 from fastprompt.runtime import resolve_device
 
@@ -127,11 +134,13 @@ class _Run:
     step_peak: int = 0
 
 
-def _error_record(method: str, variant: str, cfg: BenchConfig, device: torch.device, err: Exception) -> dict:
+def _error_record(method: str, variant: str, cfg: BenchConfig, device: torch.device, err: Exception,
+                  runs: int = 1) -> dict:
     log.error("bench %s / %s failed: %s: %s", method, variant, type(err).__name__, err)
-    return {"method": method, "variant": variant, "device": str(device), "clip": cfg.clip,
-            "batch_size": cfg.batch_size, "classes": cfg.classes, "images_per_s": None,
-            "peak_memory_bytes": None, "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+    record = {"method": method, "variant": variant, "device": str(device), "clip": cfg.clip,
+              "batch_size": cfg.batch_size, "classes": cfg.classes, "images_per_s": None,
+              "peak_memory_bytes": None, "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+    return {**record, "pack": runs} if cfg.packs else record
 
 
 def _optimizer(variant: str, params, device: torch.device) -> torch.optim.Optimizer:
@@ -143,14 +152,22 @@ def _optimizer(variant: str, params, device: torch.device) -> torch.optim.Optimi
     return torch.optim.SGD(params, lr=torch.tensor(1e-3, device=device), momentum=0.9, fused=True)
 
 
-def _prepare(method: str, variant: str, master, cfg: BenchConfig, device: torch.device) -> _Run:
-    """Build one variant, compile it (fast+compile) and run its warm-up steps."""
-    work = build(method, variant, master, cfg, device)
-    optimizer = _optimizer(variant, work.params, device) if work.params else None
+def _prepare(method: str, variant: str, master, cfg: BenchConfig, device: torch.device, runs: int = 1) -> _Run:
+    """Build one variant (of `runs` packed runs), compile it (fast+compile) and run its warm-up steps."""
+    if runs == 1:
+        work = build(method, variant, master, cfg, device)
+        optimizer = _optimizer(variant, work.params, device) if work.params else None
+    else:
+        work = build_pack(method, variant, master, cfg, device, runs, lambda params: _optimizer(variant, params, device))
+        optimizer = None  # each run's own, in the pack
     record = {"method": method, "variant": variant, "device": str(device), "clip": cfg.clip,
               "batch_size": cfg.batch_size, "classes": cfg.classes, "precision": work.precision,
-              "step": "forward+backward+sgd" if optimizer else "forward (nothing to train)",
+              "step": "forward+backward+sgd" if optimizer or work.pack else "forward (nothing to train)",
               "steps": cfg.steps, "warmup": cfg.warmup}
+    if cfg.packs:
+        record["pack"] = runs
+        if work.pack is not None:
+            record["execution"] = work.pack.execution
     if variant == "fast+compile":
         _sync(device)
         start = time.perf_counter()
@@ -171,16 +188,21 @@ def measure_method(method: str, master, cfg: BenchConfig, device: torch.device, 
     load from other processes, which comes and goes over minutes on a shared machine, lands
     on all variants alike instead of on whichever happened to run at the time."""
     runs: list = []
+    packs = bool(cfg.packs) and method in list_methods() and method_spec(method).packs  # coop-text: the solo step
+    if cfg.packs and not packs:
+        log.warning("bench %s: the method does not pack (MethodSpec.packs); its solo rows only", method)
     for variant in cfg.variants:
-        if progress is not None:
-            progress(f"{method} / {variant}: build and warm up")
-        try:
-            runs.append(_prepare(method, variant, master, cfg, device))
-        except FastpromptError:
-            raise
-        except Exception as err:  # one broken variant (say, a compiler failure) must not void an hour of runs
-            runs.append(_error_record(method, variant, cfg, device, err))
-            torch._dynamo.reset()
+        sizes = cfg.packs if packs and variant != "anchor" else (1,)
+        for size in sizes:
+            if progress is not None:
+                progress(f"{method} / {variant}{f' x{size} runs' if size > 1 else ''}: build and warm up")
+            try:
+                runs.append(_prepare(method, variant, master, cfg, device, size))
+            except FastpromptError:
+                raise
+            except Exception as err:  # one broken variant (say, a compiler failure) must not void an hour of runs
+                runs.append(_error_record(method, variant, cfg, device, err, size))
+                torch._dynamo.reset()
     live = [r for r in runs if isinstance(r, _Run)]
     for round_ in range(cfg.steps):
         if progress is not None:
@@ -201,8 +223,10 @@ def measure_method(method: str, master, cfg: BenchConfig, device: torch.device, 
             continue
         median = statistics.median(run.times)
         state = state_bytes(run.work, run.optimizer)
+        if cfg.packs:
+            run.record["images_per_s_per_run"] = cfg.batch_size / median
         run.record.update({
-            "images_per_s": cfg.batch_size / median,
+            "images_per_s": run.work.runs * cfg.batch_size / median,  # every run's images
             "step_ms": 1e3 * median,
             "step_ms_min": 1e3 * min(run.times),
             "step_ms_all": [round(1e3 * t, 3) for t in run.times],

@@ -15,16 +15,22 @@ from fastprompt.files import write_json
 
 def add_ratios(records: list[dict], device: torch.device) -> None:
     """Speed-ups against the reference and the anchor of the same method; useful FLOP rates on CUDA."""
-    by = {(r["method"], r["variant"]): r for r in records}
+    by = {(r["method"], r["variant"], r.get("pack", 1)): r for r in records}
+    ok = lambda r: r is not None and not r.get("error")  # noqa: E731
     peak = peak_flops(device) if device.type == "cuda" else None
     for r in records:
         if r.get("error"):
             continue
-        ref, anc = by.get((r["method"], "reference")), by.get((r["method"], "anchor"))
+        runs = r.get("pack", 1)
+        if "pack" in r:  # --pack: all runs' images/s against the solo step's, and one run's
+            solo = by.get((r["method"], r["variant"], 1))
+            r["speedup_vs_pack1"] = r["images_per_s"] / solo["images_per_s"] if ok(solo) else None
+            r["per_run_vs_solo"] = r["images_per_s_per_run"] / solo["images_per_s"] if ok(solo) else None
+        ref, anc = by.get((r["method"], "reference", runs)), by.get((r["method"], "anchor", runs))
         r["speedup_vs_reference"] = r["images_per_s"] / ref["images_per_s"] if ref and not ref.get("error") else None
         r["speedup_vs_anchor"] = r["images_per_s"] / anc["images_per_s"] if anc and not anc.get("error") else None
         if device.type == "cuda":
-            fast = by.get((r["method"], "fast"))
+            fast = by.get((r["method"], "fast", runs))
             useful = fast.get("counted_flops_per_step") if fast and not fast.get("error") else None
             r["useful_flops_per_step"] = useful
             if useful:
@@ -50,18 +56,30 @@ def write_records(records: list[dict], path: Union[str, Path]) -> None:
 _LINE = "{:<12} {:<12} {:>9} {:>9} {:>6} {:>7} {:>9}"
 
 
-def header_line(device_type: str) -> str:
+# with --pack: runs a step, all runs' images/s, one run's, the total against the solo step's (x 1)
+_PACK_LINE = "{:<12} {:<12} {:>4} {:>9} {:>9} {:>8} {:>5} {:>9}"
+
+
+def header_line(device_type: str, packs: bool = False) -> str:
+    if packs:
+        return _PACK_LINE.format("method", "variant", "runs", "images/s", "per run", "step ms", "x 1", "peak MiB")
     head = _LINE.format("method", "variant", "images/s", "step ms", "x ref", "x anch", "peak MiB")
     return head + (f" {'TFLOP/s':>7}" if device_type == "cuda" else "")
 
 
 def record_line(r: dict) -> str:
-    """One record in the columns of `header_line`."""
+    """One record in the columns of `header_line` (its --pack columns for a record with `pack`)."""
     if r.get("error"):
-        return f"{r['method']:<12} {r['variant']:<12} failed: {r['error']}"[:80]
+        runs = f" x{r['pack']}" if r.get("pack", 1) > 1 else ""
+        return f"{r['method']:<12} {r['variant'] + runs:<12} failed: {r['error']}"[:80]
 
     def ratio(x):
         return "-" if x is None else f"{x:.2f}"
+
+    if "pack" in r:
+        return _PACK_LINE.format(r["method"], r["variant"], r["pack"], f"{r['images_per_s']:.2f}",
+                                 f"{r['images_per_s_per_run']:.2f}", f"{r['step_ms']:.1f}",
+                                 ratio(r.get("speedup_vs_pack1")), f"{r['peak_memory_bytes'] / 2**20:.1f}")
 
     line = _LINE.format(r["method"], r["variant"], f"{r['images_per_s']:.2f}", f"{r['step_ms']:.1f}",
                         ratio(r.get("speedup_vs_reference")), ratio(r.get("speedup_vs_anchor")),

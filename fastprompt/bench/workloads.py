@@ -20,6 +20,7 @@ from fastprompt.losses import cosine_ce
 from fastprompt.methods import create_model
 from fastprompt.methods.base import term_gradients
 from fastprompt.training.compiled import compile_fn, compile_step
+from fastprompt.training.pack import Pack
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Workload:
     precision: str
     model: torch.nn.Module
     backward: Optional[Callable] = None  # (loss terms) -> None, writes .grad; None: loss.backward()
+    pack: Optional[Pack] = None  # packed runs: `step(*inputs)` is the pack's whole step (backward and SGD in it)
+    runs: int = 1  # runs a step trains (batch_size images each)
 
 
 def build(method: str, variant: str, master, cfg: BenchConfig, device: torch.device) -> Workload:
@@ -106,8 +109,42 @@ def build(method: str, variant: str, master, cfg: BenchConfig, device: torch.dev
     return Workload(step, inputs, params, autocast, precision, model)
 
 
+def build_pack(method: str, variant: str, master, cfg: BenchConfig, device: torch.device, runs: int,
+               optimizer: Callable) -> Workload:
+    """`runs` runs of `method` packed (`fastprompt.training.pack.Pack`) on one frozen CLIP: each its own
+    prompt initialisation (seed + n), fused SGD (`optimizer(params)`) and batch of random images; the
+    fast+compile variant compiles the packed step, as a solo step's."""
+    cuda = device.type == "cuda"
+    clip = copy.deepcopy(master).to(device) if cuda else master
+    classnames = [f"class {i}" for i in range(cfg.classes)]
+    backend = "reference" if variant == "reference" else "fast"
+    models = []
+    for n in range(runs):
+        torch.manual_seed(cfg.seed + n)
+        models.append(create_model(method, classnames, clip=clip, pretrained=None, backend=backend, device=device))
+        models[-1].train()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    pack = Pack(models, [optimizer([p for p in m.parameters() if p.requires_grad]) for m in models],
+                compile_mode=cfg.compile_mode if variant == "fast+compile" else None, autocast=autocast)
+    size = models[0].bundle.image_size
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    images = [torch.randn(cfg.batch_size, 3, size, size, generator=gen).to(device) for _ in range(runs)]  # (B, 3, H, W) each
+    labels = [torch.randint(0, cfg.classes, (cfg.batch_size,), generator=gen).to(device) for _ in range(runs)]  # (B,) each
+
+    def step(x, y):
+        return pack.step(x, y, 0), None
+
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    return Workload(step, (images, labels), params, nullcontext, "bf16 autocast" if cuda else "fp32",
+                    torch.nn.ModuleList(models), pack=pack, runs=runs)
+
+
 def train_step(work: Workload, optimizer: Optional[torch.optim.Optimizer]) -> None:
-    """One training step of `work`: forward, and with an optimiser backward and its step."""
+    """One training step of `work`: forward, and with an optimiser backward and its step (a
+    pack's step does all three for every run)."""
+    if work.pack is not None:
+        work.step(*work.inputs)
+        return
     with work.autocast():
         loss, _logits = work.step(*work.inputs)  # loss terms with a gradient rule
     if optimizer is not None:
@@ -123,9 +160,11 @@ def state_bytes(work: Workload, optimizer) -> int:
     """Bytes of what a variant keeps resident between steps: its model's parameters and
     buffers (frozen CLIP included), the optimiser state and the batch."""
     seen, total = set(), 0
-    tensors = [*work.model.parameters(), *work.model.buffers(), *[t for t in work.inputs if torch.is_tensor(t)]]
-    if optimizer is not None:
-        tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    inputs = [t for x in work.inputs for t in (x if isinstance(x, list) else [x]) if torch.is_tensor(t)]
+    tensors = [*work.model.parameters(), *work.model.buffers(), *inputs]
+    optimizers = [optimizer] if work.pack is None else work.pack.optimizers
+    for opt in (o for o in optimizers if o is not None):
+        tensors += [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
     for t in tensors:
         key = t.untyped_storage().data_ptr()
         if key not in seen:

@@ -2,7 +2,7 @@
 
 One `MethodSpec` per method (`fastprompt.methods.registry`): its options dataclass, the
 parameter groups it trains with their default recipe and its source, whether its image tower
-stays frozen, a one-line summary and the paper (`fastprompt methods` prints them). The model
+stays frozen, whether its runs train packed (`packs`, fastprompt.training.pack), a one-line summary and the paper (`fastprompt methods` prints them). The model
 of each method lives in its own module (`fastprompt.methods.NAME`), bound to its spec by
 `@register_method(NAME)` and imported on first use. Kept torch-free so that a command line is
 parsed and checked (names, flags, values, the whole `TrainConfig`) before torch loads; the
@@ -206,16 +206,16 @@ declare(MethodSpec("zeroshot", ZeroShotConfig, groups=(), frozen_image_tower=Tru
                    summary="hand-crafted prompts, nothing trained",
                    paper="Radford et al., ICML 2021 (CLIP)"))
 declare(MethodSpec("coop", CoopConfig, groups=(TEXT_GROUP,), frozen_image_tower=True, module=_M + "coop",
-                   summary="learnable text context, frozen image tower",
+                   packs=True, summary="learnable text context, frozen image tower",
                    paper="Zhou et al., IJCV 2022 (CoOp; KaiyangZhou/CoOp trainers/coop.py)"))
 declare(MethodSpec("vpt-shallow", VptConfig, groups=(VISUAL_GROUP,), frozen_image_tower=False, module=_M + "vpt",
-                   summary="visual prompts at the image tower's input, carried through every layer",
+                   packs=True, summary="visual prompts at the image tower's input, carried through every layer",
                    paper="Jia et al., ECCV 2022 (VPT) on CLIP, as in the CAVPT and MaPLe code"))
 declare(MethodSpec("vpt-deep", VptDeepConfig, groups=(VISUAL_GROUP,), frozen_image_tower=False, module=_M + "vpt",
-                   summary="visual prompts replaced in every layer of the image tower",
+                   packs=True, summary="visual prompts replaced in every layer of the image tower",
                    paper="Jia et al., ECCV 2022 (VPT) on CLIP, as in fanrena/DPT trainers/VPT.py"))
 declare(MethodSpec("vlp", VlpConfig, groups=(TEXT_GROUP, VISUAL_GROUP), frozen_image_tower=False, module=_M + "vlp",
-                   summary="CoOp text context and VPT-deep visual prompts learned together",
+                   packs=True, summary="CoOp text context and VPT-deep visual prompts learned together",
                    paper="Xing et al., IEEE TMM 2023 (the CAVPT paper's VLP-CLIP)"))
 declare(MethodSpec("cavpt", CavptConfig, groups=(TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP), frozen_image_tower=False,
                    module=_M + "cavpt", trains=_cavpt_trains,
@@ -237,7 +237,7 @@ declare(MethodSpec("prograd", ProgradConfig, groups=(PROGRAD_TEXT_GROUP,), froze
                    paper="Zhu et al., ICCV 2023 (ProGrad; BeierZhu/Prompt-align ProGrad.public/trainers/prograd.py)"))
 declare(MethodSpec("ivlp", IvlpConfig, groups=(IVLP_TEXT_GROUP, IVLP_VISUAL_GROUP), frozen_image_tower=False,
                    module=_M + "ivlp",
-                   summary="deep text and deep visual prompts learned independently",
+                   packs=True, summary="deep text and deep visual prompts learned independently",
                    paper="Khattak et al., CVPR 2023 (MaPLe's IVLP baseline; trainers/independentVL.py)"))
 declare(MethodSpec("maple", MapleConfig, groups=(MAPLE_TEXT_GROUP, MAPLE_VISUAL_GROUP), frozen_image_tower=False,
                    module=_M + "maple",

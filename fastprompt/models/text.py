@@ -52,7 +52,8 @@ def encode_embeddings(clip: CLIP, x: torch.Tensor, eot: torch.Tensor, backend: s
 
     `x` holds token embeddings *without* positional embeddings; L is CLIP's context length.
     `length` = max(eot) + 1 when the caller knows it (no tensor read inside a compiled step).
-    `deep` [J-1, M, width]: the context of layers 2..J, written over positions 1..M.
+    `deep` [J-1, M, width]: the context of layers 2..J, written over positions 1..M (or
+    [K, J-1, M, width]: each row's own, packed runs' contexts).
     """
     if backend == "fast":
         length = int(eot.max()) + 1 if length is None else length  # CPU-GPU sync when not given
@@ -66,8 +67,8 @@ def encode_embeddings(clip: CLIP, x: torch.Tensor, eot: torch.Tensor, backend: s
     else:
         _check_deep(clip, deep)
         for layer, block in enumerate(clip.transformer.resblocks):
-            if 0 < layer <= deep.shape[0]:
-                x = _overwrite_context(x, deep[layer - 1])  # (K, L, width)
+            if 0 < layer <= deep.shape[-3]:
+                x = _overwrite_context(x, deep[..., layer - 1, :, :])  # (K, L, width)
             x = block(x, attn_mask=mask)  # (K, L, width)
     x = clip.ln_final(x)  # (K, L, width)
     x = x[torch.arange(x.shape[0], device=x.device), eot]  # (K, width)
@@ -75,14 +76,18 @@ def encode_embeddings(clip: CLIP, x: torch.Tensor, eot: torch.Tensor, backend: s
 
 
 def _check_deep(clip: CLIP, deep: torch.Tensor) -> None:
-    if deep.shape[0] >= len(clip.transformer.resblocks):
-        raise ValueError(f"deep text prompts for {deep.shape[0] + 1} layers, the text tower has {len(clip.transformer.resblocks)}")
+    if deep.dim() not in (3, 4):
+        raise ValueError(f"deep text prompts must be (J-1, M, width) or one per row/group (R, J-1, M, width); got {tuple(deep.shape)}")
+    if deep.shape[-3] >= len(clip.transformer.resblocks):
+        raise ValueError(f"deep text prompts for {deep.shape[-3] + 1} layers, the text tower has {len(clip.transformer.resblocks)}")
 
 
 def _overwrite_context(x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """x [K, L, width] with positions 1..M replaced by `context` [M, width] (the same for every row)."""
-    m = context.shape[0]
-    return torch.cat([x[:, :1], context.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + m :]], dim=1)  # (K, L, width)
+    """x [K, L, width] with positions 1..M replaced by `context` [M, width] (the same for every row)
+    or [K, M, width] (each row's own)."""
+    m = context.shape[-2]
+    context = context.to(x.dtype).expand(x.shape[0], -1, -1)  # (K, M, width)
+    return torch.cat([x[:, :1], context, x[:, 1 + m :]], dim=1)  # (K, L, width)
 
 
 def _project(clip: CLIP, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +103,8 @@ def encode_shared_prefix(clip: CLIP, prefix: torch.Tensor, suffix: torch.Tensor,
     prefix: [P, width] (SOS + context, and any words shared by every prompt) shared by all K
     prompts; suffix: [K, L - P, width] (class tokens, ".", EOT, padding); eot: [K] EOT
     positions in the full prompt (>= P); length: max(eot) + 1 when the caller knows it;
-    deep: [J-1, M, width] the context of layers 2..J, written over positions 1..M (M < P).
+    deep: [J-1, M, width] the context of layers 2..J, written over positions 1..M (M < P);
+    `encode_prefix_groups` also takes [G, J-1, M, width], each group's own (packed runs).
     """
     return encode_prefix_groups(clip, prefix.unsqueeze(0), suffix, eot, length, deep)[0]  # (K, D)
 
@@ -118,8 +124,8 @@ def encode_prefix_groups(clip: CLIP, prefix: torch.Tensor, suffix: torch.Tensor,
     n_groups, n_prefix, width = prefix.shape
     if deep is not None:
         _check_deep(clip, deep)
-        if deep.shape[1] >= n_prefix:
-            raise ValueError(f"deep text prompts of {deep.shape[1]} tokens do not fit a shared prefix of {n_prefix} positions")
+        if deep.shape[-2] >= n_prefix:
+            raise ValueError(f"deep text prompts of {deep.shape[-2]} tokens do not fit a shared prefix of {n_prefix} positions")
     length = int(eot.max()) + 1 if length is None else length  # CPU-GPU sync when not given
     pos = clip.positional_embedding.to(prefix.dtype)  # (77, width)
     xp = prefix + pos[:n_prefix]  # (G, P, width)
@@ -128,8 +134,8 @@ def encode_prefix_groups(clip: CLIP, prefix: torch.Tensor, suffix: torch.Tensor,
     xs = xs.repeat(n_groups, 1, 1)  # (G·K, T, width): row g·K + k is prompt (g, k)
     n_rows = n_groups * n_cls
     for layer, block in enumerate(clip.transformer.resblocks):
-        if deep is not None and 0 < layer <= deep.shape[0]:
-            xp = _overwrite_context(xp, deep[layer - 1])  # (G, P, width): once per group
+        if deep is not None and 0 < layer <= deep.shape[-3]:
+            xp = _overwrite_context(xp, deep[..., layer - 1, :, :])  # (G, P, width): once per group
         attn = block.attn
         heads = attn.num_heads
         hd = width // heads

@@ -90,20 +90,25 @@ def encode(
     prompts (needs `deep`, not `carry`); placement: where layer 1's prompts enter (PLACEMENTS).
     With no prompts this equals `visual(images)`; a non-ViT tower (ResNet CLIP) takes no
     prompts and runs as `visual(images)`.
+
+    Packed runs (`fastprompt.training.pack`): shallow [G, P, d] or deep [G, L_d, P, d] hold the
+    prompts of G runs, and the B images are G equal groups of consecutive rows, group g
+    prompted by run g's prompts (row g·B/G + i: run g's image i); each group's features equal
+    those of its own run's prompts alone.
     """
     if not isinstance(visual, VisionTransformer):  # a ResNet CLIP: no prompts, no fast path of its own
         if shallow is not None or deep is not None or extra is not None:
             raise ValueError(f"visual prompts need a ViT image tower, not a {type(visual).__name__}")
         return visual(images)  # (B, D)
-    deep, carry = _check_prompts(visual, shallow, deep, extra, carry, placement)
-    n_deep = deep.shape[0] if deep is not None else 0  # layers with deep prompts: the first n_deep
+    deep, carry = _check_prompts(visual, shallow, deep, extra, carry, placement, batch=images.shape[0])
+    n_deep = deep.shape[-3] if deep is not None else 0  # layers with deep prompts: the first n_deep
     blocks = visual.transformer.resblocks
 
     x = embed(visual, images)  # (B, N, d)
     if deep is not None and backend == "fast":
         for layer, block in enumerate(blocks):
             tokens_extra = extra(layer, x) if extra is not None else None  # (B, Kn, d) or None
-            shared = deep[layer] if layer < n_deep else None  # (P, d) or None
+            shared = deep[..., layer, :, :] if layer < n_deep else None  # (P, d), (G, P, d) or None
             if carry and layer == n_deep - 1:  # the last deep layer's slots stay: real tokens from here on
                 x = block(_insert(x, shared))  # (B, 1+P+Np, d)
             elif shared is None and tokens_extra is None:
@@ -121,10 +126,12 @@ def encode(
 
 
 def _check_prompts(visual: VisionTransformer, shallow: Optional[torch.Tensor], deep: Optional[torch.Tensor],
-                   extra: Optional[ExtraPrompts], carry: bool, placement: str) -> tuple[Optional[torch.Tensor], bool]:
+                   extra: Optional[ExtraPrompts], carry: bool, placement: str,
+                   batch: Optional[int] = None) -> tuple[Optional[torch.Tensor], bool]:
     """Validate the prompt arguments of `encode` / `class_attention`; returns (deep, carry) with
     shallow prompts as one carried deep layer and layer 1's prompts mapped through `ln_pre`
-    when they enter before it."""
+    when they enter before it. Prompts of G packed runs ([G, P, d] shallow, [G, L_d, P, d]
+    deep) need a batch of `batch` images that splits into G equal groups."""
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}: pick one of {', '.join(PLACEMENTS)}")
     if shallow is not None and (deep is not None or extra is not None):
@@ -134,21 +141,32 @@ def _check_prompts(visual: VisionTransformer, shallow: Optional[torch.Tensor], d
     if extra is not None and carry:
         raise ValueError("per-sample prompts cannot be combined with carried prompts (their slots are dropped after each layer)")
     if shallow is not None:
-        deep, carry = shallow.unsqueeze(0), True  # (1, P, d)
+        deep, carry = shallow.unsqueeze(-3), True  # (1, P, d) or (G, 1, P, d)
+    if deep is not None and deep.dim() not in (3, 4):
+        raise ValueError(f"deep prompts must be (L_d, P, d) or, for G packed runs, (G, L_d, P, d); got {tuple(deep.shape)}")
+    if deep is not None and deep.dim() == 4 and batch is not None and batch % deep.shape[0]:
+        raise ValueError(f"{batch} images do not split into the {deep.shape[0]} packed runs' equal groups")
     n_layers = len(visual.transformer.resblocks)
-    if deep is not None and deep.shape[0] > n_layers:
-        raise ValueError(f"deep prompts have {deep.shape[0]} layers, the tower has {n_layers}")
-    carry = carry and deep is not None and deep.shape[0] < n_layers  # prompts in every layer: nothing above to carry to
-    if deep is not None and deep.shape[0] > 0 and placement == "before-ln-pre":
+    if deep is not None and deep.shape[-3] > n_layers:
+        raise ValueError(f"deep prompts have {deep.shape[-3]} layers, the tower has {n_layers}")
+    carry = carry and deep is not None and deep.shape[-3] < n_layers  # prompts in every layer: nothing above to carry to
+    if deep is not None and deep.shape[-3] > 0 and placement == "before-ln-pre":
         # MaPLe: layer 1's prompts are appended before ln_pre, which normalises each token alone
-        deep = torch.cat([visual.ln_pre(deep[:1]), deep[1:]])  # (L_d, P, d)
+        deep = torch.cat([visual.ln_pre(deep[..., :1, :, :]), deep[..., 1:, :, :]], dim=-3)  # (.., L_d, P, d)
     return deep, carry
 
 
+def _per_image(prompts: torch.Tensor, batch: int) -> torch.Tensor:
+    """Prompts [P, d] of every image, or [G, P, d] of G packed runs (each of B/G consecutive
+    images), as rows [B, P, d]."""
+    if prompts.dim() == 2:
+        return prompts.expand(batch, -1, -1)  # (B, P, d)
+    return prompts.repeat_interleave(batch // prompts.shape[0], dim=0)  # (B, P, d): run g's in rows g·B/G ..
+
+
 def _insert(x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-    """Prompts [P, d] between the class token and the patches of x [B, N, d] (as tokens)."""
-    batch = x.shape[0]
-    return torch.cat([x[:, :1], prompts.to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
+    """Prompts [P, d] (or [G, P, d] of packed runs) between the class token and the patches of x [B, N, d] (as tokens)."""
+    return torch.cat([x[:, :1], _per_image(prompts.to(x.dtype), x.shape[0]), x[:, 1:]], dim=1)  # (B, 1+P+Np, d)
 
 
 def _replace_slots(x: torch.Tensor, n_slots: int, layer: int, deep: torch.Tensor,
@@ -157,7 +175,7 @@ def _replace_slots(x: torch.Tensor, n_slots: int, layer: int, deep: torch.Tensor
     from x = [cls, n_slots old slots, patches] [B, *, d]; returns it and its slot count."""
     batch = x.shape[0]
     cls, patches = x[:, :1], x[:, 1 + n_slots :]  # (B, 1, d), (B, Np, d)
-    slots = [deep[layer].to(x.dtype).expand(batch, -1, -1)] if layer < deep.shape[0] else []  # [(B, P, d)]: deep prompts in the first layers
+    slots = [_per_image(deep[..., layer, :, :].to(x.dtype), batch)] if layer < deep.shape[-3] else []  # [(B, P, d)]: deep prompts in the first layers
     if extra is not None:
         tokens_extra = extra(layer, torch.cat([cls, patches], dim=1))
         if tokens_extra is not None:
@@ -185,8 +203,8 @@ def class_attention(
     the patch columns and renormalised to sum to one: prompt slots are not image regions,
     and the share of attention they take differs between models. Patches in raster order.
     """
-    deep, carry = _check_prompts(visual, shallow, deep, extra, carry, placement)
-    n_deep = deep.shape[0] if deep is not None else 0
+    deep, carry = _check_prompts(visual, shallow, deep, extra, carry, placement, batch=images.shape[0])
+    n_deep = deep.shape[-3] if deep is not None else 0
     blocks = visual.transformer.resblocks
     x = embed(visual, images)  # (B, N, d)
     n_slots = 0
@@ -210,10 +228,10 @@ def prefix_block(
 ) -> torch.Tensor:
     """One CLIP block for the kept tokens x [B, N, d] with discarded prompt slots as a K/V prefix.
 
-    shared: [P, d] prompts of every image or None; per_sample: [B, Kn, d] or None (not both
-    None). Equals running the block on `cat([x[:, :1], shared, per_sample, x[:, 1:]])` and
-    dropping the slot outputs (self-attention is permutation-equivariant; the slots' rows
-    are never used).
+    shared: [P, d] prompts of every image, [G, P, d] prompts of G packed runs (each of B/G
+    consecutive images), or None; per_sample: [B, Kn, d] or None (not both None). Equals
+    running the block on `cat([x[:, :1], shared, per_sample, x[:, 1:]])` and dropping the slot
+    outputs (self-attention is permutation-equivariant; the slots' rows are never used).
     """
     if shared is None and per_sample is None:
         raise ValueError("prefix_block needs shared or per-sample prompts; run the block itself without them")
@@ -229,8 +247,11 @@ def prefix_block(
     kv_w, kv_b = w[width:], (b[width:] if b is not None else None)  # (2d, d), (2d,)
     pk = pv = None
     if shared is not None:
-        prefix = F.linear(block.ln_1(shared.to(x.dtype)), kv_w, kv_b)  # (P, 2d): once per step, not per image
-        pk, pv = prefix.view(1, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)  # each (1, H, P, hd)
+        groups = 1 if shared.dim() == 2 else shared.shape[0]  # packed runs: one prefix each
+        prefix = F.linear(block.ln_1(shared.to(x.dtype)), kv_w, kv_b)  # (P, 2d) or (G, P, 2d): once per step, not per image
+        pk, pv = prefix.view(groups, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)  # each (G, H, P, hd)
+        if groups > 1:  # each image's own run's prefix
+            pk, pv = pk.repeat_interleave(batch // groups, dim=0), pv.repeat_interleave(batch // groups, dim=0)  # (B, H, P, hd)
     if per_sample is not None:
         extra = F.linear(block.ln_1(per_sample), kv_w, kv_b)  # (B, Kn, 2d)
         ek, ev = extra.view(batch, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, H, Kn, hd)

@@ -210,6 +210,28 @@ class CoopContext(nn.Module):
         return torch.stack(feats)  # (B, K, D)
 
 
+def packed_features(contexts: Sequence[CoopContext], clip, backend: str = "fast") -> torch.Tensor:
+    """Text features [N, K, D] (not normalised) of N packed runs' learnable prompts of one layout
+    (the same classes and options: the frozen tokens around the context are the first's), in one
+    pass of the text tower over N·K prompts; row n equals `contexts[n](clip, backend)`.
+
+    Fast path with shared context: the N prefixes `[SOS, u_n]` (+ kept words) run once each
+    and the N·K class suffixes attend to their own run's prefix (`encode_prefix_groups`, G = N);
+    otherwise (class-specific context, a class position, the reference backend) the N·K full
+    prompts through `encode_embeddings`, as each run alone."""
+    first = contexts[0]
+    deep = None if first.deep_context is None else torch.stack([c.deep_context for c in contexts])  # (N, J-1, M, width)
+    if backend == "fast" and first.context.dim() == 2 and first.order is None:
+        sos, words = first.token_prefix[0], first.token_suffix[0, : first.n_words]  # (1, width), (W, width)
+        prefix = torch.stack([torch.cat([sos, c.context.to(sos.dtype), words], dim=0) for c in contexts])  # (N, 1+M+W, width)
+        return encode_prefix_groups(clip, prefix, first.token_suffix[:, first.n_words :], first.eot, first.length,
+                                    deep=deep)  # (N, K, D)
+    n_runs, n_cls = len(contexts), first.eot.shape[0]
+    x = torch.cat([c.embeddings() for c in contexts])  # (N·K, 77, width): row n·K + k is run n's class k
+    rows = None if deep is None else deep.repeat_interleave(n_cls, dim=0)  # (N·K, J-1, M, width)
+    return encode_embeddings(clip, x, first.eot.repeat(n_runs), backend, first.length, deep=rows).view(n_runs, n_cls, -1)
+
+
 def _class_position_order(eot: torch.Tensor, n_ctx: int, position: str, total: int) -> torch.Tensor:
     """Positions [K, 77] of the "end" layout `[SOS, ctx (M), CLASS (L_k), ".", EOS, ...]` that make
     the `position` layout: front `[SOS, CLASS, ctx, ...]`, middle `[SOS, ctx[:M//2], CLASS,
