@@ -493,6 +493,7 @@ def train_cmd(
     shots: Annotated[int, typer.Option("--shots", help="Training images per class (0: all).")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Few-shot sample, init, order and augmentation.")] = 1,
     seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds, e.g. 1,2,3: one run per seed, one after another, each its own run directory: OUT/seedS under --out (a folder of runs, not a run), else each seed's default folder in runs/. Instead of --seed.")] = None,
+    pack: Annotated[str, typer.Option("--pack", metavar="<off|auto|N>", help="With --seeds: train the seeds' runs together, packed (one pass of the frozen towers a step, each run's own prompts, draw, order, optimiser, checkpoints and results; the same run directories as alone): off, auto (as many as fit the device's memory, measured; 1 when packing gains nothing) or N. Packs the runs of a method that declares it (docs/methods.md) with pretrained weights; the others train alone.")] = "off",
     classes: Annotated[str, typer.Option("--classes", help="base: train on the base half of the classes, evaluate base and new (base-to-new).")] = "all",
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Default (CoOp): 50 for 1 shot, 100 for 2-4, 200 for 8-16; 50 on ImageNet.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 32,
@@ -523,9 +524,14 @@ def train_cmd(
     """Train prompts on a .beton and evaluate them on its test split."""
     from fastprompt.methods.registry import check_option_flags
     from fastprompt.training.config import TrainConfig
-    from fastprompt.training.plan import check_request, plan_run, plan_seeds
+    from fastprompt.training.plan import check_request, parse_pack, plan_run, plan_seeds
     from fastprompt.training.protocols import resolve_method
     from fastprompt.training.rundir import check_out
+
+    if pack != "off":
+        parse_pack(pack)  # a bad value answers before anything else
+        if seeds is None:
+            raise FastpromptError(f"--pack {pack} packs the runs of --seeds; one run trains alone: drop --pack")
 
     method_given = method is not None
     method = resolve_method(method, protocol)  # --method, else the protocol's default method
@@ -582,15 +588,15 @@ def train_cmd(
         loggers[plan.out] = TensorBoardLogger(plan.out / "tensorboard")
         return loggers[plan.out]
 
-    def show(plan, results: dict) -> None:
+    def show(plan, results: dict, error) -> None:  # error: None (a failure is raised: keep_going off)
         if _main_rank():
             if plan.out in loggers:
                 loggers[plan.out].final(results)
             typer.echo(json.dumps(_printed(results)))
 
     try:
-        execute(plans, console=_console(), on_epoch=tensorboard_of if tensorboard else None, on_result=show,
-                force_eval=force_eval)
+        execute(plans, console=_console(), pack=parse_pack(pack), on_epoch=tensorboard_of if tensorboard else None,
+                on_result=show, force_eval=force_eval)
     finally:
         for logger in loggers.values():
             logger.close()
@@ -784,6 +790,7 @@ def sweep_cmd(
     slurm_gpus: Annotated[int, typer.Option("--slurm-gpus", help="GPUs per cell.")] = 1,
     slurm_time: Annotated[int, typer.Option("--slurm-time", help="Minutes per cell; a cell that runs out is requeued and resumes.")] = 240,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Per-epoch scalars of every cell in CELL/tensorboard.")] = False,
+    pack: Annotated[str, typer.Option("--pack", metavar="<off|auto|N>", help="Train cells of one dataset, backbone and weights, method, options, shots, batch size and epochs together in one worker, packed (one pass of the frozen towers a step; each cell's own prompts, draw, order, optimiser, checkpoints and results: the same run folders as alone): off, auto (as many as fit the device's memory, measured; 1 when packing gains nothing) or at most N. Packs the methods that declare it (docs/methods.md) with pretrained weights; the others train alone.")] = "auto",
     set_options: Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value (repeatable), for the methods that have it, e.g. --set n_ctx=4.")] = None,
     clip: Annotated[Optional[str], typer.Option("--clip", help="As in `fastprompt train`; shared by every cell.")] = None,
     pretrained: Annotated[Optional[str], typer.Option("--pretrained", help="As in `fastprompt train`; shared by every cell.")] = None,
@@ -841,7 +848,7 @@ def sweep_cmd(
         methods=list(_comma_list(methods) if methods is not None else [resolve_method(None, protocol, "--methods")]), data=list(_comma_list(data)), seeds=ints("seeds", seeds),
         shots=[s or None for s in ints("shots", shots)], out=out, train=shared, options={**method_options, **_set_options(set_options)},
         eval_on=list(_comma_list(eval_on) or ()), jobs=jobs, launcher=launcher, slurm_partition=slurm_partition,
-        slurm_gpus=slurm_gpus, slurm_time=slurm_time, tensorboard=tensorboard,
+        slurm_gpus=slurm_gpus, slurm_time=slurm_time, tensorboard=tensorboard, pack=pack,
     )
     try:
         planned = prepare(config)

@@ -111,6 +111,18 @@ def tiny_clip():
     return load_clip("fastprompt-tiny", None).model
 
 
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """fastprompt-tiny's random-init weights (seed 0) as a checkpoint file: weights that no run's seed
+    draws (`--pretrained none` does), so runs of several seeds share them and pack."""
+    from fastprompt.models.clip import load_clip
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-weights") / "tiny.pt"
+    torch.save(load_clip("fastprompt-tiny", None).model.state_dict(), path)
+    return path
+
+
 @pytest.fixture
 def images():
     """Four normalised-looking 64 px images with labels covering three classes."""

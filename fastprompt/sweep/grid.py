@@ -41,6 +41,7 @@ class SweepConfig:
     slurm_gpus: int = 1  # GPUs per cell under slurm
     slurm_time: int = 240  # minutes per cell under slurm (a cell that runs out is requeued and resumes)
     tensorboard: bool = False  # per-epoch scalars of every cell in CELL/tensorboard
+    pack: Any = "auto"  # cells trained together, packed: "off" (1), "auto" (measured) or N (fastprompt.training.plan.parse_pack)
 
     def __post_init__(self) -> None:
         for name in ("methods", "data", "seeds", "shots"):
@@ -52,6 +53,9 @@ class SweepConfig:
         for shots in self.shots:
             check_int("shots", shots, allow_none=True)
         check_int("jobs", self.jobs, allow_none=True)
+        from fastprompt.training.plan import parse_pack
+
+        self.pack = parse_pack(self.pack)  # off -> 1
         check_choice("launcher", self.launcher, LAUNCHERS)
         check_int("slurm_gpus", self.slurm_gpus, minimum=0)
         check_int("slurm_time", self.slurm_time)

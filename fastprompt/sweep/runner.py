@@ -37,7 +37,7 @@ from typing import Optional
 from fastprompt.errors import FastpromptError
 from fastprompt.files import write_json
 from fastprompt.sweep.grid import PlannedCell, SweepConfig, expand, plan, sweep_record
-from fastprompt.sweep.worker import CellJob, init_worker, run_cell
+from fastprompt.sweep.worker import CellJob, init_worker, run_job
 
 LOG_FILE = "sweep-log.jsonl"
 SWEEP_FILE = "sweep.json"
@@ -189,9 +189,10 @@ class LocalLauncher:
         self.stop.set()
 
     def submit(self, slot: int, payload: dict):
-        if payload["plan"]["config"].get("num_workers") is None:
-            payload["plan"]["config"]["num_workers"] = self.threads  # loader threads: this slot's share of the cores
-        return self._pool(slot).submit(run_cell, payload, self.tensorboard)
+        for cell in payload.get("cells", [payload]):
+            if cell["plan"]["config"].get("num_workers") is None:
+                cell["plan"]["config"]["num_workers"] = self.threads  # loader threads: this slot's share of the cores
+        return self._pool(slot).submit(run_job, payload, self.tensorboard)
 
     def wait(self, handles: list, timeout: float) -> list:
         done, _ = wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -310,7 +311,7 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
     from fastprompt.training.rundir import RunLock
 
     planned = prepare(config) if planned is None else planned
-    todo = deque(p for p in planned if p.action != "skip")
+    todo = deque(jobs_of(planned, config.pack))
     jobs = min(default_jobs(config), max(1, len(todo)))
     launcher = (LocalLauncher(jobs, config.tensorboard, config.train.get("device", "auto")) if config.launcher == "local"
                 else SubmititLauncher(config))  # may refuse (no slurm here): before anything is written
@@ -320,6 +321,42 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
         return _run_locked(config, console, planned, todo, jobs, launcher, out)
     finally:
         lock.release()
+
+
+def jobs_of(planned: list[PlannedCell], pack) -> list[list[PlannedCell]]:
+    """The cells to run as the launcher's jobs, in sweep order: the cells to train or resume in
+    packs (`fastprompt.training.plan.pack_groups`: one dataset, backbone, method, options, batch
+    size and epochs; at most `pack` cells a job, auto: all of them, the worker measures how many
+    train at once), each other cell (a cell only to evaluate, a method that trains alone) a job of
+    its own."""
+    from fastprompt.training.plan import pack_groups
+
+    todo = [p for p in planned if p.action != "skip"]
+    training = [p for p in todo if p.action != "evaluate"]
+    cell_of = {id(p.cell.plan): p for p in training}
+    jobs = [[cell_of[id(plan)] for plan in group] for group in pack_groups([p.cell.plan for p in training], pack)]
+    jobs += [[p] for p in todo if p.action == "evaluate"]
+    order = {id(p): k for k, p in enumerate(todo)}
+    return sorted(jobs, key=lambda job: order[id(job[0])])
+
+
+def _payload(job: list[PlannedCell], pack) -> dict:
+    """What a worker runs: one cell's payload, or a pack's ({"name", "cells", "pack"})."""
+    if len(job) == 1:
+        return job[0].cell.payload()
+    return {"name": _job_name(job), "cells": [p.cell.payload() for p in job], "pack": pack}
+
+
+def _job_name(job: list[PlannedCell]) -> str:
+    return job[0].cell.name if len(job) == 1 else f"a pack of {len(job)} cells from {job[0].cell.name}"
+
+
+def _cell_results(result: dict, job: list[PlannedCell]) -> list[dict]:
+    """Each cell's record of a job's result: a pack's own records, or the one record (a single
+    cell's, or a failure of the whole job: the worker died) for every cell of the job."""
+    if "cells" in result:
+        return result["cells"]
+    return [{**result, "cell": p.cell.name} for p in job]
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -365,29 +402,35 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
                 say(f"skip {p.cell.name} ({p.why})")
             while todo or running:
                 while todo and free:
-                    p, slot = todo.popleft(), free.pop(0)
-                    log(cell=p.cell.name, event="start", action=p.action)
-                    say(f"{p.action} {p.cell.name}" + ("" if p.action == "evaluate" else f" at epoch {p.from_epoch()}")
-                        + f" ({p.why})")
-                    running[launcher.submit(slot, p.cell.payload())] = (slot, p, time.monotonic())
-                    view.running[p.cell.name] = time.monotonic()
-                    view.left -= 1
+                    job, slot = todo.popleft(), free.pop(0)
+                    if len(job) > 1:
+                        say(f"{_job_name(job)}, packed (--pack {config.pack})")
+                    for p in job:
+                        log(cell=p.cell.name, event="start", action=p.action)
+                        say(f"{p.action} {p.cell.name}" + ("" if p.action == "evaluate" else f" at epoch {p.from_epoch()}")
+                            + f" ({p.why})")
+                    running[launcher.submit(slot, _payload(job, config.pack))] = (slot, job, time.monotonic())
+                    for p in job:
+                        view.running[p.cell.name] = time.monotonic()
+                    view.left -= len(job)
                 for handle in launcher.wait(list(running), timeout=0.5):
-                    slot, p, start = running.pop(handle)
+                    slot, job, start = running.pop(handle)
                     free.append(slot)
-                    finished(launcher.result(slot, handle, p.cell.name), p, start)
+                    for p, result in zip(job, _cell_results(launcher.result(slot, handle, _job_name(job)), job)):
+                        finished(result, p, start)
     except BaseException:  # Ctrl-C / SIGINT, or the sweep's own files cannot be written: stop the running cells
         launcher.interrupt()
         launcher.close(wait=True)  # prompt: each worker interrupts its cell (or exits after STOP_GRACE_S)
         try:
-            for handle, (slot, p, start) in running.items():
-                result = launcher.result(slot, handle, p.cell.name) if handle.done() else {}
-                if result.get("status") == "done":
-                    finished(result, p, start)  # it finished before the interrupt reached it
-                else:
-                    outcome.interrupted.append(p.cell.name)
-                    log(cell=p.cell.name, event="interrupted", seconds=round(time.monotonic() - start, 3))
-                    say(f"interrupted {p.cell.name} after {_duration(time.monotonic() - start)} (resumable)")
+            for handle, (slot, job, start) in running.items():
+                result = launcher.result(slot, handle, _job_name(job)) if handle.done() else {}
+                for p, cell in zip(job, _cell_results(result, job)):
+                    if cell.get("status") == "done":
+                        finished(cell, p, start)  # it finished before the interrupt reached it
+                    else:
+                        outcome.interrupted.append(p.cell.name)
+                        log(cell=p.cell.name, event="interrupted", seconds=round(time.monotonic() - start, 3))
+                        say(f"interrupted {p.cell.name} after {_duration(time.monotonic() - start)} (resumable)")
             _write_record(out / SWEEP_FILE, {**record, "outcome": outcome.record()})
         except FastpromptError:
             pass  # the sweep's own files cannot be written: the cells' folders still hold every state

@@ -1,4 +1,5 @@
-"""What runs in a sweep's worker process (local pool slot, or a submitit job): one cell.
+"""What runs in a sweep's worker process (local pool slot, or a submitit job): one cell, or
+the cells of one pack (`--pack`: trained together by `fastprompt.training.engine`).
 
 Kept free of top-level torch imports: a local worker pins its device (`CUDA_VISIBLE_DEVICES`)
 and thread count in `init_worker` before torch is first imported.
@@ -61,6 +62,11 @@ def init_worker(cuda_device: Optional[str], threads: int, parent_pid: int, stop=
     threading.Thread(target=watch, name="fastprompt-sweep-watchdog", daemon=True).start()
 
 
+def run_job(payload: dict, tensorboard: bool = False) -> dict:
+    """A job of the sweep: one cell (`run_cell`), or packed cells (`run_pack`: payload["cells"])."""
+    return run_pack(payload, tensorboard) if "cells" in payload else run_cell(payload, tensorboard)
+
+
 def run_cell(payload: dict, tensorboard: bool = False) -> dict:
     """Train the cell (or resume it: the trainer resumes from its checkpoint by itself) unless its
     results.json exists, then evaluate it on every extra test set it lacks. Never raises for a
@@ -89,40 +95,134 @@ def run_cell(payload: dict, tensorboard: bool = False) -> dict:
 
 
 def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: float) -> dict:
-    from fastprompt.files import write_json
-
     try:
-        from fastprompt.training import RunPlan, evaluate_run, execute
-        from fastprompt.training.runfiles import eval_file
+        from fastprompt.training import RunPlan, execute
 
         plan = RunPlan.from_dict(payload["plan"])  # resolved by the sweep: nothing is resolved again
-        config = plan.config
         if not (out / "results.json").is_file():
-            logger = None
-            if tensorboard:
-                from fastprompt.training.tensorboard import TensorBoardLogger
-
-                logger = TensorBoardLogger(out / "tensorboard")
+            loggers = _loggers(tensorboard)
             try:
-                results = execute([plan], on_epoch=lambda _: logger)[0]
-                if logger is not None:
-                    logger.final(results)
+                execute([plan], on_epoch=loggers.open, on_result=loggers.final)
             finally:
-                if logger is not None:
-                    logger.close()
-        for dataset, path in payload["eval_on"]:
-            if not eval_file(out, dataset, path, "all").is_file():  # the file evaluate_run writes for this data file
-                evaluate_run(str(out), path, "all", device=config.device, precision=config.precision,
-                             batch_size=config.eval_batch_size, num_workers=config.num_workers)
+                loggers.close()
+        _evaluate(plan, payload["eval_on"])
         (out / ERROR_FILE).unlink(missing_ok=True)
         return {"cell": name, "status": "done", "seconds": round(time.perf_counter() - start, 3)}
     except Exception as err:
-        message = f"{type(err).__name__}: {err}".splitlines()[0]
+        return _failed(name, out, f"{type(err).__name__}: {err}".splitlines()[0], start)
+
+
+def _evaluate(plan, eval_on: list) -> None:
+    """The cell's evaluation on every extra test set it lacks (`evaluate_run`'s file for that data file)."""
+    from fastprompt.training import evaluate_run
+    from fastprompt.training.runfiles import eval_file
+
+    config = plan.config
+    for dataset, path in eval_on:
+        if not eval_file(plan.out, dataset, path, "all").is_file():
+            evaluate_run(str(plan.out), path, "all", device=config.device, precision=config.precision,
+                         batch_size=config.eval_batch_size, num_workers=config.num_workers)
+
+
+def _failed(name: str, out: Path, message: str, start: float) -> dict:
+    """A failed cell's record, its error.json written (with the traceback when one is being handled)."""
+    from fastprompt.files import write_json
+
+    try:
+        write_json(out / ERROR_FILE, {"cell": name, "error": message, "traceback": traceback.format_exc()})
+    except OSError:
+        pass  # the error still reaches the sweep through the returned record
+    return {"cell": name, "status": "failed", "error": message, "seconds": round(time.perf_counter() - start, 3)}
+
+
+class _loggers:
+    """--tensorboard: a TensorBoard logger per run (`open(plan)`, the engine's on_epoch), its final
+    scalars when the run ends (`final`, the engine's on_result); none without the flag."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.by_out = enabled, {}
+
+    def open(self, plan):
+        if not self.enabled:
+            return None
+        from fastprompt.training.tensorboard import TensorBoardLogger
+
+        self.by_out[plan.out] = TensorBoardLogger(plan.out / "tensorboard")
+        return self.by_out[plan.out]
+
+    def final(self, plan, results, error) -> None:
+        if results is not None and plan.out in self.by_out:
+            self.by_out[plan.out].final(results)
+
+    def close(self) -> None:
+        for logger in self.by_out.values():
+            logger.close()
+
+
+def run_pack(payload: dict, tensorboard: bool = False) -> dict:
+    """Train a packed job's cells together (`payload`: {"name", "cells": [cell payloads], "pack"}),
+    then evaluate each on its extra test sets; never raises for a cell: returns {"cell": NAME,
+    "status", "cells": [each cell's record, as `run_cell` returns it]}. A cell that fails (its
+    folder locked by another process, a non-finite loss, a write error) fails alone."""
+    from fastprompt.errors import FastpromptError
+    from fastprompt.training import RunPlan, execute
+    from fastprompt.training.rundir import RunLock
+
+    start = time.perf_counter()
+    records: dict[str, dict] = {}
+    cells, locks = [], []
+    for cell in payload["cells"]:
+        plan = RunPlan.from_dict(cell["plan"])
+        lock = RunLock(plan.out)
         try:
-            write_json(out / ERROR_FILE, {"cell": name, "error": message, "traceback": traceback.format_exc()})
-        except OSError:
-            pass  # the error still reaches the sweep through the returned record
-        return {"cell": name, "status": "failed", "error": message, "seconds": round(time.perf_counter() - start, 3)}
+            lock.acquire()
+        except FastpromptError as err:
+            records[cell["name"]] = {"cell": cell["name"], "status": "failed", "seconds": 0.0, "error": str(err)}
+            continue
+        locks.append(lock)
+        cells.append((cell, plan))
+    by_out = {plan.out: cell for cell, plan in cells}
+    _cell.update(running=True, interrupted=False)
+    _cell_ended.clear()
+
+    def ended(plan, results, error) -> None:
+        cell = by_out[plan.out]
+        loggers.final(plan, results, error)
+        if error is not None:
+            records[cell["name"]] = _failed(cell["name"], plan.out, error, start)
+            return
+        try:
+            _evaluate(plan, cell["eval_on"])
+            (plan.out / ERROR_FILE).unlink(missing_ok=True)
+            records[cell["name"]] = {"cell": cell["name"], "status": "done", "seconds": round(time.perf_counter() - start, 3)}
+        except Exception as err:
+            records[cell["name"]] = _failed(cell["name"], plan.out, f"{type(err).__name__}: {err}".splitlines()[0], start)
+
+    loggers = _loggers(tensorboard)
+    try:
+        todo = [plan for cell, plan in cells if not (plan.out / "results.json").is_file()]
+        for cell, plan in cells:
+            if plan not in todo:
+                ended(plan, {}, None)  # trained: only its evaluations
+        execute(todo, pack=payload["pack"], on_epoch=loggers.open, on_result=ended, keep_going=True)
+    except KeyboardInterrupt:  # SIGINT: the cells still training stop, each resumable from its last checkpoint
+        for cell, _ in cells:
+            records.setdefault(cell["name"], {"cell": cell["name"], "status": "interrupted", "error": INTERRUPTED,
+                                              "seconds": round(time.perf_counter() - start, 3)})
+    except Exception as err:  # outside any one run (the pack's own step): every cell without a record failed
+        message = f"{type(err).__name__}: {err}".splitlines()[0]
+        for cell, plan in cells:
+            if cell["name"] not in records:
+                records[cell["name"]] = _failed(cell["name"], plan.out, message, start)
+    finally:
+        loggers.close()
+        for lock in locks:
+            lock.release()
+        _cell["running"] = False
+        _cell_ended.set()
+    ordered = [records[cell["name"]] for cell in payload["cells"]]
+    status = "done" if all(r["status"] == "done" for r in ordered) else "failed"
+    return {"cell": payload["name"], "status": status, "cells": ordered}
 
 
 class CellJob:
@@ -130,7 +230,7 @@ class CellJob:
     (submitit's checkpoint protocol) and the requeued call resumes from the cell's checkpoint."""
 
     def __call__(self, payload: dict, tensorboard: bool = False) -> dict:
-        return run_cell(payload, tensorboard)
+        return run_job(payload, tensorboard)
 
     def checkpoint(self, payload: dict, tensorboard: bool = False):
         import submitit

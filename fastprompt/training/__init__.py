@@ -7,7 +7,7 @@ report` reads run identities, and its bad-input errors answer without loading to
 import importlib
 
 _WHERE = {"TrainConfig": "config", "evaluate_run": "evaluate", "load_run": "evaluate", "zeroshot_eval": "evaluate",
-          "Trainer": "trainer", "train": "trainer", "execute": "trainer", "RunPlan": "plan", "plan_run": "plan"}
+          "Trainer": "trainer", "train": "trainer", "execute": "engine", "RunPlan": "plan", "plan_run": "plan"}
 
 __all__ = sorted(_WHERE)
 

@@ -22,17 +22,22 @@ CLIP weights' id, the image size, bf16 or fp32, and the options the model derive
 CoOp's n_ctx from its init phrase). `fastprompt train` is a pack of one plan; `--seeds` a
 list of them; a sweep plans every cell up front (`fastprompt.sweep.grid`) and sends each
 worker its plan (`RunPlan.to_dict`), not a request to resolve again.
+
+Which plans may train together, packed (`pack_key`, `pack_groups`: `--pack off|auto|N`), is
+decided here too, torch-free, so a sweep groups its cells before it starts a worker; packing
+is execution only (`fastprompt.training.engine`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from fastprompt.errors import FastpromptError
 from fastprompt.training.config import TrainConfig, resolve_recipe
@@ -226,3 +231,57 @@ def plan_seeds(request: TrainConfig, seeds: Iterable[int], *, given: Optional[It
         if r.out:
             check_out(r.out)
     return [plan_run(r, given=given, mode=mode) for r in requests]
+
+
+# ------------------------------------------------------------------ packing (execution: fastprompt.training.engine)
+PACK_HELP = ("off (each run alone), auto (as many runs as fit the device's memory, measured; 1 when packing gains "
+             "nothing) or N (at most N runs)")
+Packing = Union[int, str]  # a number of runs, or "auto"
+
+
+def parse_pack(value: Union[str, int]) -> Packing:
+    """--pack off | auto | N as the engine takes it: 1, "auto" or N >= 1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= 1:
+            return value
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text == "off":
+            return 1
+        if text == "auto":
+            return "auto"
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+    raise FastpromptError(f"--pack {value!r} must be off, auto or a number of runs >= 1 ({PACK_HELP})")
+
+
+def pack_key(plan: RunPlan) -> Optional[tuple]:
+    """What the runs of one pack share (every setting but the seed, the output folder and each
+    group's recipe, which stay per run); None for a plan that trains alone: a method that does
+    not declare it packs (`MethodSpec.packs`), random weights (drawn from each run's seed: no CLIP
+    to share), a feature cache, or a torchrun process."""
+    from fastprompt.methods import method_spec
+
+    c = plan.config
+    if not method_spec(c.method).packs or c.pretrained is None or c.feature_cache \
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    options = json.dumps(c.options, sort_keys=True)
+    return (c.data, c.method, c.clip, c.pretrained, c.template, c.classes, c.shots, c.batch_size, c.epochs, options,
+            c.backend, c.device, c.precision, c.compile, c.compile_backend, c.nan_policy, c.trust_pickle, c.decoded_cache,
+            c.num_workers)
+
+
+def pack_groups(plans: Sequence[RunPlan], pack: Packing) -> list[list[RunPlan]]:
+    """`plans` in groups that train together, in the order of their first plan: plans of one
+    `pack_key`, at most `pack` a group (auto: the whole key; its size is measured when it runs);
+    a plan that trains alone is a group of one."""
+    groups: dict = {}
+    for k, plan in enumerate(plans):
+        key = pack_key(plan) if pack != 1 else None
+        groups.setdefault(("alone", k) if key is None else key, []).append(plan)
+    out = []
+    for members in groups.values():
+        size = len(members) if pack == "auto" else int(pack)
+        out.extend(members[i:i + size] for i in range(0, len(members), size))
+    return out

@@ -52,7 +52,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -440,12 +440,18 @@ class Trainer:
         return self.feature_cache.batches(self.data, self.train_subset, cfg.classes, seed=cfg.seed, epoch=self.epoch,
                                           batch_size=cfg.batch_size, rank=self.rank, world=self.world)
 
-    def train_epoch(self, progress: Optional[TrainProgress] = None) -> dict:
-        cfg = self.config
+    def start_epoch(self) -> dict[str, float]:
+        """Epoch `self.epoch` begins: every group's lr set (returned), the model training, the
+        loader on this epoch's order and augmentation."""
         lr = self._set_lr(self.epoch)
         self.model.train()
         self.model.set_epoch(self.epoch)
         self.loader.set_epoch(self.epoch)
+        return lr
+
+    def train_epoch(self, progress: Optional[TrainProgress] = None) -> dict:
+        cfg = self.config
+        lr = self.start_epoch()
         running = self._running = self._new_running()
         self.guard.start_epoch()
         start = time.perf_counter()
@@ -548,6 +554,17 @@ class Trainer:
         cfg = self.config
         self._say(f"[bold]fastprompt train[/bold] {json.dumps(self.config.to_dict())}")
         progress = TrainProgress(self.console, cfg.epochs, len(self.loader), done=self.epoch, enabled=self.is_main)
+        self.prepare_training(progress.say)
+        with progress:
+            while self.epoch < cfg.epochs:
+                progress.start_epoch(self.epoch)
+                self.end_epoch(self.train_epoch(progress), progress)
+        return self.finish()
+
+    def prepare_training(self, say: Optional[Callable[[str], None]] = None) -> None:
+        """What the first epoch needs, made once before it: CAVPT's cached top-K table, the feature
+        cache, the decoded training images; `say` the compile notice."""
+        cfg = self.config
         if self.cached_topk and self.epoch < cfg.epochs:
             self._build_topk_table()
         if cfg.feature_cache and self.epoch < cfg.epochs:
@@ -565,28 +582,33 @@ class Trainer:
             seconds = self.loader.decode()  # before the first epoch, so its images/s is the loader's steady state
             self._say(f"train loader: {self.loader.cache_plan.line()}" + (f"; decoded in {seconds:.1f} s" if seconds else ""))
         mode = cfg.compile_mode(self.device.type)
-        if mode is not None and self.epoch < cfg.epochs:
-            progress.say("compiling the training step (first time on this machine: 1-2 minutes)" if not compile_cache_is_warm()
-                         else "compiling the training step (from the compile cache: seconds)")
-        with progress:
-            while self.epoch < cfg.epochs:
-                progress.start_epoch(self.epoch)
-                line = self.train_epoch(progress)
-                self.epoch += 1
-                self._after_epoch_validation(line)
-                self.metrics.append(line)
-                progress.end_epoch(line)
-                if self.is_main:
-                    text = json.dumps(line) + "\n"
-                    with self._disk(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
-                        f.write(text[: len(text) // 2])
-                        f.flush()
-                        kill_point("metrics-append")  # test hook: half a line written
-                        f.write(text[len(text) // 2:])
-                    if self.on_epoch is not None:
-                        self.on_epoch(line)
-                if (cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0) or self.epoch == cfg.epochs:
-                    self.save_checkpoint()
+        if mode is not None and self.epoch < cfg.epochs and say is not None:
+            say("compiling the training step (first time on this machine: 1-2 minutes)" if not compile_cache_is_warm()
+                else "compiling the training step (from the compile cache: seconds)")
+
+    def end_epoch(self, line: dict, progress: Optional[TrainProgress] = None) -> None:
+        """The epoch `line` (its metrics.jsonl line) trained: validation, the metrics line, the checkpoint."""
+        cfg = self.config
+        self.epoch += 1
+        self._after_epoch_validation(line)
+        self.metrics.append(line)
+        if progress is not None:
+            progress.end_epoch(line)
+        if self.is_main:
+            text = json.dumps(line) + "\n"
+            with self._disk(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
+                f.write(text[: len(text) // 2])
+                f.flush()
+                kill_point("metrics-append")  # test hook: half a line written
+                f.write(text[len(text) // 2:])
+            if self.on_epoch is not None:
+                self.on_epoch(line)
+        if (cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0) or self.epoch == cfg.epochs:
+            self.save_checkpoint()
+
+    def finish(self) -> dict:
+        """The trained run's reported model evaluated on the test split, its prompts and results.json
+        written; returns results.json's content."""
         kill_point("before-results")  # test hook: trained and checkpointed, no results yet
         self._deploy_final_model()
         results = self.final_evaluation()
@@ -712,17 +734,3 @@ def train(run, console=None, on_epoch: Optional[Callable[[dict], None]] = None, 
         return trainer.train()
     finally:
         trainer.close()
-
-
-def execute(plans: Sequence[RunPlan], console=None, *,
-            on_epoch: Optional[Callable[[RunPlan], Optional[Callable[[dict], None]]]] = None,
-            on_result: Optional[Callable[[RunPlan, dict], None]] = None, force_eval: bool = False) -> list[dict]:
-    """Execute planned runs, each to the end (`train`), in order; returns their results.json
-    contents. `on_epoch(plan)`: the metrics callback of that plan's run, or None; `on_result(plan,
-    results)`: called as each run ends. A failing run raises (the runs before it are done)."""
-    done = []
-    for plan in plans:
-        done.append(train(plan, console, None if on_epoch is None else on_epoch(plan), force_eval=force_eval))
-        if on_result is not None:
-            on_result(plan, done[-1])
-    return done

@@ -232,3 +232,25 @@ def test_generated_train_flags_reach_the_cells_that_have_them(demo_beton, tmp_pa
     assert result.exit_code == 0, result.output
     assert "demo/coop/shots2/seed1" in result.output and "demo/vpt-deep/shots2/seed1" in result.output
     assert not (tmp_path / "cli").exists()
+
+
+def test_cells_are_packed_into_jobs_by_setting(demo_beton, tiny_weights, tmp_path):
+    """--pack: the cells of one dataset, method, shots and setting (pretrained weights) are one job,
+    at most N cells a job; random weights, --pack off and a cell only to evaluate are jobs of one."""
+    from fastprompt.sweep.runner import jobs_of
+
+    def jobs(**kw):
+        config = sweep(demo_beton, tmp_path / "s", seeds=[1, 2, 3], shots=[2], **kw)
+        return [[p.cell.name.split("/", 1)[1] for p in job] for job in jobs_of(plan(expand(config)), config.pack)]
+
+    weights = {**TINY, "pretrained": str(tiny_weights)}
+    assert jobs(train=weights) == [[f"coop/shots2/seed{s}" for s in (1, 2, 3)], [f"vpt-deep/shots2/seed{s}" for s in (1, 2, 3)]]
+    assert jobs(train=weights, pack="2") == [["coop/shots2/seed1", "coop/shots2/seed2"], ["coop/shots2/seed3"],
+                                            ["vpt-deep/shots2/seed1", "vpt-deep/shots2/seed2"], ["vpt-deep/shots2/seed3"]]
+    assert jobs(train=weights, pack="off") == [[f"{m}/shots2/seed{s}"] for m in ("coop", "vpt-deep") for s in (1, 2, 3)]
+    assert jobs() == [[f"{m}/shots2/seed{s}"] for m in ("coop", "vpt-deep") for s in (1, 2, 3)]  # random weights: each its own
+    cells = expand(sweep(demo_beton, tmp_path / "s", seeds=[1, 2, 3], shots=[2], train=weights))
+    _fake_run(cells[1], "results.json")  # finished: skipped, the others of its setting still pack
+    assert [[p.cell.name for p in job] for job in jobs_of(plan(cells), "auto")][0] == [cells[0].name, cells[2].name]
+    with pytest.raises(FastpromptError, match="--pack 'some' must be off, auto or a number of runs >= 1"):
+        sweep(demo_beton, tmp_path / "s", pack="some")

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from fastprompt.cli import app
 from fastprompt.errors import FastpromptError
 
-from fastprompt.sweep import SweepConfig, run_sweep
+from fastprompt.sweep import SweepConfig, prepare, run_sweep
 from fastprompt.sweep.plot import plot_shots, shots_curves
 from fastprompt.sweep.report import report
 from fastprompt.sweep.runner import read_log
@@ -429,3 +429,32 @@ def test_a_log_file_gets_a_line_per_event_as_it_happens(demo_beton, tmp_path, mo
     assert len(lines) == 4 and lines[2] == f"start {second} at epoch 1/2 (new)"  # long lines are not wrapped at 60
     assert lines[3].startswith(f"failed (boom) {second} in 0m00s; done 1/2 (0 skipped)  running 0  failed 1  left 0")
 
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_writes_ordinary_cells_and_a_failing_cell_fails_alone(demo_beton, tiny_weights, tmp_path):
+    """--pack 3: three seeds of one setting train as one job; the cell whose folder holds another
+    program's file fails (its error.json), the other two finish as ordinary runs (config.json with
+    the plan's identity, TensorBoard scalars); run again once the folder is cleared, the finished
+    cells are skipped and the third trains."""
+    out = tmp_path / "packed"
+    config = SweepConfig(methods=["coop"], data=[str(demo_beton)], seeds=[1, 2, 3], shots=[2], out=str(out),
+                         train={**TRAIN, "pretrained": str(tiny_weights), "epochs": 1}, options={"n_ctx": 4}, pack="3",
+                         tensorboard=True)
+    cells = [f"demo/coop/shots2/seed{s}" for s in (1, 2, 3)]
+    (out / cells[1]).mkdir(parents=True)
+    (out / cells[1] / "notes.txt").write_text("mine\n")
+    planned = prepare(config)
+    outcome = run_sweep(config, planned=planned)
+    assert outcome.done == [cells[0], cells[2]] and list(outcome.failed) == [cells[1]]
+    assert "is not empty (notes.txt)" in outcome.failed[cells[1]]
+    assert "is not empty (notes.txt)" in json.loads((out / cells[1] / "error.json").read_text())["error"]
+    assert [(e["cell"], e["event"]) for e in _events(out)] == [
+        *((c, "start") for c in cells), (cells[0], "done"), (cells[1], "failed"), (cells[2], "done")]
+    for p in (planned[0], planned[2]):
+        saved = json.loads((p.cell.dir / "config.json").read_text())
+        assert saved["identity_hash"] == p.cell.plan.identity_hash and (p.cell.dir / "tensorboard").is_dir()
+    (out / cells[1] / "notes.txt").unlink()
+    (out / cells[1] / "error.json").unlink()
+    again = run_sweep(config)
+    assert again.skipped == [cells[0], cells[2]] and again.done == [cells[1]]

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from fastprompt.cli import app
 from fastprompt.errors import FastpromptError
-from fastprompt.training import TrainConfig, config as config_mod, plan as plan_mod, trainer as trainer_mod
+from fastprompt.training import TrainConfig, config as config_mod, engine as engine_mod, plan as plan_mod, \
+    trainer as trainer_mod
 from fastprompt.training.plan import RunPlan, plan_run
 
 runner = CliRunner()
@@ -41,7 +42,7 @@ def planned(monkeypatch, tmp_path):
         seen.extend(plans)
         return [{} for _ in plans]
 
-    monkeypatch.setattr(trainer_mod, "execute", record)
+    monkeypatch.setattr(engine_mod, "execute", record)
 
     def run(args):
         result = runner.invoke(app, ["train", *args])
