@@ -272,6 +272,12 @@ CASES = {
                                 "--out {damaged[results_nan]} holds a run; with --seeds, --out is the folder of the "
                                 "seeds' runs ({damaged[results_nan]}/seed1, ...): pass a new folder, or --seed S to "
                                 "continue that run"),
+    "pack without seeds": (train("coop", "--pack", "2"),
+                           "--pack 2 packs the runs of --seeds; one run trains alone: drop --pack"),
+    "pack not a size": (train("coop", "--seeds", "1,2", "--pack", "all"),
+                        "--pack 'all' must be off, auto or a number of runs >= 1"),
+    "sweep pack zero": (["sweep", "--methods", "coop", "--data", "{demo}", "--seeds", "1", "--out", "{run}", *TINY[:4],
+                         "--pack", "0"], "--pack '0' must be off, auto or a number of runs >= 1"),
     "report per-class of an eval file without it": (
         ["report", "{damaged[eval_unscored]}", "--metric", "per-class-acc"],
         "{damaged[eval_unscored]}/eval-other-all.json lacks mean_per_class_accuracy (written before fastprompt kept "
