@@ -311,7 +311,8 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
     from fastprompt.training.rundir import RunLock
 
     planned = prepare(config) if planned is None else planned
-    todo = deque(jobs_of(planned, config.pack))
+    # auto on several local slots (GPUs): a setting's cells spread over them, each slot packing its share
+    todo = deque(jobs_of(planned, config.pack, default_jobs(config) if config.launcher == "local" else 1))
     jobs = min(default_jobs(config), max(1, len(todo)))
     launcher = (LocalLauncher(jobs, config.tensorboard, config.train.get("device", "auto")) if config.launcher == "local"
                 else SubmititLauncher(config))  # may refuse (no slurm here): before anything is written
@@ -323,18 +324,21 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
         lock.release()
 
 
-def jobs_of(planned: list[PlannedCell], pack) -> list[list[PlannedCell]]:
+def jobs_of(planned: list[PlannedCell], pack, slots: int = 1) -> list[list[PlannedCell]]:
     """The cells to run as the launcher's jobs, in sweep order: the cells to train or resume in
     packs (`fastprompt.training.plan.pack_groups`: one dataset, backbone, method, options, batch
-    size and epochs; at most `pack` cells a job, auto: all of them, the worker measures how many
-    train at once), each other cell (a cell only to evaluate, a method that trains alone) a job of
-    its own."""
+    size and epochs; at most `pack` cells a job; auto: a setting's cells in `slots` near-equal jobs,
+    so every slot works, and the worker measures how many of its job's train at once), each other
+    cell (a cell only to evaluate, a method that trains alone) a job of its own."""
     from fastprompt.training.plan import pack_groups
 
     todo = [p for p in planned if p.action != "skip"]
     training = [p for p in todo if p.action != "evaluate"]
     cell_of = {id(p.cell.plan): p for p in training}
-    jobs = [[cell_of[id(plan)] for plan in group] for group in pack_groups([p.cell.plan for p in training], pack)]
+    jobs = []
+    for group in pack_groups([p.cell.plan for p in training], pack):
+        parts = min(slots, len(group)) if pack == "auto" else 1
+        jobs += [[cell_of[id(plan)] for plan in group[k::parts]] for k in range(parts)]
     jobs += [[p] for p in todo if p.action == "evaluate"]
     order = {id(p): k for k, p in enumerate(todo)}
     return sorted(jobs, key=lambda job: order[id(job[0])])

@@ -249,6 +249,8 @@ def test_cells_are_packed_into_jobs_by_setting(demo_beton, tiny_weights, tmp_pat
                                             ["vpt-deep/shots2/seed1", "vpt-deep/shots2/seed2"], ["vpt-deep/shots2/seed3"]]
     assert jobs(train=weights, pack="off") == [[f"{m}/shots2/seed{s}"] for m in ("coop", "vpt-deep") for s in (1, 2, 3)]
     assert jobs() == [[f"{m}/shots2/seed{s}"] for m in ("coop", "vpt-deep") for s in (1, 2, 3)]  # random weights: each its own
+    config = sweep(demo_beton, tmp_path / "s", seeds=[1, 2, 3], shots=[2], methods=["coop"], train=weights)
+    assert [[p.cell.name[-1] for p in job] for job in jobs_of(plan(expand(config)), "auto", slots=2)] == [["1", "3"], ["2"]]
     cells = expand(sweep(demo_beton, tmp_path / "s", seeds=[1, 2, 3], shots=[2], train=weights))
     _fake_run(cells[1], "results.json")  # finished: skipped, the others of its setting still pack
     assert [[p.cell.name for p in job] for job in jobs_of(plan(cells), "auto")][0] == [cells[0].name, cells[2].name]
