@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from fastprompt.cli import app
 from fastprompt.errors import FastpromptError
 from fastprompt.training import engine
-from fastprompt.training.hooks import EXIT_AFTER_STEP, EXIT_CODE
+from fastprompt.training.hooks import EXIT_AFTER_STEP, EXIT_CODE, KILL_AT
 from fastprompt.training.pack import auto_pack_size
 from fastprompt.training.plan import pack_groups, parse_pack
 
@@ -138,24 +138,32 @@ def test_auto_sizes_the_pack_from_measured_memory(demo_beton, weights, tmp_path,
 
 @pytest.mark.slow
 def test_a_killed_pack_resumes_exactly(demo_beton, weights, tmp_path):
-    """A pack of 2 killed after step 3 of 4 (mid epoch 2), run again: each run ends with the prompts,
+    """A pack of 2 (2 epochs of 2 steps) killed after step 3 (mid epoch 2), and one killed while the
+    second run writes its first checkpoint (the runs then stand at epochs 1 and 0: the behind one
+    trains its epoch alone, then both pack), each run again: every run ends with the prompts,
     metrics and results of the pack that never stopped."""
     def command(out):
         return [sys.executable, "-m", "fastprompt.cli", *_args(demo_beton, weights, out), "--seeds", "1,2", "--pack", "2"]
 
     whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
-    killed = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True,
-                            env={**os.environ, EXIT_AFTER_STEP: "3"})
-    assert killed.returncode == EXIT_CODE, killed.stderr
-    assert not (tmp_path / "killed" / "seed1" / "results.json").exists()
-    resumed = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stderr or "from epoch 2" in resumed.stderr
+    for name, kill, resumes in (("step", {EXIT_AFTER_STEP: "3"}, "from epoch 2"),
+                                ("checkpoint", {KILL_AT: "checkpoint-tensors:2"}, "seed2 from epoch 1")):
+        out = tmp_path / name
+        killed = subprocess.run(command(out), capture_output=True, text=True, env={**os.environ, **kill})
+        assert killed.returncode == EXIT_CODE, killed.stderr
+        assert not (out / "seed1" / "results.json").exists()
+        resumed = subprocess.run(command(out), capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr
+        assert resumes in resumed.stderr, resumed.stderr
+        _same_runs(tmp_path / "whole", out)
+
+
+def _same_runs(whole, resumed):
     from safetensors.torch import load_file
 
     for seed in (1, 2):
-        a, b = tmp_path / "whole" / f"seed{seed}", tmp_path / "killed" / f"seed{seed}"
+        a, b = whole / f"seed{seed}", resumed / f"seed{seed}"
         (ca, fa, ma, ra), (cb, fb, mb, rb) = _read(a), _read(b)
         assert ca == cb and fa == fb
         assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
