@@ -420,8 +420,11 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
                 for handle in launcher.wait(list(running), timeout=0.5):
                     slot, job, start = running.pop(handle)
                     free.append(slot)
-                    for p, result in zip(job, _cell_results(launcher.result(slot, handle, _job_name(job)), job)):
-                        finished(result, p, start)
+                    result = launcher.result(slot, handle, _job_name(job))
+                    for line in result.get("notes", []):  # a pack's: its size (--pack auto: measured) and runs
+                        say(line)
+                    for p, cell in zip(job, _cell_results(result, job)):
+                        finished(cell, p, start)
     except BaseException:  # Ctrl-C / SIGINT, or the sweep's own files cannot be written: stop the running cells
         launcher.interrupt()
         launcher.close(wait=True)  # prompt: each worker interrupts its cell (or exits after STOP_GRACE_S)

@@ -199,12 +199,18 @@ def run_pack(payload: dict, tensorboard: bool = False) -> dict:
             records[cell["name"]] = _failed(cell["name"], plan.out, f"{type(err).__name__}: {err}".splitlines()[0], start)
 
     loggers = _loggers(tensorboard)
+    import io
+
+    from rich.console import Console
+
+    notes = io.StringIO()  # the engine's lines (the packs, --pack auto's measured size): the sweep says them
     try:
         todo = [plan for cell, plan in cells if not (plan.out / "results.json").is_file()]
         for cell, plan in cells:
             if plan not in todo:
                 ended(plan, {}, None)  # trained: only its evaluations
-        execute(todo, pack=payload["pack"], on_epoch=loggers.open, on_result=ended, keep_going=True)
+        execute(todo, Console(file=notes, force_terminal=False, width=1000), pack=payload["pack"], on_epoch=loggers.open,
+                on_result=ended, keep_going=True)
     except KeyboardInterrupt:  # SIGINT: the cells still training stop, each resumable from its last checkpoint
         for cell, _ in cells:
             records.setdefault(cell["name"], {"cell": cell["name"], "status": "interrupted", "error": INTERRUPTED,
@@ -222,7 +228,8 @@ def run_pack(payload: dict, tensorboard: bool = False) -> dict:
         _cell_ended.set()
     ordered = [records[cell["name"]] for cell in payload["cells"]]
     status = "done" if all(r["status"] == "done" for r in ordered) else "failed"
-    return {"cell": payload["name"], "status": status, "cells": ordered}
+    lines = [line for line in notes.getvalue().splitlines() if not line.startswith("epoch ")]  # the losses: metrics.jsonl
+    return {"cell": payload["name"], "status": status, "cells": ordered, "notes": lines}
 
 
 class CellJob:
