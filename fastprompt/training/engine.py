@@ -202,13 +202,44 @@ def _train_pack(trainers: list[Trainer], console, report) -> None:
                 report(trainer.plan, None, err)
         _say(console, f"epoch {epoch + 1}: " + ", ".join(
             f"{t.out.name} loss {t.metrics[-1]['loss']:.4f}" for t in group if t in live and t.metrics))
+    shared = _TestFeatures(live[0]) if live and live[0].model.frozen_image_tower else None
     for trainer in live:
         try:
-            done = trainer.finish()
+            done = trainer.finish(shared)
         except Exception as err:  # noqa: BLE001
             report(trainer.plan, None, err)
             continue
         report(trainer.plan, done, None)
+
+
+class _TestFeatures:
+    """The confusion matrix of each run of a pack whose image tower is frozen, its test images
+    encoded once for the whole pack: the features of each test batch (the frozen tower, no
+    prompts: every run's model gives the same) kept on the device, each run's logits from its own
+    class features, per batch, as `evaluate.confusion` computes them."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.batches: dict[str, list] = {}  # classes -> [(features (B, D), labels (B,))]
+
+    @torch.no_grad()
+    def __call__(self, model, classes: str) -> torch.Tensor:
+        t = self.trainer
+        model.eval()
+        if classes not in self.batches:  # the loader `evaluate_confusion` makes, once
+            loader = t.data.loader("test", shots=None, seed=1, classes=classes, train=False,
+                                   image_size=model.bundle.image_size, batch_size=t.config.eval_batch_size,
+                                   device=t.device, num_workers=t.config.num_workers, drop_last=False)
+            with t.autocast():
+                self.batches[classes] = [(model.image_features(images), labels.to(t.device)) for images, labels in loader]
+        k = len(model.classnames)
+        counts = torch.zeros(k * k, dtype=torch.long, device=t.device)  # (K*K,)
+        with t.autocast():
+            w = model.text_features()  # (K, D): eval, no grad: computed once
+            for x, labels in self.batches[classes]:
+                predicted = (model.logit_scale() * x @ w.t()).argmax(-1)  # (B,): the model's forward on x
+                counts += torch.bincount(labels * k + predicted, minlength=k * k)
+        return counts.view(k, k).cpu()  # (K, K)
 
 
 def _say(console, text: str) -> None:

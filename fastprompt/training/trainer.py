@@ -606,12 +606,12 @@ class Trainer:
         if (cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0) or self.epoch == cfg.epochs:
             self.save_checkpoint()
 
-    def finish(self) -> dict:
-        """The trained run's reported model evaluated on the test split, its prompts and results.json
-        written; returns results.json's content."""
+    def finish(self, counts_of: Optional[Callable[[PromptModel, str], torch.Tensor]] = None) -> dict:
+        """The trained run's reported model evaluated on the test split (`final_evaluation`), its
+        prompts and results.json written; returns results.json's content."""
         kill_point("before-results")  # test hook: trained and checkpointed, no results yet
         self._deploy_final_model()
-        results = self.final_evaluation()
+        results = self.final_evaluation(counts_of)
         if self.is_main:
             results.update(self.provenance())
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.prompt_state_dict().items()}
@@ -644,14 +644,20 @@ class Trainer:
             last = self.metrics[-1] if self.metrics else {}
             self.reported = {"epoch": cfg.epochs, "val_accuracy": last.get("val_accuracy")}
 
-    def final_evaluation(self) -> dict:
+    def final_evaluation(self, counts_of: Optional[Callable[[PromptModel, str], torch.Tensor]] = None) -> dict:
         """results.json's evaluation of the deployed model on the test split: accuracy, per-class
-        accuracies, their mean and the confusion matrix (base and new apart for base-to-new)."""
+        accuracies, their mean and the confusion matrix (base and new apart for base-to-new).
+        `counts_of(model, classes)`: the confusion matrix of `model` on the test images of `classes`
+        (default `evaluate_confusion`; a pack shares its frozen tower's test features: the engine's)."""
         cfg = self.config
 
         def scores(model, classes: str) -> dict:
-            counts = evaluate_confusion(model, self.data, "test", classes, device=self.device,
-                                        batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, autocast=self.autocast)
+            if counts_of is not None:
+                counts = counts_of(model, classes)
+            else:
+                counts = evaluate_confusion(model, self.data, "test", classes, device=self.device,
+                                            batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
+                                            autocast=self.autocast)
             return class_results(counts.tolist(), list(model.classnames))
 
         results = {"method": cfg.method, "dataset": self.data.name, "shots": cfg.shots, "seed": cfg.seed,

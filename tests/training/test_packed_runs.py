@@ -49,13 +49,19 @@ def _read(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["coop", "vpt-deep"])
-def test_a_packed_run_is_the_solo_run(method, demo_beton, weights, tmp_path):
+@pytest.mark.parametrize("method,test_loaders", [("coop", 1), ("vpt-deep", 2)])
+def test_a_packed_run_is_the_solo_run(method, test_loaders, demo_beton, weights, tmp_path, monkeypatch):
     """--seeds 1,2 packed and one after another: the same config.json (identity hash included) and
-    few-shot files, the first epoch's loss within 1e-5 relative, test accuracy within 1 point."""
+    few-shot files, the first epoch's loss within 1e-5 relative, test accuracy within 1 point; a
+    frozen image tower (coop) encodes the test images once for the pack, a prompted one once a run."""
+    from fastprompt.data.beton import BetonDataset
+
     one_epoch = ("--epochs", "1")  # the first epoch's losses (the kill test runs two)
     _run(demo_beton, weights, tmp_path / "solo", "--seeds", "1,2", *one_epoch, method=method)
+    loaders, make = [], BetonDataset.loader
+    monkeypatch.setattr(BetonDataset, "loader", lambda self, split, **kw: loaders.append(split) or make(self, split, **kw))
     packed = _run(demo_beton, weights, tmp_path / "packed", "--seeds", "1,2", "--pack", "2", *one_epoch, method=method)
+    assert loaders.count("test") == test_loaders
     assert "2 runs of " + method + " packed" in packed.stderr
     for seed in (1, 2):
         solo_config, solo_files, solo_metrics, solo_results = _read(tmp_path / "solo" / f"seed{seed}")
