@@ -237,6 +237,31 @@ CASES = {
         train("coop", "--out", "{damaged[stopped]}", "--warmup-epochs", "0", "--shots", "1"),
         "{damaged[stopped]}/config.json: method=['coop'] must be a non-empty string; pass --restart to train this run "
         "again from the start, or use another --out"),
+    # ---- fastprompt reproduce (issue 27): the table, the data root, the seeds and settings, before anything is written
+    "reproduce unknown table": (["reproduce", "cavpt-table9", "--out", "{here}/t"],
+                                "unknown table 'cavpt-table9'; use one of cavpt-table1, cavpt-table2, cavpt-table3"),
+    "reproduce no table": (["reproduce", "--out", "{here}/t"], "give a TABLE, e.g. `fastprompt reproduce cavpt-table1"),
+    "reproduce dataset folder missing": (["reproduce", "cavpt-table1", "--data-root", "{here}", "--out", "{here}/t"],
+                                         "{here}/eurosat is missing: EuroSAT is expected under the data root as "
+                                         "eurosat/{{2750/, split_zhou_EuroSAT.json}}"),
+    "reproduce second dataset missing": (["reproduce", "cavpt-table1", "--data-root", "{coop_ten}", "--out", "{here}/t",
+                                          "--dry-run"], "{coop_ten}/caltech-101 is missing: Caltech101 is expected"),
+    "reproduce without a data root": (["reproduce", "cavpt-table1", "--out", "{here}/t"],
+                                      "{here}/t/data/eurosat.beton is not prepared yet; pass --data-root DATA"),
+    "reproduce seeds not numbers": (["reproduce", "cavpt-table1", "--seeds", "1,x", "--out", "{here}/t"],
+                                    "--seeds '1,x' must be comma-separated integers, e.g. 1,2,3"),
+    "reproduce seed twice": (["reproduce", "cavpt-table1", "--seeds", "1,1", "--out", "{here}/t"],
+                             "--seeds [1, 1] lists a seed twice; give each once"),
+    "reproduce sweep setting": (["reproduce", "cavpt-table1", "--jobs", "0", "--data-root", "{here}", "--out", "{here}/t"],
+                                "jobs=0 must be an integer >= 1"),
+    "reproduce out is a file": (["reproduce", "cavpt-table1", "--out", "{text}"], "is a file; pass a folder"),
+    "reproduce bench without list": (["reproduce", "cavpt-table1", "--bench", "{text}"], "--bench goes with --list"),
+    "reproduce bench not json": (["reproduce", "--list", "--bench", "{text}"], "is not readable JSON"),
+    "reproduce list and a table": (["reproduce", "cavpt-table1", "--list"], "--list prints every table; drop TABLE"),
+    "report table of no folder": (["report", "{here}/nothing", "--table", "cavpt-table1"],
+                                  "{here}/nothing is not a folder; pass the --out of `fastprompt reproduce cavpt-table1`"),
+    "report table with rows": (["report", "{here}", "--table", "cavpt-table1", "--rows", "dataset", "--cols", "method"],
+                               "--table prints the paper's layout: drop --rows"),
     # ---- validation, the reported model and per-class results (issue 25 §1-2)
     "final model best-val without eval-every": (train("coop", "--final-model", "best-val"),
                                                 "final_model='best-val' reports the epoch with the best val accuracy, so it "

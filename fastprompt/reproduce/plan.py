@@ -134,6 +134,7 @@ def make_plan(table: PaperTable, out, data_root=None, seeds: Optional[list[int]]
     unknown = sorted(set(sweep) - set(sweep_fields()))
     if unknown:
         raise FastpromptError(f"sweep settings {', '.join(unknown)} are not SweepConfig's; use {', '.join(sweep_fields())}")
+    SweepConfig(methods=["coop"], data=["-"], seeds=seeds, shots=[table.shots], out=str(out), **sweep)  # its checks, first
     if out.exists() and not out.is_dir():
         raise FastpromptError(f"--out {out} is a file; pass a folder (it is created)")
     if report_only and not out.is_dir():

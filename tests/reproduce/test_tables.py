@@ -1,0 +1,78 @@
+"""The shipped tables (fastprompt/reproduce/tables/*.toml): each loads, each row maps to a method and
+options of ours (or says it is not available), and its numbers agree with its source's own arithmetic:
+a printed Average is the mean of the printed per-dataset numbers and a printed H the harmonic mean
+of the printed base and new, within the printed rounding, unless the file records that the paper's
+does not (`average_off`), which is then checked to be true."""
+
+import statistics
+
+import pytest
+
+from fastprompt.methods import METHODS
+from fastprompt.reproduce.tables import AVERAGE, load_table, table_names
+from fastprompt.training.config import TrainConfig
+from fastprompt.training.runfiles import harmonic_mean
+
+TABLES = table_names()
+
+
+def _tolerance(table) -> float:
+    """A printed number is within half a unit of its last digit of the true one; a mean or H of such
+    numbers is too, so a printed Average or H may differ from what its printed inputs give by up to
+    one unit of the last printed digit."""
+    return 10.0 ** -table.decimals + 1e-9
+
+
+def test_the_required_tables_ship():
+    assert {"cavpt-table1", "cavpt-table2", "cavpt-table3"} <= set(TABLES)
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_table_loads_with_its_source_and_every_row_maps_to_ours(name):
+    table = load_table(name)
+    assert table.name == name
+    assert table.source.paper and table.source.table and table.source.read_from
+    assert len(table.rows) >= 1 and set(table.columns) == set(table.datasets)
+    for row in table.rows:
+        assert row.available == (row.method in METHODS)
+        if not row.available or not row.trains:
+            continue
+        for dataset in row.datasets(table):  # the run each cell would start: options and recipe valid
+            config = TrainConfig.from_protocol(row.protocol or table.protocol, dataset=dataset, method=row.method,
+                                               data=f"{dataset}.beton", out="-", shots=table.shots, classes=table.classes,
+                                               options=dict(row.options), **{**table.train, **row.train})
+            assert config.method == row.method and all(config.options[k] == v for k, v in row.options.items())
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_printed_averages_and_h_follow_from_the_printed_numbers(name):
+    table = load_table(name)
+    tol = _tolerance(table)
+    for row in table.rows:
+        per_dataset = [row.numbers[d] for d in table.datasets if d in row.numbers]
+        if table.classes == "base":
+            for key, (base, new, h) in row.numbers.items():
+                assert abs(harmonic_mean(base, new) - h) <= tol, (name, row.label, key)
+        if AVERAGE not in row.numbers or len(per_dataset) < len(table.datasets):
+            continue
+        printed = row.numbers[AVERAGE]
+        if table.classes == "all":
+            agrees = abs(statistics.fmean(per_dataset) - printed) <= tol
+        else:
+            agrees = all(abs(statistics.fmean(v[i] for v in per_dataset) - printed[i]) <= tol for i in (0, 1))
+        assert agrees != bool(row.average_off), (name, row.label, "average_off must say exactly where the paper's is off")
+
+
+def test_cavpt_tables_agree_with_each_other():
+    """Table 2's 'w/ loss' row is Table 1's VPT-CLIP-CAVPT, and each dataset's best K_N in Table 3 gives
+    that row's number too (the K_N per dataset that --protocol cavpt sets), as printed."""
+    t1, t2, t3 = (load_table(f"cavpt-table{k}") for k in (1, 2, 3))
+    vpt_cavpt = t1.row("VPT-CLIP-CAVPT")
+    assert t2.row("CAVPT(w/ loss)").numbers == vpt_cavpt.numbers
+    for dataset in t1.datasets:
+        best = max(r.numbers[dataset] for r in t3.rows if dataset in r.numbers)
+        assert best == vpt_cavpt.numbers[dataset], dataset
+    assert [r.options for r in t3.rows] == [{"topk": k} for k in (5, 10, 20, 50, 100, 1000)]
+    assert t2.row("CAVPT(w/o loss)").options == {"alpha": 0.0}
+    assert (t1.row("VLP-CLIP-CAVPT").method, t1.row("VLP-CLIP-CAVPT").options) == ("cavpt", {"text_prompt": True})
+    assert [r.method for r in t1.rows] == ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "cavpt", "vlp", "cavpt"]
