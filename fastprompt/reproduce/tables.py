@@ -30,7 +30,7 @@ AVERAGE = "average"  # the key of a row's printed Average in `numbers`
 TABLE_KEYS = {"name", "title", "source", "datasets", "columns", "shots", "classes", "protocol", "train", "seeds",
               "decimals", "average", "notes", "rows"}
 SOURCE_KEYS = {"paper", "arxiv", "table", "setting", "read_from"}
-ROW_KEYS = {"label", "method", "options", "train", "protocol", "numbers", "note", "average_off"}
+ROW_KEYS = {"label", "method", "options", "train", "protocol", "numbers", "note", "arithmetic_off"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Row:
     protocol: Optional[str]  # the table's protocol unless the row names another
     numbers: dict  # dataset (or "average") -> float, or [base, new, H]
     note: str = ""  # how the row maps to ours, where that is not obvious
-    average_off: str = ""  # the printed Average does not equal the mean of the printed numbers: why we keep it
+    arithmetic_off: str = ""  # the printed Average or H does not follow from the printed numbers: said, kept as printed
 
     @property
     def available(self) -> bool:
@@ -71,8 +71,10 @@ class Row:
         return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
 
     def datasets(self, table: "PaperTable") -> list[str]:
-        """The table's datasets this row has a printed number for, in the table's order."""
-        return [d for d in table.datasets if d in self.numbers]
+        """The table's datasets this row has a printed number for, in the table's order; every
+        dataset where the source prints the row's average alone (a README's table of averages)."""
+        printed = [d for d in table.datasets if d in self.numbers]
+        return printed or list(table.datasets)
 
 
 @dataclass(frozen=True)
@@ -233,4 +235,4 @@ def _parse_row(row: Any, k: int, path: str, datasets: list, classes: str, train_
             parsed[key] = _number(f"{where} numbers.{key}", value)
     return Row(label=str(row["label"]), method=str(method), options=dict(options), train=dict(train),
                protocol=row.get("protocol"), numbers=parsed, note=str(row.get("note", "")),
-               average_off=str(row.get("average_off", "")))
+               arithmetic_off=str(row.get("arithmetic_off", "")))
