@@ -74,3 +74,27 @@ def test_cavpt_tables_agree_with_each_other():
     assert t2.row("CAVPT(w/o loss)").options == {"alpha": 0.0}
     assert (t1.row("VLP-CLIP-CAVPT").method, t1.row("VLP-CLIP-CAVPT").options) == ("cavpt", {"text_prompt": True})
     assert [r.method for r in t1.rows] == ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "cavpt", "vlp", "cavpt"]
+
+
+def test_base_to_new_report_puts_the_printed_averages_beside_ours(tmp_path):
+    """A README's table of averages: every dataset is run, our per-dataset base / new / H and their
+    averages (H of the averaged base and new) are shown, the printed averages beside the averages."""
+    from sweep.conftest import _make_run
+
+    from fastprompt.reproduce import build_table, make_plan
+    from fastprompt.reproduce.plan import ROWS_DIR
+
+    table = load_table("maple-b2n")
+    maple = table.row("MaPLe")
+    assert maple.datasets(table) == table.datasets  # averages alone: every dataset runs
+    folder = tmp_path / ROWS_DIR / maple.slug
+    base = {d: 80.0 + k for k, d in enumerate(table.datasets)}
+    for d in table.datasets:
+        _make_run(folder, d, "maple", 1, classes="base", base=base[d], new=70.0)
+    built = build_table(make_plan(table, tmp_path, seeds=[1], report_only=True))
+    mean_base = statistics.fmean(base.values())
+    assert built.average[("MaPLe", "base")] == pytest.approx(mean_base)
+    assert built.average[("MaPLe", "H")] == pytest.approx(harmonic_mean(mean_base, 70.0))
+    assert built.cells[("MaPLe", "EuroSAT", "H")].mean == pytest.approx(harmonic_mean(base["eurosat"], 70.0))
+    assert [built.reference[("MaPLe", f"Average {m}")] for m in ("base", "new", "H")] == maple.numbers[AVERAGE]
+    assert "CLIP (no runs)" not in built.rows and "CLIP" in built.no_runs  # no zero-shot evaluated yet
