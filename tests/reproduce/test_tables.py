@@ -5,11 +5,12 @@ of the printed base and new, within the printed rounding, unless the file record
 does not (`arithmetic_off`), which is then checked to be true."""
 
 import statistics
+from pathlib import Path
 
 import pytest
 
 from fastprompt.methods import METHODS
-from fastprompt.reproduce.tables import AVERAGE, load_table, table_names
+from fastprompt.reproduce.tables import AVERAGE, load_table, table_names, tables_markdown
 from fastprompt.training.config import TrainConfig
 from fastprompt.training.runfiles import harmonic_mean
 
@@ -23,8 +24,9 @@ def _tolerance(table) -> float:
     return 10.0 ** -table.decimals + 1e-9
 
 
-def test_the_required_tables_ship():
+def test_the_required_tables_ship_and_docs_list_each_with_its_source():
     assert {"cavpt-table1", "cavpt-table2", "cavpt-table3"} <= set(TABLES)
+    assert tables_markdown() in (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text()
 
 
 @pytest.mark.parametrize("name", TABLES)
