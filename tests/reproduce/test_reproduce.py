@@ -2,8 +2,8 @@
 files: the plan reads no image), --list's grid sizes and estimated times, the sweep settings passed
 through as SweepConfig's fields, and a miniature table on the demo set run end to end (slow)."""
 
+import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 
@@ -79,8 +79,6 @@ def test_every_sweep_setting_is_a_reproduce_flag():
     from fastprompt.cli import ReproduceCommand
 
     names = {p.name for p in _extra(ReproduceCommand)}
-    import dataclasses
-
     fields = {f.name for f in dataclasses.fields(SweepConfig)} - set(GRID_FIELDS)
     assert fields and set(sweep_fields()) == fields
     assert {f"sweep__{f}" for f in fields} <= names
