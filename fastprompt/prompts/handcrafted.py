@@ -44,16 +44,16 @@ def compute_features(bundle: ClipBundle, classnames: Sequence[str], templates: S
     """Normalised ensemble features [K, D] (fp32) on the model's device, without any cache;
     `normalise_each=False`: the mean of the templates' unnormalised features, normalised."""
     model = bundle.model
-    mean = None
-    for template in templates:
-        texts = [template.format(c) for c in classnames]
-        feats = []
-        for start in range(0, len(texts), batch):
-            tokens = tokenize(model, bundle.tokenizer, texts[start : start + batch])  # (k, 77)
-            f = encode_tokens(model, tokens).float()  # (k, D)
-            feats.append(normalize(f) if normalise_each else f)
-        f = torch.cat(feats)  # (K, D)
-        mean = f if mean is None else mean + f
+    texts = [template.format(c) for template in templates for c in classnames]  # template-major: T·K texts
+    feats = []
+    for start in range(0, len(texts), batch):  # rows of several templates share a pass (PromptSRC's 60)
+        tokens = tokenize(model, bundle.tokenizer, texts[start : start + batch])  # (k, 77)
+        f = encode_tokens(model, tokens).float()  # (k, D)
+        feats.append(normalize(f) if normalise_each else f)
+    per_template = torch.cat(feats).view(len(templates), len(classnames), -1)  # (T, K, D)
+    mean = per_template[0]
+    for f in per_template[1:]:  # summed in template order
+        mean = mean + f
     return normalize(mean / len(templates))  # (K, D)
 
 
