@@ -88,6 +88,21 @@ def test_loss_and_prompt_gradients_equal_the_released_step(backend, weights, cli
         assert relative_error(params[name].grad, want) < 1e-5, name
 
 
+def test_bench_anchor_equals_the_released_step(clip, fixed, images, labels):
+    """The bench's anchor (`Anchor._promptsrc`: 77-token text, a second frozen image pass) takes the
+    released step's loss and prompt gradients."""
+    from fastprompt.bench.anchor import Anchor
+
+    model = _moved(_model(clip, "reference"))
+    loss, grads = _promptsrc.released_step(model, images, labels, fixed=fixed)
+    got, _ = Anchor(model).loss_and_logits(images, labels)
+    got.backward()
+    assert relative_error(got.detach(), loss) < 1e-5
+    params = dict(model.named_parameters())
+    for name, want in grads.items():
+        assert relative_error(params[name].grad, want) < 1e-5, name
+
+
 @pytest.mark.parametrize("epochs, mean, std", [(20, 15, 1), (50, 30, 30), (50, 45, 5), (20, 6, 10), (3, 2, 1)])
 def test_gpa_weights_are_the_released_ones(epochs, mean, std):
     """`build_model`: the Gaussian at epochs 1..N (numbered from 1), normalised over them."""
