@@ -7,9 +7,10 @@ One run = one `--out` directory:
 - `metrics.jsonl`: one JSON line per epoch (loss, accuracy, every group's lr, images/s; `val_accuracy`
   on the epochs `--eval-every` scores the run's few-shot val subset);
 - `checkpoint.json` + `checkpoint-*.safetensors` (`fastprompt.training.checkpoint`): prompts,
-  the method's training state (`PromptModel.training_state`), optimiser, RNG states, epoch and metrics, and the weights and data ids (`CHECKPOINT_FACTS`),
-  committed atomically every `checkpoint_every` epochs; a run started again with the same
-  `--out` resumes from it (on the same weights and data, whether config.json is there or not);
+  the method's training state (`PromptModel.training_state`, e.g. PromptSRC's GPA sum), optimiser,
+  RNG states, epoch and metrics, and the weights and data ids (`CHECKPOINT_FACTS`), committed
+  atomically every `checkpoint_every` epochs; a run started again with the same `--out` resumes
+  from it (on the same weights and data, whether config.json is there or not);
 - `prompts.safetensors`: the trainable tensors of the reported model only, at the end;
 - `results.json`: the reported model (`final_model`: the last epoch's, or best-val: the epoch with the
   best val accuracy, the first of equals, as Dassl's `TEST.FINAL_MODEL best_val`; `reported_epoch`),
