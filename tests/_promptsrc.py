@@ -82,14 +82,13 @@ IMAGENET_TEMPLATES = [
 @torch.no_grad()
 def fixed_embeddings(clip, tokenizer, classnames):
     """`VLPromptLearner.__init__`: `clip_model_temp.encode_text` of every template, stacked [K, 60, D]
-    and meaned over the templates: *not* normalised (`CustomCLIP.forward` normalises it)."""
+    and meaned over the templates: *not* normalised (`CustomCLIP.forward` normalises it). The
+    templates' rows run through `encode_text` in one call (each row's features are its own)."""
     classnames = [name.replace("_", " ") for name in classnames]
-    all_teacher_features = []
-    for single_template in IMAGENET_TEMPLATES:
-        x = [single_template.replace("{}", name) for name in classnames]
-        x_tokenized = torch.cat([tokenizer([p]) for p in x])
-        text_features = clip.encode_text(x_tokenized)
-        all_teacher_features.append(text_features.unsqueeze(1))
+    x_tokenized = torch.cat([tokenizer([single_template.replace("{}", name)]) for single_template in IMAGENET_TEMPLATES
+                             for name in classnames])  # (60·K, 77)
+    text_features = clip.encode_text(x_tokenized).view(len(IMAGENET_TEMPLATES), len(classnames), -1)  # (60, K, D)
+    all_teacher_features = [f.unsqueeze(1) for f in text_features]  # 60 x (K, 1, D)
     return torch.cat(all_teacher_features, dim=1).mean(dim=1)
 
 
