@@ -167,7 +167,8 @@ class Promptsrc(Vlp):
         own = self.prompt_state_dict()
         expected = {GPA_PREFIX + name for name in own}
         if set(state) != expected:
-            raise ValueError(f"the checkpoint lacks PromptSRC's GPA sum ({', '.join(sorted(expected - set(state)) or sorted(state))})")
+            raise ValueError(f"the checkpoint's PromptSRC GPA sum holds {', '.join(sorted(state)) or 'nothing'}, this "
+                             f"run's prompts need {', '.join(sorted(expected))}")
         for name, p in own.items():
             if tuple(state[GPA_PREFIX + name].shape) != tuple(p.shape):
                 raise ValueError(f"GPA sum {name} has shape {tuple(state[GPA_PREFIX + name].shape)}, the prompts {tuple(p.shape)}")

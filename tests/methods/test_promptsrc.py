@@ -160,7 +160,7 @@ def test_a_gpa_state_resumed_from_training_state_ends_on_the_same_prompts(clip):
         assert torch.equal(resumed.prompt_state_dict()[name], p), name
     with pytest.raises(fastprompt.FastpromptError, match="no GPA sum of epochs 1..1 to add epoch 2 to"):
         _model(clip).end_epoch(2, 3)
-    with pytest.raises(ValueError, match="lacks PromptSRC's GPA sum"):
+    with pytest.raises(ValueError, match="the checkpoint's PromptSRC GPA sum holds nothing, this run's prompts need gpa"):
         _model(clip).load_training_state({})
 
 

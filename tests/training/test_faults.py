@@ -180,6 +180,33 @@ def test_a_killed_promptsrc_run_resumes_to_the_same_gpa_prompts(demo_beton, tmp_
     assert not all(torch.equal(tensors[f"prompts.{k}"], tensors[f"method.gpa.{k}"]) for k in a)  # mid-run: apart
 
 
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_promptsrc_checkpoint_without_its_gpa_sum_is_refused(demo_beton, tmp_path, monkeypatch):
+    """A checkpoint whose tensors lack the method's training state (PromptSRC's GPA sum) cannot end on
+    the run's prompts: one line naming it and --restart."""
+    out = tmp_path / "run"
+    args = _args(demo_beton, out, epochs=2, method="promptsrc")
+
+    def kill(step):  # in epoch 2 (2 steps an epoch): the checkpoint after epoch 1 stays
+        if step >= 3:
+            raise _Killed
+
+    monkeypatch.setattr("fastprompt.training.trainer.exit_after_step", kill)
+    assert isinstance(runner.invoke(app, args).exception, _Killed)
+    monkeypatch.undo()
+    record, tensors = checkpoint.load(out)
+    assert record["epoch"] == 1 and sorted(k for k in tensors if k.startswith("method.gpa."))
+    record = {k: v for k, v in record.items() if k not in ("format", "tensors", "checkpoint_id")}
+    checkpoint.save(out, record, {k: v for k, v in tensors.items() if not k.startswith("method.")})
+    error = _error(runner.invoke(app, args))
+    assert "does not fit this run (ValueError: the checkpoint's PromptSRC GPA sum holds nothing" in error
+    assert "pass --restart" in error
+
+
 @pytest.mark.slow
 def test_prepare_killed_between_its_renames_leaves_no_finished_beton(tmp_path):
     from fastprompt.data import open_dataset
