@@ -87,6 +87,15 @@ CASES = {
     "prograd under CUDA graphs": (train("prograd", "--compile", "reduce-overhead", "--warmup-epochs", "0"),
                                   "compile='reduce-overhead': prograd steps by a gradient rule (one backward per loss "
                                   "term), which CUDA graphs do not replay; use --compile default or --compile off"),
+    "promptsrc class-specific context": (train("promptsrc", "--coop.csc"),
+                                         "csc=True: PromptSRC learns one context shared by every class"),
+    "promptsrc gpa std zero": (train("promptsrc", "--promptsrc.gpa-std", "0"),
+                               "gpa_std=0.0 must be > 0 (--promptsrc.gpa-std; PromptSRC uses 1 over 20 epochs)"),
+    "promptsrc negative text weight": (train("promptsrc", "--promptsrc.text-weight", "-1"),
+                                       "text_weight=-1.0 must be a number >= 0 (0 drops the term)"),
+    "promptsrc depth beyond the tower": (train("promptsrc", "--coop.text-depth", "3", "--vpt.vision-depth", "3",
+                                               "--warmup-epochs", "0"),
+                                         "text_depth=3 does not fit the text tower's 2 layers; pick 1..2"),
     "train precision": (train("coop", "--precision", "fp16"), "Invalid value for '--precision': 'fp16'"),
     "train optimizer": (train("coop", "--optimizer", "adam"), "Invalid value for '--optimizer': 'adam'"),
     "train classes new": (train("coop", "--classes", "new"), "Invalid value for '--classes': 'new'"),
@@ -97,7 +106,7 @@ CASES = {
     "missing required flag": (["train", "--method", "coop"], "Missing option '--data'"),
     "no method and no protocol": (["train", "--data", "{demo}", "--out", "{run}", *TINY],
                                   "--method is missing; pass --method NAME (`fastprompt methods`), or a --protocol that "
-                                  "names its method (cocoop-b2n, kgcoop-b2n, prograd-b2n, ivlp-b2n, maple-b2n"),
+                                  "names its method (cocoop-b2n, kgcoop-b2n, prograd-b2n, promptsrc-b2n, promptsrc-fewshot, ivlp-b2n, maple-b2n"),
     "protocol without a default method": (["train", "--protocol", "cavpt", "--data", "{demo}", "--out", "{run}", *TINY],
                                           "--protocol cavpt names no default method (it sets the recipe for the "
                                           "method given); pass --method NAME"),
