@@ -886,13 +886,99 @@ def report_cmd(
     compare: Annotated[Optional[str], typer.Option("--compare", help="A reference: another folder of runs, or a CSV (e.g. a paper table typed in).")] = None,
     ci: Annotated[Optional[float], typer.Option("--ci", metavar="LEVEL", help="Make the ± the LEVEL% confidence interval of the mean over seeds (Student's t), e.g. 95, instead of the population std.")] = None,
     metric: Annotated[str, typer.Option("--metric", help="What each cell averages: acc (test accuracy) or per-class-acc (the mean of the per-class accuracies, Dassl's per-class result).")] = "acc",
+    table: Annotated[Optional[str], typer.Option("--table", help="FOLDER is a `fastprompt reproduce TABLE --out FOLDER`: print it as that paper table (its row labels and headers, the printed numbers beside ours).")] = None,
 ) -> None:
     """Mean ± population std (n) over seeds per cell, with the Average column; base/new/H; cross-dataset. One
     folder is one recipe: its runs may differ only in the seed, in what their method, dataset, shots and classes
     set, and in the method options --rows names."""
+    if table is not None:
+        from fastprompt.reproduce import load_table, make_plan, render
+
+        if (rows, cols, compare, ci, metric) != ("method", "dataset", None, None, "acc"):
+            raise FastpromptError("--table prints the paper's layout: drop --rows, --cols, --compare, --ci and --metric")
+        typer.echo(render(make_plan(load_table(table), folder, report_only=True), format), nl=False)
+        return
     from fastprompt.sweep.report import report
 
     typer.echo(report(folder, format, rows=rows, cols=cols, compare=compare, ci=ci, metric=metric), nl=False)
+
+
+# ----------------------------------------------------------------------------------------
+# reproduce: a published table, from CoOp's dataset folders to the paper's numbers (fastprompt/reproduce)
+# ----------------------------------------------------------------------------------------
+
+
+class ReproduceCommand(Command):
+    """`fastprompt reproduce`: also one flag per sweep setting, made from `SweepConfig`'s fields
+    (`fastprompt.reproduce.plan.sweep_fields`: --jobs, --launcher, ...), handed to every row's sweep."""
+
+    def extra_flags(self) -> list[inspect.Parameter]:
+        from fastprompt.reproduce.plan import sweep_fields
+
+        flags = super().extra_flags()
+        for name, kind in sweep_fields().items():
+            args = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
+            base = args[0] if len(args) == 1 else kind
+            base = base if base in (int, float, str, bool) else str
+            decl = "--" + name.replace("_", "-")
+            decls = (f"{decl}/--no-{name.replace('_', '-')}",) if base is bool else (decl,)
+            flags.append(_flag(f"sweep__{name}", Optional[base], *decls, panel="Sweep settings",
+                               help=f"As `fastprompt sweep {decl}`; every row's sweep."))
+        return flags
+
+
+@command(app, "reproduce", cls=ReproduceCommand)
+@user_errors
+def reproduce_cmd(
+    ctx: typer.Context,
+    table: Annotated[Optional[str], typer.Argument(help="A shipped table (see --list), or the path of a table .toml file.")] = None,
+    data_root: Annotated[Optional[str], typer.Option("--data-root", help="$DATA: the folder holding CoOp's dataset folders (eurosat/, caltech-101/, ...); each missing .beton is prepared from it into OUT/data.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="The reproduction's folder (default runs/TABLE): data/, rows/ROW/ (a sweep each), report.md/.csv/.tex.")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds (default: the table's, 1,2,3).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be prepared, skipped, resumed and started; write nothing.")] = False,
+    list_tables: Annotated[bool, typer.Option("--list", help="Print every shipped table: source, grid size (runs, epochs in all) and, with --bench, an estimated time.")] = False,
+    bench: Annotated[Optional[str], typer.Option("--bench", help="With --list: a `fastprompt bench --json FILE` of this machine, for the estimated times.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="<auto|cpu|cuda|cuda:N>", autocompletion=_complete_device,
+                                                  help="As in `fastprompt train`; every run.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="As in `fastprompt train`; every run.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Loader threads per run (default: its share of the cores).")] = None,
+) -> None:
+    """Reproduce a published table: prepare its datasets, run its grid (a resumable sweep per row), and print and
+    write the paper's numbers beside ours."""
+    from fastprompt.reproduce import list_lines, load_table, make_plan, plan_lines, render, run_plan
+
+    if list_tables:
+        if table is not None:
+            raise FastpromptError("--list prints every table; drop TABLE, or drop --list")
+        typer.echo("\n".join(list_lines(bench)))
+        return
+    if bench is not None:
+        raise FastpromptError("--bench goes with --list (the estimated times); drop it")
+    if table is None:
+        raise FastpromptError("give a TABLE, e.g. `fastprompt reproduce cavpt-table1 --data-root $DATA`; --list prints them")
+    paper = load_table(table)
+    try:
+        seed_list = None if seeds is None else [int(v) for v in _comma_list(seeds)]
+    except ValueError:
+        raise FastpromptError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 1,2,3") from None
+    sweep = {name.removeprefix("sweep__"): v for name, v in ctx.meta["flags"].items() if name.startswith("sweep__")}
+    plan = make_plan(paper, out or f"runs/{paper.name}", data_root, seed_list,
+                     run={"device": device, "precision": precision, "num_workers": workers}, sweep=sweep)
+    if dry_run:
+        typer.echo("\n".join(plan_lines(plan)))
+        return
+    try:
+        outcome = run_plan(plan, console=_console(), say=lambda line: typer.echo(line, err=True))
+    except KeyboardInterrupt:
+        typer.echo("interrupted; run the same command again to resume", err=True)
+        raise typer.Exit(code=130) from None
+    typer.echo(render(plan, "md"), nl=False)
+    typer.echo(f"{outcome.done} done, {outcome.skipped} skipped, {len(outcome.failed)} failed; "
+               f"written: {', '.join(str(p) for p in outcome.reports)}")
+    for name, error in outcome.failed.items():
+        typer.echo(f"failed: {name}: {error}", err=True)
+    if not outcome.ok:
+        raise typer.Exit(code=1)
 
 
 plot_app = typer.Typer(cls=Group, help="Figures of a finished run or a sweep (PNG, or PDF with --format pdf), written to RUN/figures by default.",

@@ -5,8 +5,8 @@
 #      method (tests/kernels, tests/methods/test_bf16_parity.py);
 #   2. runs `fastprompt bench` on synthetic images for ViT-B/32 and ViT-B/16 at batch 128,
 #      variants reference, fast, fast+compile and anchor (images/s, peak memory, useful
-#      TFLOP/s, fraction of the GPU's bf16 peak); the baselines ivlp, maple, cocoop, kgcoop and
-#      prograd on ViT-B/16 at batch 32, 100 classes, fast against their released-style anchors;
+#      TFLOP/s, fraction of the GPU's bf16 peak); the baselines ivlp, maple, cocoop, kgcoop,
+#      prograd and promptsrc on ViT-B/16 at batch 32, 100 classes, fast against their released-style anchors;
 #      packed steps (`bench --pack 1,8`): coop and vpt-deep, 8 runs of batch 32 on ViT-B/16 against 1;
 #   3. runs the prefix-attention and cosine-CE microbenchmarks against SDPA / eager;
 #   4. writes gpu-check.json and gpu-check.md (plus each step's log) into FOLDER.
@@ -84,9 +84,10 @@ if [ "$MODE" = gpu ]; then
     done
     # The field's baselines (issues 22-23) against their anchors in the released code's style: IVLP and MaPLe
     # (77-token prompts, a cat per layer), CoCoOp (one 77-token pass of K prompts per image), KgCoOp (a second
-    # hand-crafted text pass), ProGrad (a second image pass); one step, fast and anchor only, to fit the device time
+    # hand-crafted text pass), ProGrad (a second image pass), PromptSRC (IVLP's anchor and a second image pass);
+    # fast and anchor only, to fit the device time
     step bench-baselines 150 "$PY" -m fastprompt.cli bench --clip ViT-B-16 --pretrained none --batch-size 32 \
-        --classes 100 --methods ivlp,maple,cocoop,kgcoop,prograd --variants fast,anchor --steps 5 --warmup 2 \
+        --classes 100 --methods ivlp,maple,cocoop,kgcoop,prograd,promptsrc --variants fast,anchor --steps 5 --warmup 2 \
         --device cuda --json "$OUT/bench-baselines.json"
     # Packed runs (issue 24): 8 runs of batch 32 in one step against 1 run (goal: >= 4x the total images/s)
     step bench-pack 60 "$PY" -m fastprompt.cli bench --clip ViT-B-16 --pretrained none --batch-size 32 \
@@ -101,7 +102,7 @@ else
     step tests 300 "$PY" -m pytest -v -p no:cacheprovider tests/methods/test_bf16_parity.py tests/kernels/test_compile.py \
         -k "vpt-deep or fullgraph"
     step bench-fastprompt-tiny 300 "$PY" -m fastprompt.cli bench --clip fastprompt-tiny --pretrained none --batch-size 4 \
-        --classes 5 --methods vpt-deep,coop-text,ivlp,maple,cocoop,kgcoop,prograd --variants reference,fast,anchor --steps 1 --warmup 0 --device cpu \
+        --classes 5 --methods vpt-deep,coop-text,ivlp,maple,cocoop,kgcoop,prograd,promptsrc --variants reference,fast,anchor --steps 1 --warmup 0 --device cpu \
         --json "$OUT/bench-fastprompt-tiny.json"
     step bench-pack 120 "$PY" -m fastprompt.cli bench --clip fastprompt-tiny --pretrained none --batch-size 4 \
         --classes 5 --methods coop,vpt-deep --variants fast --pack 1,2 --steps 1 --warmup 0 --device cpu \

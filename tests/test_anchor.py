@@ -32,6 +32,7 @@ TOPK = torch.tensor([[0, 1, 2], [1, 2, 3], [4, 3, 2], [0, 4, 1]])  # (B, K_N)
     ("maple", {"prompt_depth": 1}),
     ("ivlp", {"n_ctx": 4, "n_prompts": 4, "vision_depth": 2}),  # PromptSRC's IVLP layout: 4 + 4, the slots carried above
     ("maple", {"n_ctx": 3, "placement": "after-ln-pre"}),
+    ("promptsrc", {"vision_depth": 2, "text_weight": 3.0, "image_weight": 0.5}),  # the slots carried above depth 2
 ])
 def test_anchor_equals_reference(method, options, tiny_clip, images, labels):
     torch.manual_seed(0)

@@ -87,6 +87,15 @@ CASES = {
     "prograd under CUDA graphs": (train("prograd", "--compile", "reduce-overhead", "--warmup-epochs", "0"),
                                   "compile='reduce-overhead': prograd steps by a gradient rule (one backward per loss "
                                   "term), which CUDA graphs do not replay; use --compile default or --compile off"),
+    "promptsrc class-specific context": (train("promptsrc", "--coop.csc"),
+                                         "csc=True: PromptSRC learns one context shared by every class"),
+    "promptsrc gpa std zero": (train("promptsrc", "--promptsrc.gpa-std", "0"),
+                               "gpa_std=0.0 must be > 0 (--promptsrc.gpa-std; PromptSRC uses 1 over 20 epochs)"),
+    "promptsrc negative text weight": (train("promptsrc", "--promptsrc.text-weight", "-1"),
+                                       "text_weight=-1.0 must be a number >= 0 (0 drops the term)"),
+    "promptsrc depth beyond the tower": (train("promptsrc", "--coop.text-depth", "3", "--vpt.vision-depth", "3",
+                                               "--warmup-epochs", "0"),
+                                         "text_depth=3 does not fit the text tower's 2 layers; pick 1..2"),
     "train precision": (train("coop", "--precision", "fp16"), "Invalid value for '--precision': 'fp16'"),
     "train optimizer": (train("coop", "--optimizer", "adam"), "Invalid value for '--optimizer': 'adam'"),
     "train classes new": (train("coop", "--classes", "new"), "Invalid value for '--classes': 'new'"),
@@ -97,7 +106,7 @@ CASES = {
     "missing required flag": (["train", "--method", "coop"], "Missing option '--data'"),
     "no method and no protocol": (["train", "--data", "{demo}", "--out", "{run}", *TINY],
                                   "--method is missing; pass --method NAME (`fastprompt methods`), or a --protocol that "
-                                  "names its method (cocoop-b2n, kgcoop-b2n, prograd-b2n, ivlp-b2n, maple-b2n"),
+                                  "names its method (cocoop-b2n, kgcoop-b2n, prograd-b2n, promptsrc-b2n, promptsrc-fewshot, ivlp-b2n, maple-b2n"),
     "protocol without a default method": (["train", "--protocol", "cavpt", "--data", "{demo}", "--out", "{run}", *TINY],
                                           "--protocol cavpt names no default method (it sets the recipe for the "
                                           "method given); pass --method NAME"),
@@ -241,6 +250,31 @@ CASES = {
         train("coop", "--out", "{damaged[stopped]}", "--warmup-epochs", "0", "--shots", "1"),
         "{damaged[stopped]}/config.json: method=['coop'] must be a non-empty string; pass --restart to train this run "
         "again from the start, or use another --out"),
+    # ---- fastprompt reproduce (issue 27): the table, the data root, the seeds and settings, before anything is written
+    "reproduce unknown table": (["reproduce", "cavpt-table9", "--out", "{here}/t"],
+                                "unknown table 'cavpt-table9'; use one of cavpt-table1, cavpt-table2, cavpt-table3"),
+    "reproduce no table": (["reproduce", "--out", "{here}/t"], "give a TABLE, e.g. `fastprompt reproduce cavpt-table1"),
+    "reproduce dataset folder missing": (["reproduce", "cavpt-table1", "--data-root", "{here}", "--out", "{here}/t"],
+                                         "{here}/eurosat is missing: EuroSAT is expected under the data root as "
+                                         "eurosat/{{2750/, split_zhou_EuroSAT.json}}"),
+    "reproduce second dataset missing": (["reproduce", "cavpt-table1", "--data-root", "{coop_ten}", "--out", "{here}/t",
+                                          "--dry-run"], "{coop_ten}/caltech-101 is missing: Caltech101 is expected"),
+    "reproduce without a data root": (["reproduce", "cavpt-table1", "--out", "{here}/t"],
+                                      "{here}/t/data/eurosat.beton is not prepared yet; pass --data-root DATA"),
+    "reproduce seeds not numbers": (["reproduce", "cavpt-table1", "--seeds", "1,x", "--out", "{here}/t"],
+                                    "--seeds '1,x' must be comma-separated integers, e.g. 1,2,3"),
+    "reproduce seed twice": (["reproduce", "cavpt-table1", "--seeds", "1,1", "--out", "{here}/t"],
+                             "--seeds [1, 1] lists a seed twice; give each once"),
+    "reproduce sweep setting": (["reproduce", "cavpt-table1", "--jobs", "0", "--data-root", "{here}", "--out", "{here}/t"],
+                                "jobs=0 must be an integer >= 1"),
+    "reproduce out is a file": (["reproduce", "cavpt-table1", "--out", "{text}"], "is a file; pass a folder"),
+    "reproduce bench without list": (["reproduce", "cavpt-table1", "--bench", "{text}"], "--bench goes with --list"),
+    "reproduce bench not json": (["reproduce", "--list", "--bench", "{text}"], "is not readable JSON"),
+    "reproduce list and a table": (["reproduce", "cavpt-table1", "--list"], "--list prints every table; drop TABLE"),
+    "report table of no folder": (["report", "{here}/nothing", "--table", "cavpt-table1"],
+                                  "{here}/nothing is not a folder; pass the --out of `fastprompt reproduce cavpt-table1`"),
+    "report table with rows": (["report", "{here}", "--table", "cavpt-table1", "--rows", "dataset", "--cols", "method"],
+                               "--table prints the paper's layout: drop --rows"),
     # ---- validation, the reported model and per-class results (issue 25 §1-2)
     "final model best-val without eval-every": (train("coop", "--final-model", "best-val"),
                                                 "final_model='best-val' reports the epoch with the best val accuracy, so it "

@@ -74,7 +74,7 @@ def test_help_of_every_command():
     assert "--install-completion" in _help(()) and "<bool>" not in _help(()) + _help(("plot",))  # the groups too
 
     train = _help(("train",))
-    for shown in ("--method <coop|vpt-shallow|vpt-deep|vlp|cavpt|e2mim|cocoop|kgcoop|prograd|ivlp|maple>", "--classes <all|base>",
+    for shown in ("--method <coop|vpt-shallow|vpt-deep|vlp|cavpt|e2mim|cocoop|kgcoop|prograd|promptsrc|ivlp|maple>", "--classes <all|base>",
                   "--precision <auto|fp32|bf16>", "--optimizer <sgd|adamw>", "--device <auto|cpu|cuda|cuda:N>",
                   "--compile <auto|off|default|reduce-overhead|max-autotune>", "--cavpt.variant <paper|released>",
                   "--e2mim.infer <ensemble|soft>", "--vpt.placement <after-ln-pre|before-ln-pre>"):
@@ -89,7 +89,7 @@ def test_help_of_every_command():
         assert "--format <png|pdf>" in _help(figure), figure
     assert "--device <auto|cpu|cuda|cuda:N>" in _help(("plot", "attention"))
     sweep = _help(("sweep",))
-    protocols = "--protocol <coop|cocoop-b2n|kgcoop-b2n|prograd-b2n|cavpt|cavpt-paper|ivlp-b2n|maple-b2n|maple-xd>"
+    protocols = "--protocol <coop|cocoop-b2n|kgcoop-b2n|prograd-b2n|promptsrc-b2n|promptsrc-fewshot|cavpt|cavpt-paper|ivlp-b2n|maple-b2n|maple-xd>"
     for shown in ("--launcher <local|slurm|submitit-local>", "--device <auto|cpu|cuda|cuda:N>", protocols):
         assert shown in sweep, shown
     assert protocols in train and "--nan-policy <stop|skip>" in train

@@ -52,6 +52,8 @@ def test_installed_wheel_runs_bench_with_every_variant(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {f"fastprompt/models/configs/{p.name}" for p in (ROOT / "fastprompt/models/configs").glob("*.json")}
     assert "fastprompt/models/configs/fastprompt-tiny.json" in configs and configs <= names  # package data ships
+    tables = {f"fastprompt/reproduce/tables/{p.name}" for p in (ROOT / "fastprompt/reproduce/tables").glob("*.toml")}
+    assert "fastprompt/reproduce/tables/cavpt-table1.toml" in tables and tables <= names  # the reproduce tables ship
     assert "fastprompt/bench/anchor.py" in names
     assert not any(n.startswith(("benchmarks/", "tests/")) for n in names)
 

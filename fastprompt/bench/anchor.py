@@ -25,6 +25,11 @@ the way the public codebases are written, which is what users of those codebases
   at init), `ProGradLoss`, and `prograd_backward_and_update`'s step: the distillation
   backward (graph retained), its gradients cloned, the cross-entropy backward, the projection
   per tensor with Python branches;
+- PromptSRC (muzairkhattak/PromptSRC `trainers/promptsrc.py`): IVLP's prompted towers as above
+  (77-token text, every token through every image block), `CustomCLIP.forward`'s second frozen
+  image pass (`ZS_image_encoder`), its `fixed_embeddings` (computed at init as released; here
+  the model's cached target) normalised again every step, and `forward_backward`'s losses as
+  written there (`F.l1_loss`, `F.kl_div(..., reduction='sum', log_target=True) / logits.numel()`);
 - losses: `F.cross_entropy` on materialised logits `τ · x̂ ŵᵀ` (soft targets for mixup and
   CAVPT's eq. 10), L2 normalisation as `x / x.norm()`, as CLIP/CoOp write it;
 - precision: on GPU the bench runs an fp16 copy of the whole model (`model.half()`, CoOp's
@@ -253,6 +258,8 @@ class Anchor:
             return self._released_cavpt(images, labels, topk, tau)
         if self.method == "cocoop":
             return self._cocoop(images, labels, tau)
+        if self.method == "promptsrc":
+            return self._promptsrc(images, labels, tau)
         if self.method == "cavpt":
             topk = self.zero_shot_topk(images) if topk is None else topk  # (B, K_N)
             x, normed = image_features(model, images, topk, self.handcrafted[topk])  # (B, D)
@@ -322,6 +329,26 @@ class Anchor:
             a_grad_norm = a_grad / torch.linalg.norm(a_grad)
             if torch.dot(a_grad_norm.flatten(), b_grad_norm.flatten()) < 0:
                 p.grad = a_grad - lambda_ * torch.dot(a_grad.flatten(), b_grad_norm.flatten()) * b_grad_norm
+
+    def _promptsrc(self, images: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """PromptSRC as muzairkhattak/PromptSRC trainers/promptsrc.py `CustomCLIP.forward` (training) and
+        `PromptSRC.forward_backward` (PREC fp32's branch) write it."""
+        model, cfg = self.model, self.model.config
+        x, _ = image_features(model, images)  # (B, D): the prompted tower, every token through every block
+        image_ft = l2norm(x)  # (B, D)
+        text_features = self.text_features()  # (K, D): 77-token prompts, normalised
+        logits = tau * image_ft @ text_features.t()  # (B, K)
+        fixed_embeddings = l2norm(model.text_target)  # (K, D): `fixed_embeddings / fixed_embeddings.norm(...)`
+        with torch.no_grad():
+            zs_image_embedd = self.zero_shot_features(images)  # (B, D): ZS_image_encoder, a second image pass
+            zero_shot_logits = tau * zs_image_embedd @ fixed_embeddings.t()  # (B, K)
+        loss_ce = F.cross_entropy(logits, labels)
+        loss_scl_text = F.l1_loss(text_features, fixed_embeddings, reduction="mean") * cfg.text_weight
+        loss_scl_image = F.l1_loss(image_ft, zs_image_embedd, reduction="mean") * cfg.image_weight
+        L_SCL_logits = F.kl_div(F.log_softmax(logits / 1, dim=1), F.log_softmax(zero_shot_logits / 1, dim=1),
+                                reduction="sum", log_target=True) * (1 * 1) / logits.numel()
+        L_SCL = L_SCL_logits + loss_scl_text + loss_scl_image
+        return loss_ce + L_SCL, logits.detach()
 
     def _cocoop(self, images: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CoCoOp as KaiyangZhou/CoOp trainers/cocoop.py `PromptLearner.forward` and `CustomCLIP.forward`

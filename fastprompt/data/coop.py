@@ -105,6 +105,19 @@ def _check_files(spec: KnownDataset, folder: Path) -> None:
             )
 
 
+def check_coop_folder(name: str, data_root: PathLike) -> Path:
+    """The folder of CoOp's dataset `name` under $DATA (`data_root`), with every file its layout
+    lists; FastpromptError naming what is missing and the layout expected (`fastprompt reproduce`
+    checks every dataset of a table before it prepares any)."""
+    spec = find_coop_dataset(name)
+    folder = Path(data_root) / spec.layout.folder
+    if not folder.is_dir():
+        raise FastpromptError(f"{folder} is missing: {spec.coop_name} is expected under the data root as "
+                              f"{spec.layout.tree()} (CoOp's DATASETS.md; `fastprompt prepare coop --list`)")
+    _check_files(spec, folder)
+    return folder
+
+
 def _lines(path: Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").splitlines()

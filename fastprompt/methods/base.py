@@ -14,7 +14,10 @@ The class itself says:
   (`term_gradients`, averaged over ranks as DDP would) and writes the rule's combination of them
   as the trained tensors' gradients (ProGrad's projection);
 - what it saves: `prompt_state_dict()` (its trainable tensors) of which `training_only_names()`
-  stay with the training classes.
+  stay with the training classes;
+- what it does between epochs: `end_epoch(epoch, epochs)` after each training epoch, and the
+  state that carries across epochs, `training_state()` / `load_training_state()`, which every
+  checkpoint holds (PromptSRC's running average of the prompts).
 Its constructor picks parts:
 - `self.text`: None (cached hand-crafted features) or a `CoopContext` (learnable context);
 - `self.visual`: None (frozen image tower), shallow or deep `VisualPrompts`;
@@ -117,6 +120,21 @@ class PromptModel(nn.Module):
         """The trainer calls this before each epoch (0-based); methods whose objective changes
         with the epoch (CAVPT's released guidance) override it."""
 
+    def end_epoch(self, epoch: int, epochs: int) -> None:
+        """The trainer calls this after training epoch `epoch` (1-based) of `epochs`, before that
+        epoch's validation and checkpoint; methods that fold each epoch's prompts into a state
+        of their own (PromptSRC's Gaussian prompt aggregation) override it."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the prompts and the optimiser that an exact resume needs (what
+        `end_epoch` has accumulated); every checkpoint saves them. None here."""
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `training_state()` from a checkpoint (ValueError when it does not fit)."""
+        if state:
+            raise ValueError(f"{self.method} keeps no training state, the checkpoint has {', '.join(sorted(state))}")
+
     def prompt_context(self) -> dict:
         """What the image tower's per-sample prompt callback reads besides the images (CAVPT:
         the class features its queries come from); `extra_prompts(images, prompt_context())`."""
@@ -209,11 +227,15 @@ class PromptModel(nn.Module):
         self._check_images(images)
         prompts = self.tower_prompts(images, context)
         if prompts is None:
-            with torch.no_grad():
-                feats = self.clip.visual(images) if self.backend == "reference" else vision.encode(
-                    self.clip.visual, images, backend=self.backend)  # (B, D)
-        else:
-            feats = vision.encode(self.clip.visual, images, backend=self.backend, **prompts)  # (B, D)
+            return self.frozen_image_features(images)  # (B, D)
+        feats = vision.encode(self.clip.visual, images, backend=self.backend, **prompts)  # (B, D)
+        return F.normalize(feats, dim=-1)  # (B, D)
+
+    @torch.no_grad()
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features [B, D], normalised, of the unprompted frozen tower (no gradient)."""
+        feats = self.clip.visual(images) if self.backend == "reference" else vision.encode(
+            self.clip.visual, images, backend=self.backend)  # (B, D)
         return F.normalize(feats, dim=-1)  # (B, D)
 
     # ----------------------------------------------------------------- API

@@ -10,6 +10,7 @@ defaults and help (the comment after each field) are generated from these classe
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -235,3 +236,23 @@ class ProgradOptions(Options):
                      f"{name}={value!r} must be a number >= 0 (ProGrad uses 1.0)")
         _require(self.temperature > 0, f"temperature={self.temperature!r} must be > 0 (ProGrad uses 1.0)")
         _require(isinstance(self.template_init, bool), f"template_init={self.template_init!r} must be True or False")
+
+
+@dataclass
+class PromptsrcOptions(Options):
+    flag_prefix: ClassVar[str] = "promptsrc"
+
+    text_weight: float = 25.0  # λ_text of the L1 between the learned class features and the frozen ones averaged over PromptSRC's 60 templates (TEXT_LOSS_WEIGHT)
+    image_weight: float = 10.0  # λ_image of the L1 between the prompted and the frozen image features (IMAGE_LOSS_WEIGHT)
+    gpa_mean: float = 15.0  # mean (in epochs, numbered from 1) of the Gaussian whose weights average the prompts over epochs (GPA_MEAN)
+    gpa_std: float = 1.0  # standard deviation (in epochs) of that Gaussian (GPA_STD)
+
+    def _validate(self) -> None:
+        for name in ("text_weight", "image_weight", "gpa_mean", "gpa_std"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                     f"{name}={value!r} must be a finite number (PromptSRC's base-to-new config: text_weight 25, "
+                     "image_weight 10, gpa_mean 15, gpa_std 1)")
+        for name in ("text_weight", "image_weight"):
+            _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r} must be a number >= 0 (0 drops the term)")
+        _require(self.gpa_std > 0, f"gpa_std={self.gpa_std!r} must be > 0 (--promptsrc.gpa-std; PromptSRC uses 1 over 20 epochs)")

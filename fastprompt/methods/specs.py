@@ -17,8 +17,8 @@ from typing import Optional
 from fastprompt.settings import PLACEMENTS
 from fastprompt.errors import FastpromptError
 from fastprompt.methods.options import (CavptOptions, ClassPositionOptions, CoopOptions, E2mimOptions, KgcoopOptions,
-                                        MapleOptions, Options, PlacementOptions, ProgradOptions, TextDepthOptions,
-                                        VisualDepthOptions, VisualOptions)
+                                        MapleOptions, Options, PlacementOptions, ProgradOptions, PromptsrcOptions,
+                                        TextDepthOptions, VisualDepthOptions, VisualOptions)
 from fastprompt.methods.registry import MethodSpec, ParamGroup, declare
 from fastprompt.validation import require
 
@@ -195,6 +195,29 @@ class ProgradConfig(ProgradOptions, CoopOptions):
                                   "class; drop csc (--coop.shared) or pass --prograd.no-template-init without ctx_init")
 
 
+PROMPTSRC_DEPTH = 9  # muzairkhattak/PromptSRC vit_b16_c2_ep20_batch4_4+4ctx.yaml PROMPT_DEPTH_TEXT / PROMPT_DEPTH_VISION
+_PROMPTSRC_YAML = "muzairkhattak/PromptSRC configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml"
+PROMPTSRC_TEXT_GROUP = ParamGroup("text", lr=0.0025, warmup_epochs=1,
+                                  source=f"{_PROMPTSRC_YAML}: OPTIM.LR 0.0025, WARMUP_EPOCH 1 (constant 1e-5)")
+PROMPTSRC_VISUAL_GROUP = ParamGroup("visual", lr=0.0025, warmup_epochs=1,
+                                    source=f"{_PROMPTSRC_YAML}: OPTIM.LR 0.0025, WARMUP_EPOCH 1 (constant 1e-5; one optimiser)")
+
+
+@dataclass
+class PromptsrcConfig(PromptsrcOptions, VisualDepthOptions, VisualOptions, TextDepthOptions, CoopOptions):
+    n_ctx: Optional[int] = 4  # N_CTX_TEXT
+    ctx_init: Optional[str] = "a photo of a"  # CTX_INIT
+    text_depth: Optional[int] = None  # PROMPT_DEPTH_TEXT 9 (every layer of a shallower tower)
+    n_prompts: int = 4  # N_CTX_VISION
+    placement: str = field(default="before-ln-pre", metadata={"choices": PLACEMENTS})  # clip/model.py VisionTransformer
+    vision_depth: Optional[int] = None  # PROMPT_DEPTH_VISION 9 (every layer of a shallower tower)
+
+    def _validate(self) -> None:
+        if self.csc:
+            raise FastpromptError("csc=True: PromptSRC learns one context shared by every class (its text target is "
+                                  "per class, its prompts are not); drop csc (--coop.shared)")
+
+
 def _cavpt_trains(config: CavptConfig) -> tuple:
     """CAVPT trains the text context only with text_prompt=True."""
     return tuple(g for g in (TEXT_GROUP, VISUAL_GROUP, CAVPT_GROUP) if g is not TEXT_GROUP or config.text_prompt)
@@ -235,6 +258,11 @@ declare(MethodSpec("prograd", ProgradConfig, groups=(PROGRAD_TEXT_GROUP,), froze
                    module=_M + "prograd",
                    summary="CoOp context stepped along the cross-entropy gradient less its part against distillation to zero-shot CLIP",
                    paper="Zhu et al., ICCV 2023 (ProGrad; BeierZhu/Prompt-align ProGrad.public/trainers/prograd.py)"))
+declare(MethodSpec("promptsrc", PromptsrcConfig, groups=(PROMPTSRC_TEXT_GROUP, PROMPTSRC_VISUAL_GROUP),
+                   frozen_image_tower=False, module=_M + "promptsrc",
+                   summary="IVLP deep prompts held to frozen CLIP (L1 on both features, KL on the logits), "
+                           "averaged over epochs with Gaussian weights",
+                   paper="Khattak et al., ICCV 2023 (PromptSRC; muzairkhattak/PromptSRC trainers/promptsrc.py)"))
 declare(MethodSpec("ivlp", IvlpConfig, groups=(IVLP_TEXT_GROUP, IVLP_VISUAL_GROUP), frozen_image_tower=False,
                    module=_M + "ivlp",
                    packs=True, summary="deep text and deep visual prompts learned independently",

@@ -245,6 +245,92 @@ PROGRAD_B2N = _check(Protocol(
     ),
 ))
 
+_PROMPTSRC_REPO = "muzairkhattak/PromptSRC"
+_PROMPTSRC_B2N_YAML = f"{_PROMPTSRC_REPO} configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml"
+_PROMPTSRC_B2N_SH = f"{_PROMPTSRC_REPO} scripts/promptsrc/base2new_train.sh"
+_PROMPTSRC_FS_YAML = f"{_PROMPTSRC_REPO} configs/trainers/PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml"
+_PROMPTSRC_FS_SH = f"{_PROMPTSRC_REPO} scripts/promptsrc/few_shot.sh"
+# the few-shot config's GPA: GPA_MEAN 30, GPA_STD 30 "for ImageNet, Caltech101, OxfordPets, Food101, UCF101 and SUN397",
+# its commented-out 45 and 5 "for StanfordCars, Flowers102, FGVCAircraft, DTD and EuroSAT"
+_PROMPTSRC_FS_45_5 = ("stanford_cars", "oxford_flowers", "fgvc_aircraft", "dtd", "eurosat")
+
+
+def _promptsrc_recipe(yaml: str, script: str, *, shots: Setting, classes: Setting, epochs: int, gpa_mean: Setting,
+                      gpa_std: Setting) -> dict:
+    """The settings PromptSRC's base-to-novel and few-shot configs share (Dassl's SGD, ViT-B/16, batch 4,
+    lr 0.0025 with 1 constant warm-up epoch, IVLP's 4 + 4 prompts to depth 9, the loss weights)."""
+    return {
+        "method": Setting("promptsrc", f"{script} TRAINER=PromptSRC (trainers/promptsrc.py)"),
+        "clip": Setting("ViT-B-16", f"{yaml} MODEL.BACKBONE.NAME"),
+        "pretrained": Setting("openai", "CLIP's released weights"),
+        "shots": shots,
+        "classes": classes,
+        "epochs": Setting(epochs, f"{yaml} OPTIM.MAX_EPOCH"),
+        "batch_size": Setting(4, f"{yaml} DATALOADER.TRAIN_X.BATCH_SIZE"),
+        "lr": Setting(0.0025, f"{yaml} OPTIM.LR (every group: one optimiser)"),
+        "warmup_epochs": Setting(1, f"{yaml} OPTIM.WARMUP_EPOCH (every group)"),
+        **_SGD,
+        "options.n_ctx": Setting(4, f"{yaml} TRAINER.PROMPTSRC.N_CTX_TEXT"),
+        "options.ctx_init": Setting("a photo of a", f"{yaml} TRAINER.PROMPTSRC.CTX_INIT"),
+        "options.csc": Setting(False, f"{_PROMPTSRC_REPO} trainers/promptsrc.py (one shared context)"),
+        "options.text_depth": Setting(9, f"{yaml} TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT"),
+        "options.n_prompts": Setting(4, f"{yaml} TRAINER.PROMPTSRC.N_CTX_VISION"),
+        "options.placement": Setting("before-ln-pre", f"{_PROMPTSRC_REPO} clip/model.py (VisionTransformer.forward: "
+                                                      "layer 1's visual prompts appended before ln_pre)"),
+        "options.vision_depth": Setting(9, f"{yaml} TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION"),
+        "options.text_weight": Setting(25.0, f"{yaml} TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT"),
+        "options.image_weight": Setting(10.0, f"{yaml} TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT"),
+        "options.gpa_mean": gpa_mean,
+        "options.gpa_std": gpa_std,
+    }
+
+
+_PROMPTSRC_NOTES = (
+    "Depth 9 needs 9 layers in each tower; with a smaller one (--clip fastprompt-tiny) pass --coop.text-depth and "
+    "--vpt.vision-depth.",
+    "The reported model is GPA's (the Gaussian-weighted average of every epoch's prompts, made after the last epoch), "
+    "as the released scripts' --load-epoch of the last epoch: --final-model last, the default.",
+    "PromptSRC trains in fp16 (PREC fp16; its text target from an fp32 CLIP); fastprompt's --precision auto is bf16 "
+    "autocast on CUDA, its losses in fp32.",
+)
+
+PROMPTSRC_B2N = _check(Protocol(
+    "promptsrc-b2n",
+    "PromptSRC base-to-novel generalisation (Khattak et al., ICCV 2023), ViT-B/16, train on base, test base and new",
+    _promptsrc_recipe(
+        _PROMPTSRC_B2N_YAML, _PROMPTSRC_B2N_SH,
+        shots=Setting(16, f"{_PROMPTSRC_B2N_SH} SHOTS=16"),
+        classes=Setting("base", f"{_PROMPTSRC_B2N_SH} DATASET.SUBSAMPLE_CLASSES base (new: `fastprompt eval --classes "
+                                "new`, done at the end of training)"),
+        epochs=20,
+        gpa_mean=Setting(15.0, f"{_PROMPTSRC_B2N_YAML} TRAINER.PROMPTSRC.GPA_MEAN"),
+        gpa_std=Setting(1.0, f"{_PROMPTSRC_B2N_YAML} TRAINER.PROMPTSRC.GPA_STD"),
+    ),
+    notes=("One recipe on every dataset, ImageNet included (its docs/TRAIN.md trains ImageNet for 20 epochs).",
+           "--method ivlp gives PromptSRC's independent V-L baseline on the same recipe (4 + 4 prompts to depth 9, no "
+           "self-regularisation, no GPA).",
+           *_PROMPTSRC_NOTES),
+))
+
+PROMPTSRC_FEWSHOT = _check(Protocol(
+    "promptsrc-fewshot",
+    "PromptSRC few-shot learning (Khattak et al., ICCV 2023), ViT-B/16, all classes, 1 to 16 shots",
+    _promptsrc_recipe(
+        _PROMPTSRC_FS_YAML, _PROMPTSRC_FS_SH,
+        shots=Setting(16, f"{_PROMPTSRC_FS_SH} SHOTS=$2 (docs/TRAIN.md runs 1, 2, 4, 8, 16: pass --shots)"),
+        classes=Setting("all", f"{_PROMPTSRC_FS_SH} (no DATASET.SUBSAMPLE_CLASSES: train.py's 'all')"),
+        epochs=50,
+        gpa_mean=Setting(30.0, f"{_PROMPTSRC_FS_YAML} TRAINER.PROMPTSRC.GPA_MEAN (30 for ImageNet, Caltech101, "
+                               "OxfordPets, Food101, UCF101, SUN397; 45 for the others, as its comment says)",
+                         by_dataset={name: 45.0 for name in _PROMPTSRC_FS_45_5}),
+        gpa_std=Setting(30.0, f"{_PROMPTSRC_FS_YAML} TRAINER.PROMPTSRC.GPA_STD (30; 5 for StanfordCars, Flowers102, "
+                              "FGVCAircraft, DTD, EuroSAT, as its comment says)",
+                        by_dataset={name: 5.0 for name in _PROMPTSRC_FS_45_5}),
+    ),
+    notes=("One run per shot count and seed (few_shot.sh: seeds 1, 2, 3): `fastprompt sweep --shots 1,2,4,8,16`.",
+           *_PROMPTSRC_NOTES),
+))
+
 _CAVPT_SETTINGS = {
     "clip": Setting("ViT-B-32", f"{_CAVPT} §Implementation ('ViT-Base/32'); {_DPT_YAML} MODEL.BACKBONE.NAME"),
     "pretrained": Setting("openai", "CLIP's released weights"),
@@ -391,7 +477,8 @@ MAPLE_XD = _check(Protocol(
     ),
 ))
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (COOP, COCOOP_B2N, KGCOOP_B2N, PROGRAD_B2N, CAVPT, CAVPT_PAPER, IVLP_B2N, MAPLE_B2N, MAPLE_XD)}
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (COOP, COCOOP_B2N, KGCOOP_B2N, PROGRAD_B2N, PROMPTSRC_B2N, PROMPTSRC_FEWSHOT,
+                                                         CAVPT, CAVPT_PAPER, IVLP_B2N, MAPLE_B2N, MAPLE_XD)}
 
 
 def get_protocol(name: str) -> Protocol:

@@ -7,9 +7,10 @@ One run = one `--out` directory:
 - `metrics.jsonl`: one JSON line per epoch (loss, accuracy, every group's lr, images/s; `val_accuracy`
   on the epochs `--eval-every` scores the run's few-shot val subset);
 - `checkpoint.json` + `checkpoint-*.safetensors` (`fastprompt.training.checkpoint`): prompts,
-  optimiser, RNG states, epoch and metrics, and the weights and data ids (`CHECKPOINT_FACTS`),
-  committed atomically every `checkpoint_every` epochs; a run started again with the same
-  `--out` resumes from it (on the same weights and data, whether config.json is there or not);
+  the method's training state (`PromptModel.training_state`, e.g. PromptSRC's GPA sum), optimiser,
+  RNG states, epoch and metrics, and the weights and data ids (`CHECKPOINT_FACTS`), committed
+  atomically every `checkpoint_every` epochs; a run started again with the same `--out` resumes
+  from it (on the same weights and data, whether config.json is there or not);
 - `prompts.safetensors`: the trainable tensors of the reported model only, at the end;
 - `results.json`: the reported model (`final_model`: the last epoch's, or best-val: the epoch with the
   best val accuracy, the first of equals, as Dassl's `TEST.FINAL_MODEL best_val`; `reported_epoch`),
@@ -84,6 +85,8 @@ RECORD_KEYS = ("config", "classnames", "epoch", "optimizer", "rng", "metrics")
 # run facts that follow file contents, recorded in every checkpoint too (`facts`): a run whose
 # config.json is lost is not continued on other weights or data (checkpoints before them lack them)
 CHECKPOINT_FACTS = ("weights_id", "data_id")
+# checkpoint tensors of the method's own training state (`PromptModel.training_state`, e.g. PromptSRC's GPA sum)
+METHOD_STATE = "method."
 
 
 class _Step(nn.Module):
@@ -317,6 +320,8 @@ class Trainer:
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             self.model.load_prompt_state_dict(prompts)
+            self.model.load_training_state({k.removeprefix(METHOD_STATE): v for k, v in tensors.items()
+                                            if k.startswith(METHOD_STATE)})
             self.optimizer.load_state_dict(checkpoint.optimizer_from_parts(record["optimizer"], tensors))
             rng = checkpoint.rng_from_json(record["rng"])
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as err:
@@ -380,6 +385,7 @@ class Trainer:
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON record, tensors) of everything an exact resume needs."""
         tensors = {f"prompts.{k}": v for k, v in self.model.prompt_state_dict().items()}
+        tensors.update({METHOD_STATE + k: v for k, v in self.model.training_state().items()})
         record = {
             "config": self.config.to_dict(),
             "classnames": list(self.classnames),
@@ -590,6 +596,7 @@ class Trainer:
         """The epoch `line` (its metrics.jsonl line) trained: validation, the metrics line, the checkpoint."""
         cfg = self.config
         self.epoch += 1
+        self.model.end_epoch(self.epoch, cfg.epochs)  # the method's between-epoch step (PromptSRC's GPA)
         self._after_epoch_validation(line)
         self.metrics.append(line)
         if progress is not None:

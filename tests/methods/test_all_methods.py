@@ -13,7 +13,7 @@ METHODS = fastprompt.list_methods()
 
 
 def test_list_methods():
-    assert METHODS == ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "vlp", "cavpt", "e2mim", "cocoop", "kgcoop", "prograd", "ivlp", "maple"]
+    assert METHODS == ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "vlp", "cavpt", "e2mim", "cocoop", "kgcoop", "prograd", "promptsrc", "ivlp", "maple"]
 
 
 def _build(method, clip, backend="fast", seed=0, **opts):
@@ -30,6 +30,7 @@ EXPECTED_NAMES = {
     "cocoop": {"text.context", "meta.linear1.weight", "meta.linear1.bias", "meta.linear2.weight", "meta.linear2.bias"},
     "kgcoop": {"text.context"},
     "prograd": {"text.context"},
+    "promptsrc": {"text.context", "text.deep_context", "visual.prompts"},
     "ivlp": {"text.context", "text.deep_context", "visual.prompts"},
     "maple": {"text.context", "text.deep_context", "visual.first.weight", "visual.first.bias", "visual.deep.0.weight",
               "visual.deep.0.bias"},

@@ -23,7 +23,7 @@ def test_disk_then_memory(tiny_clip, tmp_path, monkeypatch):
     bundle = load_clip(tiny_clip)
     calls = []
     real = handcrafted.compute_features
-    monkeypatch.setattr(handcrafted, "compute_features", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(handcrafted, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     first = handcrafted.template_features(bundle, ["cat", "dog"], ["a photo of a {}."])
     assert len(calls) == 1 and len(list(tmp_path.glob("text-*.safetensors"))) == 1

@@ -59,6 +59,7 @@ METHODS = [
     ("cocoop", {}, {}),  # per-image prefixes of the text tower, one pass for every (image, class)
     ("kgcoop", {}, {}),  # CoOp plus the cached hand-crafted features' cosine term
     ("prograd", {}, {}),  # its reported loss (the cross-entropy); the rule's step: test_training_run_compiled_equals_eager
+    ("promptsrc", {}, {}),  # ivlp's prompts plus the frozen tower's pass and the cached text target
     ("ivlp", {}, {}),  # deep text (shared prefix) and deep visual prompts carried above their depth
     ("maple", {"prompt_depth": 1}, {}),  # coupled prompts: layer 1 only, carried through every layer
     ("maple", {}, {}),

@@ -155,6 +155,59 @@ def test_a_killed_best_val_run_reports_the_uninterrupted_runs_model(demo_beton, 
 
 
 @pytest.mark.slow
+def test_a_killed_promptsrc_run_resumes_to_the_same_gpa_prompts(demo_beton, tmp_path):
+    """PromptSRC's GPA (issue 23): the running Gaussian-weighted sum of the epochs' prompts is part of
+    every checkpoint, so a run killed in epoch 3 of 3 ends on an uninterrupted run's final prompts
+    (bit-equal). N(2, 1) over 3 epochs gives each epoch weight; the final prompts are the sum the last
+    checkpoint holds, not the last epoch's."""
+    extra = ["--promptsrc.gpa-mean", "2", "--promptsrc.gpa-std", "1"]
+    args = lambda out: [FASTPROMPT, *_args(demo_beton, out, *extra, method="promptsrc")]
+    full, part = tmp_path / "full", tmp_path / "part"
+    subprocess.run(args(full), check=True, env=_env(), capture_output=True)
+    killed = subprocess.run(args(part), env=_env(**{EXIT_AFTER_STEP: "5"}), capture_output=True, text=True)  # 2 a epoch
+    assert killed.returncode == EXIT_CODE, killed.stderr[-3000:]
+    record, tensors = checkpoint.load(part)
+    assert record["epoch"] == 2 and sorted(k for k in tensors if k.startswith("method.")) == [
+        "method.gpa.text.context", "method.gpa.text.deep_context", "method.gpa.visual.prompts"]
+    resumed = subprocess.run(args(part), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 2/3" in " ".join(resumed.stderr.split())
+    assert _metrics(part) == _metrics(full)
+    a, b = load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final = checkpoint.load(full)[1]  # after the last epoch: the prompts are the GPA sum it also holds
+    assert all(torch.equal(final[f"method.gpa.{k}"], a[k]) for k in a)
+    assert not all(torch.equal(tensors[f"prompts.{k}"], tensors[f"method.gpa.{k}"]) for k in a)  # mid-run: apart
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_promptsrc_checkpoint_without_its_gpa_sum_is_refused(demo_beton, tmp_path, monkeypatch):
+    """A checkpoint whose tensors lack the method's training state (PromptSRC's GPA sum) cannot end on
+    the run's prompts: one line naming it and --restart."""
+    out = tmp_path / "run"
+    args = _args(demo_beton, out, epochs=2, method="promptsrc")
+
+    def kill(step):  # in epoch 2 (2 steps an epoch): the checkpoint after epoch 1 stays
+        if step >= 3:
+            raise _Killed
+
+    monkeypatch.setattr("fastprompt.training.trainer.exit_after_step", kill)
+    assert isinstance(runner.invoke(app, args).exception, _Killed)
+    monkeypatch.undo()
+    record, tensors = checkpoint.load(out)
+    assert record["epoch"] == 1 and sorted(k for k in tensors if k.startswith("method.gpa."))
+    record = {k: v for k, v in record.items() if k not in ("format", "tensors", "checkpoint_id")}
+    checkpoint.save(out, record, {k: v for k, v in tensors.items() if not k.startswith("method.")})
+    error = _error(runner.invoke(app, args))
+    assert "does not fit this run (ValueError: the checkpoint's PromptSRC GPA sum holds nothing" in error
+    assert "pass --restart" in error
+
+
+@pytest.mark.slow
 def test_prepare_killed_between_its_renames_leaves_no_finished_beton(tmp_path):
     from fastprompt.data import open_dataset
 

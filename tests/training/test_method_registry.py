@@ -138,7 +138,7 @@ def test_a_declared_method_states_its_facts_once():
         unregister_method("declared-toy")
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "vlp", "cavpt", "e2mim", "cocoop", "kgcoop", "prograd", "ivlp", "maple"])
+@pytest.mark.parametrize("method", ["zeroshot", "coop", "vpt-shallow", "vpt-deep", "vlp", "cavpt", "e2mim", "cocoop", "kgcoop", "prograd", "promptsrc", "ivlp", "maple"])
 def test_declared_facts_match_the_model(method, tiny_clip):
     cls = METHODS[method]
     model = fastprompt.create_model(method, classnames=CLASSNAMES, clip=tiny_clip)

@@ -35,6 +35,7 @@ METHODS = [
     ("cocoop", {}),
     ("kgcoop", {}),
     ("prograd", {}),
+    ("promptsrc", {}),
     ("ivlp", {}),
     ("maple", {}),
 ]

@@ -99,6 +99,29 @@ def test_kgcoop_b2n_is_the_released_config():
     assert "weight" not in coop.options and coop.options["ctx_init"] == "a photo of a"
 
 
+@pytest.mark.parametrize("protocol,dataset,gpa", [("promptsrc-b2n", "dtd", (15.0, 1.0)), ("promptsrc-b2n", "imagenet", (15.0, 1.0)),
+                                                 ("promptsrc-fewshot", "imagenet", (30.0, 30.0)),
+                                                 ("promptsrc-fewshot", "dtd", (45.0, 5.0))])
+def test_promptsrc_protocols_are_the_released_configs(protocol, dataset, gpa):
+    """muzairkhattak/PromptSRC vit_b16_c2_ep20_batch4_4+4ctx.yaml (base2new_train.sh: 16 shots of the base
+    classes, 20 epochs) and vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml (few_shot.sh: all classes, 50
+    epochs, GPA N(30, 30) or, on the fine-grained five, N(45, 5)); ViT-B/16, batch 4, lr 0.0025 for both
+    prompt sets, 4 + 4 prompts to depth 9, loss weights 25 and 10; ivlp on the recipe takes its prompts."""
+    config = resolved(protocol, "promptsrc", dataset)
+    fewshot = protocol == "promptsrc-fewshot"
+    assert (config.method, config.clip, config.pretrained, config.shots, config.batch_size) == (
+        "promptsrc", "ViT-B-16", "openai", 16, 4)
+    assert (config.classes, config.epochs, config.optimizer, config.warmup_lr) == (
+        "all" if fewshot else "base", 50 if fewshot else 20, "sgd", 1e-5)
+    assert config.group_lr == {"text": 0.0025, "visual": 0.0025} and config.group_warmup_epochs == {"text": 1, "visual": 1}
+    assert config.options == {"n_ctx": 4, "csc": False, "ctx_init": "a photo of a", "text_depth": 9,
+                              "placement": "before-ln-pre", "n_prompts": 4, "vision_depth": 9, "text_weight": 25.0,
+                              "image_weight": 10.0, "gpa_mean": gpa[0], "gpa_std": gpa[1]}
+    ivlp = resolved(protocol, "ivlp", dataset)  # the baseline row: the prompts, not the regularisers
+    assert (ivlp.options["n_ctx"], ivlp.options["n_prompts"], ivlp.options["text_depth"]) == (4, 4, 9)
+    assert "gpa_mean" not in ivlp.options
+
+
 @pytest.mark.parametrize("protocol,method,dataset", [("maple-b2n", "maple", "dtd"), ("maple-b2n", "maple", "imagenet"),
                                                      ("maple-xd", "maple", "imagenet"), ("ivlp-b2n", "ivlp", "dtd")])
 def test_maple_protocols_are_the_released_configs(protocol, method, dataset):
@@ -156,7 +179,7 @@ def test_resolved_protocol_config_round_trips_and_unknown_names_fail():
     assert again == config
     assert again.resolve("oxford_pets", [g for g in method_class("cavpt").groups if g.name != "text"],
                          config.options) == config
-    with pytest.raises(FastpromptError, match="unknown protocol 'cavtp'.*coop, cocoop-b2n, kgcoop-b2n, prograd-b2n, cavpt, cavpt-paper"):
+    with pytest.raises(FastpromptError, match="unknown protocol 'cavtp'.*coop, cocoop-b2n, kgcoop-b2n, prograd-b2n, promptsrc-b2n, promptsrc-fewshot, cavpt, cavpt-paper"):
         TrainConfig.from_protocol("cavtp", dataset="eurosat", method="cavpt", data="x.beton", out="o")
     with pytest.raises(FastpromptError, match="unknown protocol"):
         TrainConfig(method="coop", data="x.beton", out="o", protocol="nope")
@@ -306,12 +329,14 @@ def test_every_protocol_setting_names_a_real_field_option_or_group():
 PROTOCOL_RUNS = [("coop", "coop"), ("coop", "vpt-deep"), ("cocoop-b2n", None), ("cocoop-b2n", "coop"), ("cocoop-b2n", "vlp"),
                  ("kgcoop-b2n", None), ("kgcoop-b2n", "coop"),
                  ("prograd-b2n", None), ("prograd-b2n", "coop"),
+                 ("promptsrc-b2n", None), ("promptsrc-b2n", "ivlp"), ("promptsrc-fewshot", None),
                  ("cavpt", "cavpt"), ("cavpt", "vlp"), ("cavpt-paper", "cavpt"),
                  ("ivlp-b2n", None), ("ivlp-b2n", "vlp"), ("maple-b2n", None), ("maple-b2n", "maple"),
                  ("maple-b2n", "ivlp"), ("maple-xd", None)]
 _IVLP_TINY, _MAPLE_TINY = ["--coop.text-depth", "2", "--vpt.vision-depth", "3"], ["--maple.prompt-depth", "2"]
 TINY_DEPTHS = {("ivlp-b2n", None): _IVLP_TINY, ("ivlp-b2n", "vlp"): _IVLP_TINY, ("maple-b2n", None): _MAPLE_TINY,
-               ("maple-b2n", "maple"): _MAPLE_TINY, ("maple-xd", None): _MAPLE_TINY}
+               ("maple-b2n", "maple"): _MAPLE_TINY, ("maple-xd", None): _MAPLE_TINY, ("promptsrc-b2n", None): _IVLP_TINY,
+               ("promptsrc-b2n", "ivlp"): _IVLP_TINY, ("promptsrc-fewshot", None): _IVLP_TINY}
 
 
 @pytest.mark.parametrize("protocol,method", PROTOCOL_RUNS)
