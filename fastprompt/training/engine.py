@@ -18,6 +18,9 @@ Resuming: each run resumes from its own checkpoint; runs of a pack killed betwee
 checkpoint writes stand at different epochs, so an epoch packs the runs at the earliest epoch
 (the others wait for them), and a resumed pack ends where an uninterrupted one does.
 
+A pack whose image tower is frozen encodes each test image once for the whole pack (each run's
+logits from its own class features; `_TestFeatures`).
+
 A failing run (a non-finite loss, a damaged checkpoint, a write error) fails alone: with
 `keep_going` it is reported (`on_result(plan, None, error)`) and the other runs go on; without,
 the first failure is raised.

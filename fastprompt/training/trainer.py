@@ -1,5 +1,10 @@
 """The `Trainer`: few-shot prompt tuning with exact resume and DistributedDataParallel.
 
+A Trainer executes one `RunPlan` (`fastprompt.training.plan`: every setting resolved before it
+starts) and resolves nothing itself; `fastprompt.training.engine` executes lists of plans, each
+alone (`train`) or packed (its runs' Trainers built, resumed, checkpointed and evaluated as
+alone, their steps taken together by `fastprompt.training.pack`).
+
 One run = one `--out` directory:
 - `config.json`: the resolved `TrainConfig` (every group's lr and warm-up, every method
   option, epochs) plus run facts (class names, template, dataset, weights, the data's checksum,
