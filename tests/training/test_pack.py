@@ -12,7 +12,8 @@ from fastprompt.errors import FastpromptError
 from fastprompt.methods import create_model, list_methods, method_class, method_spec
 from fastprompt.methods.base import PromptModel
 from fastprompt.methods.coop import Coop
-from fastprompt.training.pack import OBJECTIVE_HOOKS, Pack, auto_pack_size, packed_loss, probe_step, step_memory
+from fastprompt.training.pack import (OBJECTIVE_HOOKS, Pack, auto_pack_size, packed_logits, packed_loss,
+                                      packed_text_features, probe_step, step_memory)
 
 RUNS, BATCH, STEPS = 3, 4, 3
 PACKED_METHODS = {"coop", "vpt-shallow", "vpt-deep", "vlp", "ivlp"}
@@ -243,6 +244,22 @@ def test_step_memory_grows_with_the_runs_of_a_prompted_tower(tiny_clip):
     assert all(p.grad is None for m in models for p in m.parameters())  # the probe trains nothing
     choice = auto_pack_size(probe, 8, cpu, available=int((one + (two - one) // 2) / 0.8))
     assert choice.size == 1 and choice.reason.startswith("memory:") and "fits one run" in choice.reason
+
+
+@pytest.mark.parametrize("method", ["coop", "vpt-deep"])
+def test_packed_evaluation_equals_each_model(tiny_clip, method):
+    """Evaluation logits of a pack on one test batch: run n's equal `models[n](images)` (a frozen
+    tower encodes the batch once for all runs; the class features computed once may be passed)."""
+    models = _runs(tiny_clip, method)
+    for m in models:
+        m.eval()
+    images = _batches(steps=1, runs=1)[0][0][0]  # (B, 3, 64, 64)
+    with torch.no_grad():
+        want = torch.stack([m(images) for m in models])  # (N, B, K)
+        text = packed_text_features(models)
+    for got in (packed_logits(models, images), packed_logits(models, images, text=text)):
+        assert got.shape == (RUNS, BATCH, len(CLASSNAMES))
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_cached_features_pack_as_images_do(tiny_clip):
