@@ -273,6 +273,8 @@ class Pack:
         for r in self.active:
             self.optimizers[r].zero_grad(set_to_none=True)
         y = torch.stack(list(labels))  # (N, B)
+        if self.compile_mode == "reduce-overhead" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's outputs may be overwritten
         with self.autocast():
             if features is not None:
                 losses, logits = self._forward(None, y, torch.stack(list(features)))  # (N,), (N, B, K)
