@@ -62,7 +62,7 @@ CASES = [
     pytest.param("vpt-deep", "reference", {}, id="vpt-deep-reference", marks=slow),
     pytest.param("vpt-deep", "fast", {"vision_depth": 2, "placement": "before-ln-pre"}, id="vpt-deep-carried",
                  marks=slow),  # each run's slots carried above layer 2
-    pytest.param("vpt-shallow", "fast", {}, id="vpt-shallow"),
+    pytest.param("vpt-shallow", "fast", {}, id="vpt-shallow", marks=slow),
     pytest.param("vlp", "fast", {"text_depth": 2}, id="vlp-deep-text", marks=slow),  # each run's deep text context
 ]
 
@@ -117,7 +117,7 @@ def test_each_runs_loss_moves_only_its_prompts(tiny_clip, method):
     assert not torch.equal(again[1], losses[1])
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
+@pytest.mark.parametrize("policy", ["stop", pytest.param("skip", marks=pytest.mark.slow)])
 def test_a_nonfinite_run_fails_alone(tiny_clip, policy):
     """Run 1's prompts hold a NaN: its epoch is reported failed (stop: its first bad step; skip:
     every step skipped, its optimiser never stepped), the pack drops it, and runs 0 and 2 trained
