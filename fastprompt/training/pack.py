@@ -262,24 +262,27 @@ class Pack:
              features: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """One step of every active run on its own batch (`images[i]`, `labels[i]` of run
         `active[i]`; `features` in place of images for a frozen tower's cache); `step` is the
-        0-based step of the epoch. Returns the losses [n] (detached, on the device)."""
+        0-based step of the epoch. Returns the losses [n] (detached, on the device).
+
+        Each may be a list of the runs' tensors (stacked here: one copy of the images a step) or
+        one tensor [n, B, ...] already (loaders that fill one buffer per pack: no copy)."""
         n = len(self.active)
         if len(labels) != n or (images is not None and len(images) != n) or (features is not None and len(features) != n):
             raise ValueError(f"a step of this pack takes one batch per active run ({n}: runs {self.active})")
-        sizes = {int(y.shape[0]) for y in labels}
+        sizes = {int(y.shape[0]) for y in labels}  # a tensor [N, B]: its rows
         if len(sizes) != 1:
             raise FastpromptError(f"the packed runs' batches have {sorted(sizes)} images; a pack steps equal batches "
                                   "(the same shots, classes and batch size)")
         for r in self.active:
             self.optimizers[r].zero_grad(set_to_none=True)
-        y = torch.stack(list(labels))  # (N, B)
+        y = _stacked(labels)  # (N, B)
         if self.compile_mode == "reduce-overhead" and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's outputs may be overwritten
         with self.autocast():
             if features is not None:
-                losses, logits = self._forward(None, y, torch.stack(list(features)))  # (N,), (N, B, K)
+                losses, logits = self._forward(None, y, _stacked(features))  # (N,), (N, B, K)
             else:
-                losses, logits = self._forward(torch.stack(list(images)), y)  # (N,), (N, B, K)
+                losses, logits = self._forward(_stacked(images), y)  # (N,), (N, B, K)
         ok = [self.guards[r].step_ok(losses[i], step) for i, r in enumerate(self.active)]  # stop: no host read
         if all(ok):
             losses.sum().backward()  # run n's prompts get d loss_n alone (no op mixes runs)
@@ -319,6 +322,11 @@ class Pack:
             if self.active:
                 self._forward = self._compiled()
         return lines
+
+
+def _stacked(batches) -> torch.Tensor:
+    """The runs' batches as one tensor [N, B, ...]: a tensor as it is, a list stacked."""
+    return batches if torch.is_tensor(batches) else torch.stack(list(batches))
 
 
 # ------------------------------------------------------------------ choosing N (`--pack auto`)
