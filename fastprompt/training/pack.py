@@ -10,8 +10,8 @@ carries every run's batch through the frozen towers together:
 - text tower: hand-crafted class features (`text` None) are the same for every run and used
   once; learnable context runs N·K prompts in one pass (`prompts.coop.packed_features`: N
   prefixes, each shared by its run's K class suffixes);
-- loss: each run's cosine cross-entropy of its own batch against its own class features; the
-  step backpropagates their sum. No operation mixes rows of two runs (the towers are frozen,
+- loss: each run's `objective` (the cosine cross-entropy, plus KgCoOp's knowledge gap) of its own
+  batch against its own class features; the step backpropagates their sum. No operation mixes rows of two runs (the towers are frozen,
   so no weight gradient sums over the batch), so run n's prompts get the gradient of run n's
   loss alone, what a solo run computes (tested: packed == solo, isolation).
 Evaluation (`packed_logits`): N runs score one test batch; a frozen tower encodes each test image
@@ -22,8 +22,9 @@ run's; the trainer clips no gradient, nor does the pack), its non-finite guard (
 a run whose loss goes non-finite fails alone, the others go on) and its running sums.
 
 Which methods pack is declared (`MethodSpec.packs`), not guessed: a method packs when its
-objective is the base `PromptModel`'s (text context and/or visual prompts, cosine cross-entropy),
-so this module computes it for N runs. A method that says `packs=False` (its own loss, a
+forward is the base `PromptModel`'s (text context and/or visual prompts) and its loss a function
+of the image and class features alone (`PromptModel.objective`), so this module computes it for
+N runs. A method that says `packs=False` (its own loss, a
 gradient rule, per-image prompts or top-K tables) trains in packs of one; a method that
 declares `packs=True` and still overrides the objective is refused (`check_packable`).
 
@@ -53,7 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastprompt.errors import FastpromptError
-from fastprompt.losses import cosine_ce
 from fastprompt.methods.base import PromptModel
 from fastprompt.models import vision
 from fastprompt.prompts.coop import CoopContext, packed_features
@@ -130,7 +130,7 @@ def packed_loss(models: Sequence[PromptModel], images: Optional[torch.Tensor], l
         x = packed_image_features(models, images.reshape(n_runs * batch, *images.shape[2:]))  # (N·B, D)
     x = x.view(n_runs, batch, -1)  # (N, B, D)
     w = packed_text_features(models)  # (N, K, D)
-    losses = torch.stack([cosine_ce(x[n], w[n], labels[n], scale, first.backend) for n in range(n_runs)])  # (N,)
+    losses = torch.stack([m.objective(x[n], w[n], labels[n]) for n, m in enumerate(models)])  # (N,): each run's own
     with torch.no_grad():
         logits = scale * x @ w.transpose(1, 2)  # (N, B, K)
     return losses, logits

@@ -16,7 +16,7 @@ from fastprompt.training.pack import (OBJECTIVE_HOOKS, Pack, auto_pack_size, pac
                                       packed_text_features, probe_step, step_memory)
 
 RUNS, BATCH, STEPS = 3, 4, 3
-PACKED_METHODS = {"coop", "vpt-shallow", "vpt-deep", "vlp", "ivlp"}
+PACKED_METHODS = {"coop", "kgcoop", "vpt-shallow", "vpt-deep", "vlp", "ivlp"}
 
 
 def _runs(tiny_clip, method, backend="fast", runs=RUNS, **options):
@@ -64,6 +64,7 @@ CASES = [
                  marks=slow),  # each run's slots carried above layer 2
     pytest.param("vpt-shallow", "fast", {}, id="vpt-shallow", marks=slow),
     pytest.param("vlp", "fast", {"text_depth": 2}, id="vlp-deep-text", marks=slow),  # each run's deep text context
+    pytest.param("kgcoop", "fast", {}, id="kgcoop", marks=slow),  # its own objective: CE + the knowledge gap
 ]
 
 
@@ -155,8 +156,8 @@ def test_a_nonfinite_run_fails_alone(tiny_clip, policy):
 
 
 def test_the_methods_that_pack_say_so():
-    """`MethodSpec.packs` is declared for the base-objective methods, and every method that
-    declares it computes the objective the pack computes (overrides none of its hooks)."""
+    """`MethodSpec.packs` is declared for the methods of the base forward, and every method that
+    declares it computes what the pack computes (overrides none of its hooks; `objective` may)."""
     assert {name for name in list_methods() if method_spec(name).packs} == PACKED_METHODS
     for name in PACKED_METHODS:
         cls = method_class(name)
@@ -166,8 +167,8 @@ def test_the_methods_that_pack_say_so():
 def test_a_pack_refuses_what_it_cannot_step(tiny_clip):
     """A method that does not declare packs, one that declares it but overrides the objective,
     and runs that differ in options or CLIP are refused with the reason."""
-    with pytest.raises(FastpromptError, match="kgcoop does not declare that its runs pack"):
-        Pack(_runs(tiny_clip, "kgcoop", runs=2), [None, None])
+    with pytest.raises(FastpromptError, match="cocoop does not declare that its runs pack"):
+        Pack(_runs(tiny_clip, "cocoop", runs=2), [None, None])
 
     class LossOfItsOwn(Coop):
         def loss_and_logits(self, images, labels, features=None):
