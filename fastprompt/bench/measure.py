@@ -20,8 +20,10 @@ of a step (all threads), the steadier figure on a shared CPU. Memory, per varian
 With `packs` (`--pack 1,2,4,8`) each packing method (`MethodSpec.packs`) is measured at each
 number of runs N in its reference, fast and fast+compile variants: N runs of `batch_size` images
 a step through `fastprompt.training.pack.Pack` (N = 1: the solo step itself); `pack` is N,
-`images_per_s` the images of all runs a second and `images_per_s_per_run` one run's,
-`speedup_vs_pack1` the total against the solo step's and `per_run_vs_solo` one run's against it.
+`images_per_s` the images of all runs a second and `images_per_s_per_run` one run's (batch_size
+/ step), `speedup_vs_pack1` all runs' images/s against the solo step's: how much sooner N runs
+finish packed than one after another (the cost of a run's image packed against solo is its
+inverse).
 A method that does not pack, and the anchor, have the solo rows only.
 On CUDA each record also has the step's useful FLOPs (`fastprompt.bench.flops`, counted on
 one step of every variant but the compiled one; the fast variant's count is the useful work

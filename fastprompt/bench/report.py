@@ -25,7 +25,6 @@ def add_ratios(records: list[dict], device: torch.device) -> None:
         if "pack" in r:  # --pack: all runs' images/s against the solo step's, and one run's
             solo = by.get((r["method"], r["variant"], 1))
             r["speedup_vs_pack1"] = r["images_per_s"] / solo["images_per_s"] if ok(solo) else None
-            r["per_run_vs_solo"] = r["images_per_s_per_run"] / solo["images_per_s"] if ok(solo) else None
         ref, anc = by.get((r["method"], "reference", runs)), by.get((r["method"], "anchor", runs))
         r["speedup_vs_reference"] = r["images_per_s"] / ref["images_per_s"] if ref and not ref.get("error") else None
         r["speedup_vs_anchor"] = r["images_per_s"] / anc["images_per_s"] if anc and not anc.get("error") else None

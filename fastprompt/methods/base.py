@@ -21,7 +21,8 @@ The class itself says:
 Its constructor picks parts:
 - `self.text`: None (cached hand-crafted features) or a `CoopContext` (learnable context);
 - `self.visual`: None (frozen image tower), shallow or deep `VisualPrompts`;
-and, where the method needs more, overrides `extra_prompts` / `forward` / `loss`.
+and, where the method needs more, overrides `extra_prompts` / `forward` / `loss`, or only
+`objective` (a loss of the image and class features alone: its runs can still pack).
 Logits are always `τ · cos(x, w)` with CLIP's own frozen τ.
 """
 
@@ -256,7 +257,14 @@ class PromptModel(nn.Module):
         self._check_labels(labels, images if features is None else features)
         x = self.image_features(images, {"features": features})  # (B, D)
         w = self.text_features()  # (K, D)
-        return cosine_ce(x, w, labels, self.logit_scale(), self.backend), self._detached_logits(x, w)
+        return self.objective(x, w, labels), self._detached_logits(x, w)
+
+    def objective(self, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss (0-d) of one batch's normalised image features x [B, D] and class
+        features w [K, D]: CLIP's cosine cross-entropy. A method whose loss adds terms of x and w
+        alone (KgCoOp's knowledge gap) overrides this, and its runs still pack (the pack calls it
+        on each run's rows, `fastprompt.training.pack`)."""
+        return cosine_ce(x, w, labels, self.logit_scale(), self.backend)
 
     def _detached_logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -32,7 +32,6 @@ than 4 with it, or `csc` with it are refused (the released code silently replace
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
 
 import torch
 
@@ -51,13 +50,8 @@ class Kgcoop(PromptModel):
         phrase = KGCOOP_PHRASE if config.ctx_init else None  # "_" is a space, as released
         add_coop(self, replace(config, n_ctx=n_ctx, ctx_init=phrase))
 
-    def loss_and_logits(self, images: Optional[torch.Tensor], labels: torch.Tensor,
-                        features: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """CE + weight · (1 − mean_k cos(t_k, t_k^clip)); logits of the same forward.
-        `features` [B, D]: cached frozen-tower features in place of `images`."""
-        self._check_labels(labels, images if features is None else features)
-        x = self.image_features(images, {"features": features})  # (B, D), normalised
-        w = self.text_features()  # (K, D), normalised: one text-tower pass
+    def objective(self, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CE + weight · (1 − mean_k cos(t_k, t_k^clip)) of normalised image features x [B, D] and
+        class features w [K, D] (one text-tower pass a step, `loss_and_logits`)."""
         loss = cosine_ce(x, w, labels, self.logit_scale(), self.backend)  # ()
-        loss = loss + self.config.weight * knowledge_gap(w, self.template_features, self.backend)  # ()
-        return loss, self._detached_logits(x, w)
+        return loss + self.config.weight * knowledge_gap(w, self.template_features, self.backend)  # ()

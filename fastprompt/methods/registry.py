@@ -75,8 +75,8 @@ class MethodSpec:
     paper: str = ""  # the paper (and released code) it computes
     trains: Optional[Callable[[Any], tuple]] = None  # options -> the groups a run trains (None: every group)
     model: Optional[type] = None  # the PromptModel subclass, once its module is imported
-    # its runs train packed, N as one (fastprompt.training.pack): True only for a model whose objective is
-    # PromptModel's own (text context and/or visual prompts, cosine cross-entropy); False: packs of one
+    # its runs train packed, N as one (fastprompt.training.pack): True only for a model whose forward is
+    # PromptModel's own (text context and/or visual prompts) and whose loss is its `objective`; False: packs of one
     packs: bool = False
 
     @property

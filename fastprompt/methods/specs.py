@@ -252,7 +252,7 @@ declare(MethodSpec("cocoop", CocoopConfig, groups=(COCOOP_TEXT_GROUP, COCOOP_MET
                    summary="CoOp context shifted per image by a meta-net of the image feature",
                    paper="Zhou et al., CVPR 2022 (CoCoOp; KaiyangZhou/CoOp trainers/cocoop.py)"))
 declare(MethodSpec("kgcoop", KgcoopConfig, groups=(KGCOOP_TEXT_GROUP,), frozen_image_tower=True, module=_M + "kgcoop",
-                   summary="CoOp context pulled toward the hand-crafted class features: CE + w (1 - mean_k cos(t_k, t_k^clip))",
+                   packs=True, summary="CoOp context pulled toward the hand-crafted class features: CE + w (1 - mean_k cos(t_k, t_k^clip))",
                    paper="Yao et al., CVPR 2023 (KgCoOp; htyao89/KgCoOp KgCoOp/trainers/kgcoop.py)"))
 declare(MethodSpec("prograd", ProgradConfig, groups=(PROGRAD_TEXT_GROUP,), frozen_image_tower=True,
                    module=_M + "prograd",

@@ -10,18 +10,21 @@ carries every run's batch through the frozen towers together:
 - text tower: hand-crafted class features (`text` None) are the same for every run and used
   once; learnable context runs N·K prompts in one pass (`prompts.coop.packed_features`: N
   prefixes, each shared by its run's K class suffixes);
-- loss: each run's cosine cross-entropy of its own batch against its own class features; the
-  step backpropagates their sum. No operation mixes rows of two runs (the towers are frozen,
+- loss: each run's `objective` (the cosine cross-entropy, plus KgCoOp's knowledge gap) of its own
+  batch against its own class features; the step backpropagates their sum. No operation mixes rows of two runs (the towers are frozen,
   so no weight gradient sums over the batch), so run n's prompts get the gradient of run n's
   loss alone, what a solo run computes (tested: packed == solo, isolation).
+Evaluation (`packed_logits`): N runs score one test batch; a frozen tower encodes each test image
+once for the whole pack, a prompted one runs it once per run in one pass.
 What stays per run: the model (its prompts; the frozen CLIP is one object shared by all), its
 optimiser (momentum, weight decay, lr tensors: the engine sets each run's schedule as a solo
 run's; the trainer clips no gradient, nor does the pack), its non-finite guard (`--nan-policy`:
 a run whose loss goes non-finite fails alone, the others go on) and its running sums.
 
 Which methods pack is declared (`MethodSpec.packs`), not guessed: a method packs when its
-objective is the base `PromptModel`'s (text context and/or visual prompts, cosine cross-entropy),
-so this module computes it for N runs. A method that says `packs=False` (its own loss, a
+forward is the base `PromptModel`'s (text context and/or visual prompts) and its loss a function
+of the image and class features alone (`PromptModel.objective`), so this module computes it for
+N runs. A method that says `packs=False` (its own loss, a
 gradient rule, per-image prompts or top-K tables) trains in packs of one; a method that
 declares `packs=True` and still overrides the objective is refused (`check_packable`).
 
@@ -51,7 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastprompt.errors import FastpromptError
-from fastprompt.losses import cosine_ce
 from fastprompt.methods.base import PromptModel
 from fastprompt.models import vision
 from fastprompt.prompts.coop import CoopContext, packed_features
@@ -117,8 +119,7 @@ def packed_loss(models: Sequence[PromptModel], images: Optional[torch.Tensor], l
         raise FastpromptError(f"labels must be int64 of shape [{len(models)}, B] (one batch per packed run); got "
                               f"{labels.dtype} {tuple(labels.shape)}")
     scale = first.logit_scale()  # () frozen τ, one CLIP
-    # ---- image side: one pass over N·B images
-    if features is not None:
+    if features is not None:  # a frozen tower's cached features
         if not first.frozen_image_tower:
             raise FastpromptError(f"{first.method} prompts its image tower; it needs images, not cached features")
         x = F.normalize(features.reshape(n_runs * batch, -1), dim=-1)  # (N·B, D)
@@ -126,28 +127,54 @@ def packed_loss(models: Sequence[PromptModel], images: Optional[torch.Tensor], l
         if images is None or images.dim() != 5 or tuple(images.shape[:2]) != (n_runs, batch):
             raise FastpromptError(f"images must be [{n_runs}, {batch}, 3, S, S] (one batch per packed run); got "
                                   f"{None if images is None else tuple(images.shape)}")
-        flat = images.reshape(n_runs * batch, *images.shape[2:])  # (N·B, 3, S, S): run n's rows n·B ..
-        if first.visual is None:
-            x = first.image_features(flat, {})  # (N·B, D): the frozen tower, no grad, once for every run
-        else:
-            first._check_images(flat)
-            prompts = torch.stack([m.visual.prompts for m in models])  # (N, L, P, d): each run's own
-            where = {"placement": first.visual.placement}
-            if first.visual_mode == "shallow":
-                kwargs = {"shallow": prompts[:, 0], **where}  # (N, P, d)
-            else:
-                kwargs = {"deep": prompts, "carry": first.visual.carry, **where}
-            x = F.normalize(vision.encode(first.clip.visual, flat, backend=first.backend, **kwargs), dim=-1)  # (N·B, D)
+        x = packed_image_features(models, images.reshape(n_runs * batch, *images.shape[2:]))  # (N·B, D)
     x = x.view(n_runs, batch, -1)  # (N, B, D)
-    # ---- text side: the cached class features once, or every run's context in one pass
-    if first.text is None:
-        w = first.template_features.expand(n_runs, -1, -1)  # (N, K, D): the same hand-crafted features
-    else:
-        w = F.normalize(packed_features([m.text for m in models], first.clip, first.backend), dim=-1)  # (N, K, D)
-    losses = torch.stack([cosine_ce(x[n], w[n], labels[n], scale, first.backend) for n in range(n_runs)])  # (N,)
+    w = packed_text_features(models)  # (N, K, D)
+    losses = torch.stack([m.objective(x[n], w[n], labels[n]) for n, m in enumerate(models)])  # (N,): each run's own
     with torch.no_grad():
         logits = scale * x @ w.transpose(1, 2)  # (N, B, K)
     return losses, logits
+
+
+def packed_image_features(models: Sequence[PromptModel], images: torch.Tensor) -> torch.Tensor:
+    """Normalised image features [N·B, D] of N runs' images [N·B, 3, S, S] (run n's in rows n·B ..)
+    in one pass: the frozen tower without grad, or each image through its own run's prompts."""
+    first = models[0]
+    if first.visual is None:
+        return first.image_features(images, {})  # (N·B, D): the frozen tower, no grad, once for every run
+    first._check_images(images)
+    prompts = torch.stack([m.visual.prompts for m in models])  # (N, L, P, d): each run's own
+    where = {"placement": first.visual.placement}
+    if first.visual_mode == "shallow":
+        kwargs = {"shallow": prompts[:, 0], **where}  # (N, P, d)
+    else:
+        kwargs = {"deep": prompts, "carry": first.visual.carry, **where}
+    return F.normalize(vision.encode(first.clip.visual, images, backend=first.backend, **kwargs), dim=-1)  # (N·B, D)
+
+
+def packed_text_features(models: Sequence[PromptModel]) -> torch.Tensor:
+    """Normalised class features [N, K, D] of N runs: the cached hand-crafted features once, or
+    every run's context in one pass of the text tower."""
+    first = models[0]
+    if first.text is None:
+        return first.template_features.expand(len(models), -1, -1)  # (N, K, D): the same for every run
+    return F.normalize(packed_features([m.text for m in models], first.clip, first.backend), dim=-1)  # (N, K, D)
+
+
+@torch.no_grad()
+def packed_logits(models: Sequence[PromptModel], images: torch.Tensor,
+                  text: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Evaluation logits [N, B, K] of N runs on one batch of images [B, 3, S, S] (a test set all
+    runs score): row n equals `models[n](images)`. A frozen image tower encodes each image once
+    for the whole pack; a prompted one runs the B images once per run, in one pass. `text`: the
+    runs' `packed_text_features` [N, K, D], computed once for a whole test set (eval mode)."""
+    n_runs, batch = len(models), images.shape[0]
+    w = packed_text_features(models) if text is None else text  # (N, K, D)
+    if models[0].visual is None:
+        x = packed_image_features(models[:1], images).expand(n_runs, -1, -1)  # (N, B, D): one pass for all
+    else:
+        x = packed_image_features(models, images.repeat(n_runs, 1, 1, 1)).view(n_runs, batch, -1)  # (N, B, D)
+    return models[0].logit_scale() * x @ w.transpose(1, 2)  # (N, B, K)
 
 
 class PackedForward(nn.Module):
@@ -235,22 +262,27 @@ class Pack:
              features: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """One step of every active run on its own batch (`images[i]`, `labels[i]` of run
         `active[i]`; `features` in place of images for a frozen tower's cache); `step` is the
-        0-based step of the epoch. Returns the losses [n] (detached, on the device)."""
+        0-based step of the epoch. Returns the losses [n] (detached, on the device).
+
+        Each may be a list of the runs' tensors (stacked here: one copy of the images a step) or
+        one tensor [n, B, ...] already (loaders that fill one buffer per pack: no copy)."""
         n = len(self.active)
         if len(labels) != n or (images is not None and len(images) != n) or (features is not None and len(features) != n):
             raise ValueError(f"a step of this pack takes one batch per active run ({n}: runs {self.active})")
-        sizes = {int(y.shape[0]) for y in labels}
+        sizes = {int(y.shape[0]) for y in labels}  # a tensor [N, B]: its rows
         if len(sizes) != 1:
             raise FastpromptError(f"the packed runs' batches have {sorted(sizes)} images; a pack steps equal batches "
                                   "(the same shots, classes and batch size)")
         for r in self.active:
             self.optimizers[r].zero_grad(set_to_none=True)
-        y = torch.stack(list(labels))  # (N, B)
+        y = _stacked(labels)  # (N, B)
+        if self.compile_mode == "reduce-overhead" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's outputs may be overwritten
         with self.autocast():
             if features is not None:
-                losses, logits = self._forward(None, y, torch.stack(list(features)))  # (N,), (N, B, K)
+                losses, logits = self._forward(None, y, _stacked(features))  # (N,), (N, B, K)
             else:
-                losses, logits = self._forward(torch.stack(list(images)), y)  # (N,), (N, B, K)
+                losses, logits = self._forward(_stacked(images), y)  # (N,), (N, B, K)
         ok = [self.guards[r].step_ok(losses[i], step) for i, r in enumerate(self.active)]  # stop: no host read
         if all(ok):
             losses.sum().backward()  # run n's prompts get d loss_n alone (no op mixes runs)
@@ -290,6 +322,11 @@ class Pack:
             if self.active:
                 self._forward = self._compiled()
         return lines
+
+
+def _stacked(batches) -> torch.Tensor:
+    """The runs' batches as one tensor [N, B, ...]: a tensor as it is, a list stacked."""
+    return batches if torch.is_tensor(batches) else torch.stack(list(batches))
 
 
 # ------------------------------------------------------------------ choosing N (`--pack auto`)

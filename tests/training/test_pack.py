@@ -12,10 +12,11 @@ from fastprompt.errors import FastpromptError
 from fastprompt.methods import create_model, list_methods, method_class, method_spec
 from fastprompt.methods.base import PromptModel
 from fastprompt.methods.coop import Coop
-from fastprompt.training.pack import OBJECTIVE_HOOKS, Pack, auto_pack_size, packed_loss, probe_step, step_memory
+from fastprompt.training.pack import (OBJECTIVE_HOOKS, Pack, auto_pack_size, packed_logits, packed_loss,
+                                      packed_text_features, probe_step, step_memory)
 
 RUNS, BATCH, STEPS = 3, 4, 3
-PACKED_METHODS = {"coop", "vpt-shallow", "vpt-deep", "vlp", "ivlp"}
+PACKED_METHODS = {"coop", "kgcoop", "vpt-shallow", "vpt-deep", "vlp", "ivlp"}
 
 
 def _runs(tiny_clip, method, backend="fast", runs=RUNS, **options):
@@ -61,8 +62,9 @@ CASES = [
     pytest.param("vpt-deep", "reference", {}, id="vpt-deep-reference", marks=slow),
     pytest.param("vpt-deep", "fast", {"vision_depth": 2, "placement": "before-ln-pre"}, id="vpt-deep-carried",
                  marks=slow),  # each run's slots carried above layer 2
-    pytest.param("vpt-shallow", "fast", {}, id="vpt-shallow"),
+    pytest.param("vpt-shallow", "fast", {}, id="vpt-shallow", marks=slow),
     pytest.param("vlp", "fast", {"text_depth": 2}, id="vlp-deep-text", marks=slow),  # each run's deep text context
+    pytest.param("kgcoop", "fast", {}, id="kgcoop", marks=slow),  # its own objective: CE + the knowledge gap
 ]
 
 
@@ -116,7 +118,7 @@ def test_each_runs_loss_moves_only_its_prompts(tiny_clip, method):
     assert not torch.equal(again[1], losses[1])
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
+@pytest.mark.parametrize("policy", ["stop", pytest.param("skip", marks=pytest.mark.slow)])
 def test_a_nonfinite_run_fails_alone(tiny_clip, policy):
     """Run 1's prompts hold a NaN: its epoch is reported failed (stop: its first bad step; skip:
     every step skipped, its optimiser never stepped), the pack drops it, and runs 0 and 2 trained
@@ -148,14 +150,14 @@ def test_a_nonfinite_run_fails_alone(tiny_clip, policy):
     assert pack.active == [0, 2]
     images, labels = _batches(steps=1, runs=2)[0]
     pack.start_epoch()
-    assert pack.step(images, labels, 0).shape == (2,)
+    assert pack.step(torch.stack(images), torch.stack(labels), 0).shape == (2,)  # one tensor a pack: no copy
     with pytest.raises(ValueError, match="one batch per active run"):
         pack.step(*_batches(steps=1)[0], 0)
 
 
 def test_the_methods_that_pack_say_so():
-    """`MethodSpec.packs` is declared for the base-objective methods, and every method that
-    declares it computes the objective the pack computes (overrides none of its hooks)."""
+    """`MethodSpec.packs` is declared for the methods of the base forward, and every method that
+    declares it computes what the pack computes (overrides none of its hooks; `objective` may)."""
     assert {name for name in list_methods() if method_spec(name).packs} == PACKED_METHODS
     for name in PACKED_METHODS:
         cls = method_class(name)
@@ -165,8 +167,8 @@ def test_the_methods_that_pack_say_so():
 def test_a_pack_refuses_what_it_cannot_step(tiny_clip):
     """A method that does not declare packs, one that declares it but overrides the objective,
     and runs that differ in options or CLIP are refused with the reason."""
-    with pytest.raises(FastpromptError, match="kgcoop does not declare that its runs pack"):
-        Pack(_runs(tiny_clip, "kgcoop", runs=2), [None, None])
+    with pytest.raises(FastpromptError, match="cocoop does not declare that its runs pack"):
+        Pack(_runs(tiny_clip, "cocoop", runs=2), [None, None])
 
     class LossOfItsOwn(Coop):
         def loss_and_logits(self, images, labels, features=None):
@@ -243,6 +245,22 @@ def test_step_memory_grows_with_the_runs_of_a_prompted_tower(tiny_clip):
     assert all(p.grad is None for m in models for p in m.parameters())  # the probe trains nothing
     choice = auto_pack_size(probe, 8, cpu, available=int((one + (two - one) // 2) / 0.8))
     assert choice.size == 1 and choice.reason.startswith("memory:") and "fits one run" in choice.reason
+
+
+@pytest.mark.parametrize("method", ["coop", "vpt-deep"])
+def test_packed_evaluation_equals_each_model(tiny_clip, method):
+    """Evaluation logits of a pack on one test batch: run n's equal `models[n](images)` (a frozen
+    tower encodes the batch once for all runs; the class features computed once may be passed)."""
+    models = _runs(tiny_clip, method)
+    for m in models:
+        m.eval()
+    images = _batches(steps=1, runs=1)[0][0][0]  # (B, 3, 64, 64)
+    with torch.no_grad():
+        want = torch.stack([m(images) for m in models])  # (N, B, K)
+        text = packed_text_features(models)
+    for got in (packed_logits(models, images), packed_logits(models, images, text=text)):
+        assert got.shape == (RUNS, BATCH, len(CLASSNAMES))
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_cached_features_pack_as_images_do(tiny_clip):
