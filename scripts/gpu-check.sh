@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine (CUDA, torch >= 2.11 and Triton >= 3.6 installed, no
-# internet, no FFCV): in about 9 minutes (each step has a time limit; the limits sum to 14.8 min) it
+# internet, no FFCV): in about 9 minutes (each step has a time limit; the GPU steps' limits sum to
+# 890 s, more than one 600 s device call: split it with --only, see below) it
 #   1. runs the kernel tests on the GPU and the bf16 fast-vs-reference parity test of every
 #      method (tests/kernels, tests/methods/test_bf16_parity.py);
 #   2. runs `fastprompt bench` on synthetic images for ViT-B/32 and ViT-B/16 at batch 128,
@@ -16,23 +17,39 @@
 #   scripts/gpu-check.sh FOLDER                 # on the GPU machine
 #   scripts/gpu-check.sh --cpu-dry-run FOLDER   # the same steps at tiny shapes on CPU (Triton's
 #                                               # interpreter, fastprompt-tiny; no fast+compile)
+#   scripts/gpu-check.sh --only STEP,... FOLDER  # only these steps (and `machine`), e.g. two calls
+#     within 600 s each: --only tests,bench-ViT-B-32,bench-ViT-B-16,bench-baselines (540 s)
+#     then --only bench-pack,micro,tests-cuda-graphs,tests-fp32 (410 s, `machine` in each) into the same FOLDER
 # Wheels: open_clip, typer, pytest, ... are installed from .whl/ (scripts/gpu-wheels.sh
 # downloads them where PyPI is reachable) into /tmp/site; torch is never reinstalled.
 # PYTHON picks the interpreter (default: .venv/bin/python where it exists, else python3).
 set -uo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 MODE=gpu
 OUT=""
+ONLY=""
+want_only=0
 for arg in "$@"; do
+    if [ "$want_only" = 1 ]; then ONLY=",$arg,"; want_only=0; continue; fi
     case "$arg" in
         --cpu-dry-run) MODE=cpu-dry-run ;;
+        --only) want_only=1 ;;
         -h|--help) usage ;;
         -*) echo "gpu-check: unknown option $arg" >&2; usage ;;
         *) [ -z "$OUT" ] || { echo "gpu-check: one FOLDER, got $OUT and $arg" >&2; exit 2; }; OUT=$arg ;;
     esac
 done
+[ "$want_only" = 0 ] || { echo "gpu-check: --only needs a comma-separated list of steps" >&2; exit 2; }
 [ -n "$OUT" ] || { echo "gpu-check: give the output FOLDER" >&2; usage; }
+if [ "$MODE" = gpu ]; then
+    STEPS="tests bench-ViT-B-32 bench-ViT-B-16 bench-baselines bench-pack micro tests-cuda-graphs tests-fp32"
+else
+    STEPS="tests bench-fastprompt-tiny bench-pack micro"
+fi
+for name in ${ONLY//,/ }; do
+    case " $STEPS " in *" $name "*) ;; *) echo "gpu-check: --only: no step '$name' in $MODE mode; steps: $STEPS" >&2; exit 2 ;; esac
+done
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called from
 cd "$(dirname "$0")/.."
 # the project's interpreter when a checkout has one (scripts/setup.sh's .venv), else python3
@@ -54,12 +71,19 @@ if [ "$MODE" = gpu ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # fastprompt from this checkout
 mkdir -p "$OUT" || exit 2
-: > "$OUT/steps.tsv"
+if [ -z "$ONLY" ]; then
+    : > "$OUT/steps.tsv"
+else  # a later call into the same FOLDER: keep the other steps' records, replace these
+    touch "$OUT/steps.tsv"
+    awk -F'\t' -v only="$ONLY" 'index(only, "," $1 ",") == 0 && $1 != "machine"' "$OUT/steps.tsv" > "$OUT/steps.tsv.kept"
+    mv "$OUT/steps.tsv.kept" "$OUT/steps.tsv"
+fi
 
 # step NAME LIMIT_S COMMAND...: run it with a time limit, log to FOLDER/NAME.log, record it.
 step() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "$ONLY" ] && [ "$name" != machine ] && [[ "$ONLY" != *",$name,"* ]]; then return 0; fi
     echo "[gpu-check] $name (limit ${limit}s): $*"
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1

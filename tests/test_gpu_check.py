@@ -4,6 +4,7 @@ report it writes, from made-up step outputs (failed steps, failed tests, goals m
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,49 @@ def test_usage_errors_exit_2(tmp_path):
     proc = run_script("--cpu-dry-run", "--fast", str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
     assert not (tmp_path / "steps.tsv").exists()
+
+
+def _gpu_step_limits() -> dict[str, int]:
+    """Each GPU-mode step's name and time limit, as the script calls `step NAME LIMIT ...`."""
+    text = SCRIPT.read_text()
+    gpu = text[text.index('if [ "$MODE" = gpu ]; then\n    # The gpu-marked'):text.index("\nelse\n    step tests 300")]
+    limits = {"machine": int(re.search(r"^step machine (\d+)", text, re.M).group(1))}
+    for name, limit in re.findall(r'^\s*step "?([\w$-]+)"? (\d+)', gpu, re.M):
+        for clip in (["ViT-B-32", "ViT-B-16"] if "$clip" in name else [None]):
+            limits[name.replace("$clip", clip) if clip else name] = int(limit)
+    return limits
+
+
+def test_the_gpu_steps_fit_the_device_calls_the_header_names():
+    """One device call runs at most 600 s: the header states the steps' sum and two --only calls
+    that cover every step, each within 600 s (with `machine` in both); --only knows the same steps."""
+    limits = _gpu_step_limits()
+    header = SCRIPT.read_text().split("set -uo pipefail")[0]
+    assert f"sum to\n# {sum(limits.values())} s" in header
+    calls = [m.split(",") for m in re.findall(r"--only ([\w,-]+) \(", header)]
+    assert len(calls) == 2 and sorted(sum(calls, [])) == sorted(n for n in limits if n != "machine")
+    for call in calls:
+        total = limits["machine"] + sum(limits[n] for n in call)
+        assert total <= 600 and f"({total} s" in header, (call, total)
+    known = re.search(r'STEPS="([^"]+)"', SCRIPT.read_text()).group(1).split()
+    assert sorted(known) == sorted(n for n in limits if n != "machine")
+
+
+def test_only_refuses_an_unknown_step_and_writes_nothing(tmp_path):
+    proc = run_script("--cpu-dry-run", "--only", "bench-pack,nope", str(tmp_path / "out"), timeout=60)
+    assert proc.returncode == 2 and "no step 'nope'" in proc.stderr and "bench-pack" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_only_runs_its_steps_and_keeps_the_other_records(tmp_path):
+    """A second call into the same FOLDER replaces its steps' records and keeps the others'."""
+    (tmp_path / "steps.tsv").write_text("micro\t0\t5\t300\tpytest\nbench-pack\t1\t9\t120\told\n")
+    proc = run_script("--cpu-dry-run", "--only", "bench-pack", str(tmp_path), timeout=600)
+    rows = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+    assert [r[0] for r in rows] == ["micro", "machine", "bench-pack"], proc.stdout + proc.stderr
+    assert rows[2][1] == "0" and "--pack 1,2" in rows[2][4]
+    assert not (tmp_path / "tests.log").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole check")
