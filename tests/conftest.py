@@ -70,10 +70,10 @@ def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path
 def numba_kernels_cached(build_once) -> None:
     """fastprompt's numba decode kernels (`cache=True`: cached beside their sources, so a fresh
     clone has none) compiled and cached before the first test. Every process that decodes a batch
-    before they are cached compiles them itself (~12 s of CPU): under pytest-xdist both workers
+    before they are cached compiles them itself (12-40 s of CPU): under pytest-xdist both workers
     and the `fastprompt` processes that the first tests start (sweeps, kills) did so at once.
     One worker compiles them here, decoding a train and a test batch of a tiny demo set as
-    `fastprompt train` does, while the other waits; with a warm cache this loads them (~1 s)."""
+    `fastprompt train` does, while the other waits; with a warm cache this loads them."""
 
     def decode(path: Path) -> None:
         from fastprompt.data import open_dataset, write_demo
