@@ -66,6 +66,26 @@ def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path
     return build_file
 
 
+@pytest.fixture(scope="session", autouse=True)
+def numba_kernels_cached(build_once) -> None:
+    """fastprompt's numba decode kernels (`cache=True`: cached beside their sources, so a fresh
+    clone has none) compiled and cached before the first test. Every process that decodes a batch
+    before they are cached compiles them itself (12-40 s of CPU): under pytest-xdist both workers
+    and the `fastprompt` processes that the first tests start (sweeps, kills) did so at once.
+    One worker compiles them here, decoding a train and a test batch of a tiny demo set as
+    `fastprompt train` does, while the other waits; with a warm cache this loads them."""
+
+    def decode(path: Path) -> None:
+        from fastprompt.data import open_dataset, write_demo
+
+        write_demo(str(path), images_per_class=5, seed=0)
+        data = open_dataset(path)
+        for split in ("train", "test"):
+            next(iter(data.loader(split, image_size=64, batch_size=4, num_workers=1)))
+
+    build_once("numba-kernels.beton", decode)
+
+
 @pytest.fixture
 def failing_writes(monkeypatch) -> Callable[[Path, int], None]:
     """`failing_writes(folder, errno)`: every file or folder created under `folder` fails with

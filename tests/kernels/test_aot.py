@@ -4,8 +4,8 @@
 (Triton's full pipeline down to a cubin, ptxas included) in a subprocess without
 TRITON_INTERPRET (this process defined its kernels for the interpreter). Its reports, cached
 under .pytest_cache/fastprompt-aot by kernel source and Triton version, give each compile's
-shared memory, registers and spills. The default selection ("cover") compiles every config
-at least once per target with every dtype but fp32, head dim, causal flag and target kind at
+shared memory, registers and spills (every target in one subprocess, once per session). The
+default selection ("cover") compiles every config at least once per target with every dtype but fp32, head dim, causal flag and target kind at
 least once per kernel (a cold run takes a minute or two on 2 cores, a warm one seconds); the
 slow test adds each config's fp32 worst case, where the shared memory of a block runs out.
 """
@@ -38,19 +38,35 @@ MODULES = ("prefix_attention", "cosine_cross_entropy")
 AUTOTUNED = {"prefix_attention.fwd", "prefix_attention.bwd_dkdv", "prefix_attention.bwd_dq"}  # pruned at launch
 
 
-@functools.cache
-def aot_reports(target: str, selection: str) -> tuple[dict, ...]:
-    """The AOT compile reports of one target (one subprocess per target and selection)."""
+def _compile_reports(selection: str, path: Path) -> None:
+    """The AOT compile reports of every target into `path` (one subprocess; the compile cache
+    under .pytest_cache/fastprompt-aot makes a repeated compile a read)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    out = CACHE / f"reports-{selection}-{target}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fastprompt.kernels.aot", "--target", target, "--selection", selection,
-         "--cache", str(CACHE), "--json", str(out)],
+        [sys.executable, "-m", "fastprompt.kernels.aot", "--selection", selection, "--cache", str(CACHE), "--json", str(path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return tuple(json.loads(out.read_text()))
+
+
+@pytest.fixture(scope="session")
+def aot_reports(build_once):
+    """`aot_reports(target, selection)`: the compile reports of one target. Every target is
+    compiled in one subprocess per selection and session, for every pytest-xdist worker
+    (`build_once`: a worker asking while another compiles waits for its reports)."""
+
+    @functools.cache
+    def every_target(selection: str) -> tuple[dict, ...]:
+        path = build_once(f"aot-reports-{selection}.json", functools.partial(_compile_reports, selection))
+        return tuple(json.loads(path.read_text()))
+
+    def reports(target: str, selection: str) -> tuple[dict, ...]:
+        every = every_target(selection)
+        assert {r["target"] for r in every} == set(TARGETS)  # every target compiled
+        return tuple(r for r in every if r["target"] == target)
+
+    return reports
 
 
 def shipped(selection: str) -> list:
@@ -63,7 +79,7 @@ by_target = pytest.mark.parametrize("target", sorted(TARGETS), ids=sorted(TARGET
 
 
 @by_target
-def test_every_shipped_config_compiles(target):
+def test_every_shipped_config_compiles(target, aot_reports):
     reports = aot_reports(target, "cover")
     compiled = {(r["kernel"], r["config"]) for r in reports}
     every = {(launch.kernel, launch.config) for launch in shipped("full")}
@@ -78,19 +94,17 @@ def test_every_shipped_config_compiles(target):
             if axis == "dtype" and not want:  # fp32-only tiles: compiled in fp32
                 want = {"fp32"}
             assert want <= {c[axis] for c in cover}, (kernel, axis)
-    for r in reports:
-        assert r["target"] == target
 
 
 @by_target
-def test_shared_memory_fits_the_target(target):
+def test_shared_memory_fits_the_target(target, aot_reports):
     limit = SHARED_LIMIT[TARGETS[target]]
     for r in aot_reports(target, "cover"):
         assert 0 <= r["shared"] <= limit, f"{r['kernel']} {r['config']} {r['case']}: {r['shared']} bytes of shared memory > {limit}"
 
 
 @by_target
-def test_registers_and_spills_are_reported(target):
+def test_registers_and_spills_are_reported(target, aot_reports):
     reports = aot_reports(target, "cover")
     for r in reports:
         assert 1 <= r["n_regs"] <= 255 and r["spill_stores"] >= 0 and r["spill_loads"] >= 0, r
@@ -104,7 +118,7 @@ def test_registers_and_spills_are_reported(target):
 @pytest.mark.skipif(os.environ.get("FASTPROMPT_SLOW_TESTS") != "1",
                     reason="fp32 compiles take 5-420 s each on CPU (17 min cold in all); opt in with FASTPROMPT_SLOW_TESTS=1")
 @by_target
-def test_fp32_worst_case_fits_or_is_pruned(target, caplog):
+def test_fp32_worst_case_fits_or_is_pruned(target, caplog, aot_reports):
     """Each config in fp32 at head dim 128 (the most shared memory): fixed tiles must fit;
     an autotuned kernel keeps at least one config, and the pruner drops exactly the others."""
     limit = SHARED_LIMIT[TARGETS[target]]

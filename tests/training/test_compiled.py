@@ -87,8 +87,11 @@ def test_compiled_step_equals_eager(method, options, extra, tiny_clip, images, l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, options, extra", METHODS, ids=METHOD_IDS)
-def test_no_graph_breaks(method, options, extra, tiny_clip, images, labels):
+def test_no_graph_breaks(tiny_clip, images, labels):
+    """`graph_breaks` finds none in a step that is one graph (CAVPT with its extra input). That every
+    method and variant of METHODS is one graph is test_compiled_step_equals_eager's: fullgraph=True
+    fails on any break, naming its place (explaining each again here cost ~25 s of CPU)."""
+    method, options, extra = next(case for case in METHODS if case[0] == "cavpt" and "topk" in case[2])
     model = build(method, tiny_clip, **options)
     assert graph_breaks(model, images, labels, **extra) == []
 

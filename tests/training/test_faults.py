@@ -92,10 +92,13 @@ def test_a_second_process_on_the_run_directory_stops_at_once(demo_beton, tmp_pat
 # ------------------------------------------------------------------ killed at deterministic points
 # One run directory killed at every kill point in turn, each process resuming the one before
 # (E2MIM: its mixup draws and critic make the RNG state matter), then compared with an
-# uninterrupted run. 2 steps an epoch; a kill point's count is per process.
+# uninterrupted run. 2 steps an epoch; a kill point's count is per process. The run reports its
+# best-on-val model (--final-model best-val, issue 25 §1): the best-on-val prompts and their epoch
+# are part of every checkpoint, so the killed run also reports the model and epoch of a run that
+# never stopped (one chain for both: 7 processes instead of 11).
 KILLS = [  # (hook, value, the checkpoint's epoch after the kill, what the kill leaves)
     (EXIT_AFTER_STEP, "3", 1, "mid-epoch 2"),
-    (KILL_AT, "checkpoint-tensors", 1, "epoch 2's tensors written, its checkpoint.json not"),
+    (KILL_AT, "checkpoint-tensors", 1, "epoch 2's tensors (its best-on-val prompts among them) written, its checkpoint.json not"),
     (KILL_AT, "checkpoint-rename:2", 2, "epoch 3's checkpoint.json complete as a temporary file"),
     (KILL_AT, "metrics-append:2", 3, "half of epoch 4's metrics line"),
     (KILL_AT, "before-results", 5, "trained and checkpointed, no results"),
@@ -104,7 +107,8 @@ KILLS = [  # (hook, value, the checkpoint's epoch after the kill, what the kill 
 
 @pytest.mark.slow
 def test_a_run_killed_at_every_kill_point_resumes_to_an_uninterrupted_runs_results(demo_beton, tmp_path):
-    args = lambda out: [FASTPROMPT, *_args(demo_beton, out, epochs=5, method="e2mim")]
+    args = lambda out: [FASTPROMPT, *_args(demo_beton, out, "--eval-every", "1", "--final-model", "best-val",
+                                           epochs=5, method="e2mim")]
     full, part = tmp_path / "full", tmp_path / "part"
     subprocess.run(args(full), check=True, env=_env(), capture_output=True)
     for hook, value, checkpointed, leaves in KILLS:
@@ -117,41 +121,20 @@ def test_a_run_killed_at_every_kill_point_resumes_to_an_uninterrupted_runs_resul
 
     resumed = subprocess.run(args(part), env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _metrics(part) == _metrics(full)  # each epoch exactly once, the same numbers
-    a, b = load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    val = lambda out: [json.loads(l)["val_accuracy"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert _metrics(part) == _metrics(full) and val(part) == val(full)  # each epoch exactly once, the same numbers
+    # the reported (best-on-val) prompts, and the last checkpoint's every tensor (the last epoch's state)
+    for a, b in ((load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))),
+                 (checkpoint.load(full)[1], checkpoint.load(part)[1])):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     timing = ("wall_seconds", "train_seconds")  # results.json's clock readings
     results = [{k: v for k, v in json.loads((run / "results.json").read_text()).items() if k not in timing}
                for run in (full, part)]
     assert results[0] == results[1]
-    assert not list(part.glob(".*.tmp")) and len(list(part.glob("checkpoint-*.safetensors"))) == 1
-    assert not (part / ".lock").exists()
-
-
-@pytest.mark.slow
-def test_a_killed_best_val_run_reports_the_uninterrupted_runs_model(demo_beton, tmp_path):
-    """--final-model best-val (issue 25 §1): the best-on-val prompts and their epoch are part of every
-    checkpoint, so a killed run reports the model and epoch of a run that never stopped."""
-    args = lambda out: [FASTPROMPT, *_args(demo_beton, out, "--eval-every", "1", "--final-model", "best-val",
-                                           epochs=5, method="e2mim")]
-    full, part = tmp_path / "full", tmp_path / "part"
-    subprocess.run(args(full), check=True, env=_env(), capture_output=True)
-    # epoch 2's tensors (its best-on-val prompts among them) written and not committed; then trained to the end
-    for value, checkpointed in (("checkpoint-tensors:2", 1), ("before-results", 5)):
-        killed = subprocess.run(args(part), env=_env(**{KILL_AT: value}), capture_output=True, text=True)
-        assert killed.returncode == EXIT_CODE, (value, killed.stderr[-3000:])
-        assert checkpoint.load(part)[0]["epoch"] == checkpointed, value
-    resumed = subprocess.run(args(part), env=_env(), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    val = lambda out: [json.loads(l)["val_accuracy"] for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert _metrics(part) == _metrics(full) and val(part) == val(full)
-    a, b = load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    results = [json.loads((run / "results.json").read_text()) for run in (full, part)]
-    reported = ("final_model", "reported_epoch", "val_accuracy", "test_accuracy", "per_class", "confusion")
-    assert [{k: r[k] for k in reported} for r in results][0] == {k: results[1][k] for k in reported}
     assert results[0]["final_model"] == "best-val"
     assert results[0]["reported_epoch"] == 1 + val(full).index(max(val(full)))  # the first of the best
+    assert not list(part.glob(".*.tmp")) and len(list(part.glob("checkpoint-*.safetensors"))) == 1
+    assert not (part / ".lock").exists()
 
 
 @pytest.mark.slow
