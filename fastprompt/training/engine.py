@@ -126,10 +126,11 @@ def _run_packed(plans: list[RunPlan], console, pack: Packing, on_epoch, force_ev
 
 def _build(plan: RunPlan, on_epoch, trainers: list[Trainer], report, clip: SharedClip) -> Optional[Trainer]:
     """The trainer of one run of a pack (built, resumed, as alone) on the pack's CLIP (`clip`: built
-    once; where its replay is not exact, each run's own, dropped for the pack's); None when it
-    failed (reported)."""
+    once; where its replay is not exact, each run's own, dropped for the pack's) and the first run's
+    opened dataset; None when it failed (reported)."""
     try:
-        trainer = Trainer(plan, console=None, on_epoch=None if on_epoch is None else on_epoch(plan), clip=clip)
+        trainer = Trainer(plan, console=None, on_epoch=None if on_epoch is None else on_epoch(plan), clip=clip,
+                          data=trainers[0].data if trainers else None)  # one opened dataset (pack_key: one file)
     except Exception as err:  # noqa: BLE001
         report(plan, None, err)
         return None

@@ -116,9 +116,10 @@ class Trainer:
     nothing: every setting is the plan's (`fastprompt.training.plan`)."""
 
     def __init__(self, run, console=None, on_epoch: Optional[Callable[[dict], None]] = None, mode: Optional[str] = None,
-                 clip: Optional[SharedClip] = None):
+                 clip: Optional[SharedClip] = None, data=None):
         """run: a `RunPlan` (a `TrainConfig` is planned first: `as_plan`); mode: the plan's, unless given;
-        clip: a pack's one CLIP (`shared_clip.SharedClip`: built once, each run's RNGs as its own build leaves them)."""
+        clip: a pack's one CLIP (`shared_clip.SharedClip`: built once, each run's RNGs as its own build leaves them);
+        data: the plan's dataset already opened (a pack's runs read one; else opened here)."""
         self.plan = plan = as_plan(run, mode)
         self.shared_clip = clip
         self.mode = plan.mode
@@ -146,7 +147,9 @@ class Trainer:
 
         # everything that can fail on bad input happens before anything is written (the lock file and a folder
         # it made are removed again on failure)
-        self.data = open_dataset(config.data)  # the tables: the few-shot draw and the loaders read them
+        if data is not None and Path(data.path).resolve() != Path(config.data).resolve():
+            raise ValueError(f"data={data.path} is not the plan's dataset {config.data}")
+        self.data = open_dataset(config.data) if data is None else data  # the tables: the few-shot draw and the loaders read them
         self.data_id = plan.data_id
         self.classnames = list(plan.classnames)
         self.identity_hash = plan.identity_hash

@@ -5,10 +5,12 @@ run's); a build whose draws do not replay falls back to building per run."""
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from fastprompt.models.clip import load_clip
 from fastprompt.runtime import rng_state, seed_everything
+from fastprompt.training import engine, trainer
 from fastprompt.training.shared_clip import SharedClip, same_state
 
 
@@ -52,3 +54,28 @@ def test_same_state_compares_every_generator():
         assert not same_state(a, rng_state())
     seed_everything(1)
     assert same_state(a, rng_state())
+
+
+@pytest.mark.slow
+def test_a_pack_builds_its_clip_and_opens_its_data_once(demo_beton, tiny_weights, tmp_path, monkeypatch):
+    """Three packed runs: one CLIP load, one dataset open (the plans read the sidecar alone); each
+    run's model on that one CLIP."""
+    from fastprompt.training import TrainConfig
+    from fastprompt.training.plan import plan_run
+
+    calls = {"clip": 0, "data": 0}
+
+    def counted(name, fn):
+        return lambda *a, **kw: calls.__setitem__(name, calls[name] + 1) or fn(*a, **kw)
+
+    monkeypatch.setattr(trainer, "load_clip", counted("clip", trainer.load_clip))
+    monkeypatch.setattr(trainer, "open_dataset", counted("data", trainer.open_dataset))
+    request = dict(method="coop", data=str(demo_beton), clip="fastprompt-tiny", pretrained=str(tiny_weights), shots=2,
+                   epochs=1, warmup_epochs=0, batch_size=10, num_workers=1, device="cpu", compile="off")
+    plans = [plan_run(TrainConfig(**request, seed=s, out=str(tmp_path / f"seed{s}"))) for s in (1, 2, 3)]
+    built = []
+    monkeypatch.setattr(engine, "Trainer", lambda *a, **kw: built.append(trainer.Trainer(*a, **kw)) or built[-1])
+    results = engine.execute(plans, pack=3)
+    assert all(r is not None for r in results)
+    assert calls == {"clip": 1, "data": 1}
+    assert len(built) == 3 and all(t.model.clip is built[0].model.clip for t in built)
