@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from fastprompt.methods.base import PromptModel
+    from fastprompt.models.clip import ClipBundle
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def method_config(method: str, **options):
 def create_model(
     method: str,
     classnames: Sequence[str],
-    clip: Union[str, "torch.nn.Module"] = "ViT-B-32",
+    clip: Union[str, "torch.nn.Module", "ClipBundle"] = "ViT-B-32",
     pretrained: Optional[str] = "openai",
     template: Union[str, Sequence[str], None] = None,
     backend: str = "fast",
@@ -66,14 +67,15 @@ def create_model(
     """Build a prompt-tuning model around a frozen CLIP.
 
     method: a name from `list_methods()`; classnames: the K class names; clip: an open_clip
-    model name (or `fastprompt-tiny`) or a CLIP instance; pretrained: open_clip tag, local
+    model name (or `fastprompt-tiny`), a CLIP instance, or a `ClipBundle` already loaded (used
+    as it is: `pretrained` and `trust_pickle` are not read; a pack's runs share one); pretrained: open_clip tag, local
     checkpoint file, or None for random weights; template: one template, a list (ensemble)
     or "ensemble"; backend: "fast" or "reference" (the eager oracle; same function);
     trust_pickle: let a checkpoint file that needs a full unpickle load (it can run code);
     options: the method's options (see `fastprompt.methods.options`).
     """
     from fastprompt.settings import BACKENDS
-    from fastprompt.models.clip import load_clip
+    from fastprompt.models.clip import ClipBundle, load_clip
     from fastprompt.prompts.templates import resolve_templates, validate_classnames
 
     config = method_config(method, **options)
@@ -81,7 +83,7 @@ def create_model(
     templates = resolve_templates(template)
     if backend not in BACKENDS:
         raise FastpromptError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-    bundle = load_clip(clip, pretrained, device=device, trust_pickle=trust_pickle)
+    bundle = clip if isinstance(clip, ClipBundle) else load_clip(clip, pretrained, device=device, trust_pickle=trust_pickle)
     return method_class(method)(bundle, names, templates, backend, config)
 
 

@@ -96,7 +96,7 @@ def save(directory: Path, record: dict, tensors: dict[str, torch.Tensor]) -> Non
     atomic_write(directory / name, lambda tmp: save_file(tensors, tmp, metadata={"checkpoint_id": ident}))
     kill_point("checkpoint-tensors")  # test hook: the tensors are written, their record not
     write_json(directory / RECORD, {**record, "format": FORMAT, "tensors": name, "checkpoint_id": ident},
-               kill_point="checkpoint-rename")  # the commit
+               kill_point="checkpoint-rename", indent=None)  # the commit; one line (read by programs, written every epoch)
     for old in directory.glob("checkpoint-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)

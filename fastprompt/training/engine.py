@@ -12,7 +12,8 @@ config.json and identity, and a later solo command continues it.
 What packs: a method that declares it (`MethodSpec.packs`), with pretrained weights (random
 weights are drawn from each run's seed: no CLIP to share), without a feature cache, in one
 process (not under torchrun). Each run's model is built as alone (its seed, then CLIP, then its
-prompts: the same prompt init as the solo run), then points at the pack's one CLIP object.
+prompts: the same prompt init as the solo run) on the pack's one CLIP object, built once: a later
+run replays the first build's random draws instead of building (`shared_clip.SharedClip`).
 
 Resuming: each run resumes from its own checkpoint; runs of a pack killed between two runs'
 checkpoint writes stand at different epochs, so an epoch packs the runs at the earliest epoch
@@ -40,6 +41,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.training.hooks import exit_after_step
 from fastprompt.training.pack import Pack, auto_pack_size, probe_step
 from fastprompt.training.plan import Packing, RunPlan, pack_groups
+from fastprompt.training.shared_clip import SharedClip
 from fastprompt.training.trainer import Trainer, finished_run, train
 
 log = logging.getLogger(__name__)
@@ -101,12 +103,13 @@ def _run_packed(plans: list[RunPlan], console, pack: Packing, on_epoch, force_ev
         else:
             todo.append(plan)
     size = None if pack == "auto" else int(pack)  # auto: measured on the first run built
+    clip = SharedClip()  # one CLIP for every run of this key, built once
     while todo:
         trainers: list[Trainer] = []
         try:
             while todo and (size is None or len(trainers) < size):
                 plan = todo.pop(0)
-                trainer = _build(plan, on_epoch, trainers, report)
+                trainer = _build(plan, on_epoch, trainers, report, clip)
                 if trainer is None:
                     continue
                 trainers.append(trainer)
@@ -121,11 +124,13 @@ def _run_packed(plans: list[RunPlan], console, pack: Packing, on_epoch, force_ev
                 trainer.close()
 
 
-def _build(plan: RunPlan, on_epoch, trainers: list[Trainer], report) -> Optional[Trainer]:
-    """The trainer of one run of a pack (built, resumed, as alone), its model pointed at the pack's
-    CLIP; None when it failed (reported)."""
+def _build(plan: RunPlan, on_epoch, trainers: list[Trainer], report, clip: SharedClip) -> Optional[Trainer]:
+    """The trainer of one run of a pack (built, resumed, as alone) on the pack's CLIP (`clip`: built
+    once; where its replay is not exact, each run's own, dropped for the pack's) and the first run's
+    opened dataset; None when it failed (reported)."""
     try:
-        trainer = Trainer(plan, console=None, on_epoch=None if on_epoch is None else on_epoch(plan))
+        trainer = Trainer(plan, console=None, on_epoch=None if on_epoch is None else on_epoch(plan), clip=clip,
+                          data=trainers[0].data if trainers else None)  # one opened dataset (pack_key: one file)
     except Exception as err:  # noqa: BLE001
         report(plan, None, err)
         return None

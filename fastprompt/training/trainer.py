@@ -70,6 +70,7 @@ from fastprompt.errors import FastpromptError
 from fastprompt.files import atomic_write, write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel, term_gradients
+from fastprompt.models.clip import load_clip
 from fastprompt.runtime import autocast_for, effective_precision, resolve_device, rng_state, seed_everything, set_rng_state
 from fastprompt.training import checkpoint, rundir
 from fastprompt.training.compiled import compile_cache_is_warm, compile_fn
@@ -82,6 +83,7 @@ from fastprompt.training.hooks import exit_after_step, kill_point
 from fastprompt.training.identity import first_difference, identity
 from fastprompt.training.plan import RunPlan, plan_run
 from fastprompt.training.nonfinite import NonFiniteGuard
+from fastprompt.training.shared_clip import SharedClip
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +115,13 @@ class Trainer:
     """Executes one `RunPlan`: owns its model, data, optimiser and run directory. Resolves
     nothing: every setting is the plan's (`fastprompt.training.plan`)."""
 
-    def __init__(self, run, console=None, on_epoch: Optional[Callable[[dict], None]] = None, mode: Optional[str] = None):
-        """run: a `RunPlan` (a `TrainConfig` is planned first: `as_plan`); mode: the plan's, unless given."""
+    def __init__(self, run, console=None, on_epoch: Optional[Callable[[dict], None]] = None, mode: Optional[str] = None,
+                 clip: Optional[SharedClip] = None, data=None):
+        """run: a `RunPlan` (a `TrainConfig` is planned first: `as_plan`); mode: the plan's, unless given;
+        clip: a pack's one CLIP (`shared_clip.SharedClip`: built once, each run's RNGs as its own build leaves them);
+        data: the plan's dataset already opened (a pack's runs read one; else opened here)."""
         self.plan = plan = as_plan(run, mode)
+        self.shared_clip = clip
         self.mode = plan.mode
         self.started = time.time()
         self.config = config = plan.config
@@ -141,7 +147,9 @@ class Trainer:
 
         # everything that can fail on bad input happens before anything is written (the lock file and a folder
         # it made are removed again on failure)
-        self.data = open_dataset(config.data)  # the tables: the few-shot draw and the loaders read them
+        if data is not None and Path(data.path).resolve() != Path(config.data).resolve():
+            raise ValueError(f"data={data.path} is not the plan's dataset {config.data}")
+        self.data = open_dataset(config.data) if data is None else data  # the tables: the few-shot draw and the loaders read them
         self.data_id = plan.data_id
         self.classnames = list(plan.classnames)
         self.identity_hash = plan.identity_hash
@@ -160,7 +168,11 @@ class Trainer:
         """The model, optimiser and loaders (after the run directory's lock is held)."""
         self.template = config.template
         seed_everything(config.seed)  # random CLIP weights (--pretrained none) and prompt init follow the seed
-        self.model = create_model(config.method, self.classnames, clip=config.clip, pretrained=config.pretrained,
+        clip = config.clip
+        if self.shared_clip is not None:  # the pack's CLIP, the RNGs advanced as building it here would
+            clip = self.shared_clip.build(lambda: load_clip(config.clip, config.pretrained, device=self.device,
+                                                            trust_pickle=config.trust_pickle))
+        self.model = create_model(config.method, self.classnames, clip=clip, pretrained=config.pretrained,
                                   template=self.template, backend=config.backend, device=self.device,
                                   trust_pickle=config.trust_pickle, **config.options)
         self.data.check_image_size(self.model.bundle.image_size)  # val/test are stored at one size (prepare --eval-size)

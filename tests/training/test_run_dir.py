@@ -80,6 +80,18 @@ def test_checkpoint_pair_survives_a_crash_between_its_writes(tmp_path):
     assert checkpoint.load(tmp_path)[0]["epoch"] == 2
 
 
+def test_a_checkpoint_record_is_one_json_line_with_every_rng(tmp_path):
+    """checkpoint.json is written compact (the json module's C encoder: it is rewritten every epoch of
+    every run) and reads back every RNG state bit for bit."""
+    state = rng_state()
+    checkpoint.save(tmp_path, {"epoch": 1, "rng": checkpoint.rng_to_json(state)}, _state(1))
+    text = (tmp_path / checkpoint.RECORD).read_text()
+    assert text.count("\n") == 1 and text.endswith("}\n")
+    back = checkpoint.rng_from_json(checkpoint.load(tmp_path)[0]["rng"])
+    set_rng_state(back)
+    assert torch.equal(torch.get_rng_state(), state["torch"]) and random.getstate() == state["python"]
+
+
 def test_checkpoint_pair_mismatch_and_old_format_are_refused(tmp_path):
     checkpoint.save(tmp_path, {"epoch": 1}, _state(1))
     name = checkpoint.read_record(tmp_path)["tensors"]
