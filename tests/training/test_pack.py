@@ -221,7 +221,8 @@ class _Probe:
 @pytest.mark.parametrize("seconds,runs,available,want", [
     (lambda n: 1.0, 8, 5 * 4000 / 0.8, 5),  # a step of n runs takes as long as one: as many as fit (5)
     (lambda n: 1.0, 3, 5 * 4000 / 0.8, 3),  # ... but no more than the runs there are
-    (lambda n: float(n), 8, 5 * 4000 / 0.8, 1),  # n runs take n times as long: nothing gained
+    (lambda n: float(n), 8, 5 * 4000 / 0.8, 5),  # n runs take n times as long: steps at parity, the pack shares the rest
+    (lambda n: n ** 1.2, 8, 5 * 4000 / 0.8, 1),  # packed steps slower than one after another: nothing gained
     (lambda n: 1.0, 8, 1.5 * 4000 / 0.8, 1),  # one run fits
     (lambda n: 1.0, 1, 1e12, 1),  # one run
 ])
