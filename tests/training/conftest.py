@@ -6,6 +6,9 @@ learn on the warm-light demo at that test's recipe (measured 2026-12-01: trainin
 37.5 % -> 25 % in 5 epochs; with mi_weight=0 it reaches 73 %). `test_demo_lift.py` pins the
 warm-light demo that `scripts/demo.sh` shows."""
 
+import json
+import shutil
+
 import pytest
 
 
@@ -23,3 +26,18 @@ def demo_clip(build_once):
     from fastprompt.training.pretrain import PretrainConfig, pretrain_clip
 
     return build_once("demo-clip.pt", lambda path: pretrain_clip(str(path), PretrainConfig(steps=300)))  # warm-up: 30 steps
+
+
+@pytest.fixture
+def named_beton(demo_beton, tmp_path):
+    """The demo .beton under another dataset name (its sidecar's `name`), e.g. stanford_cars:
+    `named_beton("imagenet")` is a path to it."""
+
+    def make(name):
+        beton = tmp_path / f"{name}.beton"
+        shutil.copy(demo_beton, beton)
+        meta = json.loads(demo_beton.with_suffix(".json").read_text())
+        beton.with_suffix(".json").write_text(json.dumps({**meta, "name": name}))
+        return beton
+
+    return make

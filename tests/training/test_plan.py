@@ -3,7 +3,6 @@ value came from (a flag, the protocol, the dataset, a default); the engine execu
 resolves nothing; `train --seeds` is a list of plans, one run directory per seed."""
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -17,19 +16,6 @@ from fastprompt.training.plan import RunPlan, plan_run
 runner = CliRunner()
 TINY = ["--clip", "fastprompt-tiny", "--pretrained", "none", "--workers", "1"]
 
-
-@pytest.fixture
-def named_beton(demo_beton, tmp_path):
-    """The demo .beton under another dataset name (its sidecar's `name`), e.g. imagenet."""
-
-    def make(name):
-        beton = tmp_path / f"{name}.beton"
-        shutil.copy(demo_beton, beton)
-        meta = json.loads(demo_beton.with_suffix(".json").read_text())
-        beton.with_suffix(".json").write_text(json.dumps({**meta, "name": name}))
-        return beton
-
-    return make
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 explicit values win, `fastprompt protocols` prints them, and a run records them."""
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -21,19 +20,6 @@ def resolved(protocol, method, dataset, **given):
     groups = [g for g in cls.groups if g.name != "text" or method != "cavpt" or config.options.get("text_prompt")]
     return config.resolve(dataset, groups, cls.options(**config.options).to_dict())
 
-
-@pytest.fixture
-def named_beton(demo_beton, tmp_path):
-    """The demo .beton under another dataset name (its sidecar's `name`), e.g. stanford_cars."""
-
-    def make(name):
-        beton = tmp_path / f"{name}.beton"
-        shutil.copy(demo_beton, beton)
-        meta = json.loads(demo_beton.with_suffix(".json").read_text())
-        beton.with_suffix(".json").write_text(json.dumps({**meta, "name": name}))
-        return beton
-
-    return make
 
 
 # K_N per dataset: the CAVPT paper's best settings (its analysis of K_N), others 5
