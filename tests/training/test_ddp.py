@@ -9,12 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from fastprompt.cli import app
-
+FASTPROMPT = str(Path(sys.executable).parent / "fastprompt")
 DETERMINISTIC = ("epoch", "loss", "train_accuracy", "lr", "images")
 
 
@@ -41,40 +38,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
-# method, its options; one torchrun launch of 2 processes trains each in turn (_ddp_worker.py)
-METHODS = [
+@pytest.mark.slow
+@pytest.mark.parametrize("method, options", [
     ("vlp", ["--coop.n-ctx", "4"]),
     ("prograd", []),  # a gradient rule: no DDP wrap, the trainer averages each term's gradient over ranks
-]
-
-
-@pytest.mark.slow
-def test_ddp_two_processes_match_one(demo_beton, tmp_path):
+])
+def test_ddp_two_processes_match_one(method, options, demo_beton, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
     # no warm-up: the visual group's default of 10 epochs does not fit in 3
-    args = lambda out, method, options: _args(demo_beton, out, method, 3, *options, "--device", "cpu", "--warmup-epochs", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the DDP processes (OMP_NUM_THREADS=1)
-    try:
-        for method, options in METHODS:  # one process: here
-            single = CliRunner().invoke(app, args(tmp_path / "one" / method, method, options))
-            assert single.exit_code == 0, single.output
-    finally:
-        torch.set_num_threads(threads)
+    single = subprocess.run([FASTPROMPT, *_args(demo_beton, one, method, 3, *options, "--device", "cpu",
+                                                "--warmup-epochs", "0")],
+                            env=_env(), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), str(Path(__file__).with_name("_ddp_worker.py")),
-         json.dumps([args(tmp_path / "two" / method, method, options) for method, options in METHODS])],
+         "--master-port", str(_free_port()), FASTPROMPT,
+         *_args(demo_beton, two, method, 3, *options, "--device", "cpu", "--warmup-epochs", "0")],
         env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    for method, _ in METHODS:
-        one, two = tmp_path / "one" / method, tmp_path / "two" / method
-        assert json.loads((two / "config.json").read_text())["world_size"] == 2, method
-        a, b = load_file(str(one / "prompts.safetensors")), load_file(str(two / "prompts.safetensors"))
-        for name in a:
-            err = float((a[name] - b[name]).abs().max() / a[name].abs().max())
-            assert err < 1e-4, (method, name, err)
-        m1, m2 = _metrics(one), _metrics(two)
-        assert [m["images"] for m in m1] == [m["images"] for m in m2], method
-        for x, y in zip(m1, m2):
-            assert x["loss"] == pytest.approx(y["loss"], rel=1e-4), method
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    a, b = load_file(str(one / "prompts.safetensors")), load_file(str(two / "prompts.safetensors"))
+    for name in a:
+        err = float((a[name] - b[name]).abs().max() / a[name].abs().max())
+        assert err < 1e-4, (name, err)
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [m["images"] for m in m1] == [m["images"] for m in m2]
+    for x, y in zip(m1, m2):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
