@@ -15,6 +15,8 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from fastprompt.errors import one_line
+
 ERROR_FILE = "error.json"  # a failed cell's error and traceback, in its folder (removed when it later succeeds)
 STOP_GRACE_S = 30.0  # after the sweep's stop event, seconds a cell has to end before its worker exits
 INTERRUPTED = "interrupted by SIGINT; run the sweep again to resume it from its last checkpoint"
@@ -109,7 +111,7 @@ def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: f
         (out / ERROR_FILE).unlink(missing_ok=True)
         return {"cell": name, "status": "done", "seconds": round(time.perf_counter() - start, 3)}
     except Exception as err:
-        return _failed(name, out, f"{type(err).__name__}: {err}".splitlines()[0], start)
+        return _failed(name, out, one_line(err), start)
 
 
 def _evaluate(plan, eval_on: list) -> None:
@@ -196,7 +198,7 @@ def run_pack(payload: dict, tensorboard: bool = False) -> dict:
             (plan.out / ERROR_FILE).unlink(missing_ok=True)
             records[cell["name"]] = {"cell": cell["name"], "status": "done", "seconds": round(time.perf_counter() - start, 3)}
         except Exception as err:
-            records[cell["name"]] = _failed(cell["name"], plan.out, f"{type(err).__name__}: {err}".splitlines()[0], start)
+            records[cell["name"]] = _failed(cell["name"], plan.out, one_line(err), start)
 
     loggers = _loggers(tensorboard)
     import io
@@ -216,7 +218,7 @@ def run_pack(payload: dict, tensorboard: bool = False) -> dict:
             records.setdefault(cell["name"], {"cell": cell["name"], "status": "interrupted", "error": INTERRUPTED,
                                               "seconds": round(time.perf_counter() - start, 3)})
     except Exception as err:  # outside any one run (the pack's own step): every cell without a record failed
-        message = f"{type(err).__name__}: {err}".splitlines()[0]
+        message = one_line(err)
         for cell, plan in cells:
             if cell["name"] not in records:
                 records[cell["name"]] = _failed(cell["name"], plan.out, message, start)

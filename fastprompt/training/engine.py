@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from fastprompt.errors import FastpromptError
+from fastprompt.errors import FastpromptError, one_line
 from fastprompt.training.hooks import exit_after_step
 from fastprompt.training.pack import Pack, auto_pack_size, probe_step
 from fastprompt.training.plan import Packing, RunPlan, pack_groups
@@ -64,7 +64,7 @@ def execute(plans: Sequence[RunPlan], console=None, *, pack: Packing = 1,
             raise error
         results[index[id(plan)]] = done
         if on_result is not None:
-            on_result(plan, done, None if error is None else _one_line(error))
+            on_result(plan, done, None if error is None else one_line(error, plain_ours=True))
 
     for group in pack_groups(plans, pack):
         if len(group) == 1:
@@ -78,11 +78,6 @@ def execute(plans: Sequence[RunPlan], console=None, *, pack: Packing = 1,
         else:
             _run_packed(group, console, pack, on_epoch, force_eval, report)
     return [results.get(k) for k in range(len(plans))]
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err) if isinstance(err, FastpromptError) else f"{type(err).__name__}: {err}"
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _run_packed(plans: list[RunPlan], console, pack: Packing, on_epoch, force_eval: bool, report) -> None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from fastprompt.data import open_dataset
-from fastprompt.errors import FastpromptError
+from fastprompt.errors import FastpromptError, one_line
 from fastprompt.files import write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel
@@ -89,7 +89,7 @@ def _read_run(run_dir: Path) -> tuple[dict, dict]:
     try:
         prompts = load_file(str(prompts_path))
     except Exception as err:
-        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        reason = one_line(err)
         raise FastpromptError(f"{run_dir} holds an unreadable run ({reason}); train it again with "
                               f"`fastprompt train ... --out {run_dir} --restart`") from None
     for name, tensor in prompts.items():

@@ -66,7 +66,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastprompt.data import open_dataset
-from fastprompt.errors import FastpromptError
+from fastprompt.errors import FastpromptError, one_line
 from fastprompt.files import atomic_write, write_json
 from fastprompt.methods import create_model
 from fastprompt.methods.base import PromptModel, term_gradients
@@ -342,7 +342,7 @@ class Trainer:
             self.optimizer.load_state_dict(checkpoint.optimizer_from_parts(record["optimizer"], tensors))
             rng = checkpoint.rng_from_json(record["rng"])
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as err:
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            reason = one_line(err)
             raise FastpromptError(f"{path} does not fit this run ({reason}); {fix}") from None
         for group, own in zip(self.optimizer.param_groups, settings):
             group.update(own)
