@@ -79,24 +79,58 @@ def test_cavpt_tables_agree_with_each_other():
 
 
 def test_base_to_new_report_puts_the_printed_averages_beside_ours(tmp_path):
-    """A README's table of averages: every dataset is run, our per-dataset base / new / H and their
-    averages (H of the averaged base and new) are shown, the printed averages beside the averages."""
+    """A README's row of averages alone: every dataset is run, our per-dataset base / new / H and
+    their averages (H of the averaged base and new) are shown, the printed averages beside the
+    averages; a row printed per dataset (MaPLe's, from the reprints) has a reference in each cell."""
     from sweep.conftest import _make_run
 
     from fastprompt.reproduce import build_table, make_plan
     from fastprompt.reproduce.plan import ROWS_DIR
 
     table = load_table("maple-b2n")
-    maple = table.row("MaPLe")
-    assert maple.datasets(table) == table.datasets  # averages alone: every dataset runs
-    folder = tmp_path / ROWS_DIR / maple.slug
+    ivlp = table.row("Independent V-L Prompting")
+    assert set(ivlp.numbers) == {AVERAGE} and ivlp.datasets(table) == table.datasets  # averages alone: every dataset runs
+    folder = tmp_path / ROWS_DIR / ivlp.slug
     base = {d: 80.0 + k for k, d in enumerate(table.datasets)}
     for d in table.datasets:
-        _make_run(folder, d, "maple", 1, classes="base", base=base[d], new=70.0)
+        _make_run(folder, d, "ivlp", 1, classes="base", base=base[d], new=70.0)
     built = build_table(make_plan(table, tmp_path, seeds=[1], report_only=True))
+    label = ivlp.label
     mean_base = statistics.fmean(base.values())
-    assert built.average[("MaPLe", "base")] == pytest.approx(mean_base)
-    assert built.average[("MaPLe", "H")] == pytest.approx(harmonic_mean(mean_base, 70.0))
-    assert built.cells[("MaPLe", "EuroSAT", "H")].mean == pytest.approx(harmonic_mean(base["eurosat"], 70.0))
-    assert [built.reference[("MaPLe", f"Average {m}")] for m in ("base", "new", "H")] == maple.numbers[AVERAGE]
+    assert built.average[(label, "base")] == pytest.approx(mean_base)
+    assert built.average[(label, "H")] == pytest.approx(harmonic_mean(mean_base, 70.0))
+    assert built.cells[(label, "EuroSAT", "H")].mean == pytest.approx(harmonic_mean(base["eurosat"], 70.0))
+    assert [built.reference[(label, f"Average {m}")] for m in ("base", "new", "H")] == ivlp.numbers[AVERAGE]
+    assert (label, "EuroSAT H") not in built.reference
+    maple = table.row("MaPLe")
+    assert [built.reference[("MaPLe", f"EuroSAT {m}")] for m in ("base", "new", "H")] == maple.numbers["eurosat"]
     assert "CLIP (no runs)" not in built.rows and "CLIP" in built.no_runs  # no zero-shot evaluated yet
+
+
+def _averages(name: str) -> dict:
+    return {r.label: r.numbers[AVERAGE] for r in load_table(name).rows}
+
+
+def test_base_to_new_tables_agree_where_they_share_rows():
+    """CoCoOp's Table 1 (read from its reprints) gives the CLIP, CoOp and CoCoOp averages that
+    MaPLe's, PromptSRC's and KgCoOp's READMEs print (KgCoOp's CoOp is its own re-run, not compared);
+    MaPLe's average is the same in its README and PromptSRC's; each per-dataset row's printed
+    average is the mean of its per-dataset numbers (test_printed_averages_and_h_follow_from_the_printed_numbers)."""
+    cocoop = load_table("cocoop-b2n")
+    assert [(r.label, r.method) for r in cocoop.rows] == [("CLIP", "zeroshot"), ("CoOp", "coop"), ("CoCoOp", "cocoop")]
+    assert all(set(r.numbers) == set(cocoop.datasets) | {AVERAGE} for r in cocoop.rows)  # every cell printed
+    assert cocoop.protocol == "cocoop-b2n" and cocoop.row("CoCoOp").protocol is None
+    reference = _averages("cocoop-b2n")
+    maple, promptsrc, kgcoop = _averages("maple-b2n"), _averages("promptsrc-b2n"), _averages("kgcoop-b2n")
+    for label in ("CLIP", "CoOp", "CoCoOp"):
+        assert maple[label] == promptsrc[label] == reference[label], label
+    for label in ("CLIP", "CoCoOp"):
+        assert kgcoop[label] == reference[label], label
+    assert maple["MaPLe"] == promptsrc["MaPLe"]
+    for name, label in (("maple-b2n", "MaPLe"), ("promptsrc-b2n", "PromptSRC")):
+        table = load_table(name)
+        assert set(table.row(label).numbers) == set(table.datasets) | {AVERAGE}, name
+    # CoOp's row trains CoOp's own recipe on ViT-B/16 in every table that prints these numbers
+    for name in ("cocoop-b2n", "maple-b2n", "promptsrc-b2n"):
+        coop = load_table(name).row("CoOp")
+        assert (coop.method, coop.protocol, coop.train) == ("coop", "coop", {"clip": "ViT-B-16"}), name
