@@ -134,3 +134,8 @@ def test_base_to_new_tables_agree_where_they_share_rows():
     for name in ("cocoop-b2n", "maple-b2n", "promptsrc-b2n"):
         coop = load_table(name).row("CoOp")
         assert (coop.method, coop.protocol, coop.train) == ("coop", "coop", {"clip": "ViT-B-16"}), name
+    from fastprompt.reproduce.plan import row_epochs
+
+    epochs = {r.label: {d: row_epochs(cocoop, r, d) for d in cocoop.datasets} for r in cocoop.rows if r.trains}
+    assert epochs["CoOp"] == {d: 50 if d == "imagenet" else 200 for d in cocoop.datasets}  # CoOp's 16-shot recipe
+    assert set(epochs["CoCoOp"].values()) == {10}
