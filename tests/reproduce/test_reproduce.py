@@ -59,6 +59,21 @@ def test_dry_run_plans_table1_rows_datasets_seeds_and_writes_nothing(data_root, 
     assert not out.exists() and _tree(data_root) == before
 
 
+def test_cocoop_b2n_plans_clip_once_per_dataset_and_a_sweep_per_trained_row(tmp_path):
+    """CoCoOp's Table 1 on a miniature $DATA of its 11 datasets: CLIP evaluated once per dataset,
+    CoOp on CoOp's own recipe with ViT-B/16 and CoCoOp on cocoop-b2n, both on the base classes."""
+    table = load_table("cocoop-b2n")
+    for name in table.datasets:
+        BUILDERS[name](tmp_path / "data", touch)
+    plan = make_plan(table, tmp_path / "out", tmp_path / "data", seeds=[1, 2, 3])
+    steps = {s.row.label: s for s in plan.rows}
+    assert steps["CLIP"].sweep is None and len(steps["CLIP"].zeroshot) == 11
+    coop, cocoop = steps["CoOp"].sweep, steps["CoCoOp"].sweep
+    assert (coop.methods, coop.train) == (["coop"], {"clip": "ViT-B-16", "protocol": "coop", "classes": "base"})
+    assert (cocoop.methods, cocoop.train) == (["cocoop"], {"protocol": "cocoop-b2n", "classes": "base"})
+    assert coop.shots == cocoop.shots == [16] and len(coop.data) == len(cocoop.data) == 11
+
+
 def test_plan_passes_sweep_settings_and_the_rows_recipe(data_root, tmp_path):
     table = load_table("cavpt-table1")
     plan = make_plan(table, tmp_path / "t1", data_root, seeds=[4, 5], run={"device": "cpu"},
