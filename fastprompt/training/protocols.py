@@ -163,8 +163,9 @@ COCOOP_B2N = _check(Protocol(
         "options.csc": Setting(False, "CoCoOp's context is shared"),
     },
     notes=(
-        "CoCoOp's own row trains the cocoop method (the default); --method coop gives CoOp's row of CoCoOp's Table 1, "
-        "vlp, vpt-deep, cavpt their own on the same recipe.",
+        "CoCoOp's own row trains the cocoop method (the default); --method coop, vlp, vpt-deep, cavpt train theirs "
+        "on the same recipe. CoOp's row of CoCoOp's Table 1 is CoOp on its own recipe (--protocol coop on ViT-B-16: "
+        "MaPLe's README lists that row with 200 epochs; `fastprompt reproduce cocoop-b2n` trains it so).",
         "One learning rate (0.002) and warm-up (1 epoch) for every group, as CoCoOp's single optimiser.",
         "CoCoOp trains in fp16; fastprompt's --precision auto is bf16 autocast on CUDA.",
     ),
