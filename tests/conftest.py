@@ -24,11 +24,12 @@ if "FASTPROMPT_TEST_SESSION_CACHE" not in os.environ:
     os.environ["FASTPROMPT_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="fastprompt-test-cache-")
     atexit.register(shutil.rmtree, os.environ["FASTPROMPT_TEST_SESSION_CACHE"], ignore_errors=True)
 os.environ["FASTPROMPT_CACHE"] = os.environ["FASTPROMPT_TEST_SESSION_CACHE"]
-# torch.compile's cache stays across sessions (a cold compile costs minutes): inductor keys an
-# entry by the graph, its inputs, torch's version and config, and a hit is the code a fresh
-# compile would make, so no number of an earlier run comes back through it.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                      os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "fastprompt", "inductor"))
+# torch.compile's cache stays across sessions and clones (a cold compile costs minutes; in the
+# clone's .pytest_cache every fresh clone paid them), in the user's cache folder, like pip's wheel cache: inductor keys an entry by the graph, its inputs,
+# torch's version and config, and a hit is the code a fresh compile would make, so no number of an
+# earlier run comes back through it.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastprompt", "test-inductor"))
 # Under pytest-xdist (scripts/test.sh runs one worker per core) each worker keeps to its share of the cores.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
