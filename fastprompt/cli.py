@@ -819,7 +819,7 @@ def sweep_cmd(
 ) -> None:
     """Run a grid of datasets x methods x shots x seeds, one run folder per cell; resumable."""
     from fastprompt.sweep import SweepConfig, prepare, run_sweep
-    from fastprompt.sweep.runner import plan_table
+    from fastprompt.sweep.runner import plan_table, sweep_jobs
     from fastprompt.training.protocols import resolve_method
 
     given = dict(locals())
@@ -855,7 +855,7 @@ def sweep_cmd(
         if dry_run:
             from rich.console import Console
 
-            Console().print(plan_table(planned))
+            Console().print(plan_table(planned, sweep_jobs(config, planned), config.pack))
             return
         outcome = run_sweep(config, console=_console(), planned=planned)
     except KeyboardInterrupt:  # Ctrl-C or kill -INT: the running cells were stopped, each resumable

@@ -311,8 +311,7 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
     from fastprompt.training.rundir import RunLock
 
     planned = prepare(config) if planned is None else planned
-    # auto on several local slots (GPUs): a setting's cells spread over them, each slot packing its share
-    todo = deque(jobs_of(planned, config.pack, default_jobs(config) if config.launcher == "local" else 1))
+    todo = deque(sweep_jobs(config, planned))
     jobs = min(default_jobs(config), max(1, len(todo)))
     launcher = (LocalLauncher(jobs, config.tensorboard, config.train.get("device", "auto")) if config.launcher == "local"
                 else SubmititLauncher(config))  # may refuse (no slurm here): before anything is written
@@ -322,6 +321,13 @@ def run_sweep(config: SweepConfig, console=None, planned: Optional[list[PlannedC
         return _run_locked(config, console, planned, todo, jobs, launcher, out)
     finally:
         lock.release()
+
+
+def sweep_jobs(config: SweepConfig, planned: list[PlannedCell]) -> list[list[PlannedCell]]:
+    """The jobs `run_sweep` hands its launcher (and `--dry-run` shows): `jobs_of` with the sweep's
+    --pack; auto on several local slots (GPUs): a setting's cells spread over them, each slot
+    packing its share."""
+    return jobs_of(planned, config.pack, default_jobs(config) if config.launcher == "local" else 1)
 
 
 def jobs_of(planned: list[PlannedCell], pack, slots: int = 1) -> list[list[PlannedCell]]:
@@ -471,15 +477,28 @@ def _live(view: _View, console):
         yield _no_lines
 
 
-def plan_table(planned: list[PlannedCell]):
+def plan_table(planned: list[PlannedCell], jobs: Optional[list[list[PlannedCell]]] = None, pack=1):
     """`--dry-run`: every cell with what would happen to it (where its training goes on, from its
-    checkpoint's record), and the counts."""
+    checkpoint's record), and the counts; with the sweep's `jobs` (`sweep_jobs`), the job each cell
+    runs in and the packs (`pack`: the sweep's --pack; under auto a job is the most that may pack,
+    its size measured when it runs)."""
     from rich.table import Table
 
     counts = {a: sum(p.action == a for p in planned) for a in ("skip", "evaluate", "resume", "start")}
-    table = Table(title=f"{len(planned)} cells: " + ", ".join(f"{n} {a}" for a, n in counts.items()), title_justify="left")
-    for column in ("cell", "action", "from epoch", "folder holds"):
+    title = f"{len(planned)} cells: " + ", ".join(f"{n} {a}" for a, n in counts.items())
+    job_of = {}
+    if jobs is not None:
+        packs = [job for job in jobs if len(job) > 1]
+        title += f"; {len(jobs)} job{'s' if len(jobs) != 1 else ''}"
+        if packs:
+            title += f", {len(packs)} of them packed (--pack {pack}" + (": sizes measured when they run" if pack == "auto" else "") + ")"
+        for k, job in enumerate(jobs, start=1):
+            size = len(job)
+            where = f"{k}" if size == 1 else f"{k}: a pack of {'up to ' if pack == 'auto' else ''}{size}"
+            job_of.update({id(p): where for p in job})
+    table = Table(title=title, title_justify="left")
+    for column in ("cell", "action", "from epoch", "folder holds") + (("job",) if jobs is not None else ()):
         table.add_column(column)
     for p in planned:
-        table.add_row(p.cell.name, p.action, p.from_epoch(), p.why)
+        table.add_row(p.cell.name, p.action, p.from_epoch(), p.why, *((job_of.get(id(p), "-"),) if jobs is not None else ()))
     return table

@@ -157,7 +157,7 @@ def test_identity_leaves_out_execution_settings():
     assert first_difference({}, {"extra": 1}) is None and first_difference({}, {"extra": 1}, both=True) == ("extra", "<missing>", 1)
 
 
-def test_cli_dry_run_prints_the_plan_and_writes_nothing(demo_beton, tmp_path):
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(demo_beton, tmp_path, monkeypatch):
     out = tmp_path / "s"
     cells = expand(sweep(demo_beton, out, methods=["coop"], seeds=[1], shots=[2, 4]))
     _fake_run(cells[0], "results.json")
@@ -166,12 +166,13 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(demo_beton, tmp_path):
     args = ["sweep", "--methods", "coop", "--data", str(demo_beton), "--seeds", "1", "--shots", "2,4", "--out", str(out),
             "--clip", "fastprompt-tiny", "--pretrained", "none", "--epochs", "2", "--batch-size", "8", "--warmup-epochs", "0",
             "--set", "n_ctx=4", "--dry-run"]
-    result = runner.invoke(app, args, terminal_width=120)
+    monkeypatch.setenv("COLUMNS", "160")  # the table's width (rich reads it): no cell cut
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "2 cells: 1 skip, 0 evaluate, 1 resume, 0 start" in result.output
+    assert "2 cells: 1 skip, 0 evaluate, 1 resume, 0 start; 1 job" in result.output
     rows = {line.split()[1]: line.split("│")[2:-1] for line in result.output.splitlines() if "demo/coop" in line}
-    assert [c.strip() for c in rows["demo/coop/shots4/seed1"]] == ["resume", "2/2", "a checkpoint after epoch 1/2"]
-    assert [c.strip() for c in rows["demo/coop/shots2/seed1"]] == ["skip", "-", "finished"]
+    assert [c.strip() for c in rows["demo/coop/shots4/seed1"]] == ["resume", "2/2", "a checkpoint after epoch 1/2", "1"]
+    assert [c.strip() for c in rows["demo/coop/shots2/seed1"]] == ["skip", "-", "finished", "-"]
     assert sorted(p.name for p in out.iterdir()) == ["demo"]
     assert sorted(p.name for p in cells[1].dir.iterdir()) == ["checkpoint.json", "config.json"]  # nothing written
 
@@ -256,3 +257,23 @@ def test_cells_are_packed_into_jobs_by_setting(demo_beton, tiny_weights, tmp_pat
     assert [[p.cell.name for p in job] for job in jobs_of(plan(cells), "auto")][0] == [cells[0].name, cells[2].name]
     with pytest.raises(FastpromptError, match="--pack 'some' must be off, auto or a number of runs >= 1"):
         sweep(demo_beton, tmp_path / "s", pack="some")
+
+
+@pytest.mark.parametrize("pack, jobs", [
+    ("auto", ["1: a pack of up to 3"] * 3 + ["2", "3", "4"]),
+    ("2", ["1: a pack of 2"] * 2 + ["2", "3", "4", "5"]),
+    ("off", ["1", "2", "3", "4", "5", "6"]),
+])
+def test_cli_dry_run_shows_the_packs_the_sweep_would_run(demo_beton, tiny_weights, tmp_path, monkeypatch, pack, jobs):
+    """`sweep --dry-run` names each cell's job: the cells of one setting packed (pretrained weights:
+    runs of several seeds share one CLIP), a method that does not pack (cocoop) alone."""
+    args = ["sweep", "--methods", "coop,cocoop", "--data", str(demo_beton), "--seeds", "1,2,3", "--out", str(tmp_path / "s"),
+            "--clip", "fastprompt-tiny", "--pretrained", str(tiny_weights), "--epochs", "2", "--batch-size", "8",
+            "--warmup-epochs", "0", "--pack", pack, "--dry-run"]
+    monkeypatch.setenv("COLUMNS", "250")  # the table's width (rich reads it): no cell cut
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│")[1:-1] for line in result.output.splitlines() if "demo/" in line]
+    assert [r[0].strip() for r in rows] == [f"demo/{m}/shots16/seed{s}" for m in ("coop", "cocoop") for s in (1, 2, 3)]
+    assert [r[-1].strip() for r in rows] == jobs
+    assert not (tmp_path / "s").exists()
