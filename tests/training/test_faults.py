@@ -70,11 +70,9 @@ def _kill_after_step(monkeypatch, n):
         if step >= n:
             raise _Killed
 
-    monkeypatch.setattr("fastprompt.training.trainer.exit_after_step", kill)
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr("fastprompt.training.trainer.exit_after_step", kill)
         yield
-    finally:
-        monkeypatch.undo()
 
 
 @contextlib.contextmanager
