@@ -126,8 +126,10 @@ def test_a_second_process_on_the_run_directory_stops_at_once(demo_beton, tmp_pat
 # uninterrupted run. 2 steps an epoch; a kill point's count is per process. The run reports its
 # best-on-val model (--final-model best-val, issue 25 §1): the best-on-val prompts and their epoch
 # are part of every checkpoint, so the killed run also reports the model and epoch of a run that
-# never stopped (one chain for both: 7 runs instead of 11). The killed runs are processes; the
-# uninterrupted run and the last resume run in the test's process, on one thread as the processes.
+# never stopped (one chain for both: 7 runs instead of 11). The runs killed at a kill point are
+# processes (os._exit halfway through a write); the uninterrupted run, the one stopped after a step
+# (nothing half-written: a raised stop leaves the files a kill does) and the last resume run in the
+# test's process, on one thread as the processes.
 KILLS = [  # (hook, value, the checkpoint's epoch after the kill, what the kill leaves)
     (EXIT_AFTER_STEP, "3", 1, "mid-epoch 2"),
     (KILL_AT, "checkpoint-tensors", 1, "epoch 2's tensors (its best-on-val prompts among them) written, its checkpoint.json not"),
@@ -138,15 +140,19 @@ KILLS = [  # (hook, value, the checkpoint's epoch after the kill, what the kill 
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_every_kill_point_resumes_to_an_uninterrupted_runs_results(demo_beton, tmp_path):
+def test_a_run_killed_at_every_kill_point_resumes_to_an_uninterrupted_runs_results(demo_beton, tmp_path, monkeypatch):
     args = lambda out: [FASTPROMPT, *_args(demo_beton, out, "--eval-every", "1", "--final-model", "best-val",
                                            epochs=5, method="e2mim")]
     full, part = tmp_path / "full", tmp_path / "part"
     with _one_thread():  # the uninterrupted run in this process (no kill), with the killed processes' reductions
         assert runner.invoke(app, args(full)[1:]).exit_code == 0
     for hook, value, checkpointed, leaves in KILLS:
-        killed = subprocess.run(args(part), env=_env(**{hook: value}), capture_output=True, text=True)
-        assert killed.returncode == EXIT_CODE, (leaves, killed.stderr[-3000:])
+        if hook == EXIT_AFTER_STEP:
+            with _one_thread(), _kill_after_step(monkeypatch, int(value)):
+                assert isinstance(runner.invoke(app, args(part)[1:]).exception, _Killed), leaves
+        else:
+            killed = subprocess.run(args(part), env=_env(**{hook: value}), capture_output=True, text=True)
+            assert killed.returncode == EXIT_CODE, (leaves, killed.stderr[-3000:])
         assert checkpoint.load(part)[0]["epoch"] == checkpointed, leaves
         assert not (part / "results.json").exists(), leaves
         if checkpointed == 1 and hook == KILL_AT:  # the process before resumed after epoch 1
