@@ -3,6 +3,7 @@ second real process, kills at deterministic points (training/hooks.py) that resu
 uninterrupted run's results, disk full and unwritable output, --nan-policy, pickles that never
 run, dataset names and split paths that never write outside, outputs that respect the umask."""
 
+import contextlib
 import errno
 import json
 import os
@@ -55,6 +56,37 @@ def _metrics(out):
     return [{k: line[k] for k in DETERMINISTIC} for line in lines]
 
 
+class _Killed(Exception):
+    """What `_kill_after_step` raises in place of the hook's `os._exit`."""
+
+
+@contextlib.contextmanager
+def _kill_after_step(monkeypatch, n):
+    """In this process, the trainer stops after optimiser step `n` (counted over the run, as the
+    FASTPROMPT_TEST_EXIT_AFTER_STEP hook counts) by raising `_Killed`: its checkpoints on disk are
+    what the hook's kill leaves, for a test about what a resumed run reads rather than about the
+    process (a subprocess costs an import of torch and open_clip)."""
+    def kill(step):
+        if step >= n:
+            raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr("fastprompt.training.trainer.exit_after_step", kill)
+        yield
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread in this process: the float reductions of a `fastprompt` process that
+    `_env` starts (OMP_NUM_THREADS=1), so an in-process run is bit-equal to one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Plant:
     """Unpickling this runs `touch MARKER`."""
 
@@ -75,9 +107,8 @@ def test_a_second_process_on_the_run_directory_stops_at_once(demo_beton, tmp_pat
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        second = subprocess.run([FASTPROMPT, *_args(demo_beton, out)], env=_env(), capture_output=True, text=True)
-        assert second.returncode == 2, second.stderr[-2000:]
-        assert f"another process is running in {out}" in " ".join(second.stderr.split())
+        second = _invoke(demo_beton, out)  # this process, against the holder's lock
+        assert f"another process is running in {out}" in " ".join(_error(second).split())
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the second wrote nothing
     finally:
         holder.send_signal(signal.SIGKILL)  # dies holding the lock: the kernel releases it
@@ -95,7 +126,10 @@ def test_a_second_process_on_the_run_directory_stops_at_once(demo_beton, tmp_pat
 # uninterrupted run. 2 steps an epoch; a kill point's count is per process. The run reports its
 # best-on-val model (--final-model best-val, issue 25 §1): the best-on-val prompts and their epoch
 # are part of every checkpoint, so the killed run also reports the model and epoch of a run that
-# never stopped (one chain for both: 7 processes instead of 11).
+# never stopped (one chain for both: 7 runs instead of 11). The runs killed at a kill point are
+# processes (os._exit halfway through a write); the uninterrupted run, the one stopped after a step
+# (nothing half-written: a raised stop leaves the files a kill does) and the last resume run in the
+# test's process, on one thread as the processes.
 KILLS = [  # (hook, value, the checkpoint's epoch after the kill, what the kill leaves)
     (EXIT_AFTER_STEP, "3", 1, "mid-epoch 2"),
     (KILL_AT, "checkpoint-tensors", 1, "epoch 2's tensors (its best-on-val prompts among them) written, its checkpoint.json not"),
@@ -106,21 +140,27 @@ KILLS = [  # (hook, value, the checkpoint's epoch after the kill, what the kill 
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_every_kill_point_resumes_to_an_uninterrupted_runs_results(demo_beton, tmp_path):
+def test_a_run_killed_at_every_kill_point_resumes_to_an_uninterrupted_runs_results(demo_beton, tmp_path, monkeypatch):
     args = lambda out: [FASTPROMPT, *_args(demo_beton, out, "--eval-every", "1", "--final-model", "best-val",
                                            epochs=5, method="e2mim")]
     full, part = tmp_path / "full", tmp_path / "part"
-    subprocess.run(args(full), check=True, env=_env(), capture_output=True)
+    with _one_thread():  # the uninterrupted run in this process (no kill), with the killed processes' reductions
+        assert runner.invoke(app, args(full)[1:]).exit_code == 0
     for hook, value, checkpointed, leaves in KILLS:
-        killed = subprocess.run(args(part), env=_env(**{hook: value}), capture_output=True, text=True)
-        assert killed.returncode == EXIT_CODE, (leaves, killed.stderr[-3000:])
+        if hook == EXIT_AFTER_STEP:
+            with _one_thread(), _kill_after_step(monkeypatch, int(value)):
+                assert isinstance(runner.invoke(app, args(part)[1:]).exception, _Killed), leaves
+        else:
+            killed = subprocess.run(args(part), env=_env(**{hook: value}), capture_output=True, text=True)
+            assert killed.returncode == EXIT_CODE, (leaves, killed.stderr[-3000:])
         assert checkpoint.load(part)[0]["epoch"] == checkpointed, leaves
         assert not (part / "results.json").exists(), leaves
         if checkpointed == 1 and hook == KILL_AT:  # the process before resumed after epoch 1
             assert "resuming" in killed.stderr and "after epoch 1/5" in " ".join(killed.stderr.split())
 
-    resumed = subprocess.run(args(part), env=_env(), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with _one_thread():  # the last resume, after the last kill, in this process too
+        resumed = runner.invoke(app, args(part)[1:])
+    assert resumed.exit_code == 0, resumed.output[-3000:]
     val = lambda out: [json.loads(l)["val_accuracy"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert _metrics(part) == _metrics(full) and val(part) == val(full)  # each epoch exactly once, the same numbers
     # the reported (best-on-val) prompts, and the last checkpoint's every tensor (the last epoch's state)
@@ -138,33 +178,30 @@ def test_a_run_killed_at_every_kill_point_resumes_to_an_uninterrupted_runs_resul
 
 
 @pytest.mark.slow
-def test_a_killed_promptsrc_run_resumes_to_the_same_gpa_prompts(demo_beton, tmp_path):
+def test_a_killed_promptsrc_run_resumes_to_the_same_gpa_prompts(demo_beton, tmp_path, monkeypatch):
     """PromptSRC's GPA (issue 23): the running Gaussian-weighted sum of the epochs' prompts is part of
     every checkpoint, so a run killed in epoch 3 of 3 ends on an uninterrupted run's final prompts
     (bit-equal). N(2, 1) over 3 epochs gives each epoch weight; the final prompts are the sum the last
-    checkpoint holds, not the last epoch's."""
+    checkpoint holds, not the last epoch's. In this process (the kill test of a process is the chain
+    above): what is tested is what the checkpoint holds and the resumed run reads."""
     extra = ["--promptsrc.gpa-mean", "2", "--promptsrc.gpa-std", "1"]
-    args = lambda out: [FASTPROMPT, *_args(demo_beton, out, *extra, method="promptsrc")]
+    args = lambda out: _args(demo_beton, out, *extra, method="promptsrc")
     full, part = tmp_path / "full", tmp_path / "part"
-    subprocess.run(args(full), check=True, env=_env(), capture_output=True)
-    killed = subprocess.run(args(part), env=_env(**{EXIT_AFTER_STEP: "5"}), capture_output=True, text=True)  # 2 a epoch
-    assert killed.returncode == EXIT_CODE, killed.stderr[-3000:]
+    assert runner.invoke(app, args(full)).exit_code == 0
+    with _kill_after_step(monkeypatch, 5):  # 2 steps an epoch: in epoch 3
+        assert isinstance(runner.invoke(app, args(part)).exception, _Killed)
     record, tensors = checkpoint.load(part)
     assert record["epoch"] == 2 and sorted(k for k in tensors if k.startswith("method.")) == [
         "method.gpa.text.context", "method.gpa.text.deep_context", "method.gpa.visual.prompts"]
-    resumed = subprocess.run(args(part), env=_env(), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "after epoch 2/3" in " ".join(resumed.stderr.split())
+    resumed = runner.invoke(app, args(part))
+    assert resumed.exit_code == 0, resumed.output[-3000:]
+    assert "after epoch 2/3" in " ".join(resumed.output.split())
     assert _metrics(part) == _metrics(full)
     a, b = load_file(str(full / "prompts.safetensors")), load_file(str(part / "prompts.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     final = checkpoint.load(full)[1]  # after the last epoch: the prompts are the GPA sum it also holds
     assert all(torch.equal(final[f"method.gpa.{k}"], a[k]) for k in a)
     assert not all(torch.equal(tensors[f"prompts.{k}"], tensors[f"method.gpa.{k}"]) for k in a)  # mid-run: apart
-
-
-class _Killed(Exception):
-    pass
 
 
 @pytest.mark.slow
@@ -174,13 +211,8 @@ def test_a_promptsrc_checkpoint_without_its_gpa_sum_is_refused(demo_beton, tmp_p
     out = tmp_path / "run"
     args = _args(demo_beton, out, epochs=2, method="promptsrc")
 
-    def kill(step):  # in epoch 2 (2 steps an epoch): the checkpoint after epoch 1 stays
-        if step >= 3:
-            raise _Killed
-
-    monkeypatch.setattr("fastprompt.training.trainer.exit_after_step", kill)
-    assert isinstance(runner.invoke(app, args).exception, _Killed)
-    monkeypatch.undo()
+    with _kill_after_step(monkeypatch, 3):  # in epoch 2 (2 steps an epoch): the checkpoint after epoch 1 stays
+        assert isinstance(runner.invoke(app, args).exception, _Killed)
     record, tensors = checkpoint.load(out)
     assert record["epoch"] == 1 and sorted(k for k in tensors if k.startswith("method.gpa."))
     record = {k: v for k, v in record.items() if k not in ("format", "tensors", "checkpoint_id")}
@@ -299,7 +331,7 @@ def test_nan_policy_skip_stops_when_a_whole_epoch_is_skipped(demo_beton, tmp_pat
 
 # ------------------------------------------------------------------ data changed under a run
 @pytest.mark.slow
-def test_data_prepared_again_under_a_killed_run_is_not_resumed(tmp_path):
+def test_data_prepared_again_under_a_killed_run_is_not_resumed(tmp_path, monkeypatch):
     """Issue 21, as reported: a run killed after epoch 2 of 5, its .beton prepared again at the same
     path with other content: the next start stops naming data_id and the fix; the original data resumes it."""
     from fastprompt.data import write_demo
@@ -307,9 +339,9 @@ def test_data_prepared_again_under_a_killed_run_is_not_resumed(tmp_path):
     data, out = tmp_path / "d.beton", tmp_path / "run"
     write_demo(str(data), images_per_class=4, image_size=32, seed=0, workers=1)  # 20 training images: 2 steps an epoch
     original = data.read_bytes(), data.with_suffix(".json").read_bytes()
-    killed = subprocess.run([FASTPROMPT, *_args(data, out, epochs=5)], env=_env(**{EXIT_AFTER_STEP: "5"}),
-                            capture_output=True, text=True)
-    assert killed.returncode == EXIT_CODE and checkpoint.load(out)[0]["epoch"] == 2, killed.stderr[-3000:]
+    with _kill_after_step(monkeypatch, 5):  # in epoch 3: the checkpoint after epoch 2 stays
+        assert isinstance(_invoke(data, out, epochs=5).exception, _Killed)
+    assert checkpoint.load(out)[0]["epoch"] == 2
     write_demo(str(data), images_per_class=4, image_size=32, seed=1, workers=1, overwrite=True)
     said = _error(_invoke(data, out, epochs=5))
     assert "holds a run with data_id='sha256:" in said and f"the content of {data} changed since that run" in said

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from fastprompt.cli import app
 from fastprompt.errors import FastpromptError
-from fastprompt.training import engine
+from fastprompt.training import checkpoint, engine
 from fastprompt.training.hooks import EXIT_AFTER_STEP, EXIT_CODE, KILL_AT
 from fastprompt.training.pack import auto_pack_size
 from fastprompt.training.plan import pack_groups, parse_pack
@@ -144,25 +144,28 @@ def test_auto_sizes_the_pack_from_measured_memory(demo_beton, weights, tmp_path,
 
 @pytest.mark.slow
 def test_a_killed_pack_resumes_exactly(demo_beton, weights, tmp_path):
-    """A pack of 2 (2 epochs of 2 steps) killed after step 3 (mid epoch 2), and one killed while the
-    second run writes its first checkpoint (the runs then stand at epochs 1 and 0: the behind one
-    trains its epoch alone, then both pack), each run again: every run ends with the prompts,
-    metrics and results of the pack that never stopped."""
+    """A pack of 2 (2 epochs of 2 steps), one run folder killed twice, each process resuming the one
+    before (a chain, as test_faults' kill points): first while the second run writes its first
+    checkpoint (the runs then stand at epochs 1 and 0), then, resumed (the behind one trains its
+    epoch alone, then both pack), after step 3 (mid epoch 2, both at epoch 1); run again, every run
+    ends with the prompts, metrics and results of the pack that never stopped."""
     def command(out):
         return [sys.executable, "-m", "fastprompt.cli", *_args(demo_beton, weights, out), "--seeds", "1,2", "--pack", "2"]
 
-    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr
-    for name, kill, resumes in (("step", {EXIT_AFTER_STEP: "3"}, "from epoch 2"),
-                                ("checkpoint", {KILL_AT: "checkpoint-tensors:2"}, "seed2 from epoch 1")):
-        out = tmp_path / name
-        killed = subprocess.run(command(out), capture_output=True, text=True, env={**os.environ, **kill})
-        assert killed.returncode == EXIT_CODE, killed.stderr
-        assert not (out / "seed1" / "results.json").exists()
-        resumed = subprocess.run(command(out), capture_output=True, text=True)
-        assert resumed.returncode == 0, resumed.stderr
-        assert resumes in resumed.stderr, resumed.stderr
-        _same_runs(tmp_path / "whole", out)
+    _run(demo_beton, weights, tmp_path / "whole", "--seeds", "1,2", "--pack", "2")  # in this process, never killed
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # the killed processes reduce as this one
+    out = tmp_path / "killed"
+    stand = lambda: [(checkpoint.read_record(out / f"seed{s}") or {"epoch": 0})["epoch"] for s in (1, 2)]
+    for kill, resumes, epochs in (({KILL_AT: "checkpoint-tensors:2"}, None, [1, 0]),
+                                  ({EXIT_AFTER_STEP: "3"}, "seed2 from epoch 1", [1, 1]),
+                                  (None, "from epoch 2", None)):
+        ran = subprocess.run(command(out), capture_output=True, text=True, env={**os.environ, **threads, **(kill or {})})
+        assert ran.returncode == (EXIT_CODE if kill else 0), ran.stderr
+        if resumes is not None:
+            assert resumes in ran.stderr, ran.stderr
+        if kill:
+            assert not (out / "seed1" / "results.json").exists() and stand() == epochs
+    _same_runs(tmp_path / "whole", out)
 
 
 def _same_runs(whole, resumed):
