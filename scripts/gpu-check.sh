@@ -127,7 +127,7 @@ else
         -k "vpt-deep or fullgraph"
     # one method of each kind of bench workload (fastprompt.bench.workloads): image-side prompts, the CoOp text
     # step, a baseline with its released-style anchor, a gradient rule's step; every method's anchor against the
-    # reference is tests/test_anchor.py's (the other four baselines here cost ~10 s of CPU and no code path)
+    # reference is tests/test_anchor.py's (the other four baselines here cost ~8 s of CPU and no code path)
     step bench-fastprompt-tiny 300 "$PY" -m fastprompt.cli bench --clip fastprompt-tiny --pretrained none --batch-size 4 \
         --classes 5 --methods vpt-deep,coop-text,maple,prograd --variants reference,fast,anchor --steps 1 --warmup 0 --device cpu \
         --json "$OUT/bench-fastprompt-tiny.json"
