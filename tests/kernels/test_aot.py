@@ -7,8 +7,8 @@ compile's shared memory, registers and spills (every target in one subprocess, o
 they are cached in the user's cache folder (~/.cache/fastprompt/test-aot), keyed by kernel source,
 Triton version, target, signature and config, so that a fresh clone does not compile them again
 (in the clone's .pytest_cache every fresh clone paid a minute of CPU): a hit is the report a fresh
-compile of the same kernel would give. The
-default selection ("cover") compiles every config at least once per target with every dtype but fp32, head dim, causal flag and target kind at
+compile of the same kernel would give.
+The default selection ("cover") compiles every config at least once per target with every dtype but fp32, head dim, causal flag and target kind at
 least once per kernel (a cold run takes a minute or two on 2 cores, a warm one seconds); the
 slow test adds each config's fp32 worst case, where the shared memory of a block runs out.
 """
