@@ -67,14 +67,35 @@ def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path
     return build_file
 
 
+@pytest.fixture(scope="session")
+def demo_clip(build_once):
+    """fastprompt-tiny pretrained on the synthetic colour-shape captions (never the demo's
+    classes), 300 steps (~15-30 s), as `fastprompt prepare demo-clip` runs by default."""
+    from fastprompt.training.pretrain import PretrainConfig, pretrain_clip
+
+    return build_once("demo-clip.pt", lambda path: pretrain_clip(str(path), PretrainConfig(steps=300)))  # warm-up: 30 steps
+
+
 @pytest.fixture(scope="session", autouse=True)
-def numba_kernels_cached(build_once) -> None:
+def numba_kernels_cached(build_once, request) -> None:
     """fastprompt's numba decode kernels (`cache=True`: cached beside their sources, so a fresh
     clone has none) compiled and cached before the first test. Every process that decodes a batch
     before they are cached compiles them itself (12-40 s of CPU): under pytest-xdist both workers
     and the `fastprompt` processes that the first tests start (sweeps, kills) did so at once.
     One worker compiles them here, decoding a train and a test batch of a tiny demo set as
-    `fastprompt train` does, while the other waits; with a warm cache this loads them."""
+    `fastprompt train` does; with a warm cache this loads them.
+
+    The other workers would wait on that compile (28-34 s of CPU cold, one core idle): when a
+    collected test needs the demo CLIP, they pretrain it first (`demo_clip`: torch only, no numba
+    decode, 15-30 s that one worker pays anyway), so both cores work while the kernels compile.
+    Worker gw0 goes straight to the kernels. Should the pretraining fail, only the tests that use
+    the demo CLIP fail: pytest keeps a session fixture's error and raises it in each of them."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker not in (None, "gw0") and any("demo_clip" in item.fixturenames for item in request.session.items):
+        try:
+            request.getfixturevalue("demo_clip")
+        except Exception:  # reported by every test that uses demo_clip (above), not by every test of this worker
+            pass
 
     def decode(path: Path) -> None:
         from fastprompt.data import open_dataset, write_demo

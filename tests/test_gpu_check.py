@@ -175,7 +175,7 @@ def test_cpu_dry_run_writes_json_and_markdown(tmp_path):
     packed = {(r["method"], r["variant"], r["pack"]) for r in report["bench"] if "pack" in r and r["images_per_s"] > 0}
     assert packed == {(m, "fast", n) for m in ("coop", "vpt-deep") for n in (1, 2)}
     variants = {(r["method"], r["variant"]) for r in report["bench"] if r["images_per_s"] > 0 and "pack" not in r}
-    assert variants == {(m, v) for m in ("vpt-deep", "coop-text", "ivlp", "maple", "cocoop", "kgcoop", "prograd", "promptsrc") for v in ("reference", "fast", "anchor")}
+    assert variants == {(m, v) for m in ("vpt-deep", "coop-text", "maple", "prograd") for v in ("reference", "fast", "anchor")}
     impls = {(r["op"], r["impl"]) for r in report["micro"] if r["median_ms"] > 0}
     assert impls == {("prefix_attention", "triton"), ("prefix_attention", "sdpa-math"), ("cosine_ce", "triton"), ("cosine_ce", "eager")}
     text = (out / "gpu-check.md").read_text()

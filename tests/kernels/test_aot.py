@@ -2,10 +2,13 @@
 
 `python -m fastprompt.kernels.aot` compiles the kernels ahead of time for a GPU target
 (Triton's full pipeline down to a cubin, ptxas included) in a subprocess without
-TRITON_INTERPRET (this process defined its kernels for the interpreter). Its reports, cached
-under .pytest_cache/fastprompt-aot by kernel source and Triton version, give each compile's
-shared memory, registers and spills (every target in one subprocess, once per session). The
-default selection ("cover") compiles every config at least once per target with every dtype but fp32, head dim, causal flag and target kind at
+TRITON_INTERPRET (this process defined its kernels for the interpreter). Its reports give each
+compile's shared memory, registers and spills (every target in one subprocess, once per session);
+they are cached in the user's cache folder (~/.cache/fastprompt/test-aot), keyed by kernel source,
+Triton version, target, signature and config, so that a fresh clone does not compile them again
+(in the clone's .pytest_cache every fresh clone paid a minute of CPU): a hit is the report a fresh
+compile of the same kernel would give.
+The default selection ("cover") compiles every config at least once per target with every dtype but fp32, head dim, causal flag and target kind at
 least once per kernel (a cold run takes a minute or two on 2 cores, a warm one seconds); the
 slow test adds each config's fp32 worst case, where the shared memory of a block runs out.
 """
@@ -33,14 +36,14 @@ from fastprompt.kernels._common import prune_by_shared_memory, shared_memory_pru
 from fastprompt.kernels.aot import SHARED_LIMIT, TARGETS, selector  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHE = ROOT / ".pytest_cache" / "fastprompt-aot"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastprompt" / "test-aot"
 MODULES = ("prefix_attention", "cosine_cross_entropy")
 AUTOTUNED = {"prefix_attention.fwd", "prefix_attention.bwd_dkdv", "prefix_attention.bwd_dq"}  # pruned at launch
 
 
 def _compile_reports(selection: str, path: Path) -> None:
-    """The AOT compile reports of every target into `path` (one subprocess; the compile cache
-    under .pytest_cache/fastprompt-aot makes a repeated compile a read)."""
+    """The AOT compile reports of every target into `path` (one subprocess; the report cache
+    CACHE makes a repeated compile a read)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(

@@ -108,12 +108,13 @@ def vit_b32():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_vit_b32_random_init_runs_every_method(method, vit_b32):
-    """The contract's `clip="ViT-B-32", pretrained=None` on CPU: a small batch, every method."""
-    model = fastprompt.create_model(method, classnames=CLASSNAMES[:3], clip=vit_b32, n_ctx=4) if method in (
-        "coop", "vlp", "e2mim", "ivlp", "maple") else fastprompt.create_model(method, classnames=CLASSNAMES[:3], clip=vit_b32)
+    """The contract's `clip="ViT-B-32", pretrained=None` on CPU: a small batch, every method (two
+    classes: a third fewer text-tower passes, per class and per template, than three)."""
+    model = fastprompt.create_model(method, classnames=CLASSNAMES[:2], clip=vit_b32, n_ctx=4) if method in (
+        "coop", "vlp", "e2mim", "ivlp", "maple") else fastprompt.create_model(method, classnames=CLASSNAMES[:2], clip=vit_b32)
     images = torch.randn(2, 3, 224, 224)
-    loss = model.loss(images, torch.tensor([0, 2]))
-    assert model(images).shape == (2, 3) and torch.isfinite(loss)
+    loss = model.loss(images, torch.tensor([0, 1]))
+    assert model(images).shape == (2, 2) and torch.isfinite(loss)
     if model.prompt_state_dict():
         loss.backward()
         for name, p in model.named_parameters():

@@ -19,15 +19,6 @@ def demo_beton(build_once):
     return build_once("demo.beton", lambda path: write_demo(str(path), images_per_class=40, seed=0, light=(1.0, 1.0, 1.0)))
 
 
-@pytest.fixture(scope="session")
-def demo_clip(build_once):
-    """fastprompt-tiny pretrained on the synthetic colour-shape captions (never the demo's
-    classes), 300 steps (~15-30 s), as `fastprompt prepare demo-clip` runs by default."""
-    from fastprompt.training.pretrain import PretrainConfig, pretrain_clip
-
-    return build_once("demo-clip.pt", lambda path: pretrain_clip(str(path), PretrainConfig(steps=300)))  # warm-up: 30 steps
-
-
 @pytest.fixture
 def named_beton(demo_beton, tmp_path):
     """The demo .beton under another dataset name (its sidecar's `name`), e.g. stanford_cars:
