@@ -407,10 +407,11 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
         say(f"{said} {p.cell.name} in {_duration(seconds)}; {view.summary()}")
 
     try:
-        with _live(view, console) as say:
+        with _live(view, console) as say, _interrupt_at_safe_points() as interrupted:
             for p in skipped:
                 say(f"skip {p.cell.name} ({p.why})")
             while todo or running:
+                interrupted()
                 while todo and free:
                     job, slot = todo.popleft(), free.pop(0)
                     if len(job) > 1:
@@ -456,6 +457,32 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
 
 def _no_lines(line: str) -> None:
     pass
+
+
+@contextmanager
+def _interrupt_at_safe_points():
+    """SIGINT (Ctrl-C, `kill -INT`) while the sweep runs: noted by a handler and raised as
+    KeyboardInterrupt by `interrupted()` at the top of the sweep's loop (at most the loop's 0.5 s
+    wait later), never in the middle of the executor's or a future's locked sections, where an
+    asynchronous KeyboardInterrupt can leave a lock held that the pool's shutdown then waits on.
+    Outside the main thread (signals cannot be set there) the default behaviour stays."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    noted = threading.Event()
+
+    def interrupted() -> None:
+        if noted.is_set():
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
