@@ -104,6 +104,9 @@ def numba_kernels_cached(build_once, request) -> None:
         data = open_dataset(path)
         for split in ("train", "test"):
             next(iter(data.loader(split, image_size=64, batch_size=4, num_workers=1)))
+        # the few-shot set decoded once (`decoded_cache`, what vlp's and most training loaders take):
+        # its kernels too (uncached, every process that reached them compiled them: ≈ 6 s of CPU each)
+        next(iter(data.loader("train", shots=2, image_size=64, batch_size=4, num_workers=1, decoded_cache="auto")))
 
     build_once("numba-kernels.beton", decode)
 
