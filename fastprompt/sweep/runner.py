@@ -424,7 +424,9 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
                     for p in job:
                         view.running[p.cell.name] = time.monotonic()
                     view.left -= len(job)
-                for handle in launcher.wait(list(running), timeout=0.5):
+                ended = launcher.wait(list(running), timeout=0.5)
+                interrupted()  # before reading them: a cell the same Ctrl-C stopped is interrupted, not failed
+                for handle in ended:
                     slot, job, start = running.pop(handle)
                     free.append(slot)
                     result = launcher.result(slot, handle, _job_name(job))
