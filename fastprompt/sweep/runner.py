@@ -467,11 +467,12 @@ def _interrupt_at_safe_points():
     KeyboardInterrupt by `interrupted()` at the top of the sweep's loop (at most the loop's 0.5 s
     wait later), never in the middle of the executor's or a future's locked sections, where an
     asynchronous KeyboardInterrupt can leave a lock held that the pool's shutdown then waits on.
-    Outside the main thread (signals cannot be set there) the default behaviour stays."""
+    Outside the main thread (signals cannot be set there), or where SIGINT is ignored (a job a
+    shell started in the background), nothing changes."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield lambda: None
         return
     noted = threading.Event()

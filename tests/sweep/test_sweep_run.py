@@ -459,3 +459,32 @@ def test_a_packed_sweep_writes_ordinary_cells_and_a_failing_cell_fails_alone(dem
     (out / cells[1] / "error.json").unlink()
     again = run_sweep(config)
     assert again.skipped == [cells[0], cells[2]] and again.done == [cells[1]]
+
+
+def test_sigint_is_raised_at_the_sweeps_safe_points_only():
+    """The sweep's SIGINT handler notes the signal and `interrupted()` raises it (never inside the
+    executor's locked sections); the previous handler comes back; a SIGINT the process ignores (a
+    background job's) stays ignored."""
+    from fastprompt.sweep.runner import _interrupt_at_safe_points
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with _interrupt_at_safe_points() as interrupted:
+                interrupted()  # nothing noted yet
+                os.kill(os.getpid(), signal.SIGINT)  # handled at once: noted, not raised here
+                time.sleep(0.05)
+                reached.append("after the signal")
+                interrupted()
+        assert reached == ["after the signal"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with _interrupt_at_safe_points() as interrupted:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            interrupted()  # ignored, as before the sweep
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
