@@ -60,10 +60,14 @@ def write_json(path: Union[str, Path], obj: Any, kill_point: Optional[str] = Non
     """`obj` as JSON with a final newline, written atomically (`kill_point`: see atomic_write).
     indent None: one line, by the json module's C encoder (an indented dump is pure Python: a
     checkpoint record's RNG states, thousands of numbers, took ~10 ms a save indented)."""
-    text = json.dumps(obj, indent=indent) + "\n"
+    write_text(path, json.dumps(obj, indent=indent) + "\n", kill_point=kill_point)
+
+
+def write_text(path: Union[str, Path], text: str, kill_point: Optional[str] = None) -> None:
+    """`text` (UTF-8) written atomically (`kill_point`: see atomic_write)."""
 
     def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
     atomic_write(path, write, kill_point=kill_point)

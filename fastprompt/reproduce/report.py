@@ -121,16 +121,11 @@ def render(plan: Plan, fmt: str) -> str:
 
 def write_reports(plan: Plan) -> list[Path]:
     """OUT/report.md, report.csv, report.tex (each written whole, atomically)."""
-    from fastprompt.files import atomic_write
+    from fastprompt.files import write_text
 
     written = []
     for fmt, name in FORMATS.items():
         path = plan.out / name
-        text = render(plan, fmt)
-
-        def write(tmp: str, text=text) -> None:
-            Path(tmp).write_text(text, encoding="utf-8")
-
-        atomic_write(path, write)
+        write_text(path, render(plan, fmt))
         written.append(path)
     return written
