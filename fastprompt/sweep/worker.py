@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -83,15 +84,24 @@ def run_cell(payload: dict, tensorboard: bool = False) -> dict:
         lock.acquire()
     except FastpromptError as err:
         return {"cell": name, "status": "failed", "seconds": 0.0, "error": str(err)}
+    with _running_cell():
+        try:
+            return _run_locked(payload, name, out, tensorboard, start)
+        except KeyboardInterrupt:  # SIGINT: the cell stops here, resumable from its last checkpoint (no error.json)
+            return _interrupted(name, start)
+        finally:
+            lock.release()
+
+
+@contextmanager
+def _running_cell():
+    """This worker runs a cell (or a pack) meanwhile: what its SIGINT handler and watchdog read
+    (the watchdog's exit waits for the end of this block: release the run locks inside it)."""
     _cell.update(running=True, interrupted=False)
     _cell_ended.clear()
     try:
-        return _run_locked(payload, name, out, tensorboard, start)
-    except KeyboardInterrupt:  # SIGINT: the cell stops here, resumable from its last checkpoint (no error.json)
-        return {"cell": name, "status": "interrupted", "error": INTERRUPTED,
-                "seconds": round(time.perf_counter() - start, 3)}
+        yield
     finally:
-        lock.release()
         _cell["running"] = False
         _cell_ended.set()
 
@@ -107,11 +117,24 @@ def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: f
                 execute([plan], on_epoch=loggers.open, on_result=loggers.final)
             finally:
                 loggers.close()
-        _evaluate(plan, payload["eval_on"])
-        (out / ERROR_FILE).unlink(missing_ok=True)
-        return {"cell": name, "status": "done", "seconds": round(time.perf_counter() - start, 3)}
     except Exception as err:
         return _failed(name, out, one_line(err), start)
+    return _evaluated(name, plan, payload["eval_on"], start)
+
+
+def _evaluated(name: str, plan, eval_on: list, start: float) -> dict:
+    """A trained cell's record: evaluated on every extra test set it lacks, its old error.json
+    removed; failed (error.json written) when an evaluation fails."""
+    try:
+        _evaluate(plan, eval_on)
+        (plan.out / ERROR_FILE).unlink(missing_ok=True)
+    except Exception as err:
+        return _failed(name, plan.out, one_line(err), start)
+    return {"cell": name, "status": "done", "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _interrupted(name: str, start: float) -> dict:
+    return {"cell": name, "status": "interrupted", "error": INTERRUPTED, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def _evaluate(plan, eval_on: list) -> None:
@@ -184,21 +207,12 @@ def run_pack(payload: dict, tensorboard: bool = False) -> dict:
         locks.append(lock)
         cells.append((cell, plan))
     by_out = {plan.out: cell for cell, plan in cells}
-    _cell.update(running=True, interrupted=False)
-    _cell_ended.clear()
 
     def ended(plan, results, error) -> None:
         cell = by_out[plan.out]
         loggers.final(plan, results, error)
-        if error is not None:
-            records[cell["name"]] = _failed(cell["name"], plan.out, error, start)
-            return
-        try:
-            _evaluate(plan, cell["eval_on"])
-            (plan.out / ERROR_FILE).unlink(missing_ok=True)
-            records[cell["name"]] = {"cell": cell["name"], "status": "done", "seconds": round(time.perf_counter() - start, 3)}
-        except Exception as err:
-            records[cell["name"]] = _failed(cell["name"], plan.out, one_line(err), start)
+        records[cell["name"]] = (_failed(cell["name"], plan.out, error, start) if error is not None
+                                 else _evaluated(cell["name"], plan, cell["eval_on"], start))
 
     loggers = _loggers(tensorboard)
     import io
@@ -206,28 +220,26 @@ def run_pack(payload: dict, tensorboard: bool = False) -> dict:
     from rich.console import Console
 
     notes = io.StringIO()  # the engine's lines (the packs, --pack auto's measured size): the sweep says them
-    try:
-        todo = [plan for cell, plan in cells if not (plan.out / "results.json").is_file()]
-        for cell, plan in cells:
-            if plan not in todo:
-                ended(plan, {}, None)  # trained: only its evaluations
-        execute(todo, Console(file=notes, force_terminal=False, width=1000), pack=payload["pack"], on_epoch=loggers.open,
-                on_result=ended, keep_going=True)
-    except KeyboardInterrupt:  # SIGINT: the cells still training stop, each resumable from its last checkpoint
-        for cell, _ in cells:
-            records.setdefault(cell["name"], {"cell": cell["name"], "status": "interrupted", "error": INTERRUPTED,
-                                              "seconds": round(time.perf_counter() - start, 3)})
-    except Exception as err:  # outside any one run (the pack's own step): every cell without a record failed
-        message = one_line(err)
-        for cell, plan in cells:
-            if cell["name"] not in records:
-                records[cell["name"]] = _failed(cell["name"], plan.out, message, start)
-    finally:
-        loggers.close()
-        for lock in locks:
-            lock.release()
-        _cell["running"] = False
-        _cell_ended.set()
+    with _running_cell():
+        try:
+            todo = [plan for cell, plan in cells if not (plan.out / "results.json").is_file()]
+            for cell, plan in cells:
+                if plan not in todo:
+                    ended(plan, {}, None)  # trained: only its evaluations
+            execute(todo, Console(file=notes, force_terminal=False, width=1000), pack=payload["pack"],
+                    on_epoch=loggers.open, on_result=ended, keep_going=True)
+        except KeyboardInterrupt:  # SIGINT: the cells still training stop, each resumable from its last checkpoint
+            for cell, _ in cells:
+                records.setdefault(cell["name"], _interrupted(cell["name"], start))
+        except Exception as err:  # outside any one run (the pack's own step): every cell without a record failed
+            message = one_line(err)
+            for cell, plan in cells:
+                if cell["name"] not in records:
+                    records[cell["name"]] = _failed(cell["name"], plan.out, message, start)
+        finally:
+            loggers.close()
+            for lock in locks:
+                lock.release()
     ordered = [records[cell["name"]] for cell in payload["cells"]]
     status = "done" if all(r["status"] == "done" for r in ordered) else "failed"
     lines = [line for line in notes.getvalue().splitlines() if not line.startswith("epoch ")]  # the losses: metrics.jsonl
