@@ -547,10 +547,7 @@ def train_cmd(
         if _given(ctx, "seed"):
             raise FastpromptError("--seed and --seeds both given; pass --seed S for one run or --seeds S1,S2,... for one "
                                   "run per seed")
-        try:
-            seed_list = [int(v) for v in _comma_list(seeds) or ()]
-        except ValueError:
-            raise FastpromptError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 1,2,3") from None
+        seed_list = _int_list("seeds", seeds)
     settings = dict(
         method=method, data=data, out=out or "", clip=clip, pretrained=pretrained, template=template,
         shots=shots or None, seed=seed_list[0] if seed_list else seed, classes=classes, epochs=epochs,
@@ -663,6 +660,14 @@ def zeroshot_cmd(
 
 def _comma_list(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    """--FLAG 1,2,3 -> [1, 2, 3]; anything but integers is one line naming the flag."""
+    try:
+        return [int(v) for v in _comma_list(text) or ()]
+    except ValueError:
+        raise FastpromptError(f"--{flag} {text!r} must be comma-separated integers, e.g. 1,2,3") from None
 
 
 def _pack_sizes(value: Optional[str]) -> tuple[int, ...]:
@@ -838,15 +843,10 @@ def sweep_cmd(
     if group_warmup:
         shared["group_warmup_epochs"] = group_warmup
 
-    def ints(flag: str, text: str) -> list:
-        try:
-            return [int(v) for v in _comma_list(text)]
-        except ValueError:
-            raise FastpromptError(f"--{flag} {text!r} must be comma-separated integers, e.g. 1,2,3") from None
 
     config = SweepConfig(
-        methods=list(_comma_list(methods) if methods is not None else [resolve_method(None, protocol, "--methods")]), data=list(_comma_list(data)), seeds=ints("seeds", seeds),
-        shots=[s or None for s in ints("shots", shots)], out=out, train=shared, options={**method_options, **_set_options(set_options)},
+        methods=list(_comma_list(methods) if methods is not None else [resolve_method(None, protocol, "--methods")]), data=list(_comma_list(data)), seeds=_int_list("seeds", seeds),
+        shots=[s or None for s in _int_list("shots", shots)], out=out, train=shared, options={**method_options, **_set_options(set_options)},
         eval_on=list(_comma_list(eval_on) or ()), jobs=jobs, launcher=launcher, slurm_partition=slurm_partition,
         slurm_gpus=slurm_gpus, slurm_time=slurm_time, tensorboard=tensorboard, pack=pack,
     )
@@ -957,10 +957,7 @@ def reproduce_cmd(
     if table is None:
         raise FastpromptError("give a TABLE, e.g. `fastprompt reproduce cavpt-table1 --data-root $DATA`; --list prints them")
     paper = load_table(table)
-    try:
-        seed_list = None if seeds is None else [int(v) for v in _comma_list(seeds)]
-    except ValueError:
-        raise FastpromptError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 1,2,3") from None
+    seed_list = None if seeds is None else _int_list("seeds", seeds)
     sweep = {name.removeprefix("sweep__"): v for name, v in ctx.meta["flags"].items() if name.startswith("sweep__")}
     plan = make_plan(paper, out or f"runs/{paper.name}", data_root, seed_list,
                      run={"device": device, "precision": precision, "num_workers": workers}, sweep=sweep)
