@@ -58,6 +58,7 @@ def execute(plans: Sequence[RunPlan], console=None, *, pack: Packing = 1,
     results, error)`: called as each run ends (error: one line, results None)."""
     results: dict[int, Optional[dict]] = {}
     index = {id(p): k for k, p in enumerate(plans)}
+    on_epoch = on_epoch or (lambda plan: None)  # each run's metrics callback, or None
 
     def report(plan: RunPlan, done: Optional[dict], error: Optional[BaseException]) -> None:
         if error is not None and not keep_going:
@@ -70,7 +71,7 @@ def execute(plans: Sequence[RunPlan], console=None, *, pack: Packing = 1,
         if len(group) == 1:
             plan = group[0]
             try:
-                done = train(plan, console, None if on_epoch is None else on_epoch(plan), force_eval=force_eval)
+                done = train(plan, console, on_epoch(plan), force_eval=force_eval)
             except Exception as err:  # noqa: BLE001  (keep_going: one run's failure is its own)
                 report(plan, None, err)
                 continue
@@ -94,7 +95,7 @@ def _run_packed(plans: list[RunPlan], console, pack: Packing, on_epoch, force_ev
             _say(console, f"done, results in {plan.out / 'results.json'}")
             report(plan, done, None)
         elif done is not None:
-            report(plan, train(plan, console, None if on_epoch is None else on_epoch(plan), force_eval=True), None)
+            report(plan, train(plan, console, on_epoch(plan), force_eval=True), None)
         else:
             todo.append(plan)
     size = None if pack == "auto" else int(pack)  # auto: measured on the first run built
@@ -124,7 +125,7 @@ def _build(plan: RunPlan, on_epoch, trainers: list[Trainer], report, clip: Share
     once; where its replay is not exact, each run's own, dropped for the pack's) and the first run's
     opened dataset; None when it failed (reported)."""
     try:
-        trainer = Trainer(plan, console=None, on_epoch=None if on_epoch is None else on_epoch(plan), clip=clip,
+        trainer = Trainer(plan, console=None, on_epoch=on_epoch(plan), clip=clip,
                           data=trainers[0].data if trainers else None)  # one opened dataset (pack_key: one file)
     except Exception as err:  # noqa: BLE001
         report(plan, None, err)
