@@ -82,6 +82,11 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
 _FLIP_COUNTER = 64  # counters 0..39 serve the 10 crop attempts
+# Typed constants for the numba calls below: a literal 0 or False argument compiles a specialisation of its
+# own (numba types it Literal[int](0)), so that the random crop, the centre crop and the resize's own passes
+# each compiled the resize family again (8 more cold compiles of the decode kernels in a fresh install).
+_ZERO = np.int64(0)
+_NO_FLIP = np.bool_(False)
 
 
 def _mix64_py(z: int) -> int:
@@ -89,6 +94,12 @@ def _mix64_py(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
+
+
+def _contiguous(batch_indices: np.ndarray) -> np.ndarray:
+    """The batch's indices as the kernels' one specialisation takes them: C-contiguous int64 (a
+    strided view, as a distributed loader's shard was, compiled the kernel again for numba's 'A' layout)."""
+    return np.ascontiguousarray(batch_indices, dtype=np.int64)  # (B,)
 
 
 def augment_key(order_seed: int, epoch: int) -> int:
@@ -160,7 +171,7 @@ def _decode_to(record, mm, ptrs, sizes, scratch):
 @numba.njit(cache=True, nogil=True)
 def _resize_crop(image, i, j, h, w, out):
     """out (S, S, 3) <- image[i:i+h, j:j+w] resized with PIL's bicubic (Dassl's RandomResizedCrop)."""
-    resample(image, i, h, out.shape[0], 0, j, w, out.shape[1], 0, out)
+    resample(image, i, h, out.shape[0], _ZERO, j, w, out.shape[1], _ZERO, out)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -182,7 +193,7 @@ def _resize_center_crop(image, short, out):
         new_h, new_w = int(short * height / width), short
     else:
         new_h, new_w = short, int(short * width / height)
-    resample(image, 0, height, new_h, _center_offset(new_h, size), 0, width, new_w, _center_offset(new_w, size), out)
+    resample(image, _ZERO, height, new_h, _center_offset(new_h, size), _ZERO, width, new_w, _center_offset(new_w, size), out)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -194,8 +205,8 @@ def _resize_center_crop_normalised(image, short, lut, out_f):
         new_h, new_w = int(short * height / width), short
     else:
         new_h, new_w = short, int(short * width / height)
-    resample_normalised(image, 0, height, new_h, _center_offset(new_h, size), 0, width, new_w,
-                        _center_offset(new_w, size), False, lut, out_f)
+    resample_normalised(image, _ZERO, height, new_h, _center_offset(new_h, size), _ZERO, width, new_w,
+                        _center_offset(new_w, size), _NO_FLIP, lut, out_f)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -228,10 +239,10 @@ def _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_
     training paths (decode every epoch, or read the decoded cache) call this one function, so
     their pixels are the same bit for bit."""
     i, j, h, w = _random_crop(state, image.shape[0], image.shape[1], scale_lo, scale_hi, log_ratio_lo, log_ratio_hi)
-    flip = _uniform(state, _FLIP_COUNTER) < flip_prob
+    flip = _uniform(state, _FLIP_COUNTER + _ZERO) < flip_prob
     size_h, size_w = resized.shape[0], resized.shape[1]
     if normalise:  # flip and normalisation in the resize's last pass (fastprompt.data.resample)
-        resample_normalised(image, i, h, size_h, 0, j, w, size_w, 0, flip, lut, out_f[k])
+        resample_normalised(image, i, h, size_h, _ZERO, j, w, size_w, _ZERO, flip, lut, out_f[k])
     else:
         _resize_crop(image, i, j, h, w, resized)
         if flip:
@@ -404,13 +415,13 @@ class SeededRandomResizedCrop(_CropDecoder):
             def decode(batch_indices, storage, metadata, storage_state):
                 out, scratch = storage
                 mm, ptrs, sizes = storage_state
-                return kernel(batch_indices, out, scratch, lut, True, np.int64(chunks), metadata, mm, ptrs, sizes,
+                return kernel(_contiguous(batch_indices), out, scratch, lut, True, np.int64(chunks), metadata, mm, ptrs, sizes,
                               np.uint64(address), scale_lo, scale_hi, log_lo, log_hi, flip_prob)  # (B, 3, S, S) f32
         else:
             def decode(batch_indices, storage, metadata, storage_state):
                 out, scratch = storage
                 mm, ptrs, sizes = storage_state
-                kernel(batch_indices, out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes,
+                kernel(_contiguous(batch_indices), out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes,
                        np.uint64(address), scale_lo, scale_hi, log_lo, log_hi, flip_prob)
                 return out[: len(batch_indices)]  # (B, S, S, 3) uint8
         return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 4)
@@ -422,7 +433,7 @@ class SeededRandomResizedCrop(_CropDecoder):
         def decode(batch_indices, storage, metadata, storage_state):
             out, _ = storage
             c = holder.cache  # attached by the loader before its first epoch
-            out_f = kernel(batch_indices, out, lut, normalise, chunks, c.row_of, c.pixels, c.offsets, c.heights,
+            out_f = kernel(_contiguous(batch_indices), out, lut, normalise, chunks, c.row_of, c.pixels, c.offsets, c.heights,
                            c.widths, address, scale_lo, scale_hi, log_lo, log_hi, flip_prob)
             return out_f if normalise else out[: len(batch_indices)]  # (B, 3, S, S) f32 / (B, S, S, 3) u8
 
@@ -445,12 +456,12 @@ class CenterCrop(_CropDecoder):
             def decode(batch_indices, storage, metadata, storage_state):
                 out, scratch = storage
                 mm, ptrs, sizes = storage_state
-                return kernel(batch_indices, out, scratch, lut, True, np.int64(chunks), metadata, mm, ptrs, sizes, short)  # (B, 3, S, S)
+                return kernel(_contiguous(batch_indices), out, scratch, lut, True, np.int64(chunks), metadata, mm, ptrs, sizes, short)  # (B, 3, S, S)
         else:
             def decode(batch_indices, storage, metadata, storage_state):
                 out, scratch = storage
                 mm, ptrs, sizes = storage_state
-                kernel(batch_indices, out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes, short)
+                kernel(_contiguous(batch_indices), out, scratch, lut, False, np.int64(chunks), metadata, mm, ptrs, sizes, short)
                 return out[: len(batch_indices)]  # (B, S, S, 3) uint8
         return mark_host_code(decode)  # Python around the cached kernel (ffcv_compat, workaround 4)
 

@@ -31,6 +31,7 @@ import numba
 import numpy as np
 
 PRECISION_BITS = 22  # Pillow's PRECISION_BITS (32 - 8 - 2) for 8-bit images
+_ZERO = np.int64(0)  # a typed 0: a literal 0 argument compiles a specialisation of its own (Literal[int](0))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -124,7 +125,7 @@ def _pass_transposed_normalised(src, length, bounds, weights, flip, lut, out_f):
     last = bounds.shape[0] - 1
     flat = src.reshape(src.shape[0], -1)  # (lines, W * 3)
     for y in range(bounds.shape[0]):
-        _rows_into(flat, 0, 0, span, y, bounds, weights, acc, row8)
+        _rows_into(flat, _ZERO, _ZERO, span, y, bounds, weights, acc, row8)
         col = last - y if flip else y
         for x in range(length):
             out_f[0, x, col] = lut[0, row8[3 * x]]
@@ -152,7 +153,7 @@ def resample(image, row0, rows, out_rows, first_row, col0, cols, out_cols, first
     out_h, out_w = out.shape[0], out.shape[1]
     tmp, bounds_h, weights_h = _vertical_pass(image, row0, rows, out_rows, first_row, col0, cols, out_cols, first_col,
                                               out_h, out_w)
-    _pass_transposed(tmp, 0, 0, out_h, bounds_h, weights_h, out)
+    _pass_transposed(tmp, _ZERO, _ZERO, out_h, bounds_h, weights_h, out)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -198,4 +199,4 @@ def resample_reference(image, row0, rows, out_rows, first_row, col0, cols, out_c
     tmp = np.empty((used, out_h, 3), dtype=np.uint8)  # vertical pass, transposed
     _pass_transposed_reference(image, row0, col0 + left, used, bounds_v, weights_v, tmp)
     bounds_h[:, 0] -= left
-    _pass_transposed_reference(tmp, 0, 0, out_h, bounds_h, weights_h, out)
+    _pass_transposed_reference(tmp, _ZERO, _ZERO, out_h, bounds_h, weights_h, out)

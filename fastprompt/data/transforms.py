@@ -95,7 +95,10 @@ class TrainTransform:
     def stored(self, image: "Image.Image") -> np.ndarray:
         """The image as `prepare` stores it for training, before JPEG coding: (H, W, 3) uint8."""
         try:
-            return np.ascontiguousarray(train_storage_pixels(_rgb(image), self.train_short_side, self.max_resolution))
+            # writable and C-contiguous (a copy only where PIL's array is read-only): the kernels' one
+            # specialisation (a read-only array compiles each of them again)
+            return np.require(train_storage_pixels(_rgb(image), self.train_short_side, self.max_resolution),
+                              requirements=["C", "W"])  # (H, W, 3) uint8
         except UnusableImage as err:
             raise FastpromptError(f"cannot train on this image: {err}; `prepare` skips such files too") from None
 

@@ -155,7 +155,9 @@ def test_distributed_loader(demo, tmp_path):
 def test_reading_a_beton_never_builds_a_numba_typed_dict(demo_path):
     """ffcv_compat workaround 0: FFCV's one typed Dict (`IMAGE_MODES`) would compile numba's
     dict implementation in every process (3-5 s, uncacheable); a fresh process that opens a
-    .beton and loads a batch never compiles it, reads the same modes, and leaves numba.typed as it was."""
+    .beton and loads a batch never compiles it, reads the same modes, and leaves numba.typed as it was.
+    The same process's training (decoded every epoch, and decoded once) and evaluation batches use one specialisation of each decode kernel (a cold compile of the family is ~20 s:
+    a literal 0, a read-only image or a strided index array each compiled them again)."""
     import json
     import subprocess
     import sys
@@ -169,11 +171,21 @@ def test_reading_a_beton_never_builds_a_numba_typed_dict(demo_path):
         "compiled = len(typeddict._make_dict.overloads) + len(typeddict._setitem.overloads)\n"
         "print(json.dumps({'compiled': compiled, 'modes': dict(rgb.IMAGE_MODES),"
         " 'patched': 'Dict' in vars(numba.typed), 'images': list(batch[0].shape)}))\n"
+        "data = open_dataset(sys.argv[1])\n"
+        "for split, options in [('train', dict(shots=1, decoded_cache='auto')), ('test', {})]:\n"
+        "    next(iter(data.loader(split, seed=1, image_size=32, batch_size=4, num_workers=1, **options)))\n"
+        "import numba.core.registry, fastprompt.data.decoders as d, fastprompt.data.resample as r\n"
+        "print(json.dumps({k: len(f.signatures) for m in (d, r) for k, f in vars(m).items()"
+        " if isinstance(f, numba.core.registry.CPUDispatcher) and not k.endswith('_reference')}))\n"
     )
     run = subprocess.run([sys.executable, "-c", probe, str(demo_path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report, kernels = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
     assert report == {"compiled": 0, "modes": {"jpg": 0, "raw": 1}, "patched": False, "images": [4, 3, 32, 32]}
+    # the kernels called from Python: one each; a kernel they call shows its specialisations only where this
+    # process compiled it (loaded from numba's cache with its caller, it lists none): at most one
+    top = ("_decode_random_resized_crop", "_crop_decoded", "decode_rows", "_decode_center_crop")
+    assert len(kernels) >= 20 and all(kernels[k] == 1 for k in top) and max(kernels.values()) == 1, kernels
 
 
 def test_ffcv_compiles_none_of_our_decoders(demo, monkeypatch):

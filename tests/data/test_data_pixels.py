@@ -84,7 +84,7 @@ def test_resample_matches_pil_bicubic_on_crops_of_a_photo():
     from fastprompt.data.resample import resample
 
     photo = Image.open(PHOTOS / "hopper.jpg").convert("RGB")
-    pixels = np.ascontiguousarray(np.asarray(photo))  # (450, 384, 3)
+    pixels = np.array(photo)  # (450, 384, 3), writable: the kernels' one specialisation
     rng = np.random.default_rng(0)
     out = np.empty((224, 224, 3), dtype=np.uint8)
     for _ in range(20):  # up- and down-sampling along each axis
@@ -195,7 +195,7 @@ def _photo_crops(seed: int, count: int):
     rng = np.random.default_rng(seed)
     for name in PHOTO_FILES:
         with Image.open(PHOTOS / name) as im:
-            pixels = np.ascontiguousarray(np.asarray(im.convert("RGB")))  # (H, W, 3)
+            pixels = np.array(im.convert("RGB"))  # (H, W, 3), writable
         height, width = pixels.shape[:2]
         for _ in range(count):
             h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
@@ -221,7 +221,7 @@ def test_fast_resample_equals_the_reference_bit_for_bit():
         image = reference[:, ::-1] if flip else reference  # (224, 224, 3)
         expected = lut[np.arange(3)[:, None, None], image.transpose(2, 0, 1)]  # (3, 224, 224)
         assert np.array_equal(normalised, expected), (name, flip)
-    pixels = np.ascontiguousarray(np.asarray(Image.open(PHOTOS / "hopper.jpg").convert("RGB")))  # (450, 384, 3)
+    pixels = np.array(Image.open(PHOTOS / "hopper.jpg").convert("RGB"))  # (450, 384, 3), writable
     resample(pixels, 0, 450, 262, 19, 0, 384, 224, 0, fast)  # Resize(224) -> (262, 224), rows 19..243
     resample_reference(pixels, 0, 450, 262, 19, 0, 384, 224, 0, reference)
     assert np.array_equal(fast, reference)
