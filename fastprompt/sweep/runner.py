@@ -407,7 +407,7 @@ def _run_locked(config: SweepConfig, console, planned: list[PlannedCell], todo: 
         say(f"{said} {p.cell.name} in {_duration(seconds)}; {view.summary()}")
 
     try:
-        with _live(view, console) as say, _interrupt_at_safe_points(launcher.interrupt) as interrupted:
+        with _live(view, console) as say, _interrupt_at_safe_points() as interrupted:
             for p in skipped:
                 say(f"skip {p.cell.name} ({p.why})")
             while todo or running:
@@ -462,17 +462,13 @@ def _no_lines(line: str) -> None:
 
 
 @contextmanager
-def _interrupt_at_safe_points(stop_workers=None):
+def _interrupt_at_safe_points():
     """SIGINT (Ctrl-C, `kill -INT`) while the sweep runs: noted by a handler and raised as
     KeyboardInterrupt by `interrupted()` at the top of the sweep's loop (at most the loop's 0.5 s
     wait later), never in the middle of the executor's or a future's locked sections, where an
     asynchronous KeyboardInterrupt can leave a lock held that the pool's shutdown then waits on.
-    The handler also calls `stop_workers()` (the launcher's `interrupt`: it sets the stop event
-    the workers watch) at once, so the running cells stop even while the main thread is blocked
-    (a loaded 2-core machine once saw a cell train on for 2 minutes after the signal; the
-    event's lock is never held by this thread when the handler runs). Outside the main thread
-    (signals cannot be set there), or where SIGINT is ignored (a job a shell started in the
-    background), nothing changes."""
+    Outside the main thread (signals cannot be set there), or where SIGINT is ignored (a job a
+    shell started in the background), nothing changes."""
     import signal
     import threading
 
@@ -485,13 +481,7 @@ def _interrupt_at_safe_points(stop_workers=None):
         if noted.is_set():
             raise KeyboardInterrupt
 
-    def on_sigint(signum, frame) -> None:
-        if not noted.is_set():
-            noted.set()
-            if stop_workers is not None:
-                stop_workers()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.set())
     try:
         yield interrupted
     finally:
