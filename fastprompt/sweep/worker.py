@@ -23,7 +23,7 @@ STOP_GRACE_S = 30.0  # after the sweep's stop event, seconds a cell has to end b
 INTERRUPTED = "interrupted by SIGINT; run the sweep again to resume it from its last checkpoint"
 
 _cell = {"running": False, "interrupted": False}  # this worker process's cell, for the SIGINT handler
-_cell_ended = threading.Event()  # set when a cell's run_cell has released its folder
+_cell_ended = threading.Event()  # set when a job (a cell, or a pack) has released its folders
 
 
 def _on_sigint(signum, frame) -> None:
@@ -66,31 +66,17 @@ def init_worker(cuda_device: Optional[str], threads: int, parent_pid: int, stop=
 
 
 def run_job(payload: dict, tensorboard: bool = False) -> dict:
-    """A job of the sweep: one cell (`run_cell`), or packed cells (`run_pack`: payload["cells"])."""
+    """A job of the sweep: the cells of one pack (`run_pack`: payload["cells"]), or one cell, run
+    as a pack of one (`run_cell`)."""
     return run_pack(payload, tensorboard) if "cells" in payload else run_cell(payload, tensorboard)
 
 
 def run_cell(payload: dict, tensorboard: bool = False) -> dict:
     """Train the cell (or resume it: the trainer resumes from its checkpoint by itself) unless its
-    results.json exists, then evaluate it on every extra test set it lacks. Never raises for a
-    failure of the cell: returns {"status": "failed", "error": ...} and writes error.json."""
-    from fastprompt.errors import FastpromptError
-    from fastprompt.training.rundir import RunLock
-
-    name, out = payload["name"], Path(payload["plan"]["config"]["out"])
-    start = time.perf_counter()
-    lock = RunLock(out)  # the run directory's lock (training/rundir.py), held around training and evaluations
-    try:
-        lock.acquire()
-    except FastpromptError as err:
-        return {"cell": name, "status": "failed", "seconds": 0.0, "error": str(err)}
-    with _running_cell():
-        try:
-            return _run_locked(payload, name, out, tensorboard, start)
-        except KeyboardInterrupt:  # SIGINT: the cell stops here, resumable from its last checkpoint (no error.json)
-            return _interrupted(name, start)
-        finally:
-            lock.release()
+    results.json exists, then evaluate it on every extra test set it lacks: `run_pack` of this one
+    cell, its record returned. Never raises for a failure of the cell: returns {"status": "failed",
+    "error": ...} and writes error.json."""
+    return run_pack({"name": payload["name"], "cells": [payload], "pack": 1}, tensorboard)["cells"][0]
 
 
 @contextmanager
@@ -104,22 +90,6 @@ def _running_cell():
     finally:
         _cell["running"] = False
         _cell_ended.set()
-
-
-def _run_locked(payload: dict, name: str, out: Path, tensorboard: bool, start: float) -> dict:
-    try:
-        from fastprompt.training import RunPlan, execute
-
-        plan = RunPlan.from_dict(payload["plan"])  # resolved by the sweep: nothing is resolved again
-        if not (out / "results.json").is_file():
-            loggers = _loggers(tensorboard)
-            try:
-                execute([plan], on_epoch=loggers.open, on_result=loggers.final)
-            finally:
-                loggers.close()
-    except Exception as err:
-        return _failed(name, out, one_line(err), start)
-    return _evaluated(name, plan, payload["eval_on"], start)
 
 
 def _evaluated(name: str, plan, eval_on: list, start: float) -> dict:
@@ -187,7 +157,7 @@ class _loggers:
 def run_pack(payload: dict, tensorboard: bool = False) -> dict:
     """Train a packed job's cells together (`payload`: {"name", "cells": [cell payloads], "pack"}),
     then evaluate each on its extra test sets; never raises for a cell: returns {"cell": NAME,
-    "status", "cells": [each cell's record, as `run_cell` returns it]}. A cell that fails (its
+    "status", "cells": [each cell's record]}. A cell that fails (its
     folder locked by another process, a non-finite loss, a write error) fails alone."""
     from fastprompt.errors import FastpromptError
     from fastprompt.training import RunPlan, execute
