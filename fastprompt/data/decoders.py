@@ -83,8 +83,8 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
 _FLIP_COUNTER = 64  # counters 0..39 serve the 10 crop attempts
 # Typed constants for the numba calls below: a literal 0 or False argument compiles a specialisation of its
-# own (numba types it Literal[int](0)), so that the random crop, the centre crop and the resize's own passes
-# each compiled the resize family again (8 more cold compiles of the decode kernels in a fresh install).
+# own (numba types it Literal[int](0)), so the random crop, the centre crop and the resize's own passes each
+# compiled the resize family again (cold, in a fresh install's first processes).
 _ZERO = np.int64(0)
 _NO_FLIP = np.bool_(False)
 
@@ -193,7 +193,8 @@ def _resize_center_crop(image, short, out):
         new_h, new_w = int(short * height / width), short
     else:
         new_h, new_w = short, int(short * width / height)
-    resample(image, _ZERO, height, new_h, _center_offset(new_h, size), _ZERO, width, new_w, _center_offset(new_w, size), out)
+    resample(image, _ZERO, height, new_h, _center_offset(new_h, size), _ZERO, width, new_w, _center_offset(new_w, size),
+             out)
 
 
 @numba.njit(cache=True, nogil=True)
