@@ -156,8 +156,9 @@ def test_reading_a_beton_never_builds_a_numba_typed_dict(demo_path):
     """ffcv_compat workaround 0: FFCV's one typed Dict (`IMAGE_MODES`) would compile numba's
     dict implementation in every process (3-5 s, uncacheable); a fresh process that opens a
     .beton and loads a batch never compiles it, reads the same modes, and leaves numba.typed as it was.
-    The same process's training (decoded every epoch, and decoded once) and evaluation batches use one specialisation of each decode kernel (a cold compile of the family is ~20 s:
-    a literal 0, a read-only image or a strided index array each compiled them again)."""
+    The same process's training (decoded every epoch, and decoded once) and evaluation batches use
+    one specialisation of each decode kernel (a cold compile of the family is ~20 s: a literal 0, a
+    read-only image or a strided index array each compiled them again)."""
     import json
     import subprocess
     import sys
