@@ -843,7 +843,6 @@ def sweep_cmd(
     if group_warmup:
         shared["group_warmup_epochs"] = group_warmup
 
-
     config = SweepConfig(
         methods=list(_comma_list(methods) if methods is not None else [resolve_method(None, protocol, "--methods")]), data=list(_comma_list(data)), seeds=_int_list("seeds", seeds),
         shots=[s or None for s in _int_list("shots", shots)], out=out, train=shared, options={**method_options, **_set_options(set_options)},

@@ -43,7 +43,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
 from fastprompt.data.pixels import normalisation_table  # noqa: F401  (the decoders' table; pipelines imports it here)
-from fastprompt.data.resample import resample, resample_normalised
+from fastprompt.data.resample import _ZERO, resample, resample_normalised
 
 # ----------------------------------------------------------------------------------------
 # FFCV's native JPEG decode, by symbol name (see fastprompt.data.ffcv_compat).
@@ -81,11 +81,11 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
-_FLIP_COUNTER = 64  # counters 0..39 serve the 10 crop attempts
-# Typed constants for the numba calls below: a literal 0 or False argument compiles a specialisation of its
-# own (numba types it Literal[int](0)), so the random crop, the centre crop and the resize's own passes each
-# compiled the resize family again (cold, in a fresh install's first processes).
-_ZERO = np.int64(0)
+# Typed constants for the numba calls below (and `_ZERO`, resample's typed 0): a literal 64, 0 or False
+# argument compiles a specialisation of its own (numba types it Literal[int](0)), so the random crop, the
+# centre crop and the resize's own passes each compiled the resize family again (cold, in a fresh install's
+# first processes).
+_FLIP_COUNTER = np.int64(64)  # counters 0..39 serve the 10 crop attempts
 _NO_FLIP = np.bool_(False)
 
 
@@ -240,7 +240,7 @@ def _augment(image, state, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_
     training paths (decode every epoch, or read the decoded cache) call this one function, so
     their pixels are the same bit for bit."""
     i, j, h, w = _random_crop(state, image.shape[0], image.shape[1], scale_lo, scale_hi, log_ratio_lo, log_ratio_hi)
-    flip = _uniform(state, _FLIP_COUNTER + _ZERO) < flip_prob
+    flip = _uniform(state, _FLIP_COUNTER) < flip_prob
     size_h, size_w = resized.shape[0], resized.shape[1]
     if normalise:  # flip and normalisation in the resize's last pass (fastprompt.data.resample)
         resample_normalised(image, i, h, size_h, _ZERO, j, w, size_w, _ZERO, flip, lut, out_f[k])
